@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Runs every test Loam has, on a fresh machine too: installs what is missing
+# (Debian packages, rustfmt/clippy, csi-sanity), then fmt, clippy, the Rust
+# tests (privileged ones in a private mount namespace) and csi-sanity.
+# Needs root (mounts); run from anywhere.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+CSI_SANITY_VERSION=v5.4.0
+step() { printf '\n==> %s\n' "$*"; }
+
+step "installing what is missing"
+missing=()
+for tool in unshare:util-linux mkfs.ext4:e2fsprogs; do
+    command -v "${tool%%:*}" >/dev/null || missing+=("${tool##*:}")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+fi
+rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt
+rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy
+sanity="$(go env GOPATH)/bin/csi-sanity"
+if [ ! -x "$sanity" ]; then
+    go install "github.com/kubernetes-csi/csi-test/v5/cmd/csi-sanity@${CSI_SANITY_VERSION}"
+fi
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy (warnings denied)"
+cargo clippy --all-targets --locked -- -D warnings
+
+step "cargo test (privileged, in a private mount namespace)"
+LOAM_PRIVILEGED_TESTS=1 unshare --mount --propagation private -- cargo test --locked
+
+step "csi-sanity: dir backend"
+cargo build --locked
+CSI_SANITY="$sanity" scripts/sanity.sh

@@ -1,0 +1,26 @@
+//! What a running driver is told at start-up.
+
+use std::path::PathBuf;
+
+/// Which services one `loam serve` process offers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// Identity, Controller and Node in one process, for a single machine.
+    All,
+}
+
+/// Settings shared by every layer of a running driver.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The name the driver registers under (a StorageClass's `provisioner`).
+    pub driver_name: String,
+    /// This node's id, as reported by NodeGetInfo and encoded in volume ids.
+    pub node_id: String,
+    /// The directory that holds every volume, snapshot and record.
+    pub root: PathBuf,
+    /// How many volumes may be attached to this node; 0 means no limit.
+    pub max_volumes_per_node: u32,
+}
+
+/// The topology key whose value names the node a volume lives on.
+pub const TOPOLOGY_NODE_KEY: &str = "topology.loam.csi.dev/node";

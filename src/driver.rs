@@ -1,0 +1,758 @@
+//! The node's volume manager: what each CSI operation means for Loam's records,
+//! its backend and the mount table.
+//!
+//! Every method here is blocking and expects the caller to hold the
+//! [`Guard`] of the object it changes; the RPC layer takes it and runs the
+//! method on a blocking thread. Each method converges when retried after a
+//! failure or a crash: it compares the record and the mount table with what
+//! was asked and does only what is missing.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::SystemTime;
+
+use crate::backend::dir::DirBackend;
+use crate::config::{Config, TOPOLOGY_NODE_KEY};
+use crate::error::{Error, IoContext, Result};
+use crate::guard::{Guard, InFlight};
+use crate::ids::{Key, Kind, ObjectId};
+use crate::kernel::mount::{MountFlags, Mounter};
+use crate::kernel::mountinfo::{self, MountEntry};
+use crate::kernel::usage::{FsUsage, fs_usage};
+use crate::records::{
+    Attachment, BackendKind, Capability, ContentSource, Publication, SnapshotRecord, Stage, VolumeRecord,
+};
+use crate::store::{Page, Table};
+
+/// Capacity of a volume whose request names none.
+pub const DEFAULT_CAPACITY: u64 = 1 << 30;
+/// Capacities are rounded up to a multiple of this.
+pub const CAPACITY_ALIGN: u64 = 4096;
+
+/// A CSI capacity range, in bytes; 0 means "not set".
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CapacityRange {
+    /// The least capacity acceptable.
+    pub required: u64,
+    /// The most capacity acceptable.
+    pub limit: u64,
+}
+
+impl CapacityRange {
+    /// Whether `capacity` satisfies the range.
+    pub fn admits(&self, capacity: u64) -> bool {
+        capacity >= self.required && (self.limit == 0 || capacity <= self.limit)
+    }
+
+    /// The capacity to give: the request rounded up to [`CAPACITY_ALIGN`]
+    /// (never down), at least `floor`, within the limit.
+    pub fn choose(&self, floor: u64) -> Result<u64> {
+        let want = match (self.required, self.limit) {
+            (0, 0) => DEFAULT_CAPACITY,
+            (0, limit) => DEFAULT_CAPACITY.min(limit),
+            (required, _) => required,
+        }
+        .max(floor);
+        let rounded = want
+            .checked_next_multiple_of(CAPACITY_ALIGN)
+            .ok_or_else(|| Error::OutOfRange(format!("capacity {want} is too large")))?;
+        match self.limit {
+            0 => Ok(rounded),
+            limit if rounded <= limit => Ok(rounded),
+            limit if want <= limit => Ok(limit),
+            limit => Err(Error::OutOfRange(format!("the volume needs {want} bytes but the limit is {limit} bytes"))),
+        }
+    }
+}
+
+/// A validated CreateVolume.
+#[derive(Debug, Clone)]
+pub struct NewVolume {
+    /// The CSI name.
+    pub name: String,
+    /// The capacity range asked for.
+    pub capacity: CapacityRange,
+    /// The capabilities it must support.
+    pub capabilities: Vec<Capability>,
+    /// The StorageClass parameters.
+    pub parameters: BTreeMap<String, String>,
+    /// The backend the parameters pick.
+    pub backend: BackendKind,
+    /// Content to start from.
+    pub source: Option<ContentSource>,
+    /// Nodes the volume may live on, when the CO restricts it.
+    pub allowed_nodes: Option<Vec<String>>,
+}
+
+/// A volume's usage as NodeGetVolumeStats reports it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VolumeStats {
+    /// Capacity in bytes.
+    pub total_bytes: u64,
+    /// Bytes in use.
+    pub used_bytes: u64,
+    /// Bytes still available.
+    pub available_bytes: u64,
+    /// Inodes in use.
+    pub used_inodes: u64,
+    /// Inodes still available.
+    pub available_inodes: u64,
+}
+
+/// Health of a volume, as VolumeCondition reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Condition {
+    /// Whether something is wrong.
+    pub abnormal: bool,
+    /// What is wrong, or that all is well.
+    pub message: String,
+}
+
+/// The volume manager of one node.
+#[derive(Debug)]
+pub struct Driver {
+    config: Config,
+    volumes: Table<VolumeRecord>,
+    snapshots: Table<SnapshotRecord>,
+    dir: DirBackend,
+    mounter: Arc<dyn Mounter>,
+    inflight: InFlight,
+    /// Serializes attach-slot accounting only (never held across I/O other
+    /// than the one record write that takes the slot).
+    attach_slots: Mutex<()>,
+}
+
+impl Driver {
+    /// Opens the driver's root: loads every record and prepares the backend.
+    pub fn open(config: Config, mounter: Arc<dyn Mounter>) -> Result<Driver> {
+        let root = &config.root;
+        fs::create_dir_all(root).context(|| format!("creating root {}", root.display()))?;
+        // The root holds every volume: keep other users out of it.
+        fs::set_permissions(root, fs::Permissions::from_mode(0o711))
+            .context(|| format!("setting permissions of {}", root.display()))?;
+        let volumes = Table::open(&root.join("meta/volumes"))?;
+        let snapshots = Table::open(&root.join("meta/snapshots"))?;
+        let dir = DirBackend::open(root)?;
+        Ok(Driver {
+            config,
+            volumes,
+            snapshots,
+            dir,
+            mounter,
+            inflight: InFlight::default(),
+            attach_slots: Mutex::new(()),
+        })
+    }
+
+    /// The configuration it runs with.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Claims a volume or snapshot for one operation (ABORTED if busy).
+    pub fn claim(&self, kind: Kind, key: Key) -> Result<Guard> {
+        self.inflight.try_claim(kind, key)
+    }
+
+    /// Reads a volume id from a request; NOT_FOUND when it is not this node's.
+    pub fn volume_key(&self, id: &str) -> Result<Key> {
+        self.own_key("volume", id)
+    }
+
+    /// Reads a snapshot id from a request; NOT_FOUND when it is not this node's.
+    pub fn snapshot_key(&self, id: &str) -> Result<Key> {
+        self.own_key("snapshot", id)
+    }
+
+    fn own_key(&self, what: &str, id: &str) -> Result<Key> {
+        match ObjectId::parse(id) {
+            Some(parsed) if parsed.node == self.config.node_id => Ok(parsed.key),
+            Some(parsed) => Err(Error::NotFound(format!(
+                "{what} {id} belongs to node {}, not to this node ({})",
+                parsed.node, self.config.node_id
+            ))),
+            None => Err(Error::NotFound(format!("{what} {id} does not exist (not an id Loam made)"))),
+        }
+    }
+
+    /// The key a new volume called `name` gets.
+    pub fn key_for(&self, kind: Kind, name: &str) -> Key {
+        Key::for_name(kind, name)
+    }
+
+    /// Whether the root is usable: its filesystem answers.
+    pub fn ready(&self) -> Result<()> {
+        self.root_usage().map(drop)
+    }
+
+    fn root_usage(&self) -> Result<FsUsage> {
+        fs_usage(&self.config.root).context(|| format!("reading usage of {}", self.config.root.display()))
+    }
+
+    // ----- Controller -----
+
+    /// Creates a volume, or returns the existing one made by the same request.
+    pub fn create_volume(&self, key: Key, req: NewVolume) -> Result<Arc<VolumeRecord>> {
+        if let Some(allowed) = &req.allowed_nodes
+            && !allowed.iter().any(|n| n == &self.config.node_id)
+        {
+            return Err(Error::ResourceExhausted(format!(
+                "the topology requirement allows nodes {allowed:?}, but this driver serves node {}",
+                self.config.node_id
+            )));
+        }
+        for capability in &req.capabilities {
+            Self::supports(req.backend, capability).map_err(Error::InvalidArgument)?;
+        }
+        let (source_path, floor) = self.content_source(req.source.as_ref())?;
+        if let Some(existing) = self.volumes.get(&key) {
+            return self.check_same_volume(existing, &req);
+        }
+        let capacity = req.capacity.choose(floor)?;
+        let free = self.root_usage()?.available_bytes;
+        if capacity > free {
+            return Err(Error::ResourceExhausted(format!(
+                "volume {} needs {capacity} bytes but {} has {free} bytes free; free space or use another node",
+                req.name,
+                self.config.root.display()
+            )));
+        }
+        self.dir.create_volume(&key, source_path.as_deref())?;
+        let record = VolumeRecord {
+            id: ObjectId { key, node: self.config.node_id.clone() }.to_string(),
+            name: req.name,
+            capacity_bytes: capacity,
+            backend: req.backend,
+            parameters: req.parameters,
+            source: req.source,
+            attachment: None,
+            stage: None,
+            publications: BTreeMap::new(),
+        };
+        self.volumes.put(key, record)
+    }
+
+    fn check_same_volume(&self, existing: Arc<VolumeRecord>, req: &NewVolume) -> Result<Arc<VolumeRecord>> {
+        let same = existing.name == req.name
+            && req.capacity.admits(existing.capacity_bytes)
+            && existing.parameters == req.parameters
+            && existing.source == req.source;
+        if same {
+            Ok(existing)
+        } else {
+            Err(Error::AlreadyExists(format!(
+                "volume {} already exists with capacity {} bytes, parameters {:?} and source {:?}, which this request does not match",
+                existing.name, existing.capacity_bytes, existing.parameters, existing.source
+            )))
+        }
+    }
+
+    /// The directory a new volume copies its content from, and the least
+    /// capacity it needs to hold it.
+    fn content_source(&self, source: Option<&ContentSource>) -> Result<(Option<PathBuf>, u64)> {
+        match source {
+            None => Ok((None, 0)),
+            Some(ContentSource::Snapshot(id)) => {
+                let key = self.snapshot_key(id)?;
+                let snap = self
+                    .snapshots
+                    .get(&key)
+                    .ok_or_else(|| Error::NotFound(format!("source snapshot {id} does not exist")))?;
+                Ok((Some(self.dir.snapshot_path(&key)), snap.size_bytes))
+            }
+            Some(ContentSource::Volume(id)) => {
+                let key = self.volume_key(id)?;
+                let vol = self
+                    .volumes
+                    .get(&key)
+                    .ok_or_else(|| Error::NotFound(format!("source volume {id} does not exist")))?;
+                Ok((Some(self.dir.volume_path(&key)), vol.capacity_bytes))
+            }
+        }
+    }
+
+    /// Deletes a volume; deleting one that does not exist succeeds.
+    pub fn delete_volume(&self, key: Key) -> Result<()> {
+        if let Some(record) = self.volumes.get(&key) {
+            if let Some(stage) = &record.stage {
+                return Err(Error::FailedPrecondition(format!(
+                    "volume {} is still staged at {}; unstage it before deleting",
+                    record.id,
+                    stage.path.display()
+                )));
+            }
+            if let Some(attachment) = &record.attachment {
+                return Err(Error::FailedPrecondition(format!(
+                    "volume {} is still attached to node {}; unpublish it before deleting",
+                    record.id, attachment.node_id
+                )));
+            }
+        }
+        // Data first, record last: a crash in between leaves a record whose
+        // retried delete finishes the job, never an orphaned directory.
+        self.dir.delete_volume(&key)?;
+        self.volumes.remove(&key)
+    }
+
+    /// The volume's record, or NOT_FOUND.
+    pub fn volume(&self, key: &Key) -> Result<Arc<VolumeRecord>> {
+        self.volumes.get(key).ok_or_else(|| match self.volumes.damaged(key) {
+            Some(reason) => Error::Damaged(reason),
+            None => Error::NotFound(format!("volume {key} does not exist")),
+        })
+    }
+
+    /// The volume's record and condition; a damaged record is reported as
+    /// an abnormal condition rather than an error.
+    pub fn volume_with_condition(&self, key: &Key) -> Result<(Option<Arc<VolumeRecord>>, Condition)> {
+        match self.volumes.get(key) {
+            Some(record) => {
+                let condition = self.condition(key);
+                Ok((Some(record), condition))
+            }
+            None => match self.volumes.damaged(key) {
+                Some(reason) => Ok((None, Condition { abnormal: true, message: reason })),
+                None => Err(Error::NotFound(format!("volume {key} does not exist"))),
+            },
+        }
+    }
+
+    /// Whether the volume's data is where it should be.
+    pub fn condition(&self, key: &Key) -> Condition {
+        if self.dir.volume_exists(key) {
+            Condition { abnormal: false, message: "volume is healthy".into() }
+        } else {
+            Condition {
+                abnormal: true,
+                message: format!(
+                    "data directory {} is missing; restore it from a backup or delete the volume",
+                    self.dir.volume_path(key).display()
+                ),
+            }
+        }
+    }
+
+    /// One page of volumes.
+    pub fn list_volumes(&self, after: Option<Key>, max: usize) -> Page<VolumeRecord> {
+        self.volumes.page(after, max, |_| true)
+    }
+
+    /// Bytes available for new volumes on this node.
+    pub fn capacity(&self) -> Result<u64> {
+        Ok(self.root_usage()?.available_bytes)
+    }
+
+    /// Grows a volume to satisfy `range`; returns the new capacity.
+    pub fn expand_volume(&self, key: Key, range: CapacityRange) -> Result<u64> {
+        let record = self.volume(&key)?;
+        if record.capacity_bytes >= range.required && range.admits(record.capacity_bytes) {
+            return Ok(record.capacity_bytes);
+        }
+        let capacity = range.choose(0)?;
+        if capacity < record.capacity_bytes {
+            return Err(Error::OutOfRange(format!(
+                "volume {} has {} bytes; shrinking to {capacity} is not supported",
+                record.id, record.capacity_bytes
+            )));
+        }
+        let growth = capacity - record.capacity_bytes;
+        let free = self.root_usage()?.available_bytes;
+        if growth > free {
+            return Err(Error::ResourceExhausted(format!(
+                "growing volume {} by {growth} bytes needs more than the {free} bytes free on {}",
+                record.id,
+                self.config.root.display()
+            )));
+        }
+        let mut grown = (*record).clone();
+        grown.capacity_bytes = capacity;
+        self.volumes.put(key, grown)?;
+        Ok(capacity)
+    }
+
+    /// Attaches a volume to this node (ControllerPublish); returns the
+    /// publish context.
+    pub fn controller_publish(
+        &self,
+        key: Key,
+        node_id: &str,
+        read_only: bool,
+        capability: Capability,
+    ) -> Result<BTreeMap<String, String>> {
+        if node_id != self.config.node_id {
+            return Err(Error::NotFound(format!(
+                "node {node_id} is not served by this driver (it serves {})",
+                self.config.node_id
+            )));
+        }
+        let record = self.volume(&key)?;
+        self.check_capability(&record, &capability)?;
+        let attachment = Attachment { node_id: node_id.to_owned(), read_only, capability };
+        match &record.attachment {
+            Some(existing) if *existing == attachment => return Ok(BTreeMap::new()),
+            Some(existing) => {
+                return Err(Error::AlreadyExists(format!(
+                    "volume {} is already attached to node {} with read_only={} and {:?}; detach it first",
+                    record.id, existing.node_id, existing.read_only, existing.capability
+                )));
+            }
+            None => {}
+        }
+        let _slots = self.attach_slots.lock().unwrap_or_else(PoisonError::into_inner);
+        let max = self.config.max_volumes_per_node;
+        if max > 0 {
+            let mut attached = 0u32;
+            self.volumes.for_each(|_, r| attached += u32::from(r.attachment.is_some()));
+            if attached >= max {
+                return Err(Error::ResourceExhausted(format!(
+                    "node {node_id} already has {attached} of its {max} volumes attached; detach one or raise --max-volumes-per-node"
+                )));
+            }
+        }
+        let mut attached = (*record).clone();
+        attached.attachment = Some(attachment);
+        self.volumes.put(key, attached)?;
+        Ok(BTreeMap::new())
+    }
+
+    /// Detaches a volume (ControllerUnpublish); already detached is success.
+    pub fn controller_unpublish(&self, key: Key, node_id: &str) -> Result<()> {
+        let Some(record) = self.volumes.get(&key) else {
+            return Ok(());
+        };
+        match &record.attachment {
+            Some(a) if node_id.is_empty() || a.node_id == node_id => {
+                let mut detached = (*record).clone();
+                detached.attachment = None;
+                self.volumes.put(key, detached).map(drop)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether the volume supports `capability`; the reason when it does not.
+    pub fn supports(backend: BackendKind, capability: &Capability) -> std::result::Result<(), String> {
+        match backend {
+            BackendKind::Dir if capability.block => {
+                Err("the dir backend serves filesystem volumes only; use a block-capable backend for raw block".into())
+            }
+            BackendKind::Dir => Ok(()),
+        }
+    }
+
+    fn check_capability(&self, record: &VolumeRecord, capability: &Capability) -> Result<()> {
+        Self::supports(record.backend, capability).map_err(Error::InvalidArgument)
+    }
+
+    // ----- Snapshots -----
+
+    /// Takes a snapshot of a volume, or returns the one the same request made.
+    pub fn create_snapshot(&self, key: Key, name: &str, source_id: &str) -> Result<Arc<SnapshotRecord>> {
+        if let Some(existing) = self.snapshots.get(&key) {
+            if existing.source_volume_id == source_id && existing.name == name {
+                return Ok(existing);
+            }
+            return Err(Error::AlreadyExists(format!(
+                "snapshot {name} already exists for volume {}, not {source_id}",
+                existing.source_volume_id
+            )));
+        }
+        let volume_key = self.volume_key(source_id)?;
+        let volume = self.volume(&volume_key)?;
+        // The source must not change under the copy's feet: claim it too.
+        let _source = self.claim(Kind::Volume, volume_key)?;
+        self.dir.create_snapshot(&volume_key, &key)?;
+        let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+        let record = SnapshotRecord {
+            id: ObjectId { key, node: self.config.node_id.clone() }.to_string(),
+            name: name.to_owned(),
+            source_volume_id: volume.id.clone(),
+            size_bytes: volume.capacity_bytes,
+            created_secs: i64::try_from(now.as_secs()).unwrap_or(i64::MAX),
+            created_nanos: i32::try_from(now.subsec_nanos()).unwrap_or(0),
+        };
+        self.snapshots.put(key, record)
+    }
+
+    /// Deletes a snapshot; deleting one that does not exist succeeds.
+    pub fn delete_snapshot(&self, key: Key) -> Result<()> {
+        self.dir.delete_snapshot(&key)?;
+        self.snapshots.remove(&key)
+    }
+
+    /// The snapshot's record, or NOT_FOUND.
+    pub fn snapshot(&self, key: &Key) -> Result<Arc<SnapshotRecord>> {
+        self.snapshots.get(key).ok_or_else(|| Error::NotFound(format!("snapshot {key} does not exist")))
+    }
+
+    /// One page of snapshots, optionally only those of one source volume.
+    pub fn list_snapshots(&self, after: Option<Key>, max: usize, source: Option<&str>) -> Page<SnapshotRecord> {
+        self.snapshots.page(after, max, |s| source.is_none_or(|id| s.source_volume_id == id))
+    }
+
+    // ----- Node -----
+
+    /// Stages a volume at the CO's staging path.
+    pub fn node_stage(&self, key: Key, path: &Path, capability: Capability) -> Result<()> {
+        let record = self.volume(&key)?;
+        self.check_capability(&record, &capability)?;
+        if let Some(stage) = &record.stage {
+            if stage.path != path {
+                return Err(Error::FailedPrecondition(format!(
+                    "volume {} is already staged at {}; unstage it there first",
+                    record.id,
+                    stage.path.display()
+                )));
+            }
+            if stage.capability != capability {
+                return Err(Error::AlreadyExists(format!(
+                    "volume {} is staged at {} with {:?}, not {capability:?}",
+                    record.id,
+                    path.display(),
+                    stage.capability
+                )));
+            }
+        }
+        if !self.dir.volume_exists(&key) {
+            return Err(Error::FailedPrecondition(self.condition(&key).message));
+        }
+        let data = self.dir.volume_path(&key);
+        if let Some(gid) = capability.mount_group {
+            apply_mount_group(&data, gid)?;
+        }
+        ensure_dir(path)?;
+        let mounts = self.mount_table()?;
+        if !mounted_from(&mounts, path, &key) {
+            self.mounter
+                .bind(&data, path, MountFlags::default())
+                .context(|| format!("bind-mounting {} on {}", data.display(), path.display()))?;
+        }
+        if record.stage.is_none() {
+            let mut staged = (*record).clone();
+            staged.stage = Some(Stage { path: path.to_owned(), capability });
+            if let Err(e) = self.volumes.put(key, staged) {
+                // Leave nothing the record does not know about.
+                let _ = self.mounter.unmount(path);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Unstages a volume; unstaging what is not staged succeeds.
+    pub fn node_unstage(&self, key: Key, path: &Path) -> Result<()> {
+        let record = self.volumes.get(&key);
+        if let Some(record) = &record
+            && let Some((target, _)) = record.publications.iter().next()
+        {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {} is still published at {}; unpublish it first",
+                record.id,
+                target.display()
+            )));
+        }
+        let ours = record.as_ref().and_then(|r| r.stage.as_ref()).is_some_and(|s| s.path == path);
+        self.unmount_ours(path, &key, ours)?;
+        if let Some(record) = record
+            && ours
+        {
+            let mut unstaged = (*record).clone();
+            unstaged.stage = None;
+            self.volumes.put(key, unstaged)?;
+        }
+        Ok(())
+    }
+
+    /// Publishes a staged volume at a target path.
+    pub fn node_publish(
+        &self,
+        key: Key,
+        staging: &Path,
+        target: &Path,
+        read_only: bool,
+        capability: Capability,
+    ) -> Result<()> {
+        let record = self.volume(&key)?;
+        self.check_capability(&record, &capability)?;
+        match &record.stage {
+            Some(stage) if stage.path == staging => {}
+            Some(stage) => {
+                return Err(Error::FailedPrecondition(format!(
+                    "volume {} is staged at {}, not at {}",
+                    record.id,
+                    stage.path.display(),
+                    staging.display()
+                )));
+            }
+            None => {
+                return Err(Error::FailedPrecondition(format!(
+                    "volume {} is not staged; call NodeStageVolume first",
+                    record.id
+                )));
+            }
+        }
+        let read_only = read_only || capability.access_mode.read_only();
+        let publication = Publication { read_only, capability: capability.clone() };
+        match record.publications.get(target) {
+            Some(existing) if *existing != publication => {
+                return Err(Error::AlreadyExists(format!(
+                    "volume {} is already published at {} with read_only={} and {:?}",
+                    record.id,
+                    target.display(),
+                    existing.read_only,
+                    existing.capability
+                )));
+            }
+            Some(_) => {}
+            None if capability.access_mode == crate::records::AccessMode::SingleNodeSingleWriter
+                && !record.publications.is_empty() =>
+            {
+                return Err(Error::FailedPrecondition(format!(
+                    "volume {} is single-writer and already published at another target",
+                    record.id
+                )));
+            }
+            None => {}
+        }
+        let mut flags = MountFlags::parse(&capability.mount_flags).map_err(Error::InvalidArgument)?;
+        flags.read_only |= read_only;
+        ensure_dir(target)?;
+        let mounts = self.mount_table()?;
+        if !mounted_from(&mounts, target, &key) {
+            self.mounter
+                .bind(staging, target, flags)
+                .context(|| format!("bind-mounting {} on {}", staging.display(), target.display()))?;
+        }
+        if !record.publications.contains_key(target) {
+            let mut published = (*record).clone();
+            published.publications.insert(target.to_owned(), publication);
+            if let Err(e) = self.volumes.put(key, published) {
+                let _ = self.mounter.unmount(target);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Unpublishes a volume from a target and removes the target directory;
+    /// unpublishing what is not published succeeds.
+    pub fn node_unpublish(&self, key: Key, target: &Path) -> Result<()> {
+        let record = self.volumes.get(&key);
+        let ours = record.as_ref().is_some_and(|r| r.publications.contains_key(target));
+        self.unmount_ours(target, &key, ours)?;
+        match fs::remove_dir(target) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(Error::io(format!("removing target {}", target.display()), e));
+            }
+        }
+        if let Some(record) = record
+            && ours
+        {
+            let mut unpublished = (*record).clone();
+            unpublished.publications.remove(target);
+            self.volumes.put(key, unpublished)?;
+        }
+        Ok(())
+    }
+
+    /// Usage of a volume published or staged at `path`.
+    pub fn node_stats(&self, key: Key, path: &Path) -> Result<(VolumeStats, Condition)> {
+        let record = self.volume(&key)?;
+        self.check_volume_path(&record, path)?;
+        let condition = self.condition(&key);
+        if condition.abnormal {
+            return Ok((VolumeStats::default(), condition));
+        }
+        let used = self.dir.usage(&key)?;
+        let fs = self.root_usage()?;
+        let stats = VolumeStats {
+            total_bytes: record.capacity_bytes,
+            used_bytes: used.bytes,
+            available_bytes: record.capacity_bytes.saturating_sub(used.bytes).min(fs.available_bytes),
+            used_inodes: used.inodes,
+            available_inodes: fs.free_inodes,
+        };
+        Ok((stats, condition))
+    }
+
+    /// Node half of an expansion; returns the capacity the volume now has.
+    pub fn node_expand(&self, key: Key, path: &Path, range: CapacityRange) -> Result<u64> {
+        let record = self.volume(&key)?;
+        self.check_volume_path(&record, path)?;
+        if record.capacity_bytes >= range.required {
+            return Ok(record.capacity_bytes);
+        }
+        self.expand_volume(key, range)
+    }
+
+    fn check_volume_path(&self, record: &VolumeRecord, path: &Path) -> Result<()> {
+        let known = record.stage.as_ref().is_some_and(|s| s.path == path) || record.publications.contains_key(path);
+        if known && path.exists() {
+            Ok(())
+        } else {
+            Err(Error::NotFound(format!("volume {} is not staged or published at {}", record.id, path.display())))
+        }
+    }
+
+    fn mount_table(&self) -> Result<Vec<MountEntry>> {
+        self.mounter.mounts().context(|| "reading the mount table".into())
+    }
+
+    /// Unmounts `path` if the record says it is ours or the mount table
+    /// shows our volume there; never touches a stranger's mount.
+    fn unmount_ours(&self, path: &Path, key: &Key, ours: bool) -> Result<()> {
+        // Stacked binds of the same volume (a retried publish after a crash)
+        // are all removed; the bound keeps a confused table from looping.
+        for _ in 0..8 {
+            let mounts = self.mount_table()?;
+            let Some(entry) = mountinfo::find_mount_point(&mounts, path) else {
+                return Ok(());
+            };
+            if !ours && !is_volume_root(entry, key) {
+                return Ok(());
+            }
+            self.mounter.unmount(path).context(|| format!("unmounting {}", path.display()))?;
+        }
+        Err(Error::FailedPrecondition(format!(
+            "{} still has mounts after 8 unmounts; inspect it with findmnt",
+            path.display()
+        )))
+    }
+}
+
+/// Whether the mount at `path` shows this volume's directory.
+fn mounted_from(mounts: &[MountEntry], path: &Path, key: &Key) -> bool {
+    mountinfo::find_mount_point(mounts, path).is_some_and(|e| is_volume_root(e, key))
+}
+
+fn is_volume_root(entry: &MountEntry, key: &Key) -> bool {
+    entry.root.ends_with(Path::new("volumes").join(key.to_string()))
+}
+
+/// Creates a CO-named directory (and its missing parents) if it is missing.
+fn ensure_dir(path: &Path) -> Result<()> {
+    fs::create_dir_all(path).context(|| format!("creating {}", path.display()))
+}
+
+/// Gives the volume root to `gid` with the setgid bit, so files created in it
+/// belong to the pod's group.
+fn apply_mount_group(data: &Path, gid: u32) -> Result<()> {
+    let meta = fs::symlink_metadata(data).context(|| format!("inspecting {}", data.display()))?;
+    if meta.gid() != gid {
+        std::os::unix::fs::lchown(data, None, Some(gid)).context(|| format!("changing group of {}", data.display()))?;
+    }
+    let mode = meta.mode() & 0o7777 | 0o2070;
+    fs::set_permissions(data, fs::Permissions::from_mode(mode))
+        .context(|| format!("setting mode of {}", data.display()))
+}
+
+/// The topology segment of this node.
+pub fn topology(node_id: &str) -> std::collections::HashMap<String, String> {
+    [(TOPOLOGY_NODE_KEY.to_owned(), node_id.to_owned())].into()
+}

@@ -1,0 +1,185 @@
+//! Volume and snapshot ids: how they are formed and how requests' ids are read.
+//!
+//! An id is `<key>@<node>`: `key` is 32 hex digits, the first 128 bits of
+//! SHA-256 over the object's kind and its CSI name, and `node` is the node that
+//! owns the object. Deriving the key from the name makes CreateVolume and
+//! CreateSnapshot idempotent across crashes (a retry lands on the same key, so
+//! half-made leftovers are found and finished), and only the key ever becomes
+//! part of a path: names and raw ids never touch the filesystem.
+
+use std::fmt;
+
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+
+/// Longest node id Loam accepts, so that every id fits CSI's 128-byte limit.
+pub const MAX_NODE_ID_LEN: usize = 128 - KEY_HEX_LEN - 1;
+/// Longest volume or snapshot name Loam accepts.
+pub const MAX_NAME_LEN: usize = 1024;
+const KEY_HEX_LEN: usize = 32;
+
+/// What an id names; volume and snapshot names are separate namespaces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A volume.
+    Volume,
+    /// A snapshot.
+    Snapshot,
+}
+
+impl Kind {
+    fn label(self) -> &'static str {
+        match self {
+            Kind::Volume => "volume",
+            Kind::Snapshot => "snapshot",
+        }
+    }
+}
+
+/// The on-disk key of a volume or snapshot: 32 lowercase hex digits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Key([u8; 16]);
+
+impl Key {
+    /// The key of the object of `kind` called `name`.
+    pub fn for_name(kind: Kind, name: &str) -> Key {
+        let digest = Sha256::new().chain_update(kind.label()).chain_update([0u8]).chain_update(name).finalize();
+        let mut key = [0u8; 16];
+        key.copy_from_slice(&digest[..16]);
+        Key(key)
+    }
+
+    /// Parses a key written by [`Key`]'s `Display`, and nothing else.
+    pub fn parse(text: &str) -> Option<Key> {
+        let bytes = text.as_bytes();
+        if bytes.len() != KEY_HEX_LEN {
+            return None;
+        }
+        let mut key = [0u8; 16];
+        for (i, pair) in bytes.chunks(2).enumerate() {
+            key[i] = (hex_digit(pair[0])? << 4) | hex_digit(pair[1])?;
+        }
+        Some(Key(key))
+    }
+}
+
+fn hex_digit(c: u8) -> Option<u8> {
+    match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    }
+}
+
+impl fmt::Display for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
+    }
+}
+
+/// A parsed volume or snapshot id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectId {
+    /// The on-disk key.
+    pub key: Key,
+    /// The node that owns the object.
+    pub node: String,
+}
+
+impl ObjectId {
+    /// The id of the object of `kind` called `name`, owned by `node`.
+    pub fn for_name(kind: Kind, name: &str, node: &str) -> ObjectId {
+        ObjectId { key: Key::for_name(kind, name), node: node.to_owned() }
+    }
+
+    /// Parses an id from a request; `None` when it is not one Loam made.
+    pub fn parse(text: &str) -> Option<ObjectId> {
+        let (key, node) = text.split_once('@')?;
+        let key = Key::parse(key)?;
+        validate_node_id(node).ok()?;
+        Some(ObjectId { key, node: node.to_owned() })
+    }
+}
+
+impl fmt::Display for ObjectId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}@{}", self.key, self.node)
+    }
+}
+
+/// Checks a node id: 1 to [`MAX_NODE_ID_LEN`] bytes of letters, digits, `.`,
+/// `-` and `_` (every Kubernetes node name of that length qualifies).
+pub fn validate_node_id(node: &str) -> Result<()> {
+    let ok = !node.is_empty()
+        && node.len() <= MAX_NODE_ID_LEN
+        && node.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'-' | b'_'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidArgument(format!(
+            "node id {node:?} is not usable: it must be 1 to {MAX_NODE_ID_LEN} bytes of letters, digits, '.', '-' or '_'"
+        )))
+    }
+}
+
+/// Checks a CSI volume or snapshot name from a request.
+pub fn validate_name(what: &str, name: &str) -> Result<()> {
+    if name.is_empty() {
+        return Err(Error::InvalidArgument(format!("{what} name is required")));
+    }
+    if name.len() > MAX_NAME_LEN || name.contains('\0') {
+        return Err(Error::InvalidArgument(format!("{what} name must be at most {MAX_NAME_LEN} bytes without NUL")));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_round_trip_and_fit_csi_limits() {
+        let node = "n".repeat(MAX_NODE_ID_LEN);
+        let id = ObjectId::for_name(Kind::Volume, "pvc-1", &node);
+        let text = id.to_string();
+        assert_eq!(text.len(), 128);
+        assert_eq!(ObjectId::parse(&text), Some(id));
+    }
+
+    #[test]
+    fn kinds_and_names_give_distinct_keys() {
+        let v = Key::for_name(Kind::Volume, "a");
+        assert_ne!(v, Key::for_name(Kind::Snapshot, "a"));
+        assert_ne!(v, Key::for_name(Kind::Volume, "b"));
+        assert_eq!(v, Key::for_name(Kind::Volume, "a"));
+    }
+
+    #[test]
+    fn hostile_ids_are_refused() {
+        for bad in [
+            "",
+            "@node",
+            "../../etc@node",
+            "0123456789abcdef0123456789abcdef",
+            "0123456789abcdef0123456789abcdef@",
+            "0123456789abcdef0123456789abcdef@../x",
+            "0123456789abcdef0123456789abcdef@a/b",
+            "0123456789ABCDEF0123456789abcdef@node",
+            "0123456789abcdef0123456789abcde\0@node",
+            "/0123456789abcdef0123456789abcdef@node",
+        ] {
+            assert_eq!(ObjectId::parse(bad), None, "{bad:?}");
+        }
+        let long = format!("{}@{}", "0".repeat(32), "n".repeat(MAX_NODE_ID_LEN + 1));
+        assert_eq!(ObjectId::parse(&long), None);
+    }
+
+    #[test]
+    fn names_are_checked() {
+        assert!(validate_name("volume", "").is_err());
+        assert!(validate_name("volume", "a\0b").is_err());
+        assert!(validate_name("volume", &"x".repeat(MAX_NAME_LEN + 1)).is_err());
+        assert!(validate_name("volume", "../../../etc/passwd").is_ok());
+    }
+}

@@ -1,0 +1,647 @@
+//! The mount seam: bind mounts with per-mount flags, unmounts, and the mount
+//! table, behind a trait so callers can be tested with an in-memory fake.
+
+use std::fmt;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+use nix::errno::Errno;
+use nix::fcntl::{OFlag, open};
+use nix::mount::{MntFlags, MsFlags, mount, umount2};
+use nix::sys::stat::{Mode, SFlag, fstat};
+use nix::sys::statvfs::{FsFlags, fstatvfs};
+
+use super::mountinfo::{self, MountEntry};
+
+/// Longest flag word accepted; real flags are short, so anything longer is junk.
+const MAX_FLAG_LEN: usize = 64;
+
+/// Every flag word `MountFlags::parse` accepts, for error messages.
+const ACCEPTED_FLAGS: &str = "ro, rw, nosuid, suid, nodev, dev, noexec, exec, noatime, atime, \
+     nodiratime, diratime, relatime, norelatime, strictatime, bind, rbind, defaults";
+
+/// Per-mount flags a bind mount can be given.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MountFlags {
+    /// Mount read-only.
+    pub read_only: bool,
+    /// Ignore set-user-id and set-group-id bits.
+    pub nosuid: bool,
+    /// Do not interpret device nodes.
+    pub nodev: bool,
+    /// Do not allow executing programs.
+    pub noexec: bool,
+    /// Do not update access times.
+    pub noatime: bool,
+    /// Do not update directory access times.
+    pub nodiratime: bool,
+    /// Update access times only relative to modify/change times.
+    pub relatime: bool,
+    /// Always update access times.
+    pub strictatime: bool,
+}
+
+impl MountFlags {
+    /// Parses CSI mount flags such as `["ro", "noexec"]`; unknown words are an error.
+    pub fn parse(flags: &[String]) -> Result<MountFlags, String> {
+        let mut parsed = MountFlags::default();
+        for flag in flags {
+            if flag.is_empty() || flag.len() > MAX_FLAG_LEN || flag.contains('=') || flag.contains('\0') {
+                return Err(format!(
+                    "invalid mount flag {flag:?}: only plain flag words are accepted ({ACCEPTED_FLAGS})"
+                ));
+            }
+            match flag.as_str() {
+                "ro" => parsed.read_only = true,
+                "rw" => parsed.read_only = false,
+                "nosuid" => parsed.nosuid = true,
+                "suid" => parsed.nosuid = false,
+                "nodev" => parsed.nodev = true,
+                "dev" => parsed.nodev = false,
+                "noexec" => parsed.noexec = true,
+                "exec" => parsed.noexec = false,
+                "noatime" => parsed.noatime = true,
+                "atime" => parsed.noatime = false,
+                "nodiratime" => parsed.nodiratime = true,
+                "diratime" => parsed.nodiratime = false,
+                "relatime" => parsed.relatime = true,
+                "norelatime" => parsed.relatime = false,
+                "strictatime" => parsed.strictatime = true,
+                // Every Loam mount is a bind mount already, and defaults
+                // means "no extra flags".
+                "bind" | "rbind" | "defaults" => {}
+                other => {
+                    return Err(format!("unknown mount flag {other:?}; accepted flags: {ACCEPTED_FLAGS}"));
+                }
+            }
+        }
+        Ok(parsed)
+    }
+
+    /// True when no flag is set, so a bind needs no remount.
+    pub fn is_default(&self) -> bool {
+        *self == MountFlags::default()
+    }
+
+    fn ms_flags(&self) -> MsFlags {
+        let mut ms = MsFlags::empty();
+        for (set, flag) in [
+            (self.read_only, MsFlags::MS_RDONLY),
+            (self.nosuid, MsFlags::MS_NOSUID),
+            (self.nodev, MsFlags::MS_NODEV),
+            (self.noexec, MsFlags::MS_NOEXEC),
+            (self.noatime, MsFlags::MS_NOATIME),
+            (self.nodiratime, MsFlags::MS_NODIRATIME),
+            (self.relatime, MsFlags::MS_RELATIME),
+            (self.strictatime, MsFlags::MS_STRICTATIME),
+        ] {
+            if set {
+                ms |= flag;
+            }
+        }
+        ms
+    }
+}
+
+/// Renders the flags as a mount option string, e.g. `ro,noexec` or `rw`.
+impl fmt::Display for MountFlags {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.read_only { "ro" } else { "rw" })?;
+        for (set, name) in [
+            (self.nosuid, "nosuid"),
+            (self.nodev, "nodev"),
+            (self.noexec, "noexec"),
+            (self.noatime, "noatime"),
+            (self.nodiratime, "nodiratime"),
+            (self.relatime, "relatime"),
+            (self.strictatime, "strictatime"),
+        ] {
+            if set {
+                write!(f, ",{name}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Mounting and unmounting, as the node plugin needs them.
+pub trait Mounter: Send + Sync + std::fmt::Debug {
+    /// Bind-mounts existing `source` onto existing `target` of the same kind, then applies `flags`.
+    ///
+    /// Neither path's last component may be a symlink (an `InvalidInput`
+    /// error). If applying the flags fails the bind is undone first.
+    fn bind(&self, source: &Path, target: &Path, flags: MountFlags) -> io::Result<()>;
+    /// Unmounts the topmost mount at `target`: `Ok(false)` if nothing was mounted there.
+    fn unmount(&self, target: &Path) -> io::Result<bool>;
+    /// The mount table as this process sees it.
+    fn mounts(&self) -> io::Result<Vec<MountEntry>>;
+}
+
+/// The real kernel, through nix.
+#[derive(Debug, Default)]
+pub struct KernelMounter;
+
+impl Mounter for KernelMounter {
+    fn bind(&self, source: &Path, target: &Path, flags: MountFlags) -> io::Result<()> {
+        let source_fd = open_no_follow(source)?;
+        let target_fd = open_no_follow(target)?;
+        let source_stat = fstat(&source_fd)?;
+        let target_stat = fstat(&target_fd)?;
+        check_kinds(source, kind_of(source_stat.st_mode), target, kind_of(target_stat.st_mode))?;
+
+        // Going through /proc/self/fd pins both ends to what we just
+        // checked, so a path swapped for a symlink after the check is never
+        // followed.
+        mount(Some(&fd_path(&source_fd)), &fd_path(&target_fd), None::<&str>, MsFlags::MS_BIND, None::<&str>)
+            .map_err(|e| with_context(e, "bind mount", target))?;
+
+        if flags.is_default() {
+            return Ok(());
+        }
+        // target_fd still names the directory under the new mount; the
+        // remount must hit the bind itself, so reopen the path and make sure
+        // it is the bind's root (same inode as the source).
+        let mounted = match open_no_follow(target) {
+            Ok(fd) => fd,
+            Err(err) => return Err(undo_bind(&target_fd, err)),
+        };
+        let result = fstat(&mounted).map_err(io::Error::from).and_then(|stat| {
+            if (stat.st_dev, stat.st_ino) != (source_stat.st_dev, source_stat.st_ino) {
+                return Err(io::Error::other(format!("{} changed under the bind mount", target.display())));
+            }
+            remount(&mounted, flags).map_err(|e| with_context(e, "remount", target))
+        });
+        match result {
+            Ok(()) => Ok(()),
+            Err(err) => Err(undo_bind(&mounted, err)),
+        }
+    }
+
+    fn unmount(&self, target: &Path) -> io::Result<bool> {
+        match umount2(target, MntFlags::UMOUNT_NOFOLLOW) {
+            Ok(()) => Ok(true),
+            Err(Errno::EINVAL | Errno::ENOENT) => Ok(false),
+            Err(e) => Err(with_context(e, "unmount", target)),
+        }
+    }
+
+    fn mounts(&self) -> io::Result<Vec<MountEntry>> {
+        mountinfo::read()
+    }
+}
+
+/// Opens the path itself (never a symlink's target) for use as a mount end.
+fn open_no_follow(path: &Path) -> io::Result<OwnedFd> {
+    open(path, OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty())
+        .map_err(|e| with_context(e, "open", path))
+}
+
+fn fd_path(fd: &OwnedFd) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+}
+
+/// Remounts the bind with `flags`, keeping the flags it already has.
+///
+/// An unprivileged (user namespace) remount may not drop nosuid, nodev,
+/// noexec or ro inherited from the source mount, so they are ORed in.
+fn remount(mounted: &OwnedFd, flags: MountFlags) -> nix::Result<()> {
+    let current = fstatvfs(mounted)?.flags();
+    // Atime flags are left to the request: when it names none, the kernel
+    // keeps the mount's current atime mode by itself.
+    let mut ms = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | flags.ms_flags();
+    for (st, msf) in [
+        (FsFlags::ST_RDONLY, MsFlags::MS_RDONLY),
+        (FsFlags::ST_NOSUID, MsFlags::MS_NOSUID),
+        (FsFlags::ST_NODEV, MsFlags::MS_NODEV),
+        (FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
+    ] {
+        if current.contains(st) {
+            ms |= msf;
+        }
+    }
+    mount(None::<&str>, &fd_path(mounted), None::<&str>, ms, None::<&str>)
+}
+
+/// Detaches the bind just made through `mounted`, returning `err` annotated if that fails too.
+fn undo_bind(mounted: &OwnedFd, err: io::Error) -> io::Error {
+    // Lazy detach: our own O_PATH fd keeps the mount busy, and nothing else
+    // can be using a mount this young.
+    match umount2(&fd_path(mounted), MntFlags::MNT_DETACH) {
+        Ok(()) => err,
+        Err(undo) => io::Error::new(err.kind(), format!("{err}; undoing the bind mount also failed: {undo}")),
+    }
+}
+
+fn with_context(errno: Errno, what: &str, path: &Path) -> io::Error {
+    let err = io::Error::from(errno);
+    io::Error::new(err.kind(), format!("{what} {}: {err}", path.display()))
+}
+
+/// What a mount end is, as far as bind compatibility goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Dir,
+    /// A regular file or block device: either can be bound onto a file.
+    File,
+    Symlink,
+    Other,
+}
+
+fn kind_of(mode: libc::mode_t) -> Kind {
+    match SFlag::from_bits_truncate(mode & SFlag::S_IFMT.bits()) {
+        SFlag::S_IFDIR => Kind::Dir,
+        SFlag::S_IFREG | SFlag::S_IFBLK => Kind::File,
+        SFlag::S_IFLNK => Kind::Symlink,
+        _ => Kind::Other,
+    }
+}
+
+fn kind_of_file_type(file_type: std::fs::FileType) -> Kind {
+    if file_type.is_dir() {
+        Kind::Dir
+    } else if file_type.is_file() || file_type.is_block_device() {
+        Kind::File
+    } else if file_type.is_symlink() {
+        Kind::Symlink
+    } else {
+        Kind::Other
+    }
+}
+
+/// Refuses symlinks and mismatched ends with `InvalidInput`.
+fn check_kinds(source: &Path, source_kind: Kind, target: &Path, target_kind: Kind) -> io::Result<()> {
+    for (path, kind) in [(source, source_kind), (target, target_kind)] {
+        match kind {
+            Kind::Symlink => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("refusing to bind mount through symlink {}", path.display()),
+                ));
+            }
+            Kind::Other => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("{} is neither a directory, a regular file nor a block device", path.display()),
+                ));
+            }
+            Kind::Dir | Kind::File => {}
+        }
+    }
+    if source_kind != target_kind {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "cannot bind {} onto {}: one is a directory and the other is not",
+                source.display(),
+                target.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// An in-memory mounter for tests: records binds and calls, mounts nothing.
+#[derive(Debug, Default)]
+pub struct FakeMounter {
+    state: Mutex<FakeState>,
+}
+
+#[derive(Debug, Default)]
+struct FakeState {
+    /// Mounts in the order made, so the last one at a path is the topmost.
+    table: Vec<FakeMount>,
+    calls: Vec<String>,
+    fail_next_bind: Option<io::ErrorKind>,
+}
+
+#[derive(Debug)]
+struct FakeMount {
+    mount_point: PathBuf,
+    source: PathBuf,
+    root: PathBuf,
+    flags: MountFlags,
+}
+
+impl FakeMounter {
+    /// An empty fake with no mounts.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The calls made so far, e.g. `bind /a /b ro` and `unmount /b`.
+    pub fn calls(&self) -> Vec<String> {
+        self.lock().calls.clone()
+    }
+
+    /// True when something is mounted at `target`.
+    pub fn is_mounted(&self, target: &Path) -> bool {
+        self.lock().table.iter().any(|m| m.mount_point == target)
+    }
+
+    /// Makes the next `bind` fail with an error of `kind`.
+    pub fn fail_next_bind(&self, err: io::ErrorKind) {
+        self.lock().fail_next_bind = Some(err);
+    }
+
+    fn lock(&self) -> MutexGuard<'_, FakeState> {
+        // A test that panicked while holding the lock leaves valid data.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl Mounter for FakeMounter {
+    fn bind(&self, source: &Path, target: &Path, flags: MountFlags) -> io::Result<()> {
+        let mut state = self.lock();
+        state.calls.push(format!("bind {} {} {flags}", source.display(), target.display()));
+        if let Some(kind) = state.fail_next_bind.take() {
+            return Err(io::Error::new(kind, "injected bind failure"));
+        }
+        // Same checks as the kernel mounter, so tests catch missing mkdirs.
+        let source_kind = kind_of_file_type(std::fs::symlink_metadata(source)?.file_type());
+        let target_kind = kind_of_file_type(std::fs::symlink_metadata(target)?.file_type());
+        check_kinds(source, source_kind, target, target_kind)?;
+        // Like the kernel, a bind of a bind shows the original root.
+        let root = state
+            .table
+            .iter()
+            .rev()
+            .find(|m| m.mount_point == source)
+            .map_or_else(|| source.to_path_buf(), |m| m.root.clone());
+        state.table.push(FakeMount { mount_point: target.to_path_buf(), source: source.to_path_buf(), root, flags });
+        Ok(())
+    }
+
+    fn unmount(&self, target: &Path) -> io::Result<bool> {
+        let mut state = self.lock();
+        state.calls.push(format!("unmount {}", target.display()));
+        match state.table.iter().rposition(|m| m.mount_point == target) {
+            Some(index) => {
+                state.table.remove(index);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    fn mounts(&self) -> io::Result<Vec<MountEntry>> {
+        let state = self.lock();
+        let entries = state
+            .table
+            .iter()
+            .zip(1u32..)
+            .map(|(m, id)| MountEntry {
+                mount_id: id,
+                parent_id: 0,
+                root: m.root.clone(),
+                mount_point: m.mount_point.clone(),
+                options: if m.flags.read_only { "ro" } else { "rw" }.to_string(),
+                fs_type: "fake".to_string(),
+                source: m.source.display().to_string(),
+                super_options: "rw".to_string(),
+            })
+            .collect();
+        Ok(entries)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    fn strings(words: &[&str]) -> Vec<String> {
+        words.iter().map(|w| w.to_string()).collect()
+    }
+
+    #[test]
+    fn parses_flags() {
+        let flags = MountFlags::parse(&strings(&["ro", "noexec", "nosuid", "bind"])).expect("ok");
+        assert!(flags.read_only && flags.noexec && flags.nosuid);
+        assert!(!flags.nodev);
+        assert_eq!(flags.to_string(), "ro,nosuid,noexec");
+
+        let undone = MountFlags::parse(&strings(&["ro", "noatime", "rw", "atime"])).expect("ok");
+        assert!(undone.is_default());
+        assert!(MountFlags::parse(&strings(&["defaults", "rbind"])).expect("ok").is_default());
+        assert!(MountFlags::parse(&[]).expect("ok").is_default());
+    }
+
+    #[test]
+    fn rejects_bad_flags() {
+        let err = MountFlags::parse(&strings(&["ro", "bogus"])).expect_err("unknown");
+        assert!(err.contains("\"bogus\""), "{err}");
+        assert!(err.contains("strictatime"), "{err}");
+        for bad in ["size=1G", "r\0o", "", &"x".repeat(65)] {
+            assert!(MountFlags::parse(&strings(&[bad])).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn fake_mounter_binds_and_unmounts() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        std::fs::create_dir(&a).expect("mkdir a");
+        std::fs::create_dir(&b).expect("mkdir b");
+        let fake = FakeMounter::new();
+        let ro = MountFlags { read_only: true, ..MountFlags::default() };
+
+        fake.bind(&a, &b, ro).expect("bind");
+        assert!(fake.is_mounted(&b));
+        let mounts = fake.mounts().expect("mounts");
+        let entry = mountinfo::find_mount_point(&mounts, &b).expect("listed");
+        assert!(entry.read_only());
+        assert_eq!(entry.fs_type, "fake");
+
+        assert!(fake.unmount(&b).expect("unmount"));
+        assert!(!fake.unmount(&b).expect("second unmount"));
+        assert!(!fake.is_mounted(&b));
+        assert_eq!(
+            fake.calls(),
+            vec![
+                format!("bind {} {} ro", a.display(), b.display()),
+                format!("unmount {}", b.display()),
+                format!("unmount {}", b.display()),
+            ]
+        );
+    }
+
+    #[test]
+    fn fake_mounter_checks_paths() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (a, file, link) = (dir.path().join("a"), dir.path().join("f"), dir.path().join("l"));
+        std::fs::create_dir(&a).expect("mkdir");
+        std::fs::write(&file, b"x").expect("write");
+        symlink(&a, &link).expect("symlink");
+        let fake = FakeMounter::new();
+        let none = MountFlags::default();
+
+        let missing = fake.bind(&a, &dir.path().join("nope"), none).expect_err("missing");
+        assert_eq!(missing.kind(), io::ErrorKind::NotFound);
+        let mismatch = fake.bind(&a, &file, none).expect_err("dir onto file");
+        assert_eq!(mismatch.kind(), io::ErrorKind::InvalidInput);
+        let through_link = fake.bind(&a, &link, none).expect_err("symlink");
+        assert_eq!(through_link.kind(), io::ErrorKind::InvalidInput);
+        assert!(through_link.to_string().contains("symlink"));
+        assert!(fake.mounts().expect("mounts").is_empty());
+    }
+
+    #[test]
+    fn fake_mounter_injected_failure_is_one_shot() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fake = FakeMounter::new();
+        fake.fail_next_bind(io::ErrorKind::PermissionDenied);
+        let err = fake.bind(dir.path(), dir.path(), MountFlags::default()).expect_err("injected");
+        assert_eq!(err.kind(), io::ErrorKind::PermissionDenied);
+        assert!(!fake.is_mounted(dir.path()));
+        fake.bind(dir.path(), dir.path(), MountFlags::default()).expect("second bind succeeds");
+        assert!(fake.is_mounted(dir.path()));
+    }
+
+    /// Real mounts need root and a private mount namespace; see `privileged`.
+    mod privileged {
+        use super::*;
+        use std::io::Write;
+
+        fn enabled() -> bool {
+            if std::env::var_os("LOAM_PRIVILEGED_TESTS").as_deref() == Some("1".as_ref()) {
+                return true;
+            }
+            eprintln!(
+                "skipping: set LOAM_PRIVILEGED_TESTS=1 and run under \
+                 `unshare --mount --propagation private` to test real mounts"
+            );
+            false
+        }
+
+        /// Unmounts everything still stacked on `target` when dropped, even after a failed assertion.
+        struct Unmount<'a>(&'a Path);
+
+        impl Drop for Unmount<'_> {
+            fn drop(&mut self) {
+                while matches!(KernelMounter.unmount(self.0), Ok(true)) {}
+            }
+        }
+
+        #[test]
+        fn kernel_bind_read_only_and_unmount() {
+            if !enabled() {
+                return;
+            }
+            let dir = tempfile::tempdir().expect("tempdir");
+            let (src, dst) = (dir.path().join("src"), dir.path().join("dst"));
+            std::fs::create_dir(&src).expect("mkdir src");
+            std::fs::create_dir(&dst).expect("mkdir dst");
+            std::fs::write(src.join("hello"), b"hi").expect("write");
+            let mounter = KernelMounter;
+            let _guard = Unmount(&dst);
+
+            let flags = MountFlags { read_only: true, noexec: true, ..MountFlags::default() };
+            mounter.bind(&src, &dst, flags).expect("bind");
+            assert_eq!(std::fs::read(dst.join("hello")).expect("read"), b"hi");
+            let entry = mountinfo::find_mount_point(&mounter.mounts().expect("mounts"), &dst).cloned().expect("listed");
+            assert!(entry.read_only(), "{entry:?}");
+            assert!(entry.options.split(',').any(|o| o == "noexec"), "{entry:?}");
+            let err =
+                std::fs::File::create(dst.join("new")).and_then(|mut f| f.write_all(b"x")).expect_err("read-only bind");
+            assert_eq!(err.raw_os_error(), Some(libc::EROFS));
+            // The source itself stays writable: only the bind is read-only.
+            std::fs::write(src.join("other"), b"ok").expect("source writable");
+
+            assert!(mounter.unmount(&dst).expect("unmount"));
+            assert!(!mounter.unmount(&dst).expect("not mounted"));
+            assert!(!mounter.unmount(&dir.path().join("missing")).expect("missing"));
+            assert!(!dst.join("hello").exists());
+        }
+
+        #[test]
+        fn kernel_remount_keeps_flags_of_the_source_mount() {
+            if !enabled() {
+                return;
+            }
+            let dir = tempfile::tempdir().expect("tempdir");
+            let (fs_root, dst) = (dir.path().join("fs"), dir.path().join("dst"));
+            std::fs::create_dir(&fs_root).expect("mkdir fs");
+            std::fs::create_dir(&dst).expect("mkdir dst");
+            let _fs_guard = Unmount(&fs_root);
+            mount(Some("tmpfs"), &fs_root, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("size=1m"))
+                .expect("mount tmpfs");
+            std::fs::create_dir(fs_root.join("vol")).expect("mkdir vol");
+            let _guard = Unmount(&dst);
+
+            let ro = MountFlags { read_only: true, ..MountFlags::default() };
+            KernelMounter.bind(&fs_root.join("vol"), &dst, ro).expect("bind");
+            let mounts = KernelMounter.mounts().expect("mounts");
+            let entry = mountinfo::find_mount_point(&mounts, &dst).expect("listed");
+            let options: Vec<&str> = entry.options.split(',').collect();
+            for want in ["ro", "nosuid", "nodev"] {
+                assert!(options.contains(&want), "{want} missing: {entry:?}");
+            }
+        }
+
+        #[test]
+        fn kernel_undo_bind_detaches_the_new_mount() {
+            if !enabled() {
+                return;
+            }
+            let dir = tempfile::tempdir().expect("tempdir");
+            let (src, dst) = (dir.path().join("src"), dir.path().join("dst"));
+            std::fs::create_dir(&src).expect("mkdir src");
+            std::fs::create_dir(&dst).expect("mkdir dst");
+            let _guard = Unmount(&dst);
+
+            KernelMounter.bind(&src, &dst, MountFlags::default()).expect("bind");
+            let mounted = open_no_follow(&dst).expect("open mount");
+            let err = undo_bind(&mounted, io::Error::other("remount failed"));
+            assert_eq!(err.to_string(), "remount failed");
+            let mounts = KernelMounter.mounts().expect("mounts");
+            assert!(mountinfo::find_mount_point(&mounts, &dst).is_none());
+        }
+
+        #[test]
+        fn kernel_bind_of_files_is_writable_by_default() {
+            if !enabled() {
+                return;
+            }
+            let dir = tempfile::tempdir().expect("tempdir");
+            let (src, dst) = (dir.path().join("src"), dir.path().join("dst"));
+            std::fs::write(&src, b"data").expect("write src");
+            std::fs::write(&dst, b"").expect("write dst");
+            let _guard = Unmount(&dst);
+
+            KernelMounter.bind(&src, &dst, MountFlags::default()).expect("bind");
+            std::fs::write(&dst, b"changed").expect("write through bind");
+            assert_eq!(std::fs::read(&src).expect("read"), b"changed");
+        }
+
+        #[test]
+        fn kernel_bind_refuses_symlinks_and_mismatches() {
+            if !enabled() {
+                return;
+            }
+            let dir = tempfile::tempdir().expect("tempdir");
+            let (src, dst, file, link) =
+                (dir.path().join("src"), dir.path().join("dst"), dir.path().join("file"), dir.path().join("link"));
+            std::fs::create_dir(&src).expect("mkdir src");
+            std::fs::create_dir(&dst).expect("mkdir dst");
+            std::fs::write(&file, b"").expect("write");
+            symlink(&dst, &link).expect("symlink");
+            let _guards = (Unmount(&dst), Unmount(&file), Unmount(&src));
+            let none = MountFlags::default();
+
+            for (s, t) in [(&src, &link), (&link, &dst)] {
+                let err = KernelMounter.bind(s, t, none).expect_err("symlink");
+                assert_eq!(err.kind(), io::ErrorKind::InvalidInput, "{err}");
+                assert!(err.to_string().contains("symlink"), "{err}");
+            }
+            let err = KernelMounter.bind(&src, &file, none).expect_err("mismatch");
+            assert_eq!(err.kind(), io::ErrorKind::InvalidInput, "{err}");
+            let mounts = KernelMounter.mounts().expect("mounts");
+            for path in [&dst, &file, &src] {
+                assert!(mountinfo::find_mount_point(&mounts, path).is_none());
+            }
+        }
+    }
+}

@@ -1,0 +1,39 @@
+//! Loam: a CSI driver that turns node-local storage into Kubernetes volumes.
+//!
+//! # Layout
+//!
+//! A request travels down these layers, and each layer only knows the one below:
+//!
+//! - [`server`] binds the Unix socket privately, builds the gRPC services the
+//!   chosen [`config::Mode`] serves, and drains them on shutdown.
+//! - [`rpc`] is the CSI surface: one module per service. Each handler validates
+//!   the request ([`rpc::validate`]), takes the per-volume [`guard`], and calls
+//!   the [`driver`] on a blocking thread. Nothing else happens there.
+//! - [`driver`] is the node's volume manager: it keeps the [`store`] of volume
+//!   and snapshot records and decides what a request means for them, calling a
+//!   [`backend`] for the storage work.
+//! - [`backend`] holds the storage engines (a closed set, so an enum): `dir`,
+//!   a directory per volume.
+//! - [`kernel`] is the narrow seam to the kernel: mounts and the mount table,
+//!   tree copies with reflinks, usage accounting.
+//!
+//! Cross-cutting: [`error`] is the one error type and its mapping to gRPC
+//! codes; [`ids`] forms and parses volume and snapshot ids.
+
+pub mod backend;
+pub mod config;
+pub mod driver;
+pub mod error;
+pub mod guard;
+pub mod ids;
+pub mod kernel;
+pub mod records;
+pub mod rpc;
+pub mod server;
+pub mod store;
+
+/// The CSI v1.12 messages and services, generated from `proto/csi.proto`.
+#[allow(clippy::all, missing_docs)]
+pub mod csi {
+    tonic::include_proto!("csi.v1");
+}

@@ -1,0 +1,142 @@
+//! What Loam remembers about each volume and snapshot.
+//!
+//! These are the rows of the [`crate::store`] tables, one small JSON file
+//! each. They hold only what cannot be read back from the kernel: the mount
+//! table stays the authority on what is mounted, and records say what the
+//! CO asked for.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// The storage engine that holds a volume, chosen by the StorageClass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendKind {
+    /// A directory per volume under the driver's root.
+    Dir,
+}
+
+/// The single-node access modes Loam serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AccessMode {
+    /// One node reads and writes; any number of its pods.
+    SingleNodeWriter,
+    /// One node reads only.
+    SingleNodeReaderOnly,
+    /// One pod on one node reads and writes.
+    SingleNodeSingleWriter,
+    /// Many pods on one node read and write.
+    SingleNodeMultiWriter,
+}
+
+impl AccessMode {
+    /// Whether every mount of the volume must be read-only.
+    pub fn read_only(self) -> bool {
+        self == AccessMode::SingleNodeReaderOnly
+    }
+}
+
+/// A validated CSI volume capability.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Capability {
+    /// How the volume may be shared.
+    pub access_mode: AccessMode,
+    /// Block device instead of a filesystem.
+    pub block: bool,
+    /// Filesystem type asked for (empty: the backend's default).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub fs_type: String,
+    /// Mount flags asked for.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mount_flags: Vec<String>,
+    /// Group that must own the volume root (numeric gid), when asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mount_group: Option<u32>,
+}
+
+/// Where a volume's initial content came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ContentSource {
+    /// Restored from this snapshot id.
+    Snapshot(String),
+    /// Cloned from this volume id.
+    Volume(String),
+}
+
+/// A volume's ControllerPublish ("attach") to a node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attachment {
+    /// The node it is attached to.
+    pub node_id: String,
+    /// Whether it was attached read-only.
+    pub read_only: bool,
+    /// The capability it was attached with.
+    pub capability: Capability,
+}
+
+/// A volume's NodeStage.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stage {
+    /// The staging path the CO named.
+    pub path: PathBuf,
+    /// The capability it was staged with.
+    pub capability: Capability,
+}
+
+/// One NodePublish of a volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Publication {
+    /// Whether the target is mounted read-only.
+    pub read_only: bool,
+    /// The capability it was published with.
+    pub capability: Capability,
+}
+
+/// Everything Loam remembers about one volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeRecord {
+    /// The volume id handed to the CO.
+    pub id: String,
+    /// The CSI name it was created with.
+    pub name: String,
+    /// Its capacity in bytes.
+    pub capacity_bytes: u64,
+    /// The engine holding it.
+    pub backend: BackendKind,
+    /// The StorageClass parameters it was created with.
+    #[serde(default)]
+    pub parameters: BTreeMap<String, String>,
+    /// Where its initial content came from.
+    #[serde(default)]
+    pub source: Option<ContentSource>,
+    /// Its ControllerPublish, when attached.
+    #[serde(default)]
+    pub attachment: Option<Attachment>,
+    /// Its NodeStage, when staged.
+    #[serde(default)]
+    pub stage: Option<Stage>,
+    /// Its NodePublish targets.
+    #[serde(default)]
+    pub publications: BTreeMap<PathBuf, Publication>,
+}
+
+/// Everything Loam remembers about one snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotRecord {
+    /// The snapshot id handed to the CO.
+    pub id: String,
+    /// The CSI name it was created with.
+    pub name: String,
+    /// The volume it was taken of.
+    pub source_volume_id: String,
+    /// The capacity of that volume when the snapshot was taken.
+    pub size_bytes: u64,
+    /// When it was taken: seconds since the Unix epoch.
+    pub created_secs: i64,
+    /// When it was taken: nanoseconds within that second.
+    pub created_nanos: i32,
+}

@@ -1,0 +1,471 @@
+//! The CSI Controller service over this node's driver (`--mode all`).
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use crate::backend;
+use crate::csi::controller_service_capability::{self, rpc::Type as Cap};
+use crate::csi::{self, controller_server::Controller};
+use crate::driver::{Condition, Driver, NewVolume, topology};
+use crate::error::{Error, Result};
+use crate::ids::{Key, Kind, validate_name};
+use crate::records::{ContentSource, SnapshotRecord, VolumeRecord};
+use crate::rpc::{blocking, traced, validate};
+
+/// Controller over a node's own driver.
+#[derive(Debug, Clone)]
+pub struct ControllerService {
+    driver: Arc<Driver>,
+}
+
+impl ControllerService {
+    /// Serves Controller for `driver`.
+    pub fn new(driver: Arc<Driver>) -> Self {
+        ControllerService { driver }
+    }
+}
+
+/// The capabilities the Controller advertises.
+const CAPABILITIES: &[Cap] = &[
+    Cap::CreateDeleteVolume,
+    Cap::PublishUnpublishVolume,
+    Cap::ListVolumes,
+    Cap::GetCapacity,
+    Cap::CreateDeleteSnapshot,
+    Cap::ListSnapshots,
+    Cap::CloneVolume,
+    Cap::PublishReadonly,
+    Cap::ExpandVolume,
+    Cap::ListVolumesPublishedNodes,
+    Cap::VolumeCondition,
+    Cap::GetVolume,
+    Cap::SingleNodeMultiWriter,
+    // GET_SNAPSHOT is served but not advertised: csi-sanity v5.4.0 fails any
+    // driver that lists it, and no kubernetes-csi sidecar calls it yet.
+];
+
+/// The CSI message for a volume record.
+pub fn volume_message(record: &VolumeRecord, node_id: &str) -> csi::Volume {
+    use csi::volume_content_source::{SnapshotSource, Type, VolumeSource};
+    let content_source = record.source.as_ref().map(|s| csi::VolumeContentSource {
+        r#type: Some(match s {
+            ContentSource::Snapshot(id) => Type::Snapshot(SnapshotSource { snapshot_id: id.clone() }),
+            ContentSource::Volume(id) => Type::Volume(VolumeSource { volume_id: id.clone() }),
+        }),
+    });
+    csi::Volume {
+        capacity_bytes: to_i64(record.capacity_bytes),
+        volume_id: record.id.clone(),
+        volume_context: [("backend".to_owned(), format!("{:?}", record.backend).to_lowercase())].into(),
+        content_source,
+        accessible_topology: vec![csi::Topology { segments: topology(node_id) }],
+    }
+}
+
+/// The CSI message for a snapshot record.
+pub fn snapshot_message(record: &SnapshotRecord) -> csi::Snapshot {
+    csi::Snapshot {
+        size_bytes: to_i64(record.size_bytes),
+        snapshot_id: record.id.clone(),
+        source_volume_id: record.source_volume_id.clone(),
+        creation_time: Some(prost_types::Timestamp { seconds: record.created_secs, nanos: record.created_nanos }),
+        // Snapshots are complete copies before their record is written.
+        ready_to_use: true,
+        group_snapshot_id: String::new(),
+    }
+}
+
+fn condition_message(c: Condition) -> csi::VolumeCondition {
+    csi::VolumeCondition { abnormal: c.abnormal, message: c.message }
+}
+
+/// Saturates instead of wrapping: CSI sizes are signed.
+pub fn to_i64(bytes: u64) -> i64 {
+    i64::try_from(bytes).unwrap_or(i64::MAX)
+}
+
+/// Reads a pagination token; ABORTED when it is not one Loam handed out.
+fn page_token(token: &str) -> Result<Option<Key>> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    Key::parse(token)
+        .map(Some)
+        .ok_or_else(|| Error::Aborted(format!("starting token {token:?} is not valid; restart the listing")))
+}
+
+fn max_entries(max: i32) -> Result<usize> {
+    usize::try_from(max).map_err(|_| Error::InvalidArgument("max_entries must not be negative".into()))
+}
+
+#[tonic::async_trait]
+impl Controller for ControllerService {
+    async fn create_volume(
+        &self,
+        request: Request<csi::CreateVolumeRequest>,
+    ) -> Result<Response<csi::CreateVolumeResponse>, Status> {
+        let req = request.into_inner();
+        let driver = self.driver.clone();
+        traced("CreateVolume", &req.name.clone(), async move {
+            validate_name("volume", &req.name)?;
+            let parameters = validate::parameters(&req.parameters)?;
+            let new = NewVolume {
+                capabilities: validate::capabilities(&req.volume_capabilities)?,
+                capacity: validate::capacity(req.capacity_range.as_ref())?.unwrap_or_default(),
+                backend: backend::check_parameters(&parameters)?,
+                parameters,
+                source: validate::content_source(req.volume_content_source.as_ref())?,
+                allowed_nodes: validate::allowed_nodes(req.accessibility_requirements.as_ref()),
+                name: req.name,
+            };
+            let key = driver.key_for(Kind::Volume, &new.name);
+            let guard = driver.claim(Kind::Volume, key)?;
+            let node = driver.config().node_id.clone();
+            let record = blocking(move || {
+                let _guard = guard;
+                driver.create_volume(key, new)
+            })
+            .await?;
+            Ok(csi::CreateVolumeResponse { volume: Some(volume_message(&record, &node)) })
+        })
+        .await
+    }
+
+    async fn delete_volume(
+        &self,
+        request: Request<csi::DeleteVolumeRequest>,
+    ) -> Result<Response<csi::DeleteVolumeResponse>, Status> {
+        let req = request.into_inner();
+        let driver = self.driver.clone();
+        traced("DeleteVolume", &req.volume_id.clone(), async move {
+            validate::required_id("volume id", &req.volume_id)?;
+            let key = match driver.volume_key(&req.volume_id) {
+                Ok(key) => key,
+                // An id this node never made names nothing to delete.
+                Err(Error::NotFound(_)) => return Ok(csi::DeleteVolumeResponse {}),
+                Err(e) => return Err(e),
+            };
+            let guard = driver.claim(Kind::Volume, key)?;
+            blocking(move || {
+                let _guard = guard;
+                driver.delete_volume(key)
+            })
+            .await?;
+            Ok(csi::DeleteVolumeResponse {})
+        })
+        .await
+    }
+
+    async fn controller_publish_volume(
+        &self,
+        request: Request<csi::ControllerPublishVolumeRequest>,
+    ) -> Result<Response<csi::ControllerPublishVolumeResponse>, Status> {
+        let req = request.into_inner();
+        let driver = self.driver.clone();
+        traced("ControllerPublishVolume", &req.volume_id.clone(), async move {
+            validate::required_id("volume id", &req.volume_id)?;
+            validate::required_id("node id", &req.node_id)?;
+            let capability = validate::capability(req.volume_capability.as_ref())?;
+            let key = driver.volume_key(&req.volume_id)?;
+            let guard = driver.claim(Kind::Volume, key)?;
+            let publish_context = blocking(move || {
+                let _guard = guard;
+                driver.controller_publish(key, &req.node_id, req.readonly, capability)
+            })
+            .await?;
+            Ok(csi::ControllerPublishVolumeResponse { publish_context: publish_context.into_iter().collect() })
+        })
+        .await
+    }
+
+    async fn controller_unpublish_volume(
+        &self,
+        request: Request<csi::ControllerUnpublishVolumeRequest>,
+    ) -> Result<Response<csi::ControllerUnpublishVolumeResponse>, Status> {
+        let req = request.into_inner();
+        let driver = self.driver.clone();
+        traced("ControllerUnpublishVolume", &req.volume_id.clone(), async move {
+            validate::required_id("volume id", &req.volume_id)?;
+            let Ok(key) = driver.volume_key(&req.volume_id) else {
+                // Not this node's volume, so not attached here: done.
+                return Ok(csi::ControllerUnpublishVolumeResponse {});
+            };
+            let guard = driver.claim(Kind::Volume, key)?;
+            blocking(move || {
+                let _guard = guard;
+                driver.controller_unpublish(key, &req.node_id)
+            })
+            .await?;
+            Ok(csi::ControllerUnpublishVolumeResponse {})
+        })
+        .await
+    }
+
+    async fn validate_volume_capabilities(
+        &self,
+        request: Request<csi::ValidateVolumeCapabilitiesRequest>,
+    ) -> Result<Response<csi::ValidateVolumeCapabilitiesResponse>, Status> {
+        let req = request.into_inner();
+        let driver = self.driver.clone();
+        traced("ValidateVolumeCapabilities", &req.volume_id.clone(), async move {
+            validate::required_id("volume id", &req.volume_id)?;
+            if req.volume_capabilities.is_empty() {
+                return Err(Error::InvalidArgument("volume capabilities are required".into()));
+            }
+            let key = driver.volume_key(&req.volume_id)?;
+            let record = driver.volume(&key)?;
+            let unsupported = req.volume_capabilities.iter().find_map(|cap| match validate::capability(Some(cap)) {
+                Ok(cap) => Driver::supports(record.backend, &cap).err(),
+                Err(e) => Some(e.to_string()),
+            });
+            let params_match = validate::parameters(&req.parameters)? == record.parameters || req.parameters.is_empty();
+            let message = match (unsupported, params_match) {
+                (Some(why), _) => why,
+                (None, false) => "the parameters differ from those the volume was created with".into(),
+                (None, true) => {
+                    let confirmed = csi::validate_volume_capabilities_response::Confirmed {
+                        volume_context: req.volume_context,
+                        volume_capabilities: req.volume_capabilities,
+                        parameters: req.parameters,
+                        mutable_parameters: Default::default(),
+                    };
+                    return Ok(csi::ValidateVolumeCapabilitiesResponse {
+                        confirmed: Some(confirmed),
+                        message: String::new(),
+                    });
+                }
+            };
+            Ok(csi::ValidateVolumeCapabilitiesResponse { confirmed: None, message })
+        })
+        .await
+    }
+
+    async fn list_volumes(
+        &self,
+        request: Request<csi::ListVolumesRequest>,
+    ) -> Result<Response<csi::ListVolumesResponse>, Status> {
+        let req = request.into_inner();
+        let driver = self.driver.clone();
+        traced("ListVolumes", "", async move {
+            let after = page_token(&req.starting_token)?;
+            let page = driver.list_volumes(after, max_entries(req.max_entries)?);
+            let node = &driver.config().node_id;
+            let entries = page
+                .rows
+                .iter()
+                .map(|record| {
+                    let key = driver.volume_key(&record.id).ok();
+                    csi::list_volumes_response::Entry {
+                        volume: Some(volume_message(record, node)),
+                        status: Some(csi::list_volumes_response::VolumeStatus {
+                            published_node_ids: record.attachment.iter().map(|a| a.node_id.clone()).collect(),
+                            volume_condition: key.map(|k| condition_message(driver.condition(&k))),
+                        }),
+                    }
+                })
+                .collect();
+            Ok(csi::ListVolumesResponse { entries, next_token: page.next.map(|k| k.to_string()).unwrap_or_default() })
+        })
+        .await
+    }
+
+    async fn get_capacity(
+        &self,
+        request: Request<csi::GetCapacityRequest>,
+    ) -> Result<Response<csi::GetCapacityResponse>, Status> {
+        let req = request.into_inner();
+        let driver = self.driver.clone();
+        traced("GetCapacity", "", async move {
+            let node = driver.config().node_id.clone();
+            let elsewhere = req
+                .accessible_topology
+                .as_ref()
+                .and_then(|t| t.segments.get(crate::config::TOPOLOGY_NODE_KEY))
+                .is_some_and(|n| *n != node);
+            let parameters = validate::parameters(&req.parameters)?;
+            let kind = backend::check_parameters(&parameters)?;
+            let unsupported = req.volume_capabilities.iter().any(|c| {
+                validate::capability(Some(c)).is_err()
+                    || (c
+                        .access_type
+                        .as_ref()
+                        .is_some_and(|t| matches!(t, csi::volume_capability::AccessType::Block(_)))
+                        && kind == backend::BackendKind::Dir)
+            });
+            let available = if elsewhere || unsupported { 0 } else { blocking(move || driver.capacity()).await? };
+            Ok(csi::GetCapacityResponse {
+                available_capacity: to_i64(available),
+                maximum_volume_size: Some(to_i64(available)),
+                minimum_volume_size: None,
+            })
+        })
+        .await
+    }
+
+    async fn controller_get_capabilities(
+        &self,
+        _: Request<csi::ControllerGetCapabilitiesRequest>,
+    ) -> Result<Response<csi::ControllerGetCapabilitiesResponse>, Status> {
+        let capabilities = CAPABILITIES
+            .iter()
+            .map(|&kind| csi::ControllerServiceCapability {
+                r#type: Some(controller_service_capability::Type::Rpc(controller_service_capability::Rpc {
+                    r#type: kind as i32,
+                })),
+            })
+            .collect();
+        Ok(Response::new(csi::ControllerGetCapabilitiesResponse { capabilities }))
+    }
+
+    async fn create_snapshot(
+        &self,
+        request: Request<csi::CreateSnapshotRequest>,
+    ) -> Result<Response<csi::CreateSnapshotResponse>, Status> {
+        let req = request.into_inner();
+        let driver = self.driver.clone();
+        traced("CreateSnapshot", &req.name.clone(), async move {
+            validate_name("snapshot", &req.name)?;
+            validate::required_id("source volume id", &req.source_volume_id)?;
+            let key = driver.key_for(Kind::Snapshot, &req.name);
+            let guard = driver.claim(Kind::Snapshot, key)?;
+            let record = blocking(move || {
+                let _guard = guard;
+                driver.create_snapshot(key, &req.name, &req.source_volume_id)
+            })
+            .await?;
+            Ok(csi::CreateSnapshotResponse { snapshot: Some(snapshot_message(&record)) })
+        })
+        .await
+    }
+
+    async fn delete_snapshot(
+        &self,
+        request: Request<csi::DeleteSnapshotRequest>,
+    ) -> Result<Response<csi::DeleteSnapshotResponse>, Status> {
+        let req = request.into_inner();
+        let driver = self.driver.clone();
+        traced("DeleteSnapshot", &req.snapshot_id.clone(), async move {
+            validate::required_id("snapshot id", &req.snapshot_id)?;
+            let Ok(key) = driver.snapshot_key(&req.snapshot_id) else {
+                return Ok(csi::DeleteSnapshotResponse {});
+            };
+            let guard = driver.claim(Kind::Snapshot, key)?;
+            blocking(move || {
+                let _guard = guard;
+                driver.delete_snapshot(key)
+            })
+            .await?;
+            Ok(csi::DeleteSnapshotResponse {})
+        })
+        .await
+    }
+
+    async fn list_snapshots(
+        &self,
+        request: Request<csi::ListSnapshotsRequest>,
+    ) -> Result<Response<csi::ListSnapshotsResponse>, Status> {
+        let req = request.into_inner();
+        let driver = self.driver.clone();
+        traced("ListSnapshots", "", async move {
+            let after = page_token(&req.starting_token)?;
+            let max = max_entries(req.max_entries)?;
+            let entry =
+                |s: &SnapshotRecord| csi::list_snapshots_response::Entry { snapshot: Some(snapshot_message(s)) };
+            if !req.snapshot_id.is_empty() {
+                // One snapshot at most: an unknown id is an empty list.
+                let entries = driver
+                    .snapshot_key(&req.snapshot_id)
+                    .and_then(|k| driver.snapshot(&k))
+                    .ok()
+                    .filter(|s| req.source_volume_id.is_empty() || s.source_volume_id == req.source_volume_id)
+                    .map(|s| vec![entry(&s)])
+                    .unwrap_or_default();
+                return Ok(csi::ListSnapshotsResponse { entries, next_token: String::new() });
+            }
+            let source = (!req.source_volume_id.is_empty()).then_some(req.source_volume_id.as_str());
+            let page = driver.list_snapshots(after, max, source);
+            Ok(csi::ListSnapshotsResponse {
+                entries: page.rows.iter().map(|s| entry(s)).collect(),
+                next_token: page.next.map(|k| k.to_string()).unwrap_or_default(),
+            })
+        })
+        .await
+    }
+
+    async fn get_snapshot(
+        &self,
+        request: Request<csi::GetSnapshotRequest>,
+    ) -> Result<Response<csi::GetSnapshotResponse>, Status> {
+        let req = request.into_inner();
+        let driver = self.driver.clone();
+        traced("GetSnapshot", &req.snapshot_id.clone(), async move {
+            validate::required_id("snapshot id", &req.snapshot_id)?;
+            let key = driver.snapshot_key(&req.snapshot_id)?;
+            let record = driver.snapshot(&key)?;
+            Ok(csi::GetSnapshotResponse { snapshot: Some(snapshot_message(&record)) })
+        })
+        .await
+    }
+
+    async fn controller_expand_volume(
+        &self,
+        request: Request<csi::ControllerExpandVolumeRequest>,
+    ) -> Result<Response<csi::ControllerExpandVolumeResponse>, Status> {
+        let req = request.into_inner();
+        let driver = self.driver.clone();
+        traced("ControllerExpandVolume", &req.volume_id.clone(), async move {
+            validate::required_id("volume id", &req.volume_id)?;
+            let range = validate::capacity(req.capacity_range.as_ref())?
+                .ok_or_else(|| Error::InvalidArgument("capacity range is required".into()))?;
+            let key = driver.volume_key(&req.volume_id)?;
+            let guard = driver.claim(Kind::Volume, key)?;
+            let capacity = blocking(move || {
+                let _guard = guard;
+                driver.expand_volume(key, range)
+            })
+            .await?;
+            // A directory volume is its directory: nothing to grow on the node.
+            Ok(csi::ControllerExpandVolumeResponse { capacity_bytes: to_i64(capacity), node_expansion_required: false })
+        })
+        .await
+    }
+
+    async fn controller_get_volume(
+        &self,
+        request: Request<csi::ControllerGetVolumeRequest>,
+    ) -> Result<Response<csi::ControllerGetVolumeResponse>, Status> {
+        let req = request.into_inner();
+        let driver = self.driver.clone();
+        traced("ControllerGetVolume", &req.volume_id.clone(), async move {
+            validate::required_id("volume id", &req.volume_id)?;
+            let key = driver.volume_key(&req.volume_id)?;
+            let (record, condition) = driver.volume_with_condition(&key)?;
+            let node = &driver.config().node_id;
+            let volume = match &record {
+                Some(r) => volume_message(r, node),
+                // A damaged record still answers, so the CO sees the condition.
+                None => csi::Volume { volume_id: req.volume_id.clone(), ..Default::default() },
+            };
+            Ok(csi::ControllerGetVolumeResponse {
+                volume: Some(volume),
+                status: Some(csi::controller_get_volume_response::VolumeStatus {
+                    published_node_ids: record
+                        .iter()
+                        .flat_map(|r| r.attachment.iter().map(|a| a.node_id.clone()))
+                        .collect(),
+                    volume_condition: Some(condition_message(condition)),
+                }),
+            })
+        })
+        .await
+    }
+
+    async fn controller_modify_volume(
+        &self,
+        _: Request<csi::ControllerModifyVolumeRequest>,
+    ) -> Result<Response<csi::ControllerModifyVolumeResponse>, Status> {
+        // Not advertised: Loam volumes have no mutable parameters (yet).
+        Err(Status::unimplemented("ControllerModifyVolume is not supported: Loam volumes have no mutable parameters"))
+    }
+}

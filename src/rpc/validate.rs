@@ -1,0 +1,253 @@
+//! Turns CSI request fields into checked values before anything touches a
+//! path: ids, names, paths, capabilities, capacity ranges, parameters.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Component, Path, PathBuf};
+
+use crate::config::TOPOLOGY_NODE_KEY;
+use crate::csi;
+use crate::csi::volume_capability::AccessType;
+use crate::csi::volume_capability::access_mode::Mode;
+use crate::driver::CapacityRange;
+use crate::error::{Error, Result};
+use crate::kernel::mount::MountFlags;
+use crate::records::{AccessMode, Capability, ContentSource};
+
+/// Longest path Loam accepts from a request (PATH_MAX).
+const MAX_PATH_LEN: usize = 4096;
+/// Most bytes all parameters of a request may hold (the spec's map limit).
+const MAX_PARAMETERS_LEN: usize = 4096;
+
+/// A required id field: present and free of NUL.
+pub fn required_id<'a>(what: &str, id: &'a str) -> Result<&'a str> {
+    if id.is_empty() {
+        return Err(Error::InvalidArgument(format!("{what} is required")));
+    }
+    if id.len() > 128 || id.contains('\0') {
+        return Err(Error::InvalidArgument(format!("{what} must be at most 128 bytes without NUL")));
+    }
+    Ok(id)
+}
+
+/// A path the CO names (staging or target): absolute, normalized, and
+/// outside the driver's root, so no request can mount over Loam's own files.
+pub fn caller_path(what: &str, raw: &str, root: &Path) -> Result<PathBuf> {
+    if raw.is_empty() {
+        return Err(Error::InvalidArgument(format!("{what} is required")));
+    }
+    if raw.len() > MAX_PATH_LEN || raw.contains('\0') {
+        return Err(Error::InvalidArgument(format!("{what} must be at most {MAX_PATH_LEN} bytes without NUL")));
+    }
+    let path = Path::new(raw);
+    // Checked on the raw text: `Path::components` silently drops `.`.
+    let normal = path.is_absolute()
+        && raw.split('/').all(|part| part != "." && part != "..")
+        && path.components().all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
+    if !normal {
+        return Err(Error::InvalidArgument(format!(
+            "{what} {raw:?} must be an absolute path without '.' or '..' components"
+        )));
+    }
+    // Resolve what exists of it, so a symlink cannot lead into the root.
+    let resolved = path
+        .ancestors()
+        .find_map(|p| p.canonicalize().ok().map(|c| c.join(path.strip_prefix(p).unwrap_or(Path::new("")))))
+        .unwrap_or_else(|| path.to_owned());
+    if resolved.starts_with(root) || root.starts_with(&resolved) {
+        return Err(Error::InvalidArgument(format!(
+            "{what} {raw:?} overlaps the driver's root {}; pick a path outside it",
+            root.display()
+        )));
+    }
+    Ok(path.components().collect())
+}
+
+/// A path that is only compared with paths Loam recorded, never used to
+/// reach the filesystem on its own: present and free of NUL.
+pub fn known_path(what: &str, raw: &str) -> Result<PathBuf> {
+    if raw.is_empty() {
+        return Err(Error::InvalidArgument(format!("{what} is required")));
+    }
+    if raw.len() > MAX_PATH_LEN || raw.contains('\0') {
+        return Err(Error::InvalidArgument(format!("{what} must be at most {MAX_PATH_LEN} bytes without NUL")));
+    }
+    Ok(PathBuf::from(raw))
+}
+
+/// A capability Loam must serve; INVALID_ARGUMENT naming the problem if not.
+pub fn capability(cap: Option<&csi::VolumeCapability>) -> Result<Capability> {
+    let cap = cap.ok_or_else(|| Error::InvalidArgument("volume capability is required".into()))?;
+    let mode = cap
+        .access_mode
+        .as_ref()
+        .ok_or_else(|| Error::InvalidArgument("volume capability needs an access mode".into()))?;
+    let access_mode = match Mode::try_from(mode.mode).unwrap_or(Mode::Unknown) {
+        Mode::SingleNodeWriter => AccessMode::SingleNodeWriter,
+        Mode::SingleNodeReaderOnly => AccessMode::SingleNodeReaderOnly,
+        Mode::SingleNodeSingleWriter => AccessMode::SingleNodeSingleWriter,
+        Mode::SingleNodeMultiWriter => AccessMode::SingleNodeMultiWriter,
+        Mode::MultiNodeReaderOnly | Mode::MultiNodeSingleWriter | Mode::MultiNodeMultiWriter => {
+            return Err(Error::InvalidArgument(format!(
+                "access mode {} is not supported: Loam volumes live on one node's local disk, so only single-node modes can be served",
+                mode_name(mode.mode)
+            )));
+        }
+        Mode::Unknown => {
+            return Err(Error::InvalidArgument(format!("access mode {} is not a known mode", mode.mode)));
+        }
+    };
+    match &cap.access_type {
+        Some(AccessType::Block(_)) => Ok(Capability {
+            access_mode,
+            block: true,
+            fs_type: String::new(),
+            mount_flags: Vec::new(),
+            mount_group: None,
+        }),
+        Some(AccessType::Mount(mount)) => {
+            MountFlags::parse(&mount.mount_flags).map_err(Error::InvalidArgument)?;
+            let fs_ok = mount.fs_type.len() <= 32
+                && mount.fs_type.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+            if !fs_ok {
+                return Err(Error::InvalidArgument(format!("fs type {:?} is not a filesystem name", mount.fs_type)));
+            }
+            let mount_group = match mount.volume_mount_group.as_str() {
+                "" => None,
+                gid => Some(gid.parse::<u32>().map_err(|_| {
+                    Error::InvalidArgument(format!("volume mount group {gid:?} must be a numeric group id"))
+                })?),
+            };
+            Ok(Capability {
+                access_mode,
+                block: false,
+                fs_type: mount.fs_type.clone(),
+                mount_flags: mount.mount_flags.clone(),
+                mount_group,
+            })
+        }
+        None => Err(Error::InvalidArgument("volume capability needs an access type (mount or block)".into())),
+    }
+}
+
+fn mode_name(mode: i32) -> &'static str {
+    Mode::try_from(mode).map_or("UNKNOWN", |m| m.as_str_name())
+}
+
+/// A non-empty list of capabilities, each one Loam serves.
+pub fn capabilities(caps: &[csi::VolumeCapability]) -> Result<Vec<Capability>> {
+    if caps.is_empty() {
+        return Err(Error::InvalidArgument("volume capabilities are required".into()));
+    }
+    caps.iter().map(|c| capability(Some(c))).collect()
+}
+
+/// A capacity range; `None` when the request has none.
+pub fn capacity(range: Option<&csi::CapacityRange>) -> Result<Option<CapacityRange>> {
+    let Some(range) = range else { return Ok(None) };
+    let (Ok(required), Ok(limit)) = (u64::try_from(range.required_bytes), u64::try_from(range.limit_bytes)) else {
+        return Err(Error::InvalidArgument("capacity range must not be negative".into()));
+    };
+    if limit != 0 && limit < required {
+        return Err(Error::InvalidArgument(format!("capacity limit {limit} is below the required {required} bytes")));
+    }
+    Ok(Some(CapacityRange { required, limit }))
+}
+
+/// StorageClass parameters within the spec's size limit, sorted.
+pub fn parameters(params: &HashMap<String, String>) -> Result<BTreeMap<String, String>> {
+    let size: usize = params.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if size > MAX_PARAMETERS_LEN {
+        return Err(Error::InvalidArgument(format!("parameters exceed {MAX_PARAMETERS_LEN} bytes")));
+    }
+    Ok(params.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+}
+
+/// The source a new volume starts from.
+pub fn content_source(source: Option<&csi::VolumeContentSource>) -> Result<Option<ContentSource>> {
+    use csi::volume_content_source::Type;
+    match source.and_then(|s| s.r#type.as_ref()) {
+        None => Ok(None),
+        Some(Type::Snapshot(s)) => {
+            Ok(Some(ContentSource::Snapshot(required_id("source snapshot id", &s.snapshot_id)?.to_owned())))
+        }
+        Some(Type::Volume(v)) => {
+            Ok(Some(ContentSource::Volume(required_id("source volume id", &v.volume_id)?.to_owned())))
+        }
+    }
+}
+
+/// The nodes a topology requirement allows, or `None` when it allows any.
+///
+/// Segments without Loam's node key do not constrain Loam.
+pub fn allowed_nodes(req: Option<&csi::TopologyRequirement>) -> Option<Vec<String>> {
+    let req = req?;
+    let nodes: Vec<String> =
+        req.requisite.iter().chain(&req.preferred).filter_map(|t| t.segments.get(TOPOLOGY_NODE_KEY).cloned()).collect();
+    (!nodes.is_empty()).then_some(nodes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::csi::volume_capability::{AccessMode as CsiAccessMode, BlockVolume, MountVolume};
+
+    fn cap(mode: Mode, mount: Option<MountVolume>) -> csi::VolumeCapability {
+        csi::VolumeCapability {
+            access_mode: Some(CsiAccessMode { mode: mode as i32 }),
+            access_type: Some(match mount {
+                Some(m) => AccessType::Mount(m),
+                None => AccessType::Block(BlockVolume {}),
+            }),
+        }
+    }
+
+    #[test]
+    fn paths_must_be_absolute_normal_and_outside_the_root() {
+        let root = tempfile::tempdir().unwrap();
+        let root = root.path().canonicalize().unwrap();
+        let inside = root.join("volumes/x");
+        for bad in ["", "relative/path", "/a/../b", "/a/./b", "/a\0b"] {
+            assert!(caller_path("target path", bad, &root).is_err(), "{bad:?}");
+        }
+        assert!(caller_path("target path", inside.to_str().unwrap(), &root).is_err());
+        assert!(caller_path("target path", "/", &root).is_err());
+        assert!(caller_path("target path", &"/x".repeat(3000), &root).is_err());
+        // A symlink elsewhere that leads into the root is caught too.
+        let other = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(&root, other.path().join("link")).unwrap();
+        let via_link = other.path().join("link/volumes/x");
+        assert!(caller_path("target path", via_link.to_str().unwrap(), &root).is_err());
+        let fine = other.path().join("target");
+        assert_eq!(caller_path("target path", fine.to_str().unwrap(), &root).unwrap(), fine);
+    }
+
+    #[test]
+    fn multi_node_modes_are_refused_with_a_reason() {
+        let err = capability(Some(&cap(Mode::MultiNodeMultiWriter, None))).unwrap_err();
+        assert!(err.to_string().contains("single-node"), "{err}");
+        assert!(capability(None).is_err());
+        let ok = capability(Some(&cap(Mode::SingleNodeWriter, Some(MountVolume::default())))).unwrap();
+        assert!(!ok.block);
+        assert!(capabilities(&[]).is_err());
+    }
+
+    #[test]
+    fn mount_options_are_checked() {
+        let bad_flag = MountVolume { mount_flags: vec!["x-weird".into()], ..Default::default() };
+        assert!(capability(Some(&cap(Mode::SingleNodeWriter, Some(bad_flag)))).is_err());
+        let bad_group = MountVolume { volume_mount_group: "wheel".into(), ..Default::default() };
+        assert!(capability(Some(&cap(Mode::SingleNodeWriter, Some(bad_group)))).is_err());
+        let group = MountVolume { volume_mount_group: "1000".into(), ..Default::default() };
+        let c = capability(Some(&cap(Mode::SingleNodeWriter, Some(group)))).unwrap();
+        assert_eq!(c.mount_group, Some(1000));
+    }
+
+    #[test]
+    fn capacity_ranges_are_checked() {
+        let range = |r, l| csi::CapacityRange { required_bytes: r, limit_bytes: l };
+        assert!(capacity(Some(&range(10, 5))).is_err());
+        assert!(capacity(Some(&range(-1, 0))).is_err());
+        assert_eq!(capacity(None).unwrap(), None);
+        assert_eq!(capacity(Some(&range(5, 0))).unwrap(), Some(CapacityRange { required: 5, limit: 0 }));
+    }
+}

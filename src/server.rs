@@ -1,0 +1,134 @@
+//! The gRPC server: a private Unix socket and the services of a mode.
+//!
+//! [`bind`] makes the socket unreachable to anyone else until it is ready:
+//! it is bound inside a fresh 0700 directory, set to 0600, and only then
+//! renamed to the endpoint path. [`run`] takes that bound listener (so tests
+//! bind their own) and serves until `shutdown` resolves, then lets in-flight
+//! RPCs finish.
+
+use std::fs;
+use std::future::Future;
+use std::io;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::UnixListenerStream;
+use tonic::transport::Server;
+
+use crate::config::Mode;
+use crate::csi::controller_server::ControllerServer;
+use crate::csi::identity_server::IdentityServer;
+use crate::csi::node_server::NodeServer;
+use crate::driver::Driver;
+use crate::rpc::controller::ControllerService;
+use crate::rpc::identity::IdentityService;
+use crate::rpc::node::NodeService;
+
+/// Reads a CSI endpoint (`unix:///path`, `unix:/path` or a bare absolute
+/// path) into the socket path.
+pub fn socket_path(endpoint: &str) -> io::Result<PathBuf> {
+    let path = endpoint.strip_prefix("unix://").or_else(|| endpoint.strip_prefix("unix:")).unwrap_or(endpoint);
+    if !path.starts_with('/') {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("endpoint {endpoint:?} must be unix:///absolute/path"),
+        ));
+    }
+    Ok(PathBuf::from(path))
+}
+
+/// Binds a Unix socket at `path` that only this user can connect to.
+///
+/// An existing socket is replaced only when nothing listens on it; any other
+/// file there is an error, never deleted.
+pub fn bind(path: &Path) -> io::Result<UnixListener> {
+    match fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!("another process is serving {}; stop it first", path.display()),
+                ));
+            }
+        }
+        Ok(_) => {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{} exists and is not a socket; remove it or pick another endpoint", path.display()),
+            ));
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let parent = path.parent().unwrap_or(Path::new("/"));
+    fs::create_dir_all(parent)?;
+    let private = parent.join(format!(".loam-bind-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&private);
+    fs::create_dir(&private)?;
+    fs::set_permissions(&private, fs::Permissions::from_mode(0o700))?;
+    let staged = private.join("csi.sock");
+    let result = UnixListener::bind(&staged).and_then(|listener| {
+        fs::set_permissions(&staged, fs::Permissions::from_mode(0o600))?;
+        fs::rename(&staged, path)?;
+        Ok(listener)
+    });
+    let _ = fs::remove_dir(&private);
+    result
+}
+
+/// Serves the services of `mode` on `listener` until `shutdown` resolves,
+/// then waits for in-flight RPCs to finish.
+pub async fn run(
+    listener: UnixListener,
+    driver: Arc<Driver>,
+    mode: Mode,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
+    let incoming = UnixListenerStream::new(listener);
+    let identity = IdentityServer::new(IdentityService::new(driver.clone()));
+    match mode {
+        Mode::All => {
+            Server::builder()
+                .add_service(identity)
+                .add_service(ControllerServer::new(ControllerService::new(driver.clone())))
+                .add_service(NodeServer::new(NodeService::new(driver)))
+                .serve_with_incoming_shutdown(incoming, shutdown)
+                .await
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_are_parsed() {
+        assert_eq!(socket_path("unix:///csi/csi.sock").unwrap(), PathBuf::from("/csi/csi.sock"));
+        assert_eq!(socket_path("unix:/csi/csi.sock").unwrap(), PathBuf::from("/csi/csi.sock"));
+        assert_eq!(socket_path("/csi/csi.sock").unwrap(), PathBuf::from("/csi/csi.sock"));
+        assert!(socket_path("tcp://0.0.0.0:1").is_err());
+        assert!(socket_path("unix://relative").is_err());
+    }
+
+    #[tokio::test]
+    async fn sockets_are_private_and_never_stolen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("csi.sock");
+        let listener = bind(&path).unwrap();
+        let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        // A live socket is not replaced.
+        assert_eq!(bind(&path).unwrap_err().kind(), io::ErrorKind::AddrInUse);
+        drop(listener);
+        // A stale one is.
+        let _again = bind(&path).unwrap();
+        // A regular file is never deleted.
+        let file = dir.path().join("file");
+        fs::write(&file, b"x").unwrap();
+        assert!(bind(&file).is_err());
+        assert_eq!(fs::read(&file).unwrap(), b"x");
+    }
+}

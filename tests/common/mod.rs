@@ -1,0 +1,258 @@
+//! A real Loam server on a temporary socket, driven through the generated
+//! CSI clients, and cleaned up (mounts included) even when a test fails.
+
+#![allow(dead_code)] // Each test binary uses a different part of the harness.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use hyper_util::rt::TokioIo;
+use loam::config::{Config, Mode};
+use loam::csi;
+use loam::csi::controller_client::ControllerClient;
+use loam::csi::identity_client::IdentityClient;
+use loam::csi::node_client::NodeClient;
+use loam::driver::Driver;
+use loam::kernel::mount::{FakeMounter, KernelMounter, Mounter};
+use loam::kernel::mountinfo;
+use tokio::net::UnixStream;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::{Channel, Endpoint};
+
+/// The node id every test server uses.
+pub const NODE: &str = "test-node";
+
+/// Whether real mounts may be made: root in a private mount namespace, as
+/// the README's test command runs the suite.
+pub fn privileged() -> bool {
+    std::env::var("LOAM_PRIVILEGED_TESTS").is_ok_and(|v| v == "1")
+}
+
+/// A running server and clients connected to it.
+pub struct Harness {
+    /// Temporary directory holding the root, the socket and CO paths.
+    pub dir: tempfile::TempDir,
+    /// Identity client.
+    pub identity: IdentityClient<Channel>,
+    /// Controller client.
+    pub controller: ControllerClient<Channel>,
+    /// Node client.
+    pub node: NodeClient<Channel>,
+    shutdown: Option<oneshot::Sender<()>>,
+    server: Option<JoinHandle<()>>,
+    real_mounts: bool,
+}
+
+impl Harness {
+    /// Starts a server with real mounts when privileged, a fake otherwise.
+    pub async fn start() -> Harness {
+        let dir = tempfile::tempdir().expect("tempdir");
+        Harness::start_in(dir, privileged(), 0).await
+    }
+
+    /// Starts a server with a limit on attached volumes.
+    pub async fn start_with_limit(max_volumes_per_node: u32) -> Harness {
+        let dir = tempfile::tempdir().expect("tempdir");
+        Harness::start_in(dir, privileged(), max_volumes_per_node).await
+    }
+
+    async fn start_in(dir: tempfile::TempDir, real_mounts: bool, max: u32) -> Harness {
+        let root = dir.path().canonicalize().expect("canonical").join("root");
+        let socket = dir.path().join("csi.sock");
+        let config =
+            Config { driver_name: "loam.csi.dev".into(), node_id: NODE.into(), root, max_volumes_per_node: max };
+        let mounter: Arc<dyn Mounter> =
+            if real_mounts { Arc::new(KernelMounter) } else { Arc::new(FakeMounter::new()) };
+        let driver = Arc::new(Driver::open(config, mounter).expect("open driver"));
+        let listener = loam::server::bind(&socket).expect("bind");
+        let (tx, rx) = oneshot::channel();
+        let server = tokio::spawn(async move {
+            loam::server::run(listener, driver, Mode::All, async {
+                let _ = rx.await;
+            })
+            .await
+            .expect("server");
+        });
+        let channel = connect(&socket).await;
+        Harness {
+            identity: IdentityClient::new(channel.clone()),
+            controller: ControllerClient::new(channel.clone()),
+            node: NodeClient::new(channel),
+            dir,
+            shutdown: Some(tx),
+            server: Some(server),
+            real_mounts,
+        }
+    }
+
+    /// Stops the server (draining it) and starts a new one on the same root,
+    /// as a node agent restart would.
+    pub async fn restart(mut self) -> Harness {
+        self.stop_server().await;
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir"));
+        let real = self.real_mounts;
+        // The old harness must not unmount the new one's mounts.
+        self.real_mounts = false;
+        drop(self);
+        Harness::start_in(dir, real, 0).await
+    }
+
+    async fn stop_server(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(server) = self.server.take() {
+            server.await.expect("server task");
+        }
+    }
+
+    /// The driver's root.
+    pub fn root(&self) -> PathBuf {
+        self.dir.path().canonicalize().expect("canonical").join("root")
+    }
+
+    /// A CO-side path (staging or target) in the test's directory.
+    pub fn co_path(&self, name: &str) -> PathBuf {
+        self.dir.path().join("co").join(name)
+    }
+
+    /// Creates a volume of `bytes` called `name`; returns its id.
+    pub async fn create(&mut self, name: &str, bytes: i64) -> String {
+        let resp = self.controller.create_volume(create_request(name, bytes)).await.expect("create volume");
+        resp.into_inner().volume.expect("volume").volume_id
+    }
+
+    /// Stages `id` at `staging`.
+    pub async fn stage(&mut self, id: &str, staging: &Path) -> Result<(), tonic::Status> {
+        self.node
+            .node_stage_volume(csi::NodeStageVolumeRequest {
+                volume_id: id.into(),
+                staging_target_path: path_str(staging),
+                volume_capability: Some(mount_capability(Access::Writer)),
+                ..Default::default()
+            })
+            .await
+            .map(drop)
+    }
+
+    /// Publishes `id` from `staging` at `target`.
+    pub async fn publish(
+        &mut self,
+        id: &str,
+        staging: &Path,
+        target: &Path,
+        mode: Access,
+        readonly: bool,
+    ) -> Result<(), tonic::Status> {
+        self.node
+            .node_publish_volume(csi::NodePublishVolumeRequest {
+                volume_id: id.into(),
+                staging_target_path: path_str(staging),
+                target_path: path_str(target),
+                volume_capability: Some(mount_capability(mode)),
+                readonly,
+                ..Default::default()
+            })
+            .await
+            .map(drop)
+    }
+
+    /// Unpublishes `id` from `target`.
+    pub async fn unpublish(&mut self, id: &str, target: &Path) -> Result<(), tonic::Status> {
+        self.node
+            .node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+                volume_id: id.into(),
+                target_path: path_str(target),
+            })
+            .await
+            .map(drop)
+    }
+
+    /// Unstages `id` from `staging`.
+    pub async fn unstage(&mut self, id: &str, staging: &Path) -> Result<(), tonic::Status> {
+        self.node
+            .node_unstage_volume(csi::NodeUnstageVolumeRequest {
+                volume_id: id.into(),
+                staging_target_path: path_str(staging),
+            })
+            .await
+            .map(drop)
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if self.real_mounts {
+            unmount_under(self.dir.path());
+        }
+    }
+}
+
+/// Detaches every mount under `dir`, deepest first, so a failed test leaves
+/// nothing mounted.
+fn unmount_under(dir: &Path) {
+    let Ok(dir) = dir.canonicalize() else { return };
+    let Ok(mounts) = mountinfo::read() else {
+        return;
+    };
+    for entry in mounts.iter().rev().filter(|m| m.mount_point.starts_with(&dir)) {
+        let _ = nix::mount::umount2(&entry.mount_point, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+/// Connects a channel to the server's Unix socket.
+pub async fn connect(socket: &Path) -> Channel {
+    let socket = socket.to_owned();
+    Endpoint::try_from("http://[::]:50051")
+        .expect("endpoint")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let socket = socket.clone();
+            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(socket).await?)) }
+        }))
+        .await
+        .expect("connect")
+}
+
+/// The access modes tests use.
+#[derive(Debug, Clone, Copy)]
+pub enum Access {
+    /// SINGLE_NODE_WRITER
+    Writer,
+    /// SINGLE_NODE_READER_ONLY
+    ReaderOnly,
+    /// SINGLE_NODE_SINGLE_WRITER
+    SingleWriter,
+}
+
+/// A filesystem capability with the given access mode.
+pub fn mount_capability(mode: Access) -> csi::VolumeCapability {
+    use csi::volume_capability::access_mode::Mode;
+    let mode = match mode {
+        Access::Writer => Mode::SingleNodeWriter,
+        Access::ReaderOnly => Mode::SingleNodeReaderOnly,
+        Access::SingleWriter => Mode::SingleNodeSingleWriter,
+    };
+    csi::VolumeCapability {
+        access_mode: Some(csi::volume_capability::AccessMode { mode: mode as i32 }),
+        access_type: Some(csi::volume_capability::AccessType::Mount(Default::default())),
+    }
+}
+
+/// A CreateVolume request for a filesystem volume.
+pub fn create_request(name: &str, bytes: i64) -> csi::CreateVolumeRequest {
+    csi::CreateVolumeRequest {
+        name: name.into(),
+        capacity_range: Some(csi::CapacityRange { required_bytes: bytes, limit_bytes: 0 }),
+        volume_capabilities: vec![mount_capability(Access::Writer)],
+        ..Default::default()
+    }
+}
+
+/// A path as the string CSI carries.
+pub fn path_str(path: &Path) -> String {
+    path.to_str().expect("utf-8 path").to_owned()
+}
