@@ -11,7 +11,7 @@ step() { printf '\n==> %s\n' "$*"; }
 
 step "installing what is missing"
 missing=()
-for tool in unshare:util-linux mkfs.ext4:e2fsprogs; do
+for tool in unshare:util-linux mkfs.ext4:e2fsprogs mkfs.xfs:xfsprogs; do
     command -v "${tool%%:*}" >/dev/null || missing+=("${tool##*:}")
 done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -37,3 +37,11 @@ LOAM_PRIVILEGED_TESTS=1 unshare --mount --propagation private -- cargo test --lo
 step "csi-sanity: dir backend"
 cargo build --locked
 CSI_SANITY="$sanity" scripts/sanity.sh
+
+loop_params=$(mktemp /tmp/loam-loop-params.XXXXXX.yaml)
+trap 'rm -f "$loop_params"' EXIT
+printf 'backend: loop\n' >"$loop_params"
+step "csi-sanity: loop backend, filesystem volumes"
+CSI_SANITY="$sanity" SANITY_PARAMS="$loop_params" scripts/sanity.sh --csi.testvolumeaccesstype=mount
+step "csi-sanity: loop backend, raw block volumes"
+CSI_SANITY="$sanity" SANITY_PARAMS="$loop_params" scripts/sanity.sh --csi.testvolumeaccesstype=block

@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::SystemTime;
 
 use crate::backend::dir::DirBackend;
+use crate::backend::loopback::{LoopBackend, XFS_MIN_BYTES};
 use crate::config::{Config, TOPOLOGY_NODE_KEY};
 use crate::error::{Error, IoContext, Result};
 use crate::guard::{Guard, InFlight};
@@ -24,7 +25,7 @@ use crate::kernel::mount::{MountFlags, Mounter};
 use crate::kernel::mountinfo::{self, MountEntry};
 use crate::kernel::usage::{FsUsage, fs_usage};
 use crate::records::{
-    Attachment, BackendKind, Capability, ContentSource, Publication, SnapshotRecord, Stage, VolumeRecord,
+    Attachment, BackendKind, Capability, ContentSource, LoopSpec, Publication, SnapshotRecord, Stage, VolumeRecord,
 };
 use crate::store::{Page, Table};
 
@@ -82,6 +83,8 @@ pub struct NewVolume {
     pub parameters: BTreeMap<String, String>,
     /// The backend the parameters pick.
     pub backend: BackendKind,
+    /// Image layout, for `loop` volumes.
+    pub loop_spec: Option<LoopSpec>,
     /// Content to start from.
     pub source: Option<ContentSource>,
     /// Nodes the volume may live on, when the CO restricts it.
@@ -119,6 +122,7 @@ pub struct Driver {
     volumes: Table<VolumeRecord>,
     snapshots: Table<SnapshotRecord>,
     dir: DirBackend,
+    loopback: LoopBackend,
     mounter: Arc<dyn Mounter>,
     inflight: InFlight,
     /// Serializes attach-slot accounting only (never held across I/O other
@@ -137,15 +141,33 @@ impl Driver {
         let volumes = Table::open(&root.join("meta/volumes"))?;
         let snapshots = Table::open(&root.join("meta/snapshots"))?;
         let dir = DirBackend::open(root)?;
-        Ok(Driver {
+        let loopback = LoopBackend::new(root, mounter.clone());
+        let driver = Driver {
             config,
             volumes,
             snapshots,
             dir,
+            loopback,
             mounter,
             inflight: InFlight::default(),
             attach_slots: Mutex::new(()),
-        })
+        };
+        driver.detach_orphans()?;
+        Ok(driver)
+    }
+
+    /// Detaches loop devices of volumes that are not staged: leftovers of a
+    /// crash between attaching and recording a stage.
+    fn detach_orphans(&self) -> Result<()> {
+        let staged = |key: &Key| self.volumes.get(key).is_some_and(|r| r.stage.is_some());
+        for device in self.loopback.detach_orphans(staged)? {
+            tracing::warn!(
+                device = %device.device.display(),
+                image = %device.backing_file.display(),
+                "detached the loop device of a volume that is not staged"
+            );
+        }
+        Ok(())
     }
 
     /// The configuration it runs with.
@@ -208,11 +230,15 @@ impl Driver {
         for capability in &req.capabilities {
             Self::supports(req.backend, capability).map_err(Error::InvalidArgument)?;
         }
-        let (source_path, floor) = self.content_source(req.source.as_ref())?;
+        let (source_path, source_floor) = self.content_source(req.source.as_ref(), req.backend)?;
         if let Some(existing) = self.volumes.get(&key) {
             return self.check_same_volume(existing, &req);
         }
-        let capacity = req.capacity.choose(floor)?;
+        let fs_floor = match &req.loop_spec {
+            Some(spec) if spec.fs_type == "xfs" => XFS_MIN_BYTES,
+            _ => 0,
+        };
+        let capacity = req.capacity.choose(source_floor.max(fs_floor))?;
         let free = self.root_usage()?.available_bytes;
         if capacity > free {
             return Err(Error::ResourceExhausted(format!(
@@ -221,12 +247,18 @@ impl Driver {
                 self.config.root.display()
             )));
         }
-        self.dir.create_volume(&key, source_path.as_deref())?;
+        match (&req.backend, &req.loop_spec) {
+            (BackendKind::Loop, Some(spec)) => {
+                self.loopback.create_volume(&key, capacity, spec, source_path.as_deref())?
+            }
+            _ => self.dir.create_volume(&key, source_path.as_deref())?,
+        }
         let record = VolumeRecord {
             id: ObjectId { key, node: self.config.node_id.clone() }.to_string(),
             name: req.name,
             capacity_bytes: capacity,
             backend: req.backend,
+            loop_spec: req.loop_spec,
             parameters: req.parameters,
             source: req.source,
             attachment: None,
@@ -251,18 +283,22 @@ impl Driver {
         }
     }
 
-    /// The directory a new volume copies its content from, and the least
-    /// capacity it needs to hold it.
-    fn content_source(&self, source: Option<&ContentSource>) -> Result<(Option<PathBuf>, u64)> {
-        match source {
-            None => Ok((None, 0)),
+    /// The directory or image a new volume copies its content from, and the
+    /// least capacity it needs to hold it. Content never crosses backends.
+    fn content_source(&self, source: Option<&ContentSource>, backend: BackendKind) -> Result<(Option<PathBuf>, u64)> {
+        let (path, size, from) = match source {
+            None => return Ok((None, 0)),
             Some(ContentSource::Snapshot(id)) => {
                 let key = self.snapshot_key(id)?;
                 let snap = self
                     .snapshots
                     .get(&key)
                     .ok_or_else(|| Error::NotFound(format!("source snapshot {id} does not exist")))?;
-                Ok((Some(self.dir.snapshot_path(&key)), snap.size_bytes))
+                let path = match snap.backend {
+                    BackendKind::Dir => self.dir.snapshot_path(&key),
+                    BackendKind::Loop => self.loopback.snapshot_path(&key),
+                };
+                (path, snap.size_bytes, snap.backend)
             }
             Some(ContentSource::Volume(id)) => {
                 let key = self.volume_key(id)?;
@@ -270,9 +306,19 @@ impl Driver {
                     .volumes
                     .get(&key)
                     .ok_or_else(|| Error::NotFound(format!("source volume {id} does not exist")))?;
-                Ok((Some(self.dir.volume_path(&key)), vol.capacity_bytes))
+                let path = match vol.backend {
+                    BackendKind::Dir => self.dir.volume_path(&key),
+                    BackendKind::Loop => self.loopback.image_path(&key),
+                };
+                (path, vol.capacity_bytes, vol.backend)
             }
+        };
+        if from != backend {
+            return Err(Error::InvalidArgument(format!(
+                "the source lives on the {from:?} backend; restore or clone it into a {from:?} volume, not {backend:?}"
+            )));
         }
+        Ok((Some(path), size))
     }
 
     /// Deletes a volume; deleting one that does not exist succeeds.
@@ -293,8 +339,15 @@ impl Driver {
             }
         }
         // Data first, record last: a crash in between leaves a record whose
-        // retried delete finishes the job, never an orphaned directory.
-        self.dir.delete_volume(&key)?;
+        // retried delete finishes the job, never orphaned data. Without a
+        // record the backend is unknown, so both are cleared.
+        let backend = self.volumes.get(&key).map(|r| r.backend);
+        if backend != Some(BackendKind::Loop) {
+            self.dir.delete_volume(&key)?;
+        }
+        if backend != Some(BackendKind::Dir) {
+            self.loopback.delete_volume(&key)?;
+        }
         self.volumes.remove(&key)
     }
 
@@ -311,7 +364,7 @@ impl Driver {
     pub fn volume_with_condition(&self, key: &Key) -> Result<(Option<Arc<VolumeRecord>>, Condition)> {
         match self.volumes.get(key) {
             Some(record) => {
-                let condition = self.condition(key);
+                let condition = self.condition(&record);
                 Ok((Some(record), condition))
             }
             None => match self.volumes.damaged(key) {
@@ -322,15 +375,21 @@ impl Driver {
     }
 
     /// Whether the volume's data is where it should be.
-    pub fn condition(&self, key: &Key) -> Condition {
-        if self.dir.volume_exists(key) {
+    pub fn condition(&self, record: &VolumeRecord) -> Condition {
+        let Some(key) = ObjectId::parse(&record.id).map(|id| id.key) else {
+            return Condition { abnormal: true, message: format!("record holds a malformed id {:?}", record.id) };
+        };
+        if record.backend == BackendKind::Loop {
+            return self.loopback.condition(&key, record.stage.is_some());
+        }
+        if self.dir.volume_exists(&key) {
             Condition { abnormal: false, message: "volume is healthy".into() }
         } else {
             Condition {
                 abnormal: true,
                 message: format!(
                     "data directory {} is missing; restore it from a backup or delete the volume",
-                    self.dir.volume_path(key).display()
+                    self.dir.volume_path(&key).display()
                 ),
             }
         }
@@ -368,10 +427,19 @@ impl Driver {
                 self.config.root.display()
             )));
         }
+        if let (BackendKind::Loop, Some(spec)) = (record.backend, &record.loop_spec) {
+            self.loopback.expand_volume(&key, capacity, spec)?;
+        }
         let mut grown = (*record).clone();
         grown.capacity_bytes = capacity;
         self.volumes.put(key, grown)?;
         Ok(capacity)
+    }
+
+    /// Whether growing the volume needs NodeExpandVolume too: a loop
+    /// volume's filesystem grows on the node; a directory has nothing to grow.
+    pub fn node_expansion_required(&self, key: &Key) -> bool {
+        self.volumes.get(key).is_some_and(|r| r.backend == BackendKind::Loop)
     }
 
     /// Attaches a volume to this node (ControllerPublish); returns the
@@ -441,6 +509,11 @@ impl Driver {
                 Err("the dir backend serves filesystem volumes only; use a block-capable backend for raw block".into())
             }
             BackendKind::Dir => Ok(()),
+            BackendKind::Loop if capability.block || capability.fs_type.is_empty() => Ok(()),
+            BackendKind::Loop if matches!(capability.fs_type.as_str(), "ext4" | "xfs") => Ok(()),
+            BackendKind::Loop => {
+                Err(format!("fs type {:?} is not supported by the loop backend; use ext4 or xfs", capability.fs_type))
+            }
         }
     }
 
@@ -465,12 +538,19 @@ impl Driver {
         let volume = self.volume(&volume_key)?;
         // The source must not change under the copy's feet: claim it too.
         let _source = self.claim(Kind::Volume, volume_key)?;
-        self.dir.create_snapshot(&volume_key, &key)?;
+        match volume.backend {
+            BackendKind::Dir => self.dir.create_snapshot(&volume_key, &key)?,
+            BackendKind::Loop => {
+                let mounted = volume.stage.as_ref().filter(|s| !s.capability.block).map(|s| s.path.as_path());
+                self.loopback.create_snapshot(&volume_key, &key, mounted)?
+            }
+        }
         let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
         let record = SnapshotRecord {
             id: ObjectId { key, node: self.config.node_id.clone() }.to_string(),
             name: name.to_owned(),
             source_volume_id: volume.id.clone(),
+            backend: volume.backend,
             size_bytes: volume.capacity_bytes,
             created_secs: i64::try_from(now.as_secs()).unwrap_or(i64::MAX),
             created_nanos: i32::try_from(now.subsec_nanos()).unwrap_or(0),
@@ -480,7 +560,13 @@ impl Driver {
 
     /// Deletes a snapshot; deleting one that does not exist succeeds.
     pub fn delete_snapshot(&self, key: Key) -> Result<()> {
-        self.dir.delete_snapshot(&key)?;
+        let backend = self.snapshots.get(&key).map(|s| s.backend);
+        if backend != Some(BackendKind::Loop) {
+            self.dir.delete_snapshot(&key)?;
+        }
+        if backend != Some(BackendKind::Dir) {
+            self.loopback.delete_snapshot(&key)?;
+        }
         self.snapshots.remove(&key)
     }
 
@@ -517,28 +603,45 @@ impl Driver {
                 )));
             }
         }
-        if !self.dir.volume_exists(&key) {
-            return Err(Error::FailedPrecondition(self.condition(&key).message));
-        }
-        let data = self.dir.volume_path(&key);
-        if let Some(gid) = capability.mount_group {
-            apply_mount_group(&data, gid)?;
-        }
-        ensure_dir(path)?;
-        let mounts = self.mount_table()?;
-        if !mounted_from(&mounts, path, &key) {
-            self.mounter
-                .bind(&data, path, MountFlags::default())
-                .context(|| format!("bind-mounting {} on {}", data.display(), path.display()))?;
+        match (record.backend, &record.loop_spec) {
+            (BackendKind::Loop, Some(spec)) => {
+                self.loopback.stage(&key, spec, path, &capability)?;
+                if let (Some(gid), false) = (capability.mount_group, capability.block) {
+                    apply_mount_group(path, gid)?;
+                }
+            }
+            _ => self.stage_dir(&key, path, &capability)?,
         }
         if record.stage.is_none() {
             let mut staged = (*record).clone();
             staged.stage = Some(Stage { path: path.to_owned(), capability });
             if let Err(e) = self.volumes.put(key, staged) {
                 // Leave nothing the record does not know about.
-                let _ = self.mounter.unmount(path);
+                let _ = self.unstage_backend(&record, &key, path, true);
                 return Err(e);
             }
+        }
+        Ok(())
+    }
+
+    /// Binds a directory volume onto its staging path.
+    fn stage_dir(&self, key: &Key, path: &Path, capability: &Capability) -> Result<()> {
+        if !self.dir.volume_exists(key) {
+            return Err(Error::FailedPrecondition(format!(
+                "data directory {} is missing; restore it from a backup or delete the volume",
+                self.dir.volume_path(key).display()
+            )));
+        }
+        let data = self.dir.volume_path(key);
+        if let Some(gid) = capability.mount_group {
+            apply_mount_group(&data, gid)?;
+        }
+        fs::create_dir_all(path).context(|| format!("creating {}", path.display()))?;
+        let mounts = self.mount_table()?;
+        if !mountinfo::find_mount_point(&mounts, path).is_some_and(|e| self.shows_volume(e, key, BackendKind::Dir)) {
+            self.mounter
+                .bind(&data, path, MountFlags::default())
+                .context(|| format!("bind-mounting {} on {}", data.display(), path.display()))?;
         }
         Ok(())
     }
@@ -556,7 +659,10 @@ impl Driver {
             )));
         }
         let ours = record.as_ref().and_then(|r| r.stage.as_ref()).is_some_and(|s| s.path == path);
-        self.unmount_ours(path, &key, ours)?;
+        match &record {
+            Some(record) => self.unstage_backend(record, &key, path, ours)?,
+            None => self.unmount_ours(path, &key, BackendKind::Dir, false)?,
+        }
         if let Some(record) = record
             && ours
         {
@@ -565,6 +671,13 @@ impl Driver {
             self.volumes.put(key, unstaged)?;
         }
         Ok(())
+    }
+
+    fn unstage_backend(&self, record: &VolumeRecord, key: &Key, path: &Path, ours: bool) -> Result<()> {
+        match record.backend {
+            BackendKind::Dir => self.unmount_ours(path, key, BackendKind::Dir, ours),
+            BackendKind::Loop => self.loopback.unstage(key, path),
+        }
     }
 
     /// Publishes a staged volume at a target path.
@@ -579,7 +692,14 @@ impl Driver {
         let record = self.volume(&key)?;
         self.check_capability(&record, &capability)?;
         match &record.stage {
-            Some(stage) if stage.path == staging => {}
+            Some(stage) if stage.path == staging && stage.capability.block == capability.block => {}
+            Some(stage) if stage.path == staging => {
+                return Err(Error::InvalidArgument(format!(
+                    "volume {} was staged as a {} volume; publish it the same way",
+                    record.id,
+                    if stage.capability.block { "block" } else { "filesystem" }
+                )));
+            }
             Some(stage) => {
                 return Err(Error::FailedPrecondition(format!(
                     "volume {} is staged at {}, not at {}",
@@ -620,12 +740,20 @@ impl Driver {
         }
         let mut flags = MountFlags::parse(&capability.mount_flags).map_err(Error::InvalidArgument)?;
         flags.read_only |= read_only;
-        ensure_dir(target)?;
+        let source = match record.backend {
+            BackendKind::Dir => staging.to_owned(),
+            BackendKind::Loop => self.loopback.publish_source(&key, staging, capability.block, read_only)?,
+        };
+        if capability.block {
+            ensure_file(target)?;
+        } else {
+            fs::create_dir_all(target).context(|| format!("creating {}", target.display()))?;
+        }
         let mounts = self.mount_table()?;
-        if !mounted_from(&mounts, target, &key) {
+        if !mountinfo::find_mount_point(&mounts, target).is_some_and(|e| self.shows_volume(e, &key, record.backend)) {
             self.mounter
-                .bind(staging, target, flags)
-                .context(|| format!("bind-mounting {} on {}", staging.display(), target.display()))?;
+                .bind(&source, target, flags)
+                .context(|| format!("bind-mounting {} on {}", source.display(), target.display()))?;
         }
         if !record.publications.contains_key(target) {
             let mut published = (*record).clone();
@@ -638,25 +766,36 @@ impl Driver {
         Ok(())
     }
 
-    /// Unpublishes a volume from a target and removes the target directory;
-    /// unpublishing what is not published succeeds.
+    /// Unpublishes a volume from a target and removes the target; unpublishing
+    /// what is not published succeeds.
     pub fn node_unpublish(&self, key: Key, target: &Path) -> Result<()> {
         let record = self.volumes.get(&key);
-        let ours = record.as_ref().is_some_and(|r| r.publications.contains_key(target));
-        self.unmount_ours(target, &key, ours)?;
-        match fs::remove_dir(target) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => {
+        let publication = record.as_ref().and_then(|r| r.publications.get(target).cloned());
+        let backend = record.as_ref().map_or(BackendKind::Dir, |r| r.backend);
+        self.unmount_ours(target, &key, backend, publication.is_some())?;
+        let removed = match fs::symlink_metadata(target) {
+            Ok(meta) if meta.is_dir() => fs::remove_dir(target),
+            Ok(_) => fs::remove_file(target),
+            Err(e) => Err(e),
+        };
+        match removed {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
                 return Err(Error::io(format!("removing target {}", target.display()), e));
             }
+            _ => {}
         }
-        if let Some(record) = record
-            && ours
-        {
+        if let (Some(record), Some(publication)) = (record, publication) {
             let mut unpublished = (*record).clone();
             unpublished.publications.remove(target);
+            let read_only_block_left = unpublished.publications.values().any(|p| p.read_only && p.capability.block);
             self.volumes.put(key, unpublished)?;
+            if record.backend == BackendKind::Loop
+                && publication.read_only
+                && publication.capability.block
+                && !read_only_block_left
+            {
+                self.loopback.release_read_only(&key)?;
+            }
         }
         Ok(())
     }
@@ -664,10 +803,14 @@ impl Driver {
     /// Usage of a volume published or staged at `path`.
     pub fn node_stats(&self, key: Key, path: &Path) -> Result<(VolumeStats, Condition)> {
         let record = self.volume(&key)?;
-        self.check_volume_path(&record, path)?;
-        let condition = self.condition(&key);
+        let stage = self.check_volume_path(&record, path)?;
+        let condition = self.condition(&record);
         if condition.abnormal {
             return Ok((VolumeStats::default(), condition));
+        }
+        if record.backend == BackendKind::Loop {
+            let stats = self.loopback.stats(&key, &stage.path, stage.capability.block)?;
+            return Ok((stats, condition));
         }
         let used = self.dir.usage(&key)?;
         let fs = self.root_usage()?;
@@ -684,19 +827,25 @@ impl Driver {
     /// Node half of an expansion; returns the capacity the volume now has.
     pub fn node_expand(&self, key: Key, path: &Path, range: CapacityRange) -> Result<u64> {
         let record = self.volume(&key)?;
-        self.check_volume_path(&record, path)?;
-        if record.capacity_bytes >= range.required {
-            return Ok(record.capacity_bytes);
+        let stage = self.check_volume_path(&record, path)?;
+        let capacity = if record.capacity_bytes >= range.required {
+            record.capacity_bytes
+        } else {
+            self.expand_volume(key, range)?
+        };
+        if let (BackendKind::Loop, Some(spec)) = (record.backend, &record.loop_spec) {
+            self.loopback.node_expand(&key, spec, &stage.path, &stage.capability)?;
         }
-        self.expand_volume(key, range)
+        Ok(capacity)
     }
 
-    fn check_volume_path(&self, record: &VolumeRecord, path: &Path) -> Result<()> {
+    /// The volume's stage, when `path` is its staging path or one of its
+    /// targets; NOT_FOUND otherwise.
+    fn check_volume_path(&self, record: &VolumeRecord, path: &Path) -> Result<Stage> {
         let known = record.stage.as_ref().is_some_and(|s| s.path == path) || record.publications.contains_key(path);
-        if known && path.exists() {
-            Ok(())
-        } else {
-            Err(Error::NotFound(format!("volume {} is not staged or published at {}", record.id, path.display())))
+        match &record.stage {
+            Some(stage) if known && path.exists() => Ok(stage.clone()),
+            _ => Err(Error::NotFound(format!("volume {} is not staged or published at {}", record.id, path.display()))),
         }
     }
 
@@ -704,17 +853,25 @@ impl Driver {
         self.mounter.mounts().context(|| "reading the mount table".into())
     }
 
+    /// Whether a mount shows this volume: a directory volume's bind shows its
+    /// directory as root; a loop volume's mount comes from one of its devices
+    /// (a filesystem) or is a bind of a device node (a block publication).
+    fn shows_volume(&self, entry: &MountEntry, key: &Key, backend: BackendKind) -> bool {
+        match backend {
+            BackendKind::Dir => entry.root.ends_with(Path::new("volumes").join(key.to_string())),
+            BackendKind::Loop => self.loopback.shows_volume(entry, key),
+        }
+    }
+
     /// Unmounts `path` if the record says it is ours or the mount table
     /// shows our volume there; never touches a stranger's mount.
-    fn unmount_ours(&self, path: &Path, key: &Key, ours: bool) -> Result<()> {
+    fn unmount_ours(&self, path: &Path, key: &Key, backend: BackendKind, ours: bool) -> Result<()> {
         // Stacked binds of the same volume (a retried publish after a crash)
         // are all removed; the bound keeps a confused table from looping.
         for _ in 0..8 {
             let mounts = self.mount_table()?;
-            let Some(entry) = mountinfo::find_mount_point(&mounts, path) else {
-                return Ok(());
-            };
-            if !ours && !is_volume_root(entry, key) {
+            let Some(entry) = mountinfo::find_mount_point(&mounts, path) else { return Ok(()) };
+            if !ours && !self.shows_volume(entry, key, backend) {
                 return Ok(());
             }
             self.mounter.unmount(path).context(|| format!("unmounting {}", path.display()))?;
@@ -726,18 +883,17 @@ impl Driver {
     }
 }
 
-/// Whether the mount at `path` shows this volume's directory.
-fn mounted_from(mounts: &[MountEntry], path: &Path, key: &Key) -> bool {
-    mountinfo::find_mount_point(mounts, path).is_some_and(|e| is_volume_root(e, key))
-}
-
-fn is_volume_root(entry: &MountEntry, key: &Key) -> bool {
-    entry.root.ends_with(Path::new("volumes").join(key.to_string()))
-}
-
-/// Creates a CO-named directory (and its missing parents) if it is missing.
-fn ensure_dir(path: &Path) -> Result<()> {
-    fs::create_dir_all(path).context(|| format!("creating {}", path.display()))
+/// Creates an empty file for a block publication's bind (and its parents).
+fn ensure_file(path: &Path) -> Result<()> {
+    if let Some(parent) = path.parent() {
+        fs::create_dir_all(parent).context(|| format!("creating {}", parent.display()))?;
+    }
+    fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map(drop)
+        .context(|| format!("creating {}", path.display()))
 }
 
 /// Gives the volume root to `gid` with the setgid bit, so files created in it

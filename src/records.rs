@@ -11,11 +11,26 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 /// The storage engine that holds a volume, chosen by the StorageClass.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum BackendKind {
     /// A directory per volume under the driver's root.
+    #[default]
     Dir,
+    /// An image file per volume on a loop device.
+    Loop,
+}
+
+/// How a `loop` volume's image is laid out, from its StorageClass.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoopSpec {
+    /// Filesystem of mount volumes: `ext4` or `xfs`.
+    pub fs_type: String,
+    /// Whether the image is fully allocated up front.
+    pub thick: bool,
+    /// Extra mkfs options, already validated.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mkfs_options: Vec<String>,
 }
 
 /// The single-node access modes Loam serves.
@@ -107,6 +122,9 @@ pub struct VolumeRecord {
     pub capacity_bytes: u64,
     /// The engine holding it.
     pub backend: BackendKind,
+    /// Image layout, for `loop` volumes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loop_spec: Option<LoopSpec>,
     /// The StorageClass parameters it was created with.
     #[serde(default)]
     pub parameters: BTreeMap<String, String>,
@@ -133,6 +151,9 @@ pub struct SnapshotRecord {
     pub name: String,
     /// The volume it was taken of.
     pub source_volume_id: String,
+    /// The engine of that volume, which holds the snapshot too.
+    #[serde(default)]
+    pub backend: BackendKind,
     /// The capacity of that volume when the snapshot was taken.
     pub size_bytes: u64,
     /// When it was taken: seconds since the Unix epoch.

@@ -5,36 +5,86 @@
 //! rather than holding trait objects.
 
 pub mod dir;
+pub mod loopback;
 
 use std::collections::BTreeMap;
 
 use crate::error::{Error, Result};
-pub use crate::records::BackendKind;
+use crate::kernel::blockfs::{self, FsType};
+pub use crate::records::{BackendKind, LoopSpec};
 
 /// The StorageClass parameter that picks the backend.
 pub const BACKEND_PARAM: &str = "backend";
 
-/// Reads the backend a CreateVolume asks for; `dir` when it names none.
-pub fn kind_from_parameters(parameters: &BTreeMap<String, String>) -> Result<BackendKind> {
-    match parameters.get(BACKEND_PARAM).map(String::as_str) {
-        None | Some("dir") => Ok(BackendKind::Dir),
-        Some(other) => Err(Error::InvalidArgument(format!(
-            "parameter {BACKEND_PARAM}={other:?} is not a backend this driver has; use \"dir\""
-        ))),
-    }
-}
+/// The parameters each backend accepts, besides `backend`.
+const LOOP_PARAMS: &[&str] = &["fsType", "provisioning", "mkfsOptions"];
 
-/// Checks that every parameter is one Loam knows, so typos fail loudly.
-pub fn check_parameters(parameters: &BTreeMap<String, String>) -> Result<BackendKind> {
-    let kind = kind_from_parameters(parameters)?;
-    for key in parameters.keys() {
-        // The external-provisioner passes its own `csi.storage.k8s.io/*` keys
-        // through only when asked to; they are never meant for the driver.
-        if key != BACKEND_PARAM && !key.starts_with("csi.storage.k8s.io/") {
+/// Reads a CreateVolume's parameters: the backend and, for `loop`, the
+/// image layout. Unknown keys are refused, so typos fail loudly.
+pub fn parse_parameters(parameters: &BTreeMap<String, String>) -> Result<(BackendKind, Option<LoopSpec>)> {
+    let kind = match parameters.get(BACKEND_PARAM).map(String::as_str) {
+        None | Some("dir") => BackendKind::Dir,
+        Some("loop") => BackendKind::Loop,
+        Some(other) => {
             return Err(Error::InvalidArgument(format!(
-                "unknown StorageClass parameter {key:?}; the dir backend takes only \"{BACKEND_PARAM}\""
+                "parameter {BACKEND_PARAM}={other:?} is not a backend this driver has; use \"dir\" or \"loop\""
+            )));
+        }
+    };
+    let accepted: &[&str] = match kind {
+        BackendKind::Dir => &[],
+        BackendKind::Loop => LOOP_PARAMS,
+    };
+    for key in parameters.keys() {
+        // The external-provisioner's own `csi.storage.k8s.io/*` keys are
+        // never meant for the driver.
+        if key != BACKEND_PARAM && !key.starts_with("csi.storage.k8s.io/") && !accepted.contains(&key.as_str()) {
+            return Err(Error::InvalidArgument(format!(
+                "unknown StorageClass parameter {key:?} for backend {kind:?}; accepted: {BACKEND_PARAM}{}",
+                accepted.iter().map(|k| format!(", {k}")).collect::<String>()
             )));
         }
     }
-    Ok(kind)
+    if kind == BackendKind::Dir {
+        return Ok((kind, None));
+    }
+    let fs_type = parameters.get("fsType").map_or("ext4", String::as_str);
+    let fs = FsType::parse(fs_type)
+        .ok_or_else(|| Error::InvalidArgument(format!("fsType {fs_type:?} is not supported; use ext4 or xfs")))?;
+    let thick = match parameters.get("provisioning").map(String::as_str) {
+        None | Some("thick") => true,
+        Some("thin") => false,
+        Some(other) => {
+            return Err(Error::InvalidArgument(format!("provisioning {other:?} must be \"thick\" or \"thin\"")));
+        }
+    };
+    let mkfs_options = match parameters.get("mkfsOptions") {
+        Some(text) => blockfs::parse_mkfs_options(text).map_err(Error::InvalidArgument)?,
+        None => Vec::new(),
+    };
+    Ok((kind, Some(LoopSpec { fs_type: fs.name().to_owned(), thick, mkfs_options })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn backends_and_their_parameters_are_read_and_typos_refused() {
+        assert_eq!(parse_parameters(&params(&[])).unwrap(), (BackendKind::Dir, None));
+        let (kind, spec) =
+            parse_parameters(&params(&[("backend", "loop"), ("fsType", "xfs"), ("provisioning", "thin")])).unwrap();
+        assert_eq!(kind, BackendKind::Loop);
+        assert_eq!(spec.unwrap(), LoopSpec { fs_type: "xfs".into(), thick: false, mkfs_options: vec![] });
+        assert!(parse_parameters(&params(&[("backend", "lvm")])).is_err());
+        assert!(parse_parameters(&params(&[("backend", "dir"), ("fsType", "xfs")])).is_err());
+        assert!(parse_parameters(&params(&[("backend", "loop"), ("fstype", "xfs")])).is_err());
+        assert!(parse_parameters(&params(&[("backend", "loop"), ("fsType", "ntfs")])).is_err());
+        assert!(parse_parameters(&params(&[("backend", "loop"), ("provisioning", "fat")])).is_err());
+        assert!(parse_parameters(&params(&[("backend", "loop"), ("csi.storage.k8s.io/pvc/name", "x")])).is_ok());
+    }
 }

@@ -4,3 +4,6 @@ pub mod copy;
 pub mod mount;
 pub mod mountinfo;
 pub mod usage;
+
+pub mod blockfs;
+pub mod loopdev;

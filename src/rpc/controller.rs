@@ -54,10 +54,16 @@ pub fn volume_message(record: &VolumeRecord, node_id: &str) -> csi::Volume {
             ContentSource::Volume(id) => Type::Volume(VolumeSource { volume_id: id.clone() }),
         }),
     });
+    let mut context: std::collections::HashMap<String, String> =
+        [("backend".to_owned(), format!("{:?}", record.backend).to_lowercase())].into();
+    if let Some(spec) = &record.loop_spec {
+        context.insert("fsType".into(), spec.fs_type.clone());
+        context.insert("provisioning".into(), if spec.thick { "thick" } else { "thin" }.into());
+    }
     csi::Volume {
         capacity_bytes: to_i64(record.capacity_bytes),
         volume_id: record.id.clone(),
-        volume_context: [("backend".to_owned(), format!("{:?}", record.backend).to_lowercase())].into(),
+        volume_context: context,
         content_source,
         accessible_topology: vec![csi::Topology { segments: topology(node_id) }],
     }
@@ -110,10 +116,12 @@ impl Controller for ControllerService {
         traced("CreateVolume", &req.name.clone(), async move {
             validate_name("volume", &req.name)?;
             let parameters = validate::parameters(&req.parameters)?;
+            let (backend, loop_spec) = backend::parse_parameters(&parameters)?;
             let new = NewVolume {
                 capabilities: validate::capabilities(&req.volume_capabilities)?,
                 capacity: validate::capacity(req.capacity_range.as_ref())?.unwrap_or_default(),
-                backend: backend::check_parameters(&parameters)?,
+                backend,
+                loop_spec,
                 parameters,
                 source: validate::content_source(req.volume_content_source.as_ref())?,
                 allowed_nodes: validate::allowed_nodes(req.accessibility_requirements.as_ref()),
@@ -254,15 +262,12 @@ impl Controller for ControllerService {
             let entries = page
                 .rows
                 .iter()
-                .map(|record| {
-                    let key = driver.volume_key(&record.id).ok();
-                    csi::list_volumes_response::Entry {
-                        volume: Some(volume_message(record, node)),
-                        status: Some(csi::list_volumes_response::VolumeStatus {
-                            published_node_ids: record.attachment.iter().map(|a| a.node_id.clone()).collect(),
-                            volume_condition: key.map(|k| condition_message(driver.condition(&k))),
-                        }),
-                    }
+                .map(|record| csi::list_volumes_response::Entry {
+                    volume: Some(volume_message(record, node)),
+                    status: Some(csi::list_volumes_response::VolumeStatus {
+                        published_node_ids: record.attachment.iter().map(|a| a.node_id.clone()).collect(),
+                        volume_condition: Some(condition_message(driver.condition(record))),
+                    }),
                 })
                 .collect();
             Ok(csi::ListVolumesResponse { entries, next_token: page.next.map(|k| k.to_string()).unwrap_or_default() })
@@ -284,15 +289,11 @@ impl Controller for ControllerService {
                 .and_then(|t| t.segments.get(crate::config::TOPOLOGY_NODE_KEY))
                 .is_some_and(|n| *n != node);
             let parameters = validate::parameters(&req.parameters)?;
-            let kind = backend::check_parameters(&parameters)?;
-            let unsupported = req.volume_capabilities.iter().any(|c| {
-                validate::capability(Some(c)).is_err()
-                    || (c
-                        .access_type
-                        .as_ref()
-                        .is_some_and(|t| matches!(t, csi::volume_capability::AccessType::Block(_)))
-                        && kind == backend::BackendKind::Dir)
-            });
+            let (kind, _) = backend::parse_parameters(&parameters)?;
+            let unsupported = req
+                .volume_capabilities
+                .iter()
+                .any(|c| !validate::capability(Some(c)).is_ok_and(|cap| Driver::supports(kind, &cap).is_ok()));
             let available = if elsewhere || unsupported { 0 } else { blocking(move || driver.capacity()).await? };
             Ok(csi::GetCapacityResponse {
                 available_capacity: to_i64(available),
@@ -420,13 +421,13 @@ impl Controller for ControllerService {
                 .ok_or_else(|| Error::InvalidArgument("capacity range is required".into()))?;
             let key = driver.volume_key(&req.volume_id)?;
             let guard = driver.claim(Kind::Volume, key)?;
-            let capacity = blocking(move || {
+            let (capacity, node_expansion_required) = blocking(move || {
                 let _guard = guard;
-                driver.expand_volume(key, range)
+                let capacity = driver.expand_volume(key, range)?;
+                Ok((capacity, driver.node_expansion_required(&key)))
             })
             .await?;
-            // A directory volume is its directory: nothing to grow on the node.
-            Ok(csi::ControllerExpandVolumeResponse { capacity_bytes: to_i64(capacity), node_expansion_required: false })
+            Ok(csi::ControllerExpandVolumeResponse { capacity_bytes: to_i64(capacity), node_expansion_required })
         })
         .await
     }

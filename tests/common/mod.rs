@@ -14,7 +14,7 @@ use loam::csi::identity_client::IdentityClient;
 use loam::csi::node_client::NodeClient;
 use loam::driver::Driver;
 use loam::kernel::mount::{FakeMounter, KernelMounter, Mounter};
-use loam::kernel::mountinfo;
+use loam::kernel::{loopdev, mountinfo};
 use tokio::net::UnixStream;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -123,20 +123,35 @@ impl Harness {
         resp.into_inner().volume.expect("volume").volume_id
     }
 
-    /// Stages `id` at `staging`.
+    /// Creates a volume from a full request; returns the volume.
+    pub async fn create_volume(&mut self, request: csi::CreateVolumeRequest) -> Result<csi::Volume, tonic::Status> {
+        Ok(self.controller.create_volume(request).await?.into_inner().volume.expect("volume"))
+    }
+
+    /// Stages `id` at `staging` as a filesystem volume.
     pub async fn stage(&mut self, id: &str, staging: &Path) -> Result<(), tonic::Status> {
+        self.stage_as(id, staging, mount_capability(Access::Writer)).await
+    }
+
+    /// Stages `id` at `staging` with `capability`.
+    pub async fn stage_as(
+        &mut self,
+        id: &str,
+        staging: &Path,
+        capability: csi::VolumeCapability,
+    ) -> Result<(), tonic::Status> {
         self.node
             .node_stage_volume(csi::NodeStageVolumeRequest {
                 volume_id: id.into(),
                 staging_target_path: path_str(staging),
-                volume_capability: Some(mount_capability(Access::Writer)),
+                volume_capability: Some(capability),
                 ..Default::default()
             })
             .await
             .map(drop)
     }
 
-    /// Publishes `id` from `staging` at `target`.
+    /// Publishes filesystem volume `id` from `staging` at `target`.
     pub async fn publish(
         &mut self,
         id: &str,
@@ -145,12 +160,24 @@ impl Harness {
         mode: Access,
         readonly: bool,
     ) -> Result<(), tonic::Status> {
+        self.publish_as(id, staging, target, mount_capability(mode), readonly).await
+    }
+
+    /// Publishes `id` from `staging` at `target` with `capability`.
+    pub async fn publish_as(
+        &mut self,
+        id: &str,
+        staging: &Path,
+        target: &Path,
+        capability: csi::VolumeCapability,
+        readonly: bool,
+    ) -> Result<(), tonic::Status> {
         self.node
             .node_publish_volume(csi::NodePublishVolumeRequest {
                 volume_id: id.into(),
                 staging_target_path: path_str(staging),
                 target_path: path_str(target),
-                volume_capability: Some(mount_capability(mode)),
+                volume_capability: Some(capability),
                 readonly,
                 ..Default::default()
             })
@@ -192,15 +219,17 @@ impl Drop for Harness {
     }
 }
 
-/// Detaches every mount under `dir`, deepest first, so a failed test leaves
-/// nothing mounted.
+/// Detaches every mount under `dir`, deepest first, then every loop device
+/// backed by a file under it, so a failed test leaves nothing behind.
 fn unmount_under(dir: &Path) {
     let Ok(dir) = dir.canonicalize() else { return };
-    let Ok(mounts) = mountinfo::read() else {
-        return;
-    };
-    for entry in mounts.iter().rev().filter(|m| m.mount_point.starts_with(&dir)) {
+    for entry in mountinfo::read().unwrap_or_default().iter().rev().filter(|m| m.mount_point.starts_with(&dir)) {
         let _ = nix::mount::umount2(&entry.mount_point, nix::mount::MntFlags::MNT_DETACH);
+    }
+    for device in loopdev::list().unwrap_or_default() {
+        if device.backing_file.starts_with(&dir) {
+            let _ = loopdev::detach(&device.device);
+        }
     }
 }
 
@@ -239,6 +268,15 @@ pub fn mount_capability(mode: Access) -> csi::VolumeCapability {
     csi::VolumeCapability {
         access_mode: Some(csi::volume_capability::AccessMode { mode: mode as i32 }),
         access_type: Some(csi::volume_capability::AccessType::Mount(Default::default())),
+    }
+}
+
+/// A raw block capability.
+pub fn block_capability() -> csi::VolumeCapability {
+    use csi::volume_capability::access_mode::Mode;
+    csi::VolumeCapability {
+        access_mode: Some(csi::volume_capability::AccessMode { mode: Mode::SingleNodeWriter as i32 }),
+        access_type: Some(csi::volume_capability::AccessType::Block(Default::default())),
     }
 }
 

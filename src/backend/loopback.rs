@@ -1,0 +1,414 @@
+//! The `loop` backend: each volume is an image file on a loop device,
+//! formatted ext4 or xfs, or handed out as a raw block device.
+//!
+//! Layout under the root: `volumes/<key>.img` is a volume's image and
+//! `snapshots/<key>.img` a snapshot's. A thick image is fully allocated with
+//! fallocate (and formatted without discard, so it stays thick); a thin one
+//! is sparse. Attachments are found again by the image's inode, so staging is
+//! idempotent across driver restarts, and direct I/O is read back from sysfs
+//! rather than assumed.
+
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::driver::{Condition, VolumeStats};
+use crate::error::{Error, IoContext, Result};
+use crate::ids::Key;
+use crate::kernel::blockfs::{self, Content, FsType};
+use crate::kernel::copy::copy_file;
+use crate::kernel::loopdev::{self, AttachOptions, LoopDevice};
+use crate::kernel::mount::{MountFlags, Mounter};
+use crate::kernel::mountinfo::{self, MountEntry};
+use crate::kernel::usage::fs_usage;
+use crate::records::{Capability, LoopSpec};
+
+/// Smallest filesystem mkfs.xfs accepts; xfs volumes are rounded up to it.
+pub const XFS_MIN_BYTES: u64 = 300 << 20;
+
+/// Image-file volumes and their snapshots under one root.
+#[derive(Debug)]
+pub struct LoopBackend {
+    volumes: PathBuf,
+    snapshots: PathBuf,
+    mounter: Arc<dyn Mounter>,
+}
+
+impl LoopBackend {
+    /// Uses `volumes/` and `snapshots/` under `root` (created by the driver).
+    pub fn new(root: &Path, mounter: Arc<dyn Mounter>) -> LoopBackend {
+        LoopBackend { volumes: root.join("volumes"), snapshots: root.join("snapshots"), mounter }
+    }
+
+    /// The volume's image file.
+    pub fn image_path(&self, key: &Key) -> PathBuf {
+        self.volumes.join(format!("{key}.img"))
+    }
+
+    /// The snapshot's image file.
+    pub fn snapshot_path(&self, key: &Key) -> PathBuf {
+        self.snapshots.join(format!("{key}.img"))
+    }
+
+    /// Makes the image: empty, or a copy of `source` (an image), grown to
+    /// `capacity`. Nothing is left behind when the filesystem is full.
+    pub fn create_volume(&self, key: &Key, capacity: u64, spec: &LoopSpec, source: Option<&Path>) -> Result<()> {
+        let path = self.image_path(key);
+        build_file(&path, |tmp| {
+            match source {
+                Some(source) => {
+                    copy_file(source, tmp)?;
+                }
+                None => drop(File::create(tmp)?),
+            }
+            let file = OpenOptions::new().write(true).open(tmp)?;
+            resize(&file, capacity, spec.thick)?;
+            file.sync_all()
+        })
+    }
+
+    /// Grows the image to `capacity` and tells attached devices about it.
+    pub fn expand_volume(&self, key: &Key, capacity: u64, spec: &LoopSpec) -> Result<()> {
+        let path = self.image_path(key);
+        let file = OpenOptions::new().write(true).open(&path).context(|| format!("opening {}", path.display()))?;
+        resize(&file, capacity, spec.thick).context(|| format!("growing {} to {capacity} bytes", path.display()))?;
+        file.sync_all().context(|| format!("syncing {}", path.display()))?;
+        for device in self.devices(key)? {
+            loopdev::refresh_capacity(&device.device)
+                .context(|| format!("refreshing the capacity of {}", device.device.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Removes the image (and any attachment left by a crash).
+    pub fn delete_volume(&self, key: &Key) -> Result<()> {
+        for device in self.devices(key)? {
+            loopdev::detach(&device.device).context(|| format!("detaching {}", device.device.display()))?;
+        }
+        remove_file(&self.image_path(key))
+    }
+
+    /// Copies the image into a snapshot; a filesystem mounted at `mounted`
+    /// is frozen around the copy, so the snapshot is consistent.
+    pub fn create_snapshot(&self, volume: &Key, snapshot: &Key, mounted: Option<&Path>) -> Result<()> {
+        let source = self.image_path(volume);
+        let _frozen = match mounted {
+            Some(path) => Some(blockfs::freeze(path).context(|| format!("freezing {}", path.display()))?),
+            None => None,
+        };
+        build_file(&self.snapshot_path(snapshot), |tmp| copy_file(&source, tmp).map(drop))
+    }
+
+    /// Removes a snapshot's image.
+    pub fn delete_snapshot(&self, key: &Key) -> Result<()> {
+        remove_file(&self.snapshot_path(key))
+    }
+
+    /// Whether the image exists as a regular file (not a planted link).
+    pub fn volume_exists(&self, key: &Key) -> bool {
+        fs::symlink_metadata(self.image_path(key)).is_ok_and(|m| m.is_file())
+    }
+
+    /// Attaches the image (reusing an existing attachment) and, for a
+    /// filesystem volume, formats it if it is empty, mounts it at `path` and
+    /// grows the filesystem to the image's size. A failure after a fresh
+    /// attach detaches again, so a failed stage leaves nothing behind.
+    pub fn stage(&self, key: &Key, spec: &LoopSpec, path: &Path, capability: &Capability) -> Result<()> {
+        if !self.volume_exists(key) {
+            return Err(Error::FailedPrecondition(self.missing(key)));
+        }
+        let read_only = capability.access_mode.read_only();
+        let existing = self.devices(key)?.into_iter().find(|d| d.read_only == read_only);
+        let fresh = existing.is_none();
+        let device = match existing {
+            Some(device) => device,
+            None => self.attach(key, read_only)?,
+        };
+        let staged =
+            if capability.block { Ok(()) } else { self.mount_filesystem(key, spec, &device, path, capability) };
+        if staged.is_err() && fresh {
+            let _ = loopdev::detach(&device.device);
+        }
+        staged
+    }
+
+    fn mount_filesystem(
+        &self,
+        key: &Key,
+        spec: &LoopSpec,
+        device: &LoopDevice,
+        path: &Path,
+        capability: &Capability,
+    ) -> Result<()> {
+        let fs = filesystem(spec, capability)?;
+        let mounts = self.mount_table()?;
+        if mounted_from(&mounts, path, std::slice::from_ref(device)) {
+            return Ok(());
+        }
+        match blockfs::probe(&device.device).context(|| format!("probing {}", device.device.display()))? {
+            Content::Empty => blockfs::mkfs(&device.device, fs, &spec.mkfs_options)
+                .context(|| format!("formatting {} as {}", device.device.display(), fs.name()))?,
+            Content::Filesystem(found) if same_family(&found, fs) => {}
+            Content::Filesystem(found) => {
+                return Err(Error::FailedPrecondition(format!(
+                    "volume {key} holds a {found} filesystem, not {}; stage it with fsType {found}",
+                    fs.name()
+                )));
+            }
+            Content::Unknown => {
+                return Err(Error::FailedPrecondition(format!(
+                    "volume {key} holds data that is not a filesystem Loam knows; refusing to format it (inspect {})",
+                    self.image_path(key).display()
+                )));
+            }
+        }
+        let mut flags = MountFlags::parse(&capability.mount_flags).map_err(Error::InvalidArgument)?;
+        flags.read_only |= capability.access_mode.read_only();
+        // An image grown while unstaged gets its filesystem grown now: ext4
+        // before mounting (offline needs no CAP_SYS_RESOURCE), xfs after
+        // (xfs grows only mounted).
+        if fs == FsType::Ext4 && !flags.read_only {
+            let fs_size =
+                blockfs::ext_size(&device.device).context(|| format!("reading {}", device.device.display()))?;
+            let device_size =
+                loopdev::device_size(&device.device).context(|| format!("sizing {}", device.device.display()))?;
+            if fs_size.is_some_and(|size| size < device_size) {
+                blockfs::grow_ext4_offline(&device.device)
+                    .context(|| format!("growing the filesystem on {}", device.device.display()))?;
+            }
+        }
+        fs::create_dir_all(path).context(|| format!("creating {}", path.display()))?;
+        blockfs::mount(&device.device, path, fs, flags)
+            .context(|| format!("mounting {} on {}", device.device.display(), path.display()))?;
+        if fs == FsType::Xfs
+            && !flags.read_only
+            && let Err(e) = blockfs::grow(fs, &device.device, path)
+        {
+            let _ = self.mounter.unmount(path);
+            return Err(Error::io(format!("growing the filesystem on {}", device.device.display()), e));
+        }
+        Ok(())
+    }
+
+    /// Unmounts the staging path (if it shows this volume) and detaches
+    /// every device of the image.
+    pub fn unstage(&self, key: &Key, path: &Path) -> Result<()> {
+        let devices = self.devices(key)?;
+        for _ in 0..8 {
+            let mounts = self.mount_table()?;
+            if !mounted_from(&mounts, path, &devices) {
+                break;
+            }
+            self.mounter.unmount(path).context(|| format!("unmounting {}", path.display()))?;
+        }
+        for device in devices {
+            loopdev::detach(&device.device).context(|| format!("detaching {}", device.device.display()))?;
+        }
+        Ok(())
+    }
+
+    /// What a publication binds onto its target: the staging mount for a
+    /// filesystem; for a block volume the device node, a separate read-only
+    /// loop device when the publication is read-only (a read-only bind of a
+    /// device node does not stop writes to the device).
+    pub fn publish_source(&self, key: &Key, staging: &Path, block: bool, read_only: bool) -> Result<PathBuf> {
+        if !block {
+            return Ok(staging.to_owned());
+        }
+        match self.devices(key)?.into_iter().find(|d| d.read_only == read_only) {
+            Some(device) => Ok(device.device),
+            None => Ok(self.attach(key, read_only)?.device),
+        }
+    }
+
+    /// Detaches the read-only device of block publications once none is left.
+    pub fn release_read_only(&self, key: &Key) -> Result<()> {
+        for device in self.devices(key)?.into_iter().filter(|d| d.read_only) {
+            loopdev::detach(&device.device).context(|| format!("detaching {}", device.device.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Usage of a staged volume: the filesystem's for a mount volume, the
+    /// device size for a block volume.
+    pub fn stats(&self, key: &Key, staging: &Path, block: bool) -> Result<VolumeStats> {
+        if block {
+            let size = fs::metadata(self.image_path(key)).context(|| format!("reading size of volume {key}"))?.len();
+            return Ok(VolumeStats { total_bytes: size, available_bytes: size, ..Default::default() });
+        }
+        let fs = fs_usage(staging).context(|| format!("reading usage of {}", staging.display()))?;
+        Ok(VolumeStats {
+            total_bytes: fs.total_bytes,
+            used_bytes: fs.total_bytes.saturating_sub(fs.available_bytes),
+            available_bytes: fs.available_bytes,
+            used_inodes: fs.total_inodes.saturating_sub(fs.free_inodes),
+            available_inodes: fs.free_inodes,
+        })
+    }
+
+    /// Grows the mounted filesystem to fill its grown device.
+    pub fn node_expand(&self, key: &Key, spec: &LoopSpec, staging: &Path, capability: &Capability) -> Result<()> {
+        if capability.block {
+            return Ok(());
+        }
+        let fs = filesystem(spec, capability)?;
+        let device = self
+            .devices(key)?
+            .into_iter()
+            .find(|d| !d.read_only)
+            .ok_or_else(|| Error::FailedPrecondition(format!("volume {key} has no loop device; stage it again")))?;
+        blockfs::grow(fs, &device.device, staging)
+            .context(|| format!("growing the filesystem on {}", device.device.display()))
+    }
+
+    /// Health: the image exists; a staged volume has its device, with direct
+    /// I/O on (or the message says why throughput may suffer).
+    pub fn condition(&self, key: &Key, staged: bool) -> Condition {
+        if !self.volume_exists(key) {
+            return Condition { abnormal: true, message: self.missing(key) };
+        }
+        if !staged {
+            return Condition { abnormal: false, message: "volume is healthy".into() };
+        }
+        match self.devices(key) {
+            Ok(devices) if devices.is_empty() => Condition {
+                abnormal: true,
+                message: format!("volume {key} is staged but its loop device is gone; unstage and stage it again"),
+            },
+            Ok(devices) => match devices.iter().find(|d| !d.direct_io) {
+                Some(d) => Condition {
+                    abnormal: false,
+                    message: format!(
+                        "volume is healthy, but direct I/O is off on {} (block size {}): I/O goes through the host page cache twice",
+                        d.device.display(),
+                        d.block_size
+                    ),
+                },
+                None => Condition { abnormal: false, message: "volume is healthy (direct I/O on)".into() },
+            },
+            Err(e) => Condition { abnormal: true, message: format!("cannot inspect loop devices: {e}") },
+        }
+    }
+
+    /// Detaches devices backing images of volumes that are not staged: what
+    /// a crash between attach and record can leave. Returns what it detached.
+    pub fn detach_orphans(&self, staged: impl Fn(&Key) -> bool) -> Result<Vec<LoopDevice>> {
+        let mut detached = Vec::new();
+        for device in loopdev::list().context(|| "listing loop devices".into())? {
+            let Some(key) = self.key_of_image(&device.backing_file) else { continue };
+            if !staged(&key) {
+                loopdev::detach(&device.device).context(|| format!("detaching {}", device.device.display()))?;
+                detached.push(device);
+            }
+        }
+        Ok(detached)
+    }
+
+    /// Whether a mount shows this volume: a filesystem mounted from one of
+    /// its devices, or a bind of one of its device nodes.
+    pub fn shows_volume(&self, entry: &MountEntry, key: &Key) -> bool {
+        self.devices(key).is_ok_and(|devices| {
+            devices
+                .iter()
+                .any(|d| Path::new(&entry.source) == d.device || entry.root.file_name() == d.device.file_name())
+        })
+    }
+
+    fn key_of_image(&self, backing: &Path) -> Option<Key> {
+        if backing.parent()? != self.volumes {
+            return None;
+        }
+        Key::parse(backing.file_name()?.to_str()?.strip_suffix(".img")?)
+    }
+
+    fn devices(&self, key: &Key) -> Result<Vec<LoopDevice>> {
+        let image = self.image_path(key);
+        match loopdev::find(&image) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+            other => other.context(|| format!("finding loop devices of {}", image.display())),
+        }
+    }
+
+    fn attach(&self, key: &Key, read_only: bool) -> Result<LoopDevice> {
+        let image = self.image_path(key);
+        let device = loopdev::attach(&image, AttachOptions { read_only, direct_io: true })
+            .context(|| format!("attaching {} to a loop device", image.display()))?;
+        if !device.direct_io {
+            tracing::warn!(
+                device = %device.device.display(),
+                block_size = device.block_size,
+                "direct I/O could not be enabled; the volume works but I/O is cached twice"
+            );
+        }
+        Ok(device)
+    }
+
+    fn mount_table(&self) -> Result<Vec<MountEntry>> {
+        self.mounter.mounts().context(|| "reading the mount table".into())
+    }
+
+    fn missing(&self, key: &Key) -> String {
+        format!("image {} is missing; restore it from a backup or delete the volume", self.image_path(key).display())
+    }
+}
+
+/// The filesystem a stage uses: the StorageClass's, unless the capability
+/// names a different one, which cannot be honoured for an existing image.
+fn filesystem(spec: &LoopSpec, capability: &Capability) -> Result<FsType> {
+    let fs = FsType::parse(&spec.fs_type)
+        .ok_or_else(|| Error::Damaged(format!("volume record names unknown fsType {:?}", spec.fs_type)))?;
+    match capability.fs_type.as_str() {
+        "" => Ok(fs),
+        asked if asked == fs.name() => Ok(fs),
+        asked => Err(Error::InvalidArgument(format!(
+            "the volume was created with fsType {}, but the capability asks for {asked}",
+            fs.name()
+        ))),
+    }
+}
+
+/// ext4 can mount ext2/ext3 filesystems; anything else must match exactly.
+fn same_family(found: &str, fs: FsType) -> bool {
+    match fs {
+        FsType::Ext4 => matches!(found, "ext4" | "ext3" | "ext2"),
+        FsType::Xfs => found == "xfs",
+    }
+}
+
+/// Whether the mount at `path` is one of `devices`.
+fn mounted_from(mounts: &[MountEntry], path: &Path, devices: &[LoopDevice]) -> bool {
+    mountinfo::find_mount_point(mounts, path)
+        .is_some_and(|entry| devices.iter().any(|d| Path::new(&entry.source) == d.device))
+}
+
+/// Sets the file's length to `capacity`, allocating the new space when thick.
+fn resize(file: &File, capacity: u64, thick: bool) -> io::Result<()> {
+    let len = file.metadata()?.len();
+    if capacity < len {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "loop images never shrink"));
+    }
+    if thick { blockfs::allocate(file, capacity) } else { file.set_len(capacity) }
+}
+
+/// Builds `path` through `build` on a temporary sibling, then renames it in;
+/// on failure the temporary file is removed, so nothing is left behind.
+fn build_file(path: &Path, build: impl FnOnce(&Path) -> io::Result<()>) -> Result<()> {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp"));
+    remove_file(&tmp)?;
+    if let Err(e) = build(&tmp) {
+        let _ = fs::remove_file(&tmp);
+        return Err(Error::io(format!("building {}", path.display()), e));
+    }
+    fs::rename(&tmp, path).context(|| format!("renaming into {}", path.display()))?;
+    let parent = path.parent().unwrap_or(Path::new("/"));
+    File::open(parent).and_then(|dir| dir.sync_all()).context(|| format!("syncing {}", parent.display()))
+}
+
+fn remove_file(path: &Path) -> Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(Error::io(format!("removing {}", path.display()), e)),
+        _ => Ok(()),
+    }
+}
