@@ -16,12 +16,13 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::SystemTime;
 
 use crate::backend::dir::DirBackend;
-use crate::config::{Config, TOPOLOGY_NODE_KEY};
+use crate::config::{Config, QuotaMode, TOPOLOGY_NODE_KEY};
 use crate::error::{Error, IoContext, Result};
 use crate::guard::{Guard, InFlight};
 use crate::ids::{Key, Kind, ObjectId};
 use crate::kernel::mount::{MountFlags, Mounter};
 use crate::kernel::mountinfo::{self, MountEntry};
+use crate::kernel::quota::{Enforcer, QuotaUsage};
 use crate::kernel::usage::{FsUsage, fs_usage};
 use crate::records::{
     Attachment, BackendKind, Capability, ContentSource, Publication, SnapshotRecord, Stage, VolumeRecord,
@@ -134,9 +135,16 @@ impl Driver {
         // The root holds every volume: keep other users out of it.
         fs::set_permissions(root, fs::Permissions::from_mode(0o711))
             .context(|| format!("setting permissions of {}", root.display()))?;
-        let volumes = Table::open(&root.join("meta/volumes"))?;
+        let volumes: Table<VolumeRecord> = Table::open(&root.join("meta/volumes"))?;
         let snapshots = Table::open(&root.join("meta/snapshots"))?;
-        let dir = DirBackend::open(root)?;
+        let dir = DirBackend::open(root, config.quota)?;
+        // Limits live in the filesystem, which an operator or a restore can
+        // change behind Loam's back: put back what the records promise.
+        volumes.for_each(|key, record| {
+            if let Err(e) = dir.adopt(key, record.enforcement.as_ref(), record.capacity_bytes) {
+                tracing::error!(volume = %record.id, "cannot restore the volume's limit: {e}");
+            }
+        });
         Ok(Driver {
             config,
             volumes,
@@ -212,16 +220,24 @@ impl Driver {
         if let Some(existing) = self.volumes.get(&key) {
             return self.check_same_volume(existing, &req);
         }
+        if let (QuotaMode::Required, BackendKind::Dir, Enforcer::None(reason)) =
+            (self.config.quota, req.backend, self.dir.enforcer())
+        {
+            return Err(Error::FailedPrecondition(format!(
+                "--quota required, but capacities cannot be enforced: {reason}"
+            )));
+        }
         let capacity = req.capacity.choose(floor)?;
-        let free = self.root_usage()?.available_bytes;
+        let free = self.capacity()?;
         if capacity > free {
             return Err(Error::ResourceExhausted(format!(
-                "volume {} needs {capacity} bytes but {} has {free} bytes free; free space or use another node",
+                "volume {} needs {capacity} bytes but {} has {free} bytes not yet promised to volumes; free space or \
+                 use another node",
                 req.name,
                 self.config.root.display()
             )));
         }
-        self.dir.create_volume(&key, source_path.as_deref())?;
+        let enforcement = self.dir.create_volume(&key, source_path.as_deref(), capacity)?;
         let record = VolumeRecord {
             id: ObjectId { key, node: self.config.node_id.clone() }.to_string(),
             name: req.name,
@@ -232,6 +248,7 @@ impl Driver {
             attachment: None,
             stage: None,
             publications: BTreeMap::new(),
+            enforcement: Some(enforcement),
         };
         self.volumes.put(key, record)
     }
@@ -277,7 +294,8 @@ impl Driver {
 
     /// Deletes a volume; deleting one that does not exist succeeds.
     pub fn delete_volume(&self, key: Key) -> Result<()> {
-        if let Some(record) = self.volumes.get(&key) {
+        let record = self.volumes.get(&key);
+        if let Some(record) = &record {
             if let Some(stage) = &record.stage {
                 return Err(Error::FailedPrecondition(format!(
                     "volume {} is still staged at {}; unstage it before deleting",
@@ -294,7 +312,7 @@ impl Driver {
         }
         // Data first, record last: a crash in between leaves a record whose
         // retried delete finishes the job, never an orphaned directory.
-        self.dir.delete_volume(&key)?;
+        self.dir.delete_volume(&key, record.as_ref().and_then(|r| r.enforcement.as_ref()))?;
         self.volumes.remove(&key)
     }
 
@@ -311,7 +329,10 @@ impl Driver {
     pub fn volume_with_condition(&self, key: &Key) -> Result<(Option<Arc<VolumeRecord>>, Condition)> {
         match self.volumes.get(key) {
             Some(record) => {
-                let condition = self.condition(key);
+                let mut condition = self.condition(key);
+                if !condition.abnormal {
+                    condition.message = self.usage_message(key, &record)?;
+                }
                 Ok((Some(record), condition))
             }
             None => match self.volumes.damaged(key) {
@@ -341,9 +362,34 @@ impl Driver {
         self.volumes.page(after, max, |_| true)
     }
 
-    /// Bytes available for new volumes on this node.
+    /// Bytes available for new volumes on this node: the root's free bytes
+    /// minus what existing volumes were promised but do not use yet.
     pub fn capacity(&self) -> Result<u64> {
-        Ok(self.root_usage()?.available_bytes)
+        let free = self.root_usage()?.available_bytes;
+        // Collected first: usage is I/O, and the table must not wait on it.
+        let mut volumes = Vec::new();
+        self.volumes.for_each(|key, r| volumes.push((*key, r.capacity_bytes, r.enforcement.clone())));
+        let mut promised = 0u64;
+        for (key, capacity, enforcement) in volumes {
+            if !self.dir.volume_exists(&key) {
+                continue;
+            }
+            let used = match self.dir.quota_usage(enforcement.as_ref())? {
+                Some(quota) => quota.bytes,
+                None => self.dir.usage(&key)?.bytes,
+            };
+            promised = promised.saturating_add(capacity.saturating_sub(used));
+        }
+        Ok(free.saturating_sub(promised))
+    }
+
+    /// What a volume uses, as ControllerGetVolume's condition reports it.
+    fn usage_message(&self, key: &Key, record: &VolumeRecord) -> Result<String> {
+        let (used, how) = match self.dir.quota_usage(record.enforcement.as_ref())? {
+            Some(quota) => (quota.bytes, "counted by the quota"),
+            None => (self.dir.usage(key)?.bytes, "counted by walking its files"),
+        };
+        Ok(format!("volume is healthy; {used} of {} bytes used ({how})", record.capacity_bytes))
     }
 
     /// Grows a volume to satisfy `range`; returns the new capacity.
@@ -360,14 +406,17 @@ impl Driver {
             )));
         }
         let growth = capacity - record.capacity_bytes;
-        let free = self.root_usage()?.available_bytes;
+        let free = self.capacity()?;
         if growth > free {
             return Err(Error::ResourceExhausted(format!(
-                "growing volume {} by {growth} bytes needs more than the {free} bytes free on {}",
+                "growing volume {} by {growth} bytes needs more than the {free} bytes not yet promised on {}",
                 record.id,
                 self.config.root.display()
             )));
         }
+        // Limit first, record second: a crash in between leaves a larger
+        // limit, which the next start puts back to the recorded capacity.
+        self.dir.set_limit(&key, record.enforcement.as_ref(), capacity)?;
         let mut grown = (*record).clone();
         grown.capacity_bytes = capacity;
         self.volumes.put(key, grown)?;
@@ -669,13 +718,22 @@ impl Driver {
         if condition.abnormal {
             return Ok((VolumeStats::default(), condition));
         }
-        let used = self.dir.usage(&key)?;
+        // The quota's count when there is one: exact and cheap. Inodes it
+        // does not count (btrfs) and unenforced volumes take a tree walk.
+        let (used_bytes, used_inodes) = match self.dir.quota_usage(record.enforcement.as_ref())? {
+            Some(QuotaUsage { bytes, inodes: Some(inodes), .. }) => (bytes, inodes),
+            Some(QuotaUsage { bytes, inodes: None, .. }) => (bytes, self.dir.usage(&key)?.inodes),
+            None => {
+                let used = self.dir.usage(&key)?;
+                (used.bytes, used.inodes)
+            }
+        };
         let fs = self.root_usage()?;
         let stats = VolumeStats {
             total_bytes: record.capacity_bytes,
-            used_bytes: used.bytes,
-            available_bytes: record.capacity_bytes.saturating_sub(used.bytes).min(fs.available_bytes),
-            used_inodes: used.inodes,
+            used_bytes,
+            available_bytes: record.capacity_bytes.saturating_sub(used_bytes).min(fs.available_bytes),
+            used_inodes,
             available_inodes: fs.free_inodes,
         };
         Ok((stats, condition))

@@ -10,7 +10,7 @@ use crate::csi::{self, controller_server::Controller};
 use crate::driver::{Condition, Driver, NewVolume, topology};
 use crate::error::{Error, Result};
 use crate::ids::{Key, Kind, validate_name};
-use crate::records::{ContentSource, SnapshotRecord, VolumeRecord};
+use crate::records::{ContentSource, Enforcement, SnapshotRecord, VolumeRecord};
 use crate::rpc::{blocking, traced, validate};
 
 /// Controller over a node's own driver.
@@ -57,9 +57,23 @@ pub fn volume_message(record: &VolumeRecord, node_id: &str) -> csi::Volume {
     csi::Volume {
         capacity_bytes: to_i64(record.capacity_bytes),
         volume_id: record.id.clone(),
-        volume_context: [("backend".to_owned(), format!("{:?}", record.backend).to_lowercase())].into(),
+        volume_context: [
+            ("backend".to_owned(), format!("{:?}", record.backend).to_lowercase()),
+            ("quota".to_owned(), quota_context(record.enforcement.as_ref())),
+        ]
+        .into(),
         content_source,
         accessible_topology: vec![csi::Topology { segments: topology(node_id) }],
+    }
+}
+
+/// How the volume's capacity is enforced, in words, for its volume context.
+fn quota_context(enforcement: Option<&Enforcement>) -> String {
+    match enforcement {
+        Some(Enforcement::BtrfsQgroup(id)) => format!("btrfs qgroup 0/{id}"),
+        Some(Enforcement::Project(id)) => format!("project quota {id}"),
+        Some(Enforcement::Unenforced(reason)) => format!("not enforced: {reason}"),
+        None => "not enforced: created before Loam enforced capacities".into(),
     }
 }
 

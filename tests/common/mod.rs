@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use hyper_util::rt::TokioIo;
-use loam::config::{Config, Mode};
+use loam::config::{Config, Mode, QuotaMode};
 use loam::csi;
 use loam::csi::controller_client::ControllerClient;
 use loam::csi::identity_client::IdentityClient;
@@ -60,8 +60,13 @@ impl Harness {
     async fn start_in(dir: tempfile::TempDir, real_mounts: bool, max: u32) -> Harness {
         let root = dir.path().canonicalize().expect("canonical").join("root");
         let socket = dir.path().join("csi.sock");
-        let config =
-            Config { driver_name: "loam.csi.dev".into(), node_id: NODE.into(), root, max_volumes_per_node: max };
+        let config = Config {
+            driver_name: "loam.csi.dev".into(),
+            node_id: NODE.into(),
+            root,
+            max_volumes_per_node: max,
+            quota: QuotaMode::Auto,
+        };
         let mounter: Arc<dyn Mounter> =
             if real_mounts { Arc::new(KernelMounter) } else { Arc::new(FakeMounter::new()) };
         let driver = Arc::new(Driver::open(config, mounter).expect("open driver"));
