@@ -11,7 +11,7 @@ step() { printf '\n==> %s\n' "$*"; }
 
 step "installing what is missing"
 missing=()
-for tool in unshare:util-linux mkfs.ext4:e2fsprogs; do
+for tool in unshare:util-linux mkfs.ext4:e2fsprogs mkfs.btrfs:btrfs-progs; do
     command -v "${tool%%:*}" >/dev/null || missing+=("${tool##*:}")
 done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -37,3 +37,6 @@ LOAM_PRIVILEGED_TESTS=1 unshare --mount --propagation private -- cargo test --lo
 step "csi-sanity: dir backend"
 cargo build --locked
 CSI_SANITY="$sanity" scripts/sanity.sh
+
+step "csi-sanity: dir backend on btrfs with enforced quotas"
+CSI_SANITY="$sanity" SANITY_ROOT_FS=btrfs scripts/sanity.sh
