@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test Loam has, on a fresh machine too: installs what is missing
 # (Debian packages, rustfmt/clippy, csi-sanity), then fmt, clippy, the Rust
-# tests (privileged ones in a private mount namespace) and csi-sanity.
+# tests (privileged ones in a private mount namespace), csi-sanity on a plain
+# and on a btrfs root, and the quota tests on XFS and ext4 in a VM.
 # Needs root (mounts); run from anywhere.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -40,3 +41,6 @@ CSI_SANITY="$sanity" scripts/sanity.sh
 
 step "csi-sanity: dir backend on btrfs with enforced quotas"
 CSI_SANITY="$sanity" SANITY_ROOT_FS=btrfs scripts/sanity.sh
+
+step "quota tests on XFS and ext4, in a VM (about 40 s under software emulation)"
+scripts/vm-quota-test.sh
