@@ -5,7 +5,9 @@
 #   scripts/sanity.sh [extra csi-sanity flags...]
 #
 # Env: LOAM_BIN (default target/debug/loam), CSI_SANITY (default: from GOPATH),
-#      SANITY_PARAMS (a parameters YAML file for every CreateVolume).
+#      SANITY_PARAMS (a parameters YAML file for every CreateVolume),
+#      SANITY_ROOT_FS=btrfs (the root is a fresh btrfs on a loop device, and
+#      loam runs with --quota required, so every volume is a limited subvolume).
 set -euo pipefail
 
 if [ "${LOAM_SANITY_IN_NS:-}" != 1 ]; then
@@ -17,6 +19,7 @@ loam=${LOAM_BIN:-$here/target/debug/loam}
 sanity=${CSI_SANITY:-$(go env GOPATH)/bin/csi-sanity}
 work=$(mktemp -d /tmp/loam-sanity.XXXXXX)
 server=""
+device=""
 
 cleanup() {
     if [ -n "$server" ]; then
@@ -26,12 +29,28 @@ cleanup() {
     # Deepest first; the namespace dies with us anyway, this keeps rm safe.
     awk -v w="$work" '$5 ~ "^"w {print $5}' /proc/self/mountinfo | sort -r |
         while read -r m; do umount -l "$m" 2>/dev/null || true; done
+    # A loop device outlives the namespace: always detach it.
+    [ -n "$device" ] && losetup -d "$device" 2>/dev/null || true
     rm -rf "$work"
 }
 trap cleanup EXIT
 
+quota=auto
+case "${SANITY_ROOT_FS:-}" in
+"") ;;
+btrfs)
+    truncate -s 1G "$work/root.img"
+    mkfs.btrfs -q -f "$work/root.img"
+    device=$(losetup --find --show "$work/root.img")
+    mkdir "$work/root"
+    mount -t btrfs "$device" "$work/root"
+    quota=required
+    ;;
+*) echo "SANITY_ROOT_FS=$SANITY_ROOT_FS: only btrfs is supported" >&2; exit 2 ;;
+esac
+
 "$loam" serve --endpoint "unix://$work/csi.sock" --node-id sanity-node \
-    --root "$work/root" --max-volumes-per-node 10 2>"$work/loam.log" &
+    --root "$work/root" --max-volumes-per-node 10 --quota "$quota" 2>"$work/loam.log" &
 server=$!
 for _ in $(seq 100); do
     [ -S "$work/csi.sock" ] && break

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test Loam has, on a fresh machine too: installs what is missing
 # (Debian packages, rustfmt/clippy, csi-sanity), then fmt, clippy, the Rust
-# tests (privileged ones in a private mount namespace) and csi-sanity.
+# tests (privileged ones in a private mount namespace), csi-sanity on a plain
+# and on a btrfs root, and the quota tests on XFS and ext4 in a VM.
 # Needs root (mounts); run from anywhere.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,7 +12,7 @@ step() { printf '\n==> %s\n' "$*"; }
 
 step "installing what is missing"
 missing=()
-for tool in unshare:util-linux mkfs.ext4:e2fsprogs mkfs.xfs:xfsprogs; do
+for tool in unshare:util-linux mkfs.ext4:e2fsprogs mkfs.xfs:xfsprogs mkfs.btrfs:btrfs-progs; do
     command -v "${tool%%:*}" >/dev/null || missing+=("${tool##*:}")
 done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -37,6 +38,12 @@ LOAM_PRIVILEGED_TESTS=1 unshare --mount --propagation private -- cargo test --lo
 step "csi-sanity: dir backend"
 cargo build --locked
 CSI_SANITY="$sanity" scripts/sanity.sh
+
+step "csi-sanity: dir backend on btrfs with enforced quotas"
+CSI_SANITY="$sanity" SANITY_ROOT_FS=btrfs scripts/sanity.sh
+
+step "quota tests on XFS and ext4, in a VM (about 40 s under software emulation)"
+scripts/vm-quota-test.sh
 
 loop_params=$(mktemp /tmp/loam-loop-params.XXXXXX.yaml)
 trap 'rm -f "$loop_params"' EXIT

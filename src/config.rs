@@ -9,6 +9,17 @@ pub enum Mode {
     All,
 }
 
+/// Whether directory volumes get their capacity enforced by a quota.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum QuotaMode {
+    /// Enforce where the root's filesystem can; say where it cannot.
+    Auto,
+    /// Enforce or refuse to create directory volumes; enables btrfs quotas.
+    Required,
+    /// Never enforce (capacities are only recorded).
+    Off,
+}
+
 /// Settings shared by every layer of a running driver.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -20,6 +31,8 @@ pub struct Config {
     pub root: PathBuf,
     /// How many volumes may be attached to this node; 0 means no limit.
     pub max_volumes_per_node: u32,
+    /// Whether directory volume capacities are enforced.
+    pub quota: QuotaMode,
 }
 
 /// The topology key whose value names the node a volume lives on.

@@ -13,16 +13,17 @@ use std::io;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::backend::dir::DirBackend;
 use crate::backend::loopback::{LoopBackend, XFS_MIN_BYTES};
-use crate::config::{Config, TOPOLOGY_NODE_KEY};
+use crate::config::{Config, QuotaMode, TOPOLOGY_NODE_KEY};
 use crate::error::{Error, IoContext, Result};
 use crate::guard::{Guard, InFlight};
 use crate::ids::{Key, Kind, ObjectId};
 use crate::kernel::mount::{MountFlags, Mounter};
 use crate::kernel::mountinfo::{self, MountEntry};
+use crate::kernel::quota::{Enforcer, QuotaUsage};
 use crate::kernel::usage::{FsUsage, fs_usage};
 use crate::records::{
     Attachment, BackendKind, Capability, ContentSource, LoopSpec, Publication, SnapshotRecord, Stage, VolumeRecord,
@@ -31,6 +32,8 @@ use crate::store::{Page, Table};
 
 /// Capacity of a volume whose request names none.
 pub const DEFAULT_CAPACITY: u64 = 1 << 30;
+/// How stale the promised-bytes sum may be for CreateVolume's space check.
+pub const PROMISES_MAX_AGE: Duration = Duration::from_secs(10);
 /// Capacities are rounded up to a multiple of this.
 pub const CAPACITY_ALIGN: u64 = 4096;
 
@@ -125,6 +128,8 @@ pub struct Driver {
     loopback: LoopBackend,
     mounter: Arc<dyn Mounter>,
     inflight: InFlight,
+    /// The last sum of promised bytes and when its computation started.
+    promises: Mutex<Option<(Instant, u64)>>,
     /// Serializes attach-slot accounting only (never held across I/O other
     /// than the one record write that takes the slot).
     attach_slots: Mutex<()>,
@@ -138,9 +143,18 @@ impl Driver {
         // The root holds every volume: keep other users out of it.
         fs::set_permissions(root, fs::Permissions::from_mode(0o711))
             .context(|| format!("setting permissions of {}", root.display()))?;
-        let volumes = Table::open(&root.join("meta/volumes"))?;
+        let volumes: Table<VolumeRecord> = Table::open(&root.join("meta/volumes"))?;
         let snapshots = Table::open(&root.join("meta/snapshots"))?;
-        let dir = DirBackend::open(root)?;
+        let dir = DirBackend::open(root, config.quota)?;
+        // Limits live in the filesystem, which an operator or a restore can
+        // change behind Loam's back: put back what the records promise.
+        volumes.for_each(|key, record| {
+            if record.backend == BackendKind::Dir
+                && let Err(e) = dir.adopt(key, record.enforcement.as_ref(), record.capacity_bytes)
+            {
+                tracing::error!(volume = %record.id, "cannot restore the volume's limit: {e}");
+            }
+        });
         let loopback = LoopBackend::new(root, mounter.clone());
         let driver = Driver {
             config,
@@ -150,6 +164,7 @@ impl Driver {
             loopback,
             mounter,
             inflight: InFlight::default(),
+            promises: Mutex::new(None),
             attach_slots: Mutex::new(()),
         };
         driver.detach_orphans()?;
@@ -234,25 +249,34 @@ impl Driver {
         if let Some(existing) = self.volumes.get(&key) {
             return self.check_same_volume(existing, &req);
         }
+        if let (QuotaMode::Required, BackendKind::Dir, Enforcer::None(reason)) =
+            (self.config.quota, req.backend, self.dir.enforcer())
+        {
+            return Err(Error::FailedPrecondition(format!(
+                "--quota required, but capacities cannot be enforced: {reason}"
+            )));
+        }
         let fs_floor = match &req.loop_spec {
             Some(spec) if spec.fs_type == "xfs" => XFS_MIN_BYTES,
             _ => 0,
         };
         let capacity = req.capacity.choose(source_floor.max(fs_floor))?;
-        let free = self.root_usage()?.available_bytes;
+        let free = self.capacity_for_check()?;
         if capacity > free {
             return Err(Error::ResourceExhausted(format!(
-                "volume {} needs {capacity} bytes but {} has {free} bytes free; free space or use another node",
+                "volume {} needs {capacity} bytes but {} has {free} bytes not yet promised to volumes; free space or \
+                 use another node",
                 req.name,
                 self.config.root.display()
             )));
         }
-        match (&req.backend, &req.loop_spec) {
+        let enforcement = match (&req.backend, &req.loop_spec) {
             (BackendKind::Loop, Some(spec)) => {
-                self.loopback.create_volume(&key, capacity, spec, source_path.as_deref())?
+                self.loopback.create_volume(&key, capacity, spec, source_path.as_deref())?;
+                None
             }
-            _ => self.dir.create_volume(&key, source_path.as_deref())?,
-        }
+            _ => Some(self.dir.create_volume(&key, source_path.as_deref(), capacity)?),
+        };
         let record = VolumeRecord {
             id: ObjectId { key, node: self.config.node_id.clone() }.to_string(),
             name: req.name,
@@ -264,8 +288,20 @@ impl Driver {
             attachment: None,
             stage: None,
             publications: BTreeMap::new(),
+            enforcement,
         };
-        self.volumes.put(key, record)
+        let record = self.volumes.put(key, record)?;
+        self.promise(self.unwritten(&record, capacity));
+        Ok(record)
+    }
+
+    /// Of `bytes` just promised to a volume, what its filesystem has not
+    /// already set aside: nothing for a thick image, all of it otherwise.
+    fn unwritten(&self, record: &VolumeRecord, bytes: u64) -> u64 {
+        match &record.loop_spec {
+            Some(spec) if spec.thick => 0,
+            _ => bytes,
+        }
     }
 
     fn check_same_volume(&self, existing: Arc<VolumeRecord>, req: &NewVolume) -> Result<Arc<VolumeRecord>> {
@@ -323,7 +359,8 @@ impl Driver {
 
     /// Deletes a volume; deleting one that does not exist succeeds.
     pub fn delete_volume(&self, key: Key) -> Result<()> {
-        if let Some(record) = self.volumes.get(&key) {
+        let record = self.volumes.get(&key);
+        if let Some(record) = &record {
             if let Some(stage) = &record.stage {
                 return Err(Error::FailedPrecondition(format!(
                     "volume {} is still staged at {}; unstage it before deleting",
@@ -341,9 +378,9 @@ impl Driver {
         // Data first, record last: a crash in between leaves a record whose
         // retried delete finishes the job, never orphaned data. Without a
         // record the backend is unknown, so both are cleared.
-        let backend = self.volumes.get(&key).map(|r| r.backend);
+        let backend = record.as_ref().map(|r| r.backend);
         if backend != Some(BackendKind::Loop) {
-            self.dir.delete_volume(&key)?;
+            self.dir.delete_volume(&key, record.as_ref().and_then(|r| r.enforcement.as_ref()))?;
         }
         if backend != Some(BackendKind::Dir) {
             self.loopback.delete_volume(&key)?;
@@ -364,7 +401,10 @@ impl Driver {
     pub fn volume_with_condition(&self, key: &Key) -> Result<(Option<Arc<VolumeRecord>>, Condition)> {
         match self.volumes.get(key) {
             Some(record) => {
-                let condition = self.condition(&record);
+                let mut condition = self.condition(&record);
+                if !condition.abnormal && record.backend == BackendKind::Dir {
+                    condition.message = self.usage_message(key, &record)?;
+                }
                 Ok((Some(record), condition))
             }
             None => match self.volumes.damaged(key) {
@@ -400,9 +440,66 @@ impl Driver {
         self.volumes.page(after, max, |_| true)
     }
 
-    /// Bytes available for new volumes on this node.
+    /// Bytes available for new volumes on this node: the root's free bytes
+    /// minus what existing volumes were promised but do not use yet.
     pub fn capacity(&self) -> Result<u64> {
-        Ok(self.root_usage()?.available_bytes)
+        let free = self.root_usage()?.available_bytes;
+        Ok(free.saturating_sub(self.promised(Duration::ZERO)?))
+    }
+
+    /// The capacity check of CreateVolume and expansion: like [`capacity`],
+    /// but with promises at most [`PROMISES_MAX_AGE`] old (plus what was
+    /// promised since), so an operation costs the same with 10 or 10,000
+    /// volumes instead of measuring them all.
+    ///
+    /// [`capacity`]: Driver::capacity
+    fn capacity_for_check(&self) -> Result<u64> {
+        let free = self.root_usage()?.available_bytes;
+        Ok(free.saturating_sub(self.promised(PROMISES_MAX_AGE)?))
+    }
+
+    /// The sum over volumes of what they may still write, computed afresh
+    /// when the cached sum is older than `max_age`.
+    fn promised(&self, max_age: Duration) -> Result<u64> {
+        if let Some((at, sum)) = *self.promises.lock().unwrap_or_else(PoisonError::into_inner)
+            && at.elapsed() < max_age
+        {
+            return Ok(sum);
+        }
+        let started = Instant::now();
+        // Collected first: usage is I/O, and the table must not wait on it.
+        let mut volumes = Vec::new();
+        self.volumes.for_each(|key, r| volumes.push((*key, r.capacity_bytes, r.backend, r.enforcement.clone())));
+        let mut sum = 0u64;
+        for (key, capacity, backend, enforcement) in volumes {
+            let used = match backend {
+                BackendKind::Loop => self.loopback.allocated_bytes(&key),
+                BackendKind::Dir if !self.dir.volume_exists(&key) => continue,
+                BackendKind::Dir => match self.dir.quota_usage(enforcement.as_ref())? {
+                    Some(quota) => quota.bytes,
+                    None => self.dir.usage(&key)?.bytes,
+                },
+            };
+            sum = sum.saturating_add(capacity.saturating_sub(used));
+        }
+        *self.promises.lock().unwrap_or_else(PoisonError::into_inner) = Some((started, sum));
+        Ok(sum)
+    }
+
+    /// Counts a new promise in the cached sum until it is next recomputed.
+    fn promise(&self, bytes: u64) {
+        if let Some((_, sum)) = self.promises.lock().unwrap_or_else(PoisonError::into_inner).as_mut() {
+            *sum = sum.saturating_add(bytes);
+        }
+    }
+
+    /// What a volume uses, as ControllerGetVolume's condition reports it.
+    fn usage_message(&self, key: &Key, record: &VolumeRecord) -> Result<String> {
+        let (used, how) = match self.dir.quota_usage(record.enforcement.as_ref())? {
+            Some(quota) => (quota.bytes, "counted by the quota"),
+            None => (self.dir.usage(key)?.bytes, "counted by walking its files"),
+        };
+        Ok(format!("volume is healthy; {used} of {} bytes used ({how})", record.capacity_bytes))
     }
 
     /// Grows a volume to satisfy `range`; returns the new capacity.
@@ -419,20 +516,24 @@ impl Driver {
             )));
         }
         let growth = capacity - record.capacity_bytes;
-        let free = self.root_usage()?.available_bytes;
+        let free = self.capacity_for_check()?;
         if growth > free {
             return Err(Error::ResourceExhausted(format!(
-                "growing volume {} by {growth} bytes needs more than the {free} bytes free on {}",
+                "growing volume {} by {growth} bytes needs more than the {free} bytes not yet promised on {}",
                 record.id,
                 self.config.root.display()
             )));
         }
-        if let (BackendKind::Loop, Some(spec)) = (record.backend, &record.loop_spec) {
-            self.loopback.expand_volume(&key, capacity, spec)?;
+        match (record.backend, &record.loop_spec) {
+            (BackendKind::Loop, Some(spec)) => self.loopback.expand_volume(&key, capacity, spec)?,
+            // Limit first, record second: a crash in between leaves a larger
+            // limit, which the next start puts back to the recorded capacity.
+            _ => self.dir.set_limit(&key, record.enforcement.as_ref(), capacity)?,
         }
         let mut grown = (*record).clone();
         grown.capacity_bytes = capacity;
         self.volumes.put(key, grown)?;
+        self.promise(self.unwritten(&record, growth));
         Ok(capacity)
     }
 
@@ -812,13 +913,22 @@ impl Driver {
             let stats = self.loopback.stats(&key, &stage.path, stage.capability.block)?;
             return Ok((stats, condition));
         }
-        let used = self.dir.usage(&key)?;
+        // The quota's count when there is one: exact and cheap. Inodes it
+        // does not count (btrfs) and unenforced volumes take a tree walk.
+        let (used_bytes, used_inodes) = match self.dir.quota_usage(record.enforcement.as_ref())? {
+            Some(QuotaUsage { bytes, inodes: Some(inodes), .. }) => (bytes, inodes),
+            Some(QuotaUsage { bytes, inodes: None, .. }) => (bytes, self.dir.usage(&key)?.inodes),
+            None => {
+                let used = self.dir.usage(&key)?;
+                (used.bytes, used.inodes)
+            }
+        };
         let fs = self.root_usage()?;
         let stats = VolumeStats {
             total_bytes: record.capacity_bytes,
-            used_bytes: used.bytes,
-            available_bytes: record.capacity_bytes.saturating_sub(used.bytes).min(fs.available_bytes),
-            used_inodes: used.inodes,
+            used_bytes,
+            available_bytes: record.capacity_bytes.saturating_sub(used_bytes).min(fs.available_bytes),
+            used_inodes,
             available_inodes: fs.free_inodes,
         };
         Ok((stats, condition))

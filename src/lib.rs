@@ -15,7 +15,7 @@
 //! - [`backend`] holds the storage engines (a closed set, so an enum): `dir`,
 //!   a directory per volume.
 //! - [`kernel`] is the narrow seam to the kernel: mounts and the mount table,
-//!   tree copies with reflinks, usage accounting.
+//!   tree copies with reflinks, usage accounting, quotas.
 //!
 //! Cross-cutting: [`error`] is the one error type and its mapping to gRPC
 //! codes; [`ids`] forms and parses volume and snapshot ids.

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use loam::config::{Config, Mode};
+use loam::config::{Config, Mode, QuotaMode};
 use loam::driver::Driver;
 use loam::kernel::mount::KernelMounter;
 
@@ -53,6 +53,9 @@ struct ServeArgs {
     /// Most volumes attached to this node at once; 0 for no limit.
     #[arg(long, env = "LOAM_MAX_VOLUMES_PER_NODE", default_value_t = 0)]
     max_volumes_per_node: u32,
+    /// Enforce directory volume capacities with quotas: auto, required or off.
+    #[arg(long, env = "LOAM_QUOTA", value_enum, default_value = "auto")]
+    quota: QuotaMode,
     /// Which services to serve.
     #[arg(long, env = "LOAM_MODE", value_enum, default_value = "all")]
     mode: Mode,
@@ -103,6 +106,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         node_id: args.node_id,
         root,
         max_volumes_per_node: args.max_volumes_per_node,
+        quota: args.quota,
     };
     let socket = loam::server::socket_path(&args.endpoint)?;
     let driver = tokio::task::spawn_blocking(move || Driver::open(config, Arc::new(KernelMounter)))

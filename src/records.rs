@@ -82,6 +82,18 @@ pub enum ContentSource {
     Volume(String),
 }
 
+/// How a volume's capacity is enforced, fixed when it is created.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Enforcement {
+    /// A btrfs subvolume whose qgroup `0/<id>` limits referenced bytes.
+    BtrfsQgroup(u64),
+    /// A directory with this XFS/ext4 project id and a hard block limit.
+    Project(u32),
+    /// Not enforced, for this reason (the root could not, or was told not to).
+    Unenforced(String),
+}
+
 /// A volume's ControllerPublish ("attach") to a node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Attachment {
@@ -140,6 +152,10 @@ pub struct VolumeRecord {
     /// Its NodePublish targets.
     #[serde(default)]
     pub publications: BTreeMap<PathBuf, Publication>,
+    /// How its capacity is enforced; absent in records written before
+    /// Loam enforced capacities.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enforcement: Option<Enforcement>,
 }
 
 /// Everything Loam remembers about one snapshot.

@@ -1,19 +1,29 @@
-//! The `dir` backend: each volume is a directory under the driver's root.
+//! The `dir` backend: each volume is a directory under the driver's root,
+//! with its capacity enforced by the root filesystem's quotas where it can.
 //!
 //! Layout under the root: `volumes/<key>/` holds a volume's files and
-//! `snapshots/<key>/` a snapshot's copy of them. Content is built under a
+//! `snapshots/<key>/` a snapshot of them. Content is built under a
 //! dot-prefixed temporary name and renamed into place, so a crash never leaves
 //! a half-copied volume or snapshot under its real name.
+//!
+//! On btrfs with quotas, a volume is a subvolume limited by its qgroup, and
+//! snapshots, restores and clones are btrfs snapshots (instant,
+//! copy-on-write; a snapshot is atomic, so it is made under its real name).
+//! On XFS/ext4 with project quotas, a volume directory gets its own project
+//! id, inherited by everything created in it, and a hard block limit.
 
 use std::fs;
 use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use crate::error::{IoContext, Result};
+use crate::config::QuotaMode;
+use crate::error::{Error, IoContext, Result};
 use crate::ids::Key;
-use crate::kernel::copy::copy_tree;
+use crate::kernel::copy::{copy_into, copy_tree};
+use crate::kernel::quota::{Enforcer, QuotaUsage, btrfs};
 use crate::kernel::usage::{TreeUsage, tree_usage};
+use crate::records::Enforcement;
 
 /// Mode of a new, empty volume root: writable by any pod user, as hostPath
 /// and local volumes are; the CO narrows it with fsGroup when it wants to.
@@ -24,16 +34,34 @@ const VOLUME_ROOT_MODE: u32 = 0o777;
 pub struct DirBackend {
     volumes: PathBuf,
     snapshots: PathBuf,
+    enforcer: Enforcer,
 }
 
 impl DirBackend {
-    /// Uses (creating if needed) `volumes/` and `snapshots/` under `root`.
-    pub fn open(root: &Path) -> Result<DirBackend> {
-        let backend = DirBackend { volumes: root.join("volumes"), snapshots: root.join("snapshots") };
-        for dir in [&backend.volumes, &backend.snapshots] {
+    /// Uses (creating if needed) `volumes/` and `snapshots/` under `root`,
+    /// and finds out how capacities can be enforced there.
+    pub fn open(root: &Path, quota: QuotaMode) -> Result<DirBackend> {
+        let volumes = root.join("volumes");
+        let snapshots = root.join("snapshots");
+        for dir in [&volumes, &snapshots] {
             fs::create_dir_all(dir).context(|| format!("creating {}", dir.display()))?;
         }
-        Ok(backend)
+        let enforcer = match quota {
+            QuotaMode::Off => Enforcer::None("quota enforcement is turned off (--quota off)".into()),
+            QuotaMode::Auto | QuotaMode::Required => Enforcer::detect(&volumes, quota == QuotaMode::Required)
+                .context(|| format!("finding out how {} can enforce capacities", volumes.display()))?,
+        };
+        match &enforcer {
+            Enforcer::None(reason) if quota == QuotaMode::Off => tracing::info!("capacities not enforced: {reason}"),
+            Enforcer::None(reason) => tracing::warn!("capacities of dir volumes are NOT enforced: {reason}"),
+            enforcing => tracing::info!(with = %enforcing.describe(), "capacities of dir volumes are enforced"),
+        }
+        Ok(DirBackend { volumes, snapshots, enforcer })
+    }
+
+    /// How capacities are enforced on this root.
+    pub fn enforcer(&self) -> &Enforcer {
+        &self.enforcer
     }
 
     /// Where the volume's files live.
@@ -46,29 +74,80 @@ impl DirBackend {
         self.snapshots.join(key.to_string())
     }
 
-    /// Makes the volume: empty, or a copy of `source` (a volume or snapshot
+    /// Makes the volume with its capacity enforced where the root can:
+    /// empty, or with the content of `source` (a volume or snapshot
     /// directory). Replaces leftovers of an earlier attempt that crashed.
-    pub fn create_volume(&self, key: &Key, source: Option<&Path>) -> Result<()> {
+    pub fn create_volume(&self, key: &Key, source: Option<&Path>, capacity: u64) -> Result<Enforcement> {
         let path = self.volume_path(key);
-        build_in_place(&path, |tmp| match source {
-            Some(source) => copy_tree(source, tmp).map(drop),
-            None => {
-                fs::create_dir(tmp)?;
-                // Set explicitly: mkdir's mode is filtered by the umask.
-                fs::set_permissions(tmp, fs::Permissions::from_mode(VOLUME_ROOT_MODE))
+        match &self.enforcer {
+            Enforcer::Btrfs(quota) => {
+                match source {
+                    // A snapshot appears whole or not at all: no temporary name.
+                    Some(source) if btrfs::is_subvolume(source) => {
+                        remove_tree(&path)?;
+                        btrfs::snapshot(source, &path, false)
+                            .context(|| format!("snapshotting {} as {}", source.display(), path.display()))?;
+                    }
+                    _ => build_in_place(&path, |tmp| {
+                        btrfs::create_subvolume(tmp)?;
+                        fill(tmp, source)
+                    })?,
+                }
+                let id =
+                    btrfs::subvolume_id(&path).context(|| format!("reading subvolume id of {}", path.display()))?;
+                quota.set_limit(&path, id, capacity).context(|| format!("limiting qgroup 0/{id} to {capacity}"))?;
+                Ok(Enforcement::BtrfsQgroup(id))
             }
-        })
+            Enforcer::Project(quota) => {
+                let id = quota.allocate().context(|| "allocating a project id".into())?;
+                let built = build_in_place(&path, |tmp| {
+                    fs::create_dir(tmp)?;
+                    quota.assign(tmp, id)?;
+                    quota.set_limit(id, capacity, 0)?;
+                    fill(tmp, source)
+                });
+                if let Err(e) = built {
+                    // Best effort: an id that still has a limit is skipped by
+                    // the next allocation anyway.
+                    let _ = quota.release(id);
+                    return Err(e);
+                }
+                Ok(Enforcement::Project(id))
+            }
+            Enforcer::None(reason) => {
+                build_in_place(&path, |tmp| match source {
+                    Some(source) => copy_tree(source, tmp).map(drop),
+                    None => {
+                        fs::create_dir(tmp)?;
+                        fs::set_permissions(tmp, fs::Permissions::from_mode(VOLUME_ROOT_MODE))
+                    }
+                })?;
+                Ok(Enforcement::Unenforced(reason.clone()))
+            }
+        }
     }
 
-    /// Copies the volume's files into a new snapshot.
+    /// Snapshots the volume's files: a read-only btrfs snapshot when the
+    /// volume is a subvolume, a copy otherwise.
     pub fn create_snapshot(&self, volume: &Key, snapshot: &Key) -> Result<()> {
         let source = self.volume_path(volume);
-        build_in_place(&self.snapshot_path(snapshot), |tmp| copy_tree(&source, tmp).map(drop))
+        let path = self.snapshot_path(snapshot);
+        if btrfs::is_subvolume(&source) {
+            remove_tree(&path)?;
+            return btrfs::snapshot(&source, &path, true)
+                .context(|| format!("snapshotting {} as {}", source.display(), path.display()));
+        }
+        build_in_place(&path, |tmp| copy_tree(&source, tmp).map(drop))
     }
 
-    /// Removes the volume's files; a missing volume is already removed.
-    pub fn delete_volume(&self, key: &Key) -> Result<()> {
-        remove_tree(&self.volume_path(key))
+    /// Removes the volume's files and gives back its project id; a missing
+    /// volume is already removed.
+    pub fn delete_volume(&self, key: &Key, enforcement: Option<&Enforcement>) -> Result<()> {
+        remove_tree(&self.volume_path(key))?;
+        if let (Enforcer::Project(quota), Some(Enforcement::Project(id))) = (&self.enforcer, enforcement) {
+            quota.release(*id).context(|| format!("clearing the limits of project {id}"))?;
+        }
+        Ok(())
     }
 
     /// Removes the snapshot's files; a missing snapshot is already removed.
@@ -81,10 +160,74 @@ impl DirBackend {
         fs::symlink_metadata(self.volume_path(key)).is_ok_and(|m| m.is_dir())
     }
 
-    /// Space and inodes the volume's files take.
+    /// Space and inodes the volume's files take, found by walking its tree.
     pub fn usage(&self, key: &Key) -> Result<TreeUsage> {
         let path = self.volume_path(key);
         tree_usage(&path).context(|| format!("measuring {}", path.display()))
+    }
+
+    /// What the quota has counted for the volume; `None` when its capacity
+    /// is not enforced by this root's quotas.
+    pub fn quota_usage(&self, enforcement: Option<&Enforcement>) -> Result<Option<QuotaUsage>> {
+        match (&self.enforcer, enforcement) {
+            (Enforcer::Btrfs(quota), Some(Enforcement::BtrfsQgroup(id))) => {
+                let (bytes, limit) = quota.usage(*id).context(|| format!("reading qgroup 0/{id}"))?;
+                Ok(Some(QuotaUsage { bytes, inodes: None, limit }))
+            }
+            (Enforcer::Project(quota), Some(Enforcement::Project(id))) => {
+                let q = quota.get(*id).context(|| format!("reading project quota {id}"))?;
+                Ok(Some(QuotaUsage { bytes: q.bytes, inodes: Some(q.inodes), limit: Some(q.bytes_limit) }))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Sets the volume's enforced limit to `capacity` (no-op when not enforced).
+    pub fn set_limit(&self, key: &Key, enforcement: Option<&Enforcement>, capacity: u64) -> Result<()> {
+        match (&self.enforcer, enforcement) {
+            (Enforcer::Btrfs(quota), Some(Enforcement::BtrfsQgroup(id))) => quota
+                .set_limit(&self.volume_path(key), *id, capacity)
+                .context(|| format!("limiting qgroup 0/{id} to {capacity} bytes")),
+            (Enforcer::Project(quota), Some(Enforcement::Project(id))) => {
+                quota.set_limit(*id, capacity, 0).context(|| format!("limiting project {id} to {capacity} bytes"))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Takes over a volume loaded from its record at start-up: holds its
+    /// project id, and puts its limit back when it is missing or differs.
+    pub fn adopt(&self, key: &Key, enforcement: Option<&Enforcement>, capacity: u64) -> Result<()> {
+        if let (Enforcer::Project(quota), Some(Enforcement::Project(id))) = (&self.enforcer, enforcement) {
+            quota.hold(*id);
+        }
+        if !self.volume_exists(key) {
+            return Ok(());
+        }
+        let Some(usage) = self.quota_usage(enforcement)? else {
+            return Ok(());
+        };
+        // Quota limits are kept in 512-byte units: compare in those.
+        if usage.limit.map(|l| l.div_ceil(512)) != Some(capacity.div_ceil(512)) {
+            tracing::warn!(
+                volume = %key,
+                found = ?usage.limit,
+                capacity,
+                "volume limit was missing or changed; putting it back"
+            );
+            self.set_limit(key, enforcement, capacity)?;
+        }
+        Ok(())
+    }
+}
+
+/// Fills a prepared, empty volume root: a copy of `source`, or an empty
+/// volume's mode.
+fn fill(root: &Path, source: Option<&Path>) -> io::Result<()> {
+    match source {
+        Some(source) => copy_into(source, root).map(drop),
+        // Set explicitly: mkdir's mode is filtered by the umask.
+        None => fs::set_permissions(root, fs::Permissions::from_mode(VOLUME_ROOT_MODE)),
     }
 }
 
@@ -96,21 +239,25 @@ fn build_in_place(path: &Path, build: impl FnOnce(&Path) -> io::Result<()>) -> R
     remove_tree(path)?;
     if let Err(e) = build(&tmp) {
         // Best effort: the next attempt removes it too.
-        let _ = fs::remove_dir_all(&tmp);
-        return Err(crate::error::Error::io(format!("building {}", path.display()), e));
+        let _ = remove_tree(&tmp);
+        return Err(Error::io(format!("building {}", path.display()), e));
     }
     fs::rename(&tmp, path).context(|| format!("renaming into {}", path.display()))?;
     let parent = path.parent().unwrap_or(Path::new("/"));
     fs::File::open(parent).and_then(|dir| dir.sync_all()).context(|| format!("syncing {}", parent.display()))
 }
 
-/// Removes a tree without following symlinks; a missing tree is fine.
+/// Removes a tree without following symlinks; a missing tree is fine. A btrfs
+/// subvolume (read-only snapshots included) is deleted as a whole.
 fn remove_tree(path: &Path) -> Result<()> {
     match fs::symlink_metadata(path) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(crate::error::Error::io(format!("inspecting {}", path.display()), e)),
+        Err(e) => Err(Error::io(format!("inspecting {}", path.display()), e)),
         // A planted symlink is removed itself; its target is never touched.
         Ok(meta) if !meta.is_dir() => fs::remove_file(path).context(|| format!("removing {}", path.display())),
+        Ok(_) if btrfs::is_subvolume(path) => {
+            btrfs::delete_subvolume(path).context(|| format!("deleting subvolume {}", path.display()))
+        }
         Ok(_) => fs::remove_dir_all(path).context(|| format!("removing {}", path.display())),
     }
 }
@@ -123,17 +270,19 @@ mod tests {
     #[test]
     fn volumes_snapshots_and_restores_keep_content() {
         let root = tempfile::tempdir().unwrap();
-        let dir = DirBackend::open(root.path()).unwrap();
+        let dir = DirBackend::open(root.path(), QuotaMode::Off).unwrap();
         let (vol, snap, restored) =
             (Key::for_name(Kind::Volume, "v"), Key::for_name(Kind::Snapshot, "s"), Key::for_name(Kind::Volume, "r"));
-        dir.create_volume(&vol, None).unwrap();
+        let enforcement = dir.create_volume(&vol, None, 1 << 20).unwrap();
+        assert!(matches!(&enforcement, Enforcement::Unenforced(r) if r.contains("--quota off")), "{enforcement:?}");
         fs::write(dir.volume_path(&vol).join("data"), b"hello").unwrap();
         dir.create_snapshot(&vol, &snap).unwrap();
         fs::write(dir.volume_path(&vol).join("data"), b"changed").unwrap();
-        dir.create_volume(&restored, Some(&dir.snapshot_path(&snap))).unwrap();
+        dir.create_volume(&restored, Some(&dir.snapshot_path(&snap)), 1 << 20).unwrap();
         assert_eq!(fs::read(dir.volume_path(&restored).join("data")).unwrap(), b"hello");
-        dir.delete_volume(&vol).unwrap();
-        dir.delete_volume(&vol).unwrap();
+        assert_eq!(dir.quota_usage(Some(&enforcement)).unwrap(), None);
+        dir.delete_volume(&vol, Some(&enforcement)).unwrap();
+        dir.delete_volume(&vol, Some(&enforcement)).unwrap();
         assert!(!dir.volume_exists(&vol));
         dir.delete_snapshot(&snap).unwrap();
         assert!(!dir.snapshot_path(&snap).exists());
@@ -144,15 +293,15 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let outside = tempfile::tempdir().unwrap();
         fs::write(outside.path().join("precious"), b"keep").unwrap();
-        let dir = DirBackend::open(root.path()).unwrap();
+        let dir = DirBackend::open(root.path(), QuotaMode::Auto).unwrap();
         let key = Key::for_name(Kind::Volume, "v");
         // Leftovers: a half-built temp dir and a symlink where the volume goes.
         let path = dir.volume_path(&key);
         fs::create_dir(path.with_file_name(format!(".{key}.tmp"))).unwrap();
         std::os::unix::fs::symlink(outside.path(), &path).unwrap();
-        dir.create_volume(&key, None).unwrap();
+        let enforcement = dir.create_volume(&key, None, 1 << 20).unwrap();
         assert!(dir.volume_exists(&key));
-        dir.delete_volume(&key).unwrap();
+        dir.delete_volume(&key, Some(&enforcement)).unwrap();
         assert_eq!(fs::read(outside.path().join("precious")).unwrap(), b"keep");
     }
 }

@@ -105,6 +105,11 @@ impl LoopBackend {
         remove_file(&self.snapshot_path(key))
     }
 
+    /// Bytes the image takes on the host filesystem (0 when it is missing).
+    pub fn allocated_bytes(&self, key: &Key) -> u64 {
+        blockfs::allocated_bytes(&self.image_path(key)).unwrap_or(0)
+    }
+
     /// Whether the image exists as a regular file (not a planted link).
     pub fn volume_exists(&self, key: &Key) -> bool {
         fs::symlink_metadata(self.image_path(key)).is_ok_and(|m| m.is_file())

@@ -39,11 +39,16 @@ pub struct CopyStats {
 /// `InvalidData` error. Sockets are skipped. On error `dst` may hold a
 /// partial copy, which the caller should remove.
 pub fn copy_tree(src: &Path, dst: &Path) -> io::Result<CopyStats> {
-    let root = fs::symlink_metadata(src)?;
-    if !root.is_dir() {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{} is not a directory", src.display())));
-    }
+    source_dir(src)?;
     fs::create_dir(dst)?;
+    copy_into(src, dst)
+}
+
+/// Copies the tree at `src` into the existing, empty directory `dst`, which
+/// takes the owner, mode and times of `src`; otherwise as [`copy_tree`].
+/// Used where `dst` must be prepared first (a subvolume, a project id).
+pub fn copy_into(src: &Path, dst: &Path) -> io::Result<CopyStats> {
+    let root = source_dir(src)?;
 
     let mut copier = TreeCopier { dev: root.dev(), stats: CopyStats::default(), links: HashMap::new() };
     // An explicit stack keeps deep trees from overflowing the call stack.
@@ -58,6 +63,14 @@ pub fn copy_tree(src: &Path, dst: &Path) -> io::Result<CopyStats> {
         }
     }
     Ok(copier.stats)
+}
+
+fn source_dir(src: &Path) -> io::Result<Metadata> {
+    let root = fs::symlink_metadata(src)?;
+    if !root.is_dir() {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{} is not a directory", src.display())));
+    }
+    Ok(root)
 }
 
 /// Copies one regular file (reflink, else sparse copy) to new file `dst`; true if reflinked.

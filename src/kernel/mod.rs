@@ -1,8 +1,10 @@
-//! Narrow seams over the kernel: mounts, mount table, tree copies, usage.
+//! Narrow seams over the kernel: mounts, mount table, tree copies, usage,
+//! quotas.
 
 pub mod copy;
 pub mod mount;
 pub mod mountinfo;
+pub mod quota;
 pub mod usage;
 
 pub mod blockfs;

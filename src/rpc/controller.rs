@@ -10,7 +10,7 @@ use crate::csi::{self, controller_server::Controller};
 use crate::driver::{Condition, Driver, NewVolume, topology};
 use crate::error::{Error, Result};
 use crate::ids::{Key, Kind, validate_name};
-use crate::records::{ContentSource, SnapshotRecord, VolumeRecord};
+use crate::records::{ContentSource, Enforcement, SnapshotRecord, VolumeRecord};
 use crate::rpc::{blocking, traced, validate};
 
 /// Controller over a node's own driver.
@@ -56,9 +56,14 @@ pub fn volume_message(record: &VolumeRecord, node_id: &str) -> csi::Volume {
     });
     let mut context: std::collections::HashMap<String, String> =
         [("backend".to_owned(), format!("{:?}", record.backend).to_lowercase())].into();
-    if let Some(spec) = &record.loop_spec {
-        context.insert("fsType".into(), spec.fs_type.clone());
-        context.insert("provisioning".into(), if spec.thick { "thick" } else { "thin" }.into());
+    match &record.loop_spec {
+        Some(spec) => {
+            context.insert("fsType".into(), spec.fs_type.clone());
+            context.insert("provisioning".into(), if spec.thick { "thick" } else { "thin" }.into());
+        }
+        None => {
+            context.insert("quota".into(), quota_context(record.enforcement.as_ref()));
+        }
     }
     csi::Volume {
         capacity_bytes: to_i64(record.capacity_bytes),
@@ -66,6 +71,16 @@ pub fn volume_message(record: &VolumeRecord, node_id: &str) -> csi::Volume {
         volume_context: context,
         content_source,
         accessible_topology: vec![csi::Topology { segments: topology(node_id) }],
+    }
+}
+
+/// How the volume's capacity is enforced, in words, for its volume context.
+fn quota_context(enforcement: Option<&Enforcement>) -> String {
+    match enforcement {
+        Some(Enforcement::BtrfsQgroup(id)) => format!("btrfs qgroup 0/{id}"),
+        Some(Enforcement::Project(id)) => format!("project quota {id}"),
+        Some(Enforcement::Unenforced(reason)) => format!("not enforced: {reason}"),
+        None => "not enforced: created before Loam enforced capacities".into(),
     }
 }
 

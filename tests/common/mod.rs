@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use hyper_util::rt::TokioIo;
-use loam::config::{Config, Mode};
+use loam::config::{Config, Mode, QuotaMode};
 use loam::csi;
 use loam::csi::controller_client::ControllerClient;
 use loam::csi::identity_client::IdentityClient;
@@ -42,26 +42,33 @@ pub struct Harness {
     shutdown: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<()>>,
     real_mounts: bool,
+    quota: QuotaMode,
 }
 
 impl Harness {
     /// Starts a server with real mounts when privileged, a fake otherwise.
     pub async fn start() -> Harness {
         let dir = tempfile::tempdir().expect("tempdir");
-        Harness::start_in(dir, privileged(), 0).await
+        Harness::start_in(dir, privileged(), 0, QuotaMode::Auto).await
+    }
+
+    /// Starts a server whose root is `dir/root` (already prepared, e.g. a
+    /// mounted test filesystem) with the given quota mode.
+    pub async fn start_with_quota(dir: tempfile::TempDir, quota: QuotaMode) -> Harness {
+        Harness::start_in(dir, privileged(), 0, quota).await
     }
 
     /// Starts a server with a limit on attached volumes.
     pub async fn start_with_limit(max_volumes_per_node: u32) -> Harness {
         let dir = tempfile::tempdir().expect("tempdir");
-        Harness::start_in(dir, privileged(), max_volumes_per_node).await
+        Harness::start_in(dir, privileged(), max_volumes_per_node, QuotaMode::Auto).await
     }
 
-    async fn start_in(dir: tempfile::TempDir, real_mounts: bool, max: u32) -> Harness {
+    async fn start_in(dir: tempfile::TempDir, real_mounts: bool, max: u32, quota: QuotaMode) -> Harness {
         let root = dir.path().canonicalize().expect("canonical").join("root");
         let socket = dir.path().join("csi.sock");
         let config =
-            Config { driver_name: "loam.csi.dev".into(), node_id: NODE.into(), root, max_volumes_per_node: max };
+            Config { driver_name: "loam.csi.dev".into(), node_id: NODE.into(), root, max_volumes_per_node: max, quota };
         let mounter: Arc<dyn Mounter> =
             if real_mounts { Arc::new(KernelMounter) } else { Arc::new(FakeMounter::new()) };
         let driver = Arc::new(Driver::open(config, mounter).expect("open driver"));
@@ -83,6 +90,7 @@ impl Harness {
             shutdown: Some(tx),
             server: Some(server),
             real_mounts,
+            quota,
         }
     }
 
@@ -91,11 +99,11 @@ impl Harness {
     pub async fn restart(mut self) -> Harness {
         self.stop_server().await;
         let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir"));
-        let real = self.real_mounts;
+        let (real, quota) = (self.real_mounts, self.quota);
         // The old harness must not unmount the new one's mounts.
         self.real_mounts = false;
         drop(self);
-        Harness::start_in(dir, real, 0).await
+        Harness::start_in(dir, real, 0, quota).await
     }
 
     async fn stop_server(&mut self) {

@@ -1,0 +1,358 @@
+//! Enforced capacities on a real filesystem: a fresh btrfs (default), XFS or
+//! ext4 (`LOAM_QUOTA_FS=xfs|ext4`, run in a VM by `scripts/vm-quota-test.sh`
+//! because the host kernel lacks their quota code) on a loop device, used as
+//! the driver's root. Needs root in a private mount namespace
+//! (`LOAM_PRIVILEGED_TESTS=1`); the filesystem is unmounted and its loop
+//! device detached on every exit, failures included.
+
+mod common;
+
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{Access, Harness, privileged};
+use loam::config::QuotaMode;
+use loam::csi;
+use loam::kernel::quota::{Btrfs, Project, btrfs::Probe};
+use tonic::Code;
+
+const MIB: u64 = 1 << 20;
+
+macro_rules! require_privileges {
+    () => {
+        if !privileged() {
+            eprintln!("skipped: needs LOAM_PRIVILEGED_TESTS=1 (root, private mount namespace)");
+            return;
+        }
+    };
+}
+
+/// The filesystem under test.
+fn fs_kind() -> String {
+    std::env::var("LOAM_QUOTA_FS").unwrap_or_else(|_| "btrfs".into())
+}
+
+/// A fresh filesystem on a loop device, mounted at `mount`; unmounted and
+/// detached when dropped.
+struct TestFs {
+    _image_dir: tempfile::TempDir,
+    device: String,
+    mount: PathBuf,
+}
+
+impl TestFs {
+    fn new(mount: &Path) -> TestFs {
+        let kind = fs_kind();
+        let image_dir = tempfile::tempdir().expect("tempdir");
+        let image = image_dir.path().join("fs.img");
+        // mkfs.xfs refuses filesystems under 300 MB; sparse, so it costs nothing.
+        File::create(&image).and_then(|f| f.set_len(512 * MIB)).expect("image");
+        let (mkfs, options): (&[&str], &str) = match kind.as_str() {
+            "btrfs" => (&["mkfs.btrfs", "-q", "-f"], ""),
+            "xfs" => (&["mkfs.xfs", "-q", "-f"], "prjquota"),
+            "ext4" => (&["mkfs.ext4", "-q", "-F", "-O", "project,quota"], "prjquota"),
+            other => panic!("LOAM_QUOTA_FS={other}: use btrfs, xfs or ext4"),
+        };
+        run(Command::new(mkfs[0]).args(&mkfs[1..]).arg(&image));
+        let out = Command::new("losetup").args(["--find", "--show"]).arg(&image).output().expect("losetup");
+        assert!(out.status.success(), "losetup: {}", String::from_utf8_lossy(&out.stderr));
+        let device = String::from_utf8(out.stdout).expect("utf-8").trim().to_owned();
+        // From here on, Drop detaches the device whatever happens.
+        let fs = TestFs { _image_dir: image_dir, device, mount: mount.to_owned() };
+        fs::create_dir_all(mount).expect("mount point");
+        nix::mount::mount(
+            Some(fs.device.as_str()),
+            mount,
+            Some(kind.as_str()),
+            nix::mount::MsFlags::empty(),
+            Some(options),
+        )
+        .expect("mount test filesystem");
+        fs
+    }
+}
+
+impl Drop for TestFs {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.mount, nix::mount::MntFlags::MNT_DETACH);
+        // A device still in use is detached by the kernel once released.
+        let _ = Command::new("losetup").arg("-d").arg(&self.device).status();
+    }
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A harness whose root is a fresh test filesystem; the filesystem outlives
+/// the harness (locals drop in reverse order).
+async fn start() -> (TestFs, Harness) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fs = TestFs::new(&dir.path().canonicalize().expect("canonical").join("root"));
+    let harness = Harness::start_with_quota(dir, QuotaMode::Required).await;
+    (fs, harness)
+}
+
+/// Writes `bytes` to a new file at `path` in 1 MiB chunks, from a thread
+/// without CAP_SYS_RESOURCE (as a pod's process: ext4 lets that capability
+/// exceed hard limits). Returns what was written and the error that stopped it.
+fn write_unprivileged(path: &Path, bytes: u64) -> (u64, Option<io::Error>) {
+    let path = path.to_owned();
+    std::thread::spawn(move || {
+        drop_sys_resource();
+        let mut file = match File::create(&path) {
+            Ok(f) => f,
+            Err(e) => return (0, Some(e)),
+        };
+        let chunk = vec![0x5au8; MIB as usize];
+        let mut written = 0;
+        while written < bytes {
+            match file.write(&chunk[..(bytes - written).min(MIB) as usize]) {
+                Ok(n) => written += n as u64,
+                Err(e) => return (written, Some(e)),
+            }
+        }
+        (written, file.sync_all().err())
+    })
+    .join()
+    .expect("writer thread")
+}
+
+/// Drops CAP_SYS_RESOURCE from this thread's effective set (capabilities
+/// are per thread, so the test process keeps it).
+fn drop_sys_resource() {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Default, Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const VERSION_3: u32 = 0x2008_0522;
+    const CAP_SYS_RESOURCE: u32 = 24;
+    let mut header = Header { version: VERSION_3, pid: 0 };
+    let mut data = [Data::default(); 2];
+    // SAFETY: capget/capset with a v3 header and two data words, as documented.
+    unsafe {
+        assert_eq!(libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()), 0, "capget");
+        data[0].effective &= !(1 << CAP_SYS_RESOURCE);
+        assert_eq!(libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()), 0, "capset");
+    }
+}
+
+fn is_over_quota(err: &Option<io::Error>) -> bool {
+    // XFS reports ENOSPC, ext4 and btrfs EDQUOT.
+    err.as_ref().and_then(io::Error::raw_os_error).is_some_and(|e| e == libc::EDQUOT || e == libc::ENOSPC)
+}
+
+/// Commits the filesystem so btrfs qgroup counters are current.
+fn sync(path: &Path) {
+    let dir = File::open(path).expect("open");
+    // SAFETY: syncfs on an open fd.
+    assert_eq!(unsafe { libc::syncfs(dir.as_raw_fd()) }, 0, "syncfs");
+}
+
+async fn used_bytes(h: &mut Harness, id: &str, path: &Path) -> u64 {
+    let stats = h
+        .node
+        .node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
+            volume_id: id.into(),
+            volume_path: common::path_str(path),
+            ..Default::default()
+        })
+        .await
+        .expect("stats")
+        .into_inner();
+    u64::try_from(stats.usage[0].used).expect("non-negative")
+}
+
+async fn quota_context(h: &mut Harness, id: &str) -> String {
+    let volume = h
+        .controller
+        .controller_get_volume(csi::ControllerGetVolumeRequest { volume_id: id.into() })
+        .await
+        .expect("get volume")
+        .into_inner()
+        .volume
+        .expect("volume");
+    volume.volume_context["quota"].clone()
+}
+
+/// The limit the kernel enforces for a volume whose context says `quota`.
+fn kernel_limit(root: &Path, quota: &str) -> u64 {
+    if let Some(id) = quota.strip_prefix("btrfs qgroup 0/") {
+        let Probe::Enforcing(btrfs) = Btrfs::probe(root, false).expect("probe") else { panic!("quotas off") };
+        btrfs.usage(id.parse().expect("id")).expect("usage").1.unwrap_or(0)
+    } else if let Some(id) = quota.strip_prefix("project quota ") {
+        Project::open(root).expect("project").get(id.parse().expect("id")).expect("get").bytes_limit
+    } else {
+        panic!("volume is not enforced: {quota}")
+    }
+}
+
+/// Changes a volume's limit behind the driver's back.
+fn tamper_limit(root: &Path, quota: &str, bytes: u64) {
+    if let Some(id) = quota.strip_prefix("btrfs qgroup 0/") {
+        let Probe::Enforcing(btrfs) = Btrfs::probe(root, false).expect("probe") else { panic!("quotas off") };
+        btrfs.set_limit(root, id.parse().expect("id"), bytes).expect("limit");
+    } else if let Some(id) = quota.strip_prefix("project quota ") {
+        Project::open(root).expect("project").set_limit(id.parse().expect("id"), bytes, 0).expect("limit");
+    }
+}
+
+#[tokio::test]
+async fn capacity_is_enforced_grows_online_survives_restarts_and_is_reported() {
+    require_privileges!();
+    let (_fs, mut h) = start().await;
+    let root = h.root();
+    let block = nix::sys::statvfs::statvfs(&root).expect("statvfs").block_size();
+    let id = h.create("pvc-quota", (32 * MIB) as i64).await;
+    let quota = quota_context(&mut h, &id).await;
+    assert_eq!(kernel_limit(&root, &quota), 32 * MIB, "{quota}");
+    let (staging, target) = (h.co_path("staging"), h.co_path("pod"));
+    h.stage(&id, &staging).await.unwrap();
+    h.publish(&id, &staging, &target, Access::Writer, false).await.unwrap();
+    sync(&target);
+    let empty = used_bytes(&mut h, &id, &target).await;
+
+    // 48 MiB do not fit in 32 MiB.
+    let (written, err) = write_unprivileged(&target.join("big"), 48 * MIB);
+    eprintln!("{}: wrote {written} bytes into a 32 MiB volume, then {err:?}", fs_kind());
+    assert!(is_over_quota(&err), "writing past capacity must fail: {err:?}");
+    assert!((31 * MIB..=32 * MIB).contains(&written), "stops within 1 MiB of the capacity: {written}");
+    fs::remove_file(target.join("big")).unwrap();
+    sync(&target);
+
+    // Grown online, through both halves of an expansion, with the volume published.
+    let grow = Some(csi::CapacityRange { required_bytes: (64 * MIB) as i64, limit_bytes: 0 });
+    h.controller
+        .controller_expand_volume(csi::ControllerExpandVolumeRequest {
+            volume_id: id.clone(),
+            capacity_range: grow,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    h.node
+        .node_expand_volume(csi::NodeExpandVolumeRequest {
+            volume_id: id.clone(),
+            volume_path: common::path_str(&target),
+            capacity_range: grow,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(kernel_limit(&root, &quota), 64 * MIB);
+    let (written, err) = write_unprivileged(&target.join("big"), 48 * MIB);
+    assert!(err.is_none() && written == 48 * MIB, "the same write after expansion: {written} {err:?}");
+
+    // Stats come from the quota and match what was written.
+    sync(&target);
+    let used = used_bytes(&mut h, &id, &target).await;
+    eprintln!("{}: empty volume uses {empty}, after 48 MiB {used} (block {block})", fs_kind());
+    assert!(used.abs_diff(empty + 48 * MIB) <= block, "used {used}, empty {empty}, block {block}");
+
+    // Someone loosens the limit; a restart puts it back, and it holds.
+    tamper_limit(&root, &quota, 512 * MIB);
+    let mut h = h.restart().await;
+    assert_eq!(kernel_limit(&root, &quota), 64 * MIB, "restored after restart");
+    let (written, err) = write_unprivileged(&target.join("more"), 32 * MIB);
+    assert!(is_over_quota(&err), "after a restart the limit still holds: {written} {err:?}");
+    fs::remove_file(target.join("more")).unwrap();
+
+    h.unpublish(&id, &target).await.unwrap();
+    h.unstage(&id, &staging).await.unwrap();
+    h.controller.delete_volume(csi::DeleteVolumeRequest { volume_id: id, ..Default::default() }).await.unwrap();
+}
+
+#[tokio::test]
+async fn concurrent_creates_get_distinct_limits_and_snapshots_restore_with_their_own() {
+    require_privileges!();
+    let (_fs, mut h) = start().await;
+    let root = h.root();
+    let creates: Vec<_> = (0..32u64)
+        .map(|i| {
+            let mut controller = h.controller.clone();
+            tokio::spawn(async move {
+                // Distinct sizes, so every limit is distinct too; 264 MiB in all.
+                let req = common::create_request(&format!("pvc-{i}"), ((i + 1) * MIB / 2) as i64);
+                controller.create_volume(req).await.expect("create").into_inner().volume.expect("volume")
+            })
+        })
+        .collect();
+    let mut ids = Vec::new();
+    let mut quotas = std::collections::BTreeSet::new();
+    for (i, task) in creates.into_iter().enumerate() {
+        let volume = task.await.unwrap();
+        let quota = volume.volume_context["quota"].clone();
+        assert_eq!(kernel_limit(&root, &quota), (i as u64 + 1) * MIB / 2, "{quota}");
+        quotas.insert(quota);
+        ids.push(volume.volume_id);
+    }
+    assert_eq!(quotas.len(), 32, "{quotas:?}");
+
+    // A restore from a snapshot is limited on its own.
+    let snapshot = h
+        .controller
+        .create_snapshot(csi::CreateSnapshotRequest {
+            source_volume_id: ids[3].clone(),
+            name: "snap".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    let mut req = common::create_request("restored", (8 * MIB) as i64);
+    req.volume_content_source = Some(csi::VolumeContentSource {
+        r#type: Some(csi::volume_content_source::Type::Snapshot(csi::volume_content_source::SnapshotSource {
+            snapshot_id: snapshot.snapshot_id.clone(),
+        })),
+    });
+    let restored = h.controller.create_volume(req).await.unwrap().into_inner().volume.unwrap();
+    let quota = restored.volume_context["quota"].clone();
+    assert!(!quotas.contains(&quota), "{quota}");
+    assert_eq!(kernel_limit(&root, &quota), 8 * MIB);
+
+    // What the volumes were promised is no longer offered.
+    let free = nix::sys::statvfs::statvfs(&root).unwrap();
+    let free = free.blocks_available() * free.fragment_size();
+    let capacity =
+        h.controller.get_capacity(csi::GetCapacityRequest::default()).await.unwrap().into_inner().available_capacity
+            as u64;
+    let promised: u64 = (1..=32).map(|i| i * MIB / 2).sum::<u64>() + 8 * MIB;
+    assert!(capacity < free && capacity + promised >= free, "capacity {capacity}, free {free}, promised {promised}");
+
+    h.controller
+        .delete_snapshot(csi::DeleteSnapshotRequest { snapshot_id: snapshot.snapshot_id, ..Default::default() })
+        .await
+        .unwrap();
+    for id in ids.into_iter().chain([restored.volume_id]) {
+        h.controller.delete_volume(csi::DeleteVolumeRequest { volume_id: id, ..Default::default() }).await.unwrap();
+    }
+    if let Some(id) = quota.strip_prefix("project quota ") {
+        let id: u32 = id.parse().unwrap();
+        assert_eq!(Project::open(&root).unwrap().get(id).unwrap().bytes_limit, 0, "released ids are cleared");
+    }
+}
+
+#[tokio::test]
+async fn required_refuses_volumes_on_a_root_that_cannot_enforce() {
+    // No privileges needed: the temporary directory's filesystem has no
+    // usable quota (tmpfs, or ext4 without prjquota), and nothing is mounted.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut h = Harness::start_with_quota(dir, QuotaMode::Required).await;
+    let err = h.controller.create_volume(common::create_request("pvc", MIB as i64)).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("--quota required") && err.message().contains("prjquota"), "{err:?}");
+}
