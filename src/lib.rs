@@ -20,6 +20,7 @@
 //! Cross-cutting: [`error`] is the one error type and its mapping to gRPC
 //! codes; [`ids`] forms and parses volume and snapshot ids.
 
+pub mod auth;
 pub mod backend;
 pub mod config;
 pub mod driver;
@@ -28,6 +29,7 @@ pub mod guard;
 pub mod ids;
 pub mod kernel;
 pub mod records;
+pub mod routing;
 pub mod rpc;
 pub mod server;
 pub mod store;

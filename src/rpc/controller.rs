@@ -45,6 +45,19 @@ const CAPABILITIES: &[Cap] = &[
     // driver that lists it, and no kubernetes-csi sidecar calls it yet.
 ];
 
+/// The Controller's capabilities, the same whether served here or routed.
+pub(crate) fn capabilities() -> csi::ControllerGetCapabilitiesResponse {
+    let capabilities = CAPABILITIES
+        .iter()
+        .map(|&kind| csi::ControllerServiceCapability {
+            r#type: Some(controller_service_capability::Type::Rpc(controller_service_capability::Rpc {
+                r#type: kind as i32,
+            })),
+        })
+        .collect();
+    csi::ControllerGetCapabilitiesResponse { capabilities }
+}
+
 /// The CSI message for a volume record.
 pub fn volume_message(record: &VolumeRecord, node_id: &str) -> csi::Volume {
     use csi::volume_content_source::{SnapshotSource, Type, VolumeSource};
@@ -307,15 +320,7 @@ impl Controller for ControllerService {
         &self,
         _: Request<csi::ControllerGetCapabilitiesRequest>,
     ) -> Result<Response<csi::ControllerGetCapabilitiesResponse>, Status> {
-        let capabilities = CAPABILITIES
-            .iter()
-            .map(|&kind| csi::ControllerServiceCapability {
-                r#type: Some(controller_service_capability::Type::Rpc(controller_service_capability::Rpc {
-                    r#type: kind as i32,
-                })),
-            })
-            .collect();
-        Ok(Response::new(csi::ControllerGetCapabilitiesResponse { capabilities }))
+        Ok(Response::new(capabilities()))
     }
 
     async fn create_snapshot(

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use hyper_util::rt::TokioIo;
-use loam::config::{Config, Mode};
+use loam::config::Config;
 use loam::csi;
 use loam::csi::controller_client::ControllerClient;
 use loam::csi::identity_client::IdentityClient;
@@ -15,6 +15,7 @@ use loam::csi::node_client::NodeClient;
 use loam::driver::Driver;
 use loam::kernel::mount::{FakeMounter, KernelMounter, Mounter};
 use loam::kernel::mountinfo;
+use loam::server::Services;
 use tokio::net::UnixStream;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -68,7 +69,7 @@ impl Harness {
         let listener = loam::server::bind(&socket).expect("bind");
         let (tx, rx) = oneshot::channel();
         let server = tokio::spawn(async move {
-            loam::server::run(listener, driver, Mode::All, async {
+            loam::server::run(listener, Services::All(driver), async {
                 let _ = rx.await;
             })
             .await
