@@ -37,3 +37,6 @@ LOAM_PRIVILEGED_TESTS=1 unshare --mount --propagation private -- cargo test --lo
 step "csi-sanity: dir backend"
 cargo build --locked
 CSI_SANITY="$sanity" scripts/sanity.sh
+
+step "csi-sanity: split (controller routing to two node agents)"
+SANITY_MODE=split CSI_SANITY="$sanity" scripts/sanity.sh
