@@ -74,16 +74,21 @@ struct Agent {
     node: String,
     addr: SocketAddr,
     running: Option<Running>,
+    small: bool,
 }
 
 impl Agent {
-    async fn start(node: &str) -> Agent {
-        let mut agent = Agent {
-            dir: tempfile::tempdir().expect("tempdir"),
-            node: node.into(),
-            addr: "127.0.0.1:0".parse().unwrap(),
-            running: None,
-        };
+    /// Starts an agent; a `small` one has its root on an 8 MiB tmpfs
+    /// (privileged runs only).
+    async fn start(node: &str, small: bool) -> Agent {
+        let dir = tempfile::tempdir().expect("tempdir");
+        if small {
+            let root = dir.path().join("root");
+            std::fs::create_dir(&root).unwrap();
+            nix::mount::mount(Some("tmpfs"), &root, Some("tmpfs"), nix::mount::MsFlags::empty(), Some("size=8m"))
+                .expect("mount tmpfs");
+        }
+        let mut agent = Agent { dir, node: node.into(), addr: "127.0.0.1:0".parse().unwrap(), running: None, small };
         agent.restart().await;
         agent
     }
@@ -121,6 +126,14 @@ impl Agent {
     }
 }
 
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if self.small {
+            let _ = nix::mount::umount2(&self.dir.path().join("root"), nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+}
+
 /// Two agents (node-a, node-b) and a controller routing to them.
 struct Split {
     agents: Vec<Agent>,
@@ -133,7 +146,15 @@ struct Split {
 
 impl Split {
     async fn start() -> Split {
-        let agents = vec![Agent::start("node-a").await, Agent::start("node-b").await];
+        Split::start_with_small(None).await
+    }
+
+    /// Starts node-a and node-b, `small` of them on a tiny filesystem.
+    async fn start_with_small(small: Option<&str>) -> Split {
+        let mut agents = Vec::new();
+        for node in ["node-a", "node-b"] {
+            agents.push(Agent::start(node, small == Some(node)).await);
+        }
         let addresses = Arc::new(Addresses::default());
         addresses.set(agents.iter().map(|a| a.addr).collect());
         let dir = tempfile::tempdir().expect("tempdir");
@@ -280,25 +301,43 @@ async fn volumes_land_where_asked_and_calls_reach_their_owner() {
 }
 
 #[tokio::test]
-async fn without_topology_the_most_free_capacity_wins_and_capacity_adds_up() {
+async fn capacity_is_per_node_or_summed() {
     let mut s = Split::start().await;
-    let capacity = |segment: Option<&str>| csi::GetCapacityRequest {
-        accessible_topology: segment.map(on),
-        volume_capabilities: vec![mount_capability(common::Access::Writer)],
-        ..Default::default()
-    };
     let a = s.controller.get_capacity(capacity(Some("node-a"))).await.unwrap().into_inner();
     let all = s.controller.get_capacity(capacity(None)).await.unwrap().into_inner();
     assert!(a.available_capacity > 0);
     // Both roots share one filesystem here: the sum is about twice one node.
     assert!(all.available_capacity > a.available_capacity + a.available_capacity / 2, "{all:?} vs {a:?}");
     assert!(all.maximum_volume_size.unwrap() < all.available_capacity);
-    // Equal free space: the tie goes to the first node id.
-    let vol = s.controller.create_volume(create_request("pvc-any", MIB)).await.unwrap().into_inner();
-    assert!(vol.volume.unwrap().volume_id.ends_with("@node-a"));
-    // A volume no agent has room for is refused, not misplaced.
+    // A volume no agent has room for is refused by each in turn.
     let err = s.controller.create_volume(create_request("pvc-huge", i64::MAX / 2)).await.unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+}
+
+#[tokio::test]
+async fn without_topology_the_agent_with_most_room_wins() {
+    if !common::privileged() {
+        eprintln!("skipped: needs LOAM_PRIVILEGED_TESTS=1 (root, private mount namespace)");
+        return;
+    }
+    // node-a comes first in node order but has only 8 MiB.
+    let mut s = Split::start_with_small(Some("node-a")).await;
+    let small = s.controller.get_capacity(capacity(Some("node-a"))).await.unwrap().into_inner();
+    assert!(small.available_capacity <= 8 * MIB, "{small:?}");
+    for name in ["pvc-1", "pvc-2"] {
+        let vol = s.controller.create_volume(create_request(name, MIB)).await.unwrap().into_inner();
+        assert!(vol.volume.unwrap().volume_id.ends_with("@node-b"), "{name}");
+    }
+    // Asked for by topology, the small node still gets what fits.
+    assert!(s.create_on("pvc-3", "node-a").await.unwrap().volume_id.ends_with("@node-a"));
+}
+
+fn capacity(segment: Option<&str>) -> csi::GetCapacityRequest {
+    csi::GetCapacityRequest {
+        accessible_topology: segment.map(on),
+        volume_capabilities: vec![mount_capability(common::Access::Writer)],
+        ..Default::default()
+    }
 }
 
 #[tokio::test]
