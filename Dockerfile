@@ -1,0 +1,16 @@
+# The Loam image: the `loam` binary and the filesystem tools it runs (mkfs and
+# resize for ext4 and xfs), on Debian slim.
+#   docker build -t loam:dev .
+FROM rust:1.95-trixie AS build
+WORKDIR /src
+COPY Cargo.toml Cargo.lock build.rs ./
+COPY proto proto
+COPY src src
+RUN cargo build --release --locked --bin loam
+
+FROM debian:trixie-slim
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends e2fsprogs xfsprogs \
+    && rm -rf /var/lib/apt/lists/*
+COPY --from=build /src/target/release/loam /usr/local/bin/loam
+ENTRYPOINT ["/usr/local/bin/loam"]
