@@ -29,6 +29,7 @@ pub mod auth;
 pub mod backend;
 pub mod config;
 pub mod driver;
+pub mod durable;
 pub mod error;
 pub mod guard;
 pub mod ids;
