@@ -88,6 +88,8 @@ struct ServeArgs {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // Two threads drive gRPC I/O, which is light; every filesystem or kernel
+    // call runs on the blocking pool, so concurrent operations run in parallel.
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .max_blocking_threads(32)

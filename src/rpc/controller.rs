@@ -294,20 +294,28 @@ impl Controller for ControllerService {
         let driver = self.driver.clone();
         traced("ListVolumes", "", async move {
             let after = page_token(&req.starting_token)?;
-            let page = driver.list_volumes(after, max_entries(req.max_entries)?);
-            let node = &driver.config().node_id;
-            let entries = page
-                .rows
-                .iter()
-                .map(|record| csi::list_volumes_response::Entry {
-                    volume: Some(volume_message(record, node)),
-                    status: Some(csi::list_volumes_response::VolumeStatus {
-                        published_node_ids: record.attachment.iter().map(|a| a.node_id.clone()).collect(),
-                        volume_condition: Some(condition_message(driver.condition(record))),
-                    }),
+            let max = max_entries(req.max_entries)?;
+            // Conditions look at the filesystem (and sysfs for loop volumes).
+            blocking(move || {
+                let page = driver.list_volumes(after, max);
+                let node = &driver.config().node_id;
+                let entries = page
+                    .rows
+                    .iter()
+                    .map(|record| csi::list_volumes_response::Entry {
+                        volume: Some(volume_message(record, node)),
+                        status: Some(csi::list_volumes_response::VolumeStatus {
+                            published_node_ids: record.attachment.iter().map(|a| a.node_id.clone()).collect(),
+                            volume_condition: Some(condition_message(driver.condition(record))),
+                        }),
+                    })
+                    .collect();
+                Ok(csi::ListVolumesResponse {
+                    entries,
+                    next_token: page.next.map(|k| k.to_string()).unwrap_or_default(),
                 })
-                .collect();
-            Ok(csi::ListVolumesResponse { entries, next_token: page.next.map(|k| k.to_string()).unwrap_or_default() })
+            })
+            .await
         })
         .await
     }
@@ -470,7 +478,10 @@ impl Controller for ControllerService {
         traced("ControllerGetVolume", &req.volume_id.clone(), async move {
             validate::required_id("volume id", &req.volume_id)?;
             let key = driver.volume_key(&req.volume_id)?;
-            let (record, condition) = driver.volume_with_condition(&key)?;
+            let (record, condition) = {
+                let driver = driver.clone();
+                blocking(move || driver.volume_with_condition(&key)).await?
+            };
             let node = &driver.config().node_id;
             let volume = match &record {
                 Some(r) => volume_message(r, node),
