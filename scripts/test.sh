@@ -70,3 +70,5 @@ CSI_SANITY="$sanity" SANITY_PARAMS="$loop_params" scripts/sanity.sh --csi.testvo
 
 step "csi-sanity: split (controller routing to two node agents)"
 SANITY_MODE=split CSI_SANITY="$sanity" scripts/sanity.sh
+step "csi-sanity: split, loop backend, raw block volumes"
+SANITY_MODE=split CSI_SANITY="$sanity" SANITY_PARAMS="$loop_params" scripts/sanity.sh --csi.testvolumeaccesstype=block
