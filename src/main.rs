@@ -114,15 +114,23 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("LOAM_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+/// Logs to stderr at the levels `LOAM_LOG` names (`info` by default; e.g.
+/// `debug` or `info,loam::routing=debug`).
+fn init_logging(format: LogFormat) -> anyhow::Result<()> {
+    use tracing_subscriber::filter::Targets;
+    use tracing_subscriber::prelude::*;
+    let filter: Targets = match std::env::var("LOAM_LOG") {
+        Ok(directives) => directives.parse().with_context(|| format!("LOAM_LOG={directives:?} is not a log filter"))?,
+        Err(_) => Targets::new().with_default(tracing::Level::INFO),
+    };
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr);
+    let layer = tracing_subscriber::fmt::layer().with_ansi(ansi).with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry();
     match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => registry.with(layer.with_filter(filter)).init(),
+        LogFormat::Json => registry.with(layer.json().with_filter(filter)).init(),
     }
+    Ok(())
 }
 
 /// How often the controller rediscovers agents even when nothing fails.
@@ -131,7 +139,7 @@ const AGENTS_REFRESH: Duration = Duration::from_secs(30);
 const AGENT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    init_logging(args.log_format);
+    init_logging(args.log_format)?;
     check_flags(&args)?;
     let socket = loam::server::socket_path(&args.endpoint)?;
     let (stop, stopped) = watch::channel(false);
