@@ -285,9 +285,6 @@ impl Report {
             }
         }
         let _ = writeln!(md, "- **repetitions**: {}", self.reps(OURS).count());
-        if peers.is_empty() {
-            let _ = writeln!(md, "- **peer**: none measured in this run (see above for why)");
-        }
 
         let _ = writeln!(md, "\n### Targets\n");
         let _ = writeln!(md, "| Target | Measured | Verdict |\n|---|---|---|");
@@ -458,8 +455,15 @@ impl Report {
     }
 }
 
+/// "met", "**missed**: by how much", or "not measured" when the number is missing.
 fn verdict(met: bool, missed: String) -> String {
-    if met { "met".into() } else { format!("**missed**: {missed}") }
+    if met {
+        "met".into()
+    } else if missed.contains("NaN") || missed.contains("inf") {
+        "not measured".into()
+    } else {
+        format!("**missed**: {missed}")
+    }
 }
 
 /// A number with sensible precision for a table.
