@@ -9,6 +9,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 CSI_SANITY_VERSION=v5.4.0
+KUSTOMIZE_VERSION=v5.8.2 # v5.8.3 needs Go 1.27
+KUBERNETES_VALIDATE_VERSION=1.37.0 # bundles the schemas of Kubernetes 1.37.0
 step() { printf '\n==> %s\n' "$*"; }
 
 step "installing what is missing"
@@ -26,6 +28,19 @@ sanity="$(go env GOPATH)/bin/csi-sanity"
 if [ ! -x "$sanity" ]; then
     go install "github.com/kubernetes-csi/csi-test/v5/cmd/csi-sanity@${CSI_SANITY_VERSION}"
 fi
+kustomize="$(go env GOPATH)/bin/kustomize"
+if ! "$kustomize" version 2>/dev/null | grep -qx "$KUSTOMIZE_VERSION"; then
+    go install "sigs.k8s.io/kustomize/kustomize/v5@${KUSTOMIZE_VERSION}"
+fi
+venv=target/validate-venv
+if ! "$venv/bin/python" -c "import kubernetes_validate" 2>/dev/null ||
+    [ "$("$venv/bin/kubernetes-validate" --version 2>/dev/null)" != "$KUBERNETES_VALIDATE_VERSION" ]; then
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q "kubernetes-validate==${KUBERNETES_VALIDATE_VERSION}"
+fi
+
+step "deploy/: render with kustomize, validate offline against Kubernetes ${KUBERNETES_VALIDATE_VERSION}"
+KUSTOMIZE="$kustomize" PYTHON="$venv/bin/python" K8S_VERSION="$KUBERNETES_VALIDATE_VERSION" scripts/manifests.sh
 
 step "cargo fmt --check"
 cargo fmt --all -- --check
@@ -53,6 +68,9 @@ step "csi-sanity: loop backend, filesystem volumes"
 CSI_SANITY="$sanity" SANITY_PARAMS="$loop_params" scripts/sanity.sh --csi.testvolumeaccesstype=mount
 step "csi-sanity: loop backend, raw block volumes"
 CSI_SANITY="$sanity" SANITY_PARAMS="$loop_params" scripts/sanity.sh --csi.testvolumeaccesstype=block
+
+step "csi-sanity: split (controller routing to two node agents)"
+SANITY_MODE=split CSI_SANITY="$sanity" scripts/sanity.sh
 
 step "benchmark harness smoke run: Loam only, a few operations (numbers are not judged)"
 BENCH_PEER=none bash bench/run.sh --smoke

@@ -7,6 +7,12 @@ use std::path::PathBuf;
 pub enum Mode {
     /// Identity, Controller and Node in one process, for a single machine.
     All,
+    /// A node agent: Identity and Node on the kubelet's socket, and the
+    /// node-local Controller work on a token-protected TCP endpoint.
+    Node,
+    /// The central controller: Identity and a Controller that routes every
+    /// request to the node agent owning its volume or snapshot.
+    Controller,
 }
 
 /// Whether directory volumes get their capacity enforced by a quota.

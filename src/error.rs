@@ -44,6 +44,21 @@ pub enum Error {
     /// Stored metadata could not be read back; the operator must repair it.
     #[error("{0}")]
     Damaged(String),
+    /// A node agent cannot be reached; the call may be retried.
+    #[error("{0}")]
+    Unavailable(String),
+    /// A node agent did not answer in time; the operation may still finish.
+    #[error("{0}")]
+    DeadlineExceeded(String),
+    /// The caller of an agent endpoint did not present the agent token.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// A node agent's own answer, passed on unchanged.
+    #[error("{}", .status.message())]
+    Forwarded {
+        /// The agent's status, code and message as it sent them.
+        status: Status,
+    },
 }
 
 /// Shorthand for results of driver operations.
@@ -60,6 +75,10 @@ impl Error {
             Error::ResourceExhausted(_) => Code::ResourceExhausted,
             Error::Aborted(_) => Code::Aborted,
             Error::OutOfRange(_) => Code::OutOfRange,
+            Error::Unavailable(_) => Code::Unavailable,
+            Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
+            Error::Unauthenticated(_) => Code::Unauthenticated,
+            Error::Forwarded { status } => status.code(),
             // A full filesystem is the node running out of room, not a bug.
             Error::Io { source, .. } if is_no_space(source) => Code::ResourceExhausted,
             Error::Io { .. } | Error::Damaged(_) => Code::Internal,

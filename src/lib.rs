@@ -17,17 +17,25 @@
 //! - [`kernel`] is the narrow seam to the kernel: mounts and the mount table,
 //!   tree copies with reflinks, usage accounting, quotas.
 //!
+//! In `--mode controller` there is no driver below [`rpc`]: its Controller
+//! ([`rpc::routed`]) hands each request to [`routing`], which finds the node
+//! agent owning the object (read from its id) and forwards the call to that
+//! agent's token-protected endpoint ([`server::run_agent`], [`auth`]).
+//!
 //! Cross-cutting: [`error`] is the one error type and its mapping to gRPC
 //! codes; [`ids`] forms and parses volume and snapshot ids.
 
+pub mod auth;
 pub mod backend;
 pub mod config;
 pub mod driver;
+pub mod durable;
 pub mod error;
 pub mod guard;
 pub mod ids;
 pub mod kernel;
 pub mod records;
+pub mod routing;
 pub mod rpc;
 pub mod server;
 pub mod store;

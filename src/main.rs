@@ -2,14 +2,21 @@
 
 mod ctl;
 
-use std::path::PathBuf;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
+use loam::auth::Token;
 use loam::config::{Config, Mode, QuotaMode};
 use loam::driver::Driver;
 use loam::kernel::mount::KernelMounter;
+use loam::routing::agents::{Agents, Timeouts};
+use loam::routing::discovery::Resolver;
+use loam::server::Services;
+use tokio::sync::watch;
 
 /// Loam: node-local PersistentVolumes for Kubernetes, over CSI.
 #[derive(Debug, Parser)]
@@ -41,9 +48,9 @@ struct ServeArgs {
     /// CSI endpoint to listen on.
     #[arg(long, env = "CSI_ENDPOINT", default_value = "unix:///var/lib/loam/csi.sock")]
     endpoint: String,
-    /// This node's id (the Kubernetes node name).
+    /// This node's id (the Kubernetes node name); required in modes all and node.
     #[arg(long, env = "NODE_ID")]
-    node_id: String,
+    node_id: Option<String>,
     /// Directory holding every volume, snapshot and record.
     #[arg(long, env = "LOAM_ROOT", default_value = "/var/lib/loam")]
     root: PathBuf,
@@ -59,6 +66,21 @@ struct ServeArgs {
     /// Which services to serve.
     #[arg(long, env = "LOAM_MODE", value_enum, default_value = "all")]
     mode: Mode,
+    /// Node mode: TCP address of the agent endpoint the controller calls.
+    #[arg(long, env = "LOAM_AGENT_LISTEN")]
+    agent_listen: Option<SocketAddr>,
+    /// Node and controller modes: file holding the agent token (a mounted Secret).
+    #[arg(long, env = "LOAM_AGENT_TOKEN_FILE")]
+    agent_token_file: Option<PathBuf>,
+    /// Controller mode: agent addresses, host:port,...
+    #[arg(long, env = "LOAM_AGENTS", value_delimiter = ',')]
+    agents: Vec<String>,
+    /// Controller mode: headless Service NAME:PORT whose records are the agents.
+    #[arg(long, env = "LOAM_AGENTS_SERVICE")]
+    agents_service: Option<String>,
+    /// Controller mode: seconds one forwarded call may take.
+    #[arg(long, env = "LOAM_AGENT_TIMEOUT", default_value_t = 60)]
+    agent_timeout: u64,
     /// Log format.
     #[arg(long, env = "LOAM_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -96,32 +118,114 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+/// How often the controller rediscovers agents even when nothing fails.
+const AGENTS_REFRESH: Duration = Duration::from_secs(30);
+/// How long connecting to an agent and asking its node id may take.
+const AGENT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     init_logging(args.log_format);
-    loam::ids::validate_node_id(&args.node_id).map_err(|e| anyhow::anyhow!("--node-id: {e}"))?;
+    check_flags(&args)?;
+    let socket = loam::server::socket_path(&args.endpoint)?;
+    let (stop, stopped) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop.send(true);
+    });
+    let until_stopped = || {
+        let mut stopped = stopped.clone();
+        async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        }
+    };
+    match args.mode {
+        Mode::All => {
+            let driver = open_driver(&args).await?;
+            serve_socket(&socket, Services::All(driver), args.mode, until_stopped()).await
+        }
+        Mode::Node => {
+            let token = read_token(args.agent_token_file.as_deref())?;
+            let addr = args.agent_listen.context("--mode node needs --agent-listen ADDR:PORT (LOAM_AGENT_LISTEN)")?;
+            let driver = open_driver(&args).await?;
+            let agent = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+            let bound = agent.local_addr().context("reading the agent endpoint's address")?;
+            tracing::info!(addr = %bound, "agent endpoint listening");
+            let agent = async {
+                loam::server::run_agent(agent, driver.clone(), token, until_stopped())
+                    .await
+                    .context("serving the agent endpoint")
+            };
+            let socket = serve_socket(&socket, Services::Node(driver.clone()), args.mode, until_stopped());
+            tokio::try_join!(socket, agent).map(drop)
+        }
+        Mode::Controller => {
+            let token = read_token(args.agent_token_file.as_deref())?;
+            let targets: Vec<String> = args.agents.iter().cloned().chain(args.agents_service.clone()).collect();
+            let timeouts = Timeouts {
+                connect: AGENT_CONNECT_TIMEOUT,
+                call: Duration::from_secs(args.agent_timeout),
+                refresh: AGENTS_REFRESH,
+            };
+            tracing::info!(?targets, "routing to agents");
+            let agents = Agents::new(args.driver_name.clone(), Arc::new(Resolver::new(targets)), &token, timeouts);
+            let services = Services::Controller { driver_name: args.driver_name.clone(), agents: Arc::new(agents) };
+            serve_socket(&socket, services, args.mode, until_stopped()).await
+        }
+    }
+}
+
+/// Refuses flags that the chosen mode would silently ignore.
+fn check_flags(args: &ServeArgs) -> anyhow::Result<()> {
+    let routing = !args.agents.is_empty() || args.agents_service.is_some();
+    match args.mode {
+        Mode::Controller if !routing => {
+            bail!("--mode controller needs --agents HOST:PORT,... or --agents-service NAME:PORT")
+        }
+        Mode::All | Mode::Node if routing => bail!("--agents and --agents-service are for --mode controller only"),
+        Mode::All | Mode::Controller if args.agent_listen.is_some() => bail!("--agent-listen is for --mode node only"),
+        Mode::All if args.agent_token_file.is_some() => bail!("--agent-token-file is for --mode node and controller"),
+        _ => Ok(()),
+    }
+}
+
+/// Reads the agent token; there is no default, so the split modes need one.
+fn read_token(path: Option<&Path>) -> anyhow::Result<Token> {
+    let path = path.context(
+        "--mode node and controller need --agent-token-file (LOAM_AGENT_TOKEN_FILE): the agent endpoint is never open",
+    )?;
+    Token::from_file(path).map_err(|e| anyhow::anyhow!("--agent-token-file: {e}"))
+}
+
+async fn open_driver(args: &ServeArgs) -> anyhow::Result<Arc<Driver>> {
+    let node_id = args.node_id.clone().context("--node-id (NODE_ID) is required in --mode all and node")?;
+    loam::ids::validate_node_id(&node_id).map_err(|e| anyhow::anyhow!("--node-id: {e}"))?;
     std::fs::create_dir_all(&args.root).with_context(|| format!("creating root {}", args.root.display()))?;
     let root = args.root.canonicalize().with_context(|| format!("resolving root {}", args.root.display()))?;
     let config = Config {
-        driver_name: args.driver_name,
-        node_id: args.node_id,
+        driver_name: args.driver_name.clone(),
+        node_id,
         root,
         max_volumes_per_node: args.max_volumes_per_node,
         quota: args.quota,
     };
-    let socket = loam::server::socket_path(&args.endpoint)?;
     let driver = tokio::task::spawn_blocking(move || Driver::open(config, Arc::new(KernelMounter)))
         .await?
         .context("opening the driver's root")?;
-    let listener = loam::server::bind(&socket).with_context(|| format!("binding {}", socket.display()))?;
-    tracing::info!(
-        endpoint = %socket.display(),
-        node = %driver.config().node_id,
-        root = %driver.config().root.display(),
-        mode = ?args.mode,
-        "serving"
-    );
-    let served = loam::server::run(listener, Arc::new(driver), args.mode, shutdown_signal()).await;
-    let _ = std::fs::remove_file(&socket);
+    tracing::info!(node = %driver.config().node_id, root = %driver.config().root.display(), "driver open");
+    Ok(Arc::new(driver))
+}
+
+/// Serves `services` on the CSI socket until stopped, then removes it.
+async fn serve_socket(
+    socket: &Path,
+    services: Services,
+    mode: Mode,
+    stopped: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let listener = loam::server::bind(socket).with_context(|| format!("binding {}", socket.display()))?;
+    tracing::info!(endpoint = %socket.display(), ?mode, "serving");
+    let served = loam::server::run(listener, services, stopped).await;
+    let _ = std::fs::remove_file(socket);
     served.context("serving gRPC")?;
     tracing::info!("stopped");
     Ok(())

@@ -1,10 +1,11 @@
-//! The gRPC server: a private Unix socket and the services of a mode.
+//! The gRPC servers: a private Unix socket with the services of a mode, and
+//! a node agent's token-protected TCP endpoint.
 //!
 //! [`bind`] makes the socket unreachable to anyone else until it is ready:
 //! it is bound inside a fresh 0700 directory, set to 0600, and only then
-//! renamed to the endpoint path. [`run`] takes that bound listener (so tests
-//! bind their own) and serves until `shutdown` resolves, then lets in-flight
-//! RPCs finish.
+//! renamed to the endpoint path. [`run`] and [`run_agent`] take bound
+//! listeners (so tests bind their own) and serve until `shutdown` resolves,
+//! then let in-flight RPCs finish.
 
 use std::fs;
 use std::future::Future;
@@ -13,18 +14,22 @@ use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use tokio::net::UnixListener;
+use tokio::net::{TcpListener, UnixListener};
 use tokio_stream::wrappers::UnixListenerStream;
+use tonic::service::InterceptorLayer;
 use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
 
-use crate::config::Mode;
+use crate::auth::{RequireToken, Token};
 use crate::csi::controller_server::ControllerServer;
 use crate::csi::identity_server::IdentityServer;
 use crate::csi::node_server::NodeServer;
 use crate::driver::Driver;
+use crate::routing::agents::Agents;
 use crate::rpc::controller::ControllerService;
 use crate::rpc::identity::IdentityService;
 use crate::rpc::node::NodeService;
+use crate::rpc::routed::RoutedController;
 
 /// Reads a CSI endpoint (`unix:///path`, `unix:/path` or a bare absolute
 /// path) into the socket path.
@@ -78,26 +83,61 @@ pub fn bind(path: &Path) -> io::Result<UnixListener> {
     result
 }
 
-/// Serves the services of `mode` on `listener` until `shutdown` resolves,
-/// then waits for in-flight RPCs to finish.
+/// What a process serves on its CSI socket, by mode.
+#[derive(Debug)]
+pub enum Services {
+    /// `--mode all`: Identity, Controller and Node over the local driver.
+    All(Arc<Driver>),
+    /// `--mode node`: Identity and Node for the kubelet; the Controller half
+    /// is on the agent endpoint ([`run_agent`]).
+    Node(Arc<Driver>),
+    /// `--mode controller`: Identity and a Controller routed to the agents.
+    Controller {
+        /// The name GetPluginInfo reports.
+        driver_name: String,
+        /// The node agents requests are routed to.
+        agents: Arc<Agents>,
+    },
+}
+
+/// Serves `services` on `listener` until `shutdown` resolves, then waits for
+/// in-flight RPCs to finish.
 pub async fn run(
     listener: UnixListener,
-    driver: Arc<Driver>,
-    mode: Mode,
+    services: Services,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
     let incoming = UnixListenerStream::new(listener);
-    let identity = IdentityServer::new(IdentityService::new(driver.clone()));
-    match mode {
-        Mode::All => {
-            Server::builder()
-                .add_service(identity)
-                .add_service(ControllerServer::new(ControllerService::new(driver.clone())))
-                .add_service(NodeServer::new(NodeService::new(driver)))
-                .serve_with_incoming_shutdown(incoming, shutdown)
-                .await
-        }
-    }
+    let server = match services {
+        Services::All(driver) => Server::builder()
+            .add_service(IdentityServer::new(IdentityService::new(driver.clone())))
+            .add_service(ControllerServer::new(ControllerService::new(driver.clone())))
+            .add_service(NodeServer::new(NodeService::new(driver))),
+        Services::Node(driver) => Server::builder()
+            .add_service(IdentityServer::new(IdentityService::new(driver.clone())))
+            .add_service(NodeServer::new(NodeService::new(driver))),
+        Services::Controller { driver_name, agents } => Server::builder()
+            .add_service(IdentityServer::new(IdentityService::router(driver_name)))
+            .add_service(ControllerServer::new(RoutedController::new(agents))),
+    };
+    server.serve_with_incoming_shutdown(incoming, shutdown).await
+}
+
+/// Serves a node agent's endpoint on `listener`: Identity and the node-local
+/// Controller for the routing controller, never Node, and only to callers
+/// that present `token`.
+pub async fn run_agent(
+    listener: TcpListener,
+    driver: Arc<Driver>,
+    token: Token,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
+    Server::builder()
+        .layer(InterceptorLayer::new(RequireToken::new(token)))
+        .add_service(IdentityServer::new(IdentityService::new(driver.clone())))
+        .add_service(ControllerServer::new(ControllerService::new(driver)))
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener), shutdown)
+        .await
 }
 
 #[cfg(test)]

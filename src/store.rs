@@ -3,7 +3,8 @@
 //! A [`Table`] keeps every record of one kind in memory, sorted by key (so
 //! lookups are cheap and pagination tokens are stable), and persists each
 //! change by replacing that record's file alone: write a temporary file, fsync
-//! it, rename it over the old one, fsync the directory. No operation rewrites
+//! it, rename it over the old one, fsync the directory ([`crate::durable`],
+//! which shares those flushes among concurrent changes). No operation rewrites
 //! other records, and a crash leaves either the old or the new record whole.
 
 use std::collections::BTreeMap;
@@ -15,6 +16,7 @@ use std::sync::{Arc, PoisonError, RwLock};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::durable;
 use crate::error::{Error, IoContext, Result};
 use crate::ids::Key;
 
@@ -107,11 +109,7 @@ impl<R: Serialize + DeserializeOwned> Table<R> {
     /// Durably removes the record under `key`; removing a missing one succeeds.
     pub fn remove(&self, key: &Key) -> Result<()> {
         let path = self.path(key);
-        match fs::remove_file(&path) {
-            Ok(()) => sync_dir(&self.dir).context(|| format!("syncing {}", self.dir.display()))?,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(Error::io(format!("removing {}", path.display()), e)),
-        }
+        durable::remove(&path).context(|| format!("removing {}", path.display()))?;
         self.rows.write().unwrap_or_else(PoisonError::into_inner).remove(key);
         self.damaged.write().unwrap_or_else(PoisonError::into_inner).remove(key);
         Ok(())
@@ -146,16 +144,8 @@ impl<R: Serialize + DeserializeOwned> Table<R> {
 }
 
 fn write_durably(tmp: &Path, path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let mut file = File::create(tmp)?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    drop(file);
-    fs::rename(tmp, path)?;
-    sync_dir(path.parent().unwrap_or(Path::new("/")))
-}
-
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
+    File::create(tmp)?.write_all(bytes)?;
+    durable::replace(tmp, path)
 }
 
 #[cfg(test)]

@@ -18,6 +18,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::config::QuotaMode;
+use crate::durable;
 use crate::error::{Error, IoContext, Result};
 use crate::ids::Key;
 use crate::kernel::copy::{copy_into, copy_tree};
@@ -116,7 +117,7 @@ impl DirBackend {
             }
             Enforcer::None(reason) => {
                 build_in_place(&path, |tmp| match source {
-                    Some(source) => copy_tree(source, tmp).map(drop),
+                    Some(source) => durable_copy(source, tmp),
                     None => {
                         fs::create_dir(tmp)?;
                         fs::set_permissions(tmp, fs::Permissions::from_mode(VOLUME_ROOT_MODE))
@@ -137,13 +138,17 @@ impl DirBackend {
             return btrfs::snapshot(&source, &path, true)
                 .context(|| format!("snapshotting {} as {}", source.display(), path.display()));
         }
-        build_in_place(&path, |tmp| copy_tree(&source, tmp).map(drop))
+        build_in_place(&path, |tmp| durable_copy(&source, tmp))
     }
 
     /// Removes the volume's files and gives back its project id; a missing
     /// volume is already removed.
     pub fn delete_volume(&self, key: &Key, enforcement: Option<&Enforcement>) -> Result<()> {
-        remove_tree(&self.volume_path(key))?;
+        let path = self.volume_path(key);
+        remove_tree(&path)?;
+        // Gone for good before the record goes, or a crash could bring back
+        // a directory no record knows about.
+        sync_parent(&path)?;
         if let (Enforcer::Project(quota), Some(Enforcement::Project(id))) = (&self.enforcer, enforcement) {
             quota.release(*id).context(|| format!("clearing the limits of project {id}"))?;
         }
@@ -152,7 +157,9 @@ impl DirBackend {
 
     /// Removes the snapshot's files; a missing snapshot is already removed.
     pub fn delete_snapshot(&self, key: &Key) -> Result<()> {
-        remove_tree(&self.snapshot_path(key))
+        let path = self.snapshot_path(key);
+        remove_tree(&path)?;
+        sync_parent(&path)
     }
 
     /// Whether the volume's directory exists (and is a directory, not a link).
@@ -225,7 +232,10 @@ impl DirBackend {
 /// volume's mode.
 fn fill(root: &Path, source: Option<&Path>) -> io::Result<()> {
     match source {
-        Some(source) => copy_into(source, root).map(drop),
+        Some(source) => {
+            copy_into(source, root)?;
+            durable::sync_filesystem(root)
+        }
         // Set explicitly: mkdir's mode is filtered by the umask.
         None => fs::set_permissions(root, fs::Permissions::from_mode(VOLUME_ROOT_MODE)),
     }
@@ -243,8 +253,19 @@ fn build_in_place(path: &Path, build: impl FnOnce(&Path) -> io::Result<()>) -> R
         return Err(Error::io(format!("building {}", path.display()), e));
     }
     fs::rename(&tmp, path).context(|| format!("renaming into {}", path.display()))?;
+    sync_parent(path)
+}
+
+/// Makes a new or removed entry of the parent directory durable.
+fn sync_parent(path: &Path) -> Result<()> {
     let parent = path.parent().unwrap_or(Path::new("/"));
-    fs::File::open(parent).and_then(|dir| dir.sync_all()).context(|| format!("syncing {}", parent.display()))
+    durable::sync_dir(parent).context(|| format!("syncing {}", parent.display()))
+}
+
+/// Copies a tree and makes the copy durable before it gets its real name.
+fn durable_copy(source: &Path, target: &Path) -> io::Result<()> {
+    copy_tree(source, target)?;
+    durable::sync_filesystem(target)
 }
 
 /// Removes a tree without following symlinks; a missing tree is fine. A btrfs

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::driver::{Condition, VolumeStats};
+use crate::durable;
 use crate::error::{Error, IoContext, Result};
 use crate::ids::Key;
 use crate::kernel::blockfs::{self, Content, FsType};
@@ -97,7 +98,10 @@ impl LoopBackend {
             Some(path) => Some(blockfs::freeze(path).context(|| format!("freezing {}", path.display()))?),
             None => None,
         };
-        build_file(&self.snapshot_path(snapshot), |tmp| copy_file(&source, tmp).map(drop))
+        build_file(&self.snapshot_path(snapshot), |tmp| {
+            copy_file(&source, tmp)?;
+            File::open(tmp)?.sync_all()
+        })
     }
 
     /// Removes a snapshot's image.
@@ -401,19 +405,23 @@ fn resize(file: &File, capacity: u64, thick: bool) -> io::Result<()> {
 fn build_file(path: &Path, build: impl FnOnce(&Path) -> io::Result<()>) -> Result<()> {
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
     let tmp = path.with_file_name(format!(".{name}.tmp"));
-    remove_file(&tmp)?;
+    // A leftover of a crashed attempt: never acknowledged, so no sync needed.
+    match fs::remove_file(&tmp) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+            return Err(Error::io(format!("removing {}", tmp.display()), e));
+        }
+        _ => {}
+    }
     if let Err(e) = build(&tmp) {
         let _ = fs::remove_file(&tmp);
         return Err(Error::io(format!("building {}", path.display()), e));
     }
     fs::rename(&tmp, path).context(|| format!("renaming into {}", path.display()))?;
     let parent = path.parent().unwrap_or(Path::new("/"));
-    File::open(parent).and_then(|dir| dir.sync_all()).context(|| format!("syncing {}", parent.display()))
+    durable::sync_dir(parent).context(|| format!("syncing {}", parent.display()))
 }
 
+/// Removes a file durably; a missing file is already removed.
 fn remove_file(path: &Path) -> Result<()> {
-    match fs::remove_file(path) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(Error::io(format!("removing {}", path.display()), e)),
-        _ => Ok(()),
-    }
+    durable::remove(path).context(|| format!("removing {}", path.display()))
 }

@@ -140,6 +140,18 @@ pub trait Mounter: Send + Sync + std::fmt::Debug {
     fn mounts(&self) -> io::Result<Vec<MountEntry>>;
 }
 
+/// Extra tries of an unmount that fails with EBUSY, and the pause between.
+const UNMOUNT_BUSY_RETRIES: usize = 10;
+const UNMOUNT_BUSY_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
+
+fn unmount_outcome(result: nix::Result<()>, target: &Path) -> io::Result<bool> {
+    match result {
+        Ok(()) => Ok(true),
+        Err(Errno::EINVAL | Errno::ENOENT) => Ok(false),
+        Err(e) => Err(with_context(e, "unmount", target)),
+    }
+}
+
 /// The real kernel, through nix.
 #[derive(Debug, Default)]
 pub struct KernelMounter;
@@ -181,11 +193,16 @@ impl Mounter for KernelMounter {
     }
 
     fn unmount(&self, target: &Path) -> io::Result<bool> {
-        match umount2(target, MntFlags::UMOUNT_NOFOLLOW) {
-            Ok(()) => Ok(true),
-            Err(Errno::EINVAL | Errno::ENOENT) => Ok(false),
-            Err(e) => Err(with_context(e, "unmount", target)),
+        // A process closing its last file in the mount (or a child forked
+        // while holding one, before its exec closes it) keeps the mount busy
+        // for a moment: wait that out briefly before reporting EBUSY.
+        for _ in 0..UNMOUNT_BUSY_RETRIES {
+            match umount2(target, MntFlags::UMOUNT_NOFOLLOW) {
+                Err(Errno::EBUSY) => std::thread::sleep(UNMOUNT_BUSY_PAUSE),
+                other => return unmount_outcome(other, target),
+            }
         }
+        unmount_outcome(umount2(target, MntFlags::UMOUNT_NOFOLLOW), target)
     }
 
     fn mounts(&self) -> io::Result<Vec<MountEntry>> {

@@ -45,6 +45,19 @@ const CAPABILITIES: &[Cap] = &[
     // driver that lists it, and no kubernetes-csi sidecar calls it yet.
 ];
 
+/// The Controller's capabilities, the same whether served here or routed.
+pub(crate) fn capabilities() -> csi::ControllerGetCapabilitiesResponse {
+    let capabilities = CAPABILITIES
+        .iter()
+        .map(|&kind| csi::ControllerServiceCapability {
+            r#type: Some(controller_service_capability::Type::Rpc(controller_service_capability::Rpc {
+                r#type: kind as i32,
+            })),
+        })
+        .collect();
+    csi::ControllerGetCapabilitiesResponse { capabilities }
+}
+
 /// The CSI message for a volume record.
 pub fn volume_message(record: &VolumeRecord, node_id: &str) -> csi::Volume {
     use csi::volume_content_source::{SnapshotSource, Type, VolumeSource};
@@ -131,9 +144,18 @@ impl Controller for ControllerService {
         traced("CreateVolume", &req.name.clone(), async move {
             validate_name("volume", &req.name)?;
             let parameters = validate::parameters(&req.parameters)?;
-            let (backend, loop_spec) = backend::parse_parameters(&parameters)?;
+            let (backend, mut loop_spec) = backend::parse_parameters(&parameters)?;
+            let capabilities = validate::capabilities(&req.volume_capabilities)?;
+            // Kubernetes passes `csi.storage.k8s.io/fstype` as the capability's
+            // filesystem, not as a parameter: honour it when `fsType` is unset.
+            if let Some(spec) = loop_spec.as_mut()
+                && !parameters.contains_key("fsType")
+                && let Some(fs) = capabilities.iter().find(|c| !c.fs_type.is_empty())
+            {
+                spec.fs_type = fs.fs_type.clone();
+            }
             let new = NewVolume {
-                capabilities: validate::capabilities(&req.volume_capabilities)?,
+                capabilities,
                 capacity: validate::capacity(req.capacity_range.as_ref())?.unwrap_or_default(),
                 backend,
                 loop_spec,
@@ -323,15 +345,7 @@ impl Controller for ControllerService {
         &self,
         _: Request<csi::ControllerGetCapabilitiesRequest>,
     ) -> Result<Response<csi::ControllerGetCapabilitiesResponse>, Status> {
-        let capabilities = CAPABILITIES
-            .iter()
-            .map(|&kind| csi::ControllerServiceCapability {
-                r#type: Some(controller_service_capability::Type::Rpc(controller_service_capability::Rpc {
-                    r#type: kind as i32,
-                })),
-            })
-            .collect();
-        Ok(Response::new(csi::ControllerGetCapabilitiesResponse { capabilities }))
+        Ok(Response::new(capabilities()))
     }
 
     async fn create_snapshot(

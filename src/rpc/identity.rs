@@ -1,4 +1,10 @@
 //! The CSI Identity service: who Loam is and whether it is ready.
+//!
+//! Every mode serves Identity. Probe asks whether this process can do its
+//! job: a process with a driver needs its root to answer; the routing
+//! controller is ready as soon as it serves, because a liveness probe that
+//! failed while some agent is down would only restart a controller that has
+//! nothing to fix (each routed call reports its own unreachable agent).
 
 use std::sync::Arc;
 
@@ -9,16 +15,23 @@ use crate::csi::{self, identity_server::Identity};
 use crate::driver::Driver;
 use crate::rpc::{blocking, traced};
 
-/// Identity over a node's driver.
+/// Identity for a node's driver or for the routing controller.
 #[derive(Debug, Clone)]
 pub struct IdentityService {
-    driver: Arc<Driver>,
+    driver_name: String,
+    /// The driver behind this process; `None` for the routing controller.
+    driver: Option<Arc<Driver>>,
 }
 
 impl IdentityService {
-    /// Serves Identity for `driver`.
+    /// Serves Identity for `driver`; Probe checks its root.
     pub fn new(driver: Arc<Driver>) -> Self {
-        IdentityService { driver }
+        IdentityService { driver_name: driver.config().driver_name.clone(), driver: Some(driver) }
+    }
+
+    /// Serves Identity for the routing controller, which has no driver.
+    pub fn router(driver_name: String) -> Self {
+        IdentityService { driver_name, driver: None }
     }
 }
 
@@ -34,11 +47,12 @@ impl Identity for IdentityService {
         &self,
         _: Request<csi::GetPluginInfoRequest>,
     ) -> Result<Response<csi::GetPluginInfoResponse>, Status> {
-        let config = self.driver.config();
+        // The node id tells the controller which node an agent serves.
+        let manifest = self.driver.iter().map(|d| ("node".to_owned(), d.config().node_id.clone())).collect();
         Ok(Response::new(csi::GetPluginInfoResponse {
-            name: config.driver_name.clone(),
+            name: self.driver_name.clone(),
             vendor_version: env!("CARGO_PKG_VERSION").to_owned(),
-            manifest: [("node".to_owned(), config.node_id.clone())].into(),
+            manifest,
         }))
     }
 
@@ -63,7 +77,9 @@ impl Identity for IdentityService {
     async fn probe(&self, _: Request<csi::ProbeRequest>) -> Result<Response<csi::ProbeResponse>, Status> {
         let driver = self.driver.clone();
         traced("Probe", "", async move {
-            blocking(move || driver.ready()).await?;
+            if let Some(driver) = driver {
+                blocking(move || driver.ready()).await?;
+            }
             Ok(csi::ProbeResponse { ready: Some(true) })
         })
         .await

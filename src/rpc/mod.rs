@@ -10,6 +10,7 @@
 pub mod controller;
 pub mod identity;
 pub mod node;
+pub mod routed;
 pub mod validate;
 
 use std::future::Future;

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use hyper_util::rt::TokioIo;
-use loam::config::{Config, Mode, QuotaMode};
+use loam::config::{Config, QuotaMode};
 use loam::csi;
 use loam::csi::controller_client::ControllerClient;
 use loam::csi::identity_client::IdentityClient;
@@ -15,6 +15,7 @@ use loam::csi::node_client::NodeClient;
 use loam::driver::Driver;
 use loam::kernel::mount::{FakeMounter, KernelMounter, Mounter};
 use loam::kernel::{loopdev, mountinfo};
+use loam::server::Services;
 use tokio::net::UnixStream;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -72,10 +73,10 @@ impl Harness {
         let mounter: Arc<dyn Mounter> =
             if real_mounts { Arc::new(KernelMounter) } else { Arc::new(FakeMounter::new()) };
         let driver = Arc::new(Driver::open(config, mounter).expect("open driver"));
-        let listener = loam::server::bind(&socket).expect("bind");
+        let listener = bind_after_restart(&socket).await;
         let (tx, rx) = oneshot::channel();
         let server = tokio::spawn(async move {
-            loam::server::run(listener, driver, Mode::All, async {
+            loam::server::run(listener, Services::All(driver), async {
                 let _ = rx.await;
             })
             .await
@@ -239,6 +240,20 @@ fn unmount_under(dir: &Path) {
             let _ = loopdev::detach(&device.device);
         }
     }
+}
+
+/// Binds the socket, waiting out a stopped server's listener that a process
+/// forked by a concurrent test (mkfs, losetup) still holds until its exec.
+async fn bind_after_restart(socket: &Path) -> tokio::net::UnixListener {
+    for _ in 0..40 {
+        match loam::server::bind(socket) {
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await
+            }
+            other => return other.expect("bind"),
+        }
+    }
+    loam::server::bind(socket).expect("bind")
 }
 
 /// Connects a channel to the server's Unix socket.

@@ -1,0 +1,70 @@
+//! Which nodes a new volume may go to, in the order to try them.
+
+use crate::config::TOPOLOGY_NODE_KEY;
+use crate::csi;
+use crate::ids::ObjectId;
+
+/// Who owns the object a request names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Owner {
+    /// The node named in the id.
+    Node(String),
+    /// Nobody: the id is not one Loam made, so any agent answers it the same
+    /// way (a validation error, NOT_FOUND, or an idempotent success).
+    Any,
+}
+
+impl Owner {
+    /// The owner of a volume or snapshot id.
+    pub fn of(id: &str) -> Owner {
+        ObjectId::parse(id).map_or(Owner::Any, |id| Owner::Node(id.node))
+    }
+}
+
+/// The nodes a topology requirement names: the preferred ones that are
+/// within the requisite ones first, in their order, then the rest of the
+/// requisite ones. Empty when the requirement names no node.
+pub fn requested_nodes(requirement: Option<&csi::TopologyRequirement>) -> Vec<String> {
+    let Some(requirement) = requirement else { return Vec::new() };
+    let node = |t: &csi::Topology| t.segments.get(TOPOLOGY_NODE_KEY).cloned();
+    let requisite: Vec<String> = requirement.requisite.iter().filter_map(node).collect();
+    let mut nodes: Vec<String> = Vec::new();
+    let preferred = requirement.preferred.iter().filter_map(node);
+    for candidate in preferred.filter(|n| requisite.is_empty() || requisite.contains(n)).chain(requisite.clone()) {
+        if !nodes.contains(&candidate) {
+            nodes.push(candidate);
+        }
+    }
+    nodes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn on(node: &str) -> csi::Topology {
+        csi::Topology { segments: [(TOPOLOGY_NODE_KEY.to_owned(), node.to_owned())].into() }
+    }
+
+    #[test]
+    fn preferred_come_first_but_only_within_requisite() {
+        let req = csi::TopologyRequirement {
+            requisite: vec![on("a"), on("b"), on("c")],
+            preferred: vec![on("c"), on("x"), on("a")],
+        };
+        assert_eq!(requested_nodes(Some(&req)), ["c", "a", "b"]);
+        let preferred_only = csi::TopologyRequirement { requisite: vec![], preferred: vec![on("b"), on("a")] };
+        assert_eq!(requested_nodes(Some(&preferred_only)), ["b", "a"]);
+        let other_key = csi::Topology { segments: [("zone".to_owned(), "z1".to_owned())].into() };
+        let unrelated = csi::TopologyRequirement { requisite: vec![other_key], preferred: vec![] };
+        assert!(requested_nodes(Some(&unrelated)).is_empty());
+        assert!(requested_nodes(None).is_empty());
+    }
+
+    #[test]
+    fn owners_are_read_from_ids() {
+        assert_eq!(Owner::of("0123456789abcdef0123456789abcdef@node-1"), Owner::Node("node-1".into()));
+        assert_eq!(Owner::of("fake-vol-id"), Owner::Any);
+        assert_eq!(Owner::of(""), Owner::Any);
+    }
+}

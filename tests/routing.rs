@@ -1,0 +1,462 @@
+//! The split deployment: node agents on loopback TCP ports and a routing
+//! controller on a Unix socket, all in-process, driven through gRPC.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{connect, create_request, mount_capability};
+use loam::auth::{SendToken, Token};
+use loam::config::{Config, QuotaMode, TOPOLOGY_NODE_KEY};
+use loam::csi;
+use loam::csi::controller_client::ControllerClient;
+use loam::csi::identity_client::IdentityClient;
+use loam::csi::node_client::NodeClient;
+use loam::driver::Driver;
+use loam::kernel::mount::FakeMounter;
+use loam::routing::agents::{Agents, Timeouts};
+use loam::routing::discovery::Discovery;
+use loam::server::Services;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::Code;
+use tonic::transport::{Channel, Endpoint};
+
+const MIB: i64 = 1 << 20;
+const TOKEN: &str = "routing-test-token-0123456789";
+
+/// Agent addresses the test moves around, as DNS would for a headless Service.
+#[derive(Debug, Default)]
+struct Addresses(Mutex<Vec<SocketAddr>>);
+
+impl Addresses {
+    fn set(&self, addrs: Vec<SocketAddr>) {
+        *self.0.lock().unwrap() = addrs;
+    }
+}
+
+impl Discovery for Addresses {
+    fn addresses(&self) -> Pin<Box<dyn Future<Output = Vec<SocketAddr>> + Send + '_>> {
+        let addrs = self.0.lock().unwrap().clone();
+        Box::pin(async move { addrs })
+    }
+}
+
+/// A running server task and the way to stop it.
+struct Running {
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Running {
+    async fn stop(mut self) {
+        let _ = self.stop.take().map(|tx| tx.send(()));
+        if let Some(task) = self.task.take() {
+            task.await.expect("server task");
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.stop.take().map(|tx| tx.send(()));
+    }
+}
+
+/// One node agent: its root stays across restarts.
+struct Agent {
+    dir: tempfile::TempDir,
+    node: String,
+    addr: SocketAddr,
+    running: Option<Running>,
+    small: bool,
+}
+
+impl Agent {
+    /// Starts an agent; a `small` one has its root on an 8 MiB tmpfs
+    /// (privileged runs only).
+    async fn start(node: &str, small: bool) -> Agent {
+        let dir = tempfile::tempdir().expect("tempdir");
+        if small {
+            let root = dir.path().join("root");
+            std::fs::create_dir(&root).unwrap();
+            nix::mount::mount(Some("tmpfs"), &root, Some("tmpfs"), nix::mount::MsFlags::empty(), Some("size=8m"))
+                .expect("mount tmpfs");
+        }
+        let mut agent = Agent { dir, node: node.into(), addr: "127.0.0.1:0".parse().unwrap(), running: None, small };
+        agent.restart().await;
+        agent
+    }
+
+    /// (Re)starts the agent on a fresh port over the same root.
+    async fn restart(&mut self) {
+        if let Some(running) = self.running.take() {
+            running.stop().await;
+        }
+        let config = Config {
+            driver_name: "loam.csi.dev".into(),
+            node_id: self.node.clone(),
+            root: self.dir.path().canonicalize().unwrap().join("root"),
+            max_volumes_per_node: 0,
+            quota: QuotaMode::Auto,
+        };
+        let driver = Arc::new(Driver::open(config, Arc::new(FakeMounter::new())).expect("open driver"));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind agent");
+        self.addr = listener.local_addr().unwrap();
+        let token = Token::parse(TOKEN).unwrap();
+        let (tx, rx) = oneshot::channel();
+        let task = tokio::spawn(async move {
+            loam::server::run_agent(listener, driver, token, async {
+                let _ = rx.await;
+            })
+            .await
+            .expect("agent");
+        });
+        self.running = Some(Running { stop: Some(tx), task: Some(task) });
+    }
+
+    async fn stop(&mut self) {
+        if let Some(running) = self.running.take() {
+            running.stop().await;
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if self.small {
+            let _ = nix::mount::umount2(&self.dir.path().join("root"), nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+}
+
+/// Two agents (node-a, node-b) and a controller routing to them.
+struct Split {
+    agents: Vec<Agent>,
+    addresses: Arc<Addresses>,
+    controller: ControllerClient<Channel>,
+    identity: IdentityClient<Channel>,
+    _socket_dir: tempfile::TempDir,
+    _running: Running,
+}
+
+impl Split {
+    async fn start() -> Split {
+        Split::start_with_small(None).await
+    }
+
+    /// Starts node-a and node-b, `small` of them on a tiny filesystem.
+    async fn start_with_small(small: Option<&str>) -> Split {
+        let mut agents = Vec::new();
+        for node in ["node-a", "node-b"] {
+            agents.push(Agent::start(node, small == Some(node)).await);
+        }
+        let addresses = Arc::new(Addresses::default());
+        addresses.set(agents.iter().map(|a| a.addr).collect());
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("controller.sock");
+        let timeouts = Timeouts {
+            connect: Duration::from_secs(2),
+            call: Duration::from_secs(10),
+            refresh: Duration::from_secs(30),
+        };
+        let routed = Agents::new("loam.csi.dev".into(), addresses.clone(), &Token::parse(TOKEN).unwrap(), timeouts);
+        let services = Services::Controller { driver_name: "loam.csi.dev".into(), agents: Arc::new(routed) };
+        let listener = loam::server::bind(&socket).expect("bind");
+        let (tx, rx) = oneshot::channel();
+        let task = tokio::spawn(async move {
+            loam::server::run(listener, services, async {
+                let _ = rx.await;
+            })
+            .await
+            .expect("controller");
+        });
+        let channel = connect(&socket).await;
+        Split {
+            agents,
+            addresses,
+            controller: ControllerClient::new(channel.clone()),
+            identity: IdentityClient::new(channel),
+            _socket_dir: dir,
+            _running: Running { stop: Some(tx), task: Some(task) },
+        }
+    }
+
+    async fn create_on(&mut self, name: &str, node: &str) -> Result<csi::Volume, tonic::Status> {
+        let mut req = create_request(name, MIB);
+        req.accessibility_requirements = Some(csi::TopologyRequirement {
+            requisite: vec![on("node-a"), on("node-b"), on(node)],
+            preferred: vec![on(node)],
+        });
+        Ok(self.controller.create_volume(req).await?.into_inner().volume.expect("volume"))
+    }
+
+    async fn volume_ids(&mut self, max_entries: i32) -> Vec<String> {
+        let (mut ids, mut token) = (Vec::new(), String::new());
+        loop {
+            let page = self
+                .controller
+                .list_volumes(csi::ListVolumesRequest { max_entries, starting_token: token })
+                .await
+                .expect("list volumes")
+                .into_inner();
+            assert!(max_entries == 0 || page.entries.len() <= usize::try_from(max_entries).unwrap());
+            ids.extend(page.entries.into_iter().map(|e| e.volume.unwrap().volume_id));
+            if page.next_token.is_empty() {
+                return ids;
+            }
+            token = page.next_token;
+        }
+    }
+}
+
+fn on(node: &str) -> csi::Topology {
+    csi::Topology { segments: [(TOPOLOGY_NODE_KEY.to_owned(), node.to_owned())].into() }
+}
+
+async fn agent_client(addr: SocketAddr) -> Channel {
+    Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.expect("connect to agent")
+}
+
+#[tokio::test]
+async fn volumes_land_where_asked_and_calls_reach_their_owner() {
+    let mut s = Split::start().await;
+    let b = s.create_on("pvc-b", "node-b").await.unwrap();
+    assert!(b.volume_id.ends_with("@node-b"), "{}", b.volume_id);
+    assert_eq!(b.accessible_topology[0].segments[TOPOLOGY_NODE_KEY], "node-b");
+    let a = s.create_on("pvc-a", "node-a").await.unwrap();
+    assert!(a.volume_id.ends_with("@node-a"), "{}", a.volume_id);
+    // A retry finds the volume where it is, whatever the request prefers.
+    let again = s.controller.create_volume(create_request("pvc-b", MIB)).await.unwrap().into_inner();
+    assert_eq!(again.volume.unwrap().volume_id, b.volume_id);
+
+    // A node without an agent is named in the error.
+    let mut nowhere = create_request("pvc-x", MIB);
+    nowhere.accessibility_requirements =
+        Some(csi::TopologyRequirement { requisite: vec![on("node-x")], preferred: vec![] });
+    let err = s.controller.create_volume(nowhere).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable);
+    assert!(err.message().contains("node-x"), "{}", err.message());
+
+    // Publishing to a node other than the owner is refused by the owner.
+    let publish = |node: &str| csi::ControllerPublishVolumeRequest {
+        volume_id: b.volume_id.clone(),
+        node_id: node.into(),
+        volume_capability: Some(mount_capability(common::Access::Writer)),
+        ..Default::default()
+    };
+    assert_eq!(s.controller.controller_publish_volume(publish("node-a")).await.unwrap_err().code(), Code::NotFound);
+    s.controller.controller_publish_volume(publish("node-b")).await.unwrap();
+    let got = s
+        .controller
+        .controller_get_volume(csi::ControllerGetVolumeRequest { volume_id: b.volume_id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.status.unwrap().published_node_ids, ["node-b"]);
+
+    // Snapshots and restores stay on the source's node.
+    let snap = s
+        .controller
+        .create_snapshot(csi::CreateSnapshotRequest {
+            source_volume_id: b.volume_id.clone(),
+            name: "snap-b".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    assert!(snap.snapshot_id.ends_with("@node-b"), "{}", snap.snapshot_id);
+    let mut restore = create_request("pvc-restored", MIB);
+    restore.volume_content_source = Some(csi::VolumeContentSource {
+        r#type: Some(csi::volume_content_source::Type::Snapshot(csi::volume_content_source::SnapshotSource {
+            snapshot_id: snap.snapshot_id.clone(),
+        })),
+    });
+    let restored = s.controller.create_volume(restore).await.unwrap().into_inner().volume.unwrap();
+    assert!(restored.volume_id.ends_with("@node-b"), "{}", restored.volume_id);
+
+    // Ids Loam never made get the agents' answers: success for deletes.
+    s.controller
+        .delete_volume(csi::DeleteVolumeRequest { volume_id: "fake-vol-id".into(), ..Default::default() })
+        .await
+        .unwrap();
+    let err = s
+        .controller
+        .controller_get_volume(csi::ControllerGetVolumeRequest { volume_id: "fake-vol-id".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    s.controller
+        .delete_volume(csi::DeleteVolumeRequest { volume_id: a.volume_id.clone(), ..Default::default() })
+        .await
+        .unwrap();
+    assert!(!s.volume_ids(0).await.contains(&a.volume_id));
+}
+
+#[tokio::test]
+async fn capacity_is_per_node_or_summed() {
+    let mut s = Split::start().await;
+    let a = s.controller.get_capacity(capacity(Some("node-a"))).await.unwrap().into_inner();
+    let all = s.controller.get_capacity(capacity(None)).await.unwrap().into_inner();
+    assert!(a.available_capacity > 0);
+    // Both roots share one filesystem here: the sum is about twice one node.
+    assert!(all.available_capacity > a.available_capacity + a.available_capacity / 2, "{all:?} vs {a:?}");
+    assert!(all.maximum_volume_size.unwrap() < all.available_capacity);
+    // A volume no agent has room for is refused by each in turn.
+    let err = s.controller.create_volume(create_request("pvc-huge", i64::MAX / 2)).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+}
+
+#[tokio::test]
+async fn without_topology_the_agent_with_most_room_wins() {
+    if !common::privileged() {
+        eprintln!("skipped: needs LOAM_PRIVILEGED_TESTS=1 (root, private mount namespace)");
+        return;
+    }
+    // node-a comes first in node order but has only 8 MiB.
+    let mut s = Split::start_with_small(Some("node-a")).await;
+    let small = s.controller.get_capacity(capacity(Some("node-a"))).await.unwrap().into_inner();
+    assert!(small.available_capacity <= 8 * MIB, "{small:?}");
+    for name in ["pvc-1", "pvc-2"] {
+        let vol = s.controller.create_volume(create_request(name, MIB)).await.unwrap().into_inner();
+        assert!(vol.volume.unwrap().volume_id.ends_with("@node-b"), "{name}");
+    }
+    // Asked for by topology, the small node still gets what fits.
+    assert!(s.create_on("pvc-3", "node-a").await.unwrap().volume_id.ends_with("@node-a"));
+}
+
+fn capacity(segment: Option<&str>) -> csi::GetCapacityRequest {
+    csi::GetCapacityRequest {
+        accessible_topology: segment.map(on),
+        volume_capabilities: vec![mount_capability(common::Access::Writer)],
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn listings_merge_every_agent_with_stable_tokens() {
+    let mut s = Split::start().await;
+    let mut made = Vec::new();
+    for (i, node) in ["node-b", "node-a", "node-b", "node-a", "node-a"].iter().enumerate() {
+        made.push(s.create_on(&format!("pvc-{i}"), node).await.unwrap().volume_id);
+    }
+    let all = s.volume_ids(0).await;
+    assert_eq!(all.iter().collect::<BTreeSet<_>>(), made.iter().collect::<BTreeSet<_>>());
+    // Ordered by node first: every node-a volume precedes every node-b one.
+    let first_b = all.iter().position(|id| id.ends_with("@node-b")).unwrap();
+    assert!(all[first_b..].iter().all(|id| id.ends_with("@node-b")), "{all:?}");
+    for max in 1..=6 {
+        assert_eq!(s.volume_ids(max).await, all, "max_entries {max}");
+    }
+    for bad in ["garbage", "node-a/zz", "0123456789abcdef0123456789abcdef"] {
+        let err = s
+            .controller
+            .list_volumes(csi::ListVolumesRequest { max_entries: 1, starting_token: bad.into() })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Aborted, "{bad}");
+    }
+
+    for (i, source) in made.iter().enumerate().take(2) {
+        s.controller
+            .create_snapshot(csi::CreateSnapshotRequest {
+                source_volume_id: source.clone(),
+                name: format!("snap-{i}"),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    let (mut snaps, mut token) = (Vec::new(), String::new());
+    loop {
+        let page = s
+            .controller
+            .list_snapshots(csi::ListSnapshotsRequest { max_entries: 1, starting_token: token, ..Default::default() })
+            .await
+            .unwrap()
+            .into_inner();
+        snaps.extend(page.entries.into_iter().map(|e| e.snapshot.unwrap().source_volume_id));
+        if page.next_token.is_empty() {
+            break;
+        }
+        token = page.next_token;
+    }
+    assert_eq!(snaps, [made[1].clone(), made[0].clone()], "node-a's snapshot first");
+    let of_one = s
+        .controller
+        .list_snapshots(csi::ListSnapshotsRequest { source_volume_id: made[0].clone(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(of_one.entries.len(), 1);
+}
+
+#[tokio::test]
+async fn a_stopped_agent_is_unavailable_and_found_again_on_its_new_port() {
+    let mut s = Split::start().await;
+    let id = s.create_on("pvc-move", "node-b").await.unwrap().volume_id;
+    let get = csi::ControllerGetVolumeRequest { volume_id: id.clone() };
+
+    s.agents[1].stop().await;
+    let err = s.controller.controller_get_volume(get.clone()).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable);
+    assert!(err.message().contains("node-b"), "{}", err.message());
+    // The other node is unaffected.
+    s.create_on("pvc-stay", "node-a").await.unwrap();
+
+    let old = s.agents[1].addr;
+    s.agents[1].restart().await;
+    assert_ne!(s.agents[1].addr, old);
+    s.addresses.set(s.agents.iter().map(|a| a.addr).collect());
+    let got = s.controller.controller_get_volume(get).await.unwrap().into_inner();
+    assert_eq!(got.volume.unwrap().volume_id, id);
+}
+
+#[tokio::test]
+async fn the_agent_endpoint_needs_the_token_and_never_serves_node() {
+    let s = Split::start().await;
+    let channel = agent_client(s.agents[0].addr).await;
+
+    let mut anonymous = ControllerClient::new(channel.clone());
+    let err = anonymous.controller_get_capabilities(csi::ControllerGetCapabilitiesRequest {}).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    let err = IdentityClient::new(channel.clone()).probe(csi::ProbeRequest {}).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+
+    let wrong = Token::parse("routing-test-token-0123456780").unwrap();
+    let mut impostor = ControllerClient::with_interceptor(channel.clone(), SendToken::new(&wrong));
+    let err = impostor.create_volume(create_request("pvc-evil", MIB)).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+
+    let right = SendToken::new(&Token::parse(TOKEN).unwrap());
+    let mut controller = ControllerClient::with_interceptor(channel.clone(), right.clone());
+    controller.controller_get_capabilities(csi::ControllerGetCapabilitiesRequest {}).await.unwrap();
+    let mut node = NodeClient::with_interceptor(channel, right);
+    let err = node.node_get_info(csi::NodeGetInfoRequest {}).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unimplemented);
+}
+
+#[tokio::test]
+async fn the_controller_is_ready_without_agents_and_says_which_are_missing() {
+    let mut s = Split::start().await;
+    for agent in &mut s.agents {
+        agent.stop().await;
+    }
+    let probe = s.identity.probe(csi::ProbeRequest {}).await.unwrap().into_inner();
+    assert_eq!(probe.ready, Some(true));
+    let info = s.identity.get_plugin_info(csi::GetPluginInfoRequest {}).await.unwrap().into_inner();
+    assert_eq!(info.name, "loam.csi.dev");
+    assert!(info.manifest.is_empty());
+    let caps = s.controller.controller_get_capabilities(csi::ControllerGetCapabilitiesRequest {}).await.unwrap();
+    assert!(!caps.into_inner().capabilities.is_empty());
+    let err = s.controller.create_volume(create_request("pvc-none", MIB)).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable);
+}
