@@ -9,7 +9,7 @@ const W: f64 = 720.0;
 const H: f64 = 420.0;
 const LEFT: f64 = 80.0;
 const RIGHT: f64 = 230.0;
-const TOP: f64 = 50.0;
+const TOP: f64 = 64.0;
 const BOTTOM: f64 = 60.0;
 const COLORS: [&str; 6] = ["#1b6ca8", "#d95f02", "#2ca02c", "#7b3294", "#a6611a", "#555555"];
 
@@ -36,6 +36,11 @@ pub fn svg(series: &[Series]) -> String {
     let _ = writeln!(
         s,
         r#"<text x="{}" y="28" text-anchor="middle" font-size="16" font-weight="bold">Time per CreateVolume + DeleteVolume pair</text>"#,
+        LEFT + pw / 2.0
+    );
+    let _ = writeln!(
+        s,
+        r##"<text x="{}" y="44" text-anchor="middle" fill="#555">lower is better; median of the repetitions; dashed: peer</text>"##,
         LEFT + pw / 2.0
     );
     for i in 0..=5 {
