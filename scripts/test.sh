@@ -71,6 +71,8 @@ CSI_SANITY="$sanity" SANITY_PARAMS="$loop_params" scripts/sanity.sh --csi.testvo
 
 step "csi-sanity: split (controller routing to two node agents)"
 SANITY_MODE=split CSI_SANITY="$sanity" scripts/sanity.sh
+step "csi-sanity: split, loop backend, raw block volumes"
+SANITY_MODE=split CSI_SANITY="$sanity" SANITY_PARAMS="$loop_params" scripts/sanity.sh --csi.testvolumeaccesstype=block
 
 step "benchmark harness smoke run: Loam only, a few operations (numbers are not judged)"
 BENCH_PEER=none bash bench/run.sh --smoke

@@ -57,14 +57,18 @@ mount -t 9p -o trans=virtio,version=9p2000.L,ro host /mnt
 mount -t proc proc /mnt/proc
 mount -t sysfs sysfs /mnt/sys
 mount -t devtmpfs devtmpfs /mnt/dev
+# The tmpfs hides the host's /tmp, where the test binary may live (a clone
+# in /tmp): carry the binary across it.
+cp /mnt$bin /quota-test
 mount -t tmpfs -o size=900m tmpfs /mnt/tmp
+cp /quota-test /mnt/tmp/quota-test
 status=0
 chroot /mnt /bin/sh -c 'modprobe -a xfs ext4 loop quota_v2' || status=\$?
 for fs in ${filesystems[*]}; do
     [ \$status = 0 ] || break
     echo "==> quota tests on \$fs"
     chroot /mnt /usr/bin/env LOAM_QUOTA_FS=\$fs LOAM_PRIVILEGED_TESTS=1 TMPDIR=/tmp \
-        $bin --test-threads=1 --nocapture || status=\$?
+        /tmp/quota-test --test-threads=1 --nocapture || status=\$?
 done
 echo "LOAM-VM-RESULT=\$status"
 poweroff -f

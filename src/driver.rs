@@ -12,6 +12,7 @@ use std::fs;
 use std::io;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -130,9 +131,12 @@ pub struct Driver {
     inflight: InFlight,
     /// The last sum of promised bytes and when its computation started.
     promises: Mutex<Option<(Instant, u64)>>,
-    /// Serializes attach-slot accounting only (never held across I/O other
-    /// than the one record write that takes the slot).
-    attach_slots: Mutex<()>,
+    /// Whether a thread is measuring the promises right now.
+    recomputing: AtomicBool,
+    /// How many volumes are attached (ControllerPublish) to this node, or
+    /// are being attached: a slot is taken before the record is written and
+    /// given back if the write fails, so the lock is never held across I/O.
+    attached: Mutex<u32>,
 }
 
 impl Driver {
@@ -165,9 +169,13 @@ impl Driver {
             mounter,
             inflight: InFlight::default(),
             promises: Mutex::new(None),
-            attach_slots: Mutex::new(()),
+            recomputing: AtomicBool::new(false),
+            attached: Mutex::new(0),
         };
         driver.detach_orphans()?;
+        let mut attached = 0u32;
+        driver.volumes.for_each(|_, r| attached += u32::from(r.attachment.is_some()));
+        *driver.attached.lock().unwrap_or_else(PoisonError::into_inner) = attached;
         Ok(driver)
     }
 
@@ -188,6 +196,14 @@ impl Driver {
     /// The configuration it runs with.
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// Why directory volumes on this root are not enforced, when they are not.
+    pub fn unenforced_reason(&self) -> Option<&str> {
+        match self.dir.enforcer() {
+            Enforcer::None(reason) => Some(reason),
+            _ => None,
+        }
     }
 
     /// Claims a volume or snapshot for one operation (ABORTED if busy).
@@ -461,29 +477,50 @@ impl Driver {
     /// The sum over volumes of what they may still write, computed afresh
     /// when the cached sum is older than `max_age`.
     fn promised(&self, max_age: Duration) -> Result<u64> {
-        if let Some((at, sum)) = *self.promises.lock().unwrap_or_else(PoisonError::into_inner)
+        let cached = *self.promises.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((at, sum)) = cached
             && at.elapsed() < max_age
         {
             return Ok(sum);
         }
+        // One recomputation at a time: the others use the sum they have
+        // rather than all measuring every volume at once.
+        let leader = !self.recomputing.swap(true, Ordering::AcqRel);
+        if !leader && let Some((_, sum)) = cached {
+            return Ok(sum);
+        }
+        let measured = self.measure_promises();
+        if leader {
+            self.recomputing.store(false, Ordering::Release);
+        }
+        let (started, sum) = measured?;
+        *self.promises.lock().unwrap_or_else(PoisonError::into_inner) = Some((started, sum));
+        Ok(sum)
+    }
+
+    /// Sums, over volumes, the bytes promised but not written yet.
+    fn measure_promises(&self) -> Result<(Instant, u64)> {
         let started = Instant::now();
-        // Collected first: usage is I/O, and the table must not wait on it.
+        // Collected first (small: no strings): usage is I/O, and the table
+        // must not wait on it.
         let mut volumes = Vec::new();
-        self.volumes.for_each(|key, r| volumes.push((*key, r.capacity_bytes, r.backend, r.enforcement.clone())));
+        self.volumes.for_each(|key, r| {
+            let quota = r.enforcement.as_ref().filter(|e| e.enforced()).cloned();
+            volumes.push((*key, r.capacity_bytes, r.backend, quota));
+        });
         let mut sum = 0u64;
-        for (key, capacity, backend, enforcement) in volumes {
+        for (key, capacity, backend, quota) in volumes {
             let used = match backend {
                 BackendKind::Loop => self.loopback.allocated_bytes(&key),
                 BackendKind::Dir if !self.dir.volume_exists(&key) => continue,
-                BackendKind::Dir => match self.dir.quota_usage(enforcement.as_ref())? {
+                BackendKind::Dir => match self.dir.quota_usage(quota.as_ref())? {
                     Some(quota) => quota.bytes,
                     None => self.dir.usage(&key)?.bytes,
                 },
             };
             sum = sum.saturating_add(capacity.saturating_sub(used));
         }
-        *self.promises.lock().unwrap_or_else(PoisonError::into_inner) = Some((started, sum));
-        Ok(sum)
+        Ok((started, sum))
     }
 
     /// Counts a new promise in the cached sum until it is next recomputed.
@@ -571,20 +608,23 @@ impl Driver {
             }
             None => {}
         }
-        let _slots = self.attach_slots.lock().unwrap_or_else(PoisonError::into_inner);
-        let max = self.config.max_volumes_per_node;
-        if max > 0 {
-            let mut attached = 0u32;
-            self.volumes.for_each(|_, r| attached += u32::from(r.attachment.is_some()));
-            if attached >= max {
+        {
+            let mut slots = self.attached.lock().unwrap_or_else(PoisonError::into_inner);
+            let max = self.config.max_volumes_per_node;
+            if max > 0 && *slots >= max {
                 return Err(Error::ResourceExhausted(format!(
-                    "node {node_id} already has {attached} of its {max} volumes attached; detach one or raise --max-volumes-per-node"
+                    "node {node_id} already has {} of its {max} volumes attached; detach one or raise --max-volumes-per-node",
+                    *slots
                 )));
             }
+            *slots += 1;
         }
         let mut attached = (*record).clone();
         attached.attachment = Some(attachment);
-        self.volumes.put(key, attached)?;
+        if let Err(e) = self.volumes.put(key, attached) {
+            *self.attached.lock().unwrap_or_else(PoisonError::into_inner) -= 1;
+            return Err(e);
+        }
         Ok(BTreeMap::new())
     }
 
@@ -597,7 +637,10 @@ impl Driver {
             Some(a) if node_id.is_empty() || a.node_id == node_id => {
                 let mut detached = (*record).clone();
                 detached.attachment = None;
-                self.volumes.put(key, detached).map(drop)
+                self.volumes.put(key, detached)?;
+                let mut slots = self.attached.lock().unwrap_or_else(PoisonError::into_inner);
+                *slots = slots.saturating_sub(1);
+                Ok(())
             }
             _ => Ok(()),
         }

@@ -90,8 +90,17 @@ pub enum Enforcement {
     BtrfsQgroup(u64),
     /// A directory with this XFS/ext4 project id and a hard block limit.
     Project(u32),
-    /// Not enforced, for this reason (the root could not, or was told not to).
+    /// Not enforced: the root could not, or was told not to. The reason is
+    /// the root's (see the driver's enforcer); records written by early
+    /// versions carry it here too.
     Unenforced(String),
+}
+
+impl Enforcement {
+    /// Whether a quota limits the volume.
+    pub fn enforced(&self) -> bool {
+        !matches!(self, Enforcement::Unenforced(_))
+    }
 }
 
 /// A volume's ControllerPublish ("attach") to a node.
@@ -138,19 +147,19 @@ pub struct VolumeRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loop_spec: Option<LoopSpec>,
     /// The StorageClass parameters it was created with.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub parameters: BTreeMap<String, String>,
     /// Where its initial content came from.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<ContentSource>,
     /// Its ControllerPublish, when attached.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attachment: Option<Attachment>,
     /// Its NodeStage, when staged.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stage: Option<Stage>,
     /// Its NodePublish targets.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub publications: BTreeMap<PathBuf, Publication>,
     /// How its capacity is enforced; absent in records written before
     /// Loam enforced capacities.

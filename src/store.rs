@@ -1,7 +1,9 @@
 //! Durable records, one small file per volume or snapshot.
 //!
 //! A [`Table`] keeps every record of one kind in memory, sorted by key (so
-//! lookups are cheap and pagination tokens are stable), and persists each
+//! lookups are cheap and pagination tokens are stable) and held as the
+//! compact JSON that is also on disk (a node with 10,000 volumes keeps a few
+//! MiB, not the tens that parsed records would take), and persists each
 //! change by replacing that record's file alone: write a temporary file, fsync
 //! it, rename it over the old one, fsync the directory ([`crate::durable`],
 //! which shares those flushes among concurrent changes). No operation rewrites
@@ -27,8 +29,9 @@ const TMP_SUFFIX: &str = ".json.tmp";
 #[derive(Debug)]
 pub struct Table<R> {
     dir: PathBuf,
-    rows: RwLock<BTreeMap<Key, Arc<R>>>,
+    rows: RwLock<BTreeMap<Key, Box<[u8]>>>,
     damaged: RwLock<BTreeMap<Key, String>>,
+    row: std::marker::PhantomData<fn() -> R>,
 }
 
 /// One page of a table.
@@ -64,12 +67,12 @@ impl<R: Serialize + DeserializeOwned> Table<R> {
                 continue;
             };
             let path = entry.path();
-            match fs::read(&path)
+            let loaded = fs::read(&path)
                 .map_err(|e| e.to_string())
-                .and_then(|bytes| serde_json::from_slice::<R>(&bytes).map_err(|e| e.to_string()))
-            {
-                Ok(row) => {
-                    rows.insert(key, Arc::new(row));
+                .and_then(|bytes| serde_json::from_slice::<R>(&bytes).map(|_| bytes).map_err(|e| e.to_string()));
+            match loaded {
+                Ok(bytes) => {
+                    rows.insert(key, bytes.into_boxed_slice());
                 }
                 Err(why) => {
                     let reason = format!(
@@ -81,12 +84,17 @@ impl<R: Serialize + DeserializeOwned> Table<R> {
                 }
             }
         }
-        Ok(Table { dir: dir.to_owned(), rows: RwLock::new(rows), damaged: RwLock::new(damaged) })
+        Ok(Table {
+            dir: dir.to_owned(),
+            rows: RwLock::new(rows),
+            damaged: RwLock::new(damaged),
+            row: std::marker::PhantomData,
+        })
     }
 
     /// The record stored under `key`.
     pub fn get(&self, key: &Key) -> Option<Arc<R>> {
-        self.rows.read().unwrap_or_else(PoisonError::into_inner).get(key).cloned()
+        self.rows.read().unwrap_or_else(PoisonError::into_inner).get(key).and_then(|bytes| parse(bytes))
     }
 
     /// Why the record under `key` could not be loaded, if it could not.
@@ -100,8 +108,8 @@ impl<R: Serialize + DeserializeOwned> Table<R> {
         let path = self.path(&key);
         let tmp = self.dir.join(format!("{key}{TMP_SUFFIX}"));
         write_durably(&tmp, &path, &bytes).context(|| format!("writing {}", path.display()))?;
+        self.rows.write().unwrap_or_else(PoisonError::into_inner).insert(key, bytes.into_boxed_slice());
         let row = Arc::new(row);
-        self.rows.write().unwrap_or_else(PoisonError::into_inner).insert(key, row.clone());
         self.damaged.write().unwrap_or_else(PoisonError::into_inner).remove(&key);
         Ok(row)
     }
@@ -120,12 +128,15 @@ impl<R: Serialize + DeserializeOwned> Table<R> {
         use std::ops::Bound::{Excluded, Unbounded};
         let rows = self.rows.read().unwrap_or_else(PoisonError::into_inner);
         let start = after.map_or(Unbounded, Excluded);
-        let mut matching = rows.range((start, Unbounded)).filter(|(_, row)| keep(row));
+        let mut matching = rows
+            .range((start, Unbounded))
+            .filter_map(|(key, bytes)| parse(bytes).map(|row| (key, row)))
+            .filter(|(_, row)| keep(row));
         let limit = if max == 0 { usize::MAX } else { max };
         let mut page = Vec::new();
         let mut last = None;
         for (key, row) in matching.by_ref().take(limit) {
-            page.push(row.clone());
+            page.push(row);
             last = Some(*key);
         }
         let next = if matching.next().is_some() { last } else { None };
@@ -135,12 +146,22 @@ impl<R: Serialize + DeserializeOwned> Table<R> {
     /// Calls `f` on every record, in key order.
     pub fn for_each(&self, mut f: impl FnMut(&Key, &R)) {
         let rows = self.rows.read().unwrap_or_else(PoisonError::into_inner);
-        rows.iter().for_each(|(key, row)| f(key, row));
+        for (key, bytes) in rows.iter() {
+            if let Some(row) = parse::<R>(bytes) {
+                f(key, &row);
+            }
+        }
     }
 
     fn path(&self, key: &Key) -> PathBuf {
         self.dir.join(format!("{key}{SUFFIX}"))
     }
+}
+
+/// A stored row; it was parsed once when loaded or written, so this cannot
+/// fail unless the code's record type changed under a running process.
+fn parse<R: DeserializeOwned>(bytes: &[u8]) -> Option<Arc<R>> {
+    serde_json::from_slice(bytes).ok().map(Arc::new)
 }
 
 fn write_durably(tmp: &Path, path: &Path, bytes: &[u8]) -> io::Result<()> {

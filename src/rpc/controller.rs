@@ -59,7 +59,8 @@ pub(crate) fn capabilities() -> csi::ControllerGetCapabilitiesResponse {
 }
 
 /// The CSI message for a volume record.
-pub fn volume_message(record: &VolumeRecord, node_id: &str) -> csi::Volume {
+pub fn volume_message(record: &VolumeRecord, driver: &Driver) -> csi::Volume {
+    let node_id = &driver.config().node_id;
     use csi::volume_content_source::{SnapshotSource, Type, VolumeSource};
     let content_source = record.source.as_ref().map(|s| csi::VolumeContentSource {
         r#type: Some(match s {
@@ -75,7 +76,7 @@ pub fn volume_message(record: &VolumeRecord, node_id: &str) -> csi::Volume {
             context.insert("provisioning".into(), if spec.thick { "thick" } else { "thin" }.into());
         }
         None => {
-            context.insert("quota".into(), quota_context(record.enforcement.as_ref()));
+            context.insert("quota".into(), quota_context(record.enforcement.as_ref(), driver.unenforced_reason()));
         }
     }
     csi::Volume {
@@ -87,13 +88,18 @@ pub fn volume_message(record: &VolumeRecord, node_id: &str) -> csi::Volume {
     }
 }
 
-/// How the volume's capacity is enforced, in words, for its volume context.
-fn quota_context(enforcement: Option<&Enforcement>) -> String {
-    match enforcement {
-        Some(Enforcement::BtrfsQgroup(id)) => format!("btrfs qgroup 0/{id}"),
-        Some(Enforcement::Project(id)) => format!("project quota {id}"),
-        Some(Enforcement::Unenforced(reason)) => format!("not enforced: {reason}"),
-        None => "not enforced: created before Loam enforced capacities".into(),
+/// How the volume's capacity is enforced, in words, for its volume context;
+/// `root_reason` is why the root cannot enforce, when it cannot.
+fn quota_context(enforcement: Option<&Enforcement>, root_reason: Option<&str>) -> String {
+    match (enforcement, root_reason) {
+        (Some(Enforcement::BtrfsQgroup(id)), _) => format!("btrfs qgroup 0/{id}"),
+        (Some(Enforcement::Project(id)), _) => format!("project quota {id}"),
+        (Some(Enforcement::Unenforced(reason)), _) if !reason.is_empty() => format!("not enforced: {reason}"),
+        (Some(Enforcement::Unenforced(_)), Some(reason)) => format!("not enforced: {reason}"),
+        (Some(Enforcement::Unenforced(_)), None) => {
+            "not enforced: created while the root could not enforce capacities".into()
+        }
+        (None, _) => "not enforced: created before Loam enforced capacities".into(),
     }
 }
 
@@ -166,13 +172,15 @@ impl Controller for ControllerService {
             };
             let key = driver.key_for(Kind::Volume, &new.name);
             let guard = driver.claim(Kind::Volume, key)?;
-            let node = driver.config().node_id.clone();
-            let record = blocking(move || {
-                let _guard = guard;
-                driver.create_volume(key, new)
+            let record = blocking({
+                let driver = driver.clone();
+                move || {
+                    let _guard = guard;
+                    driver.create_volume(key, new)
+                }
             })
             .await?;
-            Ok(csi::CreateVolumeResponse { volume: Some(volume_message(&record, &node)) })
+            Ok(csi::CreateVolumeResponse { volume: Some(volume_message(&record, &driver)) })
         })
         .await
     }
@@ -294,20 +302,27 @@ impl Controller for ControllerService {
         let driver = self.driver.clone();
         traced("ListVolumes", "", async move {
             let after = page_token(&req.starting_token)?;
-            let page = driver.list_volumes(after, max_entries(req.max_entries)?);
-            let node = &driver.config().node_id;
-            let entries = page
-                .rows
-                .iter()
-                .map(|record| csi::list_volumes_response::Entry {
-                    volume: Some(volume_message(record, node)),
-                    status: Some(csi::list_volumes_response::VolumeStatus {
-                        published_node_ids: record.attachment.iter().map(|a| a.node_id.clone()).collect(),
-                        volume_condition: Some(condition_message(driver.condition(record))),
-                    }),
+            let max = max_entries(req.max_entries)?;
+            // Conditions look at the filesystem (and sysfs for loop volumes).
+            blocking(move || {
+                let page = driver.list_volumes(after, max);
+                let entries = page
+                    .rows
+                    .iter()
+                    .map(|record| csi::list_volumes_response::Entry {
+                        volume: Some(volume_message(record, &driver)),
+                        status: Some(csi::list_volumes_response::VolumeStatus {
+                            published_node_ids: record.attachment.iter().map(|a| a.node_id.clone()).collect(),
+                            volume_condition: Some(condition_message(driver.condition(record))),
+                        }),
+                    })
+                    .collect();
+                Ok(csi::ListVolumesResponse {
+                    entries,
+                    next_token: page.next.map(|k| k.to_string()).unwrap_or_default(),
                 })
-                .collect();
-            Ok(csi::ListVolumesResponse { entries, next_token: page.next.map(|k| k.to_string()).unwrap_or_default() })
+            })
+            .await
         })
         .await
     }
@@ -470,10 +485,12 @@ impl Controller for ControllerService {
         traced("ControllerGetVolume", &req.volume_id.clone(), async move {
             validate::required_id("volume id", &req.volume_id)?;
             let key = driver.volume_key(&req.volume_id)?;
-            let (record, condition) = driver.volume_with_condition(&key)?;
-            let node = &driver.config().node_id;
+            let (record, condition) = {
+                let driver = driver.clone();
+                blocking(move || driver.volume_with_condition(&key)).await?
+            };
             let volume = match &record {
-                Some(r) => volume_message(r, node),
+                Some(r) => volume_message(r, &driver),
                 // A damaged record still answers, so the CO sees the condition.
                 None => csi::Volume { volume_id: req.volume_id.clone(), ..Default::default() },
             };
