@@ -7,7 +7,7 @@ use crate::report::Series;
 
 const W: f64 = 720.0;
 const H: f64 = 420.0;
-const LEFT: f64 = 80.0;
+const LEFT: f64 = 90.0;
 const RIGHT: f64 = 230.0;
 const TOP: f64 = 64.0;
 const BOTTOM: f64 = 60.0;
@@ -19,7 +19,9 @@ const COLORS: [&str; 6] = ["#1b6ca8", "#d95f02", "#2ca02c", "#7b3294", "#a6611a"
 pub fn svg(series: &[Series]) -> String {
     let xs: Vec<usize> =
         series.iter().flat_map(|s| s.points.iter().map(|p| p.0)).collect::<BTreeSet<_>>().into_iter().collect();
-    let ymax = nice(series.iter().flat_map(|s| s.points.iter().map(|p| p.1)).fold(0.0, f64::max) * 1.1);
+    // Scaled to the medians: one repetition slowed down by the machine's
+    // load would otherwise flatten every line; it is drawn at the top edge.
+    let ymax = nice(series.iter().flat_map(|s| s.points.iter().map(|p| p.1)).fold(0.0, f64::max) * 1.3);
     let (pw, ph) = (W - LEFT - RIGHT, H - TOP - BOTTOM);
     let x_of = |n: usize| {
         let i = xs.iter().position(|x| *x == n).unwrap_or(0) as f64;
@@ -40,7 +42,7 @@ pub fn svg(series: &[Series]) -> String {
     );
     let _ = writeln!(
         s,
-        r##"<text x="{}" y="44" text-anchor="middle" fill="#555">lower is better; median of the repetitions; dashed: peer</text>"##,
+        r##"<text x="{}" y="44" text-anchor="middle" fill="#555">lower is better · lines: medians · rings: repetitions (↑ off scale) · dashed: peer</text>"##,
         LEFT + pw / 2.0
     );
     for i in 0..=5 {
@@ -82,6 +84,22 @@ pub fn svg(series: &[Series]) -> String {
             r#"<polyline points="{}" fill="none" stroke="{color}" stroke-width="2.5"{dash}/>"#,
             points.join(" ")
         );
+        for &(n, v) in &line.each {
+            let (x, y) = (x_of(n), y_of(v.min(ymax)));
+            let _ = writeln!(
+                s,
+                r#"<circle cx="{x:.1}" cy="{y:.1}" r="3.5" fill="none" stroke="{color}" opacity="0.7"><title>{v:.0} µs</title></circle>"#
+            );
+            if v > ymax {
+                let _ = writeln!(
+                    s,
+                    r#"<text x="{:.1}" y="{:.1}" font-size="11" fill="{color}">↑ {}</text>"#,
+                    x + 6.0,
+                    y + 4.0 + 12.0 * i as f64,
+                    label(v)
+                );
+            }
+        }
         for &(n, v) in &line.points {
             let _ = writeln!(
                 s,
@@ -115,7 +133,13 @@ fn nice(v: f64) -> f64 {
 }
 
 fn label(v: f64) -> String {
-    if v >= 1000.0 { format!("{:.1} ms", v / 1000.0) } else { format!("{v:.0} µs") }
+    if v >= 10_000.0 {
+        format!("{:.0} ms", v / 1000.0)
+    } else if v >= 1000.0 {
+        format!("{:.1} ms", v / 1000.0)
+    } else {
+        format!("{v:.0} µs")
+    }
 }
 
 fn thousands(n: usize) -> String {
