@@ -90,7 +90,7 @@ build_hostpath() {
         [ -z "$gomod" ]; then
         peer_note="the Go module proxy refused $mod@$HOSTPATH_VERSION: $(go mod download -json "$mod@$HOSTPATH_VERSION" 2>&1 |
             sed -n 's/.*"Error": "\(.*\)".*/\1/p' | sed 's/\\n.*//' | head -c 300)"
-        cd "$repo"; return 1
+        cd "$repo" && rm -rf "$dir.tmp"; return 1
     fi
     {
         printf 'module loam.dev/hostpath-wrapper\n\ngo 1.22\n\nrequire %s %s\n\n' "$mod" "$HOSTPATH_VERSION"
@@ -100,7 +100,7 @@ build_hostpath() {
     if ! { go get "$mod/cmd/hostpathplugin@$HOSTPATH_VERSION" && go build -o hostpathplugin "$mod/cmd/hostpathplugin"; } \
         >build.log 2>&1; then
         peer_note="building $mod@$HOSTPATH_VERSION failed: $(tail -n 3 build.log | tr '\n' ' ')"
-        cd "$repo"; return 1
+        cd "$repo" && rm -rf "$dir.tmp"; return 1
     fi
     cd "$repo" && rm -rf "$dir" && mv "$dir.tmp" "$dir"
     hostpath=$dir/hostpathplugin
