@@ -10,12 +10,16 @@
 //!   the request ([`rpc::validate`]), takes the per-volume [`guard`], and calls
 //!   the [`driver`] on a blocking thread. Nothing else happens there.
 //! - [`driver`] is the node's volume manager: it keeps the [`store`] of volume
-//!   and snapshot records and decides what a request means for them, calling a
-//!   [`backend`] for the storage work.
-//! - [`backend`] holds the storage engines (a closed set, so an enum): `dir`,
-//!   a directory per volume.
+//!   and snapshot records ([`records`]) and decides what a request means for
+//!   them, calling a [`backend`] for the storage work.
+//! - [`backend`] holds the storage engines, chosen per StorageClass (a closed
+//!   set, so the driver matches on their kind): `dir`, a directory per volume,
+//!   and `loop`, an image file per volume on a loop device.
 //! - [`kernel`] is the narrow seam to the kernel: mounts and the mount table,
-//!   tree copies with reflinks, usage accounting, quotas.
+//!   loop devices, filesystems on block devices, tree copies with reflinks,
+//!   usage accounting, quotas.
+//! - [`durable`] makes file changes durable, sharing fsyncs among concurrent
+//!   operations (group commit); the store and the backends go through it.
 //!
 //! In `--mode controller` there is no driver below [`rpc`]: its Controller
 //! ([`rpc::routed`]) hands each request to [`routing`], which finds the node

@@ -103,18 +103,7 @@ async fn snapshots_restore_and_clone_copy_content_at_that_point() {
     let data = h.root().join("volumes").join(id.split('@').next().unwrap());
     std::fs::write(data.join("file"), b"before").unwrap();
 
-    let snap = h
-        .controller
-        .create_snapshot(csi::CreateSnapshotRequest {
-            source_volume_id: id.clone(),
-            name: "snap-1".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .snapshot
-        .unwrap();
+    let snap = h.snapshot(&id, "snap-1").await.unwrap();
     assert!(snap.ready_to_use);
     std::fs::write(data.join("file"), b"after").unwrap();
 
@@ -131,12 +120,7 @@ async fn snapshots_restore_and_clone_copy_content_at_that_point() {
         .unwrap_err();
     assert_eq!(err.code(), Code::AlreadyExists);
 
-    let mut restore = create_request("pvc-restored", MIB);
-    restore.volume_content_source = Some(csi::VolumeContentSource {
-        r#type: Some(csi::volume_content_source::Type::Snapshot(csi::volume_content_source::SnapshotSource {
-            snapshot_id: snap.snapshot_id.clone(),
-        })),
-    });
+    let restore = common::from_snapshot(create_request("pvc-restored", MIB), &snap.snapshot_id);
     let restored = h.controller.create_volume(restore).await.unwrap().into_inner().volume.unwrap();
     let restored_data = h.root().join("volumes").join(restored.volume_id.split('@').next().unwrap());
     assert_eq!(std::fs::read(restored_data.join("file")).unwrap(), b"before");
@@ -159,12 +143,8 @@ async fn snapshots_restore_and_clone_copy_content_at_that_point() {
         .into_inner();
     assert_eq!(listed.entries.len(), 1);
 
-    let mut missing = create_request("pvc-missing-source", MIB);
-    missing.volume_content_source = Some(csi::VolumeContentSource {
-        r#type: Some(csi::volume_content_source::Type::Snapshot(csi::volume_content_source::SnapshotSource {
-            snapshot_id: "0123456789abcdef0123456789abcdef@test-node".into(),
-        })),
-    });
+    let missing =
+        common::from_snapshot(create_request("pvc-missing-source", MIB), "0123456789abcdef0123456789abcdef@test-node");
     assert_eq!(h.controller.create_volume(missing).await.unwrap_err().code(), Code::NotFound);
 }
 

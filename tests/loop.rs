@@ -192,27 +192,11 @@ async fn snapshot_of_a_mounted_volume_restores_byte_for_byte_into_a_larger_volum
     let payload: Vec<u8> = (0..3 << 20).map(|i: u32| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
     std::fs::write(staging.join("payload"), &payload).unwrap();
 
-    let snap = h
-        .controller
-        .create_snapshot(csi::CreateSnapshotRequest {
-            source_volume_id: id.clone(),
-            name: "loop-snap".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .snapshot
-        .unwrap();
+    let snap = h.snapshot(&id, "loop-snap").await.unwrap();
     // Writes after the snapshot do not reach it; the mount still works after the freeze.
     std::fs::write(staging.join("payload"), b"overwritten").unwrap();
 
-    let mut restore = loop_request("loop-restored", 64 * MIB, &[], false);
-    restore.volume_content_source = Some(csi::VolumeContentSource {
-        r#type: Some(csi::volume_content_source::Type::Snapshot(csi::volume_content_source::SnapshotSource {
-            snapshot_id: snap.snapshot_id,
-        })),
-    });
+    let restore = common::from_snapshot(loop_request("loop-restored", 64 * MIB, &[], false), &snap.snapshot_id);
     let restored = h.create_volume(restore).await.unwrap();
     assert_eq!(restored.capacity_bytes, 64 * MIB);
     let restaging = h.co_path("restaging");

@@ -139,3 +139,21 @@ async fn stats_and_expansion_refuse_paths_that_are_not_the_volume() {
     assert!(grown.capacity_bytes >= 2 * MIB);
     h.unstage(&id, &staging).await.unwrap();
 }
+
+#[tokio::test]
+async fn a_stage_lost_to_a_reboot_does_not_block_delete_but_a_live_one_does() {
+    require_privileges!();
+    let mut h = Harness::start().await;
+    let id = h.create("pvc-reboot", MIB).await;
+    let staging = h.co_path("staging");
+    h.stage(&id, &staging).await.unwrap();
+    let delete = csi::DeleteVolumeRequest { volume_id: id.clone(), ..Default::default() };
+    let err = h.controller.delete_volume(delete.clone()).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "a staged volume is in use");
+
+    // A reboot takes the mount away; the CO never stages the volume again.
+    nix::mount::umount2(&staging, nix::mount::MntFlags::empty()).unwrap();
+    let mut h = h.restart().await;
+    h.controller.delete_volume(delete).await.unwrap();
+    assert!(!h.root().join("volumes").join(id.split('@').next().unwrap()).exists());
+}

@@ -301,24 +301,8 @@ async fn concurrent_creates_get_distinct_limits_and_snapshots_restore_with_their
     assert_eq!(quotas.len(), 32, "{quotas:?}");
 
     // A restore from a snapshot is limited on its own.
-    let snapshot = h
-        .controller
-        .create_snapshot(csi::CreateSnapshotRequest {
-            source_volume_id: ids[3].clone(),
-            name: "snap".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .snapshot
-        .unwrap();
-    let mut req = common::create_request("restored", (8 * MIB) as i64);
-    req.volume_content_source = Some(csi::VolumeContentSource {
-        r#type: Some(csi::volume_content_source::Type::Snapshot(csi::volume_content_source::SnapshotSource {
-            snapshot_id: snapshot.snapshot_id.clone(),
-        })),
-    });
+    let snapshot = h.snapshot(&ids[3], "snap").await.unwrap();
+    let req = common::from_snapshot(common::create_request("restored", (8 * MIB) as i64), &snapshot.snapshot_id);
     let restored = h.controller.create_volume(req).await.unwrap().into_inner().volume.unwrap();
     let quota = restored.volume_context["quota"].clone();
     assert!(!quotas.contains(&quota), "{quota}");

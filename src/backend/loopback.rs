@@ -314,6 +314,11 @@ impl LoopBackend {
         Ok(detached)
     }
 
+    /// Whether any loop device is attached to the volume's image.
+    pub fn is_attached(&self, key: &Key) -> Result<bool> {
+        Ok(!self.devices(key)?.is_empty())
+    }
+
     /// Whether a mount shows this volume: a filesystem mounted from one of
     /// its devices, or a bind of one of its device nodes.
     pub fn shows_volume(&self, entry: &MountEntry, key: &Key) -> bool {

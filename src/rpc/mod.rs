@@ -3,8 +3,8 @@
 //! A handler validates its request ([`validate`]), claims the volume or
 //! snapshot it touches, and runs the [`crate::driver::Driver`] method on a
 //! blocking thread with the claim moved along, so a cancelled call can never
-//! release its claim while its work still runs. [`traced`] wraps every
-//! handler in a span carrying the method, the object id, the outcome and the
+//! release its claim while its work still runs. `traced` wraps every
+//! handler in a span (`traced`) carrying the method, the object id, the outcome and the
 //! duration.
 
 pub mod controller;

@@ -132,6 +132,13 @@ impl Harness {
         resp.into_inner().volume.expect("volume").volume_id
     }
 
+    /// Takes a snapshot of `source` called `name`.
+    pub async fn snapshot(&mut self, source: &str, name: &str) -> Result<csi::Snapshot, tonic::Status> {
+        let request =
+            csi::CreateSnapshotRequest { source_volume_id: source.into(), name: name.into(), ..Default::default() };
+        Ok(self.controller.create_snapshot(request).await?.into_inner().snapshot.expect("snapshot"))
+    }
+
     /// Creates a volume from a full request; returns the volume.
     pub async fn create_volume(&mut self, request: csi::CreateVolumeRequest) -> Result<csi::Volume, tonic::Status> {
         Ok(self.controller.create_volume(request).await?.into_inner().volume.expect("volume"))
@@ -311,6 +318,15 @@ pub fn create_request(name: &str, bytes: i64) -> csi::CreateVolumeRequest {
         volume_capabilities: vec![mount_capability(Access::Writer)],
         ..Default::default()
     }
+}
+
+/// `request` with its content restored from `snapshot_id`.
+pub fn from_snapshot(mut request: csi::CreateVolumeRequest, snapshot_id: &str) -> csi::CreateVolumeRequest {
+    use csi::volume_content_source::{SnapshotSource, Type};
+    request.volume_content_source = Some(csi::VolumeContentSource {
+        r#type: Some(Type::Snapshot(SnapshotSource { snapshot_id: snapshot_id.into() })),
+    });
+    request
 }
 
 /// A path as the string CSI carries.

@@ -1,0 +1,257 @@
+//! The node's volume manager: what each CSI operation means for Loam's records,
+//! its backend and the mount table.
+//!
+//! Every method here is blocking and expects the caller to hold the
+//! [`Guard`] of the object it changes; the RPC layer takes it and runs the
+//! method on a blocking thread. Each method converges when retried after a
+//! failure or a crash: it compares the record and the mount table with what
+//! was asked and does only what is missing.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::backend::dir::DirBackend;
+use crate::backend::loopback::{LoopBackend, XFS_MIN_BYTES};
+use crate::config::{Config, QuotaMode, TOPOLOGY_NODE_KEY};
+use crate::error::{Error, IoContext, Result};
+use crate::guard::{Guard, InFlight};
+use crate::ids::{Key, Kind, ObjectId};
+use crate::kernel::mount::{MountFlags, Mounter};
+use crate::kernel::mountinfo::{self, MountEntry};
+use crate::kernel::quota::{Enforcer, QuotaUsage};
+use crate::kernel::usage::{FsUsage, fs_usage};
+use crate::records::{
+    Attachment, BackendKind, Capability, ContentSource, LoopSpec, Publication, SnapshotRecord, Stage, VolumeRecord,
+};
+use crate::store::{Page, Table};
+
+mod node;
+mod snapshots;
+mod volumes;
+
+/// Capacity of a volume whose request names none.
+pub const DEFAULT_CAPACITY: u64 = 1 << 30;
+/// How stale the promised-bytes sum may be for CreateVolume's space check.
+pub const PROMISES_MAX_AGE: Duration = Duration::from_secs(10);
+/// Capacities are rounded up to a multiple of this.
+pub const CAPACITY_ALIGN: u64 = 4096;
+
+/// A CSI capacity range, in bytes; 0 means "not set".
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CapacityRange {
+    /// The least capacity acceptable.
+    pub required: u64,
+    /// The most capacity acceptable.
+    pub limit: u64,
+}
+
+impl CapacityRange {
+    /// Whether `capacity` satisfies the range.
+    pub fn admits(&self, capacity: u64) -> bool {
+        capacity >= self.required && (self.limit == 0 || capacity <= self.limit)
+    }
+
+    /// The capacity to give: the request rounded up to [`CAPACITY_ALIGN`]
+    /// (never down), at least `floor`, within the limit.
+    pub fn choose(&self, floor: u64) -> Result<u64> {
+        let want = match (self.required, self.limit) {
+            (0, 0) => DEFAULT_CAPACITY,
+            (0, limit) => DEFAULT_CAPACITY.min(limit),
+            (required, _) => required,
+        }
+        .max(floor);
+        let rounded = want
+            .checked_next_multiple_of(CAPACITY_ALIGN)
+            .ok_or_else(|| Error::OutOfRange(format!("capacity {want} is too large")))?;
+        match self.limit {
+            0 => Ok(rounded),
+            limit if rounded <= limit => Ok(rounded),
+            limit if want <= limit => Ok(limit),
+            limit => Err(Error::OutOfRange(format!("the volume needs {want} bytes but the limit is {limit} bytes"))),
+        }
+    }
+}
+
+/// A validated CreateVolume.
+#[derive(Debug, Clone)]
+pub struct NewVolume {
+    /// The CSI name.
+    pub name: String,
+    /// The capacity range asked for.
+    pub capacity: CapacityRange,
+    /// The capabilities it must support.
+    pub capabilities: Vec<Capability>,
+    /// The StorageClass parameters.
+    pub parameters: BTreeMap<String, String>,
+    /// The backend the parameters pick.
+    pub backend: BackendKind,
+    /// Image layout, for `loop` volumes.
+    pub loop_spec: Option<LoopSpec>,
+    /// Content to start from.
+    pub source: Option<ContentSource>,
+    /// Nodes the volume may live on, when the CO restricts it.
+    pub allowed_nodes: Option<Vec<String>>,
+}
+
+/// A volume's usage as NodeGetVolumeStats reports it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VolumeStats {
+    /// Capacity in bytes.
+    pub total_bytes: u64,
+    /// Bytes in use.
+    pub used_bytes: u64,
+    /// Bytes still available.
+    pub available_bytes: u64,
+    /// Inodes in use.
+    pub used_inodes: u64,
+    /// Inodes still available.
+    pub available_inodes: u64,
+}
+
+/// Health of a volume, as VolumeCondition reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Condition {
+    /// Whether something is wrong.
+    pub abnormal: bool,
+    /// What is wrong, or that all is well.
+    pub message: String,
+}
+
+/// The volume manager of one node.
+#[derive(Debug)]
+pub struct Driver {
+    config: Config,
+    volumes: Table<VolumeRecord>,
+    snapshots: Table<SnapshotRecord>,
+    dir: DirBackend,
+    loopback: LoopBackend,
+    mounter: Arc<dyn Mounter>,
+    inflight: InFlight,
+    /// The last sum of promised bytes and when its computation started.
+    promises: Mutex<Option<(Instant, u64)>>,
+    /// Whether a thread is measuring the promises right now.
+    recomputing: AtomicBool,
+    /// How many volumes are attached (ControllerPublish) to this node, or
+    /// are being attached: a slot is taken before the record is written and
+    /// given back if the write fails, so the lock is never held across I/O.
+    attached: Mutex<u32>,
+}
+
+impl Driver {
+    /// Opens the driver's root: loads every record and prepares the backend.
+    pub fn open(config: Config, mounter: Arc<dyn Mounter>) -> Result<Driver> {
+        let root = &config.root;
+        fs::create_dir_all(root).context(|| format!("creating root {}", root.display()))?;
+        // The root holds every volume: keep other users out of it.
+        fs::set_permissions(root, fs::Permissions::from_mode(0o711))
+            .context(|| format!("setting permissions of {}", root.display()))?;
+        let volumes: Table<VolumeRecord> = Table::open(&root.join("meta/volumes"))?;
+        let snapshots = Table::open(&root.join("meta/snapshots"))?;
+        let dir = DirBackend::open(root, config.quota)?;
+        // Limits live in the filesystem, which an operator or a restore can
+        // change behind Loam's back: put back what the records promise.
+        volumes.for_each(|key, record| {
+            if record.backend == BackendKind::Dir
+                && let Err(e) = dir.adopt(key, record.enforcement.as_ref(), record.capacity_bytes)
+            {
+                tracing::error!(volume = %record.id, "cannot restore the volume's limit: {e}");
+            }
+        });
+        let loopback = LoopBackend::new(root, mounter.clone());
+        let driver = Driver {
+            config,
+            volumes,
+            snapshots,
+            dir,
+            loopback,
+            mounter,
+            inflight: InFlight::default(),
+            promises: Mutex::new(None),
+            recomputing: AtomicBool::new(false),
+            attached: Mutex::new(0),
+        };
+        driver.detach_orphans()?;
+        let mut attached = 0u32;
+        driver.volumes.for_each(|_, r| attached += u32::from(r.attachment.is_some()));
+        *driver.attached.lock().unwrap_or_else(PoisonError::into_inner) = attached;
+        Ok(driver)
+    }
+
+    /// Detaches loop devices of volumes that are not staged: leftovers of a
+    /// crash between attaching and recording a stage.
+    fn detach_orphans(&self) -> Result<()> {
+        let staged = |key: &Key| self.volumes.get(key).is_some_and(|r| r.stage.is_some());
+        for device in self.loopback.detach_orphans(staged)? {
+            tracing::warn!(
+                device = %device.device.display(),
+                image = %device.backing_file.display(),
+                "detached the loop device of a volume that is not staged"
+            );
+        }
+        Ok(())
+    }
+
+    /// The configuration it runs with.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Why directory volumes on this root are not enforced, when they are not.
+    pub fn unenforced_reason(&self) -> Option<&str> {
+        match self.dir.enforcer() {
+            Enforcer::None(reason) => Some(reason),
+            _ => None,
+        }
+    }
+
+    /// Claims a volume or snapshot for one operation (ABORTED if busy).
+    pub fn claim(&self, kind: Kind, key: Key) -> Result<Guard> {
+        self.inflight.try_claim(kind, key)
+    }
+
+    /// Reads a volume id from a request; NOT_FOUND when it is not this node's.
+    pub fn volume_key(&self, id: &str) -> Result<Key> {
+        self.own_key("volume", id)
+    }
+
+    /// Reads a snapshot id from a request; NOT_FOUND when it is not this node's.
+    pub fn snapshot_key(&self, id: &str) -> Result<Key> {
+        self.own_key("snapshot", id)
+    }
+
+    fn own_key(&self, what: &str, id: &str) -> Result<Key> {
+        match ObjectId::parse(id) {
+            Some(parsed) if parsed.node == self.config.node_id => Ok(parsed.key),
+            Some(parsed) => Err(Error::NotFound(format!(
+                "{what} {id} belongs to node {}, not to this node ({})",
+                parsed.node, self.config.node_id
+            ))),
+            None => Err(Error::NotFound(format!("{what} {id} does not exist (not an id Loam made)"))),
+        }
+    }
+
+    /// The key a new volume called `name` gets.
+    pub fn key_for(&self, kind: Kind, name: &str) -> Key {
+        Key::for_name(kind, name)
+    }
+
+    /// Whether the root is usable: its filesystem answers.
+    pub fn ready(&self) -> Result<()> {
+        self.root_usage().map(drop)
+    }
+
+    fn root_usage(&self) -> Result<FsUsage> {
+        fs_usage(&self.config.root).context(|| format!("reading usage of {}", self.config.root.display()))
+    }
+}
+
+/// The topology segment of this node.
+pub fn topology(node_id: &str) -> std::collections::HashMap<String, String> {
+    [(TOPOLOGY_NODE_KEY.to_owned(), node_id.to_owned())].into()
+}

@@ -1,0 +1,352 @@
+//! The node half: staging, publishing, stats and expansion of volumes on
+//! this machine, reconciled against the mount table.
+
+use super::*;
+
+impl Driver {
+    // ----- Node -----
+
+    /// Stages a volume at the CO's staging path.
+    pub fn node_stage(&self, key: Key, path: &Path, capability: Capability) -> Result<()> {
+        let record = self.volume(&key)?;
+        self.check_capability(&record, &capability)?;
+        if let Some(stage) = &record.stage {
+            if stage.path != path {
+                return Err(Error::FailedPrecondition(format!(
+                    "volume {} is already staged at {}; unstage it there first",
+                    record.id,
+                    stage.path.display()
+                )));
+            }
+            if stage.capability != capability {
+                return Err(Error::AlreadyExists(format!(
+                    "volume {} is staged at {} with {:?}, not {capability:?}",
+                    record.id,
+                    path.display(),
+                    stage.capability
+                )));
+            }
+        }
+        match (record.backend, &record.loop_spec) {
+            (BackendKind::Loop, Some(spec)) => {
+                self.loopback.stage(&key, spec, path, &capability)?;
+                if let (Some(gid), false) = (capability.mount_group, capability.block) {
+                    apply_mount_group(path, gid)?;
+                }
+            }
+            _ => self.stage_dir(&key, path, &capability)?,
+        }
+        if record.stage.is_none() {
+            let mut staged = (*record).clone();
+            staged.stage = Some(Stage { path: path.to_owned(), capability });
+            if let Err(e) = self.volumes.put(key, staged) {
+                // Leave nothing the record does not know about.
+                let _ = self.unstage_backend(&record, &key, path, true);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Binds a directory volume onto its staging path.
+    fn stage_dir(&self, key: &Key, path: &Path, capability: &Capability) -> Result<()> {
+        if !self.dir.volume_exists(key) {
+            return Err(Error::FailedPrecondition(format!(
+                "data directory {} is missing; restore it from a backup or delete the volume",
+                self.dir.volume_path(key).display()
+            )));
+        }
+        let data = self.dir.volume_path(key);
+        if let Some(gid) = capability.mount_group {
+            apply_mount_group(&data, gid)?;
+        }
+        fs::create_dir_all(path).context(|| format!("creating {}", path.display()))?;
+        let mounts = self.mount_table()?;
+        if !mountinfo::find_mount_point(&mounts, path).is_some_and(|e| self.shows_volume(e, key, BackendKind::Dir)) {
+            self.mounter
+                .bind(&data, path, MountFlags::default())
+                .context(|| format!("bind-mounting {} on {}", data.display(), path.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Unstages a volume; unstaging what is not staged succeeds.
+    pub fn node_unstage(&self, key: Key, path: &Path) -> Result<()> {
+        let record = self.volumes.get(&key);
+        if let Some(record) = &record
+            && let Some((target, _)) = record.publications.iter().next()
+        {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {} is still published at {}; unpublish it first",
+                record.id,
+                target.display()
+            )));
+        }
+        let ours = record.as_ref().and_then(|r| r.stage.as_ref()).is_some_and(|s| s.path == path);
+        match &record {
+            Some(record) => self.unstage_backend(record, &key, path, ours)?,
+            None => self.unmount_ours(path, &key, BackendKind::Dir, false)?,
+        }
+        if let Some(record) = record
+            && ours
+        {
+            let mut unstaged = (*record).clone();
+            unstaged.stage = None;
+            self.volumes.put(key, unstaged)?;
+        }
+        Ok(())
+    }
+
+    fn unstage_backend(&self, record: &VolumeRecord, key: &Key, path: &Path, ours: bool) -> Result<()> {
+        match record.backend {
+            BackendKind::Dir => self.unmount_ours(path, key, BackendKind::Dir, ours),
+            BackendKind::Loop => self.loopback.unstage(key, path),
+        }
+    }
+
+    /// Publishes a staged volume at a target path.
+    pub fn node_publish(
+        &self,
+        key: Key,
+        staging: &Path,
+        target: &Path,
+        read_only: bool,
+        capability: Capability,
+    ) -> Result<()> {
+        let record = self.volume(&key)?;
+        self.check_capability(&record, &capability)?;
+        match &record.stage {
+            Some(stage) if stage.path == staging && stage.capability.block == capability.block => {}
+            Some(stage) if stage.path == staging => {
+                return Err(Error::InvalidArgument(format!(
+                    "volume {} was staged as a {} volume; publish it the same way",
+                    record.id,
+                    if stage.capability.block { "block" } else { "filesystem" }
+                )));
+            }
+            Some(stage) => {
+                return Err(Error::FailedPrecondition(format!(
+                    "volume {} is staged at {}, not at {}",
+                    record.id,
+                    stage.path.display(),
+                    staging.display()
+                )));
+            }
+            None => {
+                return Err(Error::FailedPrecondition(format!(
+                    "volume {} is not staged; call NodeStageVolume first",
+                    record.id
+                )));
+            }
+        }
+        let read_only = read_only || capability.access_mode.read_only();
+        let publication = Publication { read_only, capability: capability.clone() };
+        match record.publications.get(target) {
+            Some(existing) if *existing != publication => {
+                return Err(Error::AlreadyExists(format!(
+                    "volume {} is already published at {} with read_only={} and {:?}",
+                    record.id,
+                    target.display(),
+                    existing.read_only,
+                    existing.capability
+                )));
+            }
+            Some(_) => {}
+            None if capability.access_mode == crate::records::AccessMode::SingleNodeSingleWriter
+                && !record.publications.is_empty() =>
+            {
+                return Err(Error::FailedPrecondition(format!(
+                    "volume {} is single-writer and already published at another target",
+                    record.id
+                )));
+            }
+            None => {}
+        }
+        let mut flags = MountFlags::parse(&capability.mount_flags).map_err(Error::InvalidArgument)?;
+        flags.read_only |= read_only;
+        let source = match record.backend {
+            BackendKind::Dir => staging.to_owned(),
+            BackendKind::Loop => self.loopback.publish_source(&key, staging, capability.block, read_only)?,
+        };
+        if capability.block {
+            ensure_file(target)?;
+        } else {
+            fs::create_dir_all(target).context(|| format!("creating {}", target.display()))?;
+        }
+        let mounts = self.mount_table()?;
+        if !mountinfo::find_mount_point(&mounts, target).is_some_and(|e| self.shows_volume(e, &key, record.backend)) {
+            self.mounter
+                .bind(&source, target, flags)
+                .context(|| format!("bind-mounting {} on {}", source.display(), target.display()))?;
+        }
+        if !record.publications.contains_key(target) {
+            let mut published = (*record).clone();
+            published.publications.insert(target.to_owned(), publication);
+            if let Err(e) = self.volumes.put(key, published) {
+                let _ = self.mounter.unmount(target);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Unpublishes a volume from a target and removes the target; unpublishing
+    /// what is not published succeeds.
+    pub fn node_unpublish(&self, key: Key, target: &Path) -> Result<()> {
+        let record = self.volumes.get(&key);
+        let publication = record.as_ref().and_then(|r| r.publications.get(target).cloned());
+        let backend = record.as_ref().map_or(BackendKind::Dir, |r| r.backend);
+        self.unmount_ours(target, &key, backend, publication.is_some())?;
+        let removed = match fs::symlink_metadata(target) {
+            Ok(meta) if meta.is_dir() => fs::remove_dir(target),
+            Ok(_) => fs::remove_file(target),
+            Err(e) => Err(e),
+        };
+        match removed {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                return Err(Error::io(format!("removing target {}", target.display()), e));
+            }
+            _ => {}
+        }
+        if let (Some(record), Some(publication)) = (record, publication) {
+            let mut unpublished = (*record).clone();
+            unpublished.publications.remove(target);
+            let read_only_block_left = unpublished.publications.values().any(|p| p.read_only && p.capability.block);
+            self.volumes.put(key, unpublished)?;
+            if record.backend == BackendKind::Loop
+                && publication.read_only
+                && publication.capability.block
+                && !read_only_block_left
+            {
+                self.loopback.release_read_only(&key)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Usage of a volume published or staged at `path`.
+    pub fn node_stats(&self, key: Key, path: &Path) -> Result<(VolumeStats, Condition)> {
+        let record = self.volume(&key)?;
+        let stage = self.check_volume_path(&record, path)?;
+        let condition = self.condition(&record);
+        if condition.abnormal {
+            return Ok((VolumeStats::default(), condition));
+        }
+        if record.backend == BackendKind::Loop {
+            let stats = self.loopback.stats(&key, &stage.path, stage.capability.block)?;
+            return Ok((stats, condition));
+        }
+        // The quota's count when there is one: exact and cheap. Inodes it
+        // does not count (btrfs) and unenforced volumes take a tree walk.
+        let (used_bytes, used_inodes) = match self.dir.quota_usage(record.enforcement.as_ref())? {
+            Some(QuotaUsage { bytes, inodes: Some(inodes), .. }) => (bytes, inodes),
+            Some(QuotaUsage { bytes, inodes: None, .. }) => (bytes, self.dir.usage(&key)?.inodes),
+            None => {
+                let used = self.dir.usage(&key)?;
+                (used.bytes, used.inodes)
+            }
+        };
+        let fs = self.root_usage()?;
+        let stats = VolumeStats {
+            total_bytes: record.capacity_bytes,
+            used_bytes,
+            available_bytes: record.capacity_bytes.saturating_sub(used_bytes).min(fs.available_bytes),
+            used_inodes,
+            available_inodes: fs.free_inodes,
+        };
+        Ok((stats, condition))
+    }
+
+    /// Node half of an expansion; returns the capacity the volume now has.
+    pub fn node_expand(&self, key: Key, path: &Path, range: CapacityRange) -> Result<u64> {
+        let record = self.volume(&key)?;
+        let stage = self.check_volume_path(&record, path)?;
+        let capacity = if record.capacity_bytes >= range.required {
+            record.capacity_bytes
+        } else {
+            self.expand_volume(key, range)?
+        };
+        if let (BackendKind::Loop, Some(spec)) = (record.backend, &record.loop_spec) {
+            self.loopback.node_expand(&key, spec, &stage.path, &stage.capability)?;
+        }
+        Ok(capacity)
+    }
+
+    /// The volume's stage, when `path` is its staging path or one of its
+    /// targets; NOT_FOUND otherwise.
+    fn check_volume_path(&self, record: &VolumeRecord, path: &Path) -> Result<Stage> {
+        let known = record.stage.as_ref().is_some_and(|s| s.path == path) || record.publications.contains_key(path);
+        match &record.stage {
+            Some(stage) if known && path.exists() => Ok(stage.clone()),
+            _ => Err(Error::NotFound(format!("volume {} is not staged or published at {}", record.id, path.display()))),
+        }
+    }
+
+    /// Whether a recorded stage still exists in the kernel: the staging
+    /// mount shows the volume, or (loop) a device is attached to its image.
+    pub(super) fn stage_is_live(&self, record: &VolumeRecord, key: &Key, stage: &Stage) -> Result<bool> {
+        if record.backend == BackendKind::Loop && self.loopback.is_attached(key)? {
+            return Ok(true);
+        }
+        let mounts = self.mount_table()?;
+        Ok(mountinfo::find_mount_point(&mounts, &stage.path).is_some_and(|e| self.shows_volume(e, key, record.backend)))
+    }
+
+    fn mount_table(&self) -> Result<Vec<MountEntry>> {
+        self.mounter.mounts().context(|| "reading the mount table".into())
+    }
+
+    /// Whether a mount shows this volume: a directory volume's bind shows its
+    /// directory as root; a loop volume's mount comes from one of its devices
+    /// (a filesystem) or is a bind of a device node (a block publication).
+    fn shows_volume(&self, entry: &MountEntry, key: &Key, backend: BackendKind) -> bool {
+        match backend {
+            BackendKind::Dir => entry.root.ends_with(Path::new("volumes").join(key.to_string())),
+            BackendKind::Loop => self.loopback.shows_volume(entry, key),
+        }
+    }
+
+    /// Unmounts `path` if the record says it is ours or the mount table
+    /// shows our volume there; never touches a stranger's mount.
+    fn unmount_ours(&self, path: &Path, key: &Key, backend: BackendKind, ours: bool) -> Result<()> {
+        // Stacked binds of the same volume (a retried publish after a crash)
+        // are all removed; the bound keeps a confused table from looping.
+        for _ in 0..8 {
+            let mounts = self.mount_table()?;
+            let Some(entry) = mountinfo::find_mount_point(&mounts, path) else { return Ok(()) };
+            if !ours && !self.shows_volume(entry, key, backend) {
+                return Ok(());
+            }
+            self.mounter.unmount(path).context(|| format!("unmounting {}", path.display()))?;
+        }
+        Err(Error::FailedPrecondition(format!(
+            "{} still has mounts after 8 unmounts; inspect it with findmnt",
+            path.display()
+        )))
+    }
+}
+
+/// Creates an empty file for a block publication's bind (and its parents).
+fn ensure_file(path: &Path) -> Result<()> {
+    if let Some(parent) = path.parent() {
+        fs::create_dir_all(parent).context(|| format!("creating {}", parent.display()))?;
+    }
+    fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map(drop)
+        .context(|| format!("creating {}", path.display()))
+}
+
+/// Gives the volume root to `gid` with the setgid bit, so files created in it
+/// belong to the pod's group.
+fn apply_mount_group(data: &Path, gid: u32) -> Result<()> {
+    let meta = fs::symlink_metadata(data).context(|| format!("inspecting {}", data.display()))?;
+    if meta.gid() != gid {
+        std::os::unix::fs::lchown(data, None, Some(gid)).context(|| format!("changing group of {}", data.display()))?;
+    }
+    let mode = meta.mode() & 0o7777 | 0o2070;
+    fs::set_permissions(data, fs::Permissions::from_mode(mode))
+        .context(|| format!("setting mode of {}", data.display()))
+}

@@ -1,0 +1,64 @@
+//! Snapshots of this node's volumes.
+
+use super::*;
+
+impl Driver {
+    // ----- Snapshots -----
+
+    /// Takes a snapshot of a volume, or returns the one the same request made.
+    pub fn create_snapshot(&self, key: Key, name: &str, source_id: &str) -> Result<Arc<SnapshotRecord>> {
+        if let Some(existing) = self.snapshots.get(&key) {
+            if existing.source_volume_id == source_id && existing.name == name {
+                return Ok(existing);
+            }
+            return Err(Error::AlreadyExists(format!(
+                "snapshot {name} already exists for volume {}, not {source_id}",
+                existing.source_volume_id
+            )));
+        }
+        let volume_key = self.volume_key(source_id)?;
+        let volume = self.volume(&volume_key)?;
+        // The source must not change under the copy's feet: claim it too.
+        let _source = self.claim(Kind::Volume, volume_key)?;
+        match volume.backend {
+            BackendKind::Dir => self.dir.create_snapshot(&volume_key, &key)?,
+            BackendKind::Loop => {
+                let mounted = volume.stage.as_ref().filter(|s| !s.capability.block).map(|s| s.path.as_path());
+                self.loopback.create_snapshot(&volume_key, &key, mounted)?
+            }
+        }
+        let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+        let record = SnapshotRecord {
+            id: ObjectId { key, node: self.config.node_id.clone() }.to_string(),
+            name: name.to_owned(),
+            source_volume_id: volume.id.clone(),
+            backend: volume.backend,
+            size_bytes: volume.capacity_bytes,
+            created_secs: i64::try_from(now.as_secs()).unwrap_or(i64::MAX),
+            created_nanos: i32::try_from(now.subsec_nanos()).unwrap_or(0),
+        };
+        self.snapshots.put(key, record)
+    }
+
+    /// Deletes a snapshot; deleting one that does not exist succeeds.
+    pub fn delete_snapshot(&self, key: Key) -> Result<()> {
+        let backend = self.snapshots.get(&key).map(|s| s.backend);
+        if backend != Some(BackendKind::Loop) {
+            self.dir.delete_snapshot(&key)?;
+        }
+        if backend != Some(BackendKind::Dir) {
+            self.loopback.delete_snapshot(&key)?;
+        }
+        self.snapshots.remove(&key)
+    }
+
+    /// The snapshot's record, or NOT_FOUND.
+    pub fn snapshot(&self, key: &Key) -> Result<Arc<SnapshotRecord>> {
+        self.snapshots.get(key).ok_or_else(|| Error::NotFound(format!("snapshot {key} does not exist")))
+    }
+
+    /// One page of snapshots, optionally only those of one source volume.
+    pub fn list_snapshots(&self, after: Option<Key>, max: usize, source: Option<&str>) -> Page<SnapshotRecord> {
+        self.snapshots.page(after, max, |s| source.is_none_or(|id| s.source_volume_id == id))
+    }
+}
