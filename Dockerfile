@@ -6,6 +6,10 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock build.rs ./
 COPY proto proto
 COPY src src
+# The workspace's other member (the benchmark client) must be there for cargo
+# to load the workspace; only loam is built.
+COPY bench/Cargo.toml bench/Cargo.toml
+COPY bench/src bench/src
 RUN cargo build --release --locked --bin loam
 
 FROM debian:trixie-slim

@@ -2,7 +2,8 @@
 # Runs every test Loam has, on a fresh machine too: installs what is missing
 # (Debian packages, rustfmt/clippy, csi-sanity), then fmt, clippy, the Rust
 # tests (privileged ones in a private mount namespace), csi-sanity on a plain
-# and on a btrfs root, and the quota tests on XFS and ext4 in a VM.
+# and on a btrfs root, the quota tests on XFS and ext4 in a VM, and a smoke run
+# of the benchmark harness (its numbers are never judged here).
 # Needs root (mounts); run from anywhere.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -45,10 +46,10 @@ step "cargo fmt --check"
 cargo fmt --all -- --check
 
 step "cargo clippy (warnings denied)"
-cargo clippy --all-targets --locked -- -D warnings
+cargo clippy --workspace --all-targets --locked -- -D warnings
 
 step "cargo test (privileged, in a private mount namespace)"
-LOAM_PRIVILEGED_TESTS=1 unshare --mount --propagation private -- cargo test --locked
+LOAM_PRIVILEGED_TESTS=1 unshare --mount --propagation private -- cargo test --locked --workspace
 
 step "csi-sanity: dir backend"
 cargo build --locked
@@ -72,3 +73,6 @@ step "csi-sanity: split (controller routing to two node agents)"
 SANITY_MODE=split CSI_SANITY="$sanity" scripts/sanity.sh
 step "csi-sanity: split, loop backend, raw block volumes"
 SANITY_MODE=split CSI_SANITY="$sanity" SANITY_PARAMS="$loop_params" scripts/sanity.sh --csi.testvolumeaccesstype=block
+
+step "benchmark harness smoke run: Loam only, a few operations (numbers are not judged)"
+BENCH_PEER=none bash bench/run.sh --smoke
