@@ -24,7 +24,7 @@ use crate::auth::{RequireToken, Token};
 use crate::csi::controller_server::ControllerServer;
 use crate::csi::identity_server::IdentityServer;
 use crate::csi::node_server::NodeServer;
-use crate::driver::Driver;
+use crate::driver::{Driver, PROMISES_REFRESH};
 use crate::routing::agents::Agents;
 use crate::rpc::controller::ControllerService;
 use crate::rpc::identity::IdentityService;
@@ -108,6 +108,10 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
     let incoming = UnixListenerStream::new(listener);
+    let refresher = match &services {
+        Services::All(driver) | Services::Node(driver) => Some(tokio::spawn(refresh_promises(driver.clone()))),
+        Services::Controller { .. } => None,
+    };
     let server = match services {
         Services::All(driver) => Server::builder()
             .add_service(IdentityServer::new(IdentityService::new(driver.clone())))
@@ -120,7 +124,29 @@ pub async fn run(
             .add_service(IdentityServer::new(IdentityService::router(driver_name)))
             .add_service(ControllerServer::new(RoutedController::new(agents))),
     };
-    server.serve_with_incoming_shutdown(incoming, shutdown).await
+    let served = server.serve_with_incoming_shutdown(incoming, shutdown).await;
+    if let Some(refresher) = refresher {
+        refresher.abort();
+    }
+    served
+}
+
+/// Measures what volumes were promised every [`PROMISES_REFRESH`], so no
+/// request ever walks every volume to answer how much room is left.
+async fn refresh_promises(driver: Arc<Driver>) {
+    let mut tick = tokio::time::interval(PROMISES_REFRESH);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first tick is immediate, and Driver::open has just measured.
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let driver = driver.clone();
+        match tokio::task::spawn_blocking(move || driver.refresh_promises()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "measuring the capacity promised to volumes failed"),
+            Err(e) => tracing::warn!(error = %e, "measuring the capacity promised to volumes panicked"),
+        }
+    }
 }
 
 /// Serves a node agent's endpoint on `listener`: Identity and the node-local

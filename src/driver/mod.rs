@@ -12,9 +12,8 @@ use std::fs;
 use std::io;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use crate::backend::dir::DirBackend;
 use crate::backend::loopback::{LoopBackend, XFS_MIN_BYTES};
@@ -37,8 +36,8 @@ mod volumes;
 
 /// Capacity of a volume whose request names none.
 pub const DEFAULT_CAPACITY: u64 = 1 << 30;
-/// How stale the promised-bytes sum may be for CreateVolume's space check.
-pub const PROMISES_MAX_AGE: Duration = Duration::from_secs(10);
+/// How often the bytes promised to volumes are measured again.
+pub const PROMISES_REFRESH: Duration = Duration::from_secs(10);
 /// Capacities are rounded up to a multiple of this.
 pub const CAPACITY_ALIGN: u64 = 4096;
 
@@ -133,10 +132,9 @@ pub struct Driver {
     loopback: LoopBackend,
     mounter: Arc<dyn Mounter>,
     inflight: InFlight,
-    /// The last sum of promised bytes and when its computation started.
-    promises: Mutex<Option<(Instant, u64)>>,
-    /// Whether a thread is measuring the promises right now.
-    recomputing: AtomicBool,
+    /// Bytes promised to volumes but not written yet, as last measured plus
+    /// what was promised since.
+    promises: Mutex<u64>,
     /// How many volumes are attached (ControllerPublish) to this node, or
     /// are being attached: a slot is taken before the record is written and
     /// given back if the write fails, so the lock is never held across I/O.
@@ -172,11 +170,11 @@ impl Driver {
             loopback,
             mounter,
             inflight: InFlight::default(),
-            promises: Mutex::new(None),
-            recomputing: AtomicBool::new(false),
+            promises: Mutex::new(0),
             attached: Mutex::new(0),
         };
         driver.detach_orphans()?;
+        driver.refresh_promises()?;
         let mut attached = 0u32;
         driver.volumes.for_each(|_, r| attached += u32::from(r.attachment.is_some()));
         *driver.attached.lock().unwrap_or_else(PoisonError::into_inner) = attached;

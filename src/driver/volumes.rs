@@ -221,41 +221,25 @@ impl Driver {
 
     /// Bytes available for new volumes on this node: the root's free bytes
     /// minus what existing volumes were promised but do not use yet. The
-    /// promises are measured at most every [`PROMISES_MAX_AGE`] (and kept up
-    /// to date with what was promised since), so a call costs the same with
-    /// 10 or 10,000 volumes instead of measuring them all.
+    /// promises are measured at start-up and then every [`PROMISES_REFRESH`]
+    /// off the request path ([`Driver::refresh_promises`]), and what is
+    /// promised in between is added at once; so a call costs the same with
+    /// 10 or 10,000 volumes.
     pub fn capacity(&self) -> Result<u64> {
         let free = self.root_usage()?.available_bytes;
-        Ok(free.saturating_sub(self.promised(PROMISES_MAX_AGE)?))
+        let promised = *self.promises.lock().unwrap_or_else(PoisonError::into_inner);
+        Ok(free.saturating_sub(promised))
     }
 
-    /// The sum over volumes of what they may still write, computed afresh
-    /// when the cached sum is older than `max_age`.
-    fn promised(&self, max_age: Duration) -> Result<u64> {
-        let cached = *self.promises.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some((at, sum)) = cached
-            && at.elapsed() < max_age
-        {
-            return Ok(sum);
-        }
-        // One recomputation at a time: the others use the sum they have
-        // rather than all measuring every volume at once.
-        let leader = !self.recomputing.swap(true, Ordering::AcqRel);
-        if !leader && let Some((_, sum)) = cached {
-            return Ok(sum);
-        }
-        let measured = self.measure_promises();
-        if leader {
-            self.recomputing.store(false, Ordering::Release);
-        }
-        let (started, sum) = measured?;
-        *self.promises.lock().unwrap_or_else(PoisonError::into_inner) = Some((started, sum));
-        Ok(sum)
+    /// Measures every volume's promise afresh: for the background refresh.
+    pub fn refresh_promises(&self) -> Result<()> {
+        let sum = self.measure_promises()?;
+        *self.promises.lock().unwrap_or_else(PoisonError::into_inner) = sum;
+        Ok(())
     }
 
     /// Sums, over volumes, the bytes promised but not written yet.
-    fn measure_promises(&self) -> Result<(Instant, u64)> {
-        let started = Instant::now();
+    fn measure_promises(&self) -> Result<u64> {
         // Collected first (small: no strings): usage is I/O, and the table
         // must not wait on it.
         let mut volumes = Vec::new();
@@ -275,14 +259,13 @@ impl Driver {
             };
             sum = sum.saturating_add(capacity.saturating_sub(used));
         }
-        Ok((started, sum))
+        Ok(sum)
     }
 
     /// Counts a new promise in the cached sum until it is next recomputed.
     fn promise(&self, bytes: u64) {
-        if let Some((_, sum)) = self.promises.lock().unwrap_or_else(PoisonError::into_inner).as_mut() {
-            *sum = sum.saturating_add(bytes);
-        }
+        let mut sum = self.promises.lock().unwrap_or_else(PoisonError::into_inner);
+        *sum = sum.saturating_add(bytes);
     }
 
     /// What a volume uses, as ControllerGetVolume's condition reports it.
