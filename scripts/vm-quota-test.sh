@@ -28,8 +28,16 @@ fi
 kernel=$(ls /boot/vmlinuz-* | sort -V | tail -n 1)
 version=${kernel#/boot/vmlinuz-}
 
-bin=$(cargo test --locked --test quota --no-run --message-format=json 2>/dev/null |
-    sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n 1)
+# The artifact of the `quota` test target itself: cargo also reports the
+# binaries it builds for integration tests, in no promised order.
+bin=$(cargo test --locked -p loam --test quota --no-run --message-format=json 2>/dev/null | python3 -c '
+import json, sys
+for line in sys.stdin:
+    msg = json.loads(line)
+    target = msg.get("target", {})
+    if msg.get("reason") == "compiler-artifact" and target.get("name") == "quota" and "test" in target.get("kind", []):
+        print(msg["executable"])
+')
 [ -x "$bin" ] || { echo "could not build the quota test binary" >&2; exit 1; }
 
 work=$(mktemp -d /tmp/loam-vm.XXXXXX)
