@@ -13,6 +13,13 @@ KUSTOMIZE_VERSION=v5.8.2 # v5.8.3 needs Go 1.27
 KUBERNETES_VALIDATE_VERSION=1.37.0 # bundles the schemas of Kubernetes 1.37.0
 step() { printf '\n==> %s\n' "$*"; }
 
+# Everything is also kept in a log, so the run can end with one line that
+# totals every test runner's count.
+log=$(mktemp /tmp/loam-test.XXXXXX.log)
+loop_params=$(mktemp /tmp/loam-loop-params.XXXXXX.yaml)
+trap 'rm -f "$log" "$loop_params"' EXIT
+exec > >(tee "$log") 2>&1
+
 step "installing what is missing"
 missing=()
 for tool in unshare:util-linux mkfs.ext4:e2fsprogs mkfs.xfs:xfsprogs mkfs.btrfs:btrfs-progs; do
@@ -61,8 +68,6 @@ CSI_SANITY="$sanity" SANITY_ROOT_FS=btrfs scripts/sanity.sh
 step "quota tests on XFS and ext4, in a VM (about 40 s under software emulation)"
 scripts/vm-quota-test.sh
 
-loop_params=$(mktemp /tmp/loam-loop-params.XXXXXX.yaml)
-trap 'rm -f "$loop_params"' EXIT
 printf 'backend: loop\n' >"$loop_params"
 step "csi-sanity: loop backend, filesystem volumes"
 CSI_SANITY="$sanity" SANITY_PARAMS="$loop_params" scripts/sanity.sh --csi.testvolumeaccesstype=mount
@@ -76,3 +81,10 @@ SANITY_MODE=split CSI_SANITY="$sanity" SANITY_PARAMS="$loop_params" scripts/sani
 
 step "benchmark harness smoke run: Loam only, a few operations (numbers are not judged)"
 BENCH_PEER=none bash bench/run.sh --smoke
+
+# cargo test (host and VM) and csi-sanity, summed; csi-sanity's summary line
+# is coloured, so colours are stripped first.
+sed 's/\x1b\[[0-9;]*m//g' "$log" | awk '
+    /^test result: / { p += $4; f += $6; s += $8 }
+    /^(SUCCESS|FAIL)! -- / { p += $3; f += $6; s += $12 }
+    END { printf "tests: %d passed, %d failed, %d skipped\n", p, f, s }'
