@@ -4,7 +4,7 @@
 # kills every process it started and drops every mount and network device it
 # made. Nothing here touches the host's network or mount table.
 #
-# Inside: lo, a dummy device e2e0 holding the node IP and the two Service IPs
+# Inside: lo, a device e2e0 (a veth) holding the node IP and the two Service IPs
 # the cluster needs without kube-proxy (10.96.0.1: the API server listens on
 # 443 on every address; 10.96.0.10: CoreDNS, host network, bound to it); etcd
 # and the control plane on 127.0.0.1; containerd; the kubelet; the CNI bridge.
@@ -71,7 +71,9 @@ mount --make-rshared /
 
 # --- network
 ip link set lo up
-ip link add e2e0 type dummy
+# The kernel here has no dummy device: a veth pair, whose peer stays unused.
+ip link add e2e0 type veth peer name e2e1
+ip link set e2e1 up
 ip addr add "$NODE_IP/24" dev e2e0
 ip addr add "$API_IP/32" dev e2e0
 ip addr add "$DNS_IP/32" dev e2e0

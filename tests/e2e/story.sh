@@ -97,6 +97,16 @@ delete_pod() { k delete pod "$1" --wait=true --timeout="${T}s" >/dev/null; }
 
 kubectl create namespace "$NS" >/dev/null
 
+say "0. cluster DNS answers for the headless Service the controller uses"
+agent_ip=$(kubectl -n loam get pod -l app.kubernetes.io/component=node -o jsonpath='{.items[0].status.podIP}')
+k run dns --image="$IMAGE" --restart=Never --command -- sleep infinity >/dev/null
+k wait --for=condition=Ready pod/dns --timeout="${T}s" >/dev/null || fail "pod dns not Ready"
+expect "loam-agents.loam.svc resolves to the node agent's pod IP" \
+    "$(in_pod dns 'getent hosts loam-agents.loam.svc.cluster.local | cut -d" " -f1')" "$agent_ip"
+expect "kubernetes.default resolves to the API Service IP" \
+    "$(in_pod dns 'getent hosts kubernetes.default.svc.cluster.local | cut -d" " -f1')" 10.96.0.1
+delete_pod dns
+
 say "1. a dir PVC and a loop PVC bind when a pod uses them, and the pod writes"
 pvc dir-a loam 64Mi
 pvc loop-a loam-loop 64Mi

@@ -24,6 +24,7 @@ import (
 )
 
 type registrar struct {
+	registerapi.UnimplementedRegistrationServer
 	name, endpoint, marker string
 }
 
