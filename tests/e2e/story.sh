@@ -62,6 +62,7 @@ spec:
 EOF
 }
 # pod NAME SCRIPT CLAIM:PATH...   (a path under /dev means a raw block device)
+# The pod is Ready once SCRIPT has succeeded.
 pod() {
     local name=$1 script=$2 mounts="" devices="" vols="" i=0 c
     shift 2
@@ -83,7 +84,8 @@ spec:
   containers:
     - name: shell
       image: $IMAGE
-      command: ["/bin/sh", "-c", $(printf '%s' "$script; exec sleep infinity" | python3 -c 'import json,sys; print(json.dumps(sys.stdin.read()))')]
+      command: ["/bin/sh", "-c", $(printf '%s' "($script) && touch /tmp/ready; exec sleep infinity" | python3 -c 'import json,sys; print(json.dumps(sys.stdin.read()))')]
+      readinessProbe: {exec: {command: ["test", "-f", "/tmp/ready"]}, periodSeconds: 1}
       volumeMounts:
 ${mounts:-        []}
       volumeDevices:
@@ -99,8 +101,7 @@ kubectl create namespace "$NS" >/dev/null
 
 say "0. cluster DNS answers for the headless Service the controller uses"
 agent_ip=$(kubectl -n loam get pod -l app.kubernetes.io/component=node -o jsonpath='{.items[0].status.podIP}')
-k run dns --image="$IMAGE" --restart=Never --command -- sleep infinity >/dev/null
-k wait --for=condition=Ready pod/dns --timeout="${T}s" >/dev/null || fail "pod dns not Ready"
+pod dns 'true'
 expect "loam-agents.loam.svc resolves to the node agent's pod IP" \
     "$(in_pod dns 'getent hosts loam-agents.loam.svc.cluster.local | cut -d" " -f1')" "$agent_ip"
 expect "kubernetes.default resolves to the API Service IP" \
