@@ -69,6 +69,20 @@ mount --bind "$run/var-log-containers" /var/log/containers
 # the node agent's Bidirectional mounts reach the kubelet and the pods.
 mount --make-rshared /
 
+# The kubelet sets these host-wide kernel tunables to its values at start-up
+# (vm.overcommit_memory=1, kernel.panic_on_oops=1, ...): this machine is shared,
+# so this namespace's /proc shows the kubelet its values instead (read-only
+# files bound over /proc/sys), and the host's stay as they are.
+mkdir -p "$run/sysctl"
+for kv in vm/overcommit_memory=1 vm/panic_on_oom=0 kernel/panic=10 kernel/panic_on_oops=1 \
+    kernel/keys/root_maxkeys=1000000 kernel/keys/root_maxbytes=25000000; do
+    f=${kv%=*}
+    [ "$(cat "/proc/sys/$f")" != "${kv#*=}" ] || continue
+    echo "${kv#*=}" >"$run/sysctl/${f//\//.}"
+    mount --bind "$run/sysctl/${f//\//.}" "/proc/sys/$f"
+    mount -o remount,bind,ro "/proc/sys/$f"
+done
+
 # --- network
 ip link set lo up
 # The kernel here has no dummy device: a veth pair, whose peer stays unused.
