@@ -2,7 +2,7 @@
 // does not serve: registers the driver with the kubelet's plugin watcher
 // (pluginregistration v1) under the name its GetPluginInfo reports, with the
 // flags deploy/ passes. --mode=kubelet-registration-probe succeeds once the
-// kubelet has confirmed the registration (a marker file next to the socket).
+// kubelet has confirmed the registration (a marker file in this container's /tmp).
 package main
 
 import (
@@ -59,7 +59,8 @@ func main() {
 	if *kubeletPath == "" {
 		log.Fatal("--kubelet-registration-path is required")
 	}
-	marker := filepath.Join(filepath.Dir(*csiAddress), "registration")
+	// The probe runs in this container with only --kubelet-registration-path.
+	const marker = "/tmp/kubelet-registered"
 	if *mode == "kubelet-registration-probe" {
 		if _, err := os.Stat(marker); err != nil {
 			fmt.Fprintf(os.Stderr, "not registered: %v\n", err)
