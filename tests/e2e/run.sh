@@ -45,25 +45,6 @@ snap_crd=$(go mod download -json "github.com/kubernetes-csi/external-snapshotter
 snap_ctl=$(go mod download -json "github.com/kubernetes-csi/external-snapshotter/v8@$SNAPSHOTTER_VERSION" |
     python3 -c 'import json,sys; print(json.load(sys.stdin)["Dir"])')/deploy/kubernetes/snapshot-controller
 
-# --- what the cleanup must undo
-loops_before=$(losetup -l -n -O NAME | sort)
-made_dirs=()
-for d in /var/lib/kubelet /var/lib/loam /var/lib/cni /var/log/pods /var/log/containers /run/containerd /run/netns; do
-    [ -d "$d" ] || { mkdir -p "$d"; made_dirs+=("$d"); }
-done
-cgroup_dirs=()
-for h in /sys/fs/cgroup/*/; do
-    h=${h%/}
-    [ -f "$h/cgroup.procs" ] || continue
-    [ -d "$h$cgroup_root" ] && { echo "$h$cgroup_root exists: another run is going on, or clean it first" >&2; exit 1; }
-    mkdir "$h$cgroup_root"
-    cgroup_dirs+=("$h$cgroup_root")
-    if [ -f "$h/cpuset.cpus" ]; then
-        cat "$h/cpuset.cpus" >"$h$cgroup_root/cpuset.cpus"
-        cat "$h/cpuset.mems" >"$h$cgroup_root/cpuset.mems"
-    fi
-done
-
 cleanup() {
     local rc=$? pidns i loop h d
     set +e
@@ -111,8 +92,27 @@ cleanup() {
     step "done: exit $rc (build ${build_s:-?} s, images ${images_s:-?} s, cluster and story $((SECONDS - t0 - ${build_s:-0} - ${images_s:-0})) s; total $((SECONDS - t0)) s)"
     exit "$rc"
 }
+
+# --- what the cleanup must undo
+loops_before=$(losetup -l -n -O NAME | sort)
+made_dirs=()
+cgroup_dirs=()
 trap cleanup EXIT
 trap 'exit 130' INT TERM
+for d in /var/lib/kubelet /var/lib/loam /var/lib/cni /var/log/pods /var/log/containers /run/containerd /run/netns; do
+    [ -d "$d" ] || { mkdir -p "$d"; made_dirs+=("$d"); }
+done
+for h in /sys/fs/cgroup/*/; do
+    h=${h%/}
+    [ -f "$h/cgroup.procs" ] || continue
+    [ -d "$h$cgroup_root" ] && { echo "$h$cgroup_root exists: another run is going on, or clean it first" >&2; exit 1; }
+    mkdir "$h$cgroup_root"
+    cgroup_dirs+=("$h$cgroup_root")
+    if [ -f "$h/cpuset.cpus" ]; then
+        cat "$h/cpuset.cpus" >"$h$cgroup_root/cpuset.cpus"
+        cat "$h/cpuset.mems" >"$h$cgroup_root/cpuset.mems"
+    fi
+done
 
 step "cluster and story, in new PID, mount and network namespaces"
 rm -rf "$run"
