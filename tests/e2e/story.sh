@@ -152,9 +152,13 @@ expect "the running pod still reads its dir volume" "$(in_pod writer 'sha256sum 
 expect "the running pod still reads its loop volume" "$(in_pod writer 'sha256sum </loop/data')" "$sum_dir"
 in_pod writer 'echo after-restart >/dir/after && cat /dir/after' >/dev/null && ok "and writes to it" ||
     fail "write after the agent restart"
-ips=$(kubectl -n loam get endpointslices -l kubernetes.io/service-name=loam-agents \
-    -o jsonpath='{.items[*].endpoints[*].addresses[*]}')
-expect "the headless Service now names the new agent" "$ips" "$new_ip"
+agent_ips() {
+    kubectl -n loam get endpointslices -l kubernetes.io/service-name=loam-agents \
+        -o jsonpath='{.items[*].endpoints[?(@.conditions.ready==true)].addresses[*]}'
+}
+agent_is() { [ "$(agent_ips)" = "$1" ]; }
+until_ok 60 "the headless Service names the new agent" agent_is "$new_ip"
+expect "the headless Service names only the new agent" "$(agent_ips)" "$new_ip"
 
 say "4. a StatefulSet with volumeClaimTemplates: 3 replicas, scaled down and up, keeps each replica's data"
 k apply -f - >/dev/null <<EOF
