@@ -160,7 +160,8 @@ daemon kube-apiserver kube-apiserver --etcd-servers http://127.0.0.1:2379 \
     --service-account-issuer https://kubernetes.default.svc.cluster.local \
     --service-account-key-file "$pki/sa.pub" --service-account-signing-key-file "$pki/sa.key" \
     --authorization-mode Node,RBAC --enable-admission-plugins NodeRestriction \
-    --allow-privileged=true --profiling=false --endpoint-reconciler-type lease
+    --allow-privileged=true --profiling=false --endpoint-reconciler-type lease \
+    --kubelet-preferred-address-types InternalIP
 wait_for 120 "API server ready" kubectl get --raw /readyz
 
 daemon kube-controller-manager kube-controller-manager --kubeconfig "$run/controller-manager.kubeconfig" \
