@@ -70,7 +70,10 @@ cleanup() {
         [ -n "$new" ] || break
         for loop in $new; do
             case "$(losetup -l -n -O BACK-FILE "$loop")" in
-                *"$run"* | */var/lib/kubelet/* | /dev/loop* | *loam*) losetup -d "$loop" 2>/dev/null ;;
+                # Loam's images (as the dead namespace saw them: /volumes/<key>.img),
+                # the kubelet's references to block volumes, anything under the run.
+                /volumes/*.img* | *"$run"* | */var/lib/kubelet/* | */kubernetes.io/* | /dev/loop* | *loam*)
+                    losetup -d "$loop" 2>/dev/null ;;
                 *) echo "not ours, left alone: $loop $(losetup -l -n -O BACK-FILE "$loop")" >&2 ;;
             esac
         done
