@@ -1,0 +1,332 @@
+#!/usr/bin/env bash
+# The user's story on the e2e cluster, asserted step by step (run by
+# cluster.sh inside the cluster's namespaces, KUBECONFIG set). Every step
+# checks what the user would look at (bytes in files, sizes, objects) and what
+# happened on the node (/var/lib/loam is the node's Loam root here).
+# Exits non-zero at the first failed assertion; prints one line per check and
+# 'N passed, 0 failed' at the end.
+set -euo pipefail
+NS=e2e-story
+IMAGE=loam:dev # Debian with coreutils and util-linux: the shell of the test pods
+NODE=loam-e2e
+ROOT=/var/lib/loam
+T=${E2E_WAIT:-180}
+passed=0
+t0=$SECONDS
+say() { printf '[story %4ds] %s\n' "$((SECONDS - t0))" "$*"; }
+fail() {
+    say "FAIL: $*"
+    {
+        kubectl get pods,pvc -A -o wide
+        kubectl get pv,volumesnapshot,volumesnapshotcontent -A
+        kubectl -n "$NS" get events --sort-by=.lastTimestamp | tail -30
+        kubectl -n loam logs deploy/loam-controller --all-containers --tail=30 --prefix
+        kubectl -n loam logs ds/loam-node --all-containers --tail=30 --prefix
+    } 2>&1 | sed 's/^/    /'
+    echo "$passed passed, 1 failed"
+    exit 1
+}
+ok() {
+    passed=$((passed + 1))
+    say "ok $passed - $*"
+}
+# expect WHAT ACTUAL WANTED
+expect() { [ "$2" = "$3" ] && ok "$1" || fail "$1: got '$2', want '$3'"; }
+k() { kubectl -n "$NS" "$@"; }
+# until_ok SECONDS WHAT COMMAND...
+until_ok() {
+    local limit=$1 what=$2 i
+    shift 2
+    for ((i = 0; i < limit; i++)); do
+        "$@" >/dev/null 2>&1 && return 0
+        sleep 1
+    done
+    fail "$what: not within ${limit}s"
+}
+in_pod() { local p=$1; shift; k exec "$p" -- sh -c "$*"; }
+pvc_field() { k get pvc "$1" -o jsonpath="$2"; }
+pv_handle() { kubectl get pv "$(pvc_field "$1" '{.spec.volumeName}')" -o jsonpath='{.spec.csi.volumeHandle}'; }
+key_of() { local h; h=$(pv_handle "$1"); echo "${h%@*}"; }
+
+# pvc NAME CLASS SIZE [Block]
+pvc() {
+    k apply -f - >/dev/null <<EOF
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {name: $1}
+spec:
+  storageClassName: $2
+  accessModes: [ReadWriteOnce]
+  volumeMode: ${4:-Filesystem}
+  resources: {requests: {storage: $3}}
+EOF
+}
+# pod NAME SCRIPT CLAIM:PATH...   (a path under /dev means a raw block device)
+# The pod is Ready once SCRIPT has succeeded.
+pod() {
+    local name=$1 script=$2 mounts="" devices="" vols="" i=0 c
+    shift 2
+    for c in "$@"; do
+        i=$((i + 1))
+        if [[ ${c#*:} == /dev/* ]]; then
+            devices+="        - {name: v$i, devicePath: ${c#*:}}"$'\n'
+        else
+            mounts+="        - {name: v$i, mountPath: ${c#*:}}"$'\n'
+        fi
+        vols+="    - {name: v$i, persistentVolumeClaim: {claimName: ${c%%:*}}}"$'\n'
+    done
+    k apply -f - >/dev/null <<EOF
+apiVersion: v1
+kind: Pod
+metadata: {name: $name}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+    - name: shell
+      image: $IMAGE
+      command: ["/bin/sh", "-c", $(printf '%s' "($script) && touch /tmp/ready; exec sleep infinity" | python3 -c 'import json,sys; print(json.dumps(sys.stdin.read()))')]
+      readinessProbe: {exec: {command: ["test", "-f", "/tmp/ready"]}, periodSeconds: 1}
+      volumeMounts:
+${mounts:-        []}
+      volumeDevices:
+${devices:-        []}
+  volumes:
+$vols
+EOF
+    k wait --for=condition=Ready "pod/$name" --timeout="${T}s" >/dev/null || fail "pod $name not Ready"
+}
+delete_pod() { k delete pod "$1" --wait=true --timeout="${T}s" >/dev/null; }
+
+kubectl create namespace "$NS" >/dev/null
+
+say "0. cluster DNS answers for the headless Service the controller uses"
+agent_ip=$(kubectl -n loam get pod -l app.kubernetes.io/component=node -o jsonpath='{.items[0].status.podIP}')
+pod dns 'true'
+expect "loam-agents.loam.svc resolves to the node agent's pod IP" \
+    "$(in_pod dns 'getent hosts loam-agents.loam.svc.cluster.local | cut -d" " -f1')" "$agent_ip"
+expect "kubernetes.default resolves to the API Service IP" \
+    "$(in_pod dns 'getent hosts kubernetes.default.svc.cluster.local | cut -d" " -f1')" 10.96.0.1
+delete_pod dns
+
+say "1. a dir PVC and a loop PVC bind when a pod uses them, and the pod writes"
+pvc dir-a loam 64Mi
+pvc loop-a loam-loop 64Mi
+sleep 3
+expect "dir-a waits for its first consumer (WaitForFirstConsumer)" "$(pvc_field dir-a '{.status.phase}')" Pending
+expect "loop-a waits for its first consumer" "$(pvc_field loop-a '{.status.phase}')" Pending
+pod writer 'head -c 1048576 /dev/urandom >/dir/data && cp /dir/data /loop/data && sync' dir-a:/dir loop-a:/loop
+expect "dir-a bound" "$(pvc_field dir-a '{.status.phase}')" Bound
+expect "loop-a bound" "$(pvc_field loop-a '{.status.phase}')" Bound
+h=$(pv_handle dir-a)
+[[ $h =~ ^[0-9a-f]{32}@$NODE$ ]] && ok "volume handle is <key>@<node>: $h" || fail "volume handle $h"
+sum_dir=$(in_pod writer 'sha256sum </dir/data')
+sum_loop=$(in_pod writer 'sha256sum </loop/data')
+expect "the pod wrote the same 1 MiB to both" "$sum_loop" "$sum_dir"
+key_dir=$(key_of dir-a)
+key_loop=$(key_of loop-a)
+expect "the dir volume is a directory on the node with the pod's bytes" \
+    "$(sha256sum <"$ROOT/volumes/$key_dir/data")" "$sum_dir"
+[ -f "$ROOT/volumes/$key_loop.img" ] && ok "the loop volume is an image file on the node" ||
+    fail "no $ROOT/volumes/$key_loop.img"
+expect "the image is thick: 64 MiB allocated" \
+    "$(($(stat -c '%b*%B' "$ROOT/volumes/$key_loop.img") >= 64 * 1024 * 1024))" 1
+src=$(in_pod writer "awk '\$2 == \"/loop\" {print \$1, \$3}' /proc/mounts")
+[[ $src =~ ^/dev/loop[0-9]+\ ext4$ ]] && ok "the loop volume is ext4 on a loop device in the pod ($src)" ||
+    fail "/loop is mounted from '$src'"
+
+say "2. the pod is deleted and recreated: same bytes"
+delete_pod writer
+pod writer 'true' dir-a:/dir loop-a:/loop
+expect "dir-a kept its bytes" "$(in_pod writer 'sha256sum </dir/data')" "$sum_dir"
+expect "loop-a kept its bytes" "$(in_pod writer 'sha256sum </loop/data')" "$sum_dir"
+
+say "3. the node agent (DaemonSet pod) is deleted mid-way and comes back"
+old_pod=$(kubectl -n loam get pod -l app.kubernetes.io/component=node -o jsonpath='{.items[0].metadata.name}')
+old_ip=$(kubectl -n loam get pod "$old_pod" -o jsonpath='{.status.podIP}')
+kubectl -n loam delete pod "$old_pod" --wait=true --timeout="${T}s" >/dev/null
+kubectl -n loam rollout status daemonset/loam-node --timeout="${T}s" >/dev/null || fail "loam-node not back"
+new_pod=$(kubectl -n loam get pod -l app.kubernetes.io/component=node -o jsonpath='{.items[0].metadata.name}')
+new_ip=$(kubectl -n loam get pod "$new_pod" -o jsonpath='{.status.podIP}')
+[ "$new_pod" != "$old_pod" ] && ok "a new node pod $new_pod ($old_ip -> $new_ip)" || fail "same node pod"
+expect "the running pod still reads its dir volume" "$(in_pod writer 'sha256sum </dir/data')" "$sum_dir"
+expect "the running pod still reads its loop volume" "$(in_pod writer 'sha256sum </loop/data')" "$sum_dir"
+in_pod writer 'echo after-restart >/dir/after && cat /dir/after' >/dev/null && ok "and writes to it" ||
+    fail "write after the agent restart"
+agent_ips() {
+    kubectl -n loam get endpointslices -l kubernetes.io/service-name=loam-agents \
+        -o jsonpath='{.items[*].endpoints[?(@.conditions.ready==true)].addresses[*]}'
+}
+agent_is() { [ "$(agent_ips)" = "$1" ]; }
+until_ok 60 "the headless Service names the new agent" agent_is "$new_ip"
+expect "the headless Service names only the new agent" "$(agent_ips)" "$new_ip"
+
+say "4. a StatefulSet with volumeClaimTemplates: 3 replicas, scaled down and up, keeps each replica's data"
+k apply -f - >/dev/null <<EOF
+apiVersion: apps/v1
+kind: StatefulSet
+metadata: {name: web}
+spec:
+  serviceName: web
+  replicas: 3
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      terminationGracePeriodSeconds: 1
+      containers:
+        - name: shell
+          image: $IMAGE
+          command: ["/bin/sh", "-c", "[ -f /data/id ] || { hostname >/data/id; head -c 65536 /dev/urandom >/data/blob; }; exec sleep infinity"]
+          volumeMounts: [{name: data, mountPath: /data}]
+          readinessProbe: {exec: {command: ["test", "-f", "/data/id"]}, periodSeconds: 1}
+  volumeClaimTemplates:
+    - metadata: {name: data}
+      spec:
+        storageClassName: loam
+        accessModes: [ReadWriteOnce]
+        resources: {requests: {storage: 32Mi}}
+EOF
+until_ok "$T" "web has 3 ready replicas" sh -c "[ \"\$(kubectl -n $NS get sts web -o jsonpath='{.status.readyReplicas}')\" = 3 ]"
+ok "3 replicas ready"
+declare -A blob
+for i in 0 1 2; do
+    expect "web-$i has its own PVC data-web-$i, bound" "$(pvc_field "data-web-$i" '{.status.phase}')" Bound
+    expect "web-$i wrote its stable name" "$(in_pod "web-$i" 'cat /data/id')" "web-$i"
+    blob[$i]=$(in_pod "web-$i" 'sha256sum </data/blob')
+done
+for i in 1 2; do
+    prev_ready=$(k get pod "web-$((i - 1))" -o jsonpath='{.status.conditions[?(@.type=="Ready")].lastTransitionTime}')
+    created=$(k get pod "web-$i" -o jsonpath='{.metadata.creationTimestamp}')
+    [[ ! $created < $prev_ready ]] && ok "web-$i was created after web-$((i - 1)) was ready (ordered start)" ||
+        fail "web-$i created at $created, before web-$((i - 1)) was ready at $prev_ready"
+done
+k scale sts web --replicas=1 >/dev/null
+until_ok "$T" "web scaled down to 1" sh -c "! kubectl -n $NS get pod web-1 web-2 2>/dev/null | grep -q web"
+expect "scaled down: the PVCs stay" "$(k get pvc -o name | grep -c data-web-)" 3
+k scale sts web --replicas=3 >/dev/null
+until_ok "$T" "web scaled up to 3" sh -c "[ \"\$(kubectl -n $NS get sts web -o jsonpath='{.status.readyReplicas}')\" = 3 ]"
+for i in 0 1 2; do
+    expect "web-$i kept its data across the scale down and up" \
+        "$(in_pod "web-$i" 'cat /data/id; sha256sum </data/blob')" "web-$i
+${blob[$i]}"
+done
+
+say "5. a VolumeSnapshot restored into a new PVC has the same bytes"
+k apply -f - >/dev/null <<EOF
+apiVersion: snapshot.storage.k8s.io/v1
+kind: VolumeSnapshot
+metadata: {name: snap-a}
+spec:
+  volumeSnapshotClassName: loam
+  source: {persistentVolumeClaimName: dir-a}
+EOF
+until_ok "$T" "snap-a ready to use" sh -c "[ \"\$(kubectl -n $NS get volumesnapshot snap-a -o jsonpath='{.status.readyToUse}')\" = true ]"
+ok "snap-a is ready to use"
+in_pod writer 'echo changed-after-snapshot >/dir/data' >/dev/null
+k apply -f - >/dev/null <<EOF
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {name: restore-a}
+spec:
+  storageClassName: loam
+  accessModes: [ReadWriteOnce]
+  dataSource: {apiGroup: snapshot.storage.k8s.io, kind: VolumeSnapshot, name: snap-a}
+  resources: {requests: {storage: 64Mi}}
+EOF
+pod reader 'true' restore-a:/data
+expect "the restore has the bytes of the snapshot, not the later write" \
+    "$(in_pod reader 'sha256sum </data/data')" "$sum_dir"
+
+say "6. a PVC expanded online: the pod sees the new size"
+# grow CLAIM POD PATH NEW_SIZE: expands a mounted PVC, waits for the pod to see it.
+grow() {
+    local claim=$1 p=$2 path=$3 size=$4 before after
+    before=$(in_pod "$p" "df -k $path | awk 'NR==2 {print \$2}'")
+    k patch pvc "$claim" --type merge -p "{\"spec\":{\"resources\":{\"requests\":{\"storage\":\"$size\"}}}}" >/dev/null
+    until_ok "$T" "$claim capacity $size" sh -c "[ \"\$(kubectl -n $NS get pvc $claim -o jsonpath='{.status.capacity.storage}')\" = $size ]"
+    ok "$claim's capacity is $size"
+    until_ok 60 "the pod sees the grown filesystem" sh -c \
+        "[ \"\$(kubectl -n $NS exec $p -- df -k $path | awk 'NR==2 {print \$2}')\" -gt $((before * 5 / 4)) ]"
+    after=$(in_pod "$p" "df -k $path | awk 'NR==2 {print \$2}'")
+    ok "the pod's $path grew from ${before}K to ${after}K while mounted"
+}
+# Growing a mounted ext4 takes CAP_SYS_RESOURCE (the kernel's EXT4_IOC_RESIZE_FS),
+# which a privileged pod has only where the host's bounding set does.
+if (( (0x$(awk '/^CapBnd/ {print $2}' /proc/self/status) >> 24) & 1 )); then
+    grow loop-a writer /loop 128Mi
+    expect "its data is intact" "$(in_pod writer 'sha256sum </loop/data')" "$sum_dir"
+    in_pod writer 'head -c 83886080 /dev/zero >/loop/big && sync && rm /loop/big' >/dev/null &&
+        ok "80 MiB fit on the grown filesystem (more than its old size)" || fail "writing 80 MiB after the expansion"
+else
+    say "   (skipped ext4: no CAP_SYS_RESOURCE in this host's capability bounding set, so no pod can grow a mounted ext4)"
+fi
+kubectl apply -f - >/dev/null <<EOF
+apiVersion: storage.k8s.io/v1
+kind: StorageClass
+metadata: {name: loam-loop-xfs}
+provisioner: loam.csi.dev
+reclaimPolicy: Delete
+volumeBindingMode: WaitForFirstConsumer
+allowVolumeExpansion: true
+parameters: {backend: loop, fsType: xfs, provisioning: thin}
+EOF
+pvc grow-xfs loam-loop-xfs 320Mi
+pod grower 'head -c 1048576 /dev/urandom >/data/data' grow-xfs:/data
+sum_xfs=$(in_pod grower 'sha256sum </data/data')
+grow grow-xfs grower /data 480Mi
+expect "its data is intact" "$(in_pod grower 'sha256sum </data/data')" "$sum_xfs"
+in_pod grower 'head -c 367001600 /dev/zero >/data/big && sync && rm /data/big' >/dev/null &&
+    ok "350 MiB fit on the grown filesystem (more than its old size)" || fail "writing 350 MiB after the expansion"
+delete_pod grower
+
+say "7. a block PVC is written raw"
+pvc blk loam-loop 32Mi Block
+pod raw 'true' blk:/dev/xvda
+expect "the pod sees a 32 MiB block device" "$(in_pod raw 'blockdev --getsize64 /dev/xvda')" 33554432
+sum_raw=$(in_pod raw 'head -c 4194304 /dev/urandom >/tmp/r && dd if=/tmp/r of=/dev/xvda bs=1M oflag=direct 2>/dev/null && sha256sum </tmp/r')
+expect "raw bytes read back" "$(in_pod raw 'head -c 4194304 /dev/xvda | sha256sum')" "$sum_raw"
+delete_pod raw
+pod raw 'true' blk:/dev/xvda
+expect "raw bytes still there in a new pod" "$(in_pod raw 'head -c 4194304 /dev/xvda | sha256sum')" "$sum_raw"
+
+say "8. reclaim: Delete removes the volume from the node, Retain keeps it"
+key_restore=$(key_of restore-a)
+delete_pod reader
+k delete pvc restore-a --wait=true --timeout="${T}s" >/dev/null
+until_ok "$T" "the restore's PV is gone" sh -c "! kubectl get pv | grep -q $NS/restore-a"
+until_ok 30 "the restore's data is gone from the node" test ! -e "$ROOT/volumes/$key_restore"
+ok "Delete: PV and $ROOT/volumes/$key_restore are gone"
+kubectl apply -f - >/dev/null <<EOF
+apiVersion: storage.k8s.io/v1
+kind: StorageClass
+metadata: {name: loam-retain}
+provisioner: loam.csi.dev
+reclaimPolicy: Retain
+volumeBindingMode: WaitForFirstConsumer
+parameters: {backend: dir}
+EOF
+pvc kept loam-retain 16Mi
+pod keeper 'echo retained >/data/r' kept:/data
+pv_kept=$(pvc_field kept '{.spec.volumeName}')
+key_kept=$(key_of kept)
+delete_pod keeper
+k delete pvc kept --wait=true --timeout="${T}s" >/dev/null
+until_ok 60 "the retained PV is Released" sh -c "[ \"\$(kubectl get pv $pv_kept -o jsonpath='{.status.phase}')\" = Released ]"
+ok "Retain: the PV $pv_kept is Released, not deleted"
+expect "Retain: the data stays on the node" "$(cat "$ROOT/volumes/$key_kept/r")" retained
+
+say "9. everything removed: the volumes with reclaim policy Delete leave the node"
+kubectl delete namespace "$NS" --wait=true --timeout="${T}s" >/dev/null
+kubectl delete pv "$pv_kept" --wait=true >/dev/null
+kubectl delete storageclass loam-retain loam-loop-xfs >/dev/null
+until_ok "$T" "no Loam PV left" sh -c "! kubectl get pv -o jsonpath='{.items[*].spec.csi.driver}' | grep -q loam"
+left=$(find "$ROOT/volumes" -mindepth 1 -maxdepth 1 -printf '%f\n' | sort | tr '\n' ' ')
+expect "the node keeps only the retained volume" "$left" "$key_kept "
+until_ok 60 "no VolumeAttachment left" sh -c "[ -z \"\$(kubectl get volumeattachments -o name)\" ]"
+ok "no VolumeAttachment left"
+expect "no CSI mount left on the node" \
+    "$(grep -c -e 'kubernetes.io~csi' -e 'plugins/kubernetes.io/csi' -e "$ROOT/" /proc/self/mountinfo || true)" 0
+expect "no loop device of a Loam image left" "$(losetup -l -n -O BACK-FILE | grep -c "$ROOT/" || true)" 0
+
+say "story done in $((SECONDS - t0)) s"
+echo "$passed passed, 0 failed"

@@ -1,0 +1,17 @@
+# shellcheck shell=bash disable=SC2034
+# What the end-to-end run builds, pinned. Sourced by the e2e scripts.
+# Kubernetes: k8s.io/kubernetes at this release; its staging modules come from
+# their published v0.<minor>.<patch> tags (see build.sh).
+K8S_VERSION=v1.37.1 # v1.37.2: the module proxy serves its go.mod but refuses its zip (403)
+ETCD_VERSION=v3.6.16          # go.etcd.io/etcd/server/v3
+CONTAINERD_VERSION=v2.2.9     # github.com/containerd/containerd/v2
+RUNC_VERSION=v1.4.3           # github.com/opencontainers/runc
+COREDNS_VERSION=v1.14.6       # github.com/coredns/coredns (the release kubeadm 1.37 deploys)
+# The kubernetes-csi sidecars deploy/ names (same versions as deploy/*.yaml).
+PROVISIONER_VERSION=v6.3.0    # github.com/kubernetes-csi/external-provisioner/v6
+ATTACHER_VERSION=v4.12.0      # github.com/kubernetes-csi/external-attacher/v4
+SNAPSHOTTER_VERSION=v8.6.0    # github.com/kubernetes-csi/external-snapshotter/v8 (+ snapshot-controller, CRDs)
+RESIZER_VERSION=v2.2.1        # github.com/kubernetes-csi/external-resizer: not served by the module proxy
+REGISTRAR_VERSION=v2.17.0     # github.com/kubernetes-csi/node-driver-registrar: not served by the module proxy
+LIVENESSPROBE_VERSION=v2.19.0 # github.com/kubernetes-csi/livenessprobe: not served by the module proxy
+DEBIAN_SUITE=trixie           # the Dockerfile's runtime base, debian:trixie-slim
