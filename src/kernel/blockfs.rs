@@ -13,7 +13,6 @@ use std::process::{Command, Stdio};
 
 use nix::errno::Errno;
 use nix::fcntl::{FallocateFlags, OFlag, fallocate, open};
-use nix::mount::MsFlags;
 use nix::sys::stat::Mode;
 
 use super::mount::MountFlags;
@@ -314,21 +313,7 @@ pub fn grow_ext4_offline(device: &Path) -> io::Result<()> {
 
 /// Mounts `device`, holding a `fs` filesystem, on `target` with `flags`.
 pub fn mount(device: &Path, target: &Path, fs: FsType, flags: MountFlags) -> io::Result<()> {
-    let mut ms = MsFlags::empty();
-    for (set, flag) in [
-        (flags.read_only, MsFlags::MS_RDONLY),
-        (flags.nosuid, MsFlags::MS_NOSUID),
-        (flags.nodev, MsFlags::MS_NODEV),
-        (flags.noexec, MsFlags::MS_NOEXEC),
-        (flags.noatime, MsFlags::MS_NOATIME),
-        (flags.nodiratime, MsFlags::MS_NODIRATIME),
-        (flags.relatime, MsFlags::MS_RELATIME),
-        (flags.strictatime, MsFlags::MS_STRICTATIME),
-    ] {
-        if set {
-            ms |= flag;
-        }
-    }
+    let ms = flags.ms_flags();
     // A clone or restored snapshot of an XFS volume carries the original's
     // UUID; without nouuid the two could not be mounted on one node.
     let data = match fs {

@@ -86,7 +86,8 @@ impl MountFlags {
         *self == MountFlags::default()
     }
 
-    fn ms_flags(&self) -> MsFlags {
+    /// The flags as mount(2) takes them.
+    pub(crate) fn ms_flags(&self) -> MsFlags {
         let mut ms = MsFlags::empty();
         for (set, flag) in [
             (self.read_only, MsFlags::MS_RDONLY),
