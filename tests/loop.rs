@@ -108,6 +108,14 @@ async fn read_only_block_publishes_cannot_be_written() {
     let (rw, ro) = (h.co_path("pod/rw"), h.co_path("pod/ro"));
     h.stage_as(&id, &staging, block_capability()).await.unwrap();
     h.publish_as(&id, &staging, &rw, block_capability(), false).await.unwrap();
+
+    // A read-only publish that fails after its device was attached (here:
+    // the target's parent is a file) leaves no read-only device behind.
+    std::fs::write(h.co_path("pod/file"), b"").unwrap();
+    let err = h.publish_as(&id, &staging, &h.co_path("pod/file/ro"), block_capability(), true).await.unwrap_err();
+    assert_eq!(err.code(), Code::Internal, "{err:?}");
+    assert!(devices_of(&h, &id).iter().all(|d| !d.read_only), "a failed publish left {:?}", devices_of(&h, &id));
+
     h.publish_as(&id, &staging, &ro, block_capability(), true).await.unwrap();
 
     let mut dev = std::fs::OpenOptions::new().read(true).write(true).open(&rw).unwrap();
@@ -178,6 +186,51 @@ async fn online_expansion_is_seen_inside_the_mount_and_shrinking_is_refused() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::OutOfRange);
+    h.unpublish(&id, &target).await.unwrap();
+    h.unstage(&id, &staging).await.unwrap();
+}
+
+/// ext4 grows online only with CAP_SYS_RESOURCE. Without it NodeExpand
+/// says so with FAILED_PRECONDITION (the CO must not retry) and the next
+/// stage grows the filesystem offline; with it the mounted volume grows.
+#[tokio::test]
+async fn mounted_ext4_grows_online_or_refuses_and_grows_at_the_next_stage() {
+    require_privileges!();
+    let mut h = Harness::start().await;
+    let id = h.create_volume(loop_request("loop-ext4-grow", 64 * MIB, &[], false)).await.unwrap().volume_id;
+    let (staging, target) = (h.co_path("staging"), h.co_path("target"));
+    h.stage(&id, &staging).await.unwrap();
+    h.publish(&id, &staging, &target, Access::Writer, false).await.unwrap();
+    std::fs::write(target.join("data"), b"before growth").unwrap();
+    let before = statvfs_total(&target);
+    let range = Some(csi::CapacityRange { required_bytes: 192 * MIB, limit_bytes: 0 });
+    let expand =
+        csi::ControllerExpandVolumeRequest { volume_id: id.clone(), capacity_range: range, ..Default::default() };
+    assert!(h.controller.controller_expand_volume(expand).await.unwrap().into_inner().node_expansion_required);
+    let node_expand = csi::NodeExpandVolumeRequest {
+        volume_id: id.clone(),
+        volume_path: common::path_str(&target),
+        capacity_range: range,
+        ..Default::default()
+    };
+
+    if loam::kernel::blockfs::can_grow_online(loam::kernel::blockfs::FsType::Ext4).unwrap() {
+        h.node.node_expand_volume(node_expand).await.unwrap();
+    } else {
+        let err = h.node.node_expand_volume(node_expand.clone()).await.unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+        assert!(err.message().contains("CAP_SYS_RESOURCE"), "{err:?}");
+        assert_eq!(statvfs_total(&target), before, "nothing grew");
+        h.unpublish(&id, &target).await.unwrap();
+        h.unstage(&id, &staging).await.unwrap();
+        h.stage(&id, &staging).await.unwrap();
+        h.publish(&id, &staging, &target, Access::Writer, false).await.unwrap();
+        // What the kubelet does after the restage: nothing is left to grow.
+        h.node.node_expand_volume(node_expand).await.unwrap();
+    }
+    let after = statvfs_total(&target);
+    assert!(after > before + (100 << 20), "filesystem grew from {before} to only {after}");
+    assert_eq!(std::fs::read(target.join("data")).unwrap(), b"before growth");
     h.unpublish(&id, &target).await.unwrap();
     h.unstage(&id, &staging).await.unwrap();
 }

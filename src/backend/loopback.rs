@@ -177,15 +177,9 @@ impl LoopBackend {
         // An image grown while unstaged gets its filesystem grown now: ext4
         // before mounting (offline needs no CAP_SYS_RESOURCE), xfs after
         // (xfs grows only mounted).
-        if fs == FsType::Ext4 && !flags.read_only {
-            let fs_size =
-                blockfs::ext_size(&device.device).context(|| format!("reading {}", device.device.display()))?;
-            let device_size =
-                loopdev::device_size(&device.device).context(|| format!("sizing {}", device.device.display()))?;
-            if fs_size.is_some_and(|size| size < device_size) {
-                blockfs::grow_ext4_offline(&device.device)
-                    .context(|| format!("growing the filesystem on {}", device.device.display()))?;
-            }
+        if fs == FsType::Ext4 && !flags.read_only && ext4_smaller_than_device(&device.device)? {
+            blockfs::grow_ext4_offline(&device.device)
+                .context(|| format!("growing the filesystem on {}", device.device.display()))?;
         }
         fs::create_dir_all(path).context(|| format!("creating {}", path.display()))?;
         blockfs::mount(&device.device, path, fs, flags)
@@ -267,6 +261,19 @@ impl LoopBackend {
             .into_iter()
             .find(|d| !d.read_only)
             .ok_or_else(|| Error::FailedPrecondition(format!("volume {key} has no loop device; stage it again")))?;
+        if fs == FsType::Ext4 && !ext4_smaller_than_device(&device.device)? {
+            // Already grown (offline, at the stage that followed an earlier refusal).
+            return Ok(());
+        }
+        // Refused before trying, with the way out: the CO must not retry
+        // (FAILED_PRECONDITION), and the next stage grows the filesystem offline.
+        if !blockfs::can_grow_online(fs).context(|| "reading this process's capabilities".to_owned())? {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {key}: growing a mounted ext4 filesystem needs CAP_SYS_RESOURCE, which the node plugin \
+                 lacks; the device has grown and the filesystem will be grown when the volume is next staged \
+                 (restart the pods using it), or give the node plugin CAP_SYS_RESOURCE"
+            )));
+        }
         blockfs::grow(fs, &device.device, staging)
             .context(|| format!("growing the filesystem on {}", device.device.display()))
     }
@@ -369,6 +376,14 @@ impl LoopBackend {
 
 /// The filesystem a stage uses: the StorageClass's, unless the capability
 /// names a different one, which cannot be honoured for an existing image.
+/// Whether the ext4 filesystem on `device` is smaller than the device (false
+/// when the device holds no ext4 superblock).
+fn ext4_smaller_than_device(device: &Path) -> Result<bool> {
+    let fs_size = blockfs::ext_size(device).context(|| format!("reading {}", device.display()))?;
+    let device_size = loopdev::device_size(device).context(|| format!("sizing {}", device.display()))?;
+    Ok(fs_size.is_some_and(|size| size < device_size))
+}
+
 fn filesystem(spec: &LoopSpec, capability: &Capability) -> Result<FsType> {
     let fs = FsType::parse(&spec.fs_type)
         .ok_or_else(|| Error::Damaged(format!("volume record names unknown fsType {:?}", spec.fs_type)))?;

@@ -168,7 +168,34 @@ impl Driver {
             BackendKind::Dir => staging.to_owned(),
             BackendKind::Loop => self.loopback.publish_source(&key, staging, capability.block, read_only)?,
         };
-        if capability.block {
+        let published = self.bind_publication(&record, key, &source, target, flags, publication);
+        // A read-only block publication may have just attached a read-only
+        // device; if it did not come to be and no other one uses that
+        // device, detach it now rather than at some later unpublish.
+        if published.is_err()
+            && record.backend == BackendKind::Loop
+            && capability.block
+            && read_only
+            && !record.publications.values().any(|p| p.read_only && p.capability.block)
+            && let Err(e) = self.loopback.release_read_only(&key)
+        {
+            tracing::warn!(volume = %record.id, "cannot detach the read-only device of a failed publish: {e}");
+        }
+        published
+    }
+
+    /// Binds `source` onto `target` unless it is there already, and records
+    /// the publication (undoing the bind if the record cannot be written).
+    fn bind_publication(
+        &self,
+        record: &VolumeRecord,
+        key: Key,
+        source: &Path,
+        target: &Path,
+        flags: MountFlags,
+        publication: Publication,
+    ) -> Result<()> {
+        if publication.capability.block {
             ensure_file(target)?;
         } else {
             fs::create_dir_all(target).context(|| format!("creating {}", target.display()))?;
@@ -176,11 +203,11 @@ impl Driver {
         let mounts = self.mount_table()?;
         if !mountinfo::find_mount_point(&mounts, target).is_some_and(|e| self.shows_volume(e, &key, record.backend)) {
             self.mounter
-                .bind(&source, target, flags)
+                .bind(source, target, flags)
                 .context(|| format!("bind-mounting {} on {}", source.display(), target.display()))?;
         }
         if !record.publications.contains_key(target) {
-            let mut published = (*record).clone();
+            let mut published = record.clone();
             published.publications.insert(target.to_owned(), publication);
             if let Err(e) = self.volumes.put(key, published) {
                 let _ = self.mounter.unmount(target);

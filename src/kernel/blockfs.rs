@@ -256,9 +256,29 @@ fn check_flag(flag: &str, argument: Option<&str>) -> Result<(), String> {
     }
 }
 
-/// Grows the filesystem on `device`, mounted at `mount_point`, to fill the device.
-///
-/// Online ext4 resize needs CAP_SYS_RESOURCE as well as CAP_SYS_ADMIN.
+/// Whether this process may grow a mounted `fs`: the kernel's ext4 online
+/// resize (EXT4_IOC_RESIZE_FS) demands CAP_SYS_RESOURCE besides
+/// CAP_SYS_ADMIN; xfs growth needs only the latter.
+pub fn can_grow_online(fs: FsType) -> io::Result<bool> {
+    const CAP_SYS_RESOURCE: u32 = 24;
+    match fs {
+        FsType::Xfs => Ok(true),
+        FsType::Ext4 => effective_capabilities().map(|caps| caps & (1 << CAP_SYS_RESOURCE) != 0),
+    }
+}
+
+/// The effective capability set of this process, from /proc/self/status.
+fn effective_capabilities() -> io::Result<u64> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .ok_or_else(|| io::Error::other("/proc/self/status has no readable CapEff line"))
+}
+
+/// Grows the filesystem on `device`, mounted at `mount_point`, to fill the
+/// device (see [`can_grow_online`] for what ext4 needs).
 pub fn grow(fs: FsType, device: &Path, mount_point: &Path) -> io::Result<()> {
     let (program, target) = match fs {
         FsType::Ext4 => ("resize2fs", device),
@@ -629,12 +649,6 @@ mod tests {
         st.blocks() as u64 * st.fragment_size() as u64
     }
 
-    fn has_cap_sys_resource() -> bool {
-        let status = std::fs::read_to_string("/proc/self/status").expect("status");
-        let effective = status.lines().find_map(|l| l.strip_prefix("CapEff:")).expect("CapEff");
-        u64::from_str_radix(effective.trim(), 16).expect("hex") & (1 << 24) != 0 // CAP_SYS_RESOURCE
-    }
-
     #[test]
     fn ext4_on_a_thick_direct_io_loop_device() {
         if !privileged() {
@@ -677,7 +691,7 @@ mod tests {
         allocate(&file, 128 << 20).expect("allocate more");
         loopdev::refresh_capacity(&dev.device).expect("refresh");
         assert_eq!(loopdev::device_size(&dev.device).expect("size"), 128 << 20);
-        if !has_cap_sys_resource() {
+        if !can_grow_online(FsType::Ext4).expect("capabilities") {
             // The kernel refuses online ext4 resize without CAP_SYS_RESOURCE.
             let err = grow(FsType::Ext4, &dev.device, &mnt).expect_err("resize without CAP_SYS_RESOURCE");
             eprintln!("no CAP_SYS_RESOURCE here, online ext4 grow not checked: {err}");

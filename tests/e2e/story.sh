@@ -258,7 +258,25 @@ if (( (0x$(awk '/^CapBnd/ {print $2}' /proc/self/status) >> 24) & 1 )); then
     in_pod writer 'head -c 83886080 /dev/zero >/loop/big && sync && rm /loop/big' >/dev/null &&
         ok "80 MiB fit on the grown filesystem (more than its old size)" || fail "writing 80 MiB after the expansion"
 else
-    say "   (skipped ext4: no CAP_SYS_RESOURCE in this host's capability bounding set, so no pod can grow a mounted ext4)"
+    # No pod can grow a mounted ext4 here: Loam refuses NodeExpandVolume with
+    # FAILED_PRECONDITION, the kubelet stops retrying while the volume is
+    # mounted, and the next NodeStage grows the filesystem offline.
+    say "   (no CAP_SYS_RESOURCE in this host's bounding set: the ext4 growth finishes at the next mount)"
+    before=$(in_pod writer "df -k /loop | awk 'NR==2 {print \$2}'")
+    k patch pvc loop-a --type merge -p '{"spec":{"resources":{"requests":{"storage":"128Mi"}}}}' >/dev/null
+    until_ok "$T" "a NodeResizeError condition on loop-a naming CAP_SYS_RESOURCE" sh -c \
+        "kubectl -n $NS get pvc loop-a -o jsonpath='{.status.conditions[?(@.type==\"NodeResizeError\")].message}' | grep -q CAP_SYS_RESOURCE"
+    ok "loop-a reports why it cannot grow while mounted (NodeResizeError names CAP_SYS_RESOURCE)"
+    expect "the mounted filesystem kept its size" "$(in_pod writer "df -k /loop | awk 'NR==2 {print \$2}'")" "$before"
+    delete_pod writer
+    pod writer 'true' dir-a:/dir loop-a:/loop
+    until_ok "$T" "loop-a capacity 128Mi after the pod restart" sh -c \
+        "[ \"\$(kubectl -n $NS get pvc loop-a -o jsonpath='{.status.capacity.storage}')\" = 128Mi ]"
+    ok "loop-a's capacity is 128Mi after the pod restart"
+    after=$(in_pod writer "df -k /loop | awk 'NR==2 {print \$2}'")
+    [ "$after" -gt $((before * 3 / 2)) ] && ok "the pod's /loop grew from ${before}K to ${after}K at the new mount" ||
+        fail "/loop is ${after}K after the restart, was ${before}K"
+    expect "its data is intact" "$(in_pod writer 'sha256sum </loop/data')" "$sum_dir"
 fi
 kubectl apply -f - >/dev/null <<EOF
 apiVersion: storage.k8s.io/v1
