@@ -132,6 +132,26 @@ pub struct Publication {
     pub capability: Capability,
 }
 
+/// What makes a volume ephemeral (a pod's inline CSI volume): the kubelet's
+/// name for it and the pod it was made for. Such a volume has no CreateVolume
+/// behind it; it is made by its first NodePublish and deleted by its last
+/// NodeUnpublish.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ephemeral {
+    /// The kubelet's volume id (`csi-<sha256>`), which names the volume in
+    /// NodePublish, NodeUnpublish and NodeGetVolumeStats.
+    pub volume_id: String,
+    /// The pod's namespace, when the CO said (`podInfoOnMount`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub pod_namespace: String,
+    /// The pod's name, when the CO said.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub pod_name: String,
+    /// The pod's UID, when the CO said.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub pod_uid: String,
+}
+
 /// Everything Loam remembers about one volume.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VolumeRecord {
@@ -165,6 +185,10 @@ pub struct VolumeRecord {
     /// Loam enforced capacities.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enforcement: Option<Enforcement>,
+    /// Set for an ephemeral (inline) volume; absent for every volume
+    /// CreateVolume made, so records from before inline volumes load as they were.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ephemeral: Option<Ephemeral>,
 }
 
 /// Everything Loam remembers about one snapshot.

@@ -98,6 +98,21 @@ pub struct NewVolume {
     pub allowed_nodes: Option<Vec<String>>,
 }
 
+/// A validated ephemeral (inline) volume: what a pod's `csi` volume asks for.
+#[derive(Debug, Clone)]
+pub struct EphemeralVolume {
+    /// Its size in bytes; [`DEFAULT_CAPACITY`] when the pod names none.
+    pub size: Option<u64>,
+    /// The StorageClass parameters among its attributes.
+    pub parameters: BTreeMap<String, String>,
+    /// The backend the parameters pick.
+    pub backend: BackendKind,
+    /// Image layout, for `loop` volumes.
+    pub loop_spec: Option<LoopSpec>,
+    /// The kubelet's id for it and the pod it is for.
+    pub origin: crate::records::Ephemeral,
+}
+
 /// A volume's usage as NodeGetVolumeStats reports it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct VolumeStats {

@@ -63,6 +63,7 @@ impl Driver {
             stage: None,
             publications: BTreeMap::new(),
             enforcement,
+            ephemeral: None,
         };
         let record = self.volumes.put(key, record)?;
         self.promise(self.unwritten(&record, capacity));

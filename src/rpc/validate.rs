@@ -8,10 +8,10 @@ use crate::config::TOPOLOGY_NODE_KEY;
 use crate::csi;
 use crate::csi::volume_capability::AccessType;
 use crate::csi::volume_capability::access_mode::Mode;
-use crate::driver::CapacityRange;
+use crate::driver::{CapacityRange, EphemeralVolume};
 use crate::error::{Error, Result};
 use crate::kernel::mount::MountFlags;
-use crate::records::{AccessMode, Capability, ContentSource};
+use crate::records::{AccessMode, Capability, ContentSource, Ephemeral};
 
 /// Longest path Loam accepts from a request (PATH_MAX).
 const MAX_PATH_LEN: usize = 4096;
@@ -186,6 +186,143 @@ pub fn allowed_nodes(req: Option<&csi::TopologyRequirement>) -> Option<Vec<Strin
     (!nodes.is_empty()).then_some(nodes)
 }
 
+/// The volume context key by which the kubelet marks the NodePublishVolume
+/// of a pod's inline volume (given `podInfoOnMount`).
+pub const EPHEMERAL_CONTEXT_KEY: &str = "csi.storage.k8s.io/ephemeral";
+/// The inline volume attribute that sets its size.
+pub const SIZE_ATTRIBUTE: &str = "size";
+/// The largest size an inline volume may ask for, 1 PiB: no node offers one
+/// pod that much local scratch, so a larger size is a typo (`1Ei` for `1Gi`)
+/// and is answered as one rather than as a full node.
+pub const MAX_EPHEMERAL_SIZE: u64 = 1 << 50;
+/// Keys the kubelet adds to an inline volume's context for itself: the
+/// ephemeral flag, the pod, service account tokens. Never stored.
+const CO_CONTEXT_PREFIX: &str = "csi.storage.k8s.io/";
+
+/// Whether a NodePublishVolume is for a pod's inline (ephemeral) volume.
+pub fn is_ephemeral(context: &HashMap<String, String>) -> Result<bool> {
+    match context.get(EPHEMERAL_CONTEXT_KEY).map(String::as_str) {
+        None | Some("false") => Ok(false),
+        Some("true") => Ok(true),
+        Some(other) => Err(Error::InvalidArgument(format!(
+            "volume context {EPHEMERAL_CONTEXT_KEY}={other:?} must be true or false"
+        ))),
+    }
+}
+
+/// An inline volume's attributes, as its pod's author wrote them: `size` and
+/// the StorageClass parameters the backends take; the kubelet's own keys are
+/// dropped and anything else is refused. The pod's `fsType` (the capability's)
+/// picks a `loop` volume's filesystem when the attributes do not.
+pub fn ephemeral_volume(
+    volume_id: &str,
+    context: &HashMap<String, String>,
+    capability: &Capability,
+) -> Result<EphemeralVolume> {
+    if capability.block {
+        return Err(Error::InvalidArgument(
+            "an inline volume is mounted into its pod as a filesystem; a raw block volume needs a PersistentVolumeClaim"
+                .into(),
+        ));
+    }
+    let mut size = None;
+    let mut parameters = BTreeMap::new();
+    for (key, value) in context {
+        if key.starts_with(CO_CONTEXT_PREFIX) {
+            continue;
+        }
+        if key == SIZE_ATTRIBUTE {
+            let bytes = quantity(value).map_err(|e| Error::InvalidArgument(format!("volume attribute size: {e}")))?;
+            size = Some(bytes);
+        } else {
+            parameters.insert(key.clone(), value.clone());
+        }
+    }
+    if parameters.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>() > MAX_PARAMETERS_LEN {
+        return Err(Error::InvalidArgument(format!("volume attributes exceed {MAX_PARAMETERS_LEN} bytes")));
+    }
+    if parameters.get("backend").is_some_and(|b| b == "loop") && !capability.fs_type.is_empty() {
+        parameters.entry("fsType".into()).or_insert_with(|| capability.fs_type.clone());
+    }
+    let (backend, loop_spec) = crate::backend::parse_parameters(&parameters).map_err(|e| match e {
+        Error::InvalidArgument(why) => Error::InvalidArgument(format!(
+            "inline volume attributes: {why}; besides the StorageClass parameters an inline volume takes only {SIZE_ATTRIBUTE}"
+        )),
+        other => other,
+    })?;
+    if let Some(spec) = &loop_spec
+        && !capability.fs_type.is_empty()
+        && capability.fs_type != spec.fs_type
+    {
+        return Err(Error::InvalidArgument(format!(
+            "the volume's fsType {} and its fsType attribute {} differ; set one of them",
+            capability.fs_type, spec.fs_type
+        )));
+    }
+    let pod = |key: &str| context.get(&format!("{CO_CONTEXT_PREFIX}pod.{key}")).cloned().unwrap_or_default();
+    Ok(EphemeralVolume {
+        size,
+        parameters,
+        backend,
+        loop_spec,
+        origin: Ephemeral {
+            volume_id: volume_id.to_owned(),
+            pod_namespace: pod("namespace"),
+            pod_name: pod("name"),
+            pod_uid: pod("uid"),
+        },
+    })
+}
+
+/// A size in bytes, written as Kubernetes writes quantities: digits with an
+/// optional fraction and an optional suffix, decimal (`k`, `M`, `G`, `T`,
+/// `P`, `E`) or binary (`Ki` ... `Ei`). A fraction of a byte rounds up, as
+/// Kubernetes rounds it. Signs, exponents, milli (`m`) and anything else are
+/// refused, as are 0 and sizes above [`MAX_EPHEMERAL_SIZE`].
+pub fn quantity(text: &str) -> std::result::Result<u64, String> {
+    let split = text.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(text.len());
+    let (number, suffix) = text.split_at(split);
+    let multiplier: u128 = match suffix {
+        "" => 1,
+        "k" => 1_000,
+        "M" => 1_000_000,
+        "G" => 1_000_000_000,
+        "T" => 1_000_000_000_000,
+        "P" => 1_000_000_000_000_000,
+        "E" => 1_000_000_000_000_000_000,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "Ti" => 1 << 40,
+        "Pi" => 1 << 50,
+        "Ei" => 1 << 60,
+        "m" => return Err(format!("{text:?} is thousandths of a byte (m is milli); for mebibytes write Mi")),
+        _ => {
+            return Err(format!(
+                "{text:?} is not a size: write bytes or a quantity such as 64Mi or 1Gi \
+                 (suffixes k, M, G, T, P, E, Ki, Mi, Gi, Ti, Pi, Ei)"
+            ));
+        }
+    };
+    let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
+    let digits = whole.len() + fraction.len();
+    if whole.is_empty() || fraction.contains('.') || (number.contains('.') && fraction.is_empty()) {
+        return Err(format!("{text:?} is not a size: write bytes or a quantity such as 64Mi or 1Gi"));
+    }
+    // 20 digits times the largest suffix stay well inside u128.
+    if digits > 20 {
+        return Err(format!("{text:?} has more than 20 digits"));
+    }
+    let mantissa: u128 = format!("{whole}{fraction}").parse().map_err(|_| format!("{text:?} is not a size"))?;
+    let scale = 10u128.pow(fraction.len() as u32);
+    let bytes = (mantissa * multiplier).div_ceil(scale);
+    match u64::try_from(bytes) {
+        Ok(0) => Err(format!("{text:?} is no bytes at all; an inline volume needs a size above 0")),
+        Ok(bytes) if bytes <= MAX_EPHEMERAL_SIZE => Ok(bytes),
+        _ => Err(format!("{text:?} is more than 1Pi, the most an inline volume may ask for")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -249,5 +386,106 @@ mod tests {
         assert!(capacity(Some(&range(-1, 0))).is_err());
         assert_eq!(capacity(None).unwrap(), None);
         assert_eq!(capacity(Some(&range(5, 0))).unwrap(), Some(CapacityRange { required: 5, limit: 0 }));
+    }
+
+    #[test]
+    fn sizes_are_read_as_kubernetes_quantities_and_nothing_else() {
+        for (text, bytes) in [
+            ("1", 1),
+            ("4096", 4096),
+            ("64Mi", 64 << 20),
+            ("1Gi", 1 << 30),
+            ("1G", 1_000_000_000),
+            ("500M", 500_000_000),
+            ("2k", 2000),
+            ("1.5Gi", 3 << 29),
+            ("0.5", 1),
+            ("007Ki", 7 << 10),
+            ("1Pi", MAX_EPHEMERAL_SIZE),
+        ] {
+            assert_eq!(quantity(text), Ok(bytes), "{text}");
+        }
+        let refused: [&[&str]; 4] = [
+            // Not numbers.
+            &["", "abc", "Gi", "1 Gi", " 1Gi", "1Gi ", "1.", ".5Gi", "1..5", "1.2.3"],
+            // Signs and exponents.
+            &["-1", "+1", "1e9", "1E3"],
+            // Suffixes Kubernetes does not have, and milli.
+            &["64K", "64mi", "1GiB", "100m"],
+            // Nothing, or more than any node has.
+            &["0", "0.0Gi", "1Ei", "2Pi", "1E", "123456789012345678901"],
+        ];
+        for bad in refused.iter().flat_map(|group| group.iter()) {
+            assert!(quantity(bad).is_err(), "{bad:?} was accepted as {:?}", quantity(bad));
+        }
+        assert!(quantity("100m").unwrap_err().contains("Mi"), "milli gets a hint");
+    }
+
+    #[test]
+    fn inline_attributes_take_size_and_storage_class_parameters_only() {
+        let context = |pairs: &[(&str, &str)]| -> HashMap<String, String> {
+            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        };
+        let mount = |fs: &str| Capability {
+            access_mode: AccessMode::SingleNodeMultiWriter,
+            block: false,
+            fs_type: fs.into(),
+            mount_flags: vec![],
+            mount_group: None,
+        };
+        let kubelet = [
+            (EPHEMERAL_CONTEXT_KEY, "true"),
+            ("csi.storage.k8s.io/pod.name", "web-0"),
+            ("csi.storage.k8s.io/pod.namespace", "shop"),
+            ("csi.storage.k8s.io/pod.uid", "u-1"),
+            ("csi.storage.k8s.io/serviceAccount.tokens", "{\"secret\":1}"),
+        ];
+        let mut pairs = kubelet.to_vec();
+        pairs.push(("size", "64Mi"));
+        let v = ephemeral_volume("csi-1", &context(&pairs), &mount("")).unwrap();
+        assert_eq!((v.size, v.backend, v.loop_spec), (Some(64 << 20), crate::records::BackendKind::Dir, None));
+        assert!(v.parameters.is_empty(), "the kubelet's keys (tokens too) are never kept: {:?}", v.parameters);
+        assert_eq!(
+            v.origin,
+            Ephemeral {
+                volume_id: "csi-1".into(),
+                pod_namespace: "shop".into(),
+                pod_name: "web-0".into(),
+                pod_uid: "u-1".into()
+            }
+        );
+        assert_eq!(ephemeral_volume("csi-1", &context(&kubelet), &mount("")).unwrap().size, None, "default size");
+
+        // The pod's fsType picks the loop filesystem; an attribute that disagrees is refused.
+        let v = ephemeral_volume("csi-1", &context(&[("backend", "loop")]), &mount("xfs")).unwrap();
+        assert_eq!(v.loop_spec.unwrap().fs_type, "xfs");
+        let both = context(&[("backend", "loop"), ("fsType", "ext4")]);
+        assert!(ephemeral_volume("csi-1", &both, &mount("xfs")).is_err());
+        let thin = context(&[("backend", "loop"), ("provisioning", "thin"), ("mkfsOptions", "-i 8192")]);
+        assert!(!ephemeral_volume("csi-1", &thin, &mount("")).unwrap().loop_spec.unwrap().thick);
+
+        for bad in [
+            &[("size", "-1")][..],
+            &[("size", "1Ei")],
+            &[("size", "abc")],
+            &[("color", "blue")],
+            &[("backend", "lvm")],
+            &[("fsType", "ext4")],
+            &[("backend", "loop"), ("fsType", "ntfs")],
+        ] {
+            let err = ephemeral_volume("csi-1", &context(bad), &mount("")).unwrap_err();
+            assert_eq!(err.code(), tonic::Code::InvalidArgument, "{bad:?}: {err}");
+        }
+        let block = Capability { block: true, ..mount("") };
+        assert_eq!(ephemeral_volume("csi-1", &context(&[]), &block).unwrap_err().code(), tonic::Code::InvalidArgument);
+    }
+
+    #[test]
+    fn only_true_marks_an_inline_volume() {
+        let flag = |v: &str| HashMap::from([(EPHEMERAL_CONTEXT_KEY.to_owned(), v.to_owned())]);
+        assert!(is_ephemeral(&flag("true")).unwrap());
+        assert!(!is_ephemeral(&flag("false")).unwrap());
+        assert!(!is_ephemeral(&HashMap::new()).unwrap());
+        assert!(is_ephemeral(&flag("yes")).is_err());
     }
 }
