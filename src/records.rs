@@ -136,7 +136,7 @@ pub struct Publication {
 /// name for it and the pod it was made for. Such a volume has no CreateVolume
 /// behind it; it is made by its first NodePublish and deleted by its last
 /// NodeUnpublish.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ephemeral {
     /// The kubelet's volume id (`csi-<sha256>`), which names the volume in
     /// NodePublish, NodeUnpublish and NodeGetVolumeStats.

@@ -30,6 +30,7 @@ use crate::records::{
 };
 use crate::store::{Page, Table};
 
+mod ephemeral;
 mod node;
 mod snapshots;
 mod volumes;
@@ -190,6 +191,7 @@ impl Driver {
         };
         driver.detach_orphans()?;
         driver.refresh_promises()?;
+        driver.report_unpublished_ephemeral()?;
         let mut attached = 0u32;
         driver.volumes.for_each(|_, r| attached += u32::from(r.attachment.is_some()));
         *driver.attached.lock().unwrap_or_else(PoisonError::into_inner) = attached;
@@ -228,9 +230,16 @@ impl Driver {
         self.inflight.try_claim(kind, key)
     }
 
-    /// Reads a volume id from a request; NOT_FOUND when it is not this node's.
+    /// Reads a volume id from a request; NOT_FOUND when it is not this node's,
+    /// or names an ephemeral volume (reachable only by the kubelet's id).
     pub fn volume_key(&self, id: &str) -> Result<Key> {
-        self.own_key("volume", id)
+        let key = self.own_key("volume", id)?;
+        if self.volumes.get(&key).is_some_and(|r| r.ephemeral.is_some()) {
+            return Err(Error::NotFound(format!(
+                "volume {id} is a pod's inline volume, which only the kubelet's NodePublish and NodeUnpublish manage"
+            )));
+        }
+        Ok(key)
     }
 
     /// Reads a snapshot id from a request; NOT_FOUND when it is not this node's.

@@ -48,7 +48,8 @@ impl Driver {
         Ok(())
     }
 
-    /// Binds a directory volume onto its staging path.
+    /// Binds a directory volume onto its staging path; an inline volume is
+    /// staged on its own data directory, with nothing to bind.
     fn stage_dir(&self, key: &Key, path: &Path, capability: &Capability) -> Result<()> {
         if !self.dir.volume_exists(key) {
             return Err(Error::FailedPrecondition(format!(
@@ -59,6 +60,9 @@ impl Driver {
         let data = self.dir.volume_path(key);
         if let Some(gid) = capability.mount_group {
             apply_mount_group(&data, gid)?;
+        }
+        if path == data {
+            return Ok(());
         }
         fs::create_dir_all(path).context(|| format!("creating {}", path.display()))?;
         let mounts = self.mount_table()?;

@@ -2,12 +2,25 @@
 //! capacity the node can still promise.
 
 use super::*;
+use crate::records::Ephemeral;
 
 impl Driver {
     // ----- Controller -----
 
     /// Creates a volume, or returns the existing one made by the same request.
     pub fn create_volume(&self, key: Key, req: NewVolume) -> Result<Arc<VolumeRecord>> {
+        self.create_volume_as(key, req, None)
+    }
+
+    /// [`Driver::create_volume`], recording the pod of an ephemeral volume in
+    /// the same write as the volume itself, so no crash can leave an inline
+    /// volume that looks like one the CO created.
+    pub(super) fn create_volume_as(
+        &self,
+        key: Key,
+        req: NewVolume,
+        ephemeral: Option<Ephemeral>,
+    ) -> Result<Arc<VolumeRecord>> {
         if let Some(allowed) = &req.allowed_nodes
             && !allowed.iter().any(|n| n == &self.config.node_id)
         {
@@ -63,7 +76,7 @@ impl Driver {
             stage: None,
             publications: BTreeMap::new(),
             enforcement,
-            ephemeral: None,
+            ephemeral,
         };
         let record = self.volumes.put(key, record)?;
         self.promise(self.unwritten(&record, capacity));
@@ -215,9 +228,11 @@ impl Driver {
         }
     }
 
-    /// One page of volumes.
+    /// One page of the volumes the CO created. Ephemeral volumes are left
+    /// out: the CO never created them and must not delete or attach them, and
+    /// their kubelet ids are not Loam ids it could use in any call.
     pub fn list_volumes(&self, after: Option<Key>, max: usize) -> Page<VolumeRecord> {
-        self.volumes.page(after, max, |_| true)
+        self.volumes.page(after, max, |r| r.ephemeral.is_none())
     }
 
     /// Bytes available for new volumes on this node: the root's free bytes

@@ -8,7 +8,7 @@ use tonic::{Request, Response, Status};
 use crate::csi::node_service_capability::{self, rpc::Type as Cap};
 use crate::csi::{self, node_server::Node};
 use crate::driver::{Driver, topology};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::ids::{Key, Kind};
 use crate::rpc::controller::to_i64;
 use crate::rpc::{blocking, traced, validate};
@@ -32,6 +32,34 @@ impl NodeService {
         validate::required_id("volume id", id)?;
         let path = validate::known_path("volume path", path)?;
         Ok((self.driver.volume_key(id)?, path))
+    }
+
+    /// NodePublishVolume of a pod's inline volume: no staging path (Loam
+    /// stages it itself), the pod's attributes instead of a StorageClass.
+    async fn publish_ephemeral(&self, req: csi::NodePublishVolumeRequest) -> Result<csi::NodePublishVolumeResponse> {
+        validate::required_id("volume id", &req.volume_id)?;
+        let target = validate::caller_path("target path", &req.target_path, &self.driver.config().root)?;
+        if !req.staging_target_path.is_empty() {
+            return Err(Error::InvalidArgument(
+                "an ephemeral volume has no staging target path: Loam stages it itself".into(),
+            ));
+        }
+        let capability = validate::capability(req.volume_capability.as_ref())?;
+        let volume = validate::ephemeral_volume(&req.volume_id, &req.volume_context, &capability)?;
+        let key = self.driver.ephemeral_key(&req.volume_id).ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "volume id {} is a Loam volume id, which never names an ephemeral volume; the CO names those",
+                req.volume_id
+            ))
+        })?;
+        let driver = self.driver.clone();
+        let guard = driver.claim(Kind::Volume, key)?;
+        blocking(move || {
+            let _guard = guard;
+            driver.ephemeral_publish(key, volume, &target, req.readonly, capability)
+        })
+        .await?;
+        Ok(csi::NodePublishVolumeResponse {})
     }
 }
 
@@ -103,6 +131,9 @@ impl Node for NodeService {
     ) -> Result<Response<csi::NodePublishVolumeResponse>, Status> {
         let req = request.into_inner();
         traced("NodePublishVolume", &req.volume_id.clone(), async move {
+            if validate::is_ephemeral(&req.volume_context)? {
+                return self.publish_ephemeral(req).await;
+            }
             validate::required_id("volume id", &req.volume_id)?;
             let root = &self.driver.config().root;
             let target = validate::caller_path("target path", &req.target_path, root)?;
@@ -129,14 +160,20 @@ impl Node for NodeService {
         traced("NodeUnpublishVolume", &req.volume_id.clone(), async move {
             validate::required_id("volume id", &req.volume_id)?;
             let target = validate::caller_path("target path", &req.target_path, &self.driver.config().root)?;
-            let Ok(key) = self.driver.volume_key(&req.volume_id) else {
-                return Ok(csi::NodeUnpublishVolumeResponse {});
+            // Any id but Loam's own may be an inline volume's.
+            let (key, ephemeral) = match self.driver.ephemeral_key(&req.volume_id) {
+                Some(key) => (key, true),
+                None => match self.driver.volume_key(&req.volume_id) {
+                    Ok(key) => (key, false),
+                    // A volume this node never had is not published here.
+                    Err(_) => return Ok(csi::NodeUnpublishVolumeResponse {}),
+                },
             };
             let driver = self.driver.clone();
             let guard = driver.claim(Kind::Volume, key)?;
             blocking(move || {
                 let _guard = guard;
-                driver.node_unpublish(key, &target)
+                if ephemeral { driver.ephemeral_unpublish(key, &target) } else { driver.node_unpublish(key, &target) }
             })
             .await?;
             Ok(csi::NodeUnpublishVolumeResponse {})
@@ -151,7 +188,11 @@ impl Node for NodeService {
         use csi::volume_usage::Unit;
         let req = request.into_inner();
         traced("NodeGetVolumeStats", &req.volume_id.clone(), async move {
-            let (key, path) = self.volume_and_path(&req.volume_id, &req.volume_path)?;
+            validate::required_id("volume id", &req.volume_id)?;
+            let (key, path) = match self.driver.ephemeral_key(&req.volume_id) {
+                Some(key) => (key, validate::known_path("volume path", &req.volume_path)?),
+                None => self.volume_and_path(&req.volume_id, &req.volume_path)?,
+            };
             let driver = self.driver.clone();
             // Stats only read: no claim, so kubelet's polling never blocks
             // (or is blocked by) a real operation.
