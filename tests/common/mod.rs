@@ -3,6 +3,8 @@
 
 #![allow(dead_code)] // Each test binary uses a different part of the harness.
 
+pub mod quota_fs;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
