@@ -234,6 +234,7 @@ async fn dir_volume_is_a_writable_scratch_space_until_unpublished() {
     let key = only_key(&h);
     let data = h.root().join("volumes").join(&key);
     assert_eq!(fs::read(data.join("data")).unwrap().len(), MIB as usize, "the target shows the volume");
+    assert_eq!(mounts_at(&data), 0, "a dir volume is published from its directory, with no staging mount");
 
     let usage = stats(&mut h, &id, &target).await.unwrap().usage;
     assert_eq!(usage[0].total, 16 * MIB as i64);
@@ -276,6 +277,7 @@ async fn loop_ext4_volume_mounts_at_its_size_and_detaches_when_unpublished() {
     publish(&mut h, &id, &target, &[("size", "64Mi"), ("backend", "loop")]).await.unwrap();
     let entry = mountinfo::read().unwrap().into_iter().rfind(|m| m.mount_point == target).expect("mounted");
     assert_eq!(entry.fs_type, "ext4");
+    assert_eq!(mounts_at(&h.root().join("ephemeral").join(only_key(&h))), 1, "staged under the root");
     let devices = loop_devices(&h);
     assert_eq!(devices.len(), 1);
     assert_eq!(fs::metadata(&devices[0].backing_file).unwrap().len(), 64 * MIB, "the image is the size asked for");
