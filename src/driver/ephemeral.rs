@@ -109,9 +109,15 @@ impl Driver {
     /// middle of a publish or by a reboot, which the kubelet finishes (it
     /// publishes again, or unpublishes once the pod is gone), or by a pod the
     /// kubelet forgot. Only the kubelet knows which, so they are reported,
-    /// never deleted on a guess.
-    pub(super) fn report_unpublished_ephemeral(&self) -> Result<()> {
-        let mounts = self.mounter.mounts().context(|| "reading the mount table".into())?;
+    /// never deleted on a guess. A report only: it never stops the start.
+    pub(super) fn report_unpublished_ephemeral(&self) {
+        let mounts = match self.mounter.mounts() {
+            Ok(mounts) => mounts,
+            Err(e) => {
+                tracing::warn!("cannot read the mount table to look for unmounted inline volumes: {e}");
+                return;
+            }
+        };
         self.volumes.for_each(|_, record| {
             let Some(Ephemeral { volume_id, pod_namespace, pod_name, pod_uid }) = &record.ephemeral else { return };
             if record.publications.keys().any(|t| mountinfo::find_mount_point(&mounts, t).is_some()) {
@@ -128,7 +134,6 @@ impl Driver {
                  target (any path when none is listed)"
             );
         });
-        Ok(())
     }
 }
 

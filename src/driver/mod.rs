@@ -191,7 +191,7 @@ impl Driver {
         };
         driver.detach_orphans()?;
         driver.refresh_promises()?;
-        driver.report_unpublished_ephemeral()?;
+        driver.report_unpublished_ephemeral();
         let mut attached = 0u32;
         driver.volumes.for_each(|_, r| attached += u32::from(r.attachment.is_some()));
         *driver.attached.lock().unwrap_or_else(PoisonError::into_inner) = attached;
