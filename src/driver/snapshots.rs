@@ -36,6 +36,7 @@ impl Driver {
             size_bytes: volume.capacity_bytes,
             created_secs: i64::try_from(now.as_secs()).unwrap_or(i64::MAX),
             created_nanos: i32::try_from(now.subsec_nanos()).unwrap_or(0),
+            group_snapshot_id: None,
         };
         self.snapshots.put(key, record)
     }
