@@ -14,6 +14,7 @@ use anyhow::{Result, anyhow, bail};
 use clap::{Args, Subcommand, ValueEnum};
 use hyper_util::rt::TokioIo;
 use loam::csi::controller_client::ControllerClient;
+use loam::csi::group_controller_client::GroupControllerClient;
 use loam::csi::identity_client::IdentityClient;
 use loam::csi::node_client::NodeClient;
 use loam::csi::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume, access_mode};
@@ -181,6 +182,35 @@ enum Cmd {
         /// Snapshot ID.
         snapshot_id: String,
     },
+    /// Snapshot several volumes at one point in time (CreateVolumeGroupSnapshot).
+    CreateGroupSnapshot {
+        /// Group snapshot name (the idempotency key).
+        name: String,
+        /// A volume to snapshot (repeatable; at least one).
+        #[arg(long = "source-volume-id", visible_alias = "volume", value_name = "ID", required = true)]
+        source_volume_ids: Vec<String>,
+        /// Parameter KEY=VALUE (repeatable).
+        #[arg(long = "param", value_name = "KEY=VALUE", value_parser = parse_kv)]
+        params: Vec<(String, String)>,
+    },
+    /// Delete a group snapshot with its snapshots (DeleteVolumeGroupSnapshot).
+    DeleteGroupSnapshot {
+        /// Group snapshot ID.
+        group_snapshot_id: String,
+        /// A snapshot ID of the group, for the plugin to check (repeatable).
+        #[arg(long = "snapshot-id", value_name = "ID")]
+        snapshot_ids: Vec<String>,
+    },
+    /// Show a group snapshot and its snapshots (GetVolumeGroupSnapshot).
+    GetGroupSnapshot {
+        /// Group snapshot ID.
+        group_snapshot_id: String,
+        /// A snapshot ID of the group, for the plugin to check (repeatable).
+        #[arg(long = "snapshot-id", value_name = "ID")]
+        snapshot_ids: Vec<String>,
+    },
+    /// Show group controller capabilities (GroupControllerGetCapabilities).
+    GroupCapabilities,
     /// Stage a volume on this node (NodeStageVolume).
     NodeStage {
         /// Volume ID.
@@ -439,6 +469,7 @@ impl Ctl {
         let mut identity = IdentityClient::new(self.channel.clone());
         let mut ctrl = ControllerClient::new(self.channel.clone());
         let mut node = NodeClient::new(self.channel.clone());
+        let mut group = GroupControllerClient::new(self.channel.clone());
         Ok(match command {
             Cmd::Info => {
                 let info = self.call(identity.get_plugin_info(GetPluginInfoRequest {}));
@@ -669,6 +700,33 @@ impl Ctl {
             Cmd::GetSnapshot { snapshot_id } => {
                 let request = GetSnapshotRequest { snapshot_id, ..Default::default() };
                 snapshot_output(self.call(ctrl.get_snapshot(request)).await?.snapshot, "")?
+            }
+            Cmd::CreateGroupSnapshot { name, source_volume_ids, params } => {
+                let parameters = params.into_iter().collect();
+                let request =
+                    CreateVolumeGroupSnapshotRequest { name, source_volume_ids, parameters, ..Default::default() };
+                let r = self.call(group.create_volume_group_snapshot(request)).await?;
+                group_snapshot_output(r.group_snapshot, " created")?
+            }
+            Cmd::DeleteGroupSnapshot { group_snapshot_id, snapshot_ids } => {
+                let text = format!("group snapshot {group_snapshot_id} deleted with its snapshots");
+                let request =
+                    DeleteVolumeGroupSnapshotRequest { group_snapshot_id, snapshot_ids, ..Default::default() };
+                self.call(group.delete_volume_group_snapshot(request)).await?;
+                done(text)
+            }
+            Cmd::GetGroupSnapshot { group_snapshot_id, snapshot_ids } => {
+                let request = GetVolumeGroupSnapshotRequest { group_snapshot_id, snapshot_ids, ..Default::default() };
+                group_snapshot_output(self.call(group.get_volume_group_snapshot(request)).await?.group_snapshot, "")?
+            }
+            Cmd::GroupCapabilities => {
+                use group_controller_service_capability::{Type as G, rpc::Type as GType};
+                let request = GroupControllerGetCapabilitiesRequest {};
+                let r = self.call(group.group_controller_get_capabilities(request)).await?;
+                let names: Vec<_> = (r.capabilities.iter().filter_map(|c| c.r#type))
+                    .map(|G::Rpc(rpc)| enum_name(rpc.r#type, GType::as_str_name))
+                    .collect();
+                (json!({ "group_controller": names }), format!("group controller: {}\n", list_or_dash(&names)))
             }
             Cmd::NodeStage { volume_id, staging_path, context, cap } => {
                 let text = format!("volume {volume_id} staged at {staging_path}");
@@ -1015,6 +1073,28 @@ fn snapshot_output(snapshot: Option<Snapshot>, verb: &str) -> Result<Output> {
     Ok((json!({ "snapshot": snapshot_json(&s) }), text))
 }
 
+/// JSON for a group snapshot.
+fn group_snapshot_json(g: &VolumeGroupSnapshot) -> Value {
+    json!({
+        "group_snapshot_id": g.group_snapshot_id,
+        "snapshots": g.snapshots.iter().map(snapshot_json).collect::<Vec<_>>(),
+        "creation_time": g.creation_time.map(|t| t.to_string()),
+        "ready_to_use": g.ready_to_use,
+    })
+}
+
+/// The output of a command that returns one group snapshot: a summary line,
+/// then a line per snapshot.
+fn group_snapshot_output(group: Option<VolumeGroupSnapshot>, verb: &str) -> Result<Output> {
+    let g = group.ok_or_else(|| anyhow!("the plugin returned no group snapshot"))?;
+    let ready = if g.ready_to_use { "ready" } else { "not ready" };
+    let mut text = format!("group snapshot {}{verb}: {} snapshots, {ready}\n", g.group_snapshot_id, g.snapshots.len());
+    for s in &g.snapshots {
+        writeln!(text, "  snapshot {} of volume {}: {}", s.snapshot_id, s.source_volume_id, bytes(s.size_bytes))?;
+    }
+    Ok((json!({ "group_snapshot": group_snapshot_json(&g) }), text))
+}
+
 /// The output of a list command: a table, plus the next token of a single page.
 fn list_output(header: &[&str], rows: Vec<Vec<String>>, entries: Vec<Value>, next: String, page: bool) -> Output {
     let mut text = table(header, &rows);
@@ -1144,6 +1224,42 @@ mod tests {
         assert_eq!(params, [("a".to_owned(), "b".to_owned())]);
         assert!(parse(&["create-volume", "x", "--size=12Q"]).is_err());
         assert!(parse(&["create-volume", "x", "--from-snapshot=a", "--from-volume=b"]).is_err());
+    }
+
+    #[test]
+    fn group_snapshot_commands() {
+        let args = parse(&["create-group-snapshot", "g", "--volume", "a", "--source-volume-id=b", "--param=k=v"]);
+        let Cmd::CreateGroupSnapshot { name, source_volume_ids, params } = args.expect("valid arguments").command
+        else {
+            panic!("not create-group-snapshot")
+        };
+        assert_eq!((name.as_str(), source_volume_ids), ("g", vec!["a".to_owned(), "b".to_owned()]));
+        assert_eq!(params, [("k".to_owned(), "v".to_owned())]);
+        assert!(parse(&["create-group-snapshot", "g"]).is_err(), "a group needs a volume");
+        let args = parse(&["get-group-snapshot", "gid", "--snapshot-id", "s1", "--snapshot-id", "s2"]).unwrap();
+        let Cmd::GetGroupSnapshot { snapshot_ids, .. } = args.command else { panic!("not get-group-snapshot") };
+        assert_eq!(snapshot_ids, ["s1", "s2"]);
+
+        let snapshot = |id: &str, volume: &str| Snapshot {
+            snapshot_id: id.into(),
+            source_volume_id: volume.into(),
+            size_bytes: 1 << 20,
+            ready_to_use: true,
+            group_snapshot_id: "g1".into(),
+            ..Default::default()
+        };
+        let g = VolumeGroupSnapshot {
+            group_snapshot_id: "g1".into(),
+            snapshots: vec![snapshot("s1", "v1"), snapshot("s2", "v2")],
+            ready_to_use: true,
+            ..Default::default()
+        };
+        let (doc, text) = group_snapshot_output(Some(g), " created").unwrap();
+        let want = "group snapshot g1 created: 2 snapshots, ready\n  snapshot s1 of volume v1: 1.0 MiB\n  snapshot s2 \
+                    of volume v2: 1.0 MiB\n";
+        assert_eq!(text, want);
+        assert_eq!(doc["group_snapshot"]["snapshots"][1]["group_snapshot_id"], "g1");
+        assert!(group_snapshot_output(None, "").is_err());
     }
 
     #[test]

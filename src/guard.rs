@@ -30,12 +30,9 @@ impl InFlight {
         let slot = (kind as u8, key);
         let mut busy = self.busy.lock().unwrap_or_else(PoisonError::into_inner);
         if !busy.insert(slot) {
-            let what = match kind {
-                Kind::Volume => "volume",
-                Kind::Snapshot => "snapshot",
-            };
             return Err(Error::Aborted(format!(
-                "an operation on {what} {key} is already in progress; retry when it finishes"
+                "an operation on {} {key} is already in progress; retry when it finishes",
+                kind.label()
             )));
         }
         Ok(Guard { busy: self.busy.clone(), slot })

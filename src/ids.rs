@@ -1,11 +1,15 @@
-//! Volume and snapshot ids: how they are formed and how requests' ids are read.
+//! Volume, snapshot and group snapshot ids: how they are formed and how
+//! requests' ids are read.
 //!
 //! An id is `<key>@<node>`: `key` is 32 hex digits, the first 128 bits of
 //! SHA-256 over the object's kind and its CSI name, and `node` is the node that
-//! owns the object. Deriving the key from the name makes CreateVolume and
-//! CreateSnapshot idempotent across crashes (a retry lands on the same key, so
-//! half-made leftovers are found and finished), and only the key ever becomes
-//! part of a path: names and raw ids never touch the filesystem.
+//! owns the object. Deriving the key from the name makes CreateVolume,
+//! CreateSnapshot and CreateVolumeGroupSnapshot idempotent across crashes (a
+//! retry lands on the same key, so half-made leftovers are found and finished),
+//! and only the key ever becomes part of a path: names and raw ids never touch
+//! the filesystem. The snapshots a group snapshot is made of have no CSI name:
+//! their keys come from the group's key and each source volume's key
+//! ([`Key::group_member`]).
 
 use std::fmt;
 
@@ -19,23 +23,31 @@ pub const MAX_NODE_ID_LEN: usize = 128 - KEY_HEX_LEN - 1;
 pub const MAX_NAME_LEN: usize = 1024;
 const KEY_HEX_LEN: usize = 32;
 
-/// What an id names; volume and snapshot names are separate namespaces.
+/// What an id names; each kind's names are a separate namespace.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     /// A volume.
     Volume,
     /// A snapshot.
     Snapshot,
+    /// A volume group snapshot.
+    GroupSnapshot,
 }
 
 impl Kind {
-    fn label(self) -> &'static str {
+    /// The kind in words, as keys are hashed and messages name it.
+    pub fn label(self) -> &'static str {
         match self {
             Kind::Volume => "volume",
             Kind::Snapshot => "snapshot",
+            Kind::GroupSnapshot => "group snapshot",
         }
     }
 }
+
+/// Hashed before a group member's keys: no kind's label, so a member's key
+/// can never be the key of a snapshot some CSI name gives.
+const GROUP_MEMBER_LABEL: &str = "group snapshot member";
 
 /// The on-disk key of a volume or snapshot: 32 lowercase hex digits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -45,6 +57,20 @@ impl Key {
     /// The key of the object of `kind` called `name`.
     pub fn for_name(kind: Kind, name: &str) -> Key {
         let digest = Sha256::new().chain_update(kind.label()).chain_update([0u8]).chain_update(name).finalize();
+        let mut key = [0u8; 16];
+        key.copy_from_slice(&digest[..16]);
+        Key(key)
+    }
+
+    /// The key of the snapshot of volume `volume` in group snapshot `group`:
+    /// the same on every retry, so a crashed attempt's members are found.
+    pub fn group_member(group: &Key, volume: &Key) -> Key {
+        let digest = Sha256::new()
+            .chain_update(GROUP_MEMBER_LABEL)
+            .chain_update([0u8])
+            .chain_update(group.0)
+            .chain_update(volume.0)
+            .finalize();
         let mut key = [0u8; 16];
         key.copy_from_slice(&digest[..16]);
         Key(key)
@@ -153,6 +179,19 @@ mod tests {
         assert_ne!(v, Key::for_name(Kind::Snapshot, "a"));
         assert_ne!(v, Key::for_name(Kind::Volume, "b"));
         assert_eq!(v, Key::for_name(Kind::Volume, "a"));
+    }
+
+    #[test]
+    fn group_members_have_their_own_stable_keys() {
+        let (group, volume) = (Key::for_name(Kind::GroupSnapshot, "g"), Key::for_name(Kind::Volume, "v"));
+        let member = Key::group_member(&group, &volume);
+        assert_eq!(member, Key::group_member(&group, &volume));
+        assert_ne!(member, Key::group_member(&Key::for_name(Kind::GroupSnapshot, "h"), &volume));
+        assert_ne!(member, Key::group_member(&group, &Key::for_name(Kind::Volume, "w")));
+        // Swapping the two keys is another member, not the same one.
+        assert_ne!(member, Key::group_member(&volume, &group));
+        // Group snapshots are a namespace of their own.
+        assert_ne!(group, Key::for_name(Kind::Snapshot, "g"));
     }
 
     #[test]

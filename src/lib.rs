@@ -27,7 +27,7 @@
 //! agent's token-protected endpoint ([`server::run_agent`], [`auth`]).
 //!
 //! Cross-cutting: [`error`] is the one error type and its mapping to gRPC
-//! codes; [`ids`] forms and parses volume and snapshot ids.
+//! codes; [`ids`] forms and parses volume, snapshot and group snapshot ids.
 
 pub mod auth;
 pub mod backend;

@@ -1,4 +1,4 @@
-//! What Loam remembers about each volume and snapshot.
+//! What Loam remembers about each volume, snapshot and group snapshot.
 //!
 //! These are the rows of the [`crate::store`] tables, one small JSON file
 //! each. They hold only what cannot be read back from the kernel: the mount
@@ -196,7 +196,7 @@ pub struct VolumeRecord {
 pub struct SnapshotRecord {
     /// The snapshot id handed to the CO.
     pub id: String,
-    /// The CSI name it was created with.
+    /// The CSI name it was created with; a group member carries its group's.
     pub name: String,
     /// The volume it was taken of.
     pub source_volume_id: String,
@@ -209,4 +209,47 @@ pub struct SnapshotRecord {
     pub created_secs: i64,
     /// When it was taken: nanoseconds within that second.
     pub created_nanos: i32,
+    /// The group snapshot it belongs to, when it was cut as part of one; such
+    /// a snapshot is deleted only with its group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_snapshot_id: Option<String>,
+}
+
+/// Everything Loam remembers about one volume group snapshot.
+///
+/// Written twice: first with `complete: false`, before any member is cut (the
+/// intent, so a crash leaves a record naming what to roll back), then with
+/// `complete: true` once every member is cut and recorded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupSnapshotRecord {
+    /// The group snapshot id handed to the CO.
+    pub id: String,
+    /// The CSI name it was created with.
+    pub name: String,
+    /// The volumes it was taken of, in the order the request named them.
+    pub source_volume_ids: Vec<String>,
+    /// Its members' snapshot ids, one per source volume, in the same order.
+    pub snapshot_ids: Vec<String>,
+    /// When it was cut: seconds since the Unix epoch.
+    pub created_secs: i64,
+    /// When it was cut: nanoseconds within that second.
+    pub created_nanos: i32,
+    /// Whether every member is cut and recorded; an incomplete group is
+    /// rolled back by the next attempt or the next start.
+    pub complete: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_records_from_before_groups_still_load_and_stay_as_they_were() {
+        let old = r#"{"id":"s@n","name":"s","source_volume_id":"v@n","backend":"dir","size_bytes":1,"created_secs":2,"created_nanos":3}"#;
+        let record: SnapshotRecord = serde_json::from_str(old).unwrap();
+        assert_eq!(record.group_snapshot_id, None);
+        assert_eq!(serde_json::to_string(&record).unwrap(), old);
+        let member = SnapshotRecord { group_snapshot_id: Some("g@n".into()), ..record };
+        assert!(serde_json::to_string(&member).unwrap().contains(r#""group_snapshot_id":"g@n""#));
+    }
 }

@@ -22,11 +22,13 @@ use tonic::transport::server::TcpIncoming;
 
 use crate::auth::{RequireToken, Token};
 use crate::csi::controller_server::ControllerServer;
+use crate::csi::group_controller_server::GroupControllerServer;
 use crate::csi::identity_server::IdentityServer;
 use crate::csi::node_server::NodeServer;
 use crate::driver::{Driver, PROMISES_REFRESH};
 use crate::routing::agents::Agents;
 use crate::rpc::controller::ControllerService;
+use crate::rpc::group::GroupControllerService;
 use crate::rpc::identity::IdentityService;
 use crate::rpc::node::NodeService;
 use crate::rpc::routed::RoutedController;
@@ -86,12 +88,14 @@ pub fn bind(path: &Path) -> io::Result<UnixListener> {
 /// What a process serves on its CSI socket, by mode.
 #[derive(Debug)]
 pub enum Services {
-    /// `--mode all`: Identity, Controller and Node over the local driver.
+    /// `--mode all`: Identity, Controller, GroupController and Node over the
+    /// local driver.
     All(Arc<Driver>),
     /// `--mode node`: Identity and Node for the kubelet; the Controller half
     /// is on the agent endpoint ([`run_agent`]).
     Node(Arc<Driver>),
-    /// `--mode controller`: Identity and a Controller routed to the agents.
+    /// `--mode controller`: Identity and a Controller and GroupController
+    /// routed to the agents.
     Controller {
         /// The name GetPluginInfo reports.
         driver_name: String,
@@ -116,13 +120,15 @@ pub async fn run(
         Services::All(driver) => Server::builder()
             .add_service(IdentityServer::new(IdentityService::new(driver.clone())))
             .add_service(ControllerServer::new(ControllerService::new(driver.clone())))
+            .add_service(GroupControllerServer::new(GroupControllerService::new(driver.clone())))
             .add_service(NodeServer::new(NodeService::new(driver))),
         Services::Node(driver) => Server::builder()
             .add_service(IdentityServer::new(IdentityService::new(driver.clone())))
             .add_service(NodeServer::new(NodeService::new(driver))),
         Services::Controller { driver_name, agents } => Server::builder()
             .add_service(IdentityServer::new(IdentityService::router(driver_name)))
-            .add_service(ControllerServer::new(RoutedController::new(agents))),
+            .add_service(ControllerServer::new(RoutedController::new(agents.clone())))
+            .add_service(GroupControllerServer::new(RoutedController::new(agents))),
     };
     let served = server.serve_with_incoming_shutdown(incoming, shutdown).await;
     if let Some(refresher) = refresher {
@@ -150,8 +156,8 @@ async fn refresh_promises(driver: Arc<Driver>) {
 }
 
 /// Serves a node agent's endpoint on `listener`: Identity and the node-local
-/// Controller for the routing controller, never Node, and only to callers
-/// that present `token`.
+/// Controller and GroupController for the routing controller, never Node,
+/// and only to callers that present `token`.
 pub async fn run_agent(
     listener: TcpListener,
     driver: Arc<Driver>,
@@ -161,7 +167,8 @@ pub async fn run_agent(
     Server::builder()
         .layer(InterceptorLayer::new(RequireToken::new(token)))
         .add_service(IdentityServer::new(IdentityService::new(driver.clone())))
-        .add_service(ControllerServer::new(ControllerService::new(driver)))
+        .add_service(ControllerServer::new(ControllerService::new(driver.clone())))
+        .add_service(GroupControllerServer::new(GroupControllerService::new(driver)))
         .serve_with_incoming_shutdown(TcpIncoming::from(listener), shutdown)
         .await
 }

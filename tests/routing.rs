@@ -14,6 +14,7 @@ use loam::auth::{SendToken, Token};
 use loam::config::{Config, QuotaMode, TOPOLOGY_NODE_KEY};
 use loam::csi;
 use loam::csi::controller_client::ControllerClient;
+use loam::csi::group_controller_client::GroupControllerClient;
 use loam::csi::identity_client::IdentityClient;
 use loam::csi::node_client::NodeClient;
 use loam::driver::Driver;
@@ -140,6 +141,7 @@ struct Split {
     agents: Vec<Agent>,
     addresses: Arc<Addresses>,
     controller: ControllerClient<Channel>,
+    group: GroupControllerClient<Channel>,
     identity: IdentityClient<Channel>,
     _socket_dir: tempfile::TempDir,
     _running: Running,
@@ -181,6 +183,7 @@ impl Split {
             agents,
             addresses,
             controller: ControllerClient::new(channel.clone()),
+            group: GroupControllerClient::new(channel.clone()),
             identity: IdentityClient::new(channel),
             _socket_dir: dir,
             _running: Running { stop: Some(tx), task: Some(task) },
@@ -299,6 +302,60 @@ async fn volumes_land_where_asked_and_calls_reach_their_owner() {
         .await
         .unwrap();
     assert!(!s.volume_ids(0).await.contains(&a.volume_id));
+}
+
+#[tokio::test]
+async fn group_snapshots_are_cut_on_the_node_of_their_volumes() {
+    let mut s = Split::start().await;
+    let mut on_a = Vec::new();
+    for name in ["pvc-a1", "pvc-a2"] {
+        on_a.push(s.create_on(name, "node-a").await.unwrap().volume_id);
+    }
+    let b = s.create_on("pvc-b1", "node-b").await.unwrap().volume_id;
+    let create = |name: &str, sources: &[&String]| csi::CreateVolumeGroupSnapshotRequest {
+        name: name.into(),
+        source_volume_ids: sources.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    };
+
+    let group = s.group.create_volume_group_snapshot(create("group-a", &[&on_a[0], &on_a[1]])).await.unwrap();
+    let group = group.into_inner().group_snapshot.unwrap();
+    assert!(group.group_snapshot_id.ends_with("@node-a"), "{}", group.group_snapshot_id);
+    assert!(group.ready_to_use);
+    let members: Vec<String> = group.snapshots.iter().map(|m| m.snapshot_id.clone()).collect();
+    assert!(members.iter().all(|id| id.ends_with("@node-a")), "{members:?}");
+
+    // Volumes of two nodes cannot be cut at one instant.
+    let err = s.group.create_volume_group_snapshot(create("group-ab", &[&on_a[0], &b])).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("volumes on nodes node-a and node-b"), "{}", err.message());
+
+    // Existing groups are reached through their id; the agent's answers come back unchanged.
+    let get = |snapshot_ids: Vec<String>| csi::GetVolumeGroupSnapshotRequest {
+        group_snapshot_id: group.group_snapshot_id.clone(),
+        snapshot_ids,
+        ..Default::default()
+    };
+    let got = s.group.get_volume_group_snapshot(get(members.clone())).await.unwrap().into_inner();
+    assert_eq!(got.group_snapshot.unwrap().group_snapshot_id, group.group_snapshot_id);
+    let err = s.group.get_volume_group_snapshot(get(vec![members[0].clone()])).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let alone = csi::DeleteSnapshotRequest { snapshot_id: members[0].clone(), ..Default::default() };
+    assert_eq!(s.controller.delete_snapshot(alone).await.unwrap_err().code(), Code::InvalidArgument);
+    let restore = common::from_snapshot(create_request("pvc-restored", MIB), &members[1]);
+    let restored = s.controller.create_volume(restore).await.unwrap().into_inner().volume.unwrap();
+    assert!(restored.volume_id.ends_with("@node-a"), "{}", restored.volume_id);
+
+    let delete =
+        |id: &str| csi::DeleteVolumeGroupSnapshotRequest { group_snapshot_id: id.into(), ..Default::default() };
+    s.group.delete_volume_group_snapshot(delete(&group.group_snapshot_id)).await.unwrap();
+    assert_eq!(s.group.get_volume_group_snapshot(get(vec![])).await.unwrap_err().code(), Code::NotFound);
+    // Ids Loam never made get the agents' answers, as for snapshots.
+    s.group.delete_volume_group_snapshot(delete("fake-group-id")).await.unwrap();
+    let fake = csi::GetVolumeGroupSnapshotRequest { group_snapshot_id: "fake-group-id".into(), ..Default::default() };
+    assert_eq!(s.group.get_volume_group_snapshot(fake).await.unwrap_err().code(), Code::NotFound);
+    let nameless = s.group.create_volume_group_snapshot(create("", &[])).await.unwrap_err();
+    assert_eq!(nameless.code(), Code::InvalidArgument);
 }
 
 #[tokio::test]
@@ -436,9 +493,16 @@ async fn the_agent_endpoint_needs_the_token_and_never_serves_node() {
     let err = impostor.create_volume(create_request("pvc-evil", MIB)).await.unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
 
+    let mut anonymous = GroupControllerClient::new(channel.clone());
+    let err = anonymous.group_controller_get_capabilities(csi::GroupControllerGetCapabilitiesRequest {}).await;
+    assert_eq!(err.unwrap_err().code(), Code::Unauthenticated);
+
     let right = SendToken::new(&Token::parse(TOKEN).unwrap());
     let mut controller = ControllerClient::with_interceptor(channel.clone(), right.clone());
     controller.controller_get_capabilities(csi::ControllerGetCapabilitiesRequest {}).await.unwrap();
+    let mut group = GroupControllerClient::with_interceptor(channel.clone(), right.clone());
+    let caps = group.group_controller_get_capabilities(csi::GroupControllerGetCapabilitiesRequest {}).await.unwrap();
+    assert_eq!(caps.into_inner().capabilities.len(), 1);
     let mut node = NodeClient::with_interceptor(channel, right);
     let err = node.node_get_info(csi::NodeGetInfoRequest {}).await.unwrap_err();
     assert_eq!(err.code(), Code::Unimplemented);

@@ -145,6 +145,12 @@ impl DirBackend {
         build_in_place(&path, |tmp| durable_copy(&source, tmp))
     }
 
+    /// Whether [`DirBackend::create_snapshot`] of the volume is point in time
+    /// (a btrfs snapshot of its subvolume) rather than a file-by-file copy.
+    pub fn snapshots_atomically(&self, volume: &Key) -> bool {
+        btrfs::is_subvolume(&self.volume_path(volume))
+    }
+
     /// Removes the volume's files and gives back its project id; a missing
     /// volume is already removed.
     pub fn delete_volume(&self, key: &Key, enforcement: Option<&Enforcement>) -> Result<()> {

@@ -18,7 +18,7 @@ use crate::durable;
 use crate::error::{Error, IoContext, Result};
 use crate::ids::Key;
 use crate::kernel::blockfs::{self, Content, FsType};
-use crate::kernel::copy::copy_file;
+use crate::kernel::copy::{self, copy_file};
 use crate::kernel::loopdev::{self, AttachOptions, LoopDevice};
 use crate::kernel::mount::{MountFlags, Mounter};
 use crate::kernel::mountinfo::{self, MountEntry};
@@ -102,6 +102,13 @@ impl LoopBackend {
             copy_file(&source, tmp)?;
             File::open(tmp)?.sync_all()
         })
+    }
+
+    /// Whether snapshots are reflinks of the image (point in time even while
+    /// it is written) rather than byte copies: probed on the root, whose
+    /// filesystem decides.
+    pub fn reflinks(&self) -> Result<bool> {
+        copy::reflinks_in(&self.snapshots).context(|| format!("probing reflinks in {}", self.snapshots.display()))
     }
 
     /// Removes a snapshot's image.

@@ -16,6 +16,10 @@ pub use crate::records::{BackendKind, LoopSpec};
 /// The StorageClass parameter that picks the backend.
 pub const BACKEND_PARAM: &str = "backend";
 
+/// Keys the Kubernetes sidecars add for themselves (secrets, PVC names,
+/// fstype); never meant for the driver, so never refused.
+pub const CO_PARAMETER_PREFIX: &str = "csi.storage.k8s.io/";
+
 /// The parameters each backend accepts, besides `backend`.
 const LOOP_PARAMS: &[&str] = &["fsType", "provisioning", "mkfsOptions"];
 
@@ -36,9 +40,7 @@ pub fn parse_parameters(parameters: &BTreeMap<String, String>) -> Result<(Backen
         BackendKind::Loop => LOOP_PARAMS,
     };
     for key in parameters.keys() {
-        // The external-provisioner's own `csi.storage.k8s.io/*` keys are
-        // never meant for the driver.
-        if key != BACKEND_PARAM && !key.starts_with("csi.storage.k8s.io/") && !accepted.contains(&key.as_str()) {
+        if key != BACKEND_PARAM && !key.starts_with(CO_PARAMETER_PREFIX) && !accepted.contains(&key.as_str()) {
             return Err(Error::InvalidArgument(format!(
                 "unknown StorageClass parameter {key:?} for backend {kind:?}; accepted: {BACKEND_PARAM}{}",
                 accepted.iter().map(|k| format!(", {k}")).collect::<String>()

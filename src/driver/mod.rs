@@ -26,14 +26,18 @@ use crate::kernel::mountinfo::{self, MountEntry};
 use crate::kernel::quota::{Enforcer, QuotaUsage};
 use crate::kernel::usage::{FsUsage, fs_usage};
 use crate::records::{
-    Attachment, BackendKind, Capability, ContentSource, LoopSpec, Publication, SnapshotRecord, Stage, VolumeRecord,
+    Attachment, BackendKind, Capability, ContentSource, GroupSnapshotRecord, LoopSpec, Publication, SnapshotRecord,
+    Stage, VolumeRecord,
 };
 use crate::store::{Page, Table};
 
 mod ephemeral;
+mod groups;
 mod node;
 mod snapshots;
 mod volumes;
+
+pub use groups::{GroupSnapshot, Stillness};
 
 /// Capacity of a volume whose request names none.
 pub const DEFAULT_CAPACITY: u64 = 1 << 30;
@@ -144,6 +148,7 @@ pub struct Driver {
     config: Config,
     volumes: Table<VolumeRecord>,
     snapshots: Table<SnapshotRecord>,
+    groups: Table<GroupSnapshotRecord>,
     dir: DirBackend,
     loopback: LoopBackend,
     mounter: Arc<dyn Mounter>,
@@ -167,6 +172,7 @@ impl Driver {
             .context(|| format!("setting permissions of {}", root.display()))?;
         let volumes: Table<VolumeRecord> = Table::open(&root.join("meta/volumes"))?;
         let snapshots = Table::open(&root.join("meta/snapshots"))?;
+        let groups = Table::open(&root.join("meta/groups"))?;
         let dir = DirBackend::open(root, config.quota)?;
         // Limits live in the filesystem, which an operator or a restore can
         // change behind Loam's back: put back what the records promise.
@@ -182,6 +188,7 @@ impl Driver {
             config,
             volumes,
             snapshots,
+            groups,
             dir,
             loopback,
             mounter,
@@ -190,6 +197,7 @@ impl Driver {
             attached: Mutex::new(0),
         };
         driver.detach_orphans()?;
+        driver.roll_back_incomplete_groups();
         driver.refresh_promises()?;
         driver.report_unpublished_ephemeral();
         let mut attached = 0u32;
@@ -225,7 +233,8 @@ impl Driver {
         }
     }
 
-    /// Claims a volume or snapshot for one operation (ABORTED if busy).
+    /// Claims a volume, snapshot or group snapshot for one operation
+    /// (ABORTED if busy).
     pub fn claim(&self, kind: Kind, key: Key) -> Result<Guard> {
         self.inflight.try_claim(kind, key)
     }
@@ -245,6 +254,12 @@ impl Driver {
     /// Reads a snapshot id from a request; NOT_FOUND when it is not this node's.
     pub fn snapshot_key(&self, id: &str) -> Result<Key> {
         self.own_key("snapshot", id)
+    }
+
+    /// Reads a group snapshot id from a request; NOT_FOUND when it is not
+    /// this node's.
+    pub fn group_snapshot_key(&self, id: &str) -> Result<Key> {
+        self.own_key("group snapshot", id)
     }
 
     fn own_key(&self, what: &str, id: &str) -> Result<Key> {

@@ -36,12 +36,35 @@ impl Driver {
             size_bytes: volume.capacity_bytes,
             created_secs: i64::try_from(now.as_secs()).unwrap_or(i64::MAX),
             created_nanos: i32::try_from(now.subsec_nanos()).unwrap_or(0),
+            group_snapshot_id: None,
         };
         self.snapshots.put(key, record)
     }
 
-    /// Deletes a snapshot; deleting one that does not exist succeeds.
+    /// Deletes a snapshot; deleting one that does not exist succeeds. A
+    /// member of a group snapshot goes only with its group (INVALID_ARGUMENT,
+    /// as the spec asks), unless that group's record is gone.
     pub fn delete_snapshot(&self, key: Key) -> Result<()> {
+        if let Some(snapshot) = self.snapshots.get(&key)
+            && let Some(group) = &snapshot.group_snapshot_id
+        {
+            let recorded = self.group_snapshot_key(group).is_ok_and(|g| self.groups.get(&g).is_some());
+            if recorded {
+                return Err(Error::InvalidArgument(format!(
+                    "snapshot {} is part of group snapshot {group} and cannot be deleted alone; delete the group \
+                     snapshot instead",
+                    snapshot.id
+                )));
+            }
+            // Its group is gone (its record was removed by hand): without
+            // this, nothing could ever delete the snapshot.
+            tracing::warn!(snapshot = %snapshot.id, %group, "deleting a member of a group snapshot that no longer exists");
+        }
+        self.remove_snapshot(key)
+    }
+
+    /// Removes a snapshot's data, then its record, whatever group it is in.
+    pub(super) fn remove_snapshot(&self, key: Key) -> Result<()> {
         let backend = self.snapshots.get(&key).map(|s| s.backend);
         if backend != Some(BackendKind::Loop) {
             self.dir.delete_snapshot(&key)?;

@@ -86,6 +86,31 @@ pub fn copy_file(src: &Path, dst: &Path) -> io::Result<bool> {
     Ok(reflinked)
 }
 
+/// Whether files in `dir` can share extents (FICLONE): probed on two unnamed
+/// temporary files, so nothing is left behind even by a crash.
+pub fn reflinks_in(dir: &Path) -> io::Result<bool> {
+    let unnamed = || {
+        OpenOptions::new().read(true).write(true).mode(0o600).custom_flags(libc::O_TMPFILE | libc::O_CLOEXEC).open(dir)
+    };
+    let from = match unnamed() {
+        // No unnamed files here: no way to probe without leaving a name.
+        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => return Ok(false),
+        other => other?,
+    };
+    // One whole block: an empty or partial one may succeed where data would not.
+    from.write_all_at(&[0xa5; 4096], 0)?;
+    let to = unnamed()?;
+    // SAFETY: as in copy_contents; both fds are open for the call.
+    let cloned = unsafe { libc::ioctl(to.as_raw_fd(), libc::FICLONE, from.as_raw_fd()) };
+    if cloned == 0 {
+        return Ok(true);
+    }
+    match Errno::last() {
+        Errno::EOPNOTSUPP | Errno::EXDEV | Errno::EINVAL | Errno::ENOTTY => Ok(false),
+        errno => Err(errno.into()),
+    }
+}
+
 enum Work {
     /// Copy the entries of a source directory into an existing target directory.
     Fill(PathBuf, PathBuf),
@@ -408,6 +433,17 @@ mod tests {
         fs::write(dir.path().join("f"), b"").expect("write");
         let err = copy_tree(&dir.path().join("f"), &dir.path().join("g")).expect_err("file");
         assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+    }
+
+    #[test]
+    fn reflink_probes_leave_nothing_and_agree_with_a_real_clone() {
+        let dir = tempfile::tempdir().unwrap();
+        let probed = reflinks_in(dir.path()).unwrap();
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0, "the probe left a file");
+        // The probe must say what copy_file then does on the same filesystem.
+        fs::write(dir.path().join("src"), vec![7u8; 8192]).unwrap();
+        assert_eq!(copy_file(&dir.path().join("src"), &dir.path().join("dst")).unwrap(), probed);
+        assert!(reflinks_in(&dir.path().join("missing")).is_err());
     }
 
     #[test]

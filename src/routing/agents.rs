@@ -20,13 +20,20 @@ use tonic::transport::{Channel, Endpoint};
 use crate::auth::{SendToken, Token};
 use crate::csi;
 use crate::csi::controller_client::ControllerClient;
+use crate::csi::group_controller_client::GroupControllerClient;
 use crate::csi::identity_client::IdentityClient;
 use crate::error::{Error, Result};
 use crate::ids::validate_node_id;
 use crate::routing::discovery::Discovery;
 
+/// A channel to one agent that sends the agent token.
+type AgentChannel = InterceptedService<Channel, SendToken>;
+
 /// A Controller client for one agent, sending the agent token.
-pub type AgentClient = ControllerClient<InterceptedService<Channel, SendToken>>;
+pub type AgentClient = ControllerClient<AgentChannel>;
+
+/// A GroupController client for one agent, sending the agent token.
+pub type AgentGroupClient = GroupControllerClient<AgentChannel>;
 
 /// How long the controller waits for agents.
 #[derive(Debug, Clone, Copy)]
@@ -113,11 +120,38 @@ impl Agents {
         F: Fn(AgentClient, R) -> Fut + Send + Sync,
         Fut: Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>> + Send,
     {
+        self.forward(node, method, request, ControllerClient::new, call).await
+    }
+
+    /// [`Agents::call`] for the agent's GroupController.
+    pub async fn call_group<R, T, F, Fut>(&self, node: &str, method: &'static str, request: R, call: F) -> Result<T>
+    where
+        R: Clone + Send,
+        F: Fn(AgentGroupClient, R) -> Fut + Send + Sync,
+        Fut: Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>> + Send,
+    {
+        self.forward(node, method, request, GroupControllerClient::new, call).await
+    }
+
+    /// Calls `node`'s agent with the client `client` makes of its channel.
+    async fn forward<C, R, T, F, Fut>(
+        &self,
+        node: &str,
+        method: &'static str,
+        request: R,
+        client: fn(AgentChannel) -> C,
+        call: F,
+    ) -> Result<T>
+    where
+        R: Clone + Send,
+        F: Fn(C, R) -> Fut + Send + Sync,
+        Fut: Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>> + Send,
+    {
         let mut agent = self.agent(node).await?;
         loop {
             let (generation, _) = self.generation();
-            let client = ControllerClient::with_interceptor(agent.channel.clone(), self.token.clone());
-            let answer = tokio::time::timeout(self.timeouts.call, call(client, request.clone())).await;
+            let channel = InterceptedService::new(agent.channel.clone(), self.token.clone());
+            let answer = tokio::time::timeout(self.timeouts.call, call(client(channel), request.clone())).await;
             let status = match answer {
                 Ok(Ok(response)) => return Ok(response.into_inner()),
                 Ok(Err(status)) if !unreachable(&status) => return Err(Error::Forwarded { status }),

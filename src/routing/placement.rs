@@ -1,7 +1,11 @@
-//! Which nodes a new volume may go to, in the order to try them.
+//! Which node owns a request's objects, and which nodes a new volume may go
+//! to, in the order to try them.
+
+use std::collections::BTreeSet;
 
 use crate::config::TOPOLOGY_NODE_KEY;
 use crate::csi;
+use crate::error::{Error, Result};
 use crate::ids::ObjectId;
 
 /// Who owns the object a request names.
@@ -18,6 +22,28 @@ impl Owner {
     /// The owner of a volume or snapshot id.
     pub fn of(id: &str) -> Owner {
         ObjectId::parse(id).map_or(Owner::Any, |id| Owner::Node(id.node))
+    }
+}
+
+/// The owner of a group snapshot's source volumes: the one node they all
+/// live on (ids Loam did not make name none; their agent refuses them).
+/// FAILED_PRECONDITION when they live on several nodes, since a group is cut
+/// at one instant on one node.
+pub fn group_owner(source_volume_ids: &[String]) -> Result<Owner> {
+    let nodes: BTreeSet<String> =
+        source_volume_ids.iter().filter_map(|id| ObjectId::parse(id)).map(|id| id.node).collect();
+    let mut nodes: Vec<String> = nodes.into_iter().collect();
+    match nodes.len() {
+        0 => Ok(Owner::Any),
+        1 => Ok(Owner::Node(nodes.remove(0))),
+        _ => {
+            let last = nodes.pop().unwrap_or_default();
+            Err(Error::FailedPrecondition(format!(
+                "volumes on nodes {} and {last} cannot be snapshotted together: a group snapshot is cut on one node; \
+                 group volumes of one node only",
+                nodes.join(", ")
+            )))
+        }
     }
 }
 
@@ -59,6 +85,19 @@ mod tests {
         let unrelated = csi::TopologyRequirement { requisite: vec![other_key], preferred: vec![] };
         assert!(requested_nodes(Some(&unrelated)).is_empty());
         assert!(requested_nodes(None).is_empty());
+    }
+
+    #[test]
+    fn a_group_belongs_to_the_one_node_of_its_sources() {
+        let ids = |nodes: &[&str]| -> Vec<String> {
+            nodes.iter().map(|n| if n.is_empty() { "fake".into() } else { format!("{}@{n}", "0".repeat(32)) }).collect()
+        };
+        assert_eq!(group_owner(&ids(&["a", "a", ""])).unwrap(), Owner::Node("a".into()));
+        assert_eq!(group_owner(&ids(&[""])).unwrap(), Owner::Any);
+        assert_eq!(group_owner(&[]).unwrap(), Owner::Any);
+        let err = group_owner(&ids(&["c", "a", "b", "a"])).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+        assert!(err.to_string().starts_with("volumes on nodes a, b and c cannot be snapshotted together"), "{err}");
     }
 
     #[test]

@@ -112,7 +112,8 @@ pub fn snapshot_message(record: &SnapshotRecord) -> csi::Snapshot {
         creation_time: Some(prost_types::Timestamp { seconds: record.created_secs, nanos: record.created_nanos }),
         // Snapshots are complete copies before their record is written.
         ready_to_use: true,
-        group_snapshot_id: String::new(),
+        // Tells the CO the snapshot goes only with its group.
+        group_snapshot_id: record.group_snapshot_id.clone().unwrap_or_default(),
     }
 }
 

@@ -65,9 +65,13 @@ impl Identity for IdentityService {
                 r#type: volume_expansion::Type::Online as i32,
             })),
         };
+        // The plugin's capabilities, the same in every mode: a node agent's
+        // socket names the Controller services too, as the plugin serves them
+        // (csi-sanity in the split layout reads them there).
         Ok(Response::new(csi::GetPluginCapabilitiesResponse {
             capabilities: vec![
                 service_capability(service::Type::ControllerService),
+                service_capability(service::Type::GroupControllerService),
                 service_capability(service::Type::VolumeAccessibilityConstraints),
                 expansion,
             ],

@@ -16,6 +16,11 @@
 //! - GetCapacity: the agent of the requested node; without a node segment,
 //!   the sum of every reachable agent's capacity, and the largest single
 //!   agent's as the maximum volume size (a volume never spans nodes).
+//!
+//! The GroupController is routed the same way: a new group snapshot to the
+//! one node its source volumes live on (volumes of several nodes are
+//! FAILED_PRECONDITION: a group is cut at one instant on one node), an
+//! existing one to the node in its id.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -24,14 +29,14 @@ use tokio::task::JoinSet;
 use tonic::{Code, Request, Response, Status};
 
 use crate::config::TOPOLOGY_NODE_KEY;
-use crate::csi::{self, controller_server::Controller};
+use crate::csi::{self, controller_server::Controller, group_controller_server::GroupController};
 use crate::error::{Error, Result};
 use crate::ids::{Kind, ObjectId};
-use crate::routing::agents::{AgentClient, Agents};
+use crate::routing::agents::{AgentClient, AgentGroupClient, Agents};
 use crate::routing::listing::{self, Cursor, Page};
-use crate::routing::placement::{Owner, requested_nodes};
+use crate::routing::placement::{Owner, group_owner, requested_nodes};
 use crate::rpc::controller::capabilities;
-use crate::rpc::traced;
+use crate::rpc::{group, traced};
 
 /// Controller that routes each request to the owning node's agent.
 #[derive(Debug, Clone)]
@@ -62,6 +67,17 @@ impl RoutedController {
     {
         let node = self.node_of(owner).await?;
         self.agents.call(&node, method, req, call).await
+    }
+
+    /// Passes a group snapshot request on to the agent of `owner`.
+    async fn group_to_owner<R, T, F, Fut>(&self, owner: Owner, method: &'static str, req: R, call: F) -> Result<T>
+    where
+        R: Clone + Send,
+        F: Fn(AgentGroupClient, R) -> Fut + Send + Sync,
+        Fut: Future<Output = std::result::Result<Response<T>, Status>> + Send,
+    {
+        let node = self.node_of(owner).await?;
+        self.agents.call_group(&node, method, req, call).await
     }
 
     /// Runs `call` on every node in `nodes` at once; results in node order.
@@ -440,5 +456,62 @@ impl Controller for RoutedController {
         request: Request<csi::ListSnapshotsRequest>,
     ) -> Result<Response<csi::ListSnapshotsResponse>, Status> {
         traced("ListSnapshots", "", RoutedController::list_snapshots(self, request.into_inner())).await
+    }
+}
+
+#[tonic::async_trait]
+impl GroupController for RoutedController {
+    async fn group_controller_get_capabilities(
+        &self,
+        _: Request<csi::GroupControllerGetCapabilitiesRequest>,
+    ) -> Result<Response<csi::GroupControllerGetCapabilitiesResponse>, Status> {
+        Ok(Response::new(group::capabilities()))
+    }
+
+    async fn create_volume_group_snapshot(
+        &self,
+        request: Request<csi::CreateVolumeGroupSnapshotRequest>,
+    ) -> Result<Response<csi::CreateVolumeGroupSnapshotResponse>, Status> {
+        let req = request.into_inner();
+        traced("CreateVolumeGroupSnapshot", &req.name.clone(), async move {
+            let owner = group_owner(&req.source_volume_ids)?;
+            self.group_to_owner(owner, "CreateVolumeGroupSnapshot", req, |mut c, r| async move {
+                c.create_volume_group_snapshot(r).await
+            })
+            .await
+        })
+        .await
+    }
+
+    async fn delete_volume_group_snapshot(
+        &self,
+        request: Request<csi::DeleteVolumeGroupSnapshotRequest>,
+    ) -> Result<Response<csi::DeleteVolumeGroupSnapshotResponse>, Status> {
+        let req = request.into_inner();
+        let owner = Owner::of(&req.group_snapshot_id);
+        traced(
+            "DeleteVolumeGroupSnapshot",
+            &req.group_snapshot_id.clone(),
+            self.group_to_owner(owner, "DeleteVolumeGroupSnapshot", req, |mut c, r| async move {
+                c.delete_volume_group_snapshot(r).await
+            }),
+        )
+        .await
+    }
+
+    async fn get_volume_group_snapshot(
+        &self,
+        request: Request<csi::GetVolumeGroupSnapshotRequest>,
+    ) -> Result<Response<csi::GetVolumeGroupSnapshotResponse>, Status> {
+        let req = request.into_inner();
+        let owner = Owner::of(&req.group_snapshot_id);
+        traced(
+            "GetVolumeGroupSnapshot",
+            &req.group_snapshot_id.clone(),
+            self.group_to_owner(owner, "GetVolumeGroupSnapshot", req, |mut c, r| async move {
+                c.get_volume_group_snapshot(r).await
+            }),
+        )
+        .await
     }
 }

@@ -1,9 +1,10 @@
 //! Turns CSI request fields into checked values before anything touches a
 //! path: ids, names, paths, capabilities, capacity ranges, parameters.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Component, Path, PathBuf};
 
+use crate::backend::CO_PARAMETER_PREFIX;
 use crate::config::TOPOLOGY_NODE_KEY;
 use crate::csi;
 use crate::csi::volume_capability::AccessType;
@@ -160,6 +161,34 @@ pub fn parameters(params: &HashMap<String, String>) -> Result<BTreeMap<String, S
         return Err(Error::InvalidArgument(format!("parameters exceed {MAX_PARAMETERS_LEN} bytes")));
     }
     Ok(params.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+}
+
+/// The source volumes of a group snapshot: at least one, each a present id,
+/// none named twice (one volume cannot be two members).
+pub fn source_volume_ids(ids: &[String]) -> Result<Vec<String>> {
+    if ids.is_empty() {
+        return Err(Error::InvalidArgument("source volume ids are required".into()));
+    }
+    let mut seen = HashSet::new();
+    for id in ids {
+        required_id("source volume id", id)?;
+        if !seen.insert(id) {
+            return Err(Error::InvalidArgument(format!("source volume {id} is named twice")));
+        }
+    }
+    Ok(ids.to_vec())
+}
+
+/// VolumeGroupSnapshotClass parameters: Loam takes none, and refuses unknown
+/// keys (as it does StorageClass ones) so a typo fails loudly.
+pub fn group_snapshot_parameters(params: &HashMap<String, String>) -> Result<()> {
+    parameters(params)?;
+    match params.keys().find(|k| !k.starts_with(CO_PARAMETER_PREFIX)) {
+        Some(key) => Err(Error::InvalidArgument(format!(
+            "unknown group snapshot parameter {key:?}: Loam's group snapshots take no parameters"
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// The source a new volume starts from.
@@ -377,6 +406,23 @@ mod tests {
         let group = MountVolume { volume_mount_group: "1000".into(), ..Default::default() };
         let c = capability(Some(&cap(Mode::SingleNodeWriter, Some(group)))).unwrap();
         assert_eq!(c.mount_group, Some(1000));
+    }
+
+    #[test]
+    fn group_sources_and_parameters_are_checked() {
+        let ids = |s: &[&str]| s.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(source_volume_ids(&ids(&["a", "b"])).unwrap(), ids(&["a", "b"]));
+        let refused: [&[&str]; 4] = [&[], &["a", "a"], &["a", ""], &["a\0"]];
+        for bad in refused {
+            let err = source_volume_ids(&ids(bad)).unwrap_err();
+            assert_eq!(err.code(), tonic::Code::InvalidArgument, "{bad:?}");
+        }
+        let params = |pairs: &[(&str, &str)]| pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        assert!(group_snapshot_parameters(&params(&[])).is_ok());
+        let secret = [("csi.storage.k8s.io/group-snapshotter-secret-name", "s")];
+        assert!(group_snapshot_parameters(&params(&secret)).is_ok());
+        let err = group_snapshot_parameters(&params(&[("freeze", "false")])).unwrap_err();
+        assert!(err.to_string().contains("\"freeze\""), "{err}");
     }
 
     #[test]

@@ -12,6 +12,7 @@ use hyper_util::rt::TokioIo;
 use loam::config::{Config, QuotaMode};
 use loam::csi;
 use loam::csi::controller_client::ControllerClient;
+use loam::csi::group_controller_client::GroupControllerClient;
 use loam::csi::identity_client::IdentityClient;
 use loam::csi::node_client::NodeClient;
 use loam::driver::Driver;
@@ -40,6 +41,8 @@ pub struct Harness {
     pub identity: IdentityClient<Channel>,
     /// Controller client.
     pub controller: ControllerClient<Channel>,
+    /// GroupController client.
+    pub group: GroupControllerClient<Channel>,
     /// Node client.
     pub node: NodeClient<Channel>,
     shutdown: Option<oneshot::Sender<()>>,
@@ -88,6 +91,7 @@ impl Harness {
         Harness {
             identity: IdentityClient::new(channel.clone()),
             controller: ControllerClient::new(channel.clone()),
+            group: GroupControllerClient::new(channel.clone()),
             node: NodeClient::new(channel),
             dir,
             shutdown: Some(tx),
@@ -139,6 +143,21 @@ impl Harness {
         let request =
             csi::CreateSnapshotRequest { source_volume_id: source.into(), name: name.into(), ..Default::default() };
         Ok(self.controller.create_snapshot(request).await?.into_inner().snapshot.expect("snapshot"))
+    }
+
+    /// Snapshots `sources` together as the group snapshot called `name`.
+    pub async fn group_snapshot(
+        &mut self,
+        name: &str,
+        sources: &[&str],
+    ) -> Result<csi::VolumeGroupSnapshot, tonic::Status> {
+        let request = csi::CreateVolumeGroupSnapshotRequest {
+            name: name.into(),
+            source_volume_ids: sources.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        };
+        let response = self.group.create_volume_group_snapshot(request).await?.into_inner();
+        Ok(response.group_snapshot.expect("group snapshot"))
     }
 
     /// Creates a volume from a full request; returns the volume.

@@ -1,0 +1,500 @@
+//! Volume group snapshots: several volumes of this node cut at one point in
+//! time, then kept and deleted as one.
+//!
+//! # Write-order consistency
+//!
+//! The spec asks a group snapshot to be write-order consistent or to fail:
+//! every member as of one instant of the stream of writes to all of them.
+//! Before cutting, each source volume is classified ([`Stillness`]):
+//!
+//! - **quiet**: neither staged (or its stage did not survive a reboot) nor
+//!   published, so nothing writes it through Loam;
+//! - **freezable**: a `loop` volume staged as a filesystem, which `FIFREEZE`
+//!   holds still through its staging mount;
+//! - **live**: anything else in use (a `dir` volume, a raw block `loop`
+//!   volume), whose own snapshot is still point in time: a btrfs snapshot of
+//!   its subvolume, or a reflink of its image;
+//! - **copied**: in use, and its snapshot is a file-by-file or byte copy (a
+//!   `dir` volume that is not a btrfs subvolume, a raw block image on a
+//!   filesystem without reflinks), which is not point in time even alone.
+//!
+//! Every freezable member is frozen, then every member is cut, then all are
+//! thawed. At most one member may be live: while its point-in-time snapshot
+//! is taken every other member is frozen or quiet, so the set is consistent.
+//! Two live members would be cut at two instants, and a copied member is not
+//! cut at any one instant, so either is refused with FAILED_PRECONDITION
+//! naming the volumes. A group of one copied volume is allowed: it promises
+//! what CreateSnapshot of that volume does.
+//!
+//! # Crashes
+//!
+//! The group's record is written with `complete: false` before anything is
+//! cut, and with `complete: true` after every member is cut and recorded.
+//! A failure in between rolls back (members deleted, record removed); what a
+//! crash or a failed rollback leaves is rolled back by the next attempt of
+//! the same name or the next start.
+
+use super::*;
+use crate::guard::Guard;
+use crate::kernel::blockfs;
+
+/// How a source volume is held still while its group is cut.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stillness {
+    /// Not in use through Loam: nothing writes it.
+    Quiet,
+    /// A filesystem mounted at this staging path, frozen around the cut.
+    Freezable(PathBuf),
+    /// In use and cannot be frozen; its own snapshot is point in time.
+    Live,
+    /// In use, cannot be frozen, and its snapshot is a copy: not point in time.
+    Copied,
+}
+
+impl Stillness {
+    /// Classifies a volume: `stage_live` says whether its recorded stage is
+    /// still in the kernel, `atomic` whether its backend snapshots it at one
+    /// instant (asked only for volumes in use that cannot be frozen).
+    pub fn of(record: &VolumeRecord, stage_live: bool, atomic: impl FnOnce() -> Result<bool>) -> Result<Stillness> {
+        let stage = record.stage.as_ref().filter(|_| stage_live);
+        if stage.is_none() && record.publications.is_empty() {
+            return Ok(Stillness::Quiet);
+        }
+        match stage {
+            Some(stage) if record.backend == BackendKind::Loop && !stage.capability.block => {
+                Ok(Stillness::Freezable(stage.path.clone()))
+            }
+            _ if atomic()? => Ok(Stillness::Live),
+            _ => Ok(Stillness::Copied),
+        }
+    }
+}
+
+/// Refuses a group that cannot be cut write-order consistent (see the
+/// module's rule); `members` are (volume id, its stillness).
+pub fn check_consistency(members: &[(&str, &Stillness)]) -> Result<()> {
+    let named = |keep: fn(&Stillness) -> bool| -> Vec<&str> {
+        members.iter().filter(|(_, s)| keep(s)).map(|(id, _)| *id).collect()
+    };
+    let live = named(|s| matches!(s, Stillness::Live | Stillness::Copied));
+    if live.len() > 1 {
+        return Err(Error::FailedPrecondition(format!(
+            "volumes {} are in use and cannot be frozen, so they cannot be snapshotted at one point in time; loop \
+             volumes staged as a filesystem are frozen for the cut, while dir and raw block volumes cannot be: \
+             stop writing all but one of them (unpublish and unstage), or use loop filesystem volumes",
+            live.join(", ")
+        )));
+    }
+    let copied = named(|s| *s == Stillness::Copied);
+    if members.len() > 1
+        && let Some(id) = copied.first()
+    {
+        return Err(Error::FailedPrecondition(format!(
+            "volume {id} is in use and its snapshot is a file-by-file copy (a dir volume on a root that is not \
+             btrfs, or a raw block image on a filesystem without reflinks), which is not point in time; stop \
+             writing it (unpublish and unstage) to snapshot it with others"
+        )));
+    }
+    Ok(())
+}
+
+/// Whether `asked` names the same snapshots as `recorded`, in any order.
+pub fn same_members(asked: &[String], recorded: &[String]) -> bool {
+    let sorted = |ids: &[String]| {
+        let mut ids = ids.to_vec();
+        ids.sort();
+        ids
+    };
+    sorted(asked) == sorted(recorded)
+}
+
+/// A group snapshot's record and the records of its members that exist.
+#[derive(Debug, Clone)]
+pub struct GroupSnapshot {
+    /// The group's record.
+    pub record: Arc<GroupSnapshotRecord>,
+    /// Its members' records, in the record's order; missing ones left out.
+    pub members: Vec<Arc<SnapshotRecord>>,
+}
+
+impl GroupSnapshot {
+    /// Whether every member can be restored: all cut, none missing since.
+    pub fn ready(&self) -> bool {
+        self.record.complete && self.members.len() == self.record.snapshot_ids.len()
+    }
+}
+
+/// One source volume of a group being cut.
+struct Member {
+    key: Key,
+    volume: Arc<VolumeRecord>,
+    snapshot: Key,
+    stillness: Stillness,
+}
+
+impl Driver {
+    // ----- Group snapshots -----
+
+    /// Reads a source volume id of a group snapshot: INVALID_ARGUMENT when it
+    /// is not one of this node's, since a group is cut on one node.
+    pub fn group_source_key(&self, id: &str) -> Result<Key> {
+        self.volume_key(id).map_err(|e| match e {
+            Error::NotFound(why) => Error::InvalidArgument(format!("{why}; a group snapshot is cut on one node")),
+            other => other,
+        })
+    }
+
+    /// Claims everything a CreateVolumeGroupSnapshot touches: the group, each
+    /// member snapshot and each source volume. Every claim is a try, so
+    /// overlapping groups get ABORTED rather than waiting on each other.
+    pub fn claim_group(&self, key: Key, volumes: &[Key]) -> Result<Vec<Guard>> {
+        let mut guards = vec![self.claim(Kind::GroupSnapshot, key)?];
+        for volume in volumes {
+            guards.push(self.claim(Kind::Snapshot, Key::group_member(&key, volume))?);
+            guards.push(self.claim(Kind::Volume, *volume)?);
+        }
+        Ok(guards)
+    }
+
+    /// Cuts a snapshot of every source volume at one point in time, or
+    /// returns the group the same request made. The caller holds the claims
+    /// of [`Driver::claim_group`].
+    pub fn create_group_snapshot(&self, key: Key, name: &str, sources: &[String]) -> Result<GroupSnapshot> {
+        if let Some(existing) = self.groups.get(&key) {
+            if existing.complete {
+                if existing.name == name && same_members(sources, &existing.source_volume_ids) {
+                    return Ok(self.with_members(existing));
+                }
+                return Err(Error::AlreadyExists(format!(
+                    "group snapshot {name} already exists of volumes {}, not of the volumes this request names",
+                    existing.source_volume_ids.join(", ")
+                )));
+            }
+            tracing::warn!(group = %existing.id, "rolling back an incomplete group snapshot before making it anew");
+            self.roll_back(&key, &existing)?;
+        }
+        let mut members = Vec::with_capacity(sources.len());
+        for id in sources {
+            let volume_key = self.group_source_key(id)?;
+            let volume = self.volume(&volume_key)?;
+            let stillness = self.stillness(&volume_key, &volume)?;
+            members.push(Member { key: volume_key, volume, snapshot: Key::group_member(&key, &volume_key), stillness });
+        }
+        let classes: Vec<(&str, &Stillness)> = members.iter().map(|m| (m.volume.id.as_str(), &m.stillness)).collect();
+        check_consistency(&classes)?;
+        let node = &self.config.node_id;
+        let (created_secs, created_nanos) = timestamp();
+        let mut record = GroupSnapshotRecord {
+            id: ObjectId { key, node: node.clone() }.to_string(),
+            name: name.to_owned(),
+            source_volume_ids: members.iter().map(|m| m.volume.id.clone()).collect(),
+            snapshot_ids: members
+                .iter()
+                .map(|m| ObjectId { key: m.snapshot, node: node.clone() }.to_string())
+                .collect(),
+            created_secs,
+            created_nanos,
+            complete: false,
+        };
+        self.groups.put(key, record.clone())?;
+        let finished = self.cut(&record, &members).and_then(|(secs, nanos)| {
+            record.created_secs = secs;
+            record.created_nanos = nanos;
+            record.complete = true;
+            self.groups.put(key, record.clone())
+        });
+        match finished {
+            Ok(record) => Ok(self.with_members(record)),
+            Err(e) => {
+                if let Err(undo) = self.roll_back(&key, &record) {
+                    tracing::error!(
+                        group = %record.id,
+                        error = %undo,
+                        cause = %e,
+                        "cannot roll back a failed group snapshot; the next attempt or start will"
+                    );
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// How `volume` can be held still for the cut.
+    fn stillness(&self, key: &Key, volume: &VolumeRecord) -> Result<Stillness> {
+        let stage_live = match &volume.stage {
+            Some(stage) => self.stage_is_live(volume, key, stage)?,
+            None => false,
+        };
+        Stillness::of(volume, stage_live, || match volume.backend {
+            BackendKind::Dir => Ok(self.dir.snapshots_atomically(key)),
+            BackendKind::Loop => self.loopback.reflinks(),
+        })
+    }
+
+    /// Freezes the freezable members, cuts every member, thaws, then records
+    /// the members; returns the instant of the cut.
+    fn cut(&self, group: &GroupSnapshotRecord, members: &[Member]) -> Result<(i64, i32)> {
+        let mut frozen = Vec::new();
+        for member in members {
+            if let Stillness::Freezable(path) = &member.stillness {
+                frozen.push(blockfs::freeze(path).context(|| format!("freezing {}", path.display()))?);
+            }
+        }
+        let started = std::time::Instant::now();
+        let (secs, nanos) = timestamp();
+        for member in members {
+            // Frozen or quiet already, or live with a point-in-time snapshot:
+            // never frozen a second time here.
+            match member.volume.backend {
+                BackendKind::Dir => self.dir.create_snapshot(&member.key, &member.snapshot)?,
+                BackendKind::Loop => self.loopback.create_snapshot(&member.key, &member.snapshot, None)?,
+            }
+        }
+        // Records wait until after the thaw: their fsyncs need no frozen pod.
+        let thawed = frozen.len();
+        for guard in frozen {
+            if let Err(e) = guard.thaw() {
+                tracing::error!(group = %group.id, error = %e, "a frozen member did not thaw; writes to it hang");
+            }
+        }
+        let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        tracing::info!(group = %group.id, members = members.len(), thawed, micros, "group snapshot cut");
+        for member in members {
+            let record = SnapshotRecord {
+                id: ObjectId { key: member.snapshot, node: self.config.node_id.clone() }.to_string(),
+                name: group.name.clone(),
+                source_volume_id: member.volume.id.clone(),
+                backend: member.volume.backend,
+                size_bytes: member.volume.capacity_bytes,
+                created_secs: secs,
+                created_nanos: nanos,
+                group_snapshot_id: Some(group.id.clone()),
+            };
+            self.snapshots.put(member.snapshot, record)?;
+        }
+        Ok((secs, nanos))
+    }
+
+    /// Deletes a group snapshot and its members; deleting one that does not
+    /// exist succeeds. `snapshot_ids`, when given, must be its members.
+    pub fn delete_group_snapshot(&self, key: Key, snapshot_ids: &[String]) -> Result<()> {
+        let Some(record) = self.groups.get(&key) else {
+            if let Some(reason) = self.groups.damaged(&key) {
+                // Its members cannot be known; they stay as snapshots of
+                // their own, which ListSnapshots shows and DeleteSnapshot takes.
+                tracing::warn!(%reason, "removing a damaged group snapshot record");
+                return self.groups.remove(&key);
+            }
+            return Ok(());
+        };
+        check_listed(&record, snapshot_ids)?;
+        // Held until the members are gone, so no other call sees them half removed.
+        let mut claims = Vec::with_capacity(record.snapshot_ids.len());
+        for id in &record.snapshot_ids {
+            if let Some(parsed) = ObjectId::parse(id) {
+                claims.push(self.claim(Kind::Snapshot, parsed.key)?);
+            }
+        }
+        self.roll_back(&key, &record)
+    }
+
+    /// The group snapshot with its members, or NOT_FOUND. `snapshot_ids`,
+    /// when given, must be its members.
+    pub fn group_snapshot(&self, key: &Key, snapshot_ids: &[String]) -> Result<GroupSnapshot> {
+        let record = self.groups.get(key).ok_or_else(|| match self.groups.damaged(key) {
+            Some(reason) => Error::Damaged(reason),
+            None => Error::NotFound(format!("group snapshot {key} does not exist")),
+        })?;
+        check_listed(&record, snapshot_ids)?;
+        Ok(self.with_members(record))
+    }
+
+    fn with_members(&self, record: Arc<GroupSnapshotRecord>) -> GroupSnapshot {
+        let members = record
+            .snapshot_ids
+            .iter()
+            .filter_map(|id| ObjectId::parse(id).and_then(|parsed| self.snapshots.get(&parsed.key)))
+            .collect();
+        GroupSnapshot { record, members }
+    }
+
+    /// Removes every member (data, then record), then the group's record: so
+    /// a crash part-way leaves a record naming what is left to remove.
+    fn roll_back(&self, key: &Key, record: &GroupSnapshotRecord) -> Result<()> {
+        for id in &record.snapshot_ids {
+            if let Some(parsed) = ObjectId::parse(id) {
+                self.remove_snapshot(parsed.key)?;
+            }
+        }
+        self.groups.remove(key)
+    }
+
+    /// Rolls back what crashes left incomplete; one that cannot be is logged
+    /// and kept for the next attempt, and never stops the node from serving.
+    pub(super) fn roll_back_incomplete_groups(&self) {
+        let mut incomplete = Vec::new();
+        self.groups.for_each(|key, record| {
+            if !record.complete {
+                incomplete.push((*key, record.clone()));
+            }
+        });
+        for (key, record) in incomplete {
+            tracing::warn!(group = %record.id, name = %record.name, "rolling back a group snapshot a crash left incomplete");
+            if let Err(e) = self.roll_back(&key, &record) {
+                tracing::error!(group = %record.id, error = %e, "cannot roll back an incomplete group snapshot");
+            }
+        }
+    }
+}
+
+/// Refuses a `snapshot_ids` list that is given and is not the group's members.
+fn check_listed(record: &GroupSnapshotRecord, snapshot_ids: &[String]) -> Result<()> {
+    if snapshot_ids.is_empty() || same_members(snapshot_ids, &record.snapshot_ids) {
+        return Ok(());
+    }
+    Err(Error::InvalidArgument(format!(
+        "group snapshot {} is made of snapshots {}, not of the snapshot ids this request names",
+        record.id,
+        record.snapshot_ids.join(", ")
+    )))
+}
+
+/// Now, as a CSI timestamp's seconds and nanoseconds.
+fn timestamp() -> (i64, i32) {
+    let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    (i64::try_from(now.as_secs()).unwrap_or(i64::MAX), i32::try_from(now.subsec_nanos()).unwrap_or(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernel::mount::FakeMounter;
+    use crate::records::AccessMode;
+
+    fn volume(backend: BackendKind, stage: Option<bool>, published: bool) -> VolumeRecord {
+        let capability = |block| Capability {
+            access_mode: AccessMode::SingleNodeWriter,
+            block,
+            fs_type: String::new(),
+            mount_flags: Vec::new(),
+            mount_group: None,
+        };
+        VolumeRecord {
+            id: "v".into(),
+            name: "v".into(),
+            capacity_bytes: 1 << 20,
+            backend,
+            loop_spec: None,
+            parameters: BTreeMap::new(),
+            source: None,
+            attachment: None,
+            stage: stage.map(|block| Stage { path: "/staging".into(), capability: capability(block) }),
+            publications: if published {
+                [("/target".into(), Publication { read_only: false, capability: capability(false) })].into()
+            } else {
+                BTreeMap::new()
+            },
+            enforcement: None,
+            ephemeral: None,
+        }
+    }
+
+    fn classify(record: &VolumeRecord, live: bool, atomic: bool) -> Stillness {
+        Stillness::of(record, live, || Ok(atomic)).unwrap()
+    }
+
+    #[test]
+    fn volumes_are_classified_by_how_they_can_be_held_still() {
+        use BackendKind::{Dir, Loop};
+        // Unused, or staged before a reboot that took the mount: quiet.
+        assert_eq!(classify(&volume(Dir, None, false), false, false), Stillness::Quiet);
+        assert_eq!(classify(&volume(Loop, Some(false), false), false, false), Stillness::Quiet);
+        // A loop filesystem is frozen through its staging mount.
+        assert_eq!(classify(&volume(Loop, Some(false), true), true, false), Stillness::Freezable("/staging".into()));
+        // Raw block and dir volumes in use cannot be frozen.
+        assert_eq!(classify(&volume(Loop, Some(true), true), true, true), Stillness::Live);
+        assert_eq!(classify(&volume(Loop, Some(true), false), true, false), Stillness::Copied);
+        assert_eq!(classify(&volume(Dir, Some(false), true), true, true), Stillness::Live);
+        assert_eq!(classify(&volume(Dir, Some(false), false), true, false), Stillness::Copied);
+        // Published though the stage is gone: in use, and nothing to freeze.
+        assert_eq!(classify(&volume(Loop, Some(false), true), false, true), Stillness::Live);
+    }
+
+    #[test]
+    fn at_most_one_member_may_be_live_and_a_copy_only_alone() {
+        let frozen = Stillness::Freezable("/s".into());
+        let ok = |members: &[(&str, &Stillness)]| check_consistency(members).is_ok();
+        assert!(ok(&[("a", &Stillness::Live), ("b", &frozen), ("c", &Stillness::Quiet)]));
+        assert!(ok(&[("a", &Stillness::Copied)]));
+        assert!(!ok(&[("a", &Stillness::Copied), ("b", &Stillness::Quiet)]));
+        let err = check_consistency(&[("a", &Stillness::Live), ("b", &frozen), ("c", &Stillness::Live)]).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+        assert!(err.to_string().contains("volumes a, c are in use"), "{err}");
+        let err = check_consistency(&[("a", &Stillness::Copied), ("b", &frozen)]).unwrap_err();
+        assert!(err.to_string().contains("volume a is in use and its snapshot is a file-by-file copy"), "{err}");
+    }
+
+    #[test]
+    fn membership_ignores_order_but_not_content() {
+        let ids = |s: &[&str]| s.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(same_members(&ids(&["b", "a"]), &ids(&["a", "b"])));
+        assert!(!same_members(&ids(&["a"]), &ids(&["a", "b"])));
+        assert!(!same_members(&ids(&["a", "a"]), &ids(&["a", "b"])));
+        assert!(!same_members(&ids(&["a", "c"]), &ids(&["a", "b"])));
+    }
+
+    fn driver(root: &Path) -> Driver {
+        let config = Config {
+            driver_name: "loam.csi.dev".into(),
+            node_id: "n".into(),
+            root: root.to_owned(),
+            max_volumes_per_node: 0,
+            quota: QuotaMode::Off,
+        };
+        Driver::open(config, Arc::new(FakeMounter::new())).unwrap()
+    }
+
+    fn new_volume(driver: &Driver, name: &str) -> String {
+        let request = NewVolume {
+            name: name.into(),
+            capacity: CapacityRange { required: 1 << 20, limit: 0 },
+            capabilities: Vec::new(),
+            parameters: BTreeMap::new(),
+            backend: BackendKind::Dir,
+            loop_spec: None,
+            source: None,
+            allowed_nodes: None,
+        };
+        driver.create_volume(Key::for_name(Kind::Volume, name), request).unwrap().id.clone()
+    }
+
+    #[test]
+    fn an_incomplete_group_is_rolled_back_by_a_retry_and_by_a_restart() {
+        let root = tempfile::tempdir().unwrap();
+        let driver = driver(root.path());
+        let sources = vec![new_volume(&driver, "a"), new_volume(&driver, "b")];
+        let key = Key::for_name(Kind::GroupSnapshot, "g");
+        let made = driver.create_group_snapshot(key, "g", &sources).unwrap();
+        assert!(made.ready());
+        let members: Vec<Key> = made.members.iter().map(|m| ObjectId::parse(&m.id).unwrap().key).collect();
+
+        // As if the attempt had crashed after its intent, with one member cut
+        // and another attempt on other volumes coming in under the same name.
+        let mut intent = (*made.record).clone();
+        intent.complete = false;
+        driver.groups.put(key, intent.clone()).unwrap();
+        driver.remove_snapshot(members[1]).unwrap();
+        let again = driver.create_group_snapshot(key, "g", &sources[..1]).unwrap();
+        assert!(again.ready());
+        assert_eq!(again.record.source_volume_ids, sources[..1]);
+        assert!(driver.snapshots.get(&members[1]).is_none(), "the rolled back member came back");
+
+        // A crash after the intent is rolled back when the driver opens.
+        driver.groups.put(key, intent).unwrap();
+        drop(driver);
+        let driver = self::driver(root.path());
+        assert!(driver.groups.get(&key).is_none());
+        assert!(members.iter().all(|m| driver.snapshots.get(m).is_none()));
+        assert_eq!(fs::read_dir(root.path().join("snapshots")).unwrap().count(), 0);
+    }
+}
