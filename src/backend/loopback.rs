@@ -163,7 +163,7 @@ impl LoopBackend {
             return Ok(());
         }
         match blockfs::probe(&device.device).context(|| format!("probing {}", device.device.display()))? {
-            Content::Empty => blockfs::mkfs(&device.device, fs, &spec.mkfs_options)
+            Content::Empty => blockfs::mkfs(&device.device, fs, spec.thick, &spec.mkfs_options)
                 .context(|| format!("formatting {} as {}", device.device.display(), fs.name()))?,
             Content::Filesystem(found) if same_family(&found, fs) => {}
             Content::Filesystem(found) => {
@@ -381,8 +381,6 @@ impl LoopBackend {
     }
 }
 
-/// The filesystem a stage uses: the StorageClass's, unless the capability
-/// names a different one, which cannot be honoured for an existing image.
 /// Whether the ext4 filesystem on `device` is smaller than the device (false
 /// when the device holds no ext4 superblock).
 fn ext4_smaller_than_device(device: &Path) -> Result<bool> {
@@ -391,6 +389,8 @@ fn ext4_smaller_than_device(device: &Path) -> Result<bool> {
     Ok(fs_size.is_some_and(|size| size < device_size))
 }
 
+/// The filesystem a stage uses: the StorageClass's, unless the capability
+/// names a different one, which cannot be honoured for an existing image.
 fn filesystem(spec: &LoopSpec, capability: &Capability) -> Result<FsType> {
     let fs = FsType::parse(&spec.fs_type)
         .ok_or_else(|| Error::Damaged(format!("volume record names unknown fsType {:?}", spec.fs_type)))?;

@@ -134,11 +134,15 @@ fn ext_flavour(head: &[u8]) -> Option<&'static str> {
     })
 }
 
-/// Formats `device` with `fs`, never discarding (a thick image stays allocated); `extra` goes before the device.
+/// Formats `device` with `fs`, never discarding; `extra` goes before the device.
 ///
+/// With `thick`, ext4's inode tables are zeroed now rather than by the
+/// kernel after the first mount: the kernel zeroes them with write-zeroes
+/// requests, which a loop device turns into holes punched in its image, so a
+/// thick image would lose part of its allocation (mke2fs zeroes keeping it).
 /// `extra` must come from `parse_mkfs_options`. The error names the program,
 /// its exit status and its stderr.
-pub fn mkfs(device: &Path, fs: FsType, extra: &[String]) -> io::Result<()> {
+pub fn mkfs(device: &Path, fs: FsType, thick: bool, extra: &[String]) -> io::Result<()> {
     let mut args: Vec<String> = Vec::new();
     match fs {
         FsType::Ext4 => {
@@ -156,6 +160,10 @@ pub fn mkfs(device: &Path, fs: FsType, extra: &[String]) -> io::Result<()> {
                 } else {
                     rest.push(word.clone());
                 }
+            }
+            if thick {
+                // Last, so no user option turns lazy initialisation back on.
+                extended.push_str(",lazy_itable_init=0");
             }
             args.extend(["-F", "-m", "0", "-E"].map(String::from));
             args.push(extended);
@@ -611,11 +619,26 @@ mod tests {
         let path = dir.path().join("fs.img");
         thick_image(&path, 32 << 20);
         assert_eq!(probe(&path).expect("probe"), Content::Empty);
-        mkfs(&path, FsType::Ext4, &owned(&["-E", "lazy_itable_init=1", "-L", "loam"])).expect("mkfs");
+        mkfs(&path, FsType::Ext4, true, &owned(&["-E", "lazy_itable_init=1", "-L", "loam"])).expect("mkfs");
         assert_eq!(probe(&path).expect("probe"), Content::Filesystem("ext4".to_string()));
         let allocated = allocated_bytes(&path).expect("allocated");
         eprintln!("after mkfs.ext4: {allocated} of {} bytes allocated", 32 << 20);
         assert!(allocated >= 32 << 20, "{allocated}");
+        // Nothing left for the kernel to zero after mounting, which on a loop
+        // device would punch holes in the image.
+        assert_eq!(groups_not_zeroed(&path), 0, "a thick image leaves inode tables to the kernel");
+        mkfs(&path, FsType::Ext4, false, &[]).expect("mkfs thin");
+        assert!(groups_not_zeroed(&path) > 0, "a thin image should leave them (and its holes) to the kernel");
+    }
+
+    /// How many block groups' inode tables `dumpe2fs` shows as not zeroed.
+    fn groups_not_zeroed(image: &Path) -> usize {
+        let out = Command::new("dumpe2fs").arg(image).output().expect("dumpe2fs");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let text = String::from_utf8_lossy(&out.stdout);
+        let groups = text.lines().filter(|l| l.starts_with("Group ") && l.contains("(Blocks")).collect::<Vec<_>>();
+        assert!(!groups.is_empty(), "dumpe2fs listed no groups");
+        groups.iter().filter(|l| !l.contains("ITABLE_ZEROED")).count()
     }
 
     #[test]
@@ -627,7 +650,7 @@ mod tests {
         let path = dir.path().join("small.img");
         thick_image(&path, 16 << 20);
         // mkfs.xfs refuses filesystems this small.
-        let err = mkfs(&path, FsType::Xfs, &[]).expect_err("too small");
+        let err = mkfs(&path, FsType::Xfs, true, &[]).expect_err("too small");
         let text = err.to_string();
         eprintln!("{text}");
         assert!(text.contains("mkfs.xfs") && text.contains("exit status"), "{text}");
@@ -662,7 +685,7 @@ mod tests {
         eprintln!("attached {dev:?}");
 
         assert_eq!(probe(&dev.device).expect("probe"), Content::Empty);
-        mkfs(&dev.device, FsType::Ext4, &[]).expect("mkfs");
+        mkfs(&dev.device, FsType::Ext4, true, &[]).expect("mkfs");
         assert_eq!(probe(&dev.device).expect("probe"), Content::Filesystem("ext4".to_string()));
         let allocated = allocated_bytes(&image).expect("allocated");
         eprintln!("after mkfs.ext4 through the loop device: {allocated} of {} bytes allocated", 64 << 20);
@@ -717,7 +740,7 @@ mod tests {
         let dev = loopdev::attach(&image, AttachOptions { read_only: false, direct_io: true }).expect("attach");
         let _guard = Attached(dev.device.clone());
 
-        mkfs(&dev.device, FsType::Xfs, &owned(&["-m", "crc=1"])).expect("mkfs.xfs");
+        mkfs(&dev.device, FsType::Xfs, false, &owned(&["-m", "crc=1"])).expect("mkfs.xfs");
         assert_eq!(probe(&dev.device).expect("probe"), Content::Filesystem("xfs".to_string()));
         let mnt = dir.path().join("mnt");
         std::fs::create_dir(&mnt).expect("mkdir");
@@ -744,7 +767,7 @@ mod tests {
         let dir = scratch_dir();
         let image = dir.path().join("ro.img");
         thick_image(&image, 32 << 20);
-        mkfs(&image, FsType::Ext4, &[]).expect("mkfs");
+        mkfs(&image, FsType::Ext4, true, &[]).expect("mkfs");
         let dev = loopdev::attach(&image, AttachOptions { read_only: true, direct_io: false }).expect("attach");
         let _guard = Attached(dev.device.clone());
         let mnt = dir.path().join("mnt");

@@ -96,6 +96,28 @@ cleanup() {
     exit "$rc"
 }
 
+# --- one run at a time (the lock dies with its holder, even on SIGKILL);
+# refused before the trap, so a refused start touches nothing of the live run.
+exec 9>/run/loam-e2e.lock
+flock -n 9 || { echo "another e2e run is going on (it holds /run/loam-e2e.lock)" >&2; exit 1; }
+# A run killed with SIGKILL never ran its cleanup: its namespaces died with
+# it, but its cgroups and loop devices stayed.
+for h in /sys/fs/cgroup/*/; do
+    d=${h%/}$cgroup_root
+    [ -d "$d" ] || continue
+    echo "removing $d, left by a run that was killed" >&2
+    find "$d" -depth -type d -exec rmdir {} +
+done
+for loop in $(losetup -l -n -O NAME); do
+    case "$(losetup -l -n -O BACK-FILE "$loop")" in
+        # What only a run attaches: Loam's images as the dead namespace named
+        # them, files under the run directory, the kubelet's block references.
+        /volumes/*.img* | *"$run"* | */var/lib/kubelet/*)
+            echo "detaching $loop, left by a run that was killed" >&2
+            losetup -d "$loop" ;;
+    esac
+done
+
 # --- what the cleanup must undo
 loops_before=$(losetup -l -n -O NAME | sort)
 made_dirs=()
@@ -108,7 +130,6 @@ done
 for h in /sys/fs/cgroup/*/; do
     h=${h%/}
     [ -f "$h/cgroup.procs" ] || continue
-    [ -d "$h$cgroup_root" ] && { echo "$h$cgroup_root exists: another run is going on, or clean it first" >&2; exit 1; }
     mkdir "$h$cgroup_root"
     cgroup_dirs+=("$h$cgroup_root")
     if [ -f "$h/cpuset.cpus" ]; then
