@@ -4,10 +4,11 @@
     validate-manifests.py K8S_VERSION FILE...
 
 Core objects are checked with kubernetes-validate, which bundles the OpenAPI
-schemas of each Kubernetes release. The snapshot CRD kinds are not part of
-those, so they are checked against scripts/schemas/snapshot.storage.k8s.io-v1.json,
-transcribed from the external-snapshotter CRDs. Any other kind fails: nothing
-is skipped silently.
+schemas of each Kubernetes release. The snapshot and group snapshot CRD kinds
+are not part of those, so they are checked against the schemas of their API
+group in scripts/schemas/ (snapshot.storage.k8s.io-v1.json,
+groupsnapshot.storage.k8s.io-v1.json), transcribed from the external-snapshotter
+CRDs. Any other kind fails: nothing is skipped silently.
 """
 
 import json
@@ -18,12 +19,17 @@ import jsonschema
 import kubernetes_validate
 import yaml
 
-SNAPSHOT_SCHEMA = pathlib.Path(__file__).parent / "schemas" / "snapshot.storage.k8s.io-v1.json"
+SCHEMAS = pathlib.Path(__file__).parent / "schemas"
+# API group of a CRD kind -> the schema file holding its kinds under $defs.
+CRD_GROUPS = {
+    "snapshot.storage.k8s.io": "snapshot.storage.k8s.io-v1.json",
+    "groupsnapshot.storage.k8s.io": "groupsnapshot.storage.k8s.io-v1.json",
+}
 
 
 def main() -> int:
     version, files = sys.argv[1], sys.argv[2:]
-    snapshot = json.loads(SNAPSHOT_SCHEMA.read_text())
+    crds = {group: json.loads((SCHEMAS / name).read_text()) for group, name in CRD_GROUPS.items()}
     failures = checked = 0
     for name in files:
         with open(name) as f:
@@ -31,11 +37,11 @@ def main() -> int:
         for doc in docs:
             what = f"{name}: {doc.get('kind')}/{doc.get('metadata', {}).get('name')}"
             try:
-                if doc.get("apiVersion", "").startswith("snapshot.storage.k8s.io/"):
-                    schema = {**snapshot, "$ref": f"#/$defs/{doc['kind']}"}
-                    if doc["kind"] not in snapshot["$defs"]:
-                        raise ValueError(f"no schema for {doc['kind']}")
-                    jsonschema.validate(doc, schema)
+                group = doc.get("apiVersion", "").rpartition("/")[0]
+                if group in crds:
+                    if doc.get("kind") not in crds[group]["$defs"]:
+                        raise ValueError(f"no schema for {doc.get('kind')} in {group}")
+                    jsonschema.validate(doc, {**crds[group], "$ref": f"#/$defs/{doc['kind']}"})
                 else:
                     kubernetes_validate.validate(doc, version, strict=True)
                 checked += 1

@@ -8,8 +8,9 @@
 # the cluster needs without kube-proxy (10.96.0.1: the API server listens on
 # 443 on every address; 10.96.0.10: CoreDNS, host network, bound to it); etcd
 # and the control plane on 127.0.0.1; containerd; the kubelet; the CNI bridge.
-# Then deploy/ through tests/e2e/overlay, the agent Secret as the README says,
-# and story.sh. Env (from run.sh): E2E_CACHE, E2E_RUN, E2E_REPO, E2E_CGROUP_ROOT,
+# Then deploy/groupsnapshot/ (deploy/ with volume group snapshots on) through
+# tests/e2e/overlay, the agent Secret as the README says, and story.sh.
+# Env (from run.sh): E2E_CACHE, E2E_RUN, E2E_REPO, E2E_CGROUP_ROOT,
 # E2E_SNAPSHOT_CRD, E2E_SNAPSHOT_CONTROLLER (directories of the external-snapshotter modules).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -265,6 +266,7 @@ kubectl -n kube-system rollout status deployment/coredns --timeout=120s >/dev/nu
 say "CoreDNS ready on $DNS_IP"
 
 # --- snapshot CRDs and snapshot-controller, from the external-snapshotter modules
+# (config/crd has the groupsnapshot.storage.k8s.io CRDs too)
 snapdir="$run/snapshot-controller"
 mkdir -p "$snapdir"
 crd=$E2E_SNAPSHOT_CRD
@@ -281,13 +283,24 @@ images:
 replicas:
   - name: snapshot-controller
     count: 1
+# Volume group snapshots on, as the README tells users (deploy/groupsnapshot/,
+# which the overlay uses, turns them on in csi-snapshotter).
+patches:
+  - target: {group: apps, version: v1, kind: Deployment, name: snapshot-controller}
+    patch: |-
+      - op: test
+        path: /spec/template/spec/containers/0/name
+        value: snapshot-controller
+      - op: add
+        path: /spec/template/spec/containers/0/args/-
+        value: --feature-gates=CSIVolumeGroupSnapshot=true
 EOF
 kubectl apply -k "$crd" >/dev/null
 kubectl apply -k "$snapdir" >/dev/null
 kubectl wait --for=condition=Established crd --all --timeout=60s >/dev/null
-say "snapshot CRDs and snapshot-controller applied"
+say "snapshot and group snapshot CRDs, snapshot-controller with CSIVolumeGroupSnapshot applied"
 
-# --- Loam: deploy/ through the e2e overlay, then the Secret as the README says
+# --- Loam: deploy/groupsnapshot/ through the e2e overlay, then the Secret as the README says
 kubectl apply -k "$repo/tests/e2e/overlay" >"$logs/apply.log"
 kubectl apply -k "$repo/deploy/snapshot/" >>"$logs/apply.log"
 kubectl -n loam create secret generic loam-agent-token --from-literal=token="$(head -c 32 /dev/urandom | base64)"

@@ -6,7 +6,7 @@
 # 2. the Loam release binary (cargo, target dir in the cache) and images.sh:
 #    OCI images without a daemon;
 # 3. cluster.sh in new PID, mount and network namespaces: a single-node cluster,
-#    deploy/ through tests/e2e/overlay, then story.sh's assertions;
+#    deploy/groupsnapshot/ through tests/e2e/overlay, then story.sh's assertions;
 # 4. whatever happens, the namespaces die with their processes and mounts;
 #    loop devices attached during the run and the kubelet's cgroups are removed.
 # Exits non-zero on any failure. Logs of every component: $LOAM_E2E_RUN/logs
