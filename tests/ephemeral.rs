@@ -4,6 +4,7 @@
 //! privileges; real mounts, loop devices and quotas need root in a private
 //! mount namespace (`LOAM_PRIVILEGED_TESTS=1`).
 
+#[macro_use]
 mod common;
 
 use std::collections::HashMap;
@@ -11,22 +12,13 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use common::quota_fs::{self, fs_kind, is_over_quota, write_unprivileged};
-use common::{Harness, NODE, path_str, privileged};
+use common::{Harness, NODE, path_str};
 use loam::csi;
 use loam::kernel::{loopdev, mountinfo};
 use sha2::{Digest, Sha256};
 use tonic::Code;
 
 const MIB: u64 = 1 << 20;
-
-macro_rules! require_privileges {
-    () => {
-        if !privileged() {
-            eprintln!("skipped: needs LOAM_PRIVILEGED_TESTS=1 (root, private mount namespace)");
-            return;
-        }
-    };
-}
 
 /// The id the kubelet gives a pod's inline volume: `csi-` and the SHA-256
 /// of the pod's UID followed by the volume's name.

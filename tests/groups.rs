@@ -3,6 +3,7 @@
 //! the write-order consistency rule, rollback of failed and crashed cuts,
 //! and (with `LOAM_PRIVILEGED_TESTS=1`) loop filesystems frozen while written.
 
+#[macro_use]
 mod common;
 
 use std::collections::HashMap;
@@ -12,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use common::{Access, Harness, NODE, block_capability, create_request, from_snapshot, mount_capability, privileged};
+use common::{Access, Harness, NODE, block_capability, create_request, from_snapshot, mount_capability};
 use loam::csi;
 use tonic::Code;
 
@@ -272,15 +273,6 @@ async fn a_group_a_crash_left_incomplete_is_rolled_back_at_restart() {
 }
 
 // ----- Real loop devices and filesystems -----
-
-macro_rules! require_privileges {
-    () => {
-        if !privileged() {
-            eprintln!("skipped: needs LOAM_PRIVILEGED_TESTS=1 (root, private mount namespace)");
-            return;
-        }
-    };
-}
 
 fn loop_request(name: &str, block: bool) -> csi::CreateVolumeRequest {
     csi::CreateVolumeRequest {

@@ -4,6 +4,7 @@
 //! byte for byte, and a crash between attach and mount is repaired. These
 //! need root in a private mount namespace (`LOAM_PRIVILEGED_TESTS=1`).
 
+#[macro_use]
 mod common;
 
 use std::collections::HashMap;
@@ -11,21 +12,12 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 
-use common::{Access, Harness, block_capability, mount_capability, privileged};
+use common::{Access, Harness, block_capability, mount_capability};
 use loam::csi;
 use loam::kernel::loopdev;
 use tonic::Code;
 
 const MIB: i64 = 1 << 20;
-
-macro_rules! require_privileges {
-    () => {
-        if !privileged() {
-            eprintln!("skipped: needs LOAM_PRIVILEGED_TESTS=1 (root, private mount namespace)");
-            return;
-        }
-    };
-}
 
 fn loop_request(name: &str, bytes: i64, extra: &[(&str, &str)], block: bool) -> csi::CreateVolumeRequest {
     let mut parameters: HashMap<String, String> = [("backend".to_owned(), "loop".to_owned())].into();

@@ -3,22 +3,14 @@
 //! private mount namespace (the README's test command provides both); without
 //! `LOAM_PRIVILEGED_TESTS=1` they say so and pass nothing off as tested.
 
+#[macro_use]
 mod common;
 
-use common::{Access, Harness, privileged};
+use common::{Access, Harness};
 use loam::csi;
 use tonic::Code;
 
 const MIB: i64 = 1 << 20;
-
-macro_rules! require_privileges {
-    () => {
-        if !privileged() {
-            eprintln!("skipped: needs LOAM_PRIVILEGED_TESTS=1 (root, private mount namespace)");
-            return;
-        }
-    };
-}
 
 #[tokio::test]
 async fn walkthrough_keeps_data_across_a_restart_in_the_middle() {

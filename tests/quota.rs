@@ -5,28 +5,20 @@
 //! (`LOAM_PRIVILEGED_TESTS=1`); the filesystem is unmounted and its loop
 //! device detached on every exit, failures included.
 
+#[macro_use]
 mod common;
 
 use std::fs;
 use std::path::Path;
 
 use common::quota_fs::{fs_kind, is_over_quota, start, sync, write_unprivileged};
-use common::{Access, Harness, privileged};
+use common::{Access, Harness};
 use loam::config::QuotaMode;
 use loam::csi;
 use loam::kernel::quota::{Btrfs, Project, btrfs::Probe};
 use tonic::Code;
 
 const MIB: u64 = 1 << 20;
-
-macro_rules! require_privileges {
-    () => {
-        if !privileged() {
-            eprintln!("skipped: needs LOAM_PRIVILEGED_TESTS=1 (root, private mount namespace)");
-            return;
-        }
-    };
-}
 
 async fn used_bytes(h: &mut Harness, id: &str, path: &Path) -> u64 {
     let stats = h

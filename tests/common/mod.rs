@@ -1,7 +1,7 @@
 //! A real Loam server on a temporary socket, driven through the generated
 //! CSI clients, and cleaned up (mounts included) even when a test fails.
 
-#![allow(dead_code)] // Each test binary uses a different part of the harness.
+#![allow(dead_code, unused_macros)] // Each test binary uses a different part of the harness.
 
 pub mod quota_fs;
 
@@ -31,6 +31,16 @@ pub const NODE: &str = "test-node";
 /// the README's test command runs the suite.
 pub fn privileged() -> bool {
     std::env::var("LOAM_PRIVILEGED_TESTS").is_ok_and(|v| v == "1")
+}
+
+/// Returns from the test, saying so, unless real mounts may be made.
+macro_rules! require_privileges {
+    () => {
+        if !crate::common::privileged() {
+            eprintln!("skipped: needs LOAM_PRIVILEGED_TESTS=1 (root, private mount namespace)");
+            return;
+        }
+    };
 }
 
 /// A running server and clients connected to it.

@@ -463,7 +463,44 @@ delete_pod raw
 pod raw 'true' blk:/dev/xvda
 expect "raw bytes still there in a new pod" "$(in_pod raw 'head -c 4194304 /dev/xvda | sha256sum')" "$sum_raw"
 
-say "9. reclaim: Delete removes the volume from the node, Retain keeps it"
+say "9. an inline volume (CSI ephemeral): size-enforced scratch space that lives and dies with its pod"
+images_before=$(ls "$ROOT/volumes" | grep '\.img$' | sort || true)
+k apply -f - >/dev/null <<EOF
+apiVersion: v1
+kind: Pod
+metadata: {name: scratch}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+    - name: shell
+      image: $IMAGE
+      command: ["/bin/sh", "-c", "touch /tmp/ready; exec sleep infinity"]
+      readinessProbe: {exec: {command: ["test", "-f", "/tmp/ready"]}, periodSeconds: 1}
+      volumeMounts: [{name: scratch, mountPath: /scratch}]
+  volumes:
+    - name: scratch
+      csi: {driver: loam.csi.dev, volumeAttributes: {backend: loop, size: 32Mi}}
+EOF
+k wait --for=condition=Ready pod/scratch --timeout="${T}s" >/dev/null || fail "pod scratch not Ready"
+ok "a pod with an inline Loam volume (backend loop, size 32Mi) runs"
+inline_image=$(comm -13 <(echo "$images_before") <(ls "$ROOT/volumes" | grep '\.img$' | sort))
+expect "the node holds one new 32 MiB image for it" \
+    "$(stat -c %s "$ROOT/volumes/$inline_image" 2>/dev/null)" $((32 << 20))
+src=$(in_pod scratch "awk '\$2 == \"/scratch\" {print \$1, \$3}' /proc/mounts")
+[[ $src =~ ^/dev/loop[0-9]+\ ext4$ ]] && ok "/scratch is ext4 on a loop device ($src)" || fail "/scratch is mounted from '$src'"
+in_pod scratch 'head -c 16777216 /dev/urandom >/scratch/half && sync' >/dev/null &&
+    ok "16 MiB fit" || fail "writing 16 MiB to the 32 MiB inline volume"
+in_pod scratch 'head -c 50331648 /dev/zero >/scratch/big' >/dev/null 2>&1 &&
+    fail "48 MiB fit on a 32 MiB inline volume" || ok "48 MiB do not fit: the size is enforced"
+expect "no PV stands for it" "$(kubectl get pv -o jsonpath='{range .items[*]}{.spec.csi.volumeHandle}{"\n"}{end}' |
+    grep -c "${inline_image%.img}" || true)" 0
+delete_pod scratch
+until_ok 60 "the inline volume's image is gone from the node" files_gone "$ROOT/volumes/$inline_image"
+ok "deleting the pod deleted the inline volume and its image"
+! losetup -l -n -O BACK-FILE | grep -q "${inline_image%.img}" && ok "and detached its loop device" ||
+    fail "a loop device still holds ${inline_image%.img}"
+
+say "10. reclaim: Delete removes the volume from the node, Retain keeps it"
 key_restore=$(key_of restore-a)
 delete_pod reader
 k delete pvc restore-a --wait=true --timeout="${T}s" >/dev/null
@@ -489,7 +526,7 @@ until_ok 60 "the retained PV is Released" sh -c "[ \"\$(kubectl get pv $pv_kept 
 ok "Retain: the PV $pv_kept is Released, not deleted"
 expect "Retain: the data stays on the node" "$(cat "$ROOT/volumes/$key_kept/r")" retained
 
-say "10. everything removed: the volumes with reclaim policy Delete leave the node"
+say "11. everything removed: the volumes with reclaim policy Delete leave the node"
 kubectl delete namespace "$NS" --wait=true --timeout="${T}s" >/dev/null
 kubectl delete pv "$pv_kept" --wait=true >/dev/null
 kubectl delete storageclass loam-retain loam-loop-xfs >/dev/null
