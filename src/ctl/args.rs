@@ -1,0 +1,533 @@
+//! The command line of `loam ctl`: its options, its subcommands (one per CSI RPC),
+//! the option groups they share, and what each group turns into in a request.
+
+use std::collections::HashMap;
+
+use anyhow::{Result, bail};
+use clap::{Args, Subcommand, ValueEnum};
+use loam::csi::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume, access_mode};
+use loam::csi::{CapacityRange, Topology, VolumeCapability};
+
+use super::NODE_KEY;
+
+/// Options and subcommand of `loam ctl`.
+#[derive(Debug, Args)]
+pub struct CtlArgs {
+    /// CSI endpoint: unix:///path, unix:/path, /path, tcp://host:port or http://host:port.
+    #[arg(
+        long,
+        env = "CSI_ENDPOINT",
+        default_value = "unix:///var/lib/loam/csi.sock",
+        global = true,
+        help_heading = "Global options"
+    )]
+    pub(super) endpoint: String,
+    /// Print one machine-readable JSON document instead of text.
+    #[arg(long, global = true, help_heading = "Global options")]
+    pub(super) json: bool,
+    /// Timeout for each RPC, in seconds.
+    #[arg(long, default_value_t = 30, global = true, value_name = "SECONDS", help_heading = "Global options")]
+    pub(super) timeout: u64,
+    #[command(subcommand)]
+    pub(super) command: Cmd,
+}
+
+/// The subcommands, one per CSI RPC.
+#[derive(Debug, Subcommand)]
+pub(super) enum Cmd {
+    /// Show plugin name, version, manifest and capabilities (GetPluginInfo, GetPluginCapabilities).
+    Info,
+    /// Ask whether the plugin is ready (Probe).
+    Probe,
+    /// Create a volume (CreateVolume).
+    CreateVolume {
+        /// Volume name (the idempotency key).
+        name: String,
+        /// Required capacity: bytes, or a number with K/M/G/T or Ki/Mi/Gi/Ti.
+        #[arg(long, value_parser = parse_size)]
+        size: Option<i64>,
+        /// Capacity limit, same syntax as --size.
+        #[arg(long, value_parser = parse_size)]
+        limit: Option<i64>,
+        /// Creation parameter KEY=VALUE (repeatable).
+        #[arg(long = "param", value_name = "KEY=VALUE", value_parser = parse_kv)]
+        params: Vec<(String, String)>,
+        /// Restore this snapshot into the new volume.
+        #[arg(long, value_name = "ID", conflicts_with = "from_volume")]
+        from_snapshot: Option<String>,
+        /// Clone this volume.
+        #[arg(long, value_name = "ID")]
+        from_volume: Option<String>,
+        /// Put the volume on this node (preferred and requisite topology).
+        #[arg(long)]
+        node: Option<String>,
+        #[command(flatten)]
+        cap: CapOpts,
+    },
+    /// Delete a volume (DeleteVolume).
+    DeleteVolume {
+        /// Volume ID.
+        volume_id: String,
+    },
+    /// List volumes (ListVolumes).
+    ListVolumes(PageOpts),
+    /// Show available capacity (GetCapacity).
+    GetCapacity {
+        /// Parameter KEY=VALUE (repeatable).
+        #[arg(long = "param", value_name = "KEY=VALUE", value_parser = parse_kv)]
+        params: Vec<(String, String)>,
+        /// Only count capacity on this node.
+        #[arg(long)]
+        node: Option<String>,
+        #[command(flatten)]
+        cap: CapOpts,
+    },
+    /// Attach a volume to a node (ControllerPublishVolume).
+    ControllerPublish {
+        /// Volume ID.
+        volume_id: String,
+        /// Node ID.
+        #[arg(long)]
+        node: String,
+        /// Publish read-only.
+        #[arg(long)]
+        read_only: bool,
+        /// Volume context KEY=VALUE (repeatable).
+        #[arg(long = "context", value_name = "KEY=VALUE", value_parser = parse_kv)]
+        context: Vec<(String, String)>,
+        #[command(flatten)]
+        cap: CapOpts,
+    },
+    /// Detach a volume from a node, or from all nodes (ControllerUnpublishVolume).
+    ControllerUnpublish {
+        /// Volume ID.
+        volume_id: String,
+        /// Node ID; all nodes when omitted.
+        #[arg(long)]
+        node: Option<String>,
+    },
+    /// Check that a volume supports a capability (ValidateVolumeCapabilities).
+    Validate {
+        /// Volume ID.
+        volume_id: String,
+        /// Volume context KEY=VALUE (repeatable).
+        #[arg(long = "context", value_name = "KEY=VALUE", value_parser = parse_kv)]
+        context: Vec<(String, String)>,
+        /// Parameter KEY=VALUE (repeatable).
+        #[arg(long = "param", value_name = "KEY=VALUE", value_parser = parse_kv)]
+        params: Vec<(String, String)>,
+        #[command(flatten)]
+        cap: CapOpts,
+    },
+    /// Grow a volume (ControllerExpandVolume).
+    ExpandVolume {
+        /// Volume ID.
+        volume_id: String,
+        #[command(flatten)]
+        size: SizeOpts,
+        #[command(flatten)]
+        cap: CapOpts,
+    },
+    /// Show a volume and its status (ControllerGetVolume).
+    GetVolume {
+        /// Volume ID.
+        volume_id: String,
+    },
+    /// Snapshot a volume (CreateSnapshot).
+    CreateSnapshot {
+        /// Snapshot name (the idempotency key).
+        name: String,
+        /// Volume to snapshot.
+        #[arg(long, visible_alias = "volume", value_name = "ID")]
+        source_volume_id: String,
+        /// Parameter KEY=VALUE (repeatable).
+        #[arg(long = "param", value_name = "KEY=VALUE", value_parser = parse_kv)]
+        params: Vec<(String, String)>,
+    },
+    /// Delete a snapshot (DeleteSnapshot).
+    DeleteSnapshot {
+        /// Snapshot ID.
+        snapshot_id: String,
+    },
+    /// List snapshots (ListSnapshots).
+    ListSnapshots {
+        /// Only the snapshot with this ID.
+        #[arg(long, value_name = "ID")]
+        snapshot_id: Option<String>,
+        /// Only snapshots of this volume.
+        #[arg(long, value_name = "ID")]
+        source_volume_id: Option<String>,
+        #[command(flatten)]
+        page: PageOpts,
+    },
+    /// Show a snapshot (GetSnapshot).
+    GetSnapshot {
+        /// Snapshot ID.
+        snapshot_id: String,
+    },
+    /// Snapshot several volumes at one point in time (CreateVolumeGroupSnapshot).
+    CreateGroupSnapshot {
+        /// Group snapshot name (the idempotency key).
+        name: String,
+        /// A volume to snapshot (repeatable; at least one).
+        #[arg(long = "source-volume-id", visible_alias = "volume", value_name = "ID", required = true)]
+        source_volume_ids: Vec<String>,
+        /// Parameter KEY=VALUE (repeatable).
+        #[arg(long = "param", value_name = "KEY=VALUE", value_parser = parse_kv)]
+        params: Vec<(String, String)>,
+    },
+    /// Delete a group snapshot with its snapshots (DeleteVolumeGroupSnapshot).
+    DeleteGroupSnapshot {
+        /// Group snapshot ID.
+        group_snapshot_id: String,
+        /// A snapshot ID of the group, for the plugin to check (repeatable).
+        #[arg(long = "snapshot-id", value_name = "ID")]
+        snapshot_ids: Vec<String>,
+    },
+    /// Show a group snapshot and its snapshots (GetVolumeGroupSnapshot).
+    GetGroupSnapshot {
+        /// Group snapshot ID.
+        group_snapshot_id: String,
+        /// A snapshot ID of the group, for the plugin to check (repeatable).
+        #[arg(long = "snapshot-id", value_name = "ID")]
+        snapshot_ids: Vec<String>,
+    },
+    /// Show group controller capabilities (GroupControllerGetCapabilities).
+    GroupCapabilities,
+    /// Stage a volume on this node (NodeStageVolume).
+    NodeStage {
+        /// Volume ID.
+        volume_id: String,
+        /// Staging target path.
+        #[arg(long)]
+        staging_path: String,
+        /// Volume context KEY=VALUE (repeatable).
+        #[arg(long = "context", value_name = "KEY=VALUE", value_parser = parse_kv)]
+        context: Vec<(String, String)>,
+        #[command(flatten)]
+        cap: CapOpts,
+    },
+    /// Unstage a volume on this node (NodeUnstageVolume).
+    NodeUnstage {
+        /// Volume ID.
+        volume_id: String,
+        /// Staging target path.
+        #[arg(long)]
+        staging_path: String,
+    },
+    /// Publish a volume at a target path on this node (NodePublishVolume).
+    NodePublish {
+        /// Volume ID.
+        volume_id: String,
+        /// Target path.
+        #[arg(long)]
+        target_path: String,
+        /// Staging target path, if the volume was staged.
+        #[arg(long)]
+        staging_path: Option<String>,
+        /// Publish read-only.
+        #[arg(long)]
+        read_only: bool,
+        /// Volume context KEY=VALUE (repeatable).
+        #[arg(long = "context", value_name = "KEY=VALUE", value_parser = parse_kv)]
+        context: Vec<(String, String)>,
+        #[command(flatten)]
+        cap: CapOpts,
+    },
+    /// Unpublish a volume from a target path (NodeUnpublishVolume).
+    NodeUnpublish {
+        /// Volume ID.
+        volume_id: String,
+        /// Target path.
+        #[arg(long)]
+        target_path: String,
+    },
+    /// Show this node's ID, volume limit and topology (NodeGetInfo).
+    NodeInfo,
+    /// Show usage of a published volume (NodeGetVolumeStats).
+    NodeStats {
+        /// Volume ID.
+        volume_id: String,
+        /// Path where the volume is published.
+        #[arg(long)]
+        path: String,
+        /// Staging target path.
+        #[arg(long)]
+        staging_path: Option<String>,
+    },
+    /// Grow a volume's filesystem on this node (NodeExpandVolume).
+    NodeExpand {
+        /// Volume ID.
+        volume_id: String,
+        /// Path where the volume is published.
+        #[arg(long)]
+        path: String,
+        /// Staging target path.
+        #[arg(long)]
+        staging_path: Option<String>,
+        #[command(flatten)]
+        size: SizeOpts,
+        #[command(flatten)]
+        cap: CapOpts,
+    },
+    /// Show controller and node capabilities (ControllerGetCapabilities, NodeGetCapabilities).
+    Capabilities,
+}
+
+/// Volume capability options of the commands that send one.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Volume capability")]
+pub(super) struct CapOpts {
+    /// Ask for a raw block device instead of a mounted filesystem.
+    #[arg(long)]
+    block: bool,
+    /// Filesystem type.
+    #[arg(long, conflicts_with = "block")]
+    fs_type: Option<String>,
+    /// Mount flag (repeatable).
+    #[arg(long = "mount-flag", value_name = "FLAG", conflicts_with = "block")]
+    mount_flags: Vec<String>,
+    /// Group that should own the mounted volume.
+    #[arg(long, value_name = "GROUP", conflicts_with = "block")]
+    mount_group: Option<String>,
+    /// Access mode.
+    #[arg(long, value_enum, default_value_t = Mode::SingleNodeWriter)]
+    access_mode: Mode,
+}
+
+/// CSI access modes.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Mode {
+    SingleNodeWriter,
+    SingleNodeReaderOnly,
+    SingleNodeSingleWriter,
+    SingleNodeMultiWriter,
+    MultiNodeReaderOnly,
+    MultiNodeSingleWriter,
+    MultiNodeMultiWriter,
+}
+
+/// New size of an expansion.
+#[derive(Debug, Args)]
+pub(super) struct SizeOpts {
+    /// New required capacity, same syntax as create-volume --size.
+    #[arg(long, value_parser = parse_size)]
+    size: i64,
+    /// Capacity limit.
+    #[arg(long, value_parser = parse_size)]
+    limit: Option<i64>,
+}
+
+/// Paging options of the list commands.
+#[derive(Debug, Args)]
+pub(super) struct PageOpts {
+    /// Maximum entries per page (0: the plugin decides).
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    max_entries: i32,
+    /// Token to start from.
+    #[arg(long, default_value = "", value_name = "TOKEN")]
+    starting_token: String,
+    /// Fetch one page and print its next token, instead of following all pages.
+    #[arg(long)]
+    pub(super) page: bool,
+}
+
+impl PageOpts {
+    /// Fetches pages via `fetch(token, max_entries)`, following `next_token` unless `--page`.
+    pub(super) async fn collect<E, F, Fut>(&self, mut fetch: F) -> Result<(Vec<E>, String)>
+    where
+        F: FnMut(String, i32) -> Fut,
+        Fut: Future<Output = Result<(Vec<E>, String)>>,
+    {
+        let (mut all, mut token) = (Vec::new(), self.starting_token.clone());
+        loop {
+            let (entries, next) = fetch(token.clone(), self.max_entries).await?;
+            all.extend(entries);
+            if self.page || next.is_empty() {
+                return Ok((all, next));
+            }
+            if next == token {
+                bail!("the plugin returned next_token {next:?} twice in a row");
+            }
+            token = next;
+        }
+    }
+}
+
+impl CapOpts {
+    /// Builds the volume capability these options describe.
+    pub(super) fn capability(&self) -> VolumeCapability {
+        use access_mode::Mode as M;
+        let mode = match self.access_mode {
+            Mode::SingleNodeWriter => M::SingleNodeWriter,
+            Mode::SingleNodeReaderOnly => M::SingleNodeReaderOnly,
+            Mode::SingleNodeSingleWriter => M::SingleNodeSingleWriter,
+            Mode::SingleNodeMultiWriter => M::SingleNodeMultiWriter,
+            Mode::MultiNodeReaderOnly => M::MultiNodeReaderOnly,
+            Mode::MultiNodeSingleWriter => M::MultiNodeSingleWriter,
+            Mode::MultiNodeMultiWriter => M::MultiNodeMultiWriter,
+        };
+        let access_type = if self.block {
+            AccessType::Block(BlockVolume {})
+        } else {
+            AccessType::Mount(MountVolume {
+                fs_type: self.fs_type.clone().unwrap_or_default(),
+                mount_flags: self.mount_flags.clone(),
+                volume_mount_group: self.mount_group.clone().unwrap_or_default(),
+            })
+        };
+        let access_mode = Some(AccessMode { mode: mode as i32 });
+        VolumeCapability { access_mode, access_type: Some(access_type) }
+    }
+}
+
+impl SizeOpts {
+    /// The requested capacity range.
+    pub(super) fn range(&self) -> Option<CapacityRange> {
+        capacity_range(Some(self.size), self.limit)
+    }
+}
+
+/// Parses a size: bytes, or a number with K/M/G/T (powers of 1000) or Ki/Mi/Gi/Ti (of 1024).
+fn parse_size(s: &str) -> Result<i64, String> {
+    let (digits, suffix) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let multiplier: u64 = match suffix {
+        "" => 1,
+        "K" | "k" => 1000,
+        "M" => 1000_u64.pow(2),
+        "G" => 1000_u64.pow(3),
+        "T" => 1000_u64.pow(4),
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "Ti" => 1 << 40,
+        _ => 0,
+    };
+    if digits.is_empty() || multiplier == 0 {
+        return Err(format!("invalid size {s:?}: expected bytes or a number with K, M, G, T, Ki, Mi, Gi or Ti"));
+    }
+    (digits.parse::<u64>().ok())
+        .and_then(|n| n.checked_mul(multiplier))
+        .and_then(|n| i64::try_from(n).ok())
+        .ok_or_else(|| format!("size {s:?} is too large"))
+}
+
+/// Parses `KEY=VALUE`.
+fn parse_kv(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("expected KEY=VALUE, got {s:?}")),
+    }
+}
+
+/// A capacity range, or none when neither bound is given.
+pub(super) fn capacity_range(required: Option<i64>, limit: Option<i64>) -> Option<CapacityRange> {
+    (required.is_some() || limit.is_some())
+        .then(|| CapacityRange { required_bytes: required.unwrap_or(0), limit_bytes: limit.unwrap_or(0) })
+}
+
+/// The topology of one node.
+pub(super) fn node_topology(node: &str) -> Topology {
+    Topology { segments: HashMap::from([(NODE_KEY.to_owned(), node.to_owned())]) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ctl::output::capability_json;
+    use clap::{CommandFactory, Parser};
+    use serde_json::json;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: CtlArgs,
+    }
+
+    fn parse(argv: &[&str]) -> Result<CtlArgs, clap::Error> {
+        Cli::try_parse_from(["ctl"].iter().chain(argv)).map(|cli| cli.args)
+    }
+
+    fn capability(argv: &[&str]) -> VolumeCapability {
+        match parse(&[&["validate", "vol"], argv].concat()).expect("valid arguments").command {
+            Cmd::Validate { cap, .. } => cap.capability(),
+            other => panic!("unexpected command {other:?}"),
+        }
+    }
+
+    #[test]
+    fn sizes() {
+        let cases = [("0", 0), ("4096", 4096), ("10K", 10_000), ("10k", 10_000), ("3M", 3_000_000)];
+        let more = [("2G", 2_000_000_000), ("1T", 1_000_000_000_000), ("1Ki", 1024), ("64Mi", 64 << 20)];
+        let binary = [("5Gi", 5 << 30), ("2Ti", 2 << 40), ("9223372036854775807", i64::MAX)];
+        for (text, want) in cases.into_iter().chain(more).chain(binary) {
+            assert_eq!(parse_size(text), Ok(want), "{text}");
+        }
+        for bad in ["", "Mi", "abc", "-1", "1.5Gi", "12X", "1 Gi", "1gi", "1MiB", " 1", "0x10"] {
+            assert!(parse_size(bad).expect_err(bad).contains("invalid size"), "{bad}");
+        }
+        for huge in ["9223372036854775808", "8388608Ti", "99999999999999999999999", "18446744073709551615"] {
+            assert!(parse_size(huge).expect_err(huge).contains("too large"), "{huge}");
+        }
+        assert_eq!(parse_size("8388607Ti"), Ok(8_388_607 << 40));
+    }
+
+    #[test]
+    fn key_values() {
+        assert_eq!(parse_kv("a=b"), Ok(("a".into(), "b".into())));
+        assert_eq!(parse_kv("a="), Ok(("a".into(), String::new())));
+        assert_eq!(parse_kv("k=v=w"), Ok(("k".into(), "v=w".into())));
+        assert!(parse_kv("novalue").is_err() && parse_kv("=v").is_err());
+    }
+
+    #[test]
+    fn capabilities() {
+        let mode = |m: access_mode::Mode| Some(AccessMode { mode: m as i32 });
+        let cap = capability(&[]);
+        assert_eq!(cap.access_mode, mode(access_mode::Mode::SingleNodeWriter));
+        assert_eq!(cap.access_type, Some(AccessType::Mount(MountVolume::default())));
+
+        let argv = ["--fs-type=xfs", "--mount-flag=noatime", "--mount-flag", "nodev", "--mount-group=1000"];
+        let cap = capability(&[&argv[..], &["--access-mode=multi-node-reader-only"]].concat());
+        assert_eq!(cap.access_mode, mode(access_mode::Mode::MultiNodeReaderOnly));
+        let mount = MountVolume {
+            fs_type: "xfs".into(),
+            mount_flags: vec!["noatime".into(), "nodev".into()],
+            volume_mount_group: "1000".into(),
+        };
+        assert_eq!(cap.access_type, Some(AccessType::Mount(mount)));
+
+        let cap = capability(&["--block", "--access-mode", "single-node-single-writer"]);
+        let want = json!({ "access_mode": { "mode": "SINGLE_NODE_SINGLE_WRITER" }, "access_type": { "block": {} } });
+        assert_eq!(capability_json(&cap), want);
+        assert!(parse(&["validate", "v", "--block", "--fs-type", "ext4"]).is_err());
+    }
+
+    #[test]
+    fn command_line() {
+        Cli::command().debug_assert();
+        let argv = ["--endpoint=/x.sock", "create-volume", "pvc", "--size=64Mi", "--param=a=b", "--node=n1", "--json"];
+        let args = parse(&argv).expect("valid arguments");
+        assert!(args.json && args.endpoint == "/x.sock" && args.timeout == 30);
+        let Cmd::CreateVolume { name, size, params, node, .. } = args.command else { panic!("not create-volume") };
+        assert_eq!((name.as_str(), size, node.as_deref()), ("pvc", Some(64 << 20), Some("n1")));
+        assert_eq!(params, [("a".to_owned(), "b".to_owned())]);
+        assert!(parse(&["create-volume", "x", "--size=12Q"]).is_err());
+        assert!(parse(&["create-volume", "x", "--from-snapshot=a", "--from-volume=b"]).is_err());
+    }
+
+    #[test]
+    fn group_snapshot_commands() {
+        let args = parse(&["create-group-snapshot", "g", "--volume", "a", "--source-volume-id=b", "--param=k=v"]);
+        let Cmd::CreateGroupSnapshot { name, source_volume_ids, params } = args.expect("valid arguments").command
+        else {
+            panic!("not create-group-snapshot")
+        };
+        assert_eq!((name.as_str(), source_volume_ids), ("g", vec!["a".to_owned(), "b".to_owned()]));
+        assert_eq!(params, [("k".to_owned(), "v".to_owned())]);
+        assert!(parse(&["create-group-snapshot", "g"]).is_err(), "a group needs a volume");
+        let args = parse(&["get-group-snapshot", "gid", "--snapshot-id", "s1", "--snapshot-id", "s2"]).unwrap();
+        let Cmd::GetGroupSnapshot { snapshot_ids, .. } = args.command else { panic!("not get-group-snapshot") };
+        assert_eq!(snapshot_ids, ["s1", "s2"]);
+    }
+}
