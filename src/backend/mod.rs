@@ -16,8 +16,8 @@ pub use crate::records::{BackendKind, LoopSpec};
 /// The StorageClass parameter that picks the backend.
 pub const BACKEND_PARAM: &str = "backend";
 
-/// Keys the Kubernetes sidecars add for themselves (secrets, PVC names,
-/// fstype); never meant for the driver, so never refused.
+/// Keys Kubernetes adds for itself (the sidecars: secrets, PVC names, fstype;
+/// the kubelet: an inline volume's pod); never meant for the driver, so never refused.
 pub const CO_PARAMETER_PREFIX: &str = "csi.storage.k8s.io/";
 
 /// The parameters each backend accepts, besides `backend`.

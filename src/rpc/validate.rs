@@ -224,9 +224,6 @@ pub const SIZE_ATTRIBUTE: &str = "size";
 /// pod that much local scratch, so a larger size is a typo (`1Ei` for `1Gi`)
 /// and is answered as one rather than as a full node.
 pub const MAX_EPHEMERAL_SIZE: u64 = 1 << 50;
-/// Keys the kubelet adds to an inline volume's context for itself: the
-/// ephemeral flag, the pod, service account tokens. Never stored.
-const CO_CONTEXT_PREFIX: &str = "csi.storage.k8s.io/";
 
 /// Whether a NodePublishVolume is for a pod's inline (ephemeral) volume.
 pub fn is_ephemeral(context: &HashMap<String, String>) -> Result<bool> {
@@ -257,7 +254,9 @@ pub fn ephemeral_volume(
     let mut size = None;
     let mut parameters = BTreeMap::new();
     for (key, value) in context {
-        if key.starts_with(CO_CONTEXT_PREFIX) {
+        // The kubelet's own keys (the ephemeral flag, the pod, service
+        // account tokens), under the prefix the sidecars use: never stored.
+        if key.starts_with(CO_PARAMETER_PREFIX) {
             continue;
         }
         if key == SIZE_ATTRIBUTE {
@@ -288,7 +287,7 @@ pub fn ephemeral_volume(
             capability.fs_type, spec.fs_type
         )));
     }
-    let pod = |key: &str| context.get(&format!("{CO_CONTEXT_PREFIX}pod.{key}")).cloned().unwrap_or_default();
+    let pod = |key: &str| context.get(&format!("{CO_PARAMETER_PREFIX}pod.{key}")).cloned().unwrap_or_default();
     Ok(EphemeralVolume {
         size,
         parameters,
