@@ -17,7 +17,8 @@ step() { printf '\n==> %s\n' "$*"; }
 # totals every test runner's count.
 log=$(mktemp /tmp/loam-test.XXXXXX.log)
 loop_params=$(mktemp /tmp/loam-loop-params.XXXXXX.yaml)
-trap 'rm -f "$log" "$loop_params"' EXIT
+loop_mutable=$(mktemp /tmp/loam-loop-mutable.XXXXXX.yaml)
+trap 'rm -f "$log" "$loop_params" "$loop_mutable"' EXIT
 exec > >(tee "$log") 2>&1
 
 step "installing what is missing"
@@ -68,16 +69,22 @@ CSI_SANITY="$sanity" SANITY_ROOT_FS=btrfs scripts/sanity.sh
 step "quota tests on XFS and ext4, in a VM (about 40 s under software emulation)"
 scripts/vm-quota-test.sh
 
-printf 'backend: loop\n' >"$loop_params"
+# Thin volumes, so the ModifyVolume specs really change them (thin -> thick,
+# allocated at once); the specs that create with the mutable parameters
+# cover thick creation.
+printf 'backend: loop\nprovisioning: thin\n' >"$loop_params"
+printf 'provisioning: thick\n' >"$loop_mutable"
+modify=(--csi.testvolumemutableparameters "$loop_mutable")
 step "csi-sanity: loop backend, filesystem volumes"
-CSI_SANITY="$sanity" SANITY_PARAMS="$loop_params" scripts/sanity.sh --csi.testvolumeaccesstype=mount
+CSI_SANITY="$sanity" SANITY_PARAMS="$loop_params" scripts/sanity.sh --csi.testvolumeaccesstype=mount "${modify[@]}"
 step "csi-sanity: loop backend, raw block volumes"
-CSI_SANITY="$sanity" SANITY_PARAMS="$loop_params" scripts/sanity.sh --csi.testvolumeaccesstype=block
+CSI_SANITY="$sanity" SANITY_PARAMS="$loop_params" scripts/sanity.sh --csi.testvolumeaccesstype=block "${modify[@]}"
 
 step "csi-sanity: split (controller routing to two node agents)"
 SANITY_MODE=split CSI_SANITY="$sanity" scripts/sanity.sh
 step "csi-sanity: split, loop backend, raw block volumes"
-SANITY_MODE=split CSI_SANITY="$sanity" SANITY_PARAMS="$loop_params" scripts/sanity.sh --csi.testvolumeaccesstype=block
+SANITY_MODE=split CSI_SANITY="$sanity" SANITY_PARAMS="$loop_params" scripts/sanity.sh --csi.testvolumeaccesstype=block \
+    "${modify[@]}"
 
 step "benchmark harness smoke run: Loam only, a few operations (numbers are not judged)"
 BENCH_PEER=none bash bench/run.sh --smoke

@@ -92,7 +92,9 @@ impl Error {
 }
 
 fn is_no_space(err: &io::Error) -> bool {
+    // By kind too: errors rewrapped with a message (fallocate's) lose the errno.
     matches!(err.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+        || matches!(err.kind(), io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded)
 }
 
 impl From<Error> for Status {
@@ -121,6 +123,9 @@ mod tests {
     fn full_filesystem_is_resource_exhausted() {
         let err = Error::io("writing", io::Error::from_raw_os_error(libc::ENOSPC));
         assert_eq!(Status::from(err).code(), Code::ResourceExhausted);
+        // fallocate's error is rewrapped with a message, keeping only the kind.
+        let rewrapped = io::Error::new(io::ErrorKind::StorageFull, "fallocate 64 bytes: ENOSPC");
+        assert_eq!(Status::from(Error::io("allocating", rewrapped)).code(), Code::ResourceExhausted);
     }
 
     #[test]

@@ -169,6 +169,10 @@ pub struct VolumeRecord {
     /// The StorageClass parameters it was created with.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub parameters: BTreeMap<String, String>,
+    /// The mutable parameters last applied (CreateVolume's, then each
+    /// ControllerModifyVolume's); `loop_spec` already reflects them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub mutable_parameters: BTreeMap<String, String>,
     /// Where its initial content came from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<ContentSource>,

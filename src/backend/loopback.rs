@@ -82,6 +82,16 @@ impl LoopBackend {
         Ok(())
     }
 
+    /// Allocates every byte of the image now (thin to thick). Safe under a
+    /// live loop device: fallocate only fills holes, with zeroes the device
+    /// already reads there, and leaves the size and the data as they are.
+    pub fn allocate_volume(&self, key: &Key, capacity: u64) -> Result<()> {
+        let path = self.image_path(key);
+        let file = OpenOptions::new().write(true).open(&path).context(|| format!("opening {}", path.display()))?;
+        blockfs::allocate(&file, capacity).context(|| format!("allocating {capacity} bytes for {}", path.display()))?;
+        file.sync_all().context(|| format!("syncing {}", path.display()))
+    }
+
     /// Removes the image (and any attachment left by a crash).
     pub fn delete_volume(&self, key: &Key) -> Result<()> {
         for device in self.devices(key)? {

@@ -67,6 +67,34 @@ pub fn parse_parameters(parameters: &BTreeMap<String, String>) -> Result<(Backen
     Ok((kind, Some(LoopSpec { fs_type: fs.name().to_owned(), thick, mkfs_options })))
 }
 
+/// The parameters a VolumeAttributesClass may change on a `loop` volume
+/// (`mutable_parameters`); `dir` volumes have none.
+pub const LOOP_MUTABLE_PARAMS: &[&str] = &["provisioning"];
+
+/// Reads `mutable_parameters` for a volume on `kind`: whether it asks for a
+/// thick (`Some(true)`) or thin image, or nothing (`None`). Any key the
+/// backend cannot change is refused, naming the ones it can.
+pub fn parse_mutable_parameters(kind: BackendKind, mutable: &BTreeMap<String, String>) -> Result<Option<bool>> {
+    let accepted: &[&str] = match kind {
+        BackendKind::Dir => &[],
+        BackendKind::Loop => LOOP_MUTABLE_PARAMS,
+    };
+    if let Some(key) = mutable.keys().find(|k| !accepted.contains(&k.as_str())) {
+        let can = if accepted.is_empty() { "none".to_owned() } else { accepted.join(", ") };
+        return Err(Error::InvalidArgument(format!(
+            "mutable parameter {key:?} cannot be set on a {kind:?} volume; mutable parameters of {kind:?} volumes: {can}"
+        )));
+    }
+    match mutable.get("provisioning").map(String::as_str) {
+        None => Ok(None),
+        Some("thick") => Ok(Some(true)),
+        Some("thin") => Ok(Some(false)),
+        Some(other) => Err(Error::InvalidArgument(format!(
+            "mutable parameter provisioning {other:?} must be \"thick\" or \"thin\""
+        ))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -88,5 +116,22 @@ mod tests {
         assert!(parse_parameters(&params(&[("backend", "loop"), ("fsType", "ntfs")])).is_err());
         assert!(parse_parameters(&params(&[("backend", "loop"), ("provisioning", "fat")])).is_err());
         assert!(parse_parameters(&params(&[("backend", "loop"), ("csi.storage.k8s.io/pvc/name", "x")])).is_ok());
+    }
+
+    #[test]
+    fn mutable_parameters_are_provisioning_of_loop_volumes_only() {
+        let loop_ = BackendKind::Loop;
+        assert_eq!(parse_mutable_parameters(loop_, &params(&[])).unwrap(), None);
+        assert_eq!(parse_mutable_parameters(loop_, &params(&[("provisioning", "thick")])).unwrap(), Some(true));
+        assert_eq!(parse_mutable_parameters(loop_, &params(&[("provisioning", "thin")])).unwrap(), Some(false));
+        let err = parse_mutable_parameters(loop_, &params(&[("provisioning", "fat")])).unwrap_err();
+        assert!(matches!(err, Error::InvalidArgument(_)), "{err:?}");
+        let err = parse_mutable_parameters(loop_, &params(&[("XXX_FakeKey", "x")])).unwrap_err();
+        assert!(matches!(&err, Error::InvalidArgument(m) if m.contains("provisioning")), "{err:?}");
+        // Immutable StorageClass parameters are not mutable ones.
+        assert!(parse_mutable_parameters(loop_, &params(&[("fsType", "xfs")])).is_err());
+        assert_eq!(parse_mutable_parameters(BackendKind::Dir, &params(&[])).unwrap(), None);
+        let err = parse_mutable_parameters(BackendKind::Dir, &params(&[("provisioning", "thick")])).unwrap_err();
+        assert!(matches!(&err, Error::InvalidArgument(m) if m.contains("none")), "{err:?}");
     }
 }

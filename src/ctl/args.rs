@@ -128,6 +128,15 @@ pub(super) enum Cmd {
         #[command(flatten)]
         cap: CapOpts,
     },
+    /// Change a volume's mutable parameters (ControllerModifyVolume), e.g.
+    /// `--param provisioning=thick` on a loop volume.
+    ModifyVolume {
+        /// Volume ID.
+        volume_id: String,
+        /// Mutable parameter KEY=VALUE (repeatable).
+        #[arg(long = "param", value_name = "KEY=VALUE", value_parser = parse_kv, required = true)]
+        params: Vec<(String, String)>,
+    },
     /// Show a volume and its status (ControllerGetVolume).
     GetVolume {
         /// Volume ID.
@@ -514,6 +523,17 @@ mod tests {
         assert_eq!(params, [("a".to_owned(), "b".to_owned())]);
         assert!(parse(&["create-volume", "x", "--size=12Q"]).is_err());
         assert!(parse(&["create-volume", "x", "--from-snapshot=a", "--from-volume=b"]).is_err());
+    }
+
+    #[test]
+    fn modify_volume_takes_mutable_parameters() {
+        let args = parse(&["modify-volume", "v1", "--param", "provisioning=thick"]);
+        let Cmd::ModifyVolume { volume_id, params } = args.expect("valid arguments").command else {
+            panic!("not modify-volume")
+        };
+        assert_eq!(volume_id, "v1");
+        assert_eq!(params, [("provisioning".to_owned(), "thick".to_owned())]);
+        assert!(parse(&["modify-volume", "v1"]).is_err(), "a modify without parameters changes nothing");
     }
 
     #[test]

@@ -197,6 +197,16 @@ impl Ctl {
                 });
                 (doc, format!("{text} {}{more}\n", bytes(r.capacity_bytes)))
             }
+            Cmd::ModifyVolume { volume_id, params } => {
+                let text = format!("volume {volume_id} modified");
+                let request = ControllerModifyVolumeRequest {
+                    volume_id,
+                    mutable_parameters: params.into_iter().collect(),
+                    ..Default::default()
+                };
+                self.call(ctrl.controller_modify_volume(request)).await?;
+                done(text)
+            }
             Cmd::GetVolume { volume_id } => {
                 let r = ctrl.controller_get_volume(ControllerGetVolumeRequest { volume_id });
                 let r = self.call(r).await?;

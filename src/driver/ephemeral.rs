@@ -57,6 +57,7 @@ impl Driver {
             capacity: CapacityRange { required: volume.size.unwrap_or(0), limit: 0 },
             capabilities: vec![capability.clone()],
             parameters: volume.parameters,
+            mutable_parameters: BTreeMap::new(),
             backend: volume.backend,
             loop_spec: volume.loop_spec,
             source: None,

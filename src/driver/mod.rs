@@ -93,6 +93,8 @@ pub struct NewVolume {
     pub capabilities: Vec<Capability>,
     /// The StorageClass parameters.
     pub parameters: BTreeMap<String, String>,
+    /// The VolumeAttributesClass parameters, already applied to `loop_spec`.
+    pub mutable_parameters: BTreeMap<String, String>,
     /// The backend the parameters pick.
     pub backend: BackendKind,
     /// Image layout, for `loop` volumes.

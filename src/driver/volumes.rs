@@ -71,6 +71,7 @@ impl Driver {
             backend: req.backend,
             loop_spec: req.loop_spec,
             parameters: req.parameters,
+            mutable_parameters: req.mutable_parameters,
             source: req.source,
             attachment: None,
             stage: None,
@@ -96,6 +97,7 @@ impl Driver {
         let same = existing.name == req.name
             && req.capacity.admits(existing.capacity_bytes)
             && existing.parameters == req.parameters
+            && existing.mutable_parameters == req.mutable_parameters
             && existing.source == req.source;
         if same {
             Ok(existing)
@@ -284,6 +286,12 @@ impl Driver {
         *sum = sum.saturating_add(bytes);
     }
 
+    /// Takes bytes now written out of the cached sum of promises.
+    fn fulfil(&self, bytes: u64) {
+        let mut sum = self.promises.lock().unwrap_or_else(PoisonError::into_inner);
+        *sum = sum.saturating_sub(bytes);
+    }
+
     /// What a volume uses, as ControllerGetVolume's condition reports it.
     fn usage_message(&self, key: &Key, record: &VolumeRecord) -> Result<String> {
         let (used, how) = match self.dir.quota_usage(record.enforcement.as_ref())? {
@@ -326,6 +334,52 @@ impl Driver {
         self.volumes.put(key, grown)?;
         self.promise(self.unwritten(&record, growth));
         Ok(capacity)
+    }
+
+    /// Applies a VolumeAttributesClass's `mutable_parameters`. Only a `loop`
+    /// volume's `provisioning` can change: thin to thick allocates the whole
+    /// image now (staged or not), thick to thin is recorded for later growth
+    /// and frees nothing. The same value again changes nothing.
+    pub fn modify_volume(&self, key: Key, mutable: BTreeMap<String, String>) -> Result<()> {
+        let record = self.volume(&key)?;
+        let Some(thick) = crate::backend::parse_mutable_parameters(record.backend, &mutable)? else {
+            return Ok(());
+        };
+        let Some(spec) = &record.loop_spec else {
+            return Err(Error::Damaged(format!(
+                "loop volume {} has no image layout in its record; repair the record or recreate the volume",
+                record.id
+            )));
+        };
+        if spec.thick == thick {
+            return Ok(());
+        }
+        let mut allocated = 0;
+        if thick {
+            let before = self.loopback.allocated_bytes(&key);
+            let needed = record.capacity_bytes.saturating_sub(before);
+            // The volume's thin promise already holds these bytes back from
+            // new volumes, but the host may have filled up since.
+            let free = self.root_usage()?.available_bytes;
+            if needed > free {
+                return Err(Error::ResourceExhausted(format!(
+                    "making volume {} thick needs {needed} more bytes but {} has {free} free; free space on the host",
+                    record.id,
+                    self.config.root.display()
+                )));
+            }
+            // Allocate first, record second: a crash in between leaves a
+            // thick image recorded thin, which a retry finds already done.
+            self.loopback.allocate_volume(&key, record.capacity_bytes)?;
+            allocated = self.loopback.allocated_bytes(&key).saturating_sub(before);
+        }
+        let mut modified = (*record).clone();
+        modified.loop_spec = Some(LoopSpec { thick, ..spec.clone() });
+        modified.mutable_parameters = mutable;
+        self.volumes.put(key, modified)?;
+        // Bytes once promised are now written: not promised twice.
+        self.fulfil(allocated);
+        Ok(())
     }
 
     /// Whether growing the volume needs NodeExpandVolume too: a loop

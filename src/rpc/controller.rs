@@ -41,6 +41,7 @@ const CAPABILITIES: &[Cap] = &[
     Cap::VolumeCondition,
     Cap::GetVolume,
     Cap::SingleNodeMultiWriter,
+    Cap::ModifyVolume,
     // GET_SNAPSHOT is served but not advertised: csi-sanity v5.4.0 fails any
     // driver that lists it, and no kubernetes-csi sidecar calls it yet.
 ];
@@ -152,6 +153,13 @@ impl Controller for ControllerService {
             validate_name("volume", &req.name)?;
             let parameters = validate::parameters(&req.parameters)?;
             let (backend, mut loop_spec) = backend::parse_parameters(&parameters)?;
+            // A VolumeAttributesClass's values win over the StorageClass's.
+            let mutable_parameters = validate::parameters(&req.mutable_parameters)?;
+            if let Some(thick) = backend::parse_mutable_parameters(backend, &mutable_parameters)?
+                && let Some(spec) = loop_spec.as_mut()
+            {
+                spec.thick = thick;
+            }
             let capabilities = validate::capabilities(&req.volume_capabilities)?;
             // Kubernetes passes `csi.storage.k8s.io/fstype` as the capability's
             // filesystem, not as a parameter: honour it when `fsType` is unset.
@@ -167,6 +175,7 @@ impl Controller for ControllerService {
                 backend,
                 loop_spec,
                 parameters,
+                mutable_parameters,
                 source: validate::content_source(req.volume_content_source.as_ref())?,
                 allowed_nodes: validate::allowed_nodes(req.accessibility_requirements.as_ref()),
                 name: req.name,
@@ -511,9 +520,22 @@ impl Controller for ControllerService {
 
     async fn controller_modify_volume(
         &self,
-        _: Request<csi::ControllerModifyVolumeRequest>,
+        request: Request<csi::ControllerModifyVolumeRequest>,
     ) -> Result<Response<csi::ControllerModifyVolumeResponse>, Status> {
-        // Not advertised: Loam volumes have no mutable parameters (yet).
-        Err(Status::unimplemented("ControllerModifyVolume is not supported: Loam volumes have no mutable parameters"))
+        let req = request.into_inner();
+        let driver = self.driver.clone();
+        traced("ControllerModifyVolume", &req.volume_id.clone(), async move {
+            validate::required_id("volume id", &req.volume_id)?;
+            let mutable = validate::parameters(&req.mutable_parameters)?;
+            let key = driver.volume_key(&req.volume_id)?;
+            let guard = driver.claim(Kind::Volume, key)?;
+            blocking(move || {
+                let _guard = guard;
+                driver.modify_volume(key, mutable)
+            })
+            .await?;
+            Ok(csi::ControllerModifyVolumeResponse {})
+        })
+        .await
     }
 }
