@@ -69,7 +69,10 @@ impl LoopBackend {
         })
     }
 
-    /// Grows the image to `capacity` and tells attached devices about it.
+    /// Grows the image to `capacity` and tells attached devices about it; a
+    /// thick `spec` allocates every byte, which also makes a thin image thick
+    /// at its own size. Safe under a live loop device: fallocate only fills
+    /// holes, with the zeroes the device already reads there.
     pub fn expand_volume(&self, key: &Key, capacity: u64, spec: &LoopSpec) -> Result<()> {
         let path = self.image_path(key);
         let file = OpenOptions::new().write(true).open(&path).context(|| format!("opening {}", path.display()))?;
@@ -80,16 +83,6 @@ impl LoopBackend {
                 .context(|| format!("refreshing the capacity of {}", device.device.display()))?;
         }
         Ok(())
-    }
-
-    /// Allocates every byte of the image now (thin to thick). Safe under a
-    /// live loop device: fallocate only fills holes, with zeroes the device
-    /// already reads there, and leaves the size and the data as they are.
-    pub fn allocate_volume(&self, key: &Key, capacity: u64) -> Result<()> {
-        let path = self.image_path(key);
-        let file = OpenOptions::new().write(true).open(&path).context(|| format!("opening {}", path.display()))?;
-        blockfs::allocate(&file, capacity).context(|| format!("allocating {capacity} bytes for {}", path.display()))?;
-        file.sync_all().context(|| format!("syncing {}", path.display()))
     }
 
     /// Removes the image (and any attachment left by a crash).

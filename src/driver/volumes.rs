@@ -370,7 +370,8 @@ impl Driver {
             }
             // Allocate first, record second: a crash in between leaves a
             // thick image recorded thin, which a retry finds already done.
-            self.loopback.allocate_volume(&key, record.capacity_bytes)?;
+            let thick_spec = LoopSpec { thick: true, ..spec.clone() };
+            self.loopback.expand_volume(&key, record.capacity_bytes, &thick_spec)?;
             allocated = self.loopback.allocated_bytes(&key).saturating_sub(before);
         }
         let mut modified = (*record).clone();
