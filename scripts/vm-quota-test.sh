@@ -76,7 +76,7 @@ for fs in ${filesystems[*]}; do
     [ \$status = 0 ] || break
     echo "==> quota tests on \$fs"
     chroot /mnt /usr/bin/env LOAM_QUOTA_FS=\$fs LOAM_PRIVILEGED_TESTS=1 TMPDIR=/tmp \
-        /tmp/quota-test --test-threads=1 --nocapture || status=\$?
+        /tmp/quota-test --include-ignored --test-threads=1 --nocapture || status=\$?
 done
 echo "LOAM-VM-RESULT=\$status"
 poweroff -f

@@ -4,7 +4,6 @@
 //! privileges; real mounts, loop devices and quotas need root in a private
 //! mount namespace (`LOAM_PRIVILEGED_TESTS=1`).
 
-#[macro_use]
 mod common;
 
 use std::collections::HashMap;
@@ -215,9 +214,9 @@ async fn inline_volumes_stay_out_of_the_controllers_view_and_go_with_their_last_
     h.unpublish(&id, &two).await.unwrap();
 }
 
+#[ignore = "needs root: real mounts in a private mount namespace; scripts/test.sh runs it"]
 #[tokio::test]
 async fn dir_volume_is_a_writable_scratch_space_until_unpublished() {
-    require_privileges!();
     let mut h = Harness::start().await;
     let id = kubelet_id("3f1c9a52-pod", "scratch");
     let target = kubelet_target(&h, "3f1c9a52-pod", "scratch");
@@ -252,9 +251,9 @@ async fn dir_volume_is_a_writable_scratch_space_until_unpublished() {
     assert!(!mountinfo::read().unwrap().iter().any(|m| m.mount_point.starts_with(h.dir.path())));
 }
 
+#[ignore = "needs root: real mounts in a private mount namespace; scripts/test.sh runs it"]
 #[tokio::test]
 async fn loop_ext4_volume_mounts_at_its_size_and_detaches_when_unpublished() {
-    require_privileges!();
     let mut h = Harness::start().await;
     let id = kubelet_id("3f1c9a52-pod", "fast");
     let target = kubelet_target(&h, "3f1c9a52-pod", "fast");
@@ -293,9 +292,9 @@ async fn loop_ext4_volume_mounts_at_its_size_and_detaches_when_unpublished() {
     h.unpublish(&id, &target).await.unwrap();
 }
 
+#[ignore = "needs root: real mounts in a private mount namespace; scripts/test.sh runs it"]
 #[tokio::test]
 async fn a_restart_between_publish_and_unpublish_loses_nothing_and_leaks_nothing() {
-    require_privileges!();
     let mut h = Harness::start().await;
     let pods = [("dir", &[("size", "8Mi")][..]), ("loop", &[("size", "32Mi"), ("backend", "loop")])];
     for (name, attributes) in pods {
@@ -325,9 +324,9 @@ async fn a_restart_between_publish_and_unpublish_loses_nothing_and_leaks_nothing
     assert!(!mountinfo::read().unwrap().iter().any(|m| m.mount_point.starts_with(h.dir.path())));
 }
 
+#[ignore = "needs root: real mounts in a private mount namespace; scripts/test.sh runs it"]
 #[tokio::test]
 async fn size_is_enforced_and_counted_on_a_root_with_quotas() {
-    require_privileges!();
     let (_fs, mut h) = quota_fs::start().await;
     let id = kubelet_id("3f1c9a52-pod", "scratch");
     let target = kubelet_target(&h, "3f1c9a52-pod", "scratch");

@@ -3,7 +3,6 @@
 //! the write-order consistency rule, rollback of failed and crashed cuts,
 //! and (with `LOAM_PRIVILEGED_TESTS=1`) loop filesystems frozen while written.
 
-#[macro_use]
 mod common;
 
 use std::collections::HashMap;
@@ -304,9 +303,9 @@ fn counter(dir: &Path) -> u64 {
     std::fs::read_to_string(dir.join("counter")).unwrap().parse().unwrap()
 }
 
+#[ignore = "needs root: real mounts in a private mount namespace; scripts/test.sh runs it"]
 #[tokio::test]
 async fn staged_loop_filesystems_being_written_are_frozen_and_cut_at_one_instant() {
-    require_privileges!();
     let mut h = Harness::start().await;
     let mut ids = Vec::new();
     let mut payloads = Vec::new();
@@ -354,9 +353,9 @@ async fn staged_loop_filesystems_being_written_are_frozen_and_cut_at_one_instant
     }
 }
 
+#[ignore = "needs root: real mounts in a private mount namespace; scripts/test.sh runs it"]
 #[tokio::test]
 async fn raw_block_loop_volumes_in_use_are_refused_together_and_alone_are_cut() {
-    require_privileges!();
     let mut h = Harness::start().await;
     let mut ids = Vec::new();
     for name in ["block-a", "block-b"] {

@@ -1,9 +1,8 @@
 //! Node behaviour with real bind mounts: the README walk-through, restarts,
 //! read-only and single-writer publishing, stats. These need root in a
-//! private mount namespace (the README's test command provides both); without
-//! `LOAM_PRIVILEGED_TESTS=1` they say so and pass nothing off as tested.
+//! private mount namespace (the README's test command provides both), so they
+//! are ignored unless run with `--include-ignored` and `LOAM_PRIVILEGED_TESTS=1`.
 
-#[macro_use]
 mod common;
 
 use common::{Access, Harness};
@@ -12,9 +11,9 @@ use tonic::Code;
 
 const MIB: i64 = 1 << 20;
 
+#[ignore = "needs root: real mounts in a private mount namespace; scripts/test.sh runs it"]
 #[tokio::test]
 async fn walkthrough_keeps_data_across_a_restart_in_the_middle() {
-    require_privileges!();
     let mut h = Harness::start().await;
     let id = h.create("pvc-walk", 64 * MIB).await;
     let (staging, target) = (h.co_path("staging"), h.co_path("pod/target"));
@@ -61,9 +60,9 @@ async fn walkthrough_keeps_data_across_a_restart_in_the_middle() {
     h.controller.delete_volume(csi::DeleteVolumeRequest { volume_id: id, ..Default::default() }).await.unwrap();
 }
 
+#[ignore = "needs root: real mounts in a private mount namespace; scripts/test.sh runs it"]
 #[tokio::test]
 async fn read_only_publishes_cannot_be_written() {
-    require_privileges!();
     let mut h = Harness::start().await;
     let id = h.create("pvc-ro", MIB).await;
     let staging = h.co_path("staging");
@@ -80,9 +79,9 @@ async fn read_only_publishes_cannot_be_written() {
     h.unstage(&id, &staging).await.unwrap();
 }
 
+#[ignore = "needs root: real mounts in a private mount namespace; scripts/test.sh runs it"]
 #[tokio::test]
 async fn single_writer_volumes_refuse_a_second_target_and_conflicts_are_reported() {
-    require_privileges!();
     let mut h = Harness::start().await;
     let id = h.create("pvc-sw", MIB).await;
     let (staging, one, two) = (h.co_path("staging"), h.co_path("one"), h.co_path("two"));
@@ -98,9 +97,9 @@ async fn single_writer_volumes_refuse_a_second_target_and_conflicts_are_reported
     h.unstage(&id, &staging).await.unwrap();
 }
 
+#[ignore = "needs root: real mounts in a private mount namespace; scripts/test.sh runs it"]
 #[tokio::test]
 async fn stats_and_expansion_refuse_paths_that_are_not_the_volume() {
-    require_privileges!();
     let mut h = Harness::start().await;
     let id = h.create("pvc-stats", MIB).await;
     let staging = h.co_path("staging");
@@ -132,9 +131,9 @@ async fn stats_and_expansion_refuse_paths_that_are_not_the_volume() {
     h.unstage(&id, &staging).await.unwrap();
 }
 
+#[ignore = "needs root: real mounts in a private mount namespace; scripts/test.sh runs it"]
 #[tokio::test]
 async fn a_stage_lost_to_a_reboot_does_not_block_delete_but_a_live_one_does() {
-    require_privileges!();
     let mut h = Harness::start().await;
     let id = h.create("pvc-reboot", MIB).await;
     let staging = h.co_path("staging");

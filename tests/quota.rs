@@ -5,7 +5,6 @@
 //! (`LOAM_PRIVILEGED_TESTS=1`); the filesystem is unmounted and its loop
 //! device detached on every exit, failures included.
 
-#[macro_use]
 mod common;
 
 use std::fs;
@@ -68,9 +67,9 @@ fn tamper_limit(root: &Path, quota: &str, bytes: u64) {
     }
 }
 
+#[ignore = "needs root: real mounts in a private mount namespace; scripts/test.sh runs it"]
 #[tokio::test]
 async fn capacity_is_enforced_grows_online_survives_restarts_and_is_reported() {
-    require_privileges!();
     let (_fs, mut h) = start().await;
     let root = h.root();
     let block = nix::sys::statvfs::statvfs(&root).expect("statvfs").block_size();
@@ -133,9 +132,9 @@ async fn capacity_is_enforced_grows_online_survives_restarts_and_is_reported() {
     h.controller.delete_volume(csi::DeleteVolumeRequest { volume_id: id, ..Default::default() }).await.unwrap();
 }
 
+#[ignore = "needs root: real mounts in a private mount namespace; scripts/test.sh runs it"]
 #[tokio::test]
 async fn concurrent_creates_get_distinct_limits_and_snapshots_restore_with_their_own() {
-    require_privileges!();
     let (_fs, mut h) = start().await;
     let root = h.root();
     let creates: Vec<_> = (0..32u64)

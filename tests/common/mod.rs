@@ -33,16 +33,6 @@ pub fn privileged() -> bool {
     std::env::var("LOAM_PRIVILEGED_TESTS").is_ok_and(|v| v == "1")
 }
 
-/// Returns from the test, saying so, unless real mounts may be made.
-macro_rules! require_privileges {
-    () => {
-        if !crate::common::privileged() {
-            eprintln!("skipped: needs LOAM_PRIVILEGED_TESTS=1 (root, private mount namespace)");
-            return;
-        }
-    };
-}
-
 /// A running server and clients connected to it.
 pub struct Harness {
     /// Temporary directory holding the root, the socket and CO paths.
