@@ -121,7 +121,9 @@ impl Btrfs {
     /// when they are off and `enable` allows it.
     pub fn probe(root: &Path, enable: bool) -> io::Result<Probe> {
         let dir = File::open(root)?;
-        let mut info: FsInfoArgs = zeroed();
+        // SAFETY: FsInfoArgs holds only integers and byte arrays, for which
+        // all-zero bytes are a valid value.
+        let mut info: FsInfoArgs = unsafe { std::mem::zeroed() };
         // SAFETY: `info` is a correctly sized, writable FsInfoArgs.
         unsafe { ioc_fs_info(dir.as_raw_fd(), &mut info) }?;
         let qgroups = PathBuf::from(format!("/sys/fs/btrfs/{}/qgroups", uuid(&info.fsid)));
@@ -243,13 +245,6 @@ fn copy_name(buf: &mut [u8], name: &OsStr) -> io::Result<()> {
 fn uuid(bytes: &[u8; 16]) -> String {
     let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
     format!("{}-{}-{}-{}-{}", &hex[..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..])
-}
-
-/// An all-zero ioctl argument.
-fn zeroed<T>() -> T {
-    // SAFETY: only used for the plain-integer ioctl structs above, for which
-    // all-zero bytes are a valid value.
-    unsafe { std::mem::zeroed() }
 }
 
 #[cfg(test)]

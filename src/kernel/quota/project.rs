@@ -11,8 +11,6 @@ use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::{Mutex, PoisonError};
 
-/// `quotactl_fd(2)`; the same number on every architecture (Linux 5.14+).
-const SYS_QUOTACTL_FD: libc::c_long = 443;
 /// `PRJQUOTA` quota type.
 const PRJQUOTA: u32 = 2;
 /// `Q_XGETQUOTA`: read one id's limits and usage.
@@ -188,7 +186,7 @@ impl Project {
         // SAFETY: quotactl_fd with an open fd and a valid fs_disk_quota, which
         // the kernel reads (SETQLIM) or fills (GETQUOTA).
         let rc = unsafe {
-            libc::syscall(SYS_QUOTACTL_FD, self.root.as_raw_fd(), cmd, id, std::ptr::from_mut(quota).cast::<u8>())
+            libc::syscall(libc::SYS_quotactl_fd, self.root.as_raw_fd(), cmd, id, std::ptr::from_mut(quota).cast::<u8>())
         };
         if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
     }
