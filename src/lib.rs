@@ -22,9 +22,10 @@
 //!   operations (group commit); the store and the backends go through it.
 //!
 //! In `--mode controller` there is no driver below [`rpc`]: its Controller
-//! ([`rpc::routed`]) hands each request to [`routing`], which finds the node
-//! agent owning the object (read from its id) and forwards the call to that
-//! agent's token-protected endpoint ([`server::run_agent`], [`auth`]).
+//! ([`rpc::routed`]) hands each request to [`routing::router`], which finds
+//! the node agent owning the object (read from its id), places new volumes,
+//! merges listings, and forwards the call to that agent's token-protected
+//! endpoint ([`server::run_agent`], [`auth`]).
 //!
 //! Cross-cutting: [`error`] is the one error type and its mapping to gRPC
 //! codes; [`ids`] forms and parses volume, snapshot and group snapshot ids.

@@ -11,3 +11,4 @@ pub mod agents;
 pub mod discovery;
 pub mod listing;
 pub mod placement;
+pub mod router;

@@ -22,21 +22,47 @@ use tracing::Instrument;
 
 use crate::error::{Error, Result};
 
-/// Runs one RPC inside a span and logs its outcome and duration.
+/// Runs one RPC inside a span and logs its outcome and duration, also when
+/// the caller gave up before the answer (the future is then dropped).
 pub(crate) async fn traced<T>(
     method: &'static str,
     id: &str,
     handler: impl Future<Output = Result<T>>,
 ) -> std::result::Result<Response<T>, Status> {
     let span = tracing::info_span!("rpc", method, id);
-    let started = Instant::now();
-    let outcome = handler.instrument(span.clone()).await;
-    let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-    span.in_scope(|| match &outcome {
+    let mut call = Call { span: span.clone(), started: Instant::now(), finished: false };
+    let outcome = handler.instrument(span).await;
+    call.finished = true;
+    let micros = call.micros();
+    call.span.in_scope(|| match &outcome {
         Ok(_) => tracing::info!(micros, "ok"),
         Err(e) => tracing::warn!(micros, code = ?e.code(), error = %e, "failed"),
     });
     outcome.map(Response::new).map_err(Status::from)
+}
+
+/// One traced call; dropped unfinished means the caller cancelled it (a
+/// deadline or a closed connection), which is logged: work already handed
+/// to a blocking thread still runs to its end and keeps its claim.
+struct Call {
+    span: tracing::Span,
+    started: Instant,
+    finished: bool,
+}
+
+impl Call {
+    fn micros(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX)
+    }
+}
+
+impl Drop for Call {
+    fn drop(&mut self) {
+        if !self.finished {
+            let micros = self.micros();
+            self.span.in_scope(|| tracing::warn!(micros, outcome = "cancelled", "cancelled by the caller"));
+        }
+    }
 }
 
 /// Runs blocking driver work off the async runtime.
@@ -44,4 +70,60 @@ pub(crate) async fn blocking<T: Send + 'static>(work: impl FnOnce() -> Result<T>
     tokio::task::spawn_blocking(work)
         .await
         .map_err(|e| Error::io("driver task failed", std::io::Error::other(e.to_string())))?
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    /// Log lines written by the subscriber, shared with the test.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("log buffer").extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn logged(run: impl FnOnce()) -> String {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt().with_writer(move || writer.clone()).with_ansi(false).finish();
+        tracing::subscriber::with_default(subscriber, run);
+        String::from_utf8(captured.0.lock().expect("log buffer").clone()).expect("utf-8 log")
+    }
+
+    #[test]
+    fn a_call_the_caller_abandons_is_logged_as_cancelled() {
+        let log = logged(|| {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().expect("runtime");
+            runtime.block_on(async {
+                let never = traced("CreateVolume", "pvc-1", std::future::pending::<Result<()>>());
+                let abandoned = tokio::time::timeout(std::time::Duration::from_millis(10), never).await;
+                assert!(abandoned.is_err(), "the handler never finishes");
+            });
+        });
+        assert!(
+            log.contains("cancelled by the caller") && log.contains("CreateVolume") && log.contains("pvc-1"),
+            "{log}"
+        );
+    }
+
+    #[test]
+    fn a_finished_call_logs_its_outcome_once() {
+        let log = logged(|| {
+            let runtime = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+            let failed =
+                runtime.block_on(traced("DeleteVolume", "v", async { Err::<(), _>(Error::NotFound("v".into())) }));
+            assert_eq!(failed.expect_err("failed").code(), tonic::Code::NotFound);
+        });
+        assert!(log.contains("failed") && !log.contains("cancelled"), "{log}");
+    }
 }
