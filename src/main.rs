@@ -141,7 +141,7 @@ const AGENT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     init_logging(args.log_format)?;
     check_flags(&args)?;
-    let socket = loam::server::socket_path(&args.endpoint)?;
+    let socket = loam::endpoint::Endpoint::unix_socket(&args.endpoint).map_err(anyhow::Error::msg)?;
     let (stop, stopped) = watch::channel(false);
     tokio::spawn(async move {
         shutdown_signal().await;

@@ -11,7 +11,7 @@ use std::fs;
 use std::future::Future;
 use std::io;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use tokio::net::{TcpListener, UnixListener};
@@ -32,19 +32,6 @@ use crate::rpc::group::GroupControllerService;
 use crate::rpc::identity::IdentityService;
 use crate::rpc::node::NodeService;
 use crate::rpc::routed::RoutedController;
-
-/// Reads a CSI endpoint (`unix:///path`, `unix:/path` or a bare absolute
-/// path) into the socket path.
-pub fn socket_path(endpoint: &str) -> io::Result<PathBuf> {
-    let path = endpoint.strip_prefix("unix://").or_else(|| endpoint.strip_prefix("unix:")).unwrap_or(endpoint);
-    if !path.starts_with('/') {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("endpoint {endpoint:?} must be unix:///absolute/path"),
-        ));
-    }
-    Ok(PathBuf::from(path))
-}
 
 /// Binds a Unix socket at `path` that only this user can connect to.
 ///
@@ -176,15 +163,6 @@ pub async fn run_agent(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn endpoints_are_parsed() {
-        assert_eq!(socket_path("unix:///csi/csi.sock").unwrap(), PathBuf::from("/csi/csi.sock"));
-        assert_eq!(socket_path("unix:/csi/csi.sock").unwrap(), PathBuf::from("/csi/csi.sock"));
-        assert_eq!(socket_path("/csi/csi.sock").unwrap(), PathBuf::from("/csi/csi.sock"));
-        assert!(socket_path("tcp://0.0.0.0:1").is_err());
-        assert!(socket_path("unix://relative").is_err());
-    }
 
     #[tokio::test]
     async fn sockets_are_private_and_never_stolen() {

@@ -23,15 +23,13 @@ use std::time::Duration;
 use anyhow::Result;
 
 pub use args::CtlArgs;
-use connect::{Ctl, connect, parse_endpoint};
-
-/// Topology segment key that pins a Loam volume to one node.
-const NODE_KEY: &str = "topology.loam.csi.dev/node";
+use connect::{Ctl, connect};
+use loam::endpoint::Endpoint;
 
 /// Runs one `loam ctl` subcommand and prints its result on stdout.
 pub async fn run(args: CtlArgs) -> Result<()> {
     let timeout = Duration::from_secs(args.timeout);
-    let channel = connect(parse_endpoint(&args.endpoint)?, timeout)?;
+    let channel = connect(Endpoint::parse(&args.endpoint).map_err(anyhow::Error::msg)?, timeout)?;
     let (doc, text) = Ctl { channel, timeout }.execute(args.command).await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&doc)?);

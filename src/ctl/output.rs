@@ -9,7 +9,7 @@ use loam::csi::volume_capability::{AccessType, access_mode};
 use loam::csi::*;
 use serde_json::{Value, json};
 
-use super::NODE_KEY;
+use loam::config::TOPOLOGY_NODE_KEY;
 
 /// A command's result: its JSON document and its readable text.
 pub(super) type Output = (Value, String);
@@ -40,7 +40,7 @@ pub(super) fn bytes(n: i64) -> String {
 
 /// The node a volume lives on, if its topology says.
 pub(super) fn volume_node(v: &Volume) -> Option<&str> {
-    v.accessible_topology.iter().find_map(|t| t.segments.get(NODE_KEY)).map(String::as_str)
+    v.accessible_topology.iter().find_map(|t| t.segments.get(TOPOLOGY_NODE_KEY)).map(String::as_str)
 }
 
 /// The name of a protobuf enum value, or `UNKNOWN(n)` for a value this build lacks.
@@ -259,6 +259,6 @@ mod tests {
         };
         let want = "volume v1 created: 64.0 MiB on node x\n  context: a=1\n  context: b=2\n";
         assert_eq!(volume_text(&v, " created"), want);
-        assert_eq!(volume_json(&v)["accessible_topology"][0]["segments"][NODE_KEY], "x");
+        assert_eq!(volume_json(&v)["accessible_topology"][0]["segments"][TOPOLOGY_NODE_KEY], "x");
     }
 }
