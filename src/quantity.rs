@@ -42,7 +42,7 @@ pub fn parse(text: &str) -> std::result::Result<u64, String> {
         return Err(format!("{text:?} has more than 20 digits"));
     }
     let mantissa: u128 = format!("{whole}{fraction}").parse().map_err(|_| format!("{text:?} is not a size"))?;
-    let scale = 10u128.pow(fraction.len() as u32);
+    let scale = (0..fraction.len()).fold(1u128, |scale, _| scale * 10);
     let bytes = (mantissa * multiplier).div_ceil(scale);
     u64::try_from(bytes).map_err(|_| format!("{text:?} is more bytes than any volume can have"))
 }

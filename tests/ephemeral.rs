@@ -176,7 +176,7 @@ async fn a_failed_publish_leaves_nothing_behind() {
 #[tokio::test]
 async fn inline_volumes_stay_out_of_the_controllers_view_and_go_with_their_last_target() {
     let mut h = Harness::start().await;
-    let pvc = h.create("pvc-1", MIB as i64).await;
+    let pvc = h.create("pvc-1", common::bytes(MIB)).await;
     let id = kubelet_id("3f1c9a52-pod", "scratch");
     let (one, two) = (kubelet_target(&h, "3f1c9a52-pod", "scratch"), h.co_path("elsewhere"));
     publish(&mut h, &id, &one, &[("size", "4Mi")]).await.unwrap();
@@ -199,7 +199,7 @@ async fn inline_volumes_stay_out_of_the_controllers_view_and_go_with_their_last_
     assert_eq!(err.code(), Code::NotFound, "{err:?}");
     h.controller.delete_volume(csi::DeleteVolumeRequest { volume_id: internal, ..Default::default() }).await.unwrap();
     let usage = stats(&mut h, &id, &one).await.unwrap().usage;
-    assert_eq!(usage[0].total, 4 * MIB as i64, "the kubelet's stats see the inline volume by its id");
+    assert_eq!(usage[0].total, common::bytes(4 * MIB), "the kubelet's stats see the inline volume by its id");
 
     // Published twice (not something the kubelet does), it lives until the last target goes.
     publish(&mut h, &id, &two, &[("size", "4Mi")]).await.unwrap();
@@ -221,15 +221,15 @@ async fn dir_volume_is_a_writable_scratch_space_until_unpublished() {
     let id = kubelet_id("3f1c9a52-pod", "scratch");
     let target = kubelet_target(&h, "3f1c9a52-pod", "scratch");
     publish(&mut h, &id, &target, &[("size", "16Mi")]).await.unwrap();
-    fs::write(target.join("data"), vec![7u8; MIB as usize]).unwrap();
+    fs::write(target.join("data"), vec![7u8; 1 << 20]).unwrap();
     let key = only_key(&h);
     let data = h.root().join("volumes").join(&key);
-    assert_eq!(fs::read(data.join("data")).unwrap().len(), MIB as usize, "the target shows the volume");
+    assert_eq!(fs::read(data.join("data")).unwrap().len(), 1 << 20, "the target shows the volume");
     assert_eq!(mounts_at(&data), 0, "a dir volume is published from its directory, with no staging mount");
 
     let usage = stats(&mut h, &id, &target).await.unwrap().usage;
-    assert_eq!(usage[0].total, 16 * MIB as i64);
-    assert!(usage[0].used >= MIB as i64 && usage[0].used < 2 * MIB as i64, "{usage:?}");
+    assert_eq!(usage[0].total, common::bytes(16 * MIB));
+    assert!(usage[0].used >= common::bytes(MIB) && usage[0].used < common::bytes(2 * MIB), "{usage:?}");
 
     // The kubelet retries a publish whose answer it missed: still one mount.
     publish(&mut h, &id, &target, &[("size", "16Mi")]).await.unwrap();
@@ -278,7 +278,7 @@ async fn loop_ext4_volume_mounts_at_its_size_and_detaches_when_unpublished() {
     assert!((48 * MIB..64 * MIB).contains(&total), "{total}");
     fs::write(target.join("data"), b"scratch").unwrap();
     let usage = stats(&mut h, &id, &target).await.unwrap().usage;
-    assert_eq!(usage[0].total as u64, total);
+    assert_eq!(u64::try_from(usage[0].total).unwrap(), total);
 
     publish(&mut h, &id, &target, &[("size", "64Mi"), ("backend", "loop")]).await.unwrap();
     assert_eq!(mounts_at(&target), 1, "a retried publish converges");

@@ -313,7 +313,9 @@ async fn staged_loop_filesystems_being_written_are_frozen_and_cut_at_one_instant
         let id = h.create_volume(loop_request(name, false)).await.unwrap().volume_id;
         let staging = h.co_path(&format!("staging-{name}"));
         h.stage(&id, &staging).await.unwrap();
-        let payload: Vec<u8> = (0..2u32 << 20).map(|n| (n.wrapping_mul(2654435761 + i as u32) >> 11) as u8).collect();
+        let payload: Vec<u8> = (0..2u32 << 20)
+            .map(|n| (n.wrapping_mul(2654435761 + u32::try_from(i).unwrap()) >> 11).to_le_bytes()[0])
+            .collect();
         std::fs::File::create(staging.join("payload")).unwrap().write_all(&payload).unwrap();
         ids.push((id, staging));
         payloads.push(payload);

@@ -233,7 +233,7 @@ async fn snapshot_of_a_mounted_volume_restores_byte_for_byte_into_a_larger_volum
     let id = h.create_volume(loop_request("loop-src", 32 * MIB, &[], false)).await.unwrap().volume_id;
     let staging = h.co_path("staging");
     h.stage(&id, &staging).await.unwrap();
-    let payload: Vec<u8> = (0..3 << 20).map(|i: u32| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let payload: Vec<u8> = (0..3 << 20).map(|i: u32| (i.wrapping_mul(2654435761) >> 13).to_le_bytes()[0]).collect();
     std::fs::write(staging.join("payload"), &payload).unwrap();
 
     let snap = h.snapshot(&id, "loop-snap").await.unwrap();

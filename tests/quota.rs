@@ -73,7 +73,7 @@ async fn capacity_is_enforced_grows_online_survives_restarts_and_is_reported() {
     let (_fs, mut h) = start().await;
     let root = h.root();
     let block = nix::sys::statvfs::statvfs(&root).expect("statvfs").block_size();
-    let id = h.create("pvc-quota", (32 * MIB) as i64).await;
+    let id = h.create("pvc-quota", common::bytes(32 * MIB)).await;
     let quota = quota_context(&mut h, &id).await;
     assert_eq!(kernel_limit(&root, &quota), 32 * MIB, "{quota}");
     let (staging, target) = (h.co_path("staging"), h.co_path("pod"));
@@ -91,7 +91,7 @@ async fn capacity_is_enforced_grows_online_survives_restarts_and_is_reported() {
     sync(&target);
 
     // Grown online, through both halves of an expansion, with the volume published.
-    let grow = Some(csi::CapacityRange { required_bytes: (64 * MIB) as i64, limit_bytes: 0 });
+    let grow = Some(csi::CapacityRange { required_bytes: common::bytes(64 * MIB), limit_bytes: 0 });
     h.controller
         .controller_expand_volume(csi::ControllerExpandVolumeRequest {
             volume_id: id.clone(),
@@ -142,7 +142,7 @@ async fn concurrent_creates_get_distinct_limits_and_snapshots_restore_with_their
             let mut controller = h.controller.clone();
             tokio::spawn(async move {
                 // Distinct sizes, so every limit is distinct too; 264 MiB in all.
-                let req = common::create_request(&format!("pvc-{i}"), ((i + 1) * MIB / 2) as i64);
+                let req = common::create_request(&format!("pvc-{i}"), common::bytes((i + 1) * MIB / 2));
                 controller.create_volume(req).await.expect("create").into_inner().volume.expect("volume")
             })
         })
@@ -160,7 +160,7 @@ async fn concurrent_creates_get_distinct_limits_and_snapshots_restore_with_their
 
     // A restore from a snapshot is limited on its own.
     let snapshot = h.snapshot(&ids[3], "snap").await.unwrap();
-    let req = common::from_snapshot(common::create_request("restored", (8 * MIB) as i64), &snapshot.snapshot_id);
+    let req = common::from_snapshot(common::create_request("restored", common::bytes(8 * MIB)), &snapshot.snapshot_id);
     let restored = h.controller.create_volume(req).await.unwrap().into_inner().volume.unwrap();
     let quota = restored.volume_context["quota"].clone();
     assert!(!quotas.contains(&quota), "{quota}");
@@ -170,8 +170,8 @@ async fn concurrent_creates_get_distinct_limits_and_snapshots_restore_with_their
     let free = nix::sys::statvfs::statvfs(&root).unwrap();
     let free = free.blocks_available() * free.fragment_size();
     let capacity =
-        h.controller.get_capacity(csi::GetCapacityRequest::default()).await.unwrap().into_inner().available_capacity
-            as u64;
+        h.controller.get_capacity(csi::GetCapacityRequest::default()).await.unwrap().into_inner().available_capacity;
+    let capacity = u64::try_from(capacity).unwrap();
     let promised: u64 = (1..=32).map(|i| i * MIB / 2).sum::<u64>() + 8 * MIB;
     assert!(capacity < free && capacity + promised >= free, "capacity {capacity}, free {free}, promised {promised}");
 
@@ -194,7 +194,7 @@ async fn required_refuses_volumes_on_a_root_that_cannot_enforce() {
     // usable quota (tmpfs, or ext4 without prjquota), and nothing is mounted.
     let dir = tempfile::tempdir().expect("tempdir");
     let mut h = Harness::start_with_quota(dir, QuotaMode::Required).await;
-    let err = h.controller.create_volume(common::create_request("pvc", MIB as i64)).await.unwrap_err();
+    let err = h.controller.create_volume(common::create_request("pvc", common::bytes(MIB))).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     assert!(err.message().contains("--quota required") && err.message().contains("prjquota"), "{err:?}");
 }

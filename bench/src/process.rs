@@ -63,7 +63,7 @@ impl Driver {
     /// Stops it with SIGTERM (SIGKILL after 30 s) and waits for it.
     pub fn stop(mut self) -> anyhow::Result<()> {
         // SAFETY: kill(2) on our own child's pid, which we have not reaped yet.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        unsafe { libc::kill(libc::pid_t::try_from(self.child.id())?, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(30);
         while self.child.try_wait()?.is_none() {
             if Instant::now() > deadline {

@@ -415,11 +415,11 @@ mod tests {
     #[test]
     fn read_write_fallback_copies_ranges() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let data: Vec<u8> = (0..COPY_BUFFER * 2 + 17).map(|i| (i % 251) as u8).collect();
+        let data: Vec<u8> = (0..COPY_BUFFER * 2 + 17).map(|i| u8::try_from(i % 251).expect("below 251")).collect();
         fs::write(dir.path().join("a"), &data).expect("write");
         let from = File::open(dir.path().join("a")).expect("open");
         let to = create_target(&dir.path().join("b")).expect("create");
-        read_write_range(&from, &to, 5, data.len() as i64).expect("copy");
+        read_write_range(&from, &to, 5, i64::try_from(data.len()).expect("small")).expect("copy");
         let copied = fs::read(dir.path().join("b")).expect("read");
         assert_eq!(copied[..5], [0u8; 5]);
         assert_eq!(copied[5..], data[5..]);

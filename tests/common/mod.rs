@@ -27,6 +27,11 @@ use tonic::transport::{Channel, Endpoint};
 /// The node id every test server uses.
 pub const NODE: &str = "test-node";
 
+/// A byte count as CSI carries it (signed 64 bits).
+pub fn bytes(n: u64) -> i64 {
+    i64::try_from(n).expect("a test size fits in i64")
+}
+
 /// Whether real mounts may be made: root in a private mount namespace, as
 /// the README's test command runs the suite.
 pub fn privileged() -> bool {

@@ -93,7 +93,7 @@ pub fn write_unprivileged(path: &Path, bytes: u64) -> (u64, Option<io::Error>) {
             Ok(f) => f,
             Err(e) => return (0, Some(e)),
         };
-        let chunk = vec![0x5au8; MIB as usize];
+        let chunk = vec![0x5au8; 1 << 20];
         let mut written = 0;
         while written < bytes {
             match file.write(&chunk[..(bytes - written).min(MIB) as usize]) {

@@ -92,14 +92,28 @@ struct FsInfoArgs {
     reserved: [u8; 944],
 }
 
-nix::ioctl_write_ptr!(ioc_subvol_create, BTRFS_IOCTL_MAGIC, 14, VolArgs);
-nix::ioctl_write_ptr!(ioc_snap_destroy, BTRFS_IOCTL_MAGIC, 15, VolArgs);
-nix::ioctl_readwrite!(ioc_ino_lookup, BTRFS_IOCTL_MAGIC, 18, InoLookupArgs);
-nix::ioctl_write_ptr!(ioc_snap_create_v2, BTRFS_IOCTL_MAGIC, 23, VolArgsV2);
-nix::ioctl_read!(ioc_fs_info, BTRFS_IOCTL_MAGIC, 31, FsInfoArgs);
-nix::ioctl_readwrite!(ioc_quota_ctl, BTRFS_IOCTL_MAGIC, 40, QuotaCtlArgs);
+nix::ioctl_write_ptr!(
+    /// BTRFS_IOC_SUBVOL_CREATE: a subvolume in a directory.
+    ioc_subvol_create, BTRFS_IOCTL_MAGIC, 14, VolArgs);
+nix::ioctl_write_ptr!(
+    /// BTRFS_IOC_SNAP_DESTROY: deletes a subvolume or snapshot.
+    ioc_snap_destroy, BTRFS_IOCTL_MAGIC, 15, VolArgs);
+nix::ioctl_readwrite!(
+    /// BTRFS_IOC_INO_LOOKUP: the subvolume id of a directory.
+    ioc_ino_lookup, BTRFS_IOCTL_MAGIC, 18, InoLookupArgs);
+nix::ioctl_write_ptr!(
+    /// BTRFS_IOC_SNAP_CREATE_V2: a snapshot of a subvolume.
+    ioc_snap_create_v2, BTRFS_IOCTL_MAGIC, 23, VolArgsV2);
+nix::ioctl_read!(
+    /// BTRFS_IOC_FS_INFO: the filesystem id, to find its sysfs directory.
+    ioc_fs_info, BTRFS_IOCTL_MAGIC, 31, FsInfoArgs);
+nix::ioctl_readwrite!(
+    /// BTRFS_IOC_QUOTA_CTL: turns quotas on.
+    ioc_quota_ctl, BTRFS_IOCTL_MAGIC, 40, QuotaCtlArgs);
 // The kernel header declares QGROUP_LIMIT as _IOR although it only reads.
-nix::ioctl_read!(ioc_qgroup_limit, BTRFS_IOCTL_MAGIC, 43, QgroupLimitArgs);
+nix::ioctl_read!(
+    /// BTRFS_IOC_QGROUP_LIMIT: sets a qgroup's limits.
+    ioc_qgroup_limit, BTRFS_IOCTL_MAGIC, 43, QgroupLimitArgs);
 
 /// A btrfs filesystem with quotas enabled, found through one of its paths.
 #[derive(Debug)]

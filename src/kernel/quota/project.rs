@@ -72,8 +72,12 @@ struct FsXattr {
     fsx_pad: [u8; 8],
 }
 
-nix::ioctl_read!(ioc_fsgetxattr, b'X', 31, FsXattr);
-nix::ioctl_write_ptr!(ioc_fssetxattr, b'X', 32, FsXattr);
+nix::ioctl_read!(
+    /// FS_IOC_FSGETXATTR: a file's project id and flags.
+    ioc_fsgetxattr, b'X', 31, FsXattr);
+nix::ioctl_write_ptr!(
+    /// FS_IOC_FSSETXATTR: sets a file's project id and flags.
+    ioc_fssetxattr, b'X', 32, FsXattr);
 
 /// A project's usage and hard limits as the kernel counts them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
