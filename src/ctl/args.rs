@@ -40,247 +40,313 @@ pub(super) enum Cmd {
     /// Ask whether the plugin is ready (Probe).
     Probe,
     /// Create a volume (CreateVolume).
-    CreateVolume {
-        /// Volume name (the idempotency key).
-        name: String,
-        /// Required capacity: bytes, or a number with K/M/G/T or Ki/Mi/Gi/Ti.
-        #[arg(long, value_parser = parse_size)]
-        size: Option<i64>,
-        /// Capacity limit, same syntax as --size.
-        #[arg(long, value_parser = parse_size)]
-        limit: Option<i64>,
-        /// Creation parameter KEY=VALUE (repeatable).
-        #[arg(long = "param", value_name = "KEY=VALUE", value_parser = parse_kv)]
-        params: Vec<(String, String)>,
-        /// Restore this snapshot into the new volume.
-        #[arg(long, value_name = "ID", conflicts_with = "from_volume")]
-        from_snapshot: Option<String>,
-        /// Clone this volume.
-        #[arg(long, value_name = "ID")]
-        from_volume: Option<String>,
-        /// Put the volume on this node (preferred and requisite topology).
-        #[arg(long)]
-        node: Option<String>,
-        #[command(flatten)]
-        cap: CapOpts,
-    },
+    CreateVolume(CreateVolume),
     /// Delete a volume (DeleteVolume).
-    DeleteVolume {
-        /// Volume ID.
-        volume_id: String,
-    },
+    DeleteVolume(DeleteVolume),
     /// List volumes (ListVolumes).
     ListVolumes(PageOpts),
     /// Show available capacity (GetCapacity).
-    GetCapacity {
-        /// Parameter KEY=VALUE (repeatable).
-        #[arg(long = "param", value_name = "KEY=VALUE", value_parser = parse_kv)]
-        params: Vec<(String, String)>,
-        /// Only count capacity on this node.
-        #[arg(long)]
-        node: Option<String>,
-        #[command(flatten)]
-        cap: CapOpts,
-    },
+    GetCapacity(GetCapacity),
     /// Attach a volume to a node (ControllerPublishVolume).
-    ControllerPublish {
-        /// Volume ID.
-        volume_id: String,
-        /// Node ID.
-        #[arg(long)]
-        node: String,
-        /// Publish read-only.
-        #[arg(long)]
-        read_only: bool,
-        /// Volume context KEY=VALUE (repeatable).
-        #[arg(long = "context", value_name = "KEY=VALUE", value_parser = parse_kv)]
-        context: Vec<(String, String)>,
-        #[command(flatten)]
-        cap: CapOpts,
-    },
+    ControllerPublish(ControllerPublish),
     /// Detach a volume from a node, or from all nodes (ControllerUnpublishVolume).
-    ControllerUnpublish {
-        /// Volume ID.
-        volume_id: String,
-        /// Node ID; all nodes when omitted.
-        #[arg(long)]
-        node: Option<String>,
-    },
+    ControllerUnpublish(ControllerUnpublish),
     /// Check that a volume supports a capability (ValidateVolumeCapabilities).
-    Validate {
-        /// Volume ID.
-        volume_id: String,
-        /// Volume context KEY=VALUE (repeatable).
-        #[arg(long = "context", value_name = "KEY=VALUE", value_parser = parse_kv)]
-        context: Vec<(String, String)>,
-        /// Parameter KEY=VALUE (repeatable).
-        #[arg(long = "param", value_name = "KEY=VALUE", value_parser = parse_kv)]
-        params: Vec<(String, String)>,
-        #[command(flatten)]
-        cap: CapOpts,
-    },
+    Validate(Validate),
     /// Grow a volume (ControllerExpandVolume).
-    ExpandVolume {
-        /// Volume ID.
-        volume_id: String,
-        #[command(flatten)]
-        size: SizeOpts,
-        #[command(flatten)]
-        cap: CapOpts,
-    },
+    ExpandVolume(ExpandVolume),
     /// Change a volume's mutable parameters (ControllerModifyVolume), e.g.
     /// `--param provisioning=thick` on a loop volume.
-    ModifyVolume {
-        /// Volume ID.
-        volume_id: String,
-        /// Mutable parameter KEY=VALUE (repeatable).
-        #[arg(long = "param", value_name = "KEY=VALUE", value_parser = parse_kv, required = true)]
-        params: Vec<(String, String)>,
-    },
+    ModifyVolume(ModifyVolume),
     /// Show a volume and its status (ControllerGetVolume).
-    GetVolume {
-        /// Volume ID.
-        volume_id: String,
-    },
+    GetVolume(GetVolume),
     /// Snapshot a volume (CreateSnapshot).
-    CreateSnapshot {
-        /// Snapshot name (the idempotency key).
-        name: String,
-        /// Volume to snapshot.
-        #[arg(long, visible_alias = "volume", value_name = "ID")]
-        source_volume_id: String,
-        /// Parameter KEY=VALUE (repeatable).
-        #[arg(long = "param", value_name = "KEY=VALUE", value_parser = parse_kv)]
-        params: Vec<(String, String)>,
-    },
+    CreateSnapshot(CreateSnapshot),
     /// Delete a snapshot (DeleteSnapshot).
-    DeleteSnapshot {
-        /// Snapshot ID.
-        snapshot_id: String,
-    },
+    DeleteSnapshot(DeleteSnapshot),
     /// List snapshots (ListSnapshots).
-    ListSnapshots {
-        /// Only the snapshot with this ID.
-        #[arg(long, value_name = "ID")]
-        snapshot_id: Option<String>,
-        /// Only snapshots of this volume.
-        #[arg(long, value_name = "ID")]
-        source_volume_id: Option<String>,
-        #[command(flatten)]
-        page: PageOpts,
-    },
+    ListSnapshots(ListSnapshots),
     /// Show a snapshot (GetSnapshot).
-    GetSnapshot {
-        /// Snapshot ID.
-        snapshot_id: String,
-    },
+    GetSnapshot(GetSnapshot),
     /// Snapshot several volumes at one point in time (CreateVolumeGroupSnapshot).
-    CreateGroupSnapshot {
-        /// Group snapshot name (the idempotency key).
-        name: String,
-        /// A volume to snapshot (repeatable; at least one).
-        #[arg(long = "source-volume-id", visible_alias = "volume", value_name = "ID", required = true)]
-        source_volume_ids: Vec<String>,
-        /// Parameter KEY=VALUE (repeatable).
-        #[arg(long = "param", value_name = "KEY=VALUE", value_parser = parse_kv)]
-        params: Vec<(String, String)>,
-    },
+    CreateGroupSnapshot(CreateGroupSnapshot),
     /// Delete a group snapshot with its snapshots (DeleteVolumeGroupSnapshot).
-    DeleteGroupSnapshot {
-        /// Group snapshot ID.
-        group_snapshot_id: String,
-        /// A snapshot ID of the group, for the plugin to check (repeatable).
-        #[arg(long = "snapshot-id", value_name = "ID")]
-        snapshot_ids: Vec<String>,
-    },
+    DeleteGroupSnapshot(DeleteGroupSnapshot),
     /// Show a group snapshot and its snapshots (GetVolumeGroupSnapshot).
-    GetGroupSnapshot {
-        /// Group snapshot ID.
-        group_snapshot_id: String,
-        /// A snapshot ID of the group, for the plugin to check (repeatable).
-        #[arg(long = "snapshot-id", value_name = "ID")]
-        snapshot_ids: Vec<String>,
-    },
+    GetGroupSnapshot(GetGroupSnapshot),
     /// Show group controller capabilities (GroupControllerGetCapabilities).
     GroupCapabilities,
     /// Stage a volume on this node (NodeStageVolume).
-    NodeStage {
-        /// Volume ID.
-        volume_id: String,
-        /// Staging target path.
-        #[arg(long)]
-        staging_path: String,
-        /// Volume context KEY=VALUE (repeatable).
-        #[arg(long = "context", value_name = "KEY=VALUE", value_parser = parse_kv)]
-        context: Vec<(String, String)>,
-        #[command(flatten)]
-        cap: CapOpts,
-    },
+    NodeStage(NodeStage),
     /// Unstage a volume on this node (NodeUnstageVolume).
-    NodeUnstage {
-        /// Volume ID.
-        volume_id: String,
-        /// Staging target path.
-        #[arg(long)]
-        staging_path: String,
-    },
+    NodeUnstage(NodeUnstage),
     /// Publish a volume at a target path on this node (NodePublishVolume).
-    NodePublish {
-        /// Volume ID.
-        volume_id: String,
-        /// Target path.
-        #[arg(long)]
-        target_path: String,
-        /// Staging target path, if the volume was staged.
-        #[arg(long)]
-        staging_path: Option<String>,
-        /// Publish read-only.
-        #[arg(long)]
-        read_only: bool,
-        /// Volume context KEY=VALUE (repeatable).
-        #[arg(long = "context", value_name = "KEY=VALUE", value_parser = parse_kv)]
-        context: Vec<(String, String)>,
-        #[command(flatten)]
-        cap: CapOpts,
-    },
+    NodePublish(NodePublish),
     /// Unpublish a volume from a target path (NodeUnpublishVolume).
-    NodeUnpublish {
-        /// Volume ID.
-        volume_id: String,
-        /// Target path.
-        #[arg(long)]
-        target_path: String,
-    },
+    NodeUnpublish(NodeUnpublish),
     /// Show this node's ID, volume limit and topology (NodeGetInfo).
     NodeInfo,
     /// Show usage of a published volume (NodeGetVolumeStats).
-    NodeStats {
-        /// Volume ID.
-        volume_id: String,
-        /// Path where the volume is published.
-        #[arg(long)]
-        path: String,
-        /// Staging target path.
-        #[arg(long)]
-        staging_path: Option<String>,
-    },
+    NodeStats(NodeStats),
     /// Grow a volume's filesystem on this node (NodeExpandVolume).
-    NodeExpand {
-        /// Volume ID.
-        volume_id: String,
-        /// Path where the volume is published.
-        #[arg(long)]
-        path: String,
-        /// Staging target path.
-        #[arg(long)]
-        staging_path: Option<String>,
-        #[command(flatten)]
-        size: SizeOpts,
-        #[command(flatten)]
-        cap: CapOpts,
-    },
+    NodeExpand(NodeExpand),
     /// Show controller and node capabilities (ControllerGetCapabilities, NodeGetCapabilities).
     Capabilities,
+}
+
+#[derive(Debug, Args)]
+pub(super) struct CreateVolume {
+    /// Volume name (the idempotency key).
+    pub(super) name: String,
+    /// Required capacity: bytes, or a Kubernetes quantity such as 64Mi, 1.5Gi or 500M.
+    #[arg(long, value_parser = parse_size)]
+    pub(super) size: Option<i64>,
+    /// Capacity limit, same syntax as --size.
+    #[arg(long, value_parser = parse_size)]
+    pub(super) limit: Option<i64>,
+    /// Creation parameter KEY=VALUE (repeatable).
+    #[arg(long = "param", value_name = "KEY=VALUE", value_parser = parse_kv)]
+    pub(super) params: Vec<(String, String)>,
+    /// Restore this snapshot into the new volume.
+    #[arg(long, value_name = "ID", conflicts_with = "from_volume")]
+    pub(super) from_snapshot: Option<String>,
+    /// Clone this volume.
+    #[arg(long, value_name = "ID")]
+    pub(super) from_volume: Option<String>,
+    /// Put the volume on this node (preferred and requisite topology).
+    #[arg(long)]
+    pub(super) node: Option<String>,
+    #[command(flatten)]
+    pub(super) cap: CapOpts,
+}
+
+#[derive(Debug, Args)]
+pub(super) struct DeleteVolume {
+    /// Volume ID.
+    pub(super) volume_id: String,
+}
+
+#[derive(Debug, Args)]
+pub(super) struct GetCapacity {
+    /// Parameter KEY=VALUE (repeatable).
+    #[arg(long = "param", value_name = "KEY=VALUE", value_parser = parse_kv)]
+    pub(super) params: Vec<(String, String)>,
+    /// Only count capacity on this node.
+    #[arg(long)]
+    pub(super) node: Option<String>,
+    #[command(flatten)]
+    pub(super) cap: CapOpts,
+}
+
+#[derive(Debug, Args)]
+pub(super) struct ControllerPublish {
+    /// Volume ID.
+    pub(super) volume_id: String,
+    /// Node ID.
+    #[arg(long)]
+    pub(super) node: String,
+    /// Publish read-only.
+    #[arg(long)]
+    pub(super) read_only: bool,
+    /// Volume context KEY=VALUE (repeatable).
+    #[arg(long = "context", value_name = "KEY=VALUE", value_parser = parse_kv)]
+    pub(super) context: Vec<(String, String)>,
+    #[command(flatten)]
+    pub(super) cap: CapOpts,
+}
+
+#[derive(Debug, Args)]
+pub(super) struct ControllerUnpublish {
+    /// Volume ID.
+    pub(super) volume_id: String,
+    /// Node ID; all nodes when omitted.
+    #[arg(long)]
+    pub(super) node: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub(super) struct Validate {
+    /// Volume ID.
+    pub(super) volume_id: String,
+    /// Volume context KEY=VALUE (repeatable).
+    #[arg(long = "context", value_name = "KEY=VALUE", value_parser = parse_kv)]
+    pub(super) context: Vec<(String, String)>,
+    /// Parameter KEY=VALUE (repeatable).
+    #[arg(long = "param", value_name = "KEY=VALUE", value_parser = parse_kv)]
+    pub(super) params: Vec<(String, String)>,
+    #[command(flatten)]
+    pub(super) cap: CapOpts,
+}
+
+#[derive(Debug, Args)]
+pub(super) struct ExpandVolume {
+    /// Volume ID.
+    pub(super) volume_id: String,
+    #[command(flatten)]
+    pub(super) size: SizeOpts,
+    #[command(flatten)]
+    pub(super) cap: CapOpts,
+}
+
+#[derive(Debug, Args)]
+pub(super) struct ModifyVolume {
+    /// Volume ID.
+    pub(super) volume_id: String,
+    /// Mutable parameter KEY=VALUE (repeatable).
+    #[arg(long = "param", value_name = "KEY=VALUE", value_parser = parse_kv, required = true)]
+    pub(super) params: Vec<(String, String)>,
+}
+
+#[derive(Debug, Args)]
+pub(super) struct GetVolume {
+    /// Volume ID.
+    pub(super) volume_id: String,
+}
+
+#[derive(Debug, Args)]
+pub(super) struct CreateSnapshot {
+    /// Snapshot name (the idempotency key).
+    pub(super) name: String,
+    /// Volume to snapshot.
+    #[arg(long, visible_alias = "volume", value_name = "ID")]
+    pub(super) source_volume_id: String,
+    /// Parameter KEY=VALUE (repeatable).
+    #[arg(long = "param", value_name = "KEY=VALUE", value_parser = parse_kv)]
+    pub(super) params: Vec<(String, String)>,
+}
+
+#[derive(Debug, Args)]
+pub(super) struct DeleteSnapshot {
+    /// Snapshot ID.
+    pub(super) snapshot_id: String,
+}
+
+#[derive(Debug, Args)]
+pub(super) struct ListSnapshots {
+    /// Only the snapshot with this ID.
+    #[arg(long, value_name = "ID")]
+    pub(super) snapshot_id: Option<String>,
+    /// Only snapshots of this volume.
+    #[arg(long, value_name = "ID")]
+    pub(super) source_volume_id: Option<String>,
+    #[command(flatten)]
+    pub(super) page: PageOpts,
+}
+
+#[derive(Debug, Args)]
+pub(super) struct GetSnapshot {
+    /// Snapshot ID.
+    pub(super) snapshot_id: String,
+}
+
+#[derive(Debug, Args)]
+pub(super) struct CreateGroupSnapshot {
+    /// Group snapshot name (the idempotency key).
+    pub(super) name: String,
+    /// A volume to snapshot (repeatable; at least one).
+    #[arg(long = "source-volume-id", visible_alias = "volume", value_name = "ID", required = true)]
+    pub(super) source_volume_ids: Vec<String>,
+    /// Parameter KEY=VALUE (repeatable).
+    #[arg(long = "param", value_name = "KEY=VALUE", value_parser = parse_kv)]
+    pub(super) params: Vec<(String, String)>,
+}
+
+#[derive(Debug, Args)]
+pub(super) struct DeleteGroupSnapshot {
+    /// Group snapshot ID.
+    pub(super) group_snapshot_id: String,
+    /// A snapshot ID of the group, for the plugin to check (repeatable).
+    #[arg(long = "snapshot-id", value_name = "ID")]
+    pub(super) snapshot_ids: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub(super) struct GetGroupSnapshot {
+    /// Group snapshot ID.
+    pub(super) group_snapshot_id: String,
+    /// A snapshot ID of the group, for the plugin to check (repeatable).
+    #[arg(long = "snapshot-id", value_name = "ID")]
+    pub(super) snapshot_ids: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub(super) struct NodeStage {
+    /// Volume ID.
+    pub(super) volume_id: String,
+    /// Staging target path.
+    #[arg(long)]
+    pub(super) staging_path: String,
+    /// Volume context KEY=VALUE (repeatable).
+    #[arg(long = "context", value_name = "KEY=VALUE", value_parser = parse_kv)]
+    pub(super) context: Vec<(String, String)>,
+    #[command(flatten)]
+    pub(super) cap: CapOpts,
+}
+
+#[derive(Debug, Args)]
+pub(super) struct NodeUnstage {
+    /// Volume ID.
+    pub(super) volume_id: String,
+    /// Staging target path.
+    #[arg(long)]
+    pub(super) staging_path: String,
+}
+
+#[derive(Debug, Args)]
+pub(super) struct NodePublish {
+    /// Volume ID.
+    pub(super) volume_id: String,
+    /// Target path.
+    #[arg(long)]
+    pub(super) target_path: String,
+    /// Staging target path, if the volume was staged.
+    #[arg(long)]
+    pub(super) staging_path: Option<String>,
+    /// Publish read-only.
+    #[arg(long)]
+    pub(super) read_only: bool,
+    /// Volume context KEY=VALUE (repeatable).
+    #[arg(long = "context", value_name = "KEY=VALUE", value_parser = parse_kv)]
+    pub(super) context: Vec<(String, String)>,
+    #[command(flatten)]
+    pub(super) cap: CapOpts,
+}
+
+#[derive(Debug, Args)]
+pub(super) struct NodeUnpublish {
+    /// Volume ID.
+    pub(super) volume_id: String,
+    /// Target path.
+    #[arg(long)]
+    pub(super) target_path: String,
+}
+
+#[derive(Debug, Args)]
+pub(super) struct NodeStats {
+    /// Volume ID.
+    pub(super) volume_id: String,
+    /// Path where the volume is published.
+    #[arg(long)]
+    pub(super) path: String,
+    /// Staging target path.
+    #[arg(long)]
+    pub(super) staging_path: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub(super) struct NodeExpand {
+    /// Volume ID.
+    pub(super) volume_id: String,
+    /// Path where the volume is published.
+    #[arg(long)]
+    pub(super) path: String,
+    /// Staging target path.
+    #[arg(long)]
+    pub(super) staging_path: Option<String>,
+    #[command(flatten)]
+    pub(super) size: SizeOpts,
+    #[command(flatten)]
+    pub(super) cap: CapOpts,
 }
 
 /// Volume capability options of the commands that send one.
@@ -442,7 +508,7 @@ mod tests {
 
     fn capability(argv: &[&str]) -> VolumeCapability {
         match parse(&[&["validate", "vol"], argv].concat()).expect("valid arguments").command {
-            Cmd::Validate { cap, .. } => cap.capability(),
+            Cmd::Validate(Validate { cap, .. }) => cap.capability(),
             other => panic!("unexpected command {other:?}"),
         }
     }
@@ -500,7 +566,9 @@ mod tests {
         let argv = ["--endpoint=/x.sock", "create-volume", "pvc", "--size=64Mi", "--param=a=b", "--node=n1", "--json"];
         let args = parse(&argv).expect("valid arguments");
         assert!(args.json && args.endpoint == "/x.sock" && args.timeout == 30);
-        let Cmd::CreateVolume { name, size, params, node, .. } = args.command else { panic!("not create-volume") };
+        let Cmd::CreateVolume(CreateVolume { name, size, params, node, .. }) = args.command else {
+            panic!("not create-volume")
+        };
         assert_eq!((name.as_str(), size, node.as_deref()), ("pvc", Some(64 << 20), Some("n1")));
         assert_eq!(params, [("a".to_owned(), "b".to_owned())]);
         assert!(parse(&["create-volume", "x", "--size=12Q"]).is_err());
@@ -510,7 +578,7 @@ mod tests {
     #[test]
     fn modify_volume_takes_mutable_parameters() {
         let args = parse(&["modify-volume", "v1", "--param", "provisioning=thick"]);
-        let Cmd::ModifyVolume { volume_id, params } = args.expect("valid arguments").command else {
+        let Cmd::ModifyVolume(ModifyVolume { volume_id, params }) = args.expect("valid arguments").command else {
             panic!("not modify-volume")
         };
         assert_eq!(volume_id, "v1");
@@ -521,7 +589,8 @@ mod tests {
     #[test]
     fn group_snapshot_commands() {
         let args = parse(&["create-group-snapshot", "g", "--volume", "a", "--source-volume-id=b", "--param=k=v"]);
-        let Cmd::CreateGroupSnapshot { name, source_volume_ids, params } = args.expect("valid arguments").command
+        let Cmd::CreateGroupSnapshot(CreateGroupSnapshot { name, source_volume_ids, params }) =
+            args.expect("valid arguments").command
         else {
             panic!("not create-group-snapshot")
         };
@@ -529,7 +598,9 @@ mod tests {
         assert_eq!(params, [("k".to_owned(), "v".to_owned())]);
         assert!(parse(&["create-group-snapshot", "g"]).is_err(), "a group needs a volume");
         let args = parse(&["get-group-snapshot", "gid", "--snapshot-id", "s1", "--snapshot-id", "s2"]).unwrap();
-        let Cmd::GetGroupSnapshot { snapshot_ids, .. } = args.command else { panic!("not get-group-snapshot") };
+        let Cmd::GetGroupSnapshot(GetGroupSnapshot { snapshot_ids, .. }) = args.command else {
+            panic!("not get-group-snapshot")
+        };
         assert_eq!(snapshot_ids, ["s1", "s2"]);
     }
 }

@@ -8,9 +8,10 @@
 //! # Layout
 //!
 //! - [`args`]: the command line (clap types, option groups and what they turn into).
-//! - [`connect`](mod@connect): reaching the plugin (endpoint forms, channel, per-call timeout) and
-//!   the error a failed RPC becomes.
-//! - [`calls`]: what each subcommand sends and how its response becomes output.
+//! - [`connect`](mod@connect): reaching the plugin (channel, per-call timeout; endpoints are read by
+//!   [`loam::endpoint`]) and the error a failed RPC becomes.
+//! - [`calls`]: what each subcommand sends and how its response becomes output, one function per
+//!   subcommand, grouped by CSI service.
 //! - [`output`]: the readable text and the JSON documents.
 
 mod args;
