@@ -267,7 +267,12 @@ where
                     Some(Err(e)) => Err(e),
                     None => break,
                 },
-                Some(Ok(Some(tls))) = handshakes.join_next() => Ok(tls),
+                // Match every outcome here: a pattern that failed to match
+                // would disable this branch until the next connection came.
+                Some(done) = handshakes.join_next() => match done {
+                    Ok(Some(tls)) => Ok(tls),
+                    Ok(None) | Err(_) => continue,
+                },
                 // The server stopped: drop what is still handshaking.
                 () = tx.closed() => break,
             };
@@ -436,6 +441,30 @@ mod tests {
         // An agent's leaf cannot call as the controller, nor the controller's serve as an agent.
         assert!(!talk(agent, client_config(&ours, Role::Agent).unwrap()).await);
         assert!(!talk(server_config(&ours, Role::Controller).unwrap(), controller).await);
+    }
+
+    #[tokio::test]
+    async fn a_failed_handshake_holds_up_no_other() {
+        let ours = token("agent-channel-token-0123456789");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let incoming =
+            accept(tonic::transport::server::TcpIncoming::from(listener), server_config(&ours, Role::Agent).unwrap());
+        let mut incoming = std::pin::pin!(incoming);
+        // The controller connects but has not said hello yet...
+        let controller = TcpStream::connect(addr).await.unwrap();
+        // ...when a plain-text client's handshake fails.
+        let mut plain = TcpStream::connect(addr).await.unwrap();
+        plain.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let name = ServerName::try_from(Role::Agent.name()).unwrap();
+        let connector = TlsConnector::from(client_config(&ours, Role::Controller).unwrap());
+        let (connected, served) = tokio::join!(
+            connector.connect(name, controller),
+            tokio::time::timeout(Duration::from_secs(5), incoming.next())
+        );
+        connected.unwrap();
+        assert!(matches!(served, Ok(Some(Ok(_)))), "the controller's connection is served");
     }
 
     #[test]
