@@ -7,11 +7,15 @@
 //! refuses any call without it ([`RequireToken`]). The comparison runs in
 //! constant time over SHA-256 digests, so neither the token's bytes nor its
 //! length leak through timing.
+//!
+//! The token is also the root of the agent channel's TLS ([`crate::tls`]):
+//! [`Token::derive_key`] turns it into keys that reveal nothing about it.
 
 use std::fmt;
 use std::path::Path;
 use std::sync::Arc;
 
+use ring::hkdf;
 use sha2::{Digest, Sha256};
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
@@ -53,6 +57,18 @@ impl Token {
     pub fn from_file(path: &Path) -> Result<Token> {
         let text = std::fs::read_to_string(path).context(|| format!("reading the agent token {}", path.display()))?;
         Token::parse(&text)
+    }
+
+    /// A 32-byte key for `purpose`, derived from the token with HKDF-SHA256:
+    /// every process holding the token derives the same key, and the key
+    /// does not reveal the token.
+    pub fn derive_key(&self, purpose: &'static [u8]) -> [u8; 32] {
+        let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, b"loam agent token").extract(self.0.as_bytes());
+        let mut key = [0u8; 32];
+        prk.expand(&[purpose], hkdf::HKDF_SHA256)
+            .and_then(|okm| okm.fill(&mut key))
+            .expect("32 bytes are within HKDF-SHA256's output limit");
+        key
     }
 
     /// Whether `presented` is this token, in time independent of both.
@@ -147,5 +163,13 @@ mod tests {
         let mut raw = Request::new(());
         raw.metadata_mut().insert(HEADER, MetadataValue::from_static("0123456789abcdef-secret"));
         assert_eq!(check.call(raw).unwrap_err().code(), tonic::Code::Unauthenticated);
+    }
+
+    #[test]
+    fn derived_keys_are_per_token_and_per_purpose() {
+        let key = token().derive_key(b"ca");
+        assert_eq!(key, token().derive_key(b"ca"));
+        assert_ne!(key, token().derive_key(b"other"));
+        assert_ne!(key, Token::parse("0123456789abcdef-secreT").unwrap().derive_key(b"ca"));
     }
 }

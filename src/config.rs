@@ -8,7 +8,8 @@ pub enum Mode {
     /// Identity, Controller and Node in one process, for a single machine.
     All,
     /// A node agent: Identity and Node on the kubelet's socket, and the
-    /// node-local Controller work on a token-protected TCP endpoint.
+    /// node-local Controller work on a TCP endpoint behind mutual TLS and
+    /// the agent token.
     Node,
     /// The central controller: Identity and a Controller that routes every
     /// request to the node agent owning its volume or snapshot.

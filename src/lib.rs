@@ -24,8 +24,9 @@
 //! In `--mode controller` there is no driver below [`rpc`]: its Controller
 //! ([`rpc::routed`]) hands each request to [`routing::router`], which finds
 //! the node agent owning the object (read from its id), places new volumes,
-//! merges listings, and forwards the call to that agent's token-protected
-//! endpoint ([`server::run_agent`], [`auth`]).
+//! merges listings, and forwards the call to that agent's endpoint
+//! ([`server::run_agent`]) over mutual TLS rooted in the agent token
+//! ([`tls`]), presenting the token itself too ([`auth`]).
 //!
 //! Cross-cutting: [`error`] is the one error type and its mapping to gRPC
 //! codes; [`ids`] forms and parses volume, snapshot and group snapshot ids.
@@ -46,6 +47,7 @@ pub mod routing;
 pub mod rpc;
 pub mod server;
 pub mod store;
+pub mod tls;
 
 /// The CSI v1.12 messages and services, generated from `proto/csi.proto`.
 #[allow(clippy::all, missing_docs)]

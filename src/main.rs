@@ -16,6 +16,7 @@ use loam::kernel::mount::KernelMounter;
 use loam::routing::agents::{Agents, Timeouts};
 use loam::routing::discovery::Resolver;
 use loam::server::Services;
+use loam::tls::Role;
 use tokio::sync::watch;
 
 /// Loam: node-local PersistentVolumes for Kubernetes, over CSI.
@@ -160,13 +161,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
         Mode::Node => {
             let token = read_token(args.agent_token_file.as_deref())?;
+            let tls = loam::tls::server_config(&token, Role::Agent).context("the agent endpoint's TLS")?;
             let addr = args.agent_listen.context("--mode node needs --agent-listen ADDR:PORT (LOAM_AGENT_LISTEN)")?;
             let driver = open_driver(&args).await?;
             let agent = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
             let bound = agent.local_addr().context("reading the agent endpoint's address")?;
             tracing::info!(addr = %bound, "agent endpoint listening");
             let agent = async {
-                loam::server::run_agent(agent, driver.clone(), token, until_stopped())
+                loam::server::run_agent(agent, driver.clone(), token, tls, until_stopped())
                     .await
                     .context("serving the agent endpoint")
             };
@@ -175,6 +177,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
         Mode::Controller => {
             let token = read_token(args.agent_token_file.as_deref())?;
+            let tls = loam::tls::client_config(&token, Role::Controller).context("the agent channel's TLS")?;
             let targets: Vec<String> = args.agents.iter().cloned().chain(args.agents_service.clone()).collect();
             let timeouts = Timeouts {
                 connect: AGENT_CONNECT_TIMEOUT,
@@ -182,7 +185,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 refresh: AGENTS_REFRESH,
             };
             tracing::info!(?targets, "routing to agents");
-            let agents = Agents::new(args.driver_name.clone(), Arc::new(Resolver::new(targets)), &token, timeouts);
+            let agents = Agents::new(args.driver_name.clone(), Arc::new(Resolver::new(targets)), &token, tls, timeouts);
             let services = Services::Controller { driver_name: args.driver_name.clone(), agents: Arc::new(agents) };
             serve_socket(&socket, services, args.mode, until_stopped()).await
         }

@@ -1,5 +1,5 @@
 //! The gRPC servers: a private Unix socket with the services of a mode, and
-//! a node agent's token-protected TCP endpoint.
+//! a node agent's TCP endpoint, behind mutual TLS and the agent token.
 //!
 //! [`bind`] makes the socket unreachable to anyone else until it is ready:
 //! it is bound inside a fresh 0700 directory, set to 0600, and only then
@@ -144,19 +144,23 @@ async fn refresh_promises(driver: Arc<Driver>) {
 
 /// Serves a node agent's endpoint on `listener`: Identity and the node-local
 /// Controller and GroupController for the routing controller, never Node,
-/// and only to callers that present `token`.
+/// over TLS with `tls` ([`crate::tls::server_config`]: only clients with a
+/// controller certificate complete the handshake), and only to callers that
+/// present `token`.
 pub async fn run_agent(
     listener: TcpListener,
     driver: Arc<Driver>,
     token: Token,
+    tls: Arc<rustls::ServerConfig>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
+    let incoming = crate::tls::accept(TcpIncoming::from(listener), tls);
     Server::builder()
         .layer(InterceptorLayer::new(RequireToken::new(token)))
         .add_service(IdentityServer::new(IdentityService::new(driver.clone())))
         .add_service(ControllerServer::new(ControllerService::new(driver.clone())))
         .add_service(GroupControllerServer::new(GroupControllerService::new(driver)))
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await
 }
 

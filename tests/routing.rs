@@ -22,6 +22,7 @@ use loam::kernel::mount::FakeMounter;
 use loam::routing::agents::{Agents, Timeouts};
 use loam::routing::discovery::Discovery;
 use loam::server::Services;
+use loam::tls::{self, Role};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -110,9 +111,10 @@ impl Agent {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind agent");
         self.addr = listener.local_addr().unwrap();
         let token = Token::parse(TOKEN).unwrap();
+        let tls = tls::server_config(&token, Role::Agent).unwrap();
         let (tx, rx) = oneshot::channel();
         let task = tokio::spawn(async move {
-            loam::server::run_agent(listener, driver, token, async {
+            loam::server::run_agent(listener, driver, token, tls, async {
                 let _ = rx.await;
             })
             .await
@@ -167,7 +169,7 @@ impl Split {
             call: Duration::from_secs(10),
             refresh: Duration::from_secs(30),
         };
-        let routed = Agents::new("loam.csi.dev".into(), addresses.clone(), &Token::parse(TOKEN).unwrap(), timeouts);
+        let routed = controller_agents(addresses.clone(), TOKEN, timeouts);
         let services = Services::Controller { driver_name: "loam.csi.dev".into(), agents: Arc::new(routed) };
         let listener = loam::server::bind(&socket).expect("bind");
         let (tx, rx) = oneshot::channel();
@@ -222,8 +224,23 @@ fn on(node: &str) -> csi::Topology {
     csi::Topology { segments: [(TOPOLOGY_NODE_KEY.to_owned(), node.to_owned())].into() }
 }
 
+/// The controller's view of the agents at `addresses`, holding `token`.
+fn controller_agents(addresses: Arc<Addresses>, token: &str, timeouts: Timeouts) -> Agents {
+    let token = Token::parse(token).unwrap();
+    let tls = tls::client_config(&token, Role::Controller).unwrap();
+    Agents::new("loam.csi.dev".into(), addresses, &token, tls, timeouts)
+}
+
+/// A channel to an agent over TLS as `config` says.
+async fn tls_channel(addr: SocketAddr, config: Arc<rustls::ClientConfig>) -> Result<Channel, tonic::transport::Error> {
+    let endpoint = Endpoint::from_shared(format!("http://{addr}")).unwrap().connect_timeout(Duration::from_secs(5));
+    endpoint.connect_with_connector(tls::Connector::new(config)).await
+}
+
+/// A channel to an agent as the controller makes it (the controller's certificate, no token yet).
 async fn agent_client(addr: SocketAddr) -> Channel {
-    Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.expect("connect to agent")
+    let config = tls::client_config(&Token::parse(TOKEN).unwrap(), Role::Controller).unwrap();
+    tls_channel(addr, config).await.expect("connect to agent")
 }
 
 #[tokio::test]

@@ -4,7 +4,9 @@
 //! node id (Identity.GetPluginInfo's `node` manifest entry): when it is older
 //! than the refresh interval, when a request names a node it lacks, and when
 //! a call cannot reach the address it holds. Each call has a bounded time;
-//! an agent that cannot be reached is UNAVAILABLE naming its node.
+//! an agent that cannot be reached is UNAVAILABLE naming its node. Every
+//! connection is TLS that proves the agent holds the token before the token
+//! is sent ([`crate::tls`]).
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -25,6 +27,7 @@ use crate::csi::identity_client::IdentityClient;
 use crate::error::{Error, Result};
 use crate::ids::validate_node_id;
 use crate::routing::discovery::Discovery;
+use crate::tls::Connector;
 
 /// A channel to one agent that sends the agent token.
 type AgentChannel = InterceptedService<Channel, SendToken>;
@@ -69,18 +72,27 @@ pub struct Agents {
     driver_name: String,
     discovery: Arc<dyn Discovery>,
     token: SendToken,
+    tls: Connector,
     timeouts: Timeouts,
     table: RwLock<Table>,
     refreshing: tokio::sync::Mutex<()>,
 }
 
 impl Agents {
-    /// Agents of the driver `driver_name`, found through `discovery`.
-    pub fn new(driver_name: String, discovery: Arc<dyn Discovery>, token: &Token, timeouts: Timeouts) -> Self {
+    /// Agents of the driver `driver_name`, found through `discovery`, reached
+    /// over TLS with `tls` ([`crate::tls::client_config`]).
+    pub fn new(
+        driver_name: String,
+        discovery: Arc<dyn Discovery>,
+        token: &Token,
+        tls: Arc<rustls::ClientConfig>,
+        timeouts: Timeouts,
+    ) -> Self {
         Agents {
             driver_name,
             discovery,
             token: SendToken::new(token),
+            tls: Connector::new(tls),
             timeouts,
             table: RwLock::default(),
             refreshing: tokio::sync::Mutex::new(()),
@@ -240,7 +252,7 @@ impl Agents {
     fn channel(&self, addr: SocketAddr) -> Result<Channel> {
         let endpoint = Endpoint::from_shared(format!("http://{addr}"))
             .map_err(|e| Error::InvalidArgument(format!("agent address {addr}: {e}")))?;
-        Ok(endpoint.connect_timeout(self.timeouts.connect).connect_lazy())
+        Ok(endpoint.connect_timeout(self.timeouts.connect).connect_with_connector_lazy(self.tls.clone()))
     }
 }
 
