@@ -5,7 +5,6 @@
 use std::collections::HashMap;
 use std::fs::{self, File, Metadata, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -100,14 +99,22 @@ pub fn reflinks_in(dir: &Path) -> io::Result<bool> {
     // One whole block: an empty or partial one may succeed where data would not.
     from.write_all_at(&[0xa5; 4096], 0)?;
     let to = unnamed()?;
-    // SAFETY: as in copy_contents; both fds are open for the call.
-    let cloned = unsafe { libc::ioctl(to.as_raw_fd(), libc::FICLONE, from.as_raw_fd()) };
-    if cloned == 0 {
-        return Ok(true);
-    }
-    match Errno::last() {
-        Errno::EOPNOTSUPP | Errno::EXDEV | Errno::EINVAL | Errno::ENOTTY => Ok(false),
-        errno => Err(errno.into()),
+    reflink(&from, &to)
+}
+
+/// Makes empty `to` share `from`'s extents (FICLONE): false when the
+/// filesystem cannot share them here, the one place that decides which
+/// errors mean "copy the bytes instead".
+fn reflink(from: &File, to: &File) -> io::Result<bool> {
+    match rustix::fs::ioctl_ficlone(to, from) {
+        Ok(()) => Ok(true),
+        Err(
+            rustix::io::Errno::OPNOTSUPP
+            | rustix::io::Errno::XDEV
+            | rustix::io::Errno::INVAL
+            | rustix::io::Errno::NOTTY,
+        ) => Ok(false),
+        Err(errno) => Err(errno.into()),
     }
 }
 
@@ -200,20 +207,11 @@ fn create_target(path: &Path) -> io::Result<File> {
 
 /// Fills empty `to` with the first `len` bytes of `from`; true if reflinked.
 fn copy_contents(from: &File, to: &File, len: u64) -> io::Result<bool> {
-    // SAFETY: FICLONE takes the source fd as its argument; both fds are
-    // open for the duration of the call.
-    let cloned = unsafe { libc::ioctl(to.as_raw_fd(), libc::FICLONE, from.as_raw_fd()) };
-    if cloned == 0 {
+    if reflink(from, to)? {
         return Ok(true);
     }
-    match Errno::last() {
-        // The filesystem cannot share extents here: copy the bytes instead.
-        Errno::EOPNOTSUPP | Errno::EXDEV | Errno::EINVAL | Errno::ENOTTY => {
-            sparse_copy(from, to, len)?;
-            Ok(false)
-        }
-        errno => Err(errno.into()),
-    }
+    sparse_copy(from, to, len)?;
+    Ok(false)
 }
 
 /// Copies only the data ranges of `from`, then sets the length so holes stay holes.
@@ -245,21 +243,24 @@ fn sparse_copy(from: &File, to: &File, len: u64) -> io::Result<()> {
 
 /// Copies bytes `[start, end)` at the same offsets, in-kernel when possible.
 fn copy_range(from: &File, to: &File, start: i64, end: i64) -> io::Result<()> {
-    let (mut off_in, mut off_out) = (start, start);
-    while off_in < end {
-        let want = usize::try_from(end - off_in).unwrap_or(usize::MAX);
-        // SAFETY: both fds are open and the offsets are valid for the call;
-        // nix's wrapper sits behind a feature this crate does not enable.
-        let copied =
-            unsafe { libc::copy_file_range(from.as_raw_fd(), &mut off_in, to.as_raw_fd(), &mut off_out, want, 0) };
-        match Errno::result(copied) {
+    let offset = |at: i64| u64::try_from(at).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput));
+    let (mut off_in, mut off_out, end_at) = (offset(start)?, offset(start)?, offset(end)?);
+    while off_in < end_at {
+        let want = usize::try_from(end_at - off_in).unwrap_or(usize::MAX);
+        match rustix::fs::copy_file_range(from, Some(&mut off_in), to, Some(&mut off_out), want) {
             // The file shrank under us; the final set_len pads the rest.
             Ok(0) => return Ok(()),
             Ok(_) => {}
-            Err(Errno::EXDEV | Errno::EINVAL | Errno::EOPNOTSUPP | Errno::ENOSYS) => {
-                return read_write_range(from, to, off_in, end);
+            Err(
+                rustix::io::Errno::XDEV
+                | rustix::io::Errno::INVAL
+                | rustix::io::Errno::OPNOTSUPP
+                | rustix::io::Errno::NOSYS,
+            ) => {
+                let resume = i64::try_from(off_in).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+                return read_write_range(from, to, resume, end);
             }
-            Err(Errno::EINTR) => {}
+            Err(rustix::io::Errno::INTR) => {}
             Err(errno) => return Err(errno.into()),
         }
     }
