@@ -25,9 +25,6 @@ use crate::kernel::mountinfo::{self, MountEntry};
 use crate::kernel::usage::fs_usage;
 use crate::records::{Capability, LoopSpec};
 
-/// Smallest filesystem mkfs.xfs accepts; xfs volumes are rounded up to it.
-pub const XFS_MIN_BYTES: u64 = 300 << 20;
-
 /// Image-file volumes and their snapshots under one root.
 #[derive(Debug)]
 pub struct LoopBackend {
@@ -166,7 +163,7 @@ impl LoopBackend {
             return Ok(());
         }
         match blockfs::probe(&device.device).context(|| format!("probing {}", device.device.display()))? {
-            Content::Empty => blockfs::mkfs(&device.device, fs, spec.thick, &spec.mkfs_options)
+            Content::Empty => blockfs::mkfs(&device.device, fs, spec.thick, &crate::backend::filesystem_of(spec)?.1)
                 .context(|| format!("formatting {} as {}", device.device.display(), fs.name()))?,
             Content::Filesystem(found) if same_family(&found, fs) => {}
             Content::Filesystem(found) => {

@@ -10,7 +10,8 @@ pub mod loopback;
 use std::collections::BTreeMap;
 
 use crate::error::{Error, Result};
-use crate::kernel::blockfs::{self, FsType};
+use crate::kernel::blockfs::FsType;
+use crate::kernel::mkfs_options::MkfsOptions;
 pub use crate::records::{BackendKind, LoopSpec};
 
 /// The StorageClass parameter that picks the backend.
@@ -61,10 +62,33 @@ pub fn parse_parameters(parameters: &BTreeMap<String, String>) -> Result<(Backen
         }
     };
     let mkfs_options = match parameters.get("mkfsOptions") {
-        Some(text) => blockfs::parse_mkfs_options(text).map_err(Error::InvalidArgument)?,
-        None => Vec::new(),
+        Some(text) => {
+            MkfsOptions::parse(fs, text).map_err(|why| Error::InvalidArgument(format!("mkfsOptions: {why}")))?
+        }
+        None => MkfsOptions::none(fs),
     };
-    Ok((kind, Some(LoopSpec { fs_type: fs.name().to_owned(), thick, mkfs_options })))
+    Ok((kind, Some(LoopSpec { fs_type: fs.name().to_owned(), thick, mkfs_options: mkfs_options.words() })))
+}
+
+/// The filesystem and mkfs options a `loop` volume is formatted with, read
+/// back from its spec. Options a record holds but Loam no longer accepts
+/// (written by an older version, or edited) are refused before mkfs runs.
+pub fn filesystem_of(spec: &LoopSpec) -> Result<(FsType, MkfsOptions)> {
+    let fs = FsType::parse(&spec.fs_type)
+        .ok_or_else(|| Error::Damaged(format!("volume record names unknown fsType {:?}", spec.fs_type)))?;
+    let options = MkfsOptions::from_words(fs, &spec.mkfs_options).map_err(|why| {
+        Error::FailedPrecondition(format!(
+            "the volume's mkfsOptions are no longer accepted ({why}); it was never formatted, so delete it and \
+             create it again with accepted options"
+        ))
+    })?;
+    Ok((fs, options))
+}
+
+/// The least capacity a `loop` volume with `spec` can have: its filesystem's
+/// minimum for its mkfs options (capacities below are rounded up to it).
+pub fn min_capacity(spec: &LoopSpec) -> Result<u64> {
+    Ok(filesystem_of(spec)?.1.min_bytes())
 }
 
 /// The parameters a VolumeAttributesClass may change on a `loop` volume

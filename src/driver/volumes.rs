@@ -44,8 +44,8 @@ impl Driver {
             )));
         }
         let fs_floor = match &req.loop_spec {
-            Some(spec) if spec.fs_type == "xfs" => XFS_MIN_BYTES,
-            _ => 0,
+            Some(spec) => crate::backend::min_capacity(spec)?,
+            None => 0,
         };
         let capacity = req.capacity.choose(source_floor.max(fs_floor))?;
         let free = self.capacity()?;

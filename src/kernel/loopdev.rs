@@ -697,7 +697,8 @@ pub(crate) mod tests {
         let disk = attach_file(&outer_image, &backing, AttachOptions::default(), 4096).expect("attach 4k disk");
         let _disk_guard = Attached(disk.device.clone());
         assert_eq!(disk.block_size, 4096);
-        blockfs::mkfs(&disk.device, FsType::Ext4, true, &[]).expect("mkfs");
+        let none = crate::kernel::mkfs_options::MkfsOptions::none(FsType::Ext4);
+        blockfs::mkfs(&disk.device, FsType::Ext4, true, &none).expect("mkfs");
         let mnt = dir.path().join("mnt");
         fs::create_dir(&mnt).expect("mkdir");
         let _mount_guard = Mounted(mnt.clone());
