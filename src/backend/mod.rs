@@ -9,7 +9,7 @@ pub mod loopback;
 
 use std::collections::BTreeMap;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, quote};
 use crate::kernel::blockfs::FsType;
 use crate::kernel::mkfs_options::MkfsOptions;
 pub use crate::records::{BackendKind, LoopSpec};
@@ -32,7 +32,8 @@ pub fn parse_parameters(parameters: &BTreeMap<String, String>) -> Result<(Backen
         Some("loop") => BackendKind::Loop,
         Some(other) => {
             return Err(Error::InvalidArgument(format!(
-                "parameter {BACKEND_PARAM}={other:?} is not a backend this driver has; use \"dir\" or \"loop\""
+                "parameter {BACKEND_PARAM}={} is not a backend this driver has; use \"dir\" or \"loop\"",
+                quote(other)
             )));
         }
     };
@@ -43,7 +44,8 @@ pub fn parse_parameters(parameters: &BTreeMap<String, String>) -> Result<(Backen
     for key in parameters.keys() {
         if key != BACKEND_PARAM && !key.starts_with(CO_PARAMETER_PREFIX) && !accepted.contains(&key.as_str()) {
             return Err(Error::InvalidArgument(format!(
-                "unknown StorageClass parameter {key:?} for backend {kind:?}; accepted: {BACKEND_PARAM}{}",
+                "unknown StorageClass parameter {} for backend {kind:?}; accepted: {BACKEND_PARAM}{}",
+                quote(key),
                 accepted.iter().map(|k| format!(", {k}")).collect::<String>()
             )));
         }
@@ -52,13 +54,14 @@ pub fn parse_parameters(parameters: &BTreeMap<String, String>) -> Result<(Backen
         return Ok((kind, None));
     }
     let fs_type = parameters.get("fsType").map_or("ext4", String::as_str);
-    let fs = FsType::parse(fs_type)
-        .ok_or_else(|| Error::InvalidArgument(format!("fsType {fs_type:?} is not supported; use ext4 or xfs")))?;
+    let fs = FsType::parse(fs_type).ok_or_else(|| {
+        Error::InvalidArgument(format!("fsType {} is not supported; use ext4 or xfs", quote(fs_type)))
+    })?;
     let thick = match parameters.get("provisioning").map(String::as_str) {
         None | Some("thick") => true,
         Some("thin") => false,
         Some(other) => {
-            return Err(Error::InvalidArgument(format!("provisioning {other:?} must be \"thick\" or \"thin\"")));
+            return Err(Error::InvalidArgument(format!("provisioning {} must be \"thick\" or \"thin\"", quote(other))));
         }
     };
     let mkfs_options = match parameters.get("mkfsOptions") {
@@ -106,7 +109,8 @@ pub fn parse_mutable_parameters(kind: BackendKind, mutable: &BTreeMap<String, St
     if let Some(key) = mutable.keys().find(|k| !accepted.contains(&k.as_str())) {
         let can = if accepted.is_empty() { "none".to_owned() } else { accepted.join(", ") };
         return Err(Error::InvalidArgument(format!(
-            "mutable parameter {key:?} cannot be set on a {kind:?} volume; mutable parameters of {kind:?} volumes: {can}"
+            "mutable parameter {} cannot be set on a {kind:?} volume; mutable parameters of {kind:?} volumes: {can}",
+            quote(key)
         )));
     }
     match mutable.get("provisioning").map(String::as_str) {
@@ -114,7 +118,8 @@ pub fn parse_mutable_parameters(kind: BackendKind, mutable: &BTreeMap<String, St
         Some("thick") => Ok(Some(true)),
         Some("thin") => Ok(Some(false)),
         Some(other) => Err(Error::InvalidArgument(format!(
-            "mutable parameter provisioning {other:?} must be \"thick\" or \"thin\""
+            "mutable parameter provisioning {} must be \"thick\" or \"thin\"",
+            quote(other)
         ))),
     }
 }

@@ -25,7 +25,8 @@ impl Driver {
             && !allowed.iter().any(|n| n == &self.config.node_id)
         {
             return Err(Error::ResourceExhausted(format!(
-                "the topology requirement allows nodes {allowed:?}, but this driver serves node {}",
+                "the topology requirement allows nodes {}, but this driver serves node {}",
+                crate::error::quote(&allowed.join(", ")),
                 self.config.node_id
             )));
         }

@@ -8,7 +8,7 @@ use crate::backend;
 use crate::csi::controller_service_capability::{self, rpc::Type as Cap};
 use crate::csi::{self, controller_server::Controller};
 use crate::driver::{Condition, Driver, NewVolume, topology};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, quote};
 use crate::ids::{Key, Kind, validate_name};
 use crate::records::{ContentSource, Enforcement, SnapshotRecord, VolumeRecord};
 use crate::rpc::{blocking, traced, validate};
@@ -134,7 +134,7 @@ fn page_token(token: &str) -> Result<Option<Key>> {
     }
     Key::parse(token)
         .map(Some)
-        .ok_or_else(|| Error::Aborted(format!("starting token {token:?} is not valid; restart the listing")))
+        .ok_or_else(|| Error::Aborted(format!("starting token {} is not valid; restart the listing", quote(token))))
 }
 
 fn max_entries(max: i32) -> Result<usize> {

@@ -10,7 +10,7 @@ use crate::csi;
 use crate::csi::volume_capability::AccessType;
 use crate::csi::volume_capability::access_mode::Mode;
 use crate::driver::{CapacityRange, EphemeralVolume};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, quote};
 use crate::kernel::mount::MountFlags;
 use crate::records::{AccessMode, Capability, ContentSource, Ephemeral};
 
@@ -46,7 +46,8 @@ pub fn caller_path(what: &str, raw: &str, root: &Path) -> Result<PathBuf> {
         && path.components().all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
     if !normal {
         return Err(Error::InvalidArgument(format!(
-            "{what} {raw:?} must be an absolute path without '.' or '..' components"
+            "{what} {} must be an absolute path without '.' or '..' components",
+            quote(raw)
         )));
     }
     // Resolve what exists of it, so a symlink cannot lead into the root.
@@ -56,7 +57,8 @@ pub fn caller_path(what: &str, raw: &str, root: &Path) -> Result<PathBuf> {
         .unwrap_or_else(|| path.to_owned());
     if resolved.starts_with(root) || root.starts_with(&resolved) {
         return Err(Error::InvalidArgument(format!(
-            "{what} {raw:?} overlaps the driver's root {}; pick a path outside it",
+            "{what} {} overlaps the driver's root {}; pick a path outside it",
+            quote(raw),
             root.display()
         )));
     }
@@ -110,12 +112,15 @@ pub fn capability(cap: Option<&csi::VolumeCapability>) -> Result<Capability> {
             let fs_ok = mount.fs_type.len() <= 32
                 && mount.fs_type.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
             if !fs_ok {
-                return Err(Error::InvalidArgument(format!("fs type {:?} is not a filesystem name", mount.fs_type)));
+                return Err(Error::InvalidArgument(format!(
+                    "fs type {} is not a filesystem name",
+                    quote(&mount.fs_type)
+                )));
             }
             let mount_group = match mount.volume_mount_group.as_str() {
                 "" => None,
                 gid => Some(gid.parse::<u32>().map_err(|_| {
-                    Error::InvalidArgument(format!("volume mount group {gid:?} must be a numeric group id"))
+                    Error::InvalidArgument(format!("volume mount group {} must be a numeric group id", quote(gid)))
                 })?),
             };
             Ok(Capability {
@@ -185,7 +190,8 @@ pub fn group_snapshot_parameters(params: &HashMap<String, String>) -> Result<()>
     parameters(params)?;
     match params.keys().find(|k| !k.starts_with(CO_PARAMETER_PREFIX)) {
         Some(key) => Err(Error::InvalidArgument(format!(
-            "unknown group snapshot parameter {key:?}: Loam's group snapshots take no parameters"
+            "unknown group snapshot parameter {}: Loam's group snapshots take no parameters",
+            quote(key)
         ))),
         None => Ok(()),
     }
@@ -231,7 +237,8 @@ pub fn is_ephemeral(context: &HashMap<String, String>) -> Result<bool> {
         None | Some("false") => Ok(false),
         Some("true") => Ok(true),
         Some(other) => Err(Error::InvalidArgument(format!(
-            "volume context {EPHEMERAL_CONTEXT_KEY}={other:?} must be true or false"
+            "volume context {EPHEMERAL_CONTEXT_KEY}={} must be true or false",
+            quote(other)
         ))),
     }
 }
@@ -308,6 +315,7 @@ pub fn ephemeral_volume(
 /// Kubernetes rounds it. Signs, exponents, milli (`m`) and anything else are
 /// refused, as are 0 and sizes above [`MAX_EPHEMERAL_SIZE`].
 pub fn quantity(text: &str) -> std::result::Result<u64, String> {
+    let quoted = quote(text);
     let split = text.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(text.len());
     let (number, suffix) = text.split_at(split);
     let multiplier: u128 = match suffix {
@@ -324,10 +332,10 @@ pub fn quantity(text: &str) -> std::result::Result<u64, String> {
         "Ti" => 1 << 40,
         "Pi" => 1 << 50,
         "Ei" => 1 << 60,
-        "m" => return Err(format!("{text:?} is thousandths of a byte (m is milli); for mebibytes write Mi")),
+        "m" => return Err(format!("{quoted} is thousandths of a byte (m is milli); for mebibytes write Mi")),
         _ => {
             return Err(format!(
-                "{text:?} is not a size: write bytes or a quantity such as 64Mi or 1Gi \
+                "{quoted} is not a size: write bytes or a quantity such as 64Mi or 1Gi \
                  (suffixes k, M, G, T, P, E, Ki, Mi, Gi, Ti, Pi, Ei)"
             ));
         }
@@ -335,19 +343,19 @@ pub fn quantity(text: &str) -> std::result::Result<u64, String> {
     let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
     let digits = whole.len() + fraction.len();
     if whole.is_empty() || fraction.contains('.') || (number.contains('.') && fraction.is_empty()) {
-        return Err(format!("{text:?} is not a size: write bytes or a quantity such as 64Mi or 1Gi"));
+        return Err(format!("{quoted} is not a size: write bytes or a quantity such as 64Mi or 1Gi"));
     }
     // 20 digits times the largest suffix stay well inside u128.
     if digits > 20 {
-        return Err(format!("{text:?} has more than 20 digits"));
+        return Err(format!("{quoted} has more than 20 digits"));
     }
-    let mantissa: u128 = format!("{whole}{fraction}").parse().map_err(|_| format!("{text:?} is not a size"))?;
+    let mantissa: u128 = format!("{whole}{fraction}").parse().map_err(|_| format!("{quoted} is not a size"))?;
     let scale = 10u128.pow(fraction.len() as u32);
     let bytes = (mantissa * multiplier).div_ceil(scale);
     match u64::try_from(bytes) {
-        Ok(0) => Err(format!("{text:?} is no bytes at all; an inline volume needs a size above 0")),
+        Ok(0) => Err(format!("{quoted} is no bytes at all; an inline volume needs a size above 0")),
         Ok(bytes) if bytes <= MAX_EPHEMERAL_SIZE => Ok(bytes),
-        _ => Err(format!("{text:?} is more than 1Pi, the most an inline volume may ask for")),
+        _ => Err(format!("{quoted} is more than 1Pi, the most an inline volume may ask for")),
     }
 }
 
