@@ -63,7 +63,30 @@ impl LoopBackend {
             let file = OpenOptions::new().write(true).open(tmp)?;
             resize(&file, capacity, spec.thick)?;
             file.sync_all()
-        })
+        })?;
+        // A copy is formatted already; an empty image will be formatted on a
+        // device whose sectors may be larger than the options' block size.
+        let fits = if source.is_none() { self.check_block_size(&path, spec) } else { Ok(()) };
+        if fits.is_err() {
+            remove_file(&path)?;
+        }
+        fits
+    }
+
+    /// Refuses mkfsOptions whose filesystem block is smaller than the sectors
+    /// of the loop device the image will get: mkfs cannot make it there.
+    fn check_block_size(&self, image: &Path, spec: &LoopSpec) -> Result<()> {
+        let Some(block) = crate::backend::filesystem_of(spec)?.1.block_size() else { return Ok(()) };
+        let sector =
+            loopdev::block_size_for(image).context(|| format!("reading the sector size for {}", image.display()))?;
+        if block.bytes() < u64::from(sector) {
+            return Err(Error::InvalidArgument(format!(
+                "mkfsOptions ask for {}-byte filesystem blocks, but loop devices on this node's root have {sector}-byte \
+                 sectors; ask for at least {sector} or leave the block size out",
+                block.bytes()
+            )));
+        }
+        Ok(())
     }
 
     /// Grows the image to `capacity` and tells attached devices about it; a

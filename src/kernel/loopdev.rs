@@ -435,6 +435,12 @@ fn read_sysfs(number: u32) -> io::Result<Option<LoopDevice>> {
     }))
 }
 
+/// The logical block size a direct-I/O attachment of `image` gets (see
+/// [`attach`]): the smallest filesystem block a volume on it can have.
+pub fn block_size_for(image: &Path) -> io::Result<u32> {
+    dio_alignment(&File::open(image)?)
+}
+
 /// The logical block size that lets the kernel do direct I/O to `backing`.
 ///
 /// The file's own direct-I/O offset alignment (statx STATX_DIOALIGN, Linux

@@ -89,8 +89,9 @@ pub enum Ext4Option {
 }
 
 /// An ext4 feature a volume may turn on or off with `-O`: each combination
-/// of these formats and mounts (features that need more, such as turning
-/// `extent` off or `casefold`, which needs kernel support, are left out).
+/// of these formats and mounts (features that need more are left out: turning
+/// `extent` off; `casefold`, `quota` and `project`, which mount only on
+/// kernels built with unicode or quota support).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ext4Feature {
     /// `has_journal`.
@@ -113,16 +114,12 @@ pub enum Ext4Feature {
     DirIndex,
     /// `large_dir`.
     LargeDir,
-    /// `quota`.
-    Quota,
-    /// `project` (needs inodes of 256 bytes or more).
-    Project,
     /// `encrypt`.
     Encrypt,
 }
 
 impl Ext4Feature {
-    const ALL: [Ext4Feature; 13] = [
+    const ALL: [Ext4Feature; 11] = [
         Ext4Feature::HasJournal,
         Ext4Feature::MetadataCsum,
         Ext4Feature::MetadataCsumSeed,
@@ -133,8 +130,6 @@ impl Ext4Feature {
         Ext4Feature::ExtraIsize,
         Ext4Feature::DirIndex,
         Ext4Feature::LargeDir,
-        Ext4Feature::Quota,
-        Ext4Feature::Project,
         Ext4Feature::Encrypt,
     ];
 
@@ -151,8 +146,6 @@ impl Ext4Feature {
             Ext4Feature::ExtraIsize => "extra_isize",
             Ext4Feature::DirIndex => "dir_index",
             Ext4Feature::LargeDir => "large_dir",
-            Ext4Feature::Quota => "quota",
-            Ext4Feature::Project => "project",
             Ext4Feature::Encrypt => "encrypt",
         }
     }
@@ -419,11 +412,6 @@ impl MkfsOptions {
                                  least {}",
                                 2 * inode_size
                             ));
-                        }
-                        Ext4Option::Features(features)
-                            if inode_size < 256 && features.contains(&(Ext4Feature::Project, true)) =>
-                        {
-                            return Err("-O project needs inodes of 256 bytes or more (-I 256)".into());
                         }
                         _ => {}
                     }
@@ -738,13 +726,13 @@ mod tests {
         assert_eq!(ext4("").unwrap(), MkfsOptions::Ext4(vec![]));
         assert_eq!(xfs("  ").unwrap().words(), Vec::<String>::new());
         let options = ext4(
-            " -b 4096\t-i 16384 -I 512 -N 5000 -m 1 -O ^has_journal,metadata_csum,project \
+            " -b 4096\t-i 16384 -I 512 -N 5000 -m 1 -O ^has_journal,metadata_csum,large_dir \
              -E stride=16,stripe-width=64,root_owner=1000:100 -L data_01 -U 0123ABCD-0000-1111-2222-333344445555",
         )
         .unwrap();
         assert_eq!(
             options.words().join(" "),
-            "-b 4096 -i 16384 -I 512 -N 5000 -m 1 -O ^has_journal,metadata_csum,project \
+            "-b 4096 -i 16384 -I 512 -N 5000 -m 1 -O ^has_journal,metadata_csum,large_dir \
              -E stride=16,stripe_width=64,root_owner=1000:100 -L data_01 -U 0123abcd-0000-1111-2222-333344445555"
         );
         assert_eq!(options.block_size(), Some(BlockSize::K4));
@@ -794,7 +782,8 @@ mod tests {
             (FsType::Ext4, "-b 1024 -I 2048", "from 128 to 1024"),
             (FsType::Ext4, "-b 1024 -I 1024 -i 1024", "leaves no room"),
             (FsType::Ext4, "-b 2048 -I 1024 -i 1024", "leaves no room"),
-            (FsType::Ext4, "-I 128 -O project", "256 bytes"),
+            (FsType::Ext4, "-O project", "not a feature"),
+            (FsType::Ext4, "-O quota", "not a feature"),
             (FsType::Ext4, "-i 512", "from 1024"),
             (FsType::Ext4, "-N 0", "from 16"),
             (FsType::Ext4, "-N 99999999999", "from 16"),
