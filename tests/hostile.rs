@@ -1029,6 +1029,7 @@ async fn loop_volumes_are_made_large_enough_for_their_filesystem_and_options() {
 /// unmounted however the test ends.
 struct SectorDisk {
     device: String,
+    image: std::path::PathBuf,
     root: std::path::PathBuf,
 }
 
@@ -1044,7 +1045,8 @@ impl SectorDisk {
             .expect("losetup");
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let root = dir.join("root");
-        let disk = SectorDisk { device: String::from_utf8(out.stdout).unwrap().trim().to_owned(), root };
+        let device = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+        let disk = SectorDisk { device, image: image.canonicalize().unwrap(), root };
         let status = Command::new("mkfs.ext4").args(["-q", "-F", &disk.device]).status().expect("mkfs.ext4");
         assert!(status.success());
         std::fs::create_dir(&disk.root).unwrap();
@@ -1063,7 +1065,13 @@ impl SectorDisk {
 impl Drop for SectorDisk {
     fn drop(&mut self) {
         let _ = nix::mount::umount2(&self.root, nix::mount::MntFlags::MNT_DETACH);
-        let _ = std::process::Command::new("losetup").args(["-d", &self.device]).status();
+        // Only while it still backs our image: once the harness has detached
+        // it, the number may already belong to another test's device.
+        for device in loam::kernel::loopdev::list().unwrap_or_default() {
+            if device.backing_file == self.image && device.device == std::path::Path::new(&self.device) {
+                let _ = loam::kernel::loopdev::detach(&device.device);
+            }
+        }
     }
 }
 
