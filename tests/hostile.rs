@@ -959,6 +959,106 @@ impl Drop for LoopDevicesOf {
     }
 }
 
+/// The remaining fields of the remaining RPCs: node ids, volume paths,
+/// topology, snapshot parameters, capabilities where they are optional.
+fn other_field_rows(f: &Fixture) -> Vec<Row> {
+    let big = huge();
+    let attach = |node: &str, cap: Option<csi::VolumeCapability>| {
+        Call::Attach(csi::ControllerPublishVolumeRequest {
+            volume_id: f.volume.clone(),
+            node_id: node.into(),
+            volume_capability: cap,
+            ..Default::default()
+        })
+    };
+    let stats = |path: &str| {
+        Call::Stats(csi::NodeGetVolumeStatsRequest {
+            volume_id: f.volume.clone(),
+            volume_path: path.into(),
+            ..Default::default()
+        })
+    };
+    let node_expand = |range: Option<csi::CapacityRange>, cap: Option<csi::VolumeCapability>| {
+        Call::NodeExpand(csi::NodeExpandVolumeRequest {
+            volume_id: f.volume.clone(),
+            volume_path: f.target.clone(),
+            capacity_range: range,
+            volume_capability: cap,
+            ..Default::default()
+        })
+    };
+    let mut topology = create_request("hostile-topology", 1 << 20);
+    topology.accessibility_requirements = Some(csi::TopologyRequirement {
+        requisite: vec![csi::Topology { segments: map(&[("topology.loam.csi.dev/node", big.as_str())]) }],
+        preferred: vec![],
+    });
+    vec![
+        row(
+            "ControllerPublish: empty node id",
+            attach("", Some(mount_capability(Access::Writer))),
+            Code::InvalidArgument,
+        ),
+        row(
+            "ControllerPublish: 100 KB node id",
+            attach(&big, Some(mount_capability(Access::Writer))),
+            Code::InvalidArgument,
+        ),
+        row(
+            "ControllerPublish: unknown node",
+            attach("node-b", Some(mount_capability(Access::Writer))),
+            Code::NotFound,
+        ),
+        row("ControllerPublish: no capability", attach(NODE, None), Code::InvalidArgument),
+        row("ControllerPublish: bad mount flag", attach(NODE, Some(flags(&["x-weird"]))), Code::InvalidArgument),
+        row(
+            "ControllerUnpublish: 100 KB node id",
+            Call::Detach(csi::ControllerUnpublishVolumeRequest {
+                volume_id: f.volume.clone(),
+                node_id: big.clone(),
+                ..Default::default()
+            }),
+            Code::InvalidArgument,
+        ),
+        row("NodeGetVolumeStats: empty volume path", stats(""), Code::InvalidArgument),
+        row("NodeGetVolumeStats: 100 KB volume path", stats(&big), Code::InvalidArgument),
+        row("NodeGetVolumeStats: a path it is not published at", stats("/tmp/not-published-here"), Code::NotFound),
+        row(
+            "NodeExpand: negative capacity",
+            node_expand(Some(csi::CapacityRange { required_bytes: -1, limit_bytes: 0 }), None),
+            Code::InvalidArgument,
+        ),
+        row("NodeExpand: bad capability", node_expand(None, Some(flags(&["x-weird"]))), Code::InvalidArgument),
+        row(
+            "NodeExpand: empty volume path",
+            Call::NodeExpand(csi::NodeExpandVolumeRequest { volume_id: f.volume.clone(), ..Default::default() }),
+            Code::InvalidArgument,
+        ),
+        row("CreateVolume: topology naming a 100 KB node", Call::Create(topology), Code::ResourceExhausted),
+        row(
+            "CreateSnapshot: unknown parameter",
+            Call::Snapshot(csi::CreateSnapshotRequest {
+                source_volume_id: f.volume.clone(),
+                name: "hostile-snap-params".into(),
+                parameters: map(&[("color", "blue")]),
+                ..Default::default()
+            }),
+            Code::InvalidArgument,
+        ),
+        // No volume can have it, so none fits: OK with 0 bytes, as the spec asks.
+        row(
+            "GetCapacity: multi-node capability",
+            Call::Capacity(csi::GetCapacityRequest {
+                volume_capabilities: vec![capability(
+                    Mode::MultiNodeMultiWriter as i32,
+                    Some(AccessType::Mount(Default::default())),
+                )],
+                ..Default::default()
+            }),
+            Code::Ok,
+        ),
+    ]
+}
+
 #[tokio::test]
 async fn every_hostile_input_gets_its_code_never_internal_and_no_unbounded_echo() {
     let mut h = Harness::start().await;
@@ -979,6 +1079,7 @@ async fn every_hostile_input_gets_its_code_never_internal_and_no_unbounded_echo(
         secret_rows(&f),
         inline_rows(&f),
         group_rows(&f),
+        other_field_rows(&f),
     ]
     .into_iter()
     .flatten()

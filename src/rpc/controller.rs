@@ -250,6 +250,10 @@ impl Controller for ControllerService {
         let driver = self.driver.clone();
         traced("ControllerUnpublishVolume", &req.volume_id.clone(), async move {
             validate::required_id("volume id", &req.volume_id)?;
+            // Optional (empty: every node), but never unbounded.
+            if !req.node_id.is_empty() {
+                validate::required_id("node id", &req.node_id)?;
+            }
             let Ok(key) = driver.volume_key(&req.volume_id) else {
                 // Not this node's volume, so not attached here: done.
                 return Ok(csi::ControllerUnpublishVolumeResponse {});
@@ -382,6 +386,7 @@ impl Controller for ControllerService {
         traced("CreateSnapshot", &req.name.clone(), async move {
             validate_name("snapshot", &req.name)?;
             validate::required_id("source volume id", &req.source_volume_id)?;
+            validate::snapshot_parameters(&req.parameters)?;
             let key = driver.key_for(Kind::Snapshot, &req.name);
             let guard = driver.claim(Kind::Snapshot, key)?;
             let record = blocking(move || {

@@ -197,6 +197,19 @@ pub fn group_snapshot_parameters(params: &HashMap<String, String>) -> Result<()>
     }
 }
 
+/// VolumeSnapshotClass parameters: Loam takes none, and refuses unknown keys
+/// (as it does StorageClass ones) so a typo fails loudly.
+pub fn snapshot_parameters(params: &HashMap<String, String>) -> Result<()> {
+    parameters(params)?;
+    match params.keys().find(|k| !k.starts_with(CO_PARAMETER_PREFIX)) {
+        Some(key) => Err(Error::InvalidArgument(format!(
+            "unknown snapshot parameter {}: Loam's snapshots take no parameters",
+            quote(key)
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// The source a new volume starts from.
 pub fn content_source(source: Option<&csi::VolumeContentSource>) -> Result<Option<ContentSource>> {
     use csi::volume_content_source::Type;
