@@ -61,6 +61,20 @@ pub enum Error {
     },
 }
 
+/// Most bytes of caller text an error message quotes.
+pub const MAX_QUOTED: usize = 128;
+
+/// Quotes text a caller sent (an id, a token, a parameter) for an error
+/// message, cut to [`MAX_QUOTED`] bytes: a reply that echoed a 100 KB field
+/// would itself exceed the client's message limit.
+pub fn quote(text: &str) -> String {
+    if text.len() <= MAX_QUOTED {
+        return format!("{text:?}");
+    }
+    let end = (0..=MAX_QUOTED).rev().find(|&i| text.is_char_boundary(i)).unwrap_or(0);
+    format!("{:?}... ({} bytes)", &text[..end], text.len())
+}
+
 /// Shorthand for results of driver operations.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -126,6 +140,15 @@ mod tests {
         // fallocate's error is rewrapped with a message, keeping only the kind.
         let rewrapped = io::Error::new(io::ErrorKind::StorageFull, "fallocate 64 bytes: ENOSPC");
         assert_eq!(Status::from(Error::io("allocating", rewrapped)).code(), Code::ResourceExhausted);
+    }
+
+    #[test]
+    fn quotes_are_bounded_and_keep_short_text_whole() {
+        assert_eq!(quote("a\"b"), "\"a\\\"b\"");
+        let long = "é".repeat(100_000);
+        let quoted = quote(&long);
+        assert!(quoted.len() < 2 * MAX_QUOTED, "{}", quoted.len());
+        assert!(quoted.ends_with("(200000 bytes)"), "{quoted}");
     }
 
     #[test]

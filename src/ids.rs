@@ -144,7 +144,8 @@ pub fn validate_node_id(node: &str) -> Result<()> {
         Ok(())
     } else {
         Err(Error::InvalidArgument(format!(
-            "node id {node:?} is not usable: it must be 1 to {MAX_NODE_ID_LEN} bytes of letters, digits, '.', '-' or '_'"
+            "node id {} is not usable: it must be 1 to {MAX_NODE_ID_LEN} bytes of letters, digits, '.', '-' or '_'",
+            crate::error::quote(node)
         )))
     }
 }

@@ -2,12 +2,15 @@
 //! Loam reads (inline volume attributes, `loam ctl` options), so `1.5Gi` is
 //! accepted or refused the same way everywhere.
 
+use crate::error::quote;
+
 /// A size in bytes: digits with an optional fraction and an optional suffix,
 /// decimal (`k`, `M`, `G`, `T`, `P`, `E`) or binary (`Ki` ... `Ei`). A
 /// fraction of a byte rounds up, as Kubernetes rounds it. Signs, exponents,
 /// milli (`m`), other suffixes and sizes beyond `u64` are refused with a
-/// message that says how to write it.
+/// message that says how to write it (quoting at most the start of `text`).
 pub fn parse(text: &str) -> std::result::Result<u64, String> {
+    let quoted = quote(text);
     let split = text.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(text.len());
     let (number, suffix) = text.split_at(split);
     let multiplier: u128 = match suffix {
@@ -24,10 +27,10 @@ pub fn parse(text: &str) -> std::result::Result<u64, String> {
         "Ti" => 1 << 40,
         "Pi" => 1 << 50,
         "Ei" => 1 << 60,
-        "m" => return Err(format!("{text:?} is thousandths of a byte (m is milli); for mebibytes write Mi")),
+        "m" => return Err(format!("{quoted} is thousandths of a byte (m is milli); for mebibytes write Mi")),
         _ => {
             return Err(format!(
-                "{text:?} is not a size: write bytes or a quantity such as 64Mi or 1Gi \
+                "{quoted} is not a size: write bytes or a quantity such as 64Mi or 1Gi \
                  (suffixes k, M, G, T, P, E, Ki, Mi, Gi, Ti, Pi, Ei)"
             ));
         }
@@ -35,16 +38,16 @@ pub fn parse(text: &str) -> std::result::Result<u64, String> {
     let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
     let digits = whole.len() + fraction.len();
     if whole.is_empty() || fraction.contains('.') || (number.contains('.') && fraction.is_empty()) {
-        return Err(format!("{text:?} is not a size: write bytes or a quantity such as 64Mi or 1Gi"));
+        return Err(format!("{quoted} is not a size: write bytes or a quantity such as 64Mi or 1Gi"));
     }
     // 20 digits times the largest suffix stay well inside u128.
     if digits > 20 {
-        return Err(format!("{text:?} has more than 20 digits"));
+        return Err(format!("{quoted} has more than 20 digits"));
     }
-    let mantissa: u128 = format!("{whole}{fraction}").parse().map_err(|_| format!("{text:?} is not a size"))?;
+    let mantissa: u128 = format!("{whole}{fraction}").parse().map_err(|_| format!("{quoted} is not a size"))?;
     let scale = (0..fraction.len()).fold(1u128, |scale, _| scale * 10);
     let bytes = (mantissa * multiplier).div_ceil(scale);
-    u64::try_from(bytes).map_err(|_| format!("{text:?} is more bytes than any volume can have"))
+    u64::try_from(bytes).map_err(|_| format!("{quoted} is more bytes than any volume can have"))
 }
 
 #[cfg(test)]

@@ -25,9 +25,6 @@ use crate::kernel::mountinfo::{self, MountEntry};
 use crate::kernel::usage::fs_usage;
 use crate::records::{Capability, LoopSpec};
 
-/// Smallest filesystem mkfs.xfs accepts; xfs volumes are rounded up to it.
-pub const XFS_MIN_BYTES: u64 = 300 << 20;
-
 /// Image-file volumes and their snapshots under one root.
 #[derive(Debug)]
 pub struct LoopBackend {
@@ -66,7 +63,30 @@ impl LoopBackend {
             let file = OpenOptions::new().write(true).open(tmp)?;
             resize(&file, capacity, spec.thick)?;
             file.sync_all()
-        })
+        })?;
+        // A copy is formatted already; an empty image will be formatted on a
+        // device whose sectors may be larger than the options' block size.
+        let fits = if source.is_none() { self.check_block_size(&path, spec) } else { Ok(()) };
+        if fits.is_err() {
+            remove_file(&path)?;
+        }
+        fits
+    }
+
+    /// Refuses mkfsOptions whose filesystem block is smaller than the sectors
+    /// of the loop device the image will get: mkfs cannot make it there.
+    fn check_block_size(&self, image: &Path, spec: &LoopSpec) -> Result<()> {
+        let Some(block) = crate::backend::filesystem_of(spec)?.1.block_size() else { return Ok(()) };
+        let sector =
+            loopdev::block_size_for(image).context(|| format!("reading the sector size for {}", image.display()))?;
+        if block.bytes() < u64::from(sector) {
+            return Err(Error::InvalidArgument(format!(
+                "mkfsOptions ask for {}-byte filesystem blocks, but loop devices on this node's root have {sector}-byte \
+                 sectors; ask for at least {sector} or leave the block size out",
+                block.bytes()
+            )));
+        }
+        Ok(())
     }
 
     /// Grows the image to `capacity` and tells attached devices about it; a
@@ -166,7 +186,7 @@ impl LoopBackend {
             return Ok(());
         }
         match blockfs::probe(&device.device).context(|| format!("probing {}", device.device.display()))? {
-            Content::Empty => blockfs::mkfs(&device.device, fs, spec.thick, &spec.mkfs_options)
+            Content::Empty => blockfs::mkfs(&device.device, fs, spec.thick, &crate::backend::filesystem_of(spec)?.1)
                 .context(|| format!("formatting {} as {}", device.device.display(), fs.name()))?,
             Content::Filesystem(found) if same_family(&found, fs) => {}
             Content::Filesystem(found) => {

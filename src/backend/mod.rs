@@ -9,8 +9,9 @@ pub mod loopback;
 
 use std::collections::BTreeMap;
 
-use crate::error::{Error, Result};
-use crate::kernel::blockfs::{self, FsType};
+use crate::error::{Error, Result, quote};
+use crate::kernel::blockfs::FsType;
+use crate::kernel::mkfs_options::MkfsOptions;
 pub use crate::records::{BackendKind, LoopSpec};
 
 /// The StorageClass parameter that picks the backend.
@@ -31,7 +32,8 @@ pub fn parse_parameters(parameters: &BTreeMap<String, String>) -> Result<(Backen
         Some("loop") => BackendKind::Loop,
         Some(other) => {
             return Err(Error::InvalidArgument(format!(
-                "parameter {BACKEND_PARAM}={other:?} is not a backend this driver has; use \"dir\" or \"loop\""
+                "parameter {BACKEND_PARAM}={} is not a backend this driver has; use \"dir\" or \"loop\"",
+                quote(other)
             )));
         }
     };
@@ -42,7 +44,8 @@ pub fn parse_parameters(parameters: &BTreeMap<String, String>) -> Result<(Backen
     for key in parameters.keys() {
         if key != BACKEND_PARAM && !key.starts_with(CO_PARAMETER_PREFIX) && !accepted.contains(&key.as_str()) {
             return Err(Error::InvalidArgument(format!(
-                "unknown StorageClass parameter {key:?} for backend {kind:?}; accepted: {BACKEND_PARAM}{}",
+                "unknown StorageClass parameter {} for backend {kind:?}; accepted: {BACKEND_PARAM}{}",
+                quote(key),
                 accepted.iter().map(|k| format!(", {k}")).collect::<String>()
             )));
         }
@@ -51,20 +54,44 @@ pub fn parse_parameters(parameters: &BTreeMap<String, String>) -> Result<(Backen
         return Ok((kind, None));
     }
     let fs_type = parameters.get("fsType").map_or("ext4", String::as_str);
-    let fs = FsType::parse(fs_type)
-        .ok_or_else(|| Error::InvalidArgument(format!("fsType {fs_type:?} is not supported; use ext4 or xfs")))?;
+    let fs = FsType::parse(fs_type).ok_or_else(|| {
+        Error::InvalidArgument(format!("fsType {} is not supported; use ext4 or xfs", quote(fs_type)))
+    })?;
     let thick = match parameters.get("provisioning").map(String::as_str) {
         None | Some("thick") => true,
         Some("thin") => false,
         Some(other) => {
-            return Err(Error::InvalidArgument(format!("provisioning {other:?} must be \"thick\" or \"thin\"")));
+            return Err(Error::InvalidArgument(format!("provisioning {} must be \"thick\" or \"thin\"", quote(other))));
         }
     };
     let mkfs_options = match parameters.get("mkfsOptions") {
-        Some(text) => blockfs::parse_mkfs_options(text).map_err(Error::InvalidArgument)?,
-        None => Vec::new(),
+        Some(text) => {
+            MkfsOptions::parse(fs, text).map_err(|why| Error::InvalidArgument(format!("mkfsOptions: {why}")))?
+        }
+        None => MkfsOptions::none(fs),
     };
-    Ok((kind, Some(LoopSpec { fs_type: fs.name().to_owned(), thick, mkfs_options })))
+    Ok((kind, Some(LoopSpec { fs_type: fs.name().to_owned(), thick, mkfs_options: mkfs_options.words() })))
+}
+
+/// The filesystem and mkfs options a `loop` volume is formatted with, read
+/// back from its spec. Options a record holds but Loam no longer accepts
+/// (written by an older version, or edited) are refused before mkfs runs.
+pub fn filesystem_of(spec: &LoopSpec) -> Result<(FsType, MkfsOptions)> {
+    let fs = FsType::parse(&spec.fs_type)
+        .ok_or_else(|| Error::Damaged(format!("volume record names unknown fsType {:?}", spec.fs_type)))?;
+    let options = MkfsOptions::from_words(fs, &spec.mkfs_options).map_err(|why| {
+        Error::FailedPrecondition(format!(
+            "the volume's mkfsOptions are no longer accepted ({why}); it was never formatted, so delete it and \
+             create it again with accepted options"
+        ))
+    })?;
+    Ok((fs, options))
+}
+
+/// The least capacity a `loop` volume with `spec` can have: its filesystem's
+/// minimum for its mkfs options (capacities below are rounded up to it).
+pub fn min_capacity(spec: &LoopSpec) -> Result<u64> {
+    Ok(filesystem_of(spec)?.1.min_bytes())
 }
 
 /// The parameters a VolumeAttributesClass may change on a `loop` volume
@@ -82,7 +109,8 @@ pub fn parse_mutable_parameters(kind: BackendKind, mutable: &BTreeMap<String, St
     if let Some(key) = mutable.keys().find(|k| !accepted.contains(&k.as_str())) {
         let can = if accepted.is_empty() { "none".to_owned() } else { accepted.join(", ") };
         return Err(Error::InvalidArgument(format!(
-            "mutable parameter {key:?} cannot be set on a {kind:?} volume; mutable parameters of {kind:?} volumes: {can}"
+            "mutable parameter {} cannot be set on a {kind:?} volume; mutable parameters of {kind:?} volumes: {can}",
+            quote(key)
         )));
     }
     match mutable.get("provisioning").map(String::as_str) {
@@ -90,7 +118,8 @@ pub fn parse_mutable_parameters(kind: BackendKind, mutable: &BTreeMap<String, St
         Some("thick") => Ok(Some(true)),
         Some("thin") => Ok(Some(false)),
         Some(other) => Err(Error::InvalidArgument(format!(
-            "mutable parameter provisioning {other:?} must be \"thick\" or \"thin\""
+            "mutable parameter provisioning {} must be \"thick\" or \"thin\"",
+            quote(other)
         ))),
     }
 }

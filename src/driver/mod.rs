@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use crate::backend::dir::DirBackend;
-use crate::backend::loopback::{LoopBackend, XFS_MIN_BYTES};
+use crate::backend::loopback::LoopBackend;
 use crate::config::{Config, QuotaMode, TOPOLOGY_NODE_KEY};
 use crate::error::{Error, IoContext, Result};
 use crate::guard::{Guard, InFlight};

@@ -25,7 +25,8 @@ impl Driver {
             && !allowed.iter().any(|n| n == &self.config.node_id)
         {
             return Err(Error::ResourceExhausted(format!(
-                "the topology requirement allows nodes {allowed:?}, but this driver serves node {}",
+                "the topology requirement allows nodes {}, but this driver serves node {}",
+                crate::error::quote(&allowed.join(", ")),
                 self.config.node_id
             )));
         }
@@ -44,8 +45,8 @@ impl Driver {
             )));
         }
         let fs_floor = match &req.loop_spec {
-            Some(spec) if spec.fs_type == "xfs" => XFS_MIN_BYTES,
-            _ => 0,
+            Some(spec) => crate::backend::min_capacity(spec)?,
+            None => 0,
         };
         let capacity = req.capacity.choose(source_floor.max(fs_floor))?;
         let free = self.capacity()?;

@@ -15,13 +15,11 @@ use nix::errno::Errno;
 use nix::fcntl::{FallocateFlags, OFlag, fallocate, open};
 use nix::sys::stat::Mode;
 
+use super::mkfs_options::MkfsOptions;
 use super::mount::MountFlags;
 
 /// How much of a device `probe` reads: signatures and "is it blank".
 const PROBE_LEN: usize = 1 << 20;
-
-/// Most words a StorageClass's mkfsOptions may have.
-const MAX_MKFS_WORDS: usize = 16;
 
 /// Longest stderr kept in an error, so a chatty tool cannot flood logs.
 const MAX_STDERR: usize = 4096;
@@ -134,44 +132,32 @@ fn ext_flavour(head: &[u8]) -> Option<&'static str> {
     })
 }
 
-/// Formats `device` with `fs`, never discarding; `extra` goes before the device.
+/// Formats `device` with `fs`, never discarding, with the volume's `options`.
 ///
 /// With `thick`, ext4's inode tables are zeroed now rather than by the
 /// kernel after the first mount: the kernel zeroes them with write-zeroes
 /// requests, which a loop device turns into holes punched in its image, so a
 /// thick image would lose part of its allocation (mke2fs zeroes keeping it).
-/// `extra` must come from `parse_mkfs_options`. The error names the program,
-/// its exit status and its stderr.
-pub fn mkfs(device: &Path, fs: FsType, thick: bool, extra: &[String]) -> io::Result<()> {
+/// The error names the program, its exit status and its stderr.
+pub fn mkfs(device: &Path, fs: FsType, thick: bool, options: &MkfsOptions) -> io::Result<()> {
     let mut args: Vec<String> = Vec::new();
     match fs {
         FsType::Ext4 => {
-            // mke2fs keeps only the last -E, so the user's extended options
+            // mke2fs keeps only the last -E, so the volume's extended options
             // are merged into ours rather than allowed to drop nodiscard.
-            let mut extended = String::from("nodiscard");
-            let mut rest = Vec::new();
-            let mut words = extra.iter();
-            while let Some(word) = words.next() {
-                if word == "-E" {
-                    if let Some(value) = words.next() {
-                        extended.push(',');
-                        extended.push_str(value);
-                    }
-                } else {
-                    rest.push(word.clone());
-                }
-            }
+            let mut extended = vec!["nodiscard".to_owned()];
+            extended.extend(options.ext4_extended());
             if thick {
-                // Last, so no user option turns lazy initialisation back on.
-                extended.push_str(",lazy_itable_init=0");
+                // Last, so no option turns lazy initialisation back on.
+                extended.push("lazy_itable_init=0".to_owned());
             }
             args.extend(["-F", "-m", "0", "-E"].map(String::from));
-            args.push(extended);
-            args.extend(rest);
+            args.push(extended.join(","));
+            args.extend(options.words_without_extended());
         }
         FsType::Xfs => {
             args.extend(["-f", "-K"].map(String::from));
-            args.extend(extra.iter().cloned());
+            args.extend(options.words());
         }
     }
     let program = match fs {
@@ -181,87 +167,6 @@ pub fn mkfs(device: &Path, fs: FsType, thick: bool, extra: &[String]) -> io::Res
     let mut command = Command::new(program);
     command.args(&args).arg(device);
     run(command, program)
-}
-
-/// Validates a StorageClass's mkfsOptions into words for `mkfs`; the error explains what is wrong.
-///
-/// Each word is a flag `-X` or the single argument of the flag before it,
-/// made of `[A-Za-z0-9=,._:-]`. Refused: force flags and positional words
-/// (Loam adds those), paths, anything that makes mkfs not format
-/// (dry runs, version), write elsewhere (undo files, external journals,
-/// populating from host files) or re-enable discard.
-pub fn parse_mkfs_options(text: &str) -> Result<Vec<String>, String> {
-    let words: Vec<&str> = text.split_whitespace().collect();
-    if words.len() > MAX_MKFS_WORDS {
-        return Err(format!("mkfsOptions has {} words; at most {MAX_MKFS_WORDS} are allowed", words.len()));
-    }
-    let is_flag = |w: &str| w.len() == 2 && w.starts_with('-') && w.as_bytes()[1].is_ascii_alphabetic();
-    let mut previous_flag: Option<&str> = None;
-    for word in &words {
-        if word.starts_with('/') {
-            return Err(format!("mkfsOptions: {word:?} is a path; Loam names the device itself"));
-        }
-        if is_flag(word) {
-            if let Some(flag) = previous_flag {
-                check_flag(flag, None)?;
-            }
-            match *word {
-                "-F" | "-f" => return Err(format!("mkfsOptions: {word} (force) is added by Loam")),
-                "-V" | "-S" => {
-                    return Err(format!(
-                        "mkfsOptions: {word} would not format the volume (dry run, version only or superblock-only write)"
-                    ));
-                }
-                "-z" | "-p" | "-t" => {
-                    return Err(format!(
-                        "mkfsOptions: {word} is not allowed (undo file, prototype file or a different filesystem type)"
-                    ));
-                }
-                _ => {}
-            }
-            previous_flag = Some(word);
-            continue;
-        }
-        if word.starts_with('-') {
-            return Err(format!("mkfsOptions: {word:?} is not a single-letter flag like -b"));
-        }
-        let Some(flag) = previous_flag.take() else {
-            return Err(format!(
-                "mkfsOptions: {word:?} is not the argument of a flag; Loam adds the device and size itself"
-            ));
-        };
-        if let Some(bad) = word.chars().find(|c| !(c.is_ascii_alphanumeric() || "=,._:-".contains(*c))) {
-            return Err(format!("mkfsOptions: argument {word:?} of {flag} contains {bad:?}"));
-        }
-        check_flag(flag, Some(word))?;
-    }
-    if let Some(flag) = previous_flag {
-        check_flag(flag, None)?;
-    }
-    Ok(words.into_iter().map(String::from).collect())
-}
-
-/// Refuses flag/argument pairs that mean different, dangerous things to mke2fs and mkfs.xfs.
-fn check_flag(flag: &str, argument: Option<&str>) -> Result<(), String> {
-    match (flag, argument) {
-        // xfs takes key=value sections here; mke2fs reads a host directory
-        // (-d), a bad-block file (-l) or does a dry run (-n).
-        ("-d" | "-l" | "-n", None) => Err(format!("mkfsOptions: {flag} needs a key=value argument")),
-        ("-d" | "-l" | "-n", Some(arg)) if !arg.contains('=') => {
-            Err(format!("mkfsOptions: {flag} {arg}: only key=value arguments are allowed"))
-        }
-        // mke2fs -N counts inodes; mkfs.xfs -N alone is a dry run.
-        ("-N", None) => Err("mkfsOptions: -N needs a number (a dry run would not format)".to_string()),
-        // mkfs.xfs -c reads a config file; mke2fs -c alone checks bad blocks.
-        ("-c", Some(arg)) => Err(format!("mkfsOptions: -c {arg}: configuration files are not allowed")),
-        ("-J", Some(arg)) if arg.contains("device") => {
-            Err(format!("mkfsOptions: -J {arg}: external journal devices are not allowed"))
-        }
-        ("-E", Some(arg)) if arg.split(',').any(|o| o == "discard") => {
-            Err("mkfsOptions: -E discard would make thick volumes sparse".to_string())
-        }
-        _ => Ok(()),
-    }
 }
 
 /// Whether this process may grow a mounted `fs`: the kernel's ext4 online
@@ -483,10 +388,6 @@ mod tests {
         assert!(found, "{program} is not installed: install e2fsprogs and xfsprogs (scripts/test.sh does)");
     }
 
-    fn owned(words: &[&str]) -> Vec<String> {
-        words.iter().map(|w| w.to_string()).collect()
-    }
-
     #[test]
     fn fs_type_names_round_trip() {
         for fs in [FsType::Ext4, FsType::Xfs] {
@@ -495,54 +396,6 @@ mod tests {
         for other in ["", "EXT4", "ext3", "btrfs", "xfs "] {
             assert_eq!(FsType::parse(other), None, "{other:?}");
         }
-    }
-
-    #[test]
-    fn accepts_ordinary_mkfs_options() {
-        assert_eq!(parse_mkfs_options("").expect("empty"), Vec::<String>::new());
-        assert_eq!(parse_mkfs_options("  -b 4096\t-q ").expect("ok"), owned(&["-b", "4096", "-q"]));
-        let ext4 = "-i 16384 -I 256 -O metadata_csum,64bit -E lazy_itable_init=0,stride=16 -L data_01 -j -c";
-        assert_eq!(parse_mkfs_options(ext4).expect("ext4").len(), 12);
-        let xfs = "-d su=64k,sw=4 -l size=64m -n size=8192 -i size=512 -m reflink=1,crc=1 -s size=4096";
-        assert_eq!(parse_mkfs_options(xfs).expect("xfs").len(), 12);
-        assert_eq!(parse_mkfs_options("-N 100000").expect("inode count"), owned(&["-N", "100000"]));
-    }
-
-    #[test]
-    fn refuses_dangerous_mkfs_options() {
-        for (text, why) in [
-            ("-F", "force"),
-            ("-f", "force"),
-            ("-b 4096 1000", "not the argument"),
-            ("1000", "not the argument"),
-            ("/dev/sda", "path"),
-            ("-L /etc", "path"),
-            ("-L a/b", "contains '/'"),
-            ("-L a;b", "contains ';'"),
-            ("-L $(id)", "contains '$'"),
-            ("-qF", "single-letter"),
-            ("--force", "single-letter"),
-            ("-b -1", "single-letter"),
-            ("-n", "key=value"),
-            ("-n -q", "key=value"),
-            ("-d etc", "key=value"),
-            ("-l badblocks", "key=value"),
-            ("-N", "dry run"),
-            ("-V", "dry run"),
-            ("-S", "dry run"),
-            ("-z undo", "undo"),
-            ("-p proto", "prototype"),
-            ("-t ext2", "filesystem type"),
-            ("-c options=my.conf", "configuration"),
-            ("-J device=UUID=1234", "external journal"),
-            ("-E nodiscard,discard", "sparse"),
-        ] {
-            let err = parse_mkfs_options(text).expect_err(text);
-            assert!(err.contains(why), "{text:?}: {err}");
-        }
-        let many = "-q ".repeat(17);
-        assert!(parse_mkfs_options(&many).expect_err("too many").contains("at most 16"));
-        assert_eq!(parse_mkfs_options(&"-q ".repeat(16)).expect("16 words").len(), 16);
     }
 
     fn probe_bytes(bytes: &[(usize, &[u8])], len: usize) -> Content {
@@ -616,7 +469,8 @@ mod tests {
         let path = dir.path().join("fs.img");
         thick_image(&path, 32 << 20);
         assert_eq!(probe(&path).expect("probe"), Content::Empty);
-        mkfs(&path, FsType::Ext4, true, &owned(&["-E", "lazy_itable_init=1", "-L", "loam"])).expect("mkfs");
+        let options = MkfsOptions::parse(FsType::Ext4, "-E lazy_itable_init=1 -L loam").expect("options");
+        mkfs(&path, FsType::Ext4, true, &options).expect("mkfs");
         assert_eq!(probe(&path).expect("probe"), Content::Filesystem("ext4".to_string()));
         let allocated = allocated_bytes(&path).expect("allocated");
         eprintln!("after mkfs.ext4: {allocated} of {} bytes allocated", 32 << 20);
@@ -624,7 +478,7 @@ mod tests {
         // Nothing left for the kernel to zero after mounting, which on a loop
         // device would punch holes in the image.
         assert_eq!(groups_not_zeroed(&path), 0, "a thick image leaves inode tables to the kernel");
-        mkfs(&path, FsType::Ext4, false, &[]).expect("mkfs thin");
+        mkfs(&path, FsType::Ext4, false, &MkfsOptions::none(FsType::Ext4)).expect("mkfs thin");
         assert!(groups_not_zeroed(&path) > 0, "a thin image should leave them (and its holes) to the kernel");
     }
 
@@ -645,7 +499,7 @@ mod tests {
         let path = dir.path().join("small.img");
         thick_image(&path, 16 << 20);
         // mkfs.xfs refuses filesystems this small.
-        let err = mkfs(&path, FsType::Xfs, true, &[]).expect_err("too small");
+        let err = mkfs(&path, FsType::Xfs, true, &MkfsOptions::none(FsType::Xfs)).expect_err("too small");
         let text = err.to_string();
         eprintln!("{text}");
         assert!(text.contains("mkfs.xfs") && text.contains("exit status"), "{text}");
@@ -678,7 +532,7 @@ mod tests {
         eprintln!("attached {dev:?}");
 
         assert_eq!(probe(&dev.device).expect("probe"), Content::Empty);
-        mkfs(&dev.device, FsType::Ext4, true, &[]).expect("mkfs");
+        mkfs(&dev.device, FsType::Ext4, true, &MkfsOptions::none(FsType::Ext4)).expect("mkfs");
         assert_eq!(probe(&dev.device).expect("probe"), Content::Filesystem("ext4".to_string()));
         let allocated = allocated_bytes(&image).expect("allocated");
         eprintln!("after mkfs.ext4 through the loop device: {allocated} of {} bytes allocated", 64 << 20);
@@ -731,7 +585,8 @@ mod tests {
         let dev = loopdev::attach(&image, AttachOptions { read_only: false, direct_io: true }).expect("attach");
         let _guard = Attached(dev.device.clone());
 
-        mkfs(&dev.device, FsType::Xfs, false, &owned(&["-m", "crc=1"])).expect("mkfs.xfs");
+        let options = MkfsOptions::parse(FsType::Xfs, "-m reflink=1").expect("options");
+        mkfs(&dev.device, FsType::Xfs, false, &options).expect("mkfs.xfs");
         assert_eq!(probe(&dev.device).expect("probe"), Content::Filesystem("xfs".to_string()));
         let mnt = dir.path().join("mnt");
         std::fs::create_dir(&mnt).expect("mkdir");
@@ -756,7 +611,7 @@ mod tests {
         let dir = scratch_dir();
         let image = dir.path().join("ro.img");
         thick_image(&image, 32 << 20);
-        mkfs(&image, FsType::Ext4, true, &[]).expect("mkfs");
+        mkfs(&image, FsType::Ext4, true, &MkfsOptions::none(FsType::Ext4)).expect("mkfs");
         let dev = loopdev::attach(&image, AttachOptions { read_only: true, direct_io: false }).expect("attach");
         let _guard = Attached(dev.device.clone());
         let mnt = dir.path().join("mnt");

@@ -435,6 +435,12 @@ fn read_sysfs(number: u32) -> io::Result<Option<LoopDevice>> {
     }))
 }
 
+/// The logical block size a direct-I/O attachment of `image` gets (see
+/// [`attach`]): the smallest filesystem block a volume on it can have.
+pub fn block_size_for(image: &Path) -> io::Result<u32> {
+    dio_alignment(&File::open(image)?)
+}
+
 /// The logical block size that lets the kernel do direct I/O to `backing`.
 ///
 /// The file's own direct-I/O offset alignment (statx STATX_DIOALIGN, Linux
@@ -675,7 +681,8 @@ pub(crate) mod tests {
         let disk = attach_file(&outer_image, &backing, AttachOptions::default(), 4096).expect("attach 4k disk");
         let _disk_guard = Attached(disk.device.clone());
         assert_eq!(disk.block_size, 4096);
-        blockfs::mkfs(&disk.device, FsType::Ext4, true, &[]).expect("mkfs");
+        let none = crate::kernel::mkfs_options::MkfsOptions::none(FsType::Ext4);
+        blockfs::mkfs(&disk.device, FsType::Ext4, true, &none).expect("mkfs");
         let mnt = dir.path().join("mnt");
         fs::create_dir(&mnt).expect("mkdir");
         let _mount_guard = Mounted(mnt.clone());

@@ -9,3 +9,4 @@ pub mod usage;
 
 pub mod blockfs;
 pub mod loopdev;
+pub mod mkfs_options;

@@ -51,7 +51,8 @@ impl MountFlags {
         for flag in flags {
             if flag.is_empty() || flag.len() > MAX_FLAG_LEN || flag.contains('=') || flag.contains('\0') {
                 return Err(format!(
-                    "invalid mount flag {flag:?}: only plain flag words are accepted ({ACCEPTED_FLAGS})"
+                    "invalid mount flag {}: only plain flag words are accepted ({ACCEPTED_FLAGS})",
+                    crate::error::quote(flag)
                 ));
             }
             match flag.as_str() {

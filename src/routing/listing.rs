@@ -10,7 +10,7 @@
 use std::fmt;
 use std::future::Future;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, quote};
 use crate::ids::{Key, validate_node_id};
 
 /// Where a merged listing resumes.
@@ -28,7 +28,7 @@ impl Cursor {
         if token.is_empty() {
             return Ok(None);
         }
-        let bad = || Error::Aborted(format!("starting token {token:?} is not valid; restart the listing"));
+        let bad = || Error::Aborted(format!("starting token {} is not valid; restart the listing", quote(token)));
         let (node, inner) = token.split_once('/').ok_or_else(bad)?;
         validate_node_id(node).map_err(|_| bad())?;
         if !inner.is_empty() && Key::parse(inner).is_none() {

@@ -8,7 +8,7 @@ use crate::backend;
 use crate::csi::controller_service_capability::{self, rpc::Type as Cap};
 use crate::csi::{self, controller_server::Controller};
 use crate::driver::{Condition, Driver, NewVolume, topology};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, quote};
 use crate::ids::{Key, Kind, validate_name};
 use crate::records::{ContentSource, Enforcement, SnapshotRecord, VolumeRecord};
 use crate::rpc::{blocking, traced, validate};
@@ -134,7 +134,7 @@ fn page_token(token: &str) -> Result<Option<Key>> {
     }
     Key::parse(token)
         .map(Some)
-        .ok_or_else(|| Error::Aborted(format!("starting token {token:?} is not valid; restart the listing")))
+        .ok_or_else(|| Error::Aborted(format!("starting token {} is not valid; restart the listing", quote(token))))
 }
 
 fn max_entries(max: i32) -> Result<usize> {
@@ -250,6 +250,10 @@ impl Controller for ControllerService {
         let driver = self.driver.clone();
         traced("ControllerUnpublishVolume", &req.volume_id.clone(), async move {
             validate::required_id("volume id", &req.volume_id)?;
+            // Optional (empty: every node), but never unbounded.
+            if !req.node_id.is_empty() {
+                validate::required_id("node id", &req.node_id)?;
+            }
             let Ok(key) = driver.volume_key(&req.volume_id) else {
                 // Not this node's volume, so not attached here: done.
                 return Ok(csi::ControllerUnpublishVolumeResponse {});
@@ -382,6 +386,7 @@ impl Controller for ControllerService {
         traced("CreateSnapshot", &req.name.clone(), async move {
             validate_name("snapshot", &req.name)?;
             validate::required_id("source volume id", &req.source_volume_id)?;
+            validate::snapshot_parameters(&req.parameters)?;
             let key = driver.key_for(Kind::Snapshot, &req.name);
             let guard = driver.claim(Kind::Snapshot, key)?;
             let record = blocking(move || {

@@ -228,6 +228,10 @@ impl Node for NodeService {
     ) -> Result<Response<csi::NodeExpandVolumeResponse>, Status> {
         let req = request.into_inner();
         traced("NodeExpandVolume", &req.volume_id.clone(), async move {
+            // Optional, but a capability Loam cannot serve is refused as such.
+            if req.volume_capability.is_some() {
+                validate::capability(req.volume_capability.as_ref())?;
+            }
             let (key, path) = self.volume_and_path(&req.volume_id, &req.volume_path)?;
             let range = validate::capacity(req.capacity_range.as_ref())?.unwrap_or_default();
             let driver = self.driver.clone();

@@ -10,7 +10,7 @@ use crate::csi;
 use crate::csi::volume_capability::AccessType;
 use crate::csi::volume_capability::access_mode::Mode;
 use crate::driver::{CapacityRange, EphemeralVolume};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, quote};
 use crate::kernel::mount::MountFlags;
 use crate::records::{AccessMode, Capability, ContentSource, Ephemeral};
 
@@ -46,7 +46,8 @@ pub fn caller_path(what: &str, raw: &str, root: &Path) -> Result<PathBuf> {
         && path.components().all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
     if !normal {
         return Err(Error::InvalidArgument(format!(
-            "{what} {raw:?} must be an absolute path without '.' or '..' components"
+            "{what} {} must be an absolute path without '.' or '..' components",
+            quote(raw)
         )));
     }
     // Resolve what exists of it, so a symlink cannot lead into the root.
@@ -56,7 +57,8 @@ pub fn caller_path(what: &str, raw: &str, root: &Path) -> Result<PathBuf> {
         .unwrap_or_else(|| path.to_owned());
     if resolved.starts_with(root) || root.starts_with(&resolved) {
         return Err(Error::InvalidArgument(format!(
-            "{what} {raw:?} overlaps the driver's root {}; pick a path outside it",
+            "{what} {} overlaps the driver's root {}; pick a path outside it",
+            quote(raw),
             root.display()
         )));
     }
@@ -110,12 +112,15 @@ pub fn capability(cap: Option<&csi::VolumeCapability>) -> Result<Capability> {
             let fs_ok = mount.fs_type.len() <= 32
                 && mount.fs_type.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
             if !fs_ok {
-                return Err(Error::InvalidArgument(format!("fs type {:?} is not a filesystem name", mount.fs_type)));
+                return Err(Error::InvalidArgument(format!(
+                    "fs type {} is not a filesystem name",
+                    quote(&mount.fs_type)
+                )));
             }
             let mount_group = match mount.volume_mount_group.as_str() {
                 "" => None,
                 gid => Some(gid.parse::<u32>().map_err(|_| {
-                    Error::InvalidArgument(format!("volume mount group {gid:?} must be a numeric group id"))
+                    Error::InvalidArgument(format!("volume mount group {} must be a numeric group id", quote(gid)))
                 })?),
             };
             Ok(Capability {
@@ -185,7 +190,21 @@ pub fn group_snapshot_parameters(params: &HashMap<String, String>) -> Result<()>
     parameters(params)?;
     match params.keys().find(|k| !k.starts_with(CO_PARAMETER_PREFIX)) {
         Some(key) => Err(Error::InvalidArgument(format!(
-            "unknown group snapshot parameter {key:?}: Loam's group snapshots take no parameters"
+            "unknown group snapshot parameter {}: Loam's group snapshots take no parameters",
+            quote(key)
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// VolumeSnapshotClass parameters: Loam takes none, and refuses unknown keys
+/// (as it does StorageClass ones) so a typo fails loudly.
+pub fn snapshot_parameters(params: &HashMap<String, String>) -> Result<()> {
+    parameters(params)?;
+    match params.keys().find(|k| !k.starts_with(CO_PARAMETER_PREFIX)) {
+        Some(key) => Err(Error::InvalidArgument(format!(
+            "unknown snapshot parameter {}: Loam's snapshots take no parameters",
+            quote(key)
         ))),
         None => Ok(()),
     }
@@ -231,7 +250,8 @@ pub fn is_ephemeral(context: &HashMap<String, String>) -> Result<bool> {
         None | Some("false") => Ok(false),
         Some("true") => Ok(true),
         Some(other) => Err(Error::InvalidArgument(format!(
-            "volume context {EPHEMERAL_CONTEXT_KEY}={other:?} must be true or false"
+            "volume context {EPHEMERAL_CONTEXT_KEY}={} must be true or false",
+            quote(other)
         ))),
     }
 }
@@ -307,9 +327,9 @@ pub fn ephemeral_volume(
 /// above 0 and at most [`MAX_EPHEMERAL_SIZE`].
 pub fn ephemeral_size(text: &str) -> std::result::Result<u64, String> {
     match crate::quantity::parse(text)? {
-        0 => Err(format!("{text:?} is no bytes at all; an inline volume needs a size above 0")),
+        0 => Err(format!("{} is no bytes at all; an inline volume needs a size above 0", quote(text))),
         bytes if bytes <= MAX_EPHEMERAL_SIZE => Ok(bytes),
-        _ => Err(format!("{text:?} is more than 1Pi, the most an inline volume may ask for")),
+        _ => Err(format!("{} is more than 1Pi, the most an inline volume may ask for", quote(text))),
     }
 }
 
