@@ -2,6 +2,7 @@
 
 mod ctl;
 
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -104,9 +105,10 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => runtime.block_on(serve(args)),
         Command::Ctl(args) => {
-            // Scripts read `error: CODE: message` on stderr and a non-zero exit.
+            // Scripts read `error: CODE: message` on stderr and a non-zero exit;
+            // the exit status still says so when stderr is closed.
             if let Err(e) = runtime.block_on(ctl::run(args)) {
-                eprintln!("error: {e:#}");
+                let _ = writeln!(std::io::stderr(), "error: {e:#}");
                 std::process::exit(1);
             }
             Ok(())
