@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tokio::net::{TcpListener, UnixListener};
+use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::service::InterceptorLayer;
 use tonic::transport::Server;
@@ -32,6 +33,10 @@ use crate::rpc::group::GroupControllerService;
 use crate::rpc::identity::IdentityService;
 use crate::rpc::node::NodeService;
 use crate::rpc::routed::RoutedController;
+
+mod authority;
+
+use authority::FixAuthority;
 
 /// Reads a CSI endpoint (`unix:///path`, `unix:/path` or a bare absolute
 /// path) into the socket path.
@@ -111,7 +116,8 @@ pub async fn run(
     services: Services,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
-    let incoming = UnixListenerStream::new(listener);
+    // Clients other than grpc-go name the socket path as `:authority`.
+    let incoming = UnixListenerStream::new(listener).map(|accepted| accepted.map(FixAuthority::new));
     let refresher = match &services {
         Services::All(driver) | Services::Node(driver) => Some(tokio::spawn(refresh_promises(driver.clone()))),
         Services::Controller { .. } => None,
