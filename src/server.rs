@@ -14,12 +14,11 @@ use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use tokio::net::{TcpListener, UnixListener};
+use tokio::net::UnixListener;
 use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::service::InterceptorLayer;
 use tonic::transport::Server;
-use tonic::transport::server::TcpIncoming;
 
 use crate::auth::{RequireToken, Token};
 use crate::csi::controller_server::ControllerServer;
@@ -35,8 +34,10 @@ use crate::rpc::node::NodeService;
 use crate::rpc::routed::RoutedController;
 
 mod authority;
+pub mod limits;
 
 use authority::FixAuthority;
+use limits::Admitted;
 
 /// Reads a CSI endpoint (`unix:///path`, `unix:/path` or a bare absolute
 /// path) into the socket path.
@@ -161,11 +162,12 @@ async fn refresh_promises(driver: Arc<Driver>) {
     }
 }
 
-/// Serves a node agent's endpoint on `listener`: Identity and the node-local
-/// Controller and GroupController for the routing controller, never Node,
-/// and only to callers that present `token`.
+/// Serves a node agent's endpoint on `incoming` (a TCP listener within
+/// [`limits::Limits`]): Identity and the node-local Controller and
+/// GroupController for the routing controller, never Node, and only to
+/// callers that present `token`.
 pub async fn run_agent(
-    listener: TcpListener,
+    incoming: Admitted,
     driver: Arc<Driver>,
     token: Token,
     shutdown: impl Future<Output = ()>,
@@ -175,7 +177,7 @@ pub async fn run_agent(
         .add_service(IdentityServer::new(IdentityService::new(driver.clone())))
         .add_service(ControllerServer::new(ControllerService::new(driver.clone())))
         .add_service(GroupControllerServer::new(GroupControllerService::new(driver)))
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await
 }
 

@@ -22,6 +22,7 @@ use loam::kernel::mount::FakeMounter;
 use loam::routing::agents::{Agents, Timeouts};
 use loam::routing::discovery::Discovery;
 use loam::server::Services;
+use loam::server::limits::{Admitted, Limits};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -112,7 +113,7 @@ impl Agent {
         let token = Token::parse(TOKEN).unwrap();
         let (tx, rx) = oneshot::channel();
         let task = tokio::spawn(async move {
-            loam::server::run_agent(listener, driver, token, async {
+            loam::server::run_agent(Admitted::new(listener, Limits::default()), driver, token, async {
                 let _ = rx.await;
             })
             .await
