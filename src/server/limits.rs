@@ -17,9 +17,10 @@
 //! it by [`RESERVED_DESCRIPTORS`], so the Unix socket, the store and the loop
 //! devices always have descriptors left.
 //!
-//! The guard reads HTTP/2 framing, so it wraps the plaintext stream: under
-//! TLS it goes inside the TLS layer, and the TLS handshake needs its own
-//! deadline.
+//! The handshake deadline reads HTTP/2 framing when the stream is plain, and
+//! TLS record headers when it is TLS terminated further in (tonic's own TLS):
+//! then a request is the first application data after the client's Finished.
+//! Wrapped inside a TLS layer instead, it sees plain HTTP/2 again.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -321,12 +322,46 @@ const FRAME_HEADER_LEN: usize = 9;
 const HEADERS: u8 = 0x1;
 const CONTINUATION: u8 = 0x9;
 const END_HEADERS: u8 = 0x4;
+/// TLS record types (RFC 8446 §5.1) and the record header's length.
+const CHANGE_CIPHER_SPEC: u8 = 20;
+const TLS_HANDSHAKE: u8 = 22;
+const APPLICATION_DATA: u8 = 23;
+const RECORD_HEADER_LEN: usize = 5;
 
-/// How far a client is into its handshake: the preface, then frames until
-/// the first header block ends (HEADERS or CONTINUATION with END_HEADERS).
-/// A wrong preface is left for h2 to refuse.
+/// How far a client is into its handshake, told by its first byte: plain
+/// HTTP/2, or TLS (when TLS is terminated inside the server, after this
+/// guard, it sees only records).
 #[derive(Debug, Default)]
-struct Handshake {
+enum Handshake {
+    #[default]
+    Unknown,
+    Http2(Http2Handshake),
+    Tls(TlsHandshake),
+}
+
+impl Handshake {
+    /// Takes bytes the peer sent; true once it has made a request.
+    fn feed(&mut self, bytes: &[u8]) -> bool {
+        if let (Handshake::Unknown, Some(&first)) = (&*self, bytes.first()) {
+            *self = if first == TLS_HANDSHAKE {
+                Handshake::Tls(TlsHandshake::default())
+            } else {
+                Handshake::Http2(Http2Handshake::default())
+            };
+        }
+        match self {
+            Handshake::Unknown => false,
+            Handshake::Http2(h) => h.feed(bytes),
+            Handshake::Tls(t) => t.feed(bytes),
+        }
+    }
+}
+
+/// Plain HTTP/2: the preface, then frames until the first header block ends
+/// (HEADERS or CONTINUATION with END_HEADERS). A wrong preface is left for h2
+/// to refuse.
+#[derive(Debug, Default)]
+struct Http2Handshake {
     preface_seen: usize,
     /// The current frame's header, while incomplete.
     header: Vec<u8>,
@@ -336,8 +371,7 @@ struct Handshake {
     ends_block: bool,
 }
 
-impl Handshake {
-    /// Takes bytes the peer sent; true once the first header block is complete.
+impl Http2Handshake {
     fn feed(&mut self, mut bytes: &[u8]) -> bool {
         while !bytes.is_empty() {
             if self.preface_seen < PREFACE.len() {
@@ -361,6 +395,51 @@ impl Handshake {
             }
             if self.ends_block && self.payload_left == 0 && self.header.is_empty() {
                 return true;
+            }
+        }
+        false
+    }
+}
+
+/// TLS, whose content is not readable here: done once a whole
+/// application-data record has come after the client's Finished, i.e. the
+/// TLS handshake is over and the client has sent data (the HTTP/2 preface).
+/// The client's Finished is the first application-data record in TLS 1.3,
+/// and the handshake record after ChangeCipherSpec in TLS 1.2.
+#[derive(Debug, Default)]
+struct TlsHandshake {
+    header: Vec<u8>,
+    payload_left: usize,
+    record_type: u8,
+    cipher_changed: bool,
+    finished: bool,
+}
+
+impl TlsHandshake {
+    fn feed(&mut self, mut bytes: &[u8]) -> bool {
+        while !bytes.is_empty() {
+            if self.header.len() < RECORD_HEADER_LEN {
+                let n = (RECORD_HEADER_LEN - self.header.len()).min(bytes.len());
+                self.header.extend_from_slice(&bytes[..n]);
+                bytes = &bytes[n..];
+                if self.header.len() < RECORD_HEADER_LEN {
+                    return false;
+                }
+                self.record_type = self.header[0];
+                self.payload_left = usize::from(self.header[3]) << 8 | usize::from(self.header[4]);
+            }
+            let n = self.payload_left.min(bytes.len());
+            self.payload_left -= n;
+            bytes = &bytes[n..];
+            if self.payload_left == 0 {
+                self.header.clear();
+                match self.record_type {
+                    CHANGE_CIPHER_SPEC => self.cipher_changed = true,
+                    TLS_HANDSHAKE if self.cipher_changed => self.finished = true,
+                    APPLICATION_DATA if self.finished => return true,
+                    APPLICATION_DATA => self.finished = true,
+                    _ => {}
+                }
             }
         }
         false
@@ -395,6 +474,35 @@ mod tests {
         // Frames other than header blocks never do.
         let pings: Vec<u8> = (0..100).flat_map(|_| frame(0x6, 0, &[0; 8])).collect();
         assert!(!Handshake::default().feed(&[PREFACE, &pings].concat()));
+    }
+
+    fn record(kind: u8, len: usize) -> Vec<u8> {
+        let len = u16::try_from(len).unwrap().to_be_bytes();
+        [&[kind, 3, 3, len[0], len[1]][..], &vec![0xaa; usize::from(u16::from_be_bytes(len))]].concat()
+    }
+
+    #[test]
+    fn under_tls_the_handshake_ends_with_data_after_finished() {
+        let hello = record(TLS_HANDSHAKE, 300);
+        let ccs = record(CHANGE_CIPHER_SPEC, 1);
+        // TLS 1.3 (with and without the compatibility ChangeCipherSpec): Finished
+        // travels as application data, the request after it.
+        let tls13 = [&hello[..], &ccs, &record(APPLICATION_DATA, 53), &record(APPLICATION_DATA, 120)].concat();
+        let tls13_bare = [&hello[..], &record(APPLICATION_DATA, 53), &record(APPLICATION_DATA, 120)].concat();
+        // TLS 1.2: Finished is the handshake record after ChangeCipherSpec.
+        let tls12 =
+            [&hello[..], &record(TLS_HANDSHAKE, 70), &ccs, &record(TLS_HANDSHAKE, 40), &record(APPLICATION_DATA, 90)]
+                .concat();
+        for whole in [tls13, tls13_bare, tls12] {
+            for step in [1, 4, 5, 6, whole.len()] {
+                let mut handshake = Handshake::default();
+                let done: Vec<bool> = whole.chunks(step).map(|piece| handshake.feed(piece)).collect();
+                assert!(*done.last().unwrap() && done.iter().filter(|d| **d).count() == 1, "step {step}");
+            }
+            assert!(!Handshake::default().feed(&whole[..whole.len() - 1]));
+        }
+        // A client that stops after Finished has made no request.
+        assert!(!Handshake::default().feed(&[&hello[..], &ccs, &record(APPLICATION_DATA, 53)].concat()));
     }
 
     #[test]
