@@ -63,6 +63,9 @@ step "csi-sanity: dir backend"
 cargo build --locked
 CSI_SANITY="$sanity" scripts/sanity.sh
 
+step "grpc C-core (Python grpcio) against loam serve on its Unix socket"
+scripts/interop.sh
+
 step "csi-sanity: dir backend on btrfs with enforced quotas"
 CSI_SANITY="$sanity" SANITY_ROOT_FS=btrfs scripts/sanity.sh
 
@@ -89,7 +92,7 @@ SANITY_MODE=split CSI_SANITY="$sanity" SANITY_PARAMS="$loop_params" scripts/sani
 step "benchmark harness smoke run: Loam only, a few operations (numbers are not judged)"
 BENCH_PEER=none bash bench/run.sh --smoke
 
-# cargo test (host and VM) and csi-sanity, summed; csi-sanity's summary line
+# cargo test (host and VM), csi-sanity and the C-core client, summed; csi-sanity's summary line
 # is coloured, so colours are stripped first. A csi-sanity run that
 # scripts/sanity.sh ran again (its failures were all csi-test's own connect
 # race) counts once, as its second run.
@@ -97,4 +100,5 @@ sed 's/\x1b\[[0-9;]*m//g' "$log" | awk '
     /^test result: / { p += $4; f += $6; s += $8 }
     /^(SUCCESS|FAIL)! -- / { p += $3; f += $6; s += $12; lp = $3; lf = $6; ls = $12 }
     /^csi-sanity: every failure was its own connect race/ { p -= lp; f -= lf; s -= ls }
+    /^interop: [0-9]+ passed, [0-9]+ failed$/ { p += $2; f += $4 }
     END { printf "tests: %d passed, %d failed, %d skipped\n", p, f, s }'

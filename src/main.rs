@@ -2,6 +2,7 @@
 
 mod ctl;
 
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -16,6 +17,7 @@ use loam::kernel::mount::KernelMounter;
 use loam::routing::agents::{Agents, Timeouts};
 use loam::routing::discovery::Resolver;
 use loam::server::Services;
+use loam::server::limits::{Admitted, Limits, raise_nofile_limit};
 use loam::tls::Role;
 use tokio::sync::watch;
 
@@ -70,6 +72,18 @@ struct ServeArgs {
     /// Node mode: TCP address of the agent endpoint the controller calls.
     #[arg(long, env = "LOAM_AGENT_LISTEN")]
     agent_listen: Option<SocketAddr>,
+    /// Node mode: most agent connections open at once (lowered to leave descriptors for the CSI socket).
+    #[arg(long, env = "LOAM_AGENT_MAX_CONNECTIONS", default_value_t = Limits::default().max_connections)]
+    agent_max_connections: usize,
+    /// Node mode: most agent connections open at once from one IP address.
+    #[arg(long, env = "LOAM_AGENT_MAX_CONNECTIONS_PER_PEER", default_value_t = Limits::default().max_per_peer)]
+    agent_max_connections_per_peer: usize,
+    /// Node mode: seconds a new agent connection has to send its first request's headers.
+    #[arg(long, env = "LOAM_AGENT_HANDSHAKE_TIMEOUT", default_value_t = Limits::default().handshake_timeout.as_secs())]
+    agent_handshake_timeout: u64,
+    /// Node mode: seconds an agent connection may stay silent; keep it above the controller's --agent-timeout.
+    #[arg(long, env = "LOAM_AGENT_IDLE_TIMEOUT", default_value_t = Limits::default().idle_timeout.as_secs())]
+    agent_idle_timeout: u64,
     /// Node and controller modes: file holding the agent token (a mounted Secret).
     #[arg(long, env = "LOAM_AGENT_TOKEN_FILE")]
     agent_token_file: Option<PathBuf>,
@@ -105,9 +119,10 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => runtime.block_on(serve(args)),
         Command::Ctl(args) => {
-            // Scripts read `error: CODE: message` on stderr and a non-zero exit.
+            // Scripts read `error: CODE: message` on stderr and a non-zero exit;
+            // the exit status still says so when stderr is closed.
             if let Err(e) = runtime.block_on(ctl::run(args)) {
-                eprintln!("error: {e:#}");
+                let _ = writeln!(std::io::stderr(), "error: {e:#}");
                 std::process::exit(1);
             }
             Ok(())
@@ -142,6 +157,11 @@ const AGENT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     init_logging(args.log_format)?;
     check_flags(&args)?;
+    // Every connection, image and loop device takes a descriptor; the soft
+    // limit is often 1024 while the hard one allows far more.
+    let nofile = raise_nofile_limit()
+        .inspect_err(|e| tracing::warn!(error = %e, "cannot raise RLIMIT_NOFILE to its hard limit"))
+        .ok();
     let socket = loam::endpoint::Endpoint::unix_socket(&args.endpoint).map_err(anyhow::Error::msg)?;
     let (stop, stopped) = watch::channel(false);
     tokio::spawn(async move {
@@ -166,7 +186,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             let driver = open_driver(&args).await?;
             let agent = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
             let bound = agent.local_addr().context("reading the agent endpoint's address")?;
-            tracing::info!(addr = %bound, "agent endpoint listening");
+            let limits = agent_limits(&args, nofile);
+            tracing::info!(addr = %bound, ?limits, "agent endpoint listening");
+            let agent = Admitted::new(agent, limits);
             let agent = async {
                 loam::server::run_agent(agent, driver.clone(), token, tls, until_stopped())
                     .await
@@ -189,6 +211,22 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             let services = Services::Controller { driver_name: args.driver_name.clone(), agents: Arc::new(agents) };
             serve_socket(&socket, services, args.mode, until_stopped()).await
         }
+    }
+}
+
+/// The agent endpoint's connection limits: the flags, with the total lowered
+/// if the descriptor limit `nofile` cannot hold it beside what the CSI socket
+/// and the volumes need.
+fn agent_limits(args: &ServeArgs, nofile: Option<u64>) -> Limits {
+    let limits = Limits {
+        max_connections: args.agent_max_connections,
+        max_per_peer: args.agent_max_connections_per_peer,
+        handshake_timeout: Duration::from_secs(args.agent_handshake_timeout),
+        idle_timeout: Duration::from_secs(args.agent_idle_timeout),
+    };
+    match nofile {
+        Some(nofile) => limits.reserving_descriptors(nofile),
+        None => limits,
     }
 }
 

@@ -14,11 +14,11 @@ use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::Path;
 use std::sync::Arc;
 
-use tokio::net::{TcpListener, UnixListener};
+use tokio::net::UnixListener;
+use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::service::InterceptorLayer;
 use tonic::transport::Server;
-use tonic::transport::server::TcpIncoming;
 
 use crate::auth::{RequireToken, Token};
 use crate::csi::controller_server::ControllerServer;
@@ -32,6 +32,12 @@ use crate::rpc::group::GroupControllerService;
 use crate::rpc::identity::IdentityService;
 use crate::rpc::node::NodeService;
 use crate::rpc::routed::RoutedController;
+
+mod authority;
+pub mod limits;
+
+use authority::FixAuthority;
+use limits::Admitted;
 
 /// Binds a Unix socket at `path` that only this user can connect to.
 ///
@@ -98,7 +104,8 @@ pub async fn run(
     services: Services,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
-    let incoming = UnixListenerStream::new(listener);
+    // Clients other than grpc-go name the socket path as `:authority`.
+    let incoming = UnixListenerStream::new(listener).map(|accepted| accepted.map(FixAuthority::new));
     let refresher = match &services {
         Services::All(driver) | Services::Node(driver) => Some(tokio::spawn(refresh_promises(driver.clone()))),
         Services::Controller { .. } => None,
@@ -142,19 +149,20 @@ async fn refresh_promises(driver: Arc<Driver>) {
     }
 }
 
-/// Serves a node agent's endpoint on `listener`: Identity and the node-local
-/// Controller and GroupController for the routing controller, never Node,
-/// over TLS with `tls` ([`crate::tls::server_config`]: only clients with a
-/// controller certificate complete the handshake), and only to callers that
-/// present `token`.
+/// Serves a node agent's endpoint on `incoming` (a TCP listener within
+/// [`limits::Limits`]): Identity and the node-local Controller and
+/// GroupController for the routing controller, never Node, over TLS with
+/// `tls` ([`crate::tls::server_config`]: only clients with a controller
+/// certificate complete the handshake), and only to callers that present
+/// `token`.
 pub async fn run_agent(
-    listener: TcpListener,
+    incoming: Admitted,
     driver: Arc<Driver>,
     token: Token,
     tls: Arc<rustls::ServerConfig>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
-    let incoming = crate::tls::accept(TcpIncoming::from(listener), tls);
+    let incoming = crate::tls::accept(incoming, tls);
     Server::builder()
         .layer(InterceptorLayer::new(RequireToken::new(token)))
         .add_service(IdentityServer::new(IdentityService::new(driver.clone())))

@@ -389,12 +389,18 @@ impl tower::Service<Uri> for Connector {
             })?;
             let tcp = TcpStream::connect(&addr).await?;
             tcp.set_nodelay(true)?;
-            // Agents are reached by IP; the name checked is the role's, which
-            // only the token's authority signs.
-            let agent = ServerName::try_from(Role::Agent.name()).map_err(io::Error::other)?;
-            Ok(TokioIo::new(tls.connect(agent, tcp).await?))
+            Ok(TokioIo::new(connect(tls, tcp).await?))
         })
     }
+}
+
+/// The controller's side of the handshake on a connected stream: done only
+/// once the agent proved a leaf of the token's authority.
+pub async fn connect(tls: TlsConnector, tcp: TcpStream) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    // Agents are reached by IP; the name checked is the role's, which only
+    // the token's authority signs.
+    let agent = ServerName::try_from(Role::Agent.name()).map_err(io::Error::other)?;
+    tls.connect(agent, tcp).await
 }
 
 #[cfg(test)]

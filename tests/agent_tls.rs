@@ -17,6 +17,7 @@ use loam::kernel::mount::FakeMounter;
 use loam::routing::agents::{Agents, Timeouts};
 use loam::routing::discovery::Discovery;
 use loam::rpc::identity::IdentityService;
+use loam::server::limits::{Admitted, Limits};
 use loam::tls::{self, Role};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
@@ -63,7 +64,8 @@ async fn agent() -> (SocketAddr, tempfile::TempDir, Stop) {
     let addr = listener.local_addr().unwrap();
     let tls = tls::server_config(&token(TOKEN), Role::Agent).unwrap();
     let (tx, rx) = oneshot::channel();
-    tokio::spawn(loam::server::run_agent(listener, driver, token(TOKEN), tls, async {
+    let incoming = Admitted::new(listener, Limits::default());
+    tokio::spawn(loam::server::run_agent(incoming, driver, token(TOKEN), tls, async {
         let _ = rx.await;
     }));
     (addr, dir, Stop(Some(tx)))

@@ -22,6 +22,7 @@ use loam::kernel::mount::FakeMounter;
 use loam::routing::agents::{Agents, Timeouts};
 use loam::routing::discovery::Discovery;
 use loam::server::Services;
+use loam::server::limits::{Admitted, Limits};
 use loam::tls::{self, Role};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -114,7 +115,7 @@ impl Agent {
         let tls = tls::server_config(&token, Role::Agent).unwrap();
         let (tx, rx) = oneshot::channel();
         let task = tokio::spawn(async move {
-            loam::server::run_agent(listener, driver, token, tls, async {
+            loam::server::run_agent(Admitted::new(listener, Limits::default()), driver, token, tls, async {
                 let _ = rx.await;
             })
             .await
