@@ -178,6 +178,7 @@ class Model:
             else:
                 self.retried += 1
                 self.apply(retried["op"], retried["id"])
+        self.unknown = []
         state = first(messages, "state")
         if state is None:
             self.fail(boot, "the guest never reported the volumes and snapshots it found")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Cuts the power of a machine running Loam and checks that every acknowledged
 # record survived whole. A VM (scripts/vm-common.sh) keeps Loam's root on an
-# ext4 data disk; the real `loam serve` runs there under concurrent
+# ext4 (or XFS) data disk; the real `loam serve` runs there under concurrent
 # CreateVolume, CreateSnapshot, DeleteSnapshot and DeleteVolume calls (dir
 # and thin loop volumes, so records are written in group-committed batches),
 # and the host kills qemu with SIGKILL at a seeded random moment. The next
@@ -21,16 +21,17 @@
 #
 #   scripts/vm-powerloss-test.sh
 #
-# Env: POWERLOSS_CUTS (default 3), POWERLOSS_SEED (default 1), POWERLOSS_WORKERS
-# (concurrent clients, default 6), VM_TIMEOUT (seconds per boot, default 300),
-# POWERLOSS_KEEP=1 keeps the disk image, consoles and channels in /tmp.
+# Env: POWERLOSS_CUTS (default 3), POWERLOSS_SEED (default 1), POWERLOSS_FS
+# (ext4, the default, or xfs), POWERLOSS_WORKERS (concurrent clients, default
+# 6), VM_TIMEOUT (seconds per boot, default 300), POWERLOSS_KEEP=1 keeps the
+# disk image, consoles and channels in /tmp.
 # Needs root; installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
 
 . scripts/vm-common.sh
-vm_prepare mkfs.ext4:e2fsprogs strip:binutils
+vm_prepare mkfs.ext4:e2fsprogs mkfs.xfs:xfsprogs strip:binutils
 cargo build --locked -p loam --bin loam -p loam-bench --bin powerloss
 
 work=$(mktemp -d /tmp/loam-powerloss.XXXXXX)
@@ -38,8 +39,14 @@ work=$(mktemp -d /tmp/loam-powerloss.XXXXXX)
 # Without their debug info the binaries take a fifth of the guest's memory.
 strip -o "$work/loam" target/debug/loam
 strip -o "$work/powerloss" target/debug/powerloss
-truncate -s 256M "$work/data.img"
-mkfs.ext4 -q -F "$work/data.img"
+# mkfs.xfs refuses filesystems under 300 MB.
+fs=${POWERLOSS_FS:-ext4}
+truncate -s 512M "$work/data.img"
+case $fs in
+ext4) mkfs.ext4 -q -F "$work/data.img" ;;
+xfs) mkfs.xfs -q -f "$work/data.img" ;;
+*) echo "POWERLOSS_FS=$fs: ext4 or xfs" >&2 && exit 2 ;;
+esac
 
 # The guest's part of /init: a tmpfs on /run for the binary, the socket and
 # the driver's log (the host root is read-only), the data disk under it, and
@@ -49,8 +56,8 @@ part=$(
 mount -t tmpfs -o size=300m tmpfs /mnt/run
 mkdir -p /mnt/run/powerloss/data
 cp /mnt$work/loam /mnt$work/powerloss /mnt/run/powerloss/
-chroot /mnt /sbin/modprobe -a virtio_blk ext4 loop
-chroot /mnt /bin/mount -t ext4 /dev/vda /run/powerloss/data
+chroot /mnt /sbin/modprobe -a virtio_blk $fs loop
+chroot /mnt /bin/mount -t $fs /dev/vda /run/powerloss/data
 chroot /mnt /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin python3 $repo/scripts/powerloss.py guest \
     --plan $work/plan.json --channel /dev/ttyS1 --loam /run/powerloss/loam --client /run/powerloss/powerloss --root /run/powerloss/data/root
 chroot /mnt /bin/umount /run/powerloss/data
