@@ -15,6 +15,7 @@ use nix::sys::stat::{Mode, SFlag, fstat};
 use nix::sys::statvfs::{FsFlags, fstatvfs};
 
 use super::mountinfo::{self, MountEntry};
+use super::nofollow;
 
 /// Longest flag word accepted; real flags are short, so anything longer is junk.
 const MAX_FLAG_LEN: usize = 64;
@@ -132,8 +133,9 @@ impl fmt::Display for MountFlags {
 pub trait Mounter: Send + Sync + std::fmt::Debug {
     /// Bind-mounts existing `source` onto existing `target` of the same kind, then applies `flags`.
     ///
-    /// Neither path's last component may be a symlink (an `InvalidInput`
-    /// error). If applying the flags fails the bind is undone first.
+    /// The source's last component may not be a symlink, nor may any
+    /// component of the target (the caller's path): an `InvalidInput`
+    /// error. If applying the flags fails the bind is undone first.
     fn bind(&self, source: &Path, target: &Path, flags: MountFlags) -> io::Result<()>;
     /// Unmounts the topmost mount at `target`: `Ok(false)` if nothing was mounted there.
     fn unmount(&self, target: &Path) -> io::Result<bool>;
@@ -160,7 +162,7 @@ pub struct KernelMounter;
 impl Mounter for KernelMounter {
     fn bind(&self, source: &Path, target: &Path, flags: MountFlags) -> io::Result<()> {
         let source_fd = open_no_follow(source)?;
-        let target_fd = open_no_follow(target)?;
+        let target_fd = nofollow::open(target)?;
         let source_stat = fstat(&source_fd)?;
         let target_stat = fstat(&target_fd)?;
         check_kinds(source, kind_of(source_stat.st_mode), target, kind_of(target_stat.st_mode))?;
@@ -177,7 +179,7 @@ impl Mounter for KernelMounter {
         // target_fd still names the directory under the new mount; the
         // remount must hit the bind itself, so reopen the path and make sure
         // it is the bind's root (same inode as the source).
-        let mounted = match open_no_follow(target) {
+        let mounted = match nofollow::open(target) {
             Ok(fd) => fd,
             Err(err) => return Err(undo_bind(&target_fd, err)),
         };
@@ -378,6 +380,7 @@ impl Mounter for FakeMounter {
             return Err(io::Error::new(kind, "injected bind failure"));
         }
         // Same checks as the kernel mounter, so tests catch missing mkdirs.
+        nofollow::open(target)?;
         let source_kind = kind_of_file_type(std::fs::symlink_metadata(source)?.file_type());
         let target_kind = kind_of_file_type(std::fs::symlink_metadata(target)?.file_type());
         check_kinds(source, source_kind, target, target_kind)?;
