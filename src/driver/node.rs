@@ -28,6 +28,7 @@ impl Driver {
                 )));
             }
         }
+        let _path = self.paths.try_claim(path)?;
         self.check_path_free(&key, record.backend, path)?;
         match (record.backend, &record.loop_spec) {
             (BackendKind::Loop, Some(spec)) => {
@@ -175,6 +176,7 @@ impl Driver {
         }
         let mut flags = MountFlags::parse(&capability.mount_flags).map_err(Error::InvalidArgument)?;
         flags.read_only |= read_only;
+        let _path = self.paths.try_claim(target)?;
         self.check_path_free(&key, record.backend, target)?;
         let source = match record.backend {
             BackendKind::Dir => staging.to_owned(),
