@@ -57,7 +57,7 @@ step "cargo clippy (warnings denied)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
 step "cargo test (privileged, in a private mount namespace)"
-LOAM_PRIVILEGED_TESTS=1 unshare --mount --propagation private -- cargo test --locked --workspace
+LOAM_PRIVILEGED_TESTS=1 unshare --mount --propagation private -- cargo test --locked --workspace -- --include-ignored
 
 step "csi-sanity: dir backend"
 cargo build --locked
