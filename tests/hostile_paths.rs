@@ -336,3 +336,24 @@ async fn a_mount_point_that_is_not_utf8_does_not_stop_the_node() {
     h.unstage(&id, &staging).await.unwrap();
     assert!(!mounted(&staging));
 }
+
+#[tokio::test]
+async fn a_publish_never_binds_through_a_staging_path_swapped_for_a_symlink() {
+    let mut h = Harness::start().await;
+    let traps = Traps::plant(&h);
+    let id = h.create("v", MIB).await;
+    let staging = h.co_path("st/staging");
+    h.stage(&id, &staging).await.unwrap();
+    // The staging path's parent is moved away and a link to a stand-in
+    // with a `staging` directory of its own takes its place.
+    std::fs::rename(h.co_path("st"), h.co_path("st-moved")).unwrap();
+    symlink(&traps.etc, h.co_path("st")).unwrap();
+    std::fs::create_dir(traps.etc.join("staging")).unwrap();
+    std::fs::write(traps.etc.join("staging/secret"), b"host data").unwrap();
+    let target = h.co_path("pod/target");
+    let err = h.publish(&id, &staging, &target, Access::Writer, false).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("symlink"), "{err:?}");
+    assert!(!target.join("secret").exists(), "the stand-in was published to the pod");
+    assert!(!mounted(&target));
+}

@@ -9,9 +9,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
 use nix::errno::Errno;
-use nix::fcntl::{OFlag, open};
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
-use nix::sys::stat::{Mode, SFlag, fstat};
+use nix::sys::stat::{SFlag, fstat};
 use nix::sys::statvfs::{FsFlags, fstatvfs};
 
 use super::mountinfo::{self, MountEntry};
@@ -133,9 +132,10 @@ impl fmt::Display for MountFlags {
 pub trait Mounter: Send + Sync + std::fmt::Debug {
     /// Bind-mounts existing `source` onto existing `target` of the same kind, then applies `flags`.
     ///
-    /// The source's last component may not be a symlink, nor may any
-    /// component of the target (the caller's path): an `InvalidInput`
-    /// error. If applying the flags fails the bind is undone first.
+    /// No component of either path may be a symlink (an `InvalidInput`
+    /// error): a publish's source is the caller's staging path, and the
+    /// target is the caller's too. If applying the flags fails the bind is
+    /// undone first.
     fn bind(&self, source: &Path, target: &Path, flags: MountFlags) -> io::Result<()>;
     /// Unmounts the topmost mount at `target`: `Ok(false)` if nothing was mounted there.
     fn unmount(&self, target: &Path) -> io::Result<bool>;
@@ -161,7 +161,7 @@ pub struct KernelMounter;
 
 impl Mounter for KernelMounter {
     fn bind(&self, source: &Path, target: &Path, flags: MountFlags) -> io::Result<()> {
-        let source_fd = open_no_follow(source)?;
+        let source_fd = nofollow::open(source)?;
         let target_fd = nofollow::open(target)?;
         let source_stat = fstat(&source_fd)?;
         let target_stat = fstat(&target_fd)?;
@@ -211,12 +211,6 @@ impl Mounter for KernelMounter {
     fn mounts(&self) -> io::Result<Vec<MountEntry>> {
         mountinfo::read()
     }
-}
-
-/// Opens the path itself (never a symlink's target) for use as a mount end.
-fn open_no_follow(path: &Path) -> io::Result<OwnedFd> {
-    open(path, OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty())
-        .map_err(|e| with_context(e, "open", path))
 }
 
 fn fd_path(fd: &OwnedFd) -> PathBuf {
@@ -380,6 +374,7 @@ impl Mounter for FakeMounter {
             return Err(io::Error::new(kind, "injected bind failure"));
         }
         // Same checks as the kernel mounter, so tests catch missing mkdirs.
+        nofollow::open(source)?;
         nofollow::open(target)?;
         let source_kind = kind_of_file_type(std::fs::symlink_metadata(source)?.file_type());
         let target_kind = kind_of_file_type(std::fs::symlink_metadata(target)?.file_type());
@@ -614,7 +609,7 @@ mod tests {
             let _guard = Unmount(&dst);
 
             KernelMounter.bind(&src, &dst, MountFlags::default()).expect("bind");
-            let mounted = open_no_follow(&dst).expect("open mount");
+            let mounted = nofollow::open(&dst).expect("open mount");
             let err = undo_bind(&mounted, io::Error::other("remount failed"));
             assert_eq!(err.to_string(), "remount failed");
             let mounts = KernelMounter.mounts().expect("mounts");
