@@ -357,3 +357,22 @@ async fn a_publish_never_binds_through_a_staging_path_swapped_for_a_symlink() {
     assert!(!target.join("secret").exists(), "the stand-in was published to the pod");
     assert!(!mounted(&target));
 }
+
+#[tokio::test]
+async fn an_unpublish_never_removes_through_a_target_swapped_for_a_symlink() {
+    let mut h = Harness::start().await;
+    let traps = Traps::plant(&h);
+    let id = h.create("v", MIB).await;
+    let (staging, target) = (h.co_path("staging"), h.co_path("pod/target"));
+    h.stage(&id, &staging).await.unwrap();
+    h.publish(&id, &staging, &target, Access::Writer, false).await.unwrap();
+    // The target's parent is moved away (its mount with it) and a link to a
+    // stand-in holding an empty `target` directory takes its place.
+    std::fs::rename(h.co_path("pod"), h.co_path("pod-moved")).unwrap();
+    symlink(&traps.etc, h.co_path("pod")).unwrap();
+    std::fs::create_dir(traps.etc.join("target")).unwrap();
+    h.unpublish(&id, &target).await.unwrap();
+    assert!(traps.etc.join("target").is_dir(), "unpublish removed a directory through a symlink");
+    // The publication is gone from the record: the volume unstages.
+    h.unstage(&id, &staging).await.unwrap();
+}

@@ -277,9 +277,16 @@ impl Driver {
             tracing::warn!(target = %target.display(), source = %entry.source, "left the target: something else is mounted on it");
             return Ok(());
         }
-        match nofollow::remove_if_empty(target).map_err(|e| Error::at_caller_path("removing the target path", e))? {
-            Removal::Removed | Removal::Missing => {}
-            Removal::Kept => tracing::warn!(target = %target.display(), "left the target: it is not empty"),
+        match nofollow::remove_if_empty(target) {
+            Ok(Removal::Removed | Removal::Missing) => {}
+            Ok(Removal::Kept) => tracing::warn!(target = %target.display(), "left the target: it is not empty"),
+            // The volume is unmounted from it already; a path that now leads
+            // through a symlink is left alone rather than failing the
+            // unpublish forever.
+            Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
+                tracing::warn!(target = %target.display(), "left the target: {e}");
+            }
+            Err(e) => return Err(Error::io(format!("removing the target {}", target.display()), e)),
         }
         Ok(())
     }
