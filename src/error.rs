@@ -103,6 +103,20 @@ impl Error {
     pub fn io(context: impl Into<String>, source: io::Error) -> Error {
         Error::Io { context: context.into(), source }
     }
+
+    /// Wraps an error met at a path the caller named: a symlink there
+    /// (`InvalidInput`) is an invalid argument and something of the wrong
+    /// kind (a file where a directory belongs) a failed precondition, both
+    /// the caller's to fix; the rest is the machine failing.
+    pub fn at_caller_path(context: impl Into<String>, source: io::Error) -> Error {
+        match source.kind() {
+            io::ErrorKind::InvalidInput => Error::InvalidArgument(format!("{}: {source}", context.into())),
+            io::ErrorKind::NotADirectory | io::ErrorKind::IsADirectory => {
+                Error::FailedPrecondition(format!("{}: {source}", context.into()))
+            }
+            _ => Error::io(context, source),
+        }
+    }
 }
 
 fn is_no_space(err: &io::Error) -> bool {
@@ -149,6 +163,16 @@ mod tests {
         let quoted = quote(&long);
         assert!(quoted.len() < 2 * MAX_QUOTED, "{}", quoted.len());
         assert!(quoted.ends_with("(200000 bytes)"), "{quoted}");
+    }
+
+    #[test]
+    fn caller_path_mistakes_are_not_internal() {
+        let link = io::Error::new(io::ErrorKind::InvalidInput, "/t is a symlink");
+        assert_eq!(Status::from(Error::at_caller_path("staging", link)).code(), Code::InvalidArgument);
+        let file = io::Error::new(io::ErrorKind::NotADirectory, "/t is not a directory");
+        assert_eq!(Status::from(Error::at_caller_path("target", file)).code(), Code::FailedPrecondition);
+        let eio = io::Error::from_raw_os_error(libc::EIO);
+        assert_eq!(Status::from(Error::at_caller_path("target", eio)).code(), Code::Internal);
     }
 
     #[test]

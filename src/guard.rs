@@ -4,8 +4,11 @@
 //! object is already pending, and the sidecars retry. Holding a lock per key
 //! (instead of one lock for the whole driver) lets unrelated volumes proceed in
 //! parallel while no two operations ever race on one volume's files or record.
+//! Staging and target paths are claimed the same way, so two volumes never
+//! race each other onto one path (or one inside the other).
 
 use std::collections::HashSet;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::error::{Error, Result};
@@ -45,6 +48,45 @@ impl Drop for Guard {
     }
 }
 
+/// The staging and target paths a node operation is mounting at.
+#[derive(Debug, Default, Clone)]
+pub struct PathsInFlight {
+    busy: Arc<Mutex<Vec<PathBuf>>>,
+}
+
+/// Proof that no other operation mounts at, inside or around a path; released on drop.
+#[derive(Debug)]
+pub struct PathGuard {
+    busy: Arc<Mutex<Vec<PathBuf>>>,
+    path: PathBuf,
+}
+
+impl PathsInFlight {
+    /// Claims `path`, or fails with ABORTED when another operation holds it,
+    /// a path inside it or a path around it: each would pass the other's
+    /// check of the records before either wrote its own.
+    pub fn try_claim(&self, path: &Path) -> Result<PathGuard> {
+        let mut busy = self.busy.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(held) = busy.iter().find(|held| held.starts_with(path) || path.starts_with(held)) {
+            return Err(Error::Aborted(format!(
+                "another volume is being staged or published at {}; retry when it finishes",
+                held.display()
+            )));
+        }
+        busy.push(path.to_owned());
+        Ok(PathGuard { busy: self.busy.clone(), path: path.to_owned() })
+    }
+}
+
+impl Drop for PathGuard {
+    fn drop(&mut self) {
+        let mut busy = self.busy.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(index) = busy.iter().position(|held| *held == self.path) {
+            busy.swap_remove(index);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -62,5 +104,18 @@ mod tests {
         let _snap = inflight.try_claim(Kind::Snapshot, key).unwrap();
         drop(first);
         inflight.try_claim(Kind::Volume, key).unwrap();
+    }
+
+    #[test]
+    fn a_path_is_claimed_with_everything_inside_and_around_it() {
+        let paths = PathsInFlight::default();
+        let staging = paths.try_claim(Path::new("/k/plugins/vol-a/globalmount")).unwrap();
+        for clash in ["/k/plugins/vol-a/globalmount", "/k/plugins/vol-a/globalmount/x", "/k/plugins/vol-a"] {
+            assert_eq!(paths.try_claim(Path::new(clash)).unwrap_err().code(), Code::Aborted, "{clash}");
+        }
+        // A sibling, even one sharing the name as a prefix, is free.
+        let _sibling = paths.try_claim(Path::new("/k/plugins/vol-a/globalmount2")).unwrap();
+        drop(staging);
+        paths.try_claim(Path::new("/k/plugins/vol-a/globalmount")).unwrap();
     }
 }

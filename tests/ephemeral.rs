@@ -164,7 +164,11 @@ async fn a_failed_publish_leaves_nothing_behind() {
     fs::create_dir_all(target.parent().unwrap()).unwrap();
     fs::write(&target, b"").unwrap();
     let err = publish(&mut h, &id, &target, &[("size", "1Mi")]).await.unwrap_err();
-    assert_eq!(err.code(), Code::Internal, "{err:?}");
+    assert_eq!(
+        err.code(),
+        Code::FailedPrecondition,
+        "a file where a directory belongs is the caller's to fix: {err:?}"
+    );
     assert_eq!(leftovers(&h), Vec::<PathBuf>::new(), "the kubelet will not unpublish after a final error");
     // The next attempt, once the target is usable, succeeds.
     fs::remove_file(&target).ok();

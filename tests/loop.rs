@@ -104,7 +104,7 @@ async fn read_only_block_publishes_cannot_be_written() {
     // the target's parent is a file) leaves no read-only device behind.
     std::fs::write(h.co_path("pod/file"), b"").unwrap();
     let err = h.publish_as(&id, &staging, &h.co_path("pod/file/ro"), block_capability(), true).await.unwrap_err();
-    assert_eq!(err.code(), Code::Internal, "{err:?}");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     assert!(devices_of(&h, &id).iter().all(|d| !d.read_only), "a failed publish left {:?}", devices_of(&h, &id));
 
     h.publish_as(&id, &staging, &ro, block_capability(), true).await.unwrap();

@@ -22,6 +22,7 @@ use crate::kernel::copy::{self, copy_file};
 use crate::kernel::loopdev::{self, AttachOptions, LoopDevice};
 use crate::kernel::mount::{MountFlags, Mounter};
 use crate::kernel::mountinfo::{self, MountEntry};
+use crate::kernel::nofollow::{self, Want};
 use crate::kernel::usage::fs_usage;
 use crate::records::{Capability, LoopSpec};
 
@@ -211,8 +212,12 @@ impl LoopBackend {
             blockfs::grow_ext4_offline(&device.device)
                 .context(|| format!("growing the filesystem on {}", device.device.display()))?;
         }
-        fs::create_dir_all(path).context(|| format!("creating {}", path.display()))?;
-        blockfs::mount(&device.device, path, fs, flags)
+        // Mounted through a handle opened without following symlinks, so a
+        // staging path that is (or leads through) a symlink is refused
+        // instead of mounting the volume wherever the link points.
+        let staging =
+            nofollow::open_or_create(path, Want::Dir).map_err(|e| Error::at_caller_path("staging path", e))?;
+        blockfs::mount(&device.device, &staging.proc_path(), fs, flags)
             .context(|| format!("mounting {} on {}", device.device.display(), path.display()))?;
         if fs == FsType::Xfs
             && !flags.read_only

@@ -74,7 +74,7 @@ impl Driver {
     /// record succeeds, after clearing what a crash before the record was
     /// written could have left.
     pub fn ephemeral_unpublish(&self, key: Key, target: &Path) -> Result<()> {
-        self.node_unpublish(key, target)?;
+        self.unpublish_target(key, self.volumes.get(&key), target)?;
         let Some(record) = self.volumes.get(&key) else {
             return self.delete_volume(key);
         };

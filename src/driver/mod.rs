@@ -19,7 +19,7 @@ use crate::backend::dir::DirBackend;
 use crate::backend::loopback::LoopBackend;
 use crate::config::{Config, QuotaMode, TOPOLOGY_NODE_KEY};
 use crate::error::{Error, IoContext, Result};
-use crate::guard::{Guard, InFlight};
+use crate::guard::{Guard, InFlight, PathsInFlight};
 use crate::ids::{Key, Kind, ObjectId};
 use crate::kernel::mount::{MountFlags, Mounter};
 use crate::kernel::mountinfo::{self, MountEntry};
@@ -155,6 +155,8 @@ pub struct Driver {
     loopback: LoopBackend,
     mounter: Arc<dyn Mounter>,
     inflight: InFlight,
+    /// Staging and target paths being mounted at (see [`PathsInFlight`]).
+    paths: PathsInFlight,
     /// Bytes promised to volumes but not written yet, as last measured plus
     /// what was promised since.
     promises: Mutex<u64>,
@@ -195,6 +197,7 @@ impl Driver {
             loopback,
             mounter,
             inflight: InFlight::default(),
+            paths: PathsInFlight::default(),
             promises: Mutex::new(0),
             attached: Mutex::new(0),
         };

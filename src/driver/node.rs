@@ -2,6 +2,7 @@
 //! this machine, reconciled against the mount table.
 
 use super::*;
+use crate::kernel::nofollow::{self, Removal, Want};
 
 impl Driver {
     // ----- Node -----
@@ -27,8 +28,15 @@ impl Driver {
                 )));
             }
         }
+        let _path = self.paths.try_claim(path)?;
+        self.check_path_free(&key, record.backend, path)?;
         match (record.backend, &record.loop_spec) {
             (BackendKind::Loop, Some(spec)) => {
+                // A bad staging path is refused before the image is attached
+                // or formatted, not after.
+                if !capability.block {
+                    nofollow::open_or_create(path, Want::Dir).map_err(|e| Error::at_caller_path("staging path", e))?;
+                }
                 self.loopback.stage(&key, spec, path, &capability)?;
                 if let (Some(gid), false) = (capability.mount_group, capability.block) {
                     apply_mount_group(path, gid)?;
@@ -64,12 +72,12 @@ impl Driver {
         if path == data {
             return Ok(());
         }
-        fs::create_dir_all(path).context(|| format!("creating {}", path.display()))?;
+        nofollow::open_or_create(path, Want::Dir).map_err(|e| Error::at_caller_path("staging path", e))?;
         let mounts = self.mount_table()?;
         if !mountinfo::find_mount_point(&mounts, path).is_some_and(|e| self.shows_volume(e, key, BackendKind::Dir)) {
-            self.mounter
-                .bind(&data, path, MountFlags::default())
-                .context(|| format!("bind-mounting {} on {}", data.display(), path.display()))?;
+            self.mounter.bind(&data, path, MountFlags::default()).map_err(|e| {
+                Error::at_caller_path(format!("bind-mounting {} on {}", data.display(), path.display()), e)
+            })?;
         }
         Ok(())
     }
@@ -89,7 +97,7 @@ impl Driver {
         let ours = record.as_ref().and_then(|r| r.stage.as_ref()).is_some_and(|s| s.path == path);
         match &record {
             Some(record) => self.unstage_backend(record, &key, path, ours)?,
-            None => self.unmount_ours(path, &key, BackendKind::Dir, false)?,
+            None => drop(self.unmount_ours(path, &key, BackendKind::Dir, false)?),
         }
         if let Some(record) = record
             && ours
@@ -103,7 +111,7 @@ impl Driver {
 
     fn unstage_backend(&self, record: &VolumeRecord, key: &Key, path: &Path, ours: bool) -> Result<()> {
         match record.backend {
-            BackendKind::Dir => self.unmount_ours(path, key, BackendKind::Dir, ours),
+            BackendKind::Dir => self.unmount_ours(path, key, BackendKind::Dir, ours).map(drop),
             BackendKind::Loop => self.loopback.unstage(key, path),
         }
     }
@@ -168,6 +176,8 @@ impl Driver {
         }
         let mut flags = MountFlags::parse(&capability.mount_flags).map_err(Error::InvalidArgument)?;
         flags.read_only |= read_only;
+        let _path = self.paths.try_claim(target)?;
+        self.check_path_free(&key, record.backend, target)?;
         let source = match record.backend {
             BackendKind::Dir => staging.to_owned(),
             BackendKind::Loop => self.loopback.publish_source(&key, staging, capability.block, read_only)?,
@@ -199,16 +209,13 @@ impl Driver {
         flags: MountFlags,
         publication: Publication,
     ) -> Result<()> {
-        if publication.capability.block {
-            ensure_file(target)?;
-        } else {
-            fs::create_dir_all(target).context(|| format!("creating {}", target.display()))?;
-        }
+        let want = if publication.capability.block { Want::File } else { Want::Dir };
+        nofollow::open_or_create(target, want).map_err(|e| Error::at_caller_path("target path", e))?;
         let mounts = self.mount_table()?;
         if !mountinfo::find_mount_point(&mounts, target).is_some_and(|e| self.shows_volume(e, &key, record.backend)) {
-            self.mounter
-                .bind(source, target, flags)
-                .context(|| format!("bind-mounting {} on {}", source.display(), target.display()))?;
+            self.mounter.bind(source, target, flags).map_err(|e| {
+                Error::at_caller_path(format!("bind-mounting {} on {}", source.display(), target.display()), e)
+            })?;
         }
         if !record.publications.contains_key(target) {
             let mut published = record.clone();
@@ -221,23 +228,29 @@ impl Driver {
         Ok(())
     }
 
-    /// Unpublishes a volume from a target and removes the target; unpublishing
-    /// what is not published succeeds.
+    /// Unpublishes a volume from a target and removes the target Loam made
+    /// there; unpublishing what is not published succeeds and deletes
+    /// nothing. A volume this node does not have is NOT_FOUND.
     pub fn node_unpublish(&self, key: Key, target: &Path) -> Result<()> {
-        let record = self.volumes.get(&key);
+        let record = self.volumes.get(&key).ok_or_else(|| {
+            Error::NotFound(format!("volume {key} does not exist on this node; nothing of it is published anywhere"))
+        })?;
+        self.unpublish_target(key, Some(record), target)
+    }
+
+    /// [`Driver::node_unpublish`] for a volume that may have no record yet
+    /// (an inline volume whose publish crashed before writing it): then only
+    /// a mount that shows the volume is undone.
+    pub(super) fn unpublish_target(&self, key: Key, record: Option<Arc<VolumeRecord>>, target: &Path) -> Result<()> {
         let publication = record.as_ref().and_then(|r| r.publications.get(target).cloned());
         let backend = record.as_ref().map_or(BackendKind::Dir, |r| r.backend);
-        self.unmount_ours(target, &key, backend, publication.is_some())?;
-        let removed = match fs::symlink_metadata(target) {
-            Ok(meta) if meta.is_dir() => fs::remove_dir(target),
-            Ok(_) => fs::remove_file(target),
-            Err(e) => Err(e),
-        };
-        match removed {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                return Err(Error::io(format!("removing target {}", target.display()), e));
-            }
-            _ => {}
+        let unmounted = self.unmount_ours(target, &key, backend, publication.is_some())?;
+        // The target is Loam's to remove only when Loam published there
+        // (the record says so, or our mount was there): never a path some
+        // other volume or program uses, and only in the empty shape Loam
+        // made it, with nothing mounted on it any more.
+        if publication.is_some() || unmounted {
+            self.remove_target(target)?;
         }
         if let (Some(record), Some(publication)) = (record, publication) {
             let mut unpublished = (*record).clone();
@@ -251,6 +264,72 @@ impl Driver {
             {
                 self.loopback.release_read_only(&key)?;
             }
+        }
+        Ok(())
+    }
+
+    /// Removes an unmounted target if it is an empty directory or an empty
+    /// file; whatever else is there (a pod's files written under it after
+    /// the unmount, a stranger's mount) is left and logged.
+    fn remove_target(&self, target: &Path) -> Result<()> {
+        let mounts = self.mount_table()?;
+        if let Some(entry) = mountinfo::find_mount_point(&mounts, target) {
+            tracing::warn!(target = %target.display(), source = %entry.source, "left the target: something else is mounted on it");
+            return Ok(());
+        }
+        match nofollow::remove_if_empty(target) {
+            Ok(Removal::Removed | Removal::Missing) => {}
+            Ok(Removal::Kept) => tracing::warn!(target = %target.display(), "left the target: it is not empty"),
+            // The volume is unmounted from it already; a path that now leads
+            // through a symlink is left alone rather than failing the
+            // unpublish forever.
+            Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
+                tracing::warn!(target = %target.display(), "left the target: {e}");
+            }
+            Err(e) => return Err(Error::io(format!("removing the target {}", target.display()), e)),
+        }
+        Ok(())
+    }
+
+    /// Refuses `path` when another volume is staged or published at it, or
+    /// at a path inside or around it (the mounts would hide each other, and
+    /// unmounting one would take the other's), or when a mount that is not
+    /// this volume's sits on it.
+    fn check_path_free(&self, key: &Key, backend: BackendKind, path: &Path) -> Result<()> {
+        let mut clash = None;
+        self.volumes.for_each(|other, record| {
+            if other == key || clash.is_some() {
+                return;
+            }
+            let paths = record.stage.iter().map(|s| &s.path).chain(record.publications.keys());
+            if let Some(used) = paths.into_iter().find(|p| p.starts_with(path) || path.starts_with(p)) {
+                clash = Some((record.id.clone(), used.clone()));
+            }
+        });
+        if let Some((other, used)) = clash {
+            let relation = if used == path {
+                "the path"
+            } else if used.starts_with(path) {
+                "around the path"
+            } else {
+                "inside the path"
+            };
+            return Err(Error::FailedPrecondition(format!(
+                "{} is {relation} volume {other} is staged or published at ({}); unpublish or unstage volume {other} there first, or use another path",
+                path.display(),
+                used.display()
+            )));
+        }
+        let mounts = self.mount_table()?;
+        if let Some(entry) = mountinfo::find_mount_point(&mounts, path)
+            && !self.shows_volume(entry, key, backend)
+        {
+            return Err(Error::FailedPrecondition(format!(
+                "{} already has {} (from {}) mounted on it, which is not volume {key}; unmount it first or use another path",
+                path.display(),
+                entry.fs_type,
+                entry.source
+            )));
         }
         Ok(())
     }
@@ -338,15 +417,16 @@ impl Driver {
     }
 
     /// Unmounts `path` if the record says it is ours or the mount table
-    /// shows our volume there; never touches a stranger's mount.
-    fn unmount_ours(&self, path: &Path, key: &Key, backend: BackendKind, ours: bool) -> Result<()> {
+    /// shows our volume there; never touches a stranger's mount. Returns
+    /// whether it unmounted anything.
+    fn unmount_ours(&self, path: &Path, key: &Key, backend: BackendKind, ours: bool) -> Result<bool> {
         // Stacked binds of the same volume (a retried publish after a crash)
         // are all removed; the bound keeps a confused table from looping.
-        for _ in 0..8 {
+        for round in 0..8 {
             let mounts = self.mount_table()?;
-            let Some(entry) = mountinfo::find_mount_point(&mounts, path) else { return Ok(()) };
+            let Some(entry) = mountinfo::find_mount_point(&mounts, path) else { return Ok(round > 0) };
             if !ours && !self.shows_volume(entry, key, backend) {
-                return Ok(());
+                return Ok(round > 0);
             }
             self.mounter.unmount(path).context(|| format!("unmounting {}", path.display()))?;
         }
@@ -355,19 +435,6 @@ impl Driver {
             path.display()
         )))
     }
-}
-
-/// Creates an empty file for a block publication's bind (and its parents).
-fn ensure_file(path: &Path) -> Result<()> {
-    if let Some(parent) = path.parent() {
-        fs::create_dir_all(parent).context(|| format!("creating {}", parent.display()))?;
-    }
-    fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .map(drop)
-        .context(|| format!("creating {}", path.display()))
 }
 
 /// Gives the volume root to `gid` with the setgid bit, so files created in it

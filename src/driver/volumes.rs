@@ -7,6 +7,26 @@ use crate::records::Ephemeral;
 impl Driver {
     // ----- Controller -----
 
+    /// Claims everything a CreateVolume touches: the new volume and the
+    /// volume or snapshot it copies, so a DeleteVolume or DeleteSnapshot of
+    /// the source racing the copy gets ABORTED instead of pulling the source
+    /// away mid-copy (and the copy gets ABORTED while the source is busy).
+    /// Every claim is a try, so no two operations ever wait on each other.
+    /// A source that is not this node's is left to [`Driver::create_volume`]
+    /// to report.
+    pub fn claim_create(&self, key: Key, source: Option<&ContentSource>) -> Result<Vec<Guard>> {
+        let mut guards = vec![self.claim(Kind::Volume, key)?];
+        let source = match source {
+            Some(ContentSource::Volume(id)) => self.own_key("volume", id).ok().map(|k| (Kind::Volume, k)),
+            Some(ContentSource::Snapshot(id)) => self.own_key("snapshot", id).ok().map(|k| (Kind::Snapshot, k)),
+            None => None,
+        };
+        if let Some((kind, source)) = source {
+            guards.push(self.claim(kind, source)?);
+        }
+        Ok(guards)
+    }
+
     /// Creates a volume, or returns the existing one made by the same request.
     pub fn create_volume(&self, key: Key, req: NewVolume) -> Result<Arc<VolumeRecord>> {
         self.create_volume_as(key, req, None)

@@ -9,12 +9,12 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
 use nix::errno::Errno;
-use nix::fcntl::{OFlag, open};
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
-use nix::sys::stat::{Mode, SFlag, fstat};
+use nix::sys::stat::{SFlag, fstat};
 use nix::sys::statvfs::{FsFlags, fstatvfs};
 
 use super::mountinfo::{self, MountEntry};
+use super::nofollow;
 
 /// Longest flag word accepted; real flags are short, so anything longer is junk.
 const MAX_FLAG_LEN: usize = 64;
@@ -133,8 +133,10 @@ impl fmt::Display for MountFlags {
 pub trait Mounter: Send + Sync + std::fmt::Debug {
     /// Bind-mounts existing `source` onto existing `target` of the same kind, then applies `flags`.
     ///
-    /// Neither path's last component may be a symlink (an `InvalidInput`
-    /// error). If applying the flags fails the bind is undone first.
+    /// No component of either path may be a symlink (an `InvalidInput`
+    /// error): a publish's source is the caller's staging path, and the
+    /// target is the caller's too. If applying the flags fails the bind is
+    /// undone first.
     fn bind(&self, source: &Path, target: &Path, flags: MountFlags) -> io::Result<()>;
     /// Unmounts the topmost mount at `target`: `Ok(false)` if nothing was mounted there.
     fn unmount(&self, target: &Path) -> io::Result<bool>;
@@ -160,8 +162,8 @@ pub struct KernelMounter;
 
 impl Mounter for KernelMounter {
     fn bind(&self, source: &Path, target: &Path, flags: MountFlags) -> io::Result<()> {
-        let source_fd = open_no_follow(source)?;
-        let target_fd = open_no_follow(target)?;
+        let source_fd = nofollow::open(source)?;
+        let target_fd = nofollow::open(target)?;
         let source_stat = fstat(&source_fd)?;
         let target_stat = fstat(&target_fd)?;
         check_kinds(source, kind_of(source_stat.st_mode), target, kind_of(target_stat.st_mode))?;
@@ -178,7 +180,7 @@ impl Mounter for KernelMounter {
         // target_fd still names the directory under the new mount; the
         // remount must hit the bind itself, so reopen the path and make sure
         // it is the bind's root (same inode as the source).
-        let mounted = match open_no_follow(target) {
+        let mounted = match nofollow::open(target) {
             Ok(fd) => fd,
             Err(err) => return Err(undo_bind(&target_fd, err)),
         };
@@ -210,12 +212,6 @@ impl Mounter for KernelMounter {
     fn mounts(&self) -> io::Result<Vec<MountEntry>> {
         mountinfo::read()
     }
-}
-
-/// Opens the path itself (never a symlink's target) for use as a mount end.
-fn open_no_follow(path: &Path) -> io::Result<OwnedFd> {
-    open(path, OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty())
-        .map_err(|e| with_context(e, "open", path))
 }
 
 fn fd_path(fd: &OwnedFd) -> PathBuf {
@@ -379,6 +375,8 @@ impl Mounter for FakeMounter {
             return Err(io::Error::new(kind, "injected bind failure"));
         }
         // Same checks as the kernel mounter, so tests catch missing mkdirs.
+        nofollow::open(source)?;
+        nofollow::open(target)?;
         let source_kind = kind_of_file_type(std::fs::symlink_metadata(source)?.file_type());
         let target_kind = kind_of_file_type(std::fs::symlink_metadata(target)?.file_type());
         check_kinds(source, source_kind, target, target_kind)?;
@@ -595,7 +593,7 @@ mod tests {
             let _guard = Unmount(&dst);
 
             KernelMounter.bind(&src, &dst, MountFlags::default()).expect("bind");
-            let mounted = open_no_follow(&dst).expect("open mount");
+            let mounted = nofollow::open(&dst).expect("open mount");
             let err = undo_bind(&mounted, io::Error::other("remount failed"));
             assert_eq!(err.to_string(), "remount failed");
             let mounts = KernelMounter.mounts().expect("mounts");

@@ -41,14 +41,22 @@ impl MountEntry {
     }
 }
 
-/// Parses mountinfo text; a malformed line is an `InvalidData` error.
-pub fn parse(text: &str) -> io::Result<Vec<MountEntry>> {
-    text.lines()
+/// Parses mountinfo bytes; a malformed line is an `InvalidData` error.
+///
+/// The table is bytes, not text: a mount point may be any byte string (a
+/// path that is not UTF-8 anywhere in the namespace must not stop Loam from
+/// reading the rest), so paths are decoded to bytes and never to `str`.
+pub fn parse(text: impl AsRef<[u8]>) -> io::Result<Vec<MountEntry>> {
+    text.as_ref()
+        .split(|&b| b == b'\n')
         .enumerate()
-        .filter(|(_, line)| !line.trim().is_empty())
+        .filter(|(_, line)| !line.trim_ascii().is_empty())
         .map(|(index, line)| {
             parse_line(line).ok_or_else(|| {
-                io::Error::new(io::ErrorKind::InvalidData, format!("malformed mountinfo line {}: {line:?}", index + 1))
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("malformed mountinfo line {}: {:?}", index + 1, String::from_utf8_lossy(line)),
+                )
             })
         })
         .collect()
@@ -56,7 +64,7 @@ pub fn parse(text: &str) -> io::Result<Vec<MountEntry>> {
 
 /// Reads and parses `/proc/self/mountinfo`.
 pub fn read() -> io::Result<Vec<MountEntry>> {
-    parse(&std::fs::read_to_string(MOUNTINFO_PATH)?)
+    parse(std::fs::read(MOUNTINFO_PATH)?)
 }
 
 /// The topmost (last listed) mount whose mount point is exactly `path`.
@@ -64,42 +72,46 @@ pub fn find_mount_point<'a>(entries: &'a [MountEntry], path: &Path) -> Option<&'
     entries.iter().rev().find(|e| e.mount_point == path)
 }
 
-fn parse_line(line: &str) -> Option<MountEntry> {
+fn parse_line(line: &[u8]) -> Option<MountEntry> {
     // Fields are separated by single spaces; spaces inside paths are escaped
     // as \040, so a plain split is exact.
-    let fields: Vec<&str> = line.split(' ').collect();
-    let separator = fields.iter().position(|f| *f == "-")?;
+    let fields: Vec<&[u8]> = line.split(|&b| b == b' ').collect();
+    let separator = fields.iter().position(|f| *f == b"-")?;
     // Six mandatory fields precede the optional ones; three follow the `-`.
     if separator < 6 || fields.len() != separator + 4 {
         return None;
     }
-    let major_minor = fields[2];
-    if !major_minor.contains(':') {
+    if !fields[2].contains(&b':') {
         return None;
     }
     Some(MountEntry {
-        mount_id: fields[0].parse().ok()?,
-        parent_id: fields[1].parse().ok()?,
+        mount_id: number(fields[0])?,
+        parent_id: number(fields[1])?,
         root: decode_path(fields[3]),
         mount_point: decode_path(fields[4]),
-        options: fields[5].to_string(),
+        options: decode_string(fields[5]),
         fs_type: decode_string(fields[separator + 1]),
         source: decode_string(fields[separator + 2]),
-        super_options: fields[separator + 3].to_string(),
+        super_options: decode_string(fields[separator + 3]),
     })
 }
 
-fn decode_path(field: &str) -> PathBuf {
+fn number(field: &[u8]) -> Option<u32> {
+    std::str::from_utf8(field).ok()?.parse().ok()
+}
+
+fn decode_path(field: &[u8]) -> PathBuf {
     PathBuf::from(OsString::from_vec(decode(field)))
 }
 
-fn decode_string(field: &str) -> String {
+/// Options, types and sources are matched as text; a stray byte that is not
+/// UTF-8 there only becomes U+FFFD.
+fn decode_string(field: &[u8]) -> String {
     String::from_utf8_lossy(&decode(field)).into_owned()
 }
 
 /// Undoes the kernel's `\ooo` octal escaping of space, tab, newline and backslash.
-fn decode(field: &str) -> Vec<u8> {
-    let bytes = field.as_bytes();
+fn decode(bytes: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
@@ -128,6 +140,7 @@ fn octal_byte(digits: Option<&[u8]>) -> Option<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::ffi::OsStrExt;
 
     const SAMPLE: &str = "\
 22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw,errors=remount-ro
@@ -186,7 +199,21 @@ mod tests {
 
     #[test]
     fn lone_backslash_is_kept() {
-        assert_eq!(decode("a\\b\\04"), b"a\\b\\04".to_vec());
+        assert_eq!(decode(b"a\\b\\04"), b"a\\b\\04".to_vec());
+    }
+
+    #[test]
+    fn mount_points_that_are_not_utf8_are_kept_as_bytes() {
+        // A raw 0xff byte (the kernel escapes only space, tab, newline and
+        // backslash) in one line must not spoil the others.
+        let mut table =
+            b"22 1 8:1 / / rw - ext4 /dev/sda1 rw\n50 22 0:60 / /mnt/caf\xe9\\040x rw - tmpfs t\xff rw\n".to_vec();
+        table.extend_from_slice(b"51 22 0:61 / /var/lib/loam rw - tmpfs tmpfs rw\n");
+        let entries = parse(&table).expect("a table with a non-UTF-8 mount point parses");
+        assert_eq!(entries.len(), 3);
+        assert_eq!(entries[1].mount_point.as_os_str().as_bytes(), b"/mnt/caf\xe9 x");
+        assert_eq!(entries[1].source, "t\u{fffd}");
+        assert!(find_mount_point(&entries, Path::new("/var/lib/loam")).is_some());
     }
 
     #[test]

@@ -181,11 +181,11 @@ impl Controller for ControllerService {
                 name: req.name,
             };
             let key = driver.key_for(Kind::Volume, &new.name);
-            let guard = driver.claim(Kind::Volume, key)?;
+            let guards = driver.claim_create(key, new.source.as_ref())?;
             let record = blocking({
                 let driver = driver.clone();
                 move || {
-                    let _guard = guard;
+                    let _guards = guards;
                     driver.create_volume(key, new)
                 }
             })

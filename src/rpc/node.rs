@@ -163,11 +163,9 @@ impl Node for NodeService {
             // Any id but Loam's own may be an inline volume's.
             let (key, ephemeral) = match self.driver.ephemeral_key(&req.volume_id) {
                 Some(key) => (key, true),
-                None => match self.driver.volume_key(&req.volume_id) {
-                    Ok(key) => (key, false),
-                    // A volume this node never had is not published here.
-                    Err(_) => return Ok(csi::NodeUnpublishVolumeResponse {}),
-                },
+                // A volume this node never had is NOT_FOUND, as the spec
+                // asks; nothing at the target is touched.
+                None => (self.driver.volume_key(&req.volume_id)?, false),
             };
             let driver = self.driver.clone();
             let guard = driver.claim(Kind::Volume, key)?;
