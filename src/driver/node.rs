@@ -230,12 +230,15 @@ impl Driver {
 
     /// Unpublishes a volume from a target and removes the target Loam made
     /// there; unpublishing what is not published succeeds and deletes
-    /// nothing. A volume this node does not have is NOT_FOUND.
+    /// nothing. A volume this node does not have (deleted already, as when
+    /// the kubelet retries after a forced deletion) has nothing published
+    /// but, at most, a mount of it a crash left: that is undone, nothing else.
     pub fn node_unpublish(&self, key: Key, target: &Path) -> Result<()> {
-        let record = self.volumes.get(&key).ok_or_else(|| {
-            Error::NotFound(format!("volume {key} does not exist on this node; nothing of it is published anywhere"))
-        })?;
-        self.unpublish_target(key, Some(record), target)
+        let record = self.volumes.get(&key);
+        if record.is_none() {
+            tracing::info!(%key, target = %target.display(), "no such volume on this node: nothing to unpublish but its own mount");
+        }
+        self.unpublish_target(key, record, target)
     }
 
     /// [`Driver::node_unpublish`] for a volume that may have no record yet

@@ -163,9 +163,18 @@ impl Node for NodeService {
             // Any id but Loam's own may be an inline volume's.
             let (key, ephemeral) = match self.driver.ephemeral_key(&req.volume_id) {
                 Some(key) => (key, true),
-                // A volume this node never had is NOT_FOUND, as the spec
-                // asks; nothing at the target is touched.
-                None => (self.driver.volume_key(&req.volume_id)?, false),
+                None => match self.driver.volume_key(&req.volume_id) {
+                    Ok(key) => (key, false),
+                    // Another node's volume (or a pod's inline volume named
+                    // by its Loam id) is published nowhere on this node: the
+                    // unpublish succeeds and touches nothing, so a kubelet
+                    // cleaning up never retries forever.
+                    Err(Error::NotFound(why)) => {
+                        tracing::info!(%why, "nothing to unpublish on this node");
+                        return Ok(csi::NodeUnpublishVolumeResponse {});
+                    }
+                    Err(e) => return Err(e),
+                },
             };
             let driver = self.driver.clone();
             let guard = driver.claim(Kind::Volume, key)?;
