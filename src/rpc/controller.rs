@@ -11,7 +11,7 @@ use crate::driver::{Condition, Driver, NewVolume, topology};
 use crate::error::{Error, Result, quote};
 use crate::ids::{Key, Kind, validate_name};
 use crate::records::{ContentSource, Enforcement, SnapshotRecord, VolumeRecord};
-use crate::rpc::{blocking, traced, validate};
+use crate::rpc::{blocking, claimed, traced, validate};
 
 /// Controller over a node's own driver.
 #[derive(Debug, Clone)]
@@ -181,13 +181,8 @@ impl Controller for ControllerService {
                 name: req.name,
             };
             let key = driver.key_for(Kind::Volume, &new.name);
-            let guards = driver.claim_create(key, new.source.as_ref())?;
-            let record = blocking({
-                let driver = driver.clone();
-                move || {
-                    let _guards = guards;
-                    driver.create_volume(key, new)
-                }
+            let record = claimed(driver.claim_create(key, new.source.as_ref())?, &driver, move |driver| {
+                driver.create_volume(key, new)
             })
             .await?;
             Ok(csi::CreateVolumeResponse { volume: Some(volume_message(&record, &driver)) })
@@ -209,12 +204,7 @@ impl Controller for ControllerService {
                 Err(Error::NotFound(_)) => return Ok(csi::DeleteVolumeResponse {}),
                 Err(e) => return Err(e),
             };
-            let guard = driver.claim(Kind::Volume, key)?;
-            blocking(move || {
-                let _guard = guard;
-                driver.delete_volume(key)
-            })
-            .await?;
+            claimed(driver.claim(Kind::Volume, key)?, &driver, move |driver| driver.delete_volume(key)).await?;
             Ok(csi::DeleteVolumeResponse {})
         })
         .await
@@ -231,9 +221,7 @@ impl Controller for ControllerService {
             validate::required_id("node id", &req.node_id)?;
             let capability = validate::capability(req.volume_capability.as_ref())?;
             let key = driver.volume_key(&req.volume_id)?;
-            let guard = driver.claim(Kind::Volume, key)?;
-            let publish_context = blocking(move || {
-                let _guard = guard;
+            let publish_context = claimed(driver.claim(Kind::Volume, key)?, &driver, move |driver| {
                 driver.controller_publish(key, &req.node_id, req.readonly, capability)
             })
             .await?;
@@ -258,9 +246,7 @@ impl Controller for ControllerService {
                 // Not this node's volume, so not attached here: done.
                 return Ok(csi::ControllerUnpublishVolumeResponse {});
             };
-            let guard = driver.claim(Kind::Volume, key)?;
-            blocking(move || {
-                let _guard = guard;
+            claimed(driver.claim(Kind::Volume, key)?, &driver, move |driver| {
                 driver.controller_unpublish(key, &req.node_id)
             })
             .await?;
@@ -388,9 +374,7 @@ impl Controller for ControllerService {
             validate::required_id("source volume id", &req.source_volume_id)?;
             validate::snapshot_parameters(&req.parameters)?;
             let key = driver.key_for(Kind::Snapshot, &req.name);
-            let guard = driver.claim(Kind::Snapshot, key)?;
-            let record = blocking(move || {
-                let _guard = guard;
+            let record = claimed(driver.claim(Kind::Snapshot, key)?, &driver, move |driver| {
                 driver.create_snapshot(key, &req.name, &req.source_volume_id)
             })
             .await?;
@@ -410,12 +394,7 @@ impl Controller for ControllerService {
             let Ok(key) = driver.snapshot_key(&req.snapshot_id) else {
                 return Ok(csi::DeleteSnapshotResponse {});
             };
-            let guard = driver.claim(Kind::Snapshot, key)?;
-            blocking(move || {
-                let _guard = guard;
-                driver.delete_snapshot(key)
-            })
-            .await?;
+            claimed(driver.claim(Kind::Snapshot, key)?, &driver, move |driver| driver.delete_snapshot(key)).await?;
             Ok(csi::DeleteSnapshotResponse {})
         })
         .await
@@ -479,13 +458,12 @@ impl Controller for ControllerService {
             let range = validate::capacity(req.capacity_range.as_ref())?
                 .ok_or_else(|| Error::InvalidArgument("capacity range is required".into()))?;
             let key = driver.volume_key(&req.volume_id)?;
-            let guard = driver.claim(Kind::Volume, key)?;
-            let (capacity, node_expansion_required) = blocking(move || {
-                let _guard = guard;
-                let capacity = driver.expand_volume(key, range)?;
-                Ok((capacity, driver.node_expansion_required(&key)))
-            })
-            .await?;
+            let (capacity, node_expansion_required) =
+                claimed(driver.claim(Kind::Volume, key)?, &driver, move |driver| {
+                    let capacity = driver.expand_volume(key, range)?;
+                    Ok((capacity, driver.node_expansion_required(&key)))
+                })
+                .await?;
             Ok(csi::ControllerExpandVolumeResponse { capacity_bytes: to_i64(capacity), node_expansion_required })
         })
         .await
@@ -533,12 +511,8 @@ impl Controller for ControllerService {
             validate::required_id("volume id", &req.volume_id)?;
             let mutable = validate::parameters(&req.mutable_parameters)?;
             let key = driver.volume_key(&req.volume_id)?;
-            let guard = driver.claim(Kind::Volume, key)?;
-            blocking(move || {
-                let _guard = guard;
-                driver.modify_volume(key, mutable)
-            })
-            .await?;
+            claimed(driver.claim(Kind::Volume, key)?, &driver, move |driver| driver.modify_volume(key, mutable))
+                .await?;
             Ok(csi::ControllerModifyVolumeResponse {})
         })
         .await

@@ -11,7 +11,7 @@ use crate::driver::{Driver, GroupSnapshot};
 use crate::error::{Error, Result};
 use crate::ids::{Kind, validate_name};
 use crate::rpc::controller::snapshot_message;
-use crate::rpc::{blocking, traced, validate};
+use crate::rpc::{claimed, traced, validate};
 
 /// GroupController over a node's own driver.
 #[derive(Debug, Clone)]
@@ -71,9 +71,7 @@ impl GroupController for GroupControllerService {
             validate::group_snapshot_parameters(&req.parameters)?;
             let volumes = sources.iter().map(|id| driver.group_source_key(id)).collect::<Result<Vec<_>>>()?;
             let key = driver.key_for(Kind::GroupSnapshot, &req.name);
-            let guards = driver.claim_group(key, &volumes)?;
-            let group = blocking(move || {
-                let _guards = guards;
+            let group = claimed(driver.claim_group(key, &volumes)?, &driver, move |driver| {
                 driver.create_group_snapshot(key, &req.name, &sources)
             })
             .await?;
@@ -96,9 +94,7 @@ impl GroupController for GroupControllerService {
                 Err(Error::NotFound(_)) => return Ok(csi::DeleteVolumeGroupSnapshotResponse {}),
                 Err(e) => return Err(e),
             };
-            let guard = driver.claim(Kind::GroupSnapshot, key)?;
-            blocking(move || {
-                let _guard = guard;
+            claimed(driver.claim(Kind::GroupSnapshot, key)?, &driver, move |driver| {
                 driver.delete_group_snapshot(key, &req.snapshot_ids)
             })
             .await?;

@@ -15,11 +15,13 @@ pub mod routed;
 pub mod validate;
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Instant;
 
 use tonic::{Response, Status};
 use tracing::Instrument;
 
+use crate::driver::Driver;
 use crate::error::{Error, Result};
 
 /// Runs one RPC inside a span and logs its outcome and duration, also when
@@ -63,6 +65,26 @@ impl Drop for Call {
             self.span.in_scope(|| tracing::warn!(micros, outcome = "cancelled", "cancelled by the caller"));
         }
     }
+}
+
+/// Runs driver work on a blocking thread holding `claim` (the guards of the
+/// objects it changes), moved along with the work: a caller who gives up
+/// never releases the claim while the work still runs.
+pub(crate) async fn claimed<C, T>(
+    claim: C,
+    driver: &Arc<Driver>,
+    work: impl FnOnce(&Driver) -> Result<T> + Send + 'static,
+) -> Result<T>
+where
+    C: Send + 'static,
+    T: Send + 'static,
+{
+    let driver = driver.clone();
+    blocking(move || {
+        let _claim = claim;
+        work(&driver)
+    })
+    .await
 }
 
 /// Runs blocking driver work off the async runtime.

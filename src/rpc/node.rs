@@ -11,7 +11,7 @@ use crate::driver::{Driver, topology};
 use crate::error::{Error, Result};
 use crate::ids::{Key, Kind};
 use crate::rpc::controller::to_i64;
-use crate::rpc::{blocking, traced, validate};
+use crate::rpc::{blocking, claimed, traced, validate};
 
 /// Node over this node's driver.
 #[derive(Debug, Clone)]
@@ -52,10 +52,7 @@ impl NodeService {
                 req.volume_id
             ))
         })?;
-        let driver = self.driver.clone();
-        let guard = driver.claim(Kind::Volume, key)?;
-        blocking(move || {
-            let _guard = guard;
+        claimed(self.driver.claim(Kind::Volume, key)?, &self.driver, move |driver| {
             driver.ephemeral_publish(key, volume, &target, req.readonly, capability)
         })
         .await?;
@@ -88,10 +85,7 @@ impl Node for NodeService {
                 (self.driver.volume_key(&req.volume_id)?, path)
             };
             let capability = validate::capability(req.volume_capability.as_ref())?;
-            let driver = self.driver.clone();
-            let guard = driver.claim(Kind::Volume, key)?;
-            blocking(move || {
-                let _guard = guard;
+            claimed(self.driver.claim(Kind::Volume, key)?, &self.driver, move |driver| {
                 driver.node_stage(key, &path, capability)
             })
             .await?;
@@ -113,13 +107,8 @@ impl Node for NodeService {
             let Ok(key) = self.driver.volume_key(&req.volume_id) else {
                 return Ok(csi::NodeUnstageVolumeResponse {});
             };
-            let driver = self.driver.clone();
-            let guard = driver.claim(Kind::Volume, key)?;
-            blocking(move || {
-                let _guard = guard;
-                driver.node_unstage(key, &path)
-            })
-            .await?;
+            claimed(self.driver.claim(Kind::Volume, key)?, &self.driver, move |driver| driver.node_unstage(key, &path))
+                .await?;
             Ok(csi::NodeUnstageVolumeResponse {})
         })
         .await
@@ -140,10 +129,7 @@ impl Node for NodeService {
             let staging = validate::caller_path("staging target path", &req.staging_target_path, root)?;
             let capability = validate::capability(req.volume_capability.as_ref())?;
             let key = self.driver.volume_key(&req.volume_id)?;
-            let driver = self.driver.clone();
-            let guard = driver.claim(Kind::Volume, key)?;
-            blocking(move || {
-                let _guard = guard;
+            claimed(self.driver.claim(Kind::Volume, key)?, &self.driver, move |driver| {
                 driver.node_publish(key, &staging, &target, req.readonly, capability)
             })
             .await?;
@@ -176,10 +162,7 @@ impl Node for NodeService {
                     Err(e) => return Err(e),
                 },
             };
-            let driver = self.driver.clone();
-            let guard = driver.claim(Kind::Volume, key)?;
-            blocking(move || {
-                let _guard = guard;
+            claimed(self.driver.claim(Kind::Volume, key)?, &self.driver, move |driver| {
                 if ephemeral { driver.ephemeral_unpublish(key, &target) } else { driver.node_unpublish(key, &target) }
             })
             .await?;
@@ -242,12 +225,9 @@ impl Node for NodeService {
             let (key, path) = self.volume_and_path(&req.volume_id, &req.volume_path)?;
             let range = validate::capacity(req.capacity_range.as_ref())?.unwrap_or_default();
             let driver = self.driver.clone();
-            let guard = driver.claim(Kind::Volume, key)?;
-            let capacity = blocking(move || {
-                let _guard = guard;
-                driver.node_expand(key, &path, range)
-            })
-            .await?;
+            let capacity =
+                claimed(driver.claim(Kind::Volume, key)?, &driver, move |driver| driver.node_expand(key, &path, range))
+                    .await?;
             Ok(csi::NodeExpandVolumeResponse { capacity_bytes: to_i64(capacity) })
         })
         .await
