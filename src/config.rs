@@ -44,3 +44,7 @@ pub struct Config {
 
 /// The topology key whose value names the node a volume lives on.
 pub const TOPOLOGY_NODE_KEY: &str = "topology.loam.csi.dev/node";
+
+/// Keys Kubernetes adds for itself (the sidecars: secrets, PVC names, fstype;
+/// the kubelet: an inline volume's pod); never meant for the driver, so never refused.
+pub const CO_PARAMETER_PREFIX: &str = "csi.storage.k8s.io/";

@@ -7,14 +7,16 @@
 //! - [`server`] binds the Unix socket privately, builds the gRPC services the
 //!   chosen [`config::Mode`] serves, and drains them on shutdown.
 //! - [`rpc`] is the CSI surface: one module per service. Each handler validates
-//!   the request ([`rpc::validate`]), takes the per-volume [`guard`], and calls
-//!   the [`driver`] on a blocking thread. Nothing else happens there.
+//!   the request ([`rpc::validate`]), and runs the [`driver`] on a blocking
+//!   thread holding the per-volume [`guard`] (`rpc::claimed`). Nothing else
+//!   happens there.
 //! - [`driver`] is the node's volume manager: it keeps the [`store`] of volume
 //!   and snapshot records ([`records`]) and decides what a request means for
 //!   them, calling a [`backend`] for the storage work.
 //! - [`backend`] holds the storage engines, chosen per StorageClass (a closed
 //!   set, so the driver matches on their kind): `dir`, a directory per volume,
-//!   and `loop`, an image file per volume on a loop device.
+//!   and `loop`, an image file per volume on a loop device. It reads a
+//!   volume's specification from a request once ([`backend::VolumeSpec`]).
 //! - [`kernel`] is the narrow seam to the kernel: mounts and the mount table,
 //!   loop devices, filesystems on block devices, tree copies with reflinks,
 //!   usage accounting, quotas.
@@ -29,7 +31,22 @@
 //! ([`tls`]), presenting the token itself too ([`auth`]).
 //!
 //! Cross-cutting: [`error`] is the one error type and its mapping to gRPC
-//! codes; [`ids`] forms and parses volume, snapshot and group snapshot ids.
+//! codes; [`ids`] forms and parses volume, snapshot and group snapshot ids;
+//! [`config`] holds the settings and the CSI constants; [`quantity`] is the
+//! one size grammar; [`endpoint`] the one endpoint parser.
+//!
+//! ## Rules
+//!
+//! - [`kernel`] names no other layer; [`backend`] names only [`kernel`],
+//!   [`records`] and [`durable`], never [`driver`]; [`driver`] names the
+//!   backends, the kernel, the [`store`] and the [`guard`]s.
+//! - [`rpc`] names [`driver`] (which re-exports what a request needs of the
+//!   backends, such as [`driver::VolumeSpec`]) or [`routing`], never
+//!   [`backend`] or [`kernel`]; [`routing`] names neither a driver nor storage.
+//! - Every layer may name the cross-cutting modules.
+//!
+//! `tests/layering.rs` reads every `crate::` path in `src/` and fails when a
+//! module names a layer these rules do not give it.
 
 pub mod auth;
 pub mod backend;

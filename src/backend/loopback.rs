@@ -13,7 +13,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::driver::{Condition, VolumeStats};
+use crate::backend::{Condition, VolumeStats};
 use crate::durable;
 use crate::error::{Error, IoContext, Result};
 use crate::ids::Key;

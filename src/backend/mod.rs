@@ -9,6 +9,7 @@ pub mod loopback;
 
 use std::collections::BTreeMap;
 
+use crate::config::CO_PARAMETER_PREFIX;
 use crate::error::{Error, Result, quote};
 use crate::kernel::blockfs::FsType;
 use crate::kernel::mkfs_options::MkfsOptions;
@@ -16,13 +17,64 @@ pub use crate::records::{BackendKind, LoopSpec};
 
 /// The StorageClass parameter that picks the backend.
 pub const BACKEND_PARAM: &str = "backend";
-
-/// Keys Kubernetes adds for itself (the sidecars: secrets, PVC names, fstype;
-/// the kubelet: an inline volume's pod); never meant for the driver, so never refused.
-pub const CO_PARAMETER_PREFIX: &str = "csi.storage.k8s.io/";
+/// The parameter naming a `loop` volume's filesystem.
+const FS_TYPE_PARAM: &str = "fsType";
 
 /// The parameters each backend accepts, besides `backend`.
 const LOOP_PARAMS: &[&str] = &["fsType", "provisioning", "mkfsOptions"];
+
+/// What a new volume is made of, read once from a request wherever one
+/// arrives (CreateVolume, GetCapacity, an inline volume): the backend and,
+/// for `loop`, the image layout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeSpec {
+    /// The backend the parameters pick.
+    pub backend: BackendKind,
+    /// Image layout, for `loop` volumes.
+    pub loop_spec: Option<LoopSpec>,
+}
+
+impl VolumeSpec {
+    /// Reads the StorageClass `parameters`, the VolumeAttributesClass's
+    /// `mutable` ones (which win) and the filesystem the capability names
+    /// (`capability_fs`, empty when none): it fills in an unset `fsType`, as
+    /// Kubernetes passes `csi.storage.k8s.io/fstype` there, and must not
+    /// contradict a set one.
+    pub fn parse(
+        parameters: &BTreeMap<String, String>,
+        mutable: &BTreeMap<String, String>,
+        capability_fs: &str,
+    ) -> Result<VolumeSpec> {
+        let fills_in = !capability_fs.is_empty()
+            && parameters.get(BACKEND_PARAM).is_some_and(|b| b == "loop")
+            && !parameters.contains_key(FS_TYPE_PARAM);
+        let (backend, mut loop_spec) = if fills_in {
+            // Parsed with the filesystem in place, so mkfsOptions are checked
+            // against the filesystem the volume gets.
+            let mut with_fs = parameters.clone();
+            with_fs.insert(FS_TYPE_PARAM.to_owned(), capability_fs.to_owned());
+            parse_parameters(&with_fs)?
+        } else {
+            parse_parameters(parameters)?
+        };
+        if let Some(spec) = &loop_spec
+            && !capability_fs.is_empty()
+            && capability_fs != spec.fs_type
+        {
+            return Err(Error::InvalidArgument(format!(
+                "the capability's filesystem {} and the fsType parameter {} differ; set one of them",
+                quote(capability_fs),
+                spec.fs_type
+            )));
+        }
+        if let Some(thick) = parse_mutable_parameters(backend, mutable)?
+            && let Some(spec) = loop_spec.as_mut()
+        {
+            spec.thick = thick;
+        }
+        Ok(VolumeSpec { backend, loop_spec })
+    }
+}
 
 /// Reads a CreateVolume's parameters: the backend and, for `loop`, the
 /// image layout. Unknown keys are refused, so typos fail loudly.
@@ -53,7 +105,7 @@ pub fn parse_parameters(parameters: &BTreeMap<String, String>) -> Result<(Backen
     if kind == BackendKind::Dir {
         return Ok((kind, None));
     }
-    let fs_type = parameters.get("fsType").map_or("ext4", String::as_str);
+    let fs_type = parameters.get(FS_TYPE_PARAM).map_or("ext4", String::as_str);
     let fs = FsType::parse(fs_type).ok_or_else(|| {
         Error::InvalidArgument(format!("fsType {} is not supported; use ext4 or xfs", quote(fs_type)))
     })?;
@@ -124,6 +176,30 @@ pub fn parse_mutable_parameters(kind: BackendKind, mutable: &BTreeMap<String, St
     }
 }
 
+/// A volume's usage as NodeGetVolumeStats reports it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VolumeStats {
+    /// Capacity in bytes.
+    pub total_bytes: u64,
+    /// Bytes in use.
+    pub used_bytes: u64,
+    /// Bytes still available.
+    pub available_bytes: u64,
+    /// Inodes in use.
+    pub used_inodes: u64,
+    /// Inodes still available.
+    pub available_inodes: u64,
+}
+
+/// Health of a volume, as VolumeCondition reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Condition {
+    /// Whether something is wrong.
+    pub abnormal: bool,
+    /// What is wrong, or that all is well.
+    pub message: String,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -162,5 +238,40 @@ mod tests {
         assert_eq!(parse_mutable_parameters(BackendKind::Dir, &params(&[])).unwrap(), None);
         let err = parse_mutable_parameters(BackendKind::Dir, &params(&[("provisioning", "thick")])).unwrap_err();
         assert!(matches!(&err, Error::InvalidArgument(m) if m.contains("none")), "{err:?}");
+    }
+
+    #[test]
+    fn the_capability_filesystem_fills_in_and_must_agree() {
+        let loop_thin = params(&[("backend", "loop"), ("provisioning", "thin")]);
+        let none = BTreeMap::new();
+        let spec = VolumeSpec::parse(&loop_thin, &none, "xfs").unwrap();
+        assert_eq!(spec.loop_spec.unwrap().fs_type, "xfs", "the capability names the filesystem");
+        let spec = VolumeSpec::parse(&loop_thin, &none, "").unwrap();
+        assert_eq!(spec.loop_spec.unwrap().fs_type, "ext4", "ext4 when nothing names one");
+        let ext4 = params(&[("backend", "loop"), ("fsType", "ext4")]);
+        let err = VolumeSpec::parse(&ext4, &none, "xfs").unwrap_err();
+        assert!(matches!(&err, Error::InvalidArgument(m) if m.contains("differ")), "{err}");
+        assert!(VolumeSpec::parse(&ext4, &none, "ext4").is_ok());
+        // A directory volume is a bind mount: the capability's filesystem says nothing about it.
+        assert_eq!(
+            VolumeSpec::parse(&none, &none, "xfs").unwrap(),
+            VolumeSpec { backend: BackendKind::Dir, loop_spec: None }
+        );
+    }
+
+    #[test]
+    fn mkfs_options_are_checked_against_the_filesystem_the_volume_gets() {
+        let xfs_options = params(&[("backend", "loop"), ("mkfsOptions", "-i maxpct=5")]);
+        let none = BTreeMap::new();
+        assert!(VolumeSpec::parse(&xfs_options, &none, "xfs").is_ok(), "xfs options for an xfs volume");
+        assert!(VolumeSpec::parse(&xfs_options, &none, "").is_err(), "xfs options for an ext4 volume");
+    }
+
+    #[test]
+    fn mutable_parameters_win_over_the_storage_class() {
+        let thin = params(&[("backend", "loop"), ("provisioning", "thin")]);
+        let thick = params(&[("provisioning", "thick")]);
+        assert!(VolumeSpec::parse(&thin, &thick, "").unwrap().loop_spec.unwrap().thick);
+        assert!(VolumeSpec::parse(&params(&[]), &thick, "").is_err(), "a dir volume has no mutable parameters");
     }
 }

@@ -38,6 +38,8 @@ mod snapshots;
 mod volumes;
 
 pub use groups::{GroupSnapshot, Stillness};
+// What the backends report about a volume, part of the driver's answers.
+pub use crate::backend::{Condition, VolumeSpec, VolumeStats};
 
 /// Capacity of a volume whose request names none.
 pub const DEFAULT_CAPACITY: u64 = 1 << 30;
@@ -120,28 +122,10 @@ pub struct EphemeralVolume {
     pub origin: crate::records::Ephemeral,
 }
 
-/// A volume's usage as NodeGetVolumeStats reports it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct VolumeStats {
-    /// Capacity in bytes.
-    pub total_bytes: u64,
-    /// Bytes in use.
-    pub used_bytes: u64,
-    /// Bytes still available.
-    pub available_bytes: u64,
-    /// Inodes in use.
-    pub used_inodes: u64,
-    /// Inodes still available.
-    pub available_inodes: u64,
-}
-
-/// Health of a volume, as VolumeCondition reports it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Condition {
-    /// Whether something is wrong.
-    pub abnormal: bool,
-    /// What is wrong, or that all is well.
-    pub message: String,
+/// Refuses mount flags Loam cannot apply, at the request (a stage or publish
+/// would fail with them later).
+pub fn check_mount_flags(flags: &[String]) -> Result<()> {
+    MountFlags::parse(flags).map(drop).map_err(Error::InvalidArgument)
 }
 
 /// The volume manager of one node.

@@ -1,13 +1,13 @@
 //! The CSI Controller service over this node's driver (`--mode all`).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use crate::backend;
 use crate::csi::controller_service_capability::{self, rpc::Type as Cap};
 use crate::csi::{self, controller_server::Controller};
-use crate::driver::{Condition, Driver, NewVolume, topology};
+use crate::driver::{Condition, Driver, NewVolume, VolumeSpec, topology};
 use crate::error::{Error, Result, quote};
 use crate::ids::{Key, Kind, validate_name};
 use crate::records::{ContentSource, Enforcement, SnapshotRecord, VolumeRecord};
@@ -152,23 +152,12 @@ impl Controller for ControllerService {
         traced("CreateVolume", &req.name.clone(), async move {
             validate_name("volume", &req.name)?;
             let parameters = validate::parameters(&req.parameters)?;
-            let (backend, mut loop_spec) = backend::parse_parameters(&parameters)?;
             // A VolumeAttributesClass's values win over the StorageClass's.
             let mutable_parameters = validate::parameters(&req.mutable_parameters)?;
-            if let Some(thick) = backend::parse_mutable_parameters(backend, &mutable_parameters)?
-                && let Some(spec) = loop_spec.as_mut()
-            {
-                spec.thick = thick;
-            }
             let capabilities = validate::capabilities(&req.volume_capabilities)?;
-            // Kubernetes passes `csi.storage.k8s.io/fstype` as the capability's
-            // filesystem, not as a parameter: honour it when `fsType` is unset.
-            if let Some(spec) = loop_spec.as_mut()
-                && !parameters.contains_key("fsType")
-                && let Some(fs) = capabilities.iter().find(|c| !c.fs_type.is_empty())
-            {
-                spec.fs_type = fs.fs_type.clone();
-            }
+            let capability_fs = capabilities.iter().map(|c| c.fs_type.as_str()).find(|fs| !fs.is_empty());
+            let VolumeSpec { backend, loop_spec } =
+                VolumeSpec::parse(&parameters, &mutable_parameters, capability_fs.unwrap_or_default())?;
             let new = NewVolume {
                 capabilities,
                 capacity: validate::capacity(req.capacity_range.as_ref())?.unwrap_or_default(),
@@ -341,7 +330,7 @@ impl Controller for ControllerService {
                 .and_then(|t| t.segments.get(crate::config::TOPOLOGY_NODE_KEY))
                 .is_some_and(|n| *n != node);
             let parameters = validate::parameters(&req.parameters)?;
-            let (kind, _) = backend::parse_parameters(&parameters)?;
+            let kind = VolumeSpec::parse(&parameters, &BTreeMap::new(), "")?.backend;
             let unsupported = req
                 .volume_capabilities
                 .iter()

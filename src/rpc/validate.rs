@@ -4,14 +4,13 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Component, Path, PathBuf};
 
-use crate::backend::CO_PARAMETER_PREFIX;
+use crate::config::CO_PARAMETER_PREFIX;
 use crate::config::TOPOLOGY_NODE_KEY;
 use crate::csi;
 use crate::csi::volume_capability::AccessType;
 use crate::csi::volume_capability::access_mode::Mode;
-use crate::driver::{CapacityRange, EphemeralVolume};
+use crate::driver::{CapacityRange, EphemeralVolume, VolumeSpec};
 use crate::error::{Error, Result, quote};
-use crate::kernel::mount::MountFlags;
 use crate::records::{AccessMode, Capability, ContentSource, Ephemeral};
 
 /// Longest path Loam accepts from a request (PATH_MAX).
@@ -108,7 +107,7 @@ pub fn capability(cap: Option<&csi::VolumeCapability>) -> Result<Capability> {
             mount_group: None,
         }),
         Some(AccessType::Mount(mount)) => {
-            MountFlags::parse(&mount.mount_flags).map_err(Error::InvalidArgument)?;
+            crate::driver::check_mount_flags(&mount.mount_flags)?;
             let fs_ok = mount.fs_type.len() <= 32
                 && mount.fs_type.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
             if !fs_ok {
@@ -290,24 +289,15 @@ pub fn ephemeral_volume(
     if parameters.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>() > MAX_PARAMETERS_LEN {
         return Err(Error::InvalidArgument(format!("volume attributes exceed {MAX_PARAMETERS_LEN} bytes")));
     }
-    if parameters.get("backend").is_some_and(|b| b == "loop") && !capability.fs_type.is_empty() {
-        parameters.entry("fsType".into()).or_insert_with(|| capability.fs_type.clone());
-    }
-    let (backend, loop_spec) = crate::backend::parse_parameters(&parameters).map_err(|e| match e {
-        Error::InvalidArgument(why) => Error::InvalidArgument(format!(
-            "inline volume attributes: {why}; besides the StorageClass parameters an inline volume takes only {SIZE_ATTRIBUTE}"
-        )),
-        other => other,
-    })?;
-    if let Some(spec) = &loop_spec
-        && !capability.fs_type.is_empty()
-        && capability.fs_type != spec.fs_type
-    {
-        return Err(Error::InvalidArgument(format!(
-            "the volume's fsType {} and its fsType attribute {} differ; set one of them",
-            capability.fs_type, spec.fs_type
-        )));
-    }
+    let no_mutable = BTreeMap::new();
+    let VolumeSpec { backend, loop_spec } =
+        VolumeSpec::parse(&parameters, &no_mutable, &capability.fs_type).map_err(|e| match e {
+            Error::InvalidArgument(why) => Error::InvalidArgument(format!(
+                "inline volume attributes: {why}; besides the StorageClass parameters an inline volume takes only \
+                 {SIZE_ATTRIBUTE}"
+            )),
+            other => other,
+        })?;
     let pod = |key: &str| context.get(&format!("{CO_PARAMETER_PREFIX}pod.{key}")).cloned().unwrap_or_default();
     Ok(EphemeralVolume {
         size,
