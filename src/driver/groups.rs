@@ -359,12 +359,6 @@ fn check_listed(record: &GroupSnapshotRecord, snapshot_ids: &[String]) -> Result
     )))
 }
 
-/// Now, as a CSI timestamp's seconds and nanoseconds.
-fn timestamp() -> (i64, i32) {
-    let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
-    (i64::try_from(now.as_secs()).unwrap_or(i64::MAX), i32::try_from(now.subsec_nanos()).unwrap_or(0))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -122,6 +122,12 @@ pub struct EphemeralVolume {
     pub origin: crate::records::Ephemeral,
 }
 
+/// Now, as the seconds and nanoseconds a record keeps and CSI reports.
+fn timestamp() -> (i64, i32) {
+    let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    (i64::try_from(now.as_secs()).unwrap_or(i64::MAX), i32::try_from(now.subsec_nanos()).unwrap_or(0))
+}
+
 /// Refuses mount flags Loam cannot apply, at the request (a stage or publish
 /// would fail with them later).
 pub fn check_mount_flags(flags: &[String]) -> Result<()> {

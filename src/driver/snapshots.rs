@@ -27,15 +27,15 @@ impl Driver {
                 self.loopback.create_snapshot(&volume_key, &key, mounted)?
             }
         }
-        let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+        let (created_secs, created_nanos) = timestamp();
         let record = SnapshotRecord {
             id: ObjectId { key, node: self.config.node_id.clone() }.to_string(),
             name: name.to_owned(),
             source_volume_id: volume.id.clone(),
             backend: volume.backend,
             size_bytes: volume.capacity_bytes,
-            created_secs: i64::try_from(now.as_secs()).unwrap_or(i64::MAX),
-            created_nanos: i32::try_from(now.subsec_nanos()).unwrap_or(0),
+            created_secs,
+            created_nanos,
             group_snapshot_id: None,
         };
         self.snapshots.put(key, record)

@@ -11,7 +11,7 @@ use crate::driver::{Condition, Driver, NewVolume, VolumeSpec, topology};
 use crate::error::{Error, Result, quote};
 use crate::ids::{Key, Kind, validate_name};
 use crate::records::{ContentSource, Enforcement, SnapshotRecord, VolumeRecord};
-use crate::rpc::{blocking, claimed, traced, validate};
+use crate::rpc::{blocking, claimed, timestamp, traced, validate};
 
 /// Controller over a node's own driver.
 #[derive(Debug, Clone)]
@@ -110,7 +110,7 @@ pub fn snapshot_message(record: &SnapshotRecord) -> csi::Snapshot {
         size_bytes: to_i64(record.size_bytes),
         snapshot_id: record.id.clone(),
         source_volume_id: record.source_volume_id.clone(),
-        creation_time: Some(prost_types::Timestamp { seconds: record.created_secs, nanos: record.created_nanos }),
+        creation_time: Some(timestamp(record.created_secs, record.created_nanos)),
         // Snapshots are complete copies before their record is written.
         ready_to_use: true,
         // Tells the CO the snapshot goes only with its group.

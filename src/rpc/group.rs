@@ -11,7 +11,7 @@ use crate::driver::{Driver, GroupSnapshot};
 use crate::error::{Error, Result};
 use crate::ids::{Kind, validate_name};
 use crate::rpc::controller::snapshot_message;
-use crate::rpc::{claimed, traced, validate};
+use crate::rpc::{claimed, timestamp, traced, validate};
 
 /// GroupController over a node's own driver.
 #[derive(Debug, Clone)]
@@ -45,7 +45,7 @@ pub fn group_snapshot_message(group: &GroupSnapshot) -> csi::VolumeGroupSnapshot
     csi::VolumeGroupSnapshot {
         group_snapshot_id: record.id.clone(),
         snapshots: group.members.iter().map(|s| snapshot_message(s)).collect(),
-        creation_time: Some(prost_types::Timestamp { seconds: record.created_secs, nanos: record.created_nanos }),
+        creation_time: Some(timestamp(record.created_secs, record.created_nanos)),
         ready_to_use: group.ready(),
     }
 }

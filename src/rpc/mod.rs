@@ -87,6 +87,11 @@ where
     .await
 }
 
+/// A record's creation time as CSI carries it.
+pub(crate) fn timestamp(seconds: i64, nanos: i32) -> prost_types::Timestamp {
+    prost_types::Timestamp { seconds, nanos }
+}
+
 /// Runs blocking driver work off the async runtime.
 pub(crate) async fn blocking<T: Send + 'static>(work: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
     tokio::task::spawn_blocking(work)
