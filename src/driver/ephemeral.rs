@@ -5,8 +5,15 @@
 //! unstages and deletes it. Each step is the persistent volume's own, so
 //! both kinds converge the same way after a failure or a crash.
 
-use super::*;
-use crate::records::Ephemeral;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::{fs, io};
+
+use super::{CapacityRange, Driver, EphemeralVolume, NewVolume};
+use crate::error::{Error, Result};
+use crate::ids::{Key, Kind, ObjectId};
+use crate::kernel::mountinfo;
+use crate::records::{BackendKind, Capability, Ephemeral};
 
 /// Put before the kubelet's volume id to name an ephemeral volume's key. The
 /// NUL puts those names where no CreateVolume name can be (names never hold
@@ -150,6 +157,7 @@ fn inline_key(id: &str) -> Option<Key> {
 mod tests {
     use super::*;
     use crate::ids::validate_name;
+    use crate::records::VolumeRecord;
 
     #[test]
     fn inline_keys_are_stable_and_apart_from_every_persistent_key() {

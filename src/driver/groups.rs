@@ -34,9 +34,15 @@
 //! crash or a failed rollback leaves is rolled back by the next attempt of
 //! the same name or the next start.
 
-use super::*;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use super::{Driver, timestamp};
+use crate::error::{Error, IoContext, Result};
 use crate::guard::Guard;
+use crate::ids::{Key, Kind, ObjectId};
 use crate::kernel::blockfs;
+use crate::records::{BackendKind, GroupSnapshotRecord, SnapshotRecord, VolumeRecord};
 
 /// How a source volume is held still while its group is cut.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -361,9 +367,15 @@ fn check_listed(record: &GroupSnapshotRecord, snapshot_ids: &[String]) -> Result
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+    use std::fs;
+    use std::path::Path;
+
     use super::*;
+    use crate::config::{Config, QuotaMode};
+    use crate::driver::{CapacityRange, NewVolume};
     use crate::kernel::mount::FakeMounter;
-    use crate::records::AccessMode;
+    use crate::records::{AccessMode, Capability, Publication, Stage, VolumeRecord};
 
     fn volume(backend: BackendKind, stage: Option<bool>, published: bool) -> VolumeRecord {
         let capability = |block| Capability {

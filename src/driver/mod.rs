@@ -9,27 +9,23 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::os::unix::fs::PermissionsExt;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use crate::backend::dir::DirBackend;
 use crate::backend::loopback::LoopBackend;
-use crate::config::{Config, QuotaMode, TOPOLOGY_NODE_KEY};
+use crate::config::{Config, TOPOLOGY_NODE_KEY};
 use crate::error::{Error, IoContext, Result};
 use crate::guard::{Guard, InFlight, PathsInFlight};
 use crate::ids::{Key, Kind, ObjectId};
 use crate::kernel::mount::{MountFlags, Mounter};
-use crate::kernel::mountinfo::{self, MountEntry};
-use crate::kernel::quota::{Enforcer, QuotaUsage};
+use crate::kernel::quota::Enforcer;
 use crate::kernel::usage::{FsUsage, fs_usage};
 use crate::records::{
-    Attachment, BackendKind, Capability, ContentSource, GroupSnapshotRecord, LoopSpec, Publication, SnapshotRecord,
-    Stage, VolumeRecord,
+    BackendKind, Capability, ContentSource, GroupSnapshotRecord, LoopSpec, SnapshotRecord, VolumeRecord,
 };
-use crate::store::{Page, Table};
+use crate::store::Table;
 
 mod ephemeral;
 mod groups;

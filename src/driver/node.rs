@@ -1,8 +1,20 @@
 //! The node half: staging, publishing, stats and expansion of volumes on
 //! this machine, reconciled against the mount table.
 
-use super::*;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::sync::Arc;
+use std::{fs, io};
+
+use super::{CapacityRange, Condition, Driver, VolumeStats};
+use crate::error::{Error, IoContext, Result};
+use crate::ids::Key;
+use crate::kernel::mount::MountFlags;
+use crate::kernel::mountinfo;
+use crate::kernel::mountinfo::MountEntry;
 use crate::kernel::nofollow::{self, Removal, Want};
+use crate::kernel::quota::QuotaUsage;
+use crate::records::{BackendKind, Capability, Publication, Stage, VolumeRecord};
 
 impl Driver {
     // ----- Node -----

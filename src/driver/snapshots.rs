@@ -1,6 +1,12 @@
 //! Snapshots of this node's volumes.
 
-use super::*;
+use std::sync::Arc;
+
+use super::{Driver, timestamp};
+use crate::error::{Error, Result};
+use crate::ids::{Key, Kind, ObjectId};
+use crate::records::{BackendKind, SnapshotRecord};
+use crate::store::Page;
 
 impl Driver {
     // ----- Snapshots -----

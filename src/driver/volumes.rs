@@ -1,8 +1,18 @@
 //! Volume lifecycle on this node: create, delete, attach, expand, and the
 //! capacity the node can still promise.
 
-use super::*;
-use crate::records::Ephemeral;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, PoisonError};
+
+use super::{CapacityRange, Condition, Driver, NewVolume};
+use crate::config::QuotaMode;
+use crate::error::{Error, Result};
+use crate::guard::Guard;
+use crate::ids::{Key, Kind, ObjectId};
+use crate::kernel::quota::Enforcer;
+use crate::records::{Attachment, BackendKind, Capability, ContentSource, Ephemeral, LoopSpec, VolumeRecord};
+use crate::store::Page;
 
 impl Driver {
     // ----- Controller -----
