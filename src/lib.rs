@@ -27,7 +27,8 @@
 //! agent's token-protected endpoint ([`server::run_agent`], [`auth`]).
 //!
 //! Cross-cutting: [`error`] is the one error type and its mapping to gRPC
-//! codes; [`ids`] forms and parses volume, snapshot and group snapshot ids.
+//! codes; [`ids`] forms and parses volume, snapshot and group snapshot ids;
+//! [`failpoint`] marks where the crash harness kills the driver.
 
 pub mod auth;
 pub mod backend;
@@ -35,6 +36,7 @@ pub mod config;
 pub mod driver;
 pub mod durable;
 pub mod error;
+pub mod failpoint;
 pub mod guard;
 pub mod ids;
 pub mod kernel;

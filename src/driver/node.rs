@@ -29,13 +29,18 @@ impl Driver {
         }
         match (record.backend, &record.loop_spec) {
             (BackendKind::Loop, Some(spec)) => {
-                self.loopback.stage(&key, spec, path, &capability)?;
+                let record_formatting = |formatting| self.record_formatting(&key, formatting);
+                let formats = FormatLog { state: record.formatting, record: &record_formatting };
+                self.loopback.stage(&key, spec, path, &capability, &formats)?;
                 if let (Some(gid), false) = (capability.mount_group, capability.block) {
                     apply_mount_group(path, gid)?;
                 }
             }
             _ => self.stage_dir(&key, path, &capability)?,
         }
+        crate::failpoint!("stage.mounted");
+        // Formatting may have been recorded since it was read.
+        let record = self.volume(&key)?;
         if record.stage.is_none() {
             let mut staged = (*record).clone();
             staged.stage = Some(Stage { path: path.to_owned(), capability });
@@ -46,6 +51,13 @@ impl Driver {
             }
         }
         Ok(())
+    }
+
+    /// Durably records how far formatting the volume's image got.
+    fn record_formatting(&self, key: &Key, formatting: Formatting) -> Result<()> {
+        let mut record = (*self.volume(key)?).clone();
+        record.formatting = Some(formatting);
+        self.volumes.put(*key, record).map(drop)
     }
 
     /// Binds a directory volume onto its staging path; an inline volume is
@@ -91,6 +103,7 @@ impl Driver {
             Some(record) => self.unstage_backend(record, &key, path, ours)?,
             None => self.unmount_ours(path, &key, BackendKind::Dir, false)?,
         }
+        crate::failpoint!("unstage.unmounted");
         if let Some(record) = record
             && ours
         {
@@ -210,6 +223,7 @@ impl Driver {
                 .bind(source, target, flags)
                 .context(|| format!("bind-mounting {} on {}", source.display(), target.display()))?;
         }
+        crate::failpoint!("publish.bound");
         if !record.publications.contains_key(target) {
             let mut published = record.clone();
             published.publications.insert(target.to_owned(), publication);
@@ -239,6 +253,7 @@ impl Driver {
             }
             _ => {}
         }
+        crate::failpoint!("unpublish.unmounted");
         if let (Some(record), Some(publication)) = (record, publication) {
             let mut unpublished = (*record).clone();
             unpublished.publications.remove(target);

@@ -27,6 +27,7 @@ impl Driver {
                 self.loopback.create_snapshot(&volume_key, &key, mounted)?
             }
         }
+        crate::failpoint!("snapshot.cut");
         let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
         let record = SnapshotRecord {
             id: ObjectId { key, node: self.config.node_id.clone() }.to_string(),
@@ -72,6 +73,7 @@ impl Driver {
         if backend != Some(BackendKind::Dir) {
             self.loopback.delete_snapshot(&key)?;
         }
+        crate::failpoint!("snapshot.deleted");
         self.snapshots.remove(&key)
     }
 
