@@ -47,10 +47,10 @@ impl LoopBackend {
         self.volumes.join(format!("{key}.img"))
     }
 
-    /// Where resize2fs saves what it overwrites while growing the volume's
-    /// filesystem offline; present only while a resize is unfinished.
-    fn resize_undo_path(&self, key: &Key) -> PathBuf {
-        self.volumes.join(format!("{key}.e2undo"))
+    /// The file that says an offline resize of the volume's filesystem is
+    /// under way; present only while one is unfinished.
+    fn resize_intent_path(&self, key: &Key) -> PathBuf {
+        self.volumes.join(format!("{key}.resizing"))
     }
 
     /// The snapshot's image file.
@@ -111,7 +111,7 @@ impl LoopBackend {
         for device in self.devices(key)? {
             loopdev::detach(&device.device).context(|| format!("detaching {}", device.device.display()))?;
         }
-        remove_file(&self.resize_undo_path(key))?;
+        remove_file(&self.resize_intent_path(key))?;
         remove_file(&self.image_path(key))
     }
 
@@ -230,10 +230,10 @@ impl LoopBackend {
         flags.read_only |= capability.access_mode.read_only();
         // An image grown while unstaged gets its filesystem grown now: ext4
         // before mounting (offline needs no CAP_SYS_RESOURCE), xfs after
-        // (xfs grows only mounted). A resize a crash cut short is rolled
-        // back and done again.
+        // (xfs grows only mounted). A resize a crash cut short is repaired
+        // and done again.
         if fs == FsType::Ext4 && !flags.read_only {
-            blockfs::grow_ext4_offline(&device.device, &self.resize_undo_path(key))
+            blockfs::grow_ext4_offline(&device.device, &self.resize_intent_path(key))
                 .context(|| format!("growing the filesystem on {}", device.device.display()))?;
         }
         fs::create_dir_all(path).context(|| format!("creating {}", path.display()))?;

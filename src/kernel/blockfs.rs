@@ -320,29 +320,40 @@ pub fn ext_size(device: &Path) -> io::Result<Option<u64>> {
 /// first (resize2fs refuses a filesystem not freshly checked), then
 /// `resize2fs`. Unlike an online resize, this needs no CAP_SYS_RESOURCE.
 ///
-/// An offline resize cut short (the driver killed with its children)
-/// leaves a filesystem e2fsck calls inconsistent, so resize2fs first saves
-/// every block it overwrites to `undo` (`-z`), and a call that finds `undo`
-/// rolls the last resize back with `e2undo` before doing it again. The
-/// caller must not mount the filesystem while `undo` exists: rolling back
-/// would then undo the pod's writes. This removes it (durably) once done.
-pub fn grow_ext4_offline(device: &Path, undo: &Path) -> io::Result<()> {
-    if std::fs::symlink_metadata(undo).is_ok() {
-        let mut command = tool("e2undo");
-        command.arg(undo).arg(device);
-        if let Err(e) = run(command, "e2undo") {
-            // resize2fs writes the undo file's header before its first
-            // change, so a file e2undo cannot read was cut short before any.
-            tracing::warn!(device = %device.display(), "no resize to roll back: {e}");
-        }
-        crate::durable::remove(undo)?;
+/// An offline resize cut short (the driver killed with its children) can
+/// leave a filesystem that `e2fsck -p` calls inconsistent, so the file
+/// `intent` is made (durably) before it and removed after; a call that
+/// finds it repairs the filesystem with `e2fsck -f -y` first, which for a
+/// growth cut short only touches the metadata resize2fs was writing.
+/// (`resize2fs -z`, whose undo file would roll it back, leaves an invalid
+/// resize inode in e2fsprogs 1.47.)
+pub fn grow_ext4_offline(device: &Path, intent: &Path) -> io::Result<()> {
+    let interrupted = std::fs::symlink_metadata(intent).is_ok();
+    if interrupted {
+        tracing::warn!(device = %device.display(), "repairing a filesystem whose offline resize was cut short");
+        e2fsck(device, "-y")?;
     }
     match ext_size(device)? {
         Some(size) if size < super::loopdev::device_size(device)? => {}
+        _ if interrupted => return crate::durable::remove(intent),
         _ => return Ok(()),
     }
+    if !interrupted {
+        File::create(intent)?.sync_all()?;
+        crate::durable::sync_dir(intent.parent().unwrap_or(Path::new("/")))?;
+    }
+    e2fsck(device, "-p")?;
+    let mut command = tool("resize2fs");
+    command.arg(device);
+    run(command, "resize2fs")?;
+    crate::failpoint!("ext4.resized");
+    crate::durable::remove(intent)
+}
+
+/// Runs `e2fsck -f` with `mode` (`-p`: only safe fixes; `-y`: every fix).
+fn e2fsck(device: &Path, mode: &str) -> io::Result<()> {
     let output = tool("e2fsck")
-        .args(["-f", "-p"])
+        .args(["-f", mode])
         .arg(device)
         .stdin(Stdio::null())
         .output()
@@ -350,17 +361,14 @@ pub fn grow_ext4_offline(device: &Path, undo: &Path) -> io::Result<()> {
     // 0: clean; 1: errors corrected. Anything else needs an operator.
     if !matches!(output.status.code(), Some(0 | 1)) {
         return Err(io::Error::other(format!(
-            "e2fsck -f -p {} failed ({}): {}; repair the filesystem by hand",
+            "e2fsck -f {mode} {} failed ({}): {}{}; repair the filesystem by hand",
             device.display(),
             output.status,
+            String::from_utf8_lossy(&output.stdout).trim(),
             String::from_utf8_lossy(&output.stderr).trim()
         )));
     }
-    let mut command = tool("resize2fs");
-    command.arg("-z").arg(undo).arg(device);
-    run(command, "resize2fs")?;
-    crate::failpoint!("ext4.resized");
-    crate::durable::remove(undo)
+    Ok(())
 }
 
 /// Mounts `device`, holding a `fs` filesystem, on `target` with `flags`.
