@@ -55,10 +55,14 @@ step "cargo fmt --check"
 cargo fmt --all -- --check
 
 step "cargo clippy (warnings denied)"
-cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
 
 step "cargo test (privileged, in a private mount namespace)"
 LOAM_PRIVILEGED_TESTS=1 unshare --mount --propagation private -- cargo test --locked --workspace -- --include-ignored
+
+step "crash-point harness (the driver killed at fault points and at random, seed 12, 200 kill points)"
+LOAM_PRIVILEGED_TESTS=1 unshare --mount --propagation private -- \
+    cargo test --locked -p loam --features failpoints --test crash -- --include-ignored --nocapture
 
 step "csi-sanity: dir backend"
 cargo build --locked

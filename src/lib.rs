@@ -33,7 +33,8 @@
 //! Cross-cutting: [`error`] is the one error type and its mapping to gRPC
 //! codes; [`ids`] forms and parses volume, snapshot and group snapshot ids;
 //! [`config`] holds the settings and the CSI constants; [`quantity`] is the
-//! one size grammar; [`endpoint`] the one endpoint parser.
+//! one size grammar; [`endpoint`] the one endpoint parser; [`failpoint`]
+//! marks where the crash harness kills the driver.
 //!
 //! ## Rules
 //!
@@ -55,6 +56,7 @@ pub mod driver;
 pub mod durable;
 pub mod endpoint;
 pub mod error;
+pub mod failpoint;
 pub mod guard;
 pub mod ids;
 pub mod kernel;

@@ -33,6 +33,19 @@ pub struct LoopSpec {
     pub mkfs_options: Vec<String>,
 }
 
+/// How far formatting a `loop` volume's image got, recorded around mkfs so a
+/// crash during it can be told apart from data Loam did not write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Formatting {
+    /// mkfs was started on the image Loam made and found blank. Still so
+    /// after a crash: the image holds at most a partial filesystem of
+    /// Loam's own, never mounted, so the next stage formats it again.
+    Started,
+    /// mkfs finished; from here on the image holds the pod's data.
+    Done,
+}
+
 /// The single-node access modes Loam serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -189,6 +202,11 @@ pub struct VolumeRecord {
     /// Loam enforced capacities.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enforcement: Option<Enforcement>,
+    /// How far formatting its image got (`loop` filesystem volumes); absent
+    /// before the first stage formats it, and in records written before
+    /// Loam recorded it, whose image content alone decides (as it did then).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub formatting: Option<Formatting>,
     /// Set for an ephemeral (inline) volume; absent for every volume
     /// CreateVolume made, so records from before inline volumes load as they were.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -246,6 +264,16 @@ pub struct GroupSnapshotRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn volume_records_from_before_formatting_was_recorded_still_load_and_stay_as_they_were() {
+        let old = r#"{"id":"v@n","name":"v","capacity_bytes":1,"backend":"loop","loop_spec":{"fs_type":"ext4","thick":true}}"#;
+        let record: VolumeRecord = serde_json::from_str(old).unwrap();
+        assert_eq!(record.formatting, None);
+        assert_eq!(serde_json::to_string(&record).unwrap(), old);
+        let started = VolumeRecord { formatting: Some(Formatting::Started), ..record };
+        assert!(serde_json::to_string(&started).unwrap().contains(r#""formatting":"started""#));
+    }
 
     #[test]
     fn snapshot_records_from_before_groups_still_load_and_stay_as_they_were() {

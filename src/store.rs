@@ -164,9 +164,14 @@ fn parse<R: DeserializeOwned>(bytes: &[u8]) -> Option<Arc<R>> {
     serde_json::from_slice(bytes).ok().map(Arc::new)
 }
 
+/// Writes `bytes` to `tmp` and renames it over `path`; a failure (a full
+/// root, most often) removes `tmp`, so it holds no space until the next start.
 fn write_durably(tmp: &Path, path: &Path, bytes: &[u8]) -> io::Result<()> {
-    File::create(tmp)?.write_all(bytes)?;
-    durable::replace(tmp, path)
+    let written = File::create(tmp).and_then(|mut f| f.write_all(bytes)).and_then(|()| durable::replace(tmp, path));
+    if written.is_err() {
+        let _ = fs::remove_file(tmp);
+    }
+    written
 }
 
 #[cfg(test)]
@@ -206,6 +211,19 @@ mod tests {
         // Writing the record again repairs it.
         table.put(key(1), "fixed".into()).unwrap();
         assert!(table.damaged(&key(1)).is_none());
+    }
+
+    #[test]
+    fn a_failed_write_leaves_no_temp_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let table = Table::<String>::open(dir.path()).unwrap();
+        // The rename cannot replace a non-empty directory: the write fails
+        // after its temp file was written, as on a root that is full.
+        let blocker = dir.path().join(format!("{}{SUFFIX}", key(1)));
+        fs::create_dir_all(blocker.join("occupied")).unwrap();
+        assert!(table.put(key(1), "lost".into()).is_err());
+        assert!(!dir.path().join(format!("{}{TMP_SUFFIX}", key(1))).exists(), "the temp file was left behind");
+        assert!(table.get(&key(1)).is_none());
     }
 
     #[test]

@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// Modules every layer may use: one error type, ids, configuration, the
-/// generated CSI messages, one size grammar.
-const CROSS_CUTTING: &[&str] = &["error", "ids", "config", "csi", "quantity"];
+/// generated CSI messages, one size grammar, the crash harness's fault points.
+const CROSS_CUTTING: &[&str] = &["error", "ids", "config", "csi", "quantity", "failpoint"];
 
 /// What each module may name besides itself and [`CROSS_CUTTING`].
 fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
@@ -17,6 +17,7 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
         ("ids", &[][..]),
         ("config", &[][..]),
         ("quantity", &[][..]),
+        ("failpoint", &[][..]),
         // The kernel seam knows nothing of Loam's volumes.
         ("kernel", &[][..]),
         ("durable", &[][..]),

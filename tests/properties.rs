@@ -16,8 +16,8 @@ use loam::ids::{Key, Kind, MAX_NODE_ID_LEN, ObjectId};
 use loam::kernel::mount::MountFlags;
 use loam::kernel::mountinfo::{self, MountEntry};
 use loam::records::{
-    AccessMode, Attachment, BackendKind, Capability, ContentSource, Enforcement, Ephemeral, LoopSpec, Publication,
-    Stage, VolumeRecord,
+    AccessMode, Attachment, BackendKind, Capability, ContentSource, Enforcement, Ephemeral, Formatting, LoopSpec,
+    Publication, Stage, VolumeRecord,
 };
 use loam::routing::listing::Cursor;
 use loam::rpc::validate::{MAX_EPHEMERAL_SIZE, ephemeral_size as quantity};
@@ -162,6 +162,8 @@ fn volume_record() -> impl Strategy<Value = VolumeRecord> {
                         .map(|(p, read_only, capability)| (path(p), Publication { read_only, capability }))
                         .collect::<BTreeMap<_, _>>(),
                     enforcement,
+                    // Both states, tied to another drawn value to keep the tuple small.
+                    formatting: is_loop.then_some(if thick { Formatting::Done } else { Formatting::Started }),
                     ephemeral: ephemeral.map(|(volume_id, pod_namespace, pod_name, pod_uid)| Ephemeral {
                         volume_id,
                         pod_namespace,

@@ -24,7 +24,7 @@ use crate::kernel::mount::{MountFlags, Mounter};
 use crate::kernel::mountinfo::{self, MountEntry};
 use crate::kernel::nofollow::{self, Want};
 use crate::kernel::usage::fs_usage;
-use crate::records::{Capability, LoopSpec};
+use crate::records::{Capability, Formatting, LoopSpec};
 
 /// Image-file volumes and their snapshots under one root.
 #[derive(Debug)]
@@ -45,18 +45,39 @@ impl LoopBackend {
         self.volumes.join(format!("{key}.img"))
     }
 
+    /// The file that says an offline resize of the volume's filesystem is
+    /// under way; present only while one is unfinished.
+    fn resize_intent_path(&self, key: &Key) -> PathBuf {
+        self.volumes.join(format!("{key}.resizing"))
+    }
+
     /// The snapshot's image file.
     pub fn snapshot_path(&self, key: &Key) -> PathBuf {
         self.snapshots.join(format!("{key}.img"))
     }
 
-    /// Makes the image: empty, or a copy of `source` (an image), grown to
-    /// `capacity`. Nothing is left behind when the filesystem is full.
-    pub fn create_volume(&self, key: &Key, capacity: u64, spec: &LoopSpec, source: Option<&Path>) -> Result<()> {
+    /// Makes the image: empty, or a copy of `source` (an image, and where
+    /// its filesystem is mounted if it is: frozen around the copy, so the
+    /// clone is consistent), grown to `capacity`. Nothing is left behind
+    /// when the filesystem is full.
+    pub fn create_volume(
+        &self,
+        key: &Key,
+        capacity: u64,
+        spec: &LoopSpec,
+        source: Option<(&Path, Option<&Path>)>,
+    ) -> Result<()> {
         let path = self.image_path(key);
+        let _frozen = match source {
+            Some((_, Some(mounted))) => {
+                Some(blockfs::freeze(mounted).context(|| format!("freezing {}", mounted.display()))?)
+            }
+            _ => None,
+        };
+        crate::failpoint!("loop.create.building");
         build_file(&path, |tmp| {
             match source {
-                Some(source) => {
+                Some((source, _)) => {
                     copy_file(source, tmp)?;
                 }
                 None => drop(File::create(tmp)?),
@@ -111,6 +132,7 @@ impl LoopBackend {
         for device in self.devices(key)? {
             loopdev::detach(&device.device).context(|| format!("detaching {}", device.device.display()))?;
         }
+        remove_file(&self.resize_intent_path(key))?;
         remove_file(&self.image_path(key))
     }
 
@@ -122,6 +144,7 @@ impl LoopBackend {
             Some(path) => Some(blockfs::freeze(path).context(|| format!("freezing {}", path.display()))?),
             None => None,
         };
+        crate::failpoint!("snapshot.frozen");
         build_file(&self.snapshot_path(snapshot), |tmp| {
             copy_file(&source, tmp)?;
             File::open(tmp)?.sync_all()
@@ -154,7 +177,16 @@ impl LoopBackend {
     /// filesystem volume, formats it if it is empty, mounts it at `path` and
     /// grows the filesystem to the image's size. A failure after a fresh
     /// attach detaches again, so a failed stage leaves nothing behind.
-    pub fn stage(&self, key: &Key, spec: &LoopSpec, path: &Path, capability: &Capability) -> Result<()> {
+    ///
+    /// `formats` says how far formatting got and records progress.
+    pub fn stage(
+        &self,
+        key: &Key,
+        spec: &LoopSpec,
+        path: &Path,
+        capability: &Capability,
+        formats: &FormatLog<'_>,
+    ) -> Result<()> {
         if !self.volume_exists(key) {
             return Err(Error::FailedPrecondition(self.missing(key)));
         }
@@ -165,8 +197,12 @@ impl LoopBackend {
             Some(device) => device,
             None => self.attach(key, read_only)?,
         };
-        let staged =
-            if capability.block { Ok(()) } else { self.mount_filesystem(key, spec, &device, path, capability) };
+        crate::failpoint!("loop.stage.attached");
+        let staged = if capability.block {
+            Ok(())
+        } else {
+            self.mount_filesystem(key, spec, &device, path, capability, formats)
+        };
         if staged.is_err() && fresh {
             let _ = loopdev::detach(&device.device);
         }
@@ -180,15 +216,23 @@ impl LoopBackend {
         device: &LoopDevice,
         path: &Path,
         capability: &Capability,
+        formats: &FormatLog<'_>,
     ) -> Result<()> {
         let fs = filesystem(spec, capability)?;
         let mounts = self.mount_table()?;
         if mounted_from(&mounts, path, std::slice::from_ref(device)) {
             return Ok(());
         }
-        match blockfs::probe(&device.device).context(|| format!("probing {}", device.device.display()))? {
-            Content::Empty => blockfs::mkfs(&device.device, fs, spec.thick, &crate::backend::filesystem_of(spec)?.1)
-                .context(|| format!("formatting {} as {}", device.device.display(), fs.name()))?,
+        let content = blockfs::probe(&device.device).context(|| format!("probing {}", device.device.display()))?;
+        match content {
+            Content::Empty => format(device, fs, spec, formats)?,
+            // Whatever an interrupted mkfs left (a torn superblock, a
+            // filesystem e2fsck calls inconsistent) is Loam's own and was
+            // never mounted: formatting it again loses nothing.
+            _ if formats.state == Some(Formatting::Started) => {
+                tracing::warn!(volume = %key, "formatting the image again: an earlier mkfs of it did not finish");
+                format(device, fs, spec, formats)?;
+            }
             Content::Filesystem(found) if same_family(&found, fs) => {}
             Content::Filesystem(found) => {
                 return Err(Error::FailedPrecondition(format!(
@@ -207,9 +251,10 @@ impl LoopBackend {
         flags.read_only |= capability.access_mode.read_only();
         // An image grown while unstaged gets its filesystem grown now: ext4
         // before mounting (offline needs no CAP_SYS_RESOURCE), xfs after
-        // (xfs grows only mounted).
-        if fs == FsType::Ext4 && !flags.read_only && ext4_smaller_than_device(&device.device)? {
-            blockfs::grow_ext4_offline(&device.device)
+        // (xfs grows only mounted). A resize a crash cut short is repaired
+        // and done again.
+        if fs == FsType::Ext4 && !flags.read_only {
+            blockfs::grow_ext4_offline(&device.device, &self.resize_intent_path(key))
                 .context(|| format!("growing the filesystem on {}", device.device.display()))?;
         }
         // Mounted through a handle opened without following symlinks, so a
@@ -217,6 +262,7 @@ impl LoopBackend {
         // instead of mounting the volume wherever the link points.
         let staging =
             nofollow::open_or_create(path, Want::Dir).map_err(|e| Error::at_caller_path("staging path", e))?;
+        crate::failpoint!("loop.stage.mounting");
         blockfs::mount(&device.device, &staging.proc_path(), fs, flags)
             .context(|| format!("mounting {} on {}", device.device.display(), path.display()))?;
         if fs == FsType::Xfs
@@ -227,6 +273,17 @@ impl LoopBackend {
             return Err(Error::io(format!("growing the filesystem on {}", device.device.display()), e));
         }
         Ok(())
+    }
+
+    /// Thaws the filesystem staged at `path` if it is this volume's and
+    /// frozen (a driver killed during a snapshot leaves it so, and every
+    /// write of its pods hangs). Returns whether it was frozen.
+    pub fn thaw_stage(&self, key: &Key, path: &Path) -> Result<bool> {
+        let devices = self.devices(key)?;
+        if !mounted_from(&self.mount_table()?, path, &devices) {
+            return Ok(false);
+        }
+        blockfs::thaw(path).context(|| format!("thawing {}", path.display()))
     }
 
     /// Unmounts the staging path (if it shows this volume) and detaches
@@ -343,17 +400,28 @@ impl LoopBackend {
     }
 
     /// Detaches devices backing images of volumes that are not staged: what
-    /// a crash between attach and record can leave. Returns what it detached.
-    pub fn detach_orphans(&self, staged: impl Fn(&Key) -> bool) -> Result<Vec<LoopDevice>> {
-        let mut detached = Vec::new();
+    /// a crash between attach and record can leave. A device that is
+    /// mounted (a crash between mount and record) is kept, since the
+    /// retried NodeStage adopts it. Returns what became of each device.
+    pub fn detach_orphans(&self, staged: impl Fn(&Key) -> bool) -> Result<Vec<(LoopDevice, Orphan)>> {
+        let mounts = self.mount_table()?;
+        let mut orphans = Vec::new();
         for device in loopdev::list().context(|| "listing loop devices".into())? {
             let Some(key) = self.key_of_image(&device.backing_file) else { continue };
-            if !staged(&key) {
-                loopdev::detach(&device.device).context(|| format!("detaching {}", device.device.display()))?;
-                detached.push(device);
+            if staged(&key) {
+                continue;
             }
+            let fate = if mounts.iter().any(|m| Path::new(&m.source) == device.device) {
+                Orphan::KeptMounted
+            } else {
+                match loopdev::detach(&device.device) {
+                    Ok(()) => Orphan::Detached,
+                    Err(e) => Orphan::Failed(Error::io(format!("detaching {}", device.device.display()), e)),
+                }
+            };
+            orphans.push((device, fate));
         }
-        Ok(detached)
+        Ok(orphans)
     }
 
     /// Whether any loop device is attached to the volume's image.
@@ -407,6 +475,39 @@ impl LoopBackend {
     fn missing(&self, key: &Key) -> String {
         format!("image {} is missing; restore it from a backup or delete the volume", self.image_path(key).display())
     }
+}
+
+/// How far formatting a volume's image got, as its record says, and how to
+/// record progress durably in that record.
+pub struct FormatLog<'a> {
+    /// The recorded state (`None`: never formatted, or a record from before
+    /// formatting was recorded).
+    pub state: Option<Formatting>,
+    /// Durably records a new state.
+    pub record: &'a dyn Fn(Formatting) -> Result<()>,
+}
+
+/// Formats the device from scratch, recording that it started before and
+/// that it finished after.
+fn format(device: &LoopDevice, fs: FsType, spec: &LoopSpec, formats: &FormatLog<'_>) -> Result<()> {
+    (formats.record)(Formatting::Started)?;
+    crate::failpoint!("loop.mkfs.started");
+    let options = crate::backend::filesystem_of(spec)?.1;
+    blockfs::mkfs(&device.device, fs, spec.thick, &options)
+        .context(|| format!("formatting {} as {}", device.device.display(), fs.name()))?;
+    crate::failpoint!("loop.mkfs.done");
+    (formats.record)(Formatting::Done)
+}
+
+/// What start-up did with a loop device of a volume that is not staged.
+#[derive(Debug)]
+pub enum Orphan {
+    /// Detached: it was attached but unused.
+    Detached,
+    /// Kept: it is mounted, so a stage was under way; its retry adopts it.
+    KeptMounted,
+    /// It could not be detached.
+    Failed(Error),
 }
 
 /// Whether the ext4 filesystem on `device` is smaller than the device (false

@@ -71,6 +71,7 @@ impl Driver {
             allowed_nodes: None,
         };
         let record = self.create_volume_as(key, new, Some(volume.origin))?;
+        crate::failpoint!("ephemeral.created");
         let staging = self.ephemeral_staging(&key, record.backend);
         self.node_stage(key, &staging, capability.clone())?;
         self.node_publish(key, &staging, target, read_only, capability)

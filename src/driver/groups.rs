@@ -203,6 +203,7 @@ impl Driver {
             complete: false,
         };
         self.groups.put(key, record.clone())?;
+        crate::failpoint!("group.intent");
         let finished = self.cut(&record, &members).and_then(|(secs, nanos)| {
             record.created_secs = secs;
             record.created_nanos = nanos;
@@ -246,6 +247,7 @@ impl Driver {
                 frozen.push(blockfs::freeze(path).context(|| format!("freezing {}", path.display()))?);
             }
         }
+        crate::failpoint!("group.frozen");
         let started = std::time::Instant::now();
         let (secs, nanos) = timestamp();
         for member in members {
@@ -256,6 +258,7 @@ impl Driver {
                 BackendKind::Loop => self.loopback.create_snapshot(&member.key, &member.snapshot, None)?,
             }
         }
+        crate::failpoint!("group.cut");
         // Records wait until after the thaw: their fsyncs need no frozen pod.
         let thawed = frozen.len();
         for guard in frozen {
@@ -402,6 +405,7 @@ mod tests {
                 BTreeMap::new()
             },
             enforcement: None,
+            formatting: None,
             ephemeral: None,
         }
     }

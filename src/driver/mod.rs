@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use crate::backend::dir::DirBackend;
-use crate::backend::loopback::LoopBackend;
+use crate::backend::loopback::{LoopBackend, Orphan};
 use crate::config::{Config, TOPOLOGY_NODE_KEY};
 use crate::error::{Error, IoContext, Result};
 use crate::guard::{Guard, InFlight, PathsInFlight};
@@ -187,7 +187,8 @@ impl Driver {
             promises: Mutex::new(0),
             attached: Mutex::new(0),
         };
-        driver.detach_orphans()?;
+        driver.detach_orphans();
+        driver.thaw_stages();
         driver.roll_back_incomplete_groups();
         driver.refresh_promises()?;
         driver.report_unpublished_ephemeral();
@@ -198,17 +199,65 @@ impl Driver {
     }
 
     /// Detaches loop devices of volumes that are not staged: leftovers of a
-    /// crash between attaching and recording a stage.
-    fn detach_orphans(&self) -> Result<()> {
+    /// crash between attaching and recording a stage. Like every repair at
+    /// start-up, a failure is logged and skipped: one volume never keeps
+    /// the node from serving the others.
+    fn detach_orphans(&self) {
         let staged = |key: &Key| self.volumes.get(key).is_some_and(|r| r.stage.is_some());
-        for device in self.loopback.detach_orphans(staged)? {
-            tracing::warn!(
-                device = %device.device.display(),
-                image = %device.backing_file.display(),
-                "detached the loop device of a volume that is not staged"
-            );
+        let orphans = match self.loopback.detach_orphans(staged) {
+            Ok(orphans) => orphans,
+            Err(e) => {
+                tracing::warn!("cannot look for loop devices a crash left attached: {e}; they stay until restart");
+                return;
+            }
+        };
+        for (device, fate) in orphans {
+            let (dev, image) = (device.device.display(), device.backing_file.display());
+            match fate {
+                Orphan::Detached => {
+                    tracing::warn!(device = %dev, image = %image, "detached the loop device of a volume that is not staged")
+                }
+                Orphan::KeptMounted => tracing::warn!(
+                    device = %dev,
+                    image = %image,
+                    "kept the loop device of a volume that is not staged because it is mounted: a stage was cut \
+                     short, and its retry adopts it"
+                ),
+                Orphan::Failed(e) => tracing::warn!(
+                    device = %dev,
+                    image = %image,
+                    "cannot detach the loop device of a volume that is not staged: {e}; find what holds it \
+                     (findmnt, fuser) and detach it with losetup -d"
+                ),
+            }
         }
-        Ok(())
+    }
+
+    /// Thaws every staged loop filesystem a driver killed during a snapshot
+    /// left frozen (a freeze outlives the process that made it). Only a
+    /// recorded stage is ever frozen, so these are all there can be.
+    fn thaw_stages(&self) {
+        let mut staged = Vec::new();
+        self.volumes.for_each(|key, record| {
+            if let (BackendKind::Loop, Some(stage)) = (record.backend, &record.stage)
+                && !stage.capability.block
+            {
+                staged.push((*key, record.id.clone(), stage.path.clone()));
+            }
+        });
+        for (key, id, path) in staged {
+            match self.loopback.thaw_stage(&key, &path) {
+                Ok(true) => {
+                    tracing::warn!(volume = %id, path = %path.display(), "thawed a filesystem a crash left frozen")
+                }
+                Ok(false) => {}
+                Err(e) => tracing::warn!(
+                    volume = %id,
+                    path = %path.display(),
+                    "cannot thaw the volume's filesystem: {e}; its pods' writes may hang until `fsfreeze -u` is run on it"
+                ),
+            }
+        }
     }
 
     /// The configuration it runs with.

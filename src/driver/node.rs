@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::{fs, io};
 
 use super::{CapacityRange, Condition, Driver, VolumeStats};
+use crate::backend::loopback::FormatLog;
 use crate::error::{Error, IoContext, Result};
 use crate::ids::Key;
 use crate::kernel::mount::MountFlags;
@@ -14,7 +15,7 @@ use crate::kernel::mountinfo;
 use crate::kernel::mountinfo::MountEntry;
 use crate::kernel::nofollow::{self, Removal, Want};
 use crate::kernel::quota::QuotaUsage;
-use crate::records::{BackendKind, Capability, Publication, Stage, VolumeRecord};
+use crate::records::{BackendKind, Capability, Formatting, Publication, Stage, VolumeRecord};
 
 impl Driver {
     // ----- Node -----
@@ -49,13 +50,18 @@ impl Driver {
                 if !capability.block {
                     nofollow::open_or_create(path, Want::Dir).map_err(|e| Error::at_caller_path("staging path", e))?;
                 }
-                self.loopback.stage(&key, spec, path, &capability)?;
+                let record_formatting = |formatting| self.record_formatting(&key, formatting);
+                let formats = FormatLog { state: record.formatting, record: &record_formatting };
+                self.loopback.stage(&key, spec, path, &capability, &formats)?;
                 if let (Some(gid), false) = (capability.mount_group, capability.block) {
                     apply_mount_group(path, gid)?;
                 }
             }
             _ => self.stage_dir(&key, path, &capability)?,
         }
+        crate::failpoint!("stage.mounted");
+        // Formatting may have been recorded since it was read.
+        let record = self.volume(&key)?;
         if record.stage.is_none() {
             let mut staged = (*record).clone();
             staged.stage = Some(Stage { path: path.to_owned(), capability });
@@ -66,6 +72,13 @@ impl Driver {
             }
         }
         Ok(())
+    }
+
+    /// Durably records how far formatting the volume's image got.
+    fn record_formatting(&self, key: &Key, formatting: Formatting) -> Result<()> {
+        let mut record = (*self.volume(key)?).clone();
+        record.formatting = Some(formatting);
+        self.volumes.put(*key, record).map(drop)
     }
 
     /// Binds a directory volume onto its staging path; an inline volume is
@@ -111,6 +124,7 @@ impl Driver {
             Some(record) => self.unstage_backend(record, &key, path, ours)?,
             None => drop(self.unmount_ours(path, &key, BackendKind::Dir, false)?),
         }
+        crate::failpoint!("unstage.unmounted");
         if let Some(record) = record
             && ours
         {
@@ -229,6 +243,7 @@ impl Driver {
                 Error::at_caller_path(format!("bind-mounting {} on {}", source.display(), target.display()), e)
             })?;
         }
+        crate::failpoint!("publish.bound");
         if !record.publications.contains_key(target) {
             let mut published = record.clone();
             published.publications.insert(target.to_owned(), publication);
@@ -267,6 +282,7 @@ impl Driver {
         if publication.is_some() || unmounted {
             self.remove_target(target)?;
         }
+        crate::failpoint!("unpublish.unmounted");
         if let (Some(record), Some(publication)) = (record, publication) {
             let mut unpublished = (*record).clone();
             unpublished.publications.remove(target);

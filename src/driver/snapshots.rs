@@ -33,6 +33,7 @@ impl Driver {
                 self.loopback.create_snapshot(&volume_key, &key, mounted)?
             }
         }
+        crate::failpoint!("snapshot.cut");
         let (created_secs, created_nanos) = timestamp();
         let record = SnapshotRecord {
             id: ObjectId { key, node: self.config.node_id.clone() }.to_string(),
@@ -78,6 +79,7 @@ impl Driver {
         if backend != Some(BackendKind::Dir) {
             self.loopback.delete_snapshot(&key)?;
         }
+        crate::failpoint!("snapshot.deleted");
         self.snapshots.remove(&key)
     }
 

@@ -63,7 +63,7 @@ impl Driver {
         for capability in &req.capabilities {
             Self::supports(req.backend, capability).map_err(Error::InvalidArgument)?;
         }
-        let (source_path, source_floor) = self.content_source(req.source.as_ref(), req.backend)?;
+        let (source_path, source_floor, source_mount) = self.content_source(req.source.as_ref(), req.backend)?;
         if let Some(existing) = self.volumes.get(&key) {
             return self.check_same_volume(existing, &req);
         }
@@ -90,11 +90,13 @@ impl Driver {
         }
         let enforcement = match (&req.backend, &req.loop_spec) {
             (BackendKind::Loop, Some(spec)) => {
-                self.loopback.create_volume(&key, capacity, spec, source_path.as_deref())?;
+                let source = source_path.as_deref().map(|path| (path, source_mount.as_deref()));
+                self.loopback.create_volume(&key, capacity, spec, source)?;
                 None
             }
             _ => Some(self.dir.create_volume(&key, source_path.as_deref(), capacity)?),
         };
+        crate::failpoint!("volume.created");
         let record = VolumeRecord {
             id: ObjectId { key, node: self.config.node_id.clone() }.to_string(),
             name: req.name,
@@ -108,6 +110,7 @@ impl Driver {
             stage: None,
             publications: BTreeMap::new(),
             enforcement,
+            formatting: None,
             ephemeral,
         };
         let record = self.volumes.put(key, record)?;
@@ -140,11 +143,18 @@ impl Driver {
         }
     }
 
-    /// The directory or image a new volume copies its content from, and the
-    /// least capacity it needs to hold it. Content never crosses backends.
-    fn content_source(&self, source: Option<&ContentSource>, backend: BackendKind) -> Result<(Option<PathBuf>, u64)> {
+    /// The directory or image a new volume copies its content from, the
+    /// least capacity it needs to hold it, and where the source volume's
+    /// filesystem is mounted when it is a staged `loop` filesystem (frozen
+    /// for the copy, as for a snapshot). Content never crosses backends.
+    fn content_source(
+        &self,
+        source: Option<&ContentSource>,
+        backend: BackendKind,
+    ) -> Result<(Option<PathBuf>, u64, Option<PathBuf>)> {
+        let mut mounted = None;
         let (path, size, from) = match source {
-            None => return Ok((None, 0)),
+            None => return Ok((None, 0, None)),
             Some(ContentSource::Snapshot(id)) => {
                 let key = self.snapshot_key(id)?;
                 let snap = self
@@ -165,7 +175,10 @@ impl Driver {
                     .ok_or_else(|| Error::NotFound(format!("source volume {id} does not exist")))?;
                 let path = match vol.backend {
                     BackendKind::Dir => self.dir.volume_path(&key),
-                    BackendKind::Loop => self.loopback.image_path(&key),
+                    BackendKind::Loop => {
+                        mounted = vol.stage.as_ref().filter(|s| !s.capability.block).map(|s| s.path.clone());
+                        self.loopback.image_path(&key)
+                    }
                 };
                 (path, vol.capacity_bytes, vol.backend)
             }
@@ -175,7 +188,7 @@ impl Driver {
                 "the source lives on the {from:?} backend; restore or clone it into a {from:?} volume, not {backend:?}"
             )));
         }
-        Ok((Some(path), size))
+        Ok((Some(path), size, mounted))
     }
 
     /// Deletes a volume; deleting one that does not exist succeeds.
@@ -211,6 +224,7 @@ impl Driver {
         if backend != Some(BackendKind::Dir) {
             self.loopback.delete_volume(&key)?;
         }
+        crate::failpoint!("volume.deleted");
         self.volumes.remove(&key)
     }
 
@@ -360,6 +374,7 @@ impl Driver {
             // limit, which the next start puts back to the recorded capacity.
             _ => self.dir.set_limit(&key, record.enforcement.as_ref(), capacity)?,
         }
+        crate::failpoint!("volume.expanded");
         let mut grown = (*record).clone();
         grown.capacity_bytes = capacity;
         self.volumes.put(key, grown)?;
@@ -405,6 +420,7 @@ impl Driver {
             self.loopback.expand_volume(&key, record.capacity_bytes, &thick_spec)?;
             allocated = self.loopback.allocated_bytes(&key).saturating_sub(before);
         }
+        crate::failpoint!("volume.modified");
         let mut modified = (*record).clone();
         modified.loop_spec = Some(LoopSpec { thick, ..spec.clone() });
         modified.mutable_parameters = mutable;

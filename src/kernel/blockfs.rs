@@ -8,6 +8,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
@@ -164,7 +165,7 @@ pub fn mkfs(device: &Path, fs: FsType, thick: bool, options: &MkfsOptions) -> io
         FsType::Ext4 => "mkfs.ext4",
         FsType::Xfs => "mkfs.xfs",
     };
-    let mut command = Command::new(program);
+    let mut command = tool(program);
     command.args(&args).arg(device);
     run(command, program)
 }
@@ -198,7 +199,7 @@ pub fn grow(fs: FsType, device: &Path, mount_point: &Path) -> io::Result<()> {
         // xfs_growfs works on the mounted filesystem, not the device.
         FsType::Xfs => ("xfs_growfs", mount_point),
     };
-    let mut command = Command::new(program);
+    let mut command = tool(program);
     command.arg(target);
     run(command, program)
 }
@@ -223,9 +224,41 @@ pub fn ext_size(device: &Path) -> io::Result<Option<u64>> {
 /// Grows the unmounted ext4 filesystem on `device` to fill it: `e2fsck -f -p`
 /// first (resize2fs refuses a filesystem not freshly checked), then
 /// `resize2fs`. Unlike an online resize, this needs no CAP_SYS_RESOURCE.
-pub fn grow_ext4_offline(device: &Path) -> io::Result<()> {
-    let output = Command::new("e2fsck")
-        .args(["-f", "-p"])
+///
+/// An offline resize cut short (the driver killed with its children) can
+/// leave a filesystem that `e2fsck -p` calls inconsistent, so the file
+/// `intent` is made (durably) before it and removed after; a call that
+/// finds it repairs the filesystem with `e2fsck -f -y` first, which for a
+/// growth cut short only touches the metadata resize2fs was writing.
+/// (`resize2fs -z`, whose undo file would roll it back, leaves an invalid
+/// resize inode in e2fsprogs 1.47.)
+pub fn grow_ext4_offline(device: &Path, intent: &Path) -> io::Result<()> {
+    let interrupted = std::fs::symlink_metadata(intent).is_ok();
+    if interrupted {
+        tracing::warn!(device = %device.display(), "repairing a filesystem whose offline resize was cut short");
+        e2fsck(device, "-y")?;
+    }
+    match ext_size(device)? {
+        Some(size) if size < super::loopdev::device_size(device)? => {}
+        _ if interrupted => return crate::durable::remove(intent),
+        _ => return Ok(()),
+    }
+    if !interrupted {
+        File::create(intent)?.sync_all()?;
+        crate::durable::sync_dir(intent.parent().unwrap_or(Path::new("/")))?;
+    }
+    e2fsck(device, "-p")?;
+    let mut command = tool("resize2fs");
+    command.arg(device);
+    run(command, "resize2fs")?;
+    crate::failpoint!("ext4.resized");
+    crate::durable::remove(intent)
+}
+
+/// Runs `e2fsck -f` with `mode` (`-p`: only safe fixes; `-y`: every fix).
+fn e2fsck(device: &Path, mode: &str) -> io::Result<()> {
+    let output = tool("e2fsck")
+        .args(["-f", mode])
         .arg(device)
         .stdin(Stdio::null())
         .output()
@@ -233,15 +266,14 @@ pub fn grow_ext4_offline(device: &Path) -> io::Result<()> {
     // 0: clean; 1: errors corrected. Anything else needs an operator.
     if !matches!(output.status.code(), Some(0 | 1)) {
         return Err(io::Error::other(format!(
-            "e2fsck -f -p {} failed ({}): {}; repair the filesystem by hand",
+            "e2fsck -f {mode} {} failed ({}): {}{}; repair the filesystem by hand",
             device.display(),
             output.status,
+            String::from_utf8_lossy(&output.stdout).trim(),
             String::from_utf8_lossy(&output.stderr).trim()
         )));
     }
-    let mut command = Command::new("resize2fs");
-    command.arg(device);
-    run(command, "resize2fs")
+    Ok(())
 }
 
 /// Mounts `device`, holding a `fs` filesystem, on `target` with `flags`.
@@ -272,6 +304,31 @@ mod ioctl {
 /// `mount_point` must be the root of a mount, so a wrong path can never
 /// freeze the filesystem it happens to live on (such as the node's root).
 pub fn freeze(mount_point: &Path) -> io::Result<FreezeGuard> {
+    let fd = open_mount_root(mount_point, "freeze")?;
+    let mut unused = 0;
+    // SAFETY: FIFREEZE ignores its argument; unused is a valid int.
+    unsafe { ioctl::fifreeze(fd.as_raw_fd(), &mut unused) }.map_err(|e| context(e.into(), "FIFREEZE", mount_point))?;
+    Ok(FreezeGuard { fd: Some(fd) })
+}
+
+/// Thaws the filesystem mounted at `mount_point` if it is frozen: what a
+/// process killed between freeze and thaw leaves, since a freeze outlives
+/// the process that made it. Returns whether it was frozen.
+pub fn thaw(mount_point: &Path) -> io::Result<bool> {
+    let fd = open_mount_root(mount_point, "thaw")?;
+    let mut unused = 0;
+    // SAFETY: FITHAW ignores its argument; unused is a valid int.
+    match unsafe { ioctl::fithaw(fd.as_raw_fd(), &mut unused) } {
+        Ok(_) => Ok(true),
+        // The kernel's answer for a filesystem that is not frozen.
+        Err(Errno::EINVAL) => Ok(false),
+        Err(e) => Err(context(e.into(), "FITHAW", mount_point)),
+    }
+}
+
+/// Opens `mount_point`, refusing anything that is not the root of a mount,
+/// so a wrong path never reaches the filesystem it lives on.
+fn open_mount_root(mount_point: &Path, action: &str) -> io::Result<OwnedFd> {
     let fd = open(mount_point, OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
         .map_err(|e| context(e.into(), "open", mount_point))?;
     // SAFETY: statx is plain old data, so all zeroes is a valid value.
@@ -285,13 +342,10 @@ pub fn freeze(mount_point: &Path) -> io::Result<FreezeGuard> {
     if stx.stx_attributes_mask & mount_root == 0 || stx.stx_attributes & mount_root == 0 {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
-            format!("refusing to freeze {}: it is not the root of a mount", mount_point.display()),
+            format!("refusing to {action} {}: it is not the root of a mount", mount_point.display()),
         ));
     }
-    let mut unused = 0;
-    // SAFETY: FIFREEZE ignores its argument; unused is a valid int.
-    unsafe { ioctl::fifreeze(fd.as_raw_fd(), &mut unused) }.map_err(|e| context(e.into(), "FIFREEZE", mount_point))?;
-    Ok(FreezeGuard { fd: Some(fd) })
+    Ok(fd)
 }
 
 /// A frozen filesystem; thawed on drop, so a failed snapshot never leaves it frozen.
@@ -344,6 +398,23 @@ pub fn allocate(file: &File, len: u64) -> io::Result<()> {
 pub fn allocated_bytes(path: &Path) -> io::Result<u64> {
     // st_blocks is in 512-byte units whatever the filesystem's block size.
     Ok(std::fs::metadata(path).map_err(|e| context(e, "stat", path))?.blocks() * 512)
+}
+
+/// A command running `program` that dies with the driver: an orphaned mkfs
+/// or resize2fs would go on writing an image that the restarted driver
+/// formats or resizes again.
+fn tool(program: &str) -> Command {
+    let mut command = Command::new(program);
+    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    command
 }
 
 /// Runs `command` to completion; a failure carries the program, its status and stderr.
@@ -554,6 +625,12 @@ mod tests {
         }
         // Thawed by the drop above, or this write would hang.
         std::fs::write(mnt.join("after"), b"thawed").expect("write after thaw");
+        // A freeze outlives whoever made it (as a killed driver's does);
+        // thaw lifts it, and says when there was nothing to lift.
+        std::mem::forget(freeze(&mnt).expect("freeze"));
+        assert!(thaw(&mnt).expect("thaw a frozen filesystem"));
+        assert!(!thaw(&mnt).expect("thaw a thawed filesystem"));
+        std::fs::write(mnt.join("after-thaw"), b"thawed").expect("write after a lost freeze");
         assert!(freeze(&mnt.join("lost+found")).is_err());
 
         let before = fs_size(&mnt);

@@ -1,0 +1,1310 @@
+//! The crash-point harness: the real `loam serve` (built with the
+//! `failpoints` feature) on a temporary root, driven through random
+//! sequences of every kind of operation and killed with SIGKILL part-way:
+//! at a fault point inside the code (`LOAM_FAILPOINT`, see
+//! `src/failpoint.rs`), after a random delay, or while its mkfs runs; alone
+//! or with its whole process group (mkfs dies too, as a container's children
+//! do). After every kill the driver must start again, the operation whose
+//! outcome was unknown must converge when retried, and then: no staged
+//! filesystem is frozen, no path is mounted twice, every byte written and
+//! fsynced through a publication reads back. At the end everything is
+//! deleted and nothing may be left: no loop device on the root's images, no
+//! mount, no file under the root, no record.
+//!
+//! Needs root in a private mount namespace:
+//!
+//! ```text
+//! LOAM_PRIVILEGED_TESTS=1 unshare --mount --propagation private -- \
+//!     cargo test --locked -p loam --features failpoints --test crash -- --include-ignored
+//! ```
+//!
+//! `LOAM_CRASH_SEED` picks the seed (CI's default is fixed) and
+//! `LOAM_CRASH_POINTS` how many kills the random run makes (default 200);
+//! e.g. `LOAM_CRASH_SEED=7 LOAM_CRASH_POINTS=2000` for a longer run. The
+//! targeted tests below replay the crashes fault injection found (issue 12,
+//! items 1 to 3) deterministically.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Access, block_capability, mount_capability};
+use hyper_util::rt::TokioIo;
+use loam::csi;
+use loam::csi::controller_client::ControllerClient;
+use loam::csi::group_controller_client::GroupControllerClient;
+use loam::csi::identity_client::IdentityClient;
+use loam::csi::node_client::NodeClient;
+use loam::kernel::{blockfs, loopdev, mountinfo};
+use tokio::net::UnixStream;
+use tonic::Code;
+use tonic::transport::{Channel, Endpoint};
+
+const MIB: i64 = 1 << 20;
+/// Longest any one call may take before the driver counts as hung.
+const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest a write to a staged filesystem may take before it counts as frozen.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How many times one operation is retried across restarts before the run fails.
+const MAX_RETRIES: u32 = 25;
+
+/// Every fault point in the code; each must still be there (checked below).
+const FAILPOINTS: &[&str] = &[
+    "loop.create.building",
+    "volume.created",
+    "volume.deleted",
+    "volume.expanded",
+    "volume.modified",
+    "loop.stage.attached",
+    "loop.mkfs.started",
+    "loop.mkfs.done",
+    "ext4.resized",
+    "loop.stage.mounting",
+    "stage.mounted",
+    "unstage.unmounted",
+    "publish.bound",
+    "unpublish.unmounted",
+    "snapshot.frozen",
+    "snapshot.cut",
+    "snapshot.deleted",
+    "group.intent",
+    "group.frozen",
+    "group.cut",
+    "ephemeral.created",
+];
+
+// ----- The driver process -----
+
+/// Connected CSI clients.
+#[derive(Clone)]
+struct Clients {
+    identity: IdentityClient<Channel>,
+    controller: ControllerClient<Channel>,
+    group: GroupControllerClient<Channel>,
+    node: NodeClient<Channel>,
+}
+
+/// How a kill is delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reach {
+    /// The driver alone (its children, such as mkfs, run on).
+    Alone,
+    /// Its whole process group.
+    Group,
+}
+
+/// Why the driver did not come up.
+#[derive(Debug)]
+enum NoStart {
+    /// Its armed fault point killed it during start-up.
+    Killed,
+    /// It failed: the reason and its log.
+    Failed(String),
+}
+
+/// The `loam serve` process under test, in a process group of its own, and
+/// everything it works in. Dropping it kills the driver and removes every
+/// mount, loop device and file it left, whatever the test's outcome.
+struct Node {
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+    starts: u32,
+}
+
+impl Node {
+    fn new() -> Node {
+        Node { dir: tempfile::tempdir().expect("tempdir"), child: None, starts: 0 }
+    }
+
+    fn base(&self) -> PathBuf {
+        self.dir.path().canonicalize().expect("canonical")
+    }
+
+    fn root(&self) -> PathBuf {
+        self.base().join("root")
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.base().join("csi.sock")
+    }
+
+    fn co(&self, name: &str) -> PathBuf {
+        self.base().join("co").join(name)
+    }
+
+    /// Starts the driver, armed with `failpoint` when given, and waits until
+    /// it answers.
+    async fn start(&mut self, failpoint: Option<&str>) -> Result<Clients, NoStart> {
+        assert!(self.child.is_none(), "the driver is already running");
+        self.starts += 1;
+        let log = File::create(self.base().join(format!("driver-{}.log", self.starts))).expect("log");
+        let mut command = Command::new(env!("CARGO_BIN_EXE_loam"));
+        command
+            .arg("serve")
+            .arg("--endpoint")
+            .arg(format!("unix://{}", self.socket().display()))
+            .args(["--node-id", "crash-node", "--quota", "off"])
+            .arg("--root")
+            .arg(self.root())
+            .env("LOAM_LOG", "warn")
+            .env_remove("LOAM_FAILPOINT")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .process_group(0);
+        if let Some(point) = failpoint {
+            command.env("LOAM_FAILPOINT", point);
+        }
+        self.child = Some(command.spawn().expect("spawning loam serve"));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().expect("wait")) {
+                use std::os::unix::process::ExitStatusExt;
+                self.child = None;
+                // Only a fault point kills it (a start-up repair has them too).
+                if failpoint.is_some() && status.signal() == Some(libc::SIGKILL) {
+                    return Err(NoStart::Killed);
+                }
+                return Err(NoStart::Failed(format!("the driver exited at start-up ({status}): {}", self.log_tail())));
+            }
+            if let Ok(clients) = connect(&self.socket()).await {
+                let mut identity = clients.identity.clone();
+                if identity.probe(csi::ProbeRequest {}).await.is_ok() {
+                    return Ok(clients);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Err(NoStart::Failed(format!("the driver did not answer within 30 s: {}", self.log_tail())))
+    }
+
+    fn pid(&self) -> Option<i32> {
+        self.child.as_ref().map(|c| i32::try_from(c.id()).expect("a pid fits in i32"))
+    }
+
+    /// Whether the driver died; a death not by SIGKILL fails the test.
+    fn dead(&mut self) -> bool {
+        let Some(child) = self.child.as_mut() else { return true };
+        match child.try_wait().expect("wait") {
+            None => false,
+            Some(status) => {
+                use std::os::unix::process::ExitStatusExt;
+                assert_eq!(status.signal(), Some(libc::SIGKILL), "the driver died by itself: {}", self.log_tail());
+                self.child = None;
+                true
+            }
+        }
+    }
+
+    /// Kills the driver (and its group) and reaps it.
+    fn kill(&mut self, reach: Reach) {
+        if let Some(mut child) = self.child.take() {
+            let pid = i32::try_from(child.id()).expect("a pid fits in i32");
+            // SAFETY: kill has no memory-safety preconditions.
+            unsafe { libc::kill(if reach == Reach::Group { -pid } else { pid }, libc::SIGKILL) };
+            let _ = child.wait();
+        }
+    }
+
+    /// Stops the driver for good: its whole group, so no mkfs outlives it.
+    fn stop(&mut self) {
+        self.kill(Reach::Group);
+    }
+
+    fn log_tail(&self) -> String {
+        let log = fs::read_to_string(self.base().join(format!("driver-{}.log", self.starts))).unwrap_or_default();
+        log.lines().rev().take(12).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.stop();
+        let base = self.base();
+        // Thaw first: unmounting a frozen filesystem would hang.
+        let ours = |p: &Path| p.starts_with(&base);
+        let mut mounts: Vec<PathBuf> =
+            mountinfo::read().unwrap_or_default().into_iter().map(|m| m.mount_point).filter(|p| ours(p)).collect();
+        for mount in &mounts {
+            let _ = blockfs::thaw(mount);
+        }
+        mounts.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+        for mount in mounts {
+            let _ = nix::mount::umount2(&mount, nix::mount::MntFlags::MNT_DETACH);
+        }
+        for device in loopdev::list().unwrap_or_default() {
+            if device.backing_file.starts_with(&base) {
+                let _ = loopdev::detach(&device.device);
+            }
+        }
+    }
+}
+
+async fn connect(socket: &Path) -> Result<Clients, tonic::transport::Error> {
+    let socket = socket.to_owned();
+    let channel = Endpoint::try_from("http://[::]:50051")
+        .expect("endpoint")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let socket = socket.clone();
+            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(socket).await?)) }
+        }))
+        .await?;
+    Ok(Clients {
+        identity: IdentityClient::new(channel.clone()),
+        controller: ControllerClient::new(channel.clone()),
+        group: GroupControllerClient::new(channel.clone()),
+        node: NodeClient::new(channel),
+    })
+}
+
+// ----- What the harness believes exists -----
+
+/// The kinds of volume the run makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flavor {
+    Dir,
+    LoopThickExt4,
+    LoopThinExt4,
+    LoopThinXfs,
+    Block,
+}
+
+const FLAVORS: &[Flavor] =
+    &[Flavor::Dir, Flavor::LoopThickExt4, Flavor::LoopThinExt4, Flavor::LoopThinXfs, Flavor::Block];
+
+impl Flavor {
+    fn parameters(self) -> HashMap<String, String> {
+        let pairs: &[(&str, &str)] = match self {
+            Flavor::Dir => &[],
+            Flavor::LoopThickExt4 => &[("backend", "loop")],
+            Flavor::LoopThinExt4 | Flavor::Block => &[("backend", "loop"), ("provisioning", "thin")],
+            Flavor::LoopThinXfs => &[("backend", "loop"), ("provisioning", "thin"), ("fsType", "xfs")],
+        };
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    fn bytes(self) -> i64 {
+        match self {
+            Flavor::Dir | Flavor::Block => 16 * MIB,
+            Flavor::LoopThickExt4 => 32 * MIB,
+            Flavor::LoopThinExt4 => 64 * MIB,
+            Flavor::LoopThinXfs => 300 * MIB,
+        }
+    }
+
+    fn capability(self) -> csi::VolumeCapability {
+        if self == Flavor::Block { block_capability() } else { mount_capability(Access::Writer) }
+    }
+
+    fn loop_filesystem(self) -> bool {
+        matches!(self, Flavor::LoopThickExt4 | Flavor::LoopThinExt4 | Flavor::LoopThinXfs)
+    }
+
+    fn thin_loop(self) -> bool {
+        matches!(self, Flavor::LoopThinExt4 | Flavor::LoopThinXfs | Flavor::Block)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Volume {
+    name: String,
+    id: String,
+    flavor: Flavor,
+    bytes: i64,
+    staged: bool,
+    published: bool,
+    /// Bytes written and fsynced through a publication, which must last.
+    data: Option<Vec<u8>>,
+}
+
+#[derive(Debug, Clone)]
+struct Snapshot {
+    id: String,
+    flavor: Flavor,
+    bytes: i64,
+}
+
+#[derive(Debug, Default)]
+struct Model {
+    volumes: BTreeMap<usize, Volume>,
+    snapshots: Vec<Snapshot>,
+    groups: Vec<String>,
+    /// Inline volumes published: the kubelet's volume id and their flavor.
+    inline: Vec<(String, Flavor)>,
+}
+
+const SLOTS: usize = 5;
+
+/// Where a new volume's content comes from.
+#[derive(Debug, Clone)]
+enum Source {
+    Volume(String),
+    Snapshot(String),
+}
+
+/// One step of a run: a CSI call (or two, for expansion) the CO would retry
+/// with the same arguments until it gets an answer.
+#[derive(Debug, Clone)]
+enum Op {
+    Create { slot: usize, name: String, flavor: Flavor, bytes: i64, source: Option<Source> },
+    Delete { slot: usize },
+    Stage { slot: usize },
+    Unstage { slot: usize },
+    Publish { slot: usize },
+    Unpublish { slot: usize },
+    Snapshot { name: String, slot: usize },
+    DeleteSnapshot { index: usize },
+    Group { name: String, slots: Vec<usize> },
+    DeleteGroup { index: usize },
+    Expand { slot: usize, bytes: i64 },
+    Modify { slot: usize },
+    InlinePublish { id: String, flavor: Flavor },
+    InlineUnpublish { index: usize },
+}
+
+/// What a call returned that the model needs.
+enum Made {
+    Nothing,
+    Volume(String),
+    Snapshot(String),
+    Group(String),
+}
+
+fn path_str(path: &Path) -> String {
+    path.to_str().expect("utf-8 path").to_owned()
+}
+
+impl Op {
+    /// Makes the call; the same op always sends the same requests.
+    async fn call(&self, c: &mut Clients, m: &Model, node: &Node) -> Result<Made, tonic::Status> {
+        let vol = |slot: &usize| m.volumes.get(slot).expect("the model has the volume").clone();
+        let staging = |v: &Volume| node.co(&format!("stage-{}", v.name));
+        let target = |v: &Volume| node.co(&format!("pub-{}", v.name));
+        match self {
+            Op::Create { name, flavor, bytes, source, .. } => {
+                let source = source.as_ref().map(|s| csi::VolumeContentSource {
+                    r#type: Some(match s {
+                        Source::Volume(id) => {
+                            csi::volume_content_source::Type::Volume(csi::volume_content_source::VolumeSource {
+                                volume_id: id.clone(),
+                            })
+                        }
+                        Source::Snapshot(id) => {
+                            csi::volume_content_source::Type::Snapshot(csi::volume_content_source::SnapshotSource {
+                                snapshot_id: id.clone(),
+                            })
+                        }
+                    }),
+                });
+                let request = csi::CreateVolumeRequest {
+                    name: name.clone(),
+                    capacity_range: Some(csi::CapacityRange { required_bytes: *bytes, limit_bytes: 0 }),
+                    volume_capabilities: vec![flavor.capability()],
+                    parameters: flavor.parameters(),
+                    volume_content_source: source,
+                    ..Default::default()
+                };
+                let volume = c.controller.create_volume(request).await?.into_inner().volume.expect("volume");
+                Ok(Made::Volume(volume.volume_id))
+            }
+            Op::Delete { slot } => {
+                let request = csi::DeleteVolumeRequest { volume_id: vol(slot).id, ..Default::default() };
+                c.controller.delete_volume(request).await.map(|_| Made::Nothing)
+            }
+            Op::Stage { slot } => {
+                let v = vol(slot);
+                let request = csi::NodeStageVolumeRequest {
+                    volume_id: v.id.clone(),
+                    staging_target_path: path_str(&staging(&v)),
+                    volume_capability: Some(v.flavor.capability()),
+                    ..Default::default()
+                };
+                c.node.node_stage_volume(request).await.map(|_| Made::Nothing)
+            }
+            Op::Unstage { slot } => {
+                let v = vol(slot);
+                let request = csi::NodeUnstageVolumeRequest {
+                    volume_id: v.id.clone(),
+                    staging_target_path: path_str(&staging(&v)),
+                };
+                c.node.node_unstage_volume(request).await.map(|_| Made::Nothing)
+            }
+            Op::Publish { slot } => {
+                let v = vol(slot);
+                let request = csi::NodePublishVolumeRequest {
+                    volume_id: v.id.clone(),
+                    staging_target_path: path_str(&staging(&v)),
+                    target_path: path_str(&target(&v)),
+                    volume_capability: Some(v.flavor.capability()),
+                    ..Default::default()
+                };
+                c.node.node_publish_volume(request).await.map(|_| Made::Nothing)
+            }
+            Op::Unpublish { slot } => {
+                let v = vol(slot);
+                let request =
+                    csi::NodeUnpublishVolumeRequest { volume_id: v.id.clone(), target_path: path_str(&target(&v)) };
+                c.node.node_unpublish_volume(request).await.map(|_| Made::Nothing)
+            }
+            Op::Snapshot { name, slot } => {
+                let request = csi::CreateSnapshotRequest {
+                    source_volume_id: vol(slot).id,
+                    name: name.clone(),
+                    ..Default::default()
+                };
+                let snapshot = c.controller.create_snapshot(request).await?.into_inner().snapshot.expect("snapshot");
+                Ok(Made::Snapshot(snapshot.snapshot_id))
+            }
+            Op::DeleteSnapshot { index } => {
+                let request =
+                    csi::DeleteSnapshotRequest { snapshot_id: m.snapshots[*index].id.clone(), ..Default::default() };
+                c.controller.delete_snapshot(request).await.map(|_| Made::Nothing)
+            }
+            Op::Group { name, slots } => {
+                let request = csi::CreateVolumeGroupSnapshotRequest {
+                    name: name.clone(),
+                    source_volume_ids: slots.iter().map(|s| vol(s).id).collect(),
+                    ..Default::default()
+                };
+                let response = c.group.create_volume_group_snapshot(request).await?.into_inner();
+                Ok(Made::Group(response.group_snapshot.expect("group").group_snapshot_id))
+            }
+            Op::DeleteGroup { index } => {
+                let request = csi::DeleteVolumeGroupSnapshotRequest {
+                    group_snapshot_id: m.groups[*index].clone(),
+                    ..Default::default()
+                };
+                c.group.delete_volume_group_snapshot(request).await.map(|_| Made::Nothing)
+            }
+            Op::Expand { slot, bytes } => {
+                let v = vol(slot);
+                let range = csi::CapacityRange { required_bytes: *bytes, limit_bytes: 0 };
+                let request = csi::ControllerExpandVolumeRequest {
+                    volume_id: v.id.clone(),
+                    capacity_range: Some(range),
+                    volume_capability: Some(v.flavor.capability()),
+                    ..Default::default()
+                };
+                let grown = c.controller.controller_expand_volume(request).await?.into_inner();
+                if grown.node_expansion_required && v.staged && v.flavor.loop_filesystem() {
+                    let request = csi::NodeExpandVolumeRequest {
+                        volume_id: v.id.clone(),
+                        volume_path: path_str(&staging(&v)),
+                        capacity_range: Some(range),
+                        staging_target_path: path_str(&staging(&v)),
+                        volume_capability: Some(v.flavor.capability()),
+                        ..Default::default()
+                    };
+                    c.node.node_expand_volume(request).await?;
+                }
+                Ok(Made::Nothing)
+            }
+            Op::Modify { slot } => {
+                let request = csi::ControllerModifyVolumeRequest {
+                    volume_id: vol(slot).id,
+                    mutable_parameters: [("provisioning".to_owned(), "thick".to_owned())].into(),
+                    ..Default::default()
+                };
+                c.controller.controller_modify_volume(request).await.map(|_| Made::Nothing)
+            }
+            Op::InlinePublish { id, flavor } => {
+                let mut context: HashMap<String, String> =
+                    [("csi.storage.k8s.io/ephemeral".to_owned(), "true".to_owned())].into();
+                context.extend(flavor.parameters());
+                context.insert("size".into(), "16Mi".into());
+                let request = csi::NodePublishVolumeRequest {
+                    volume_id: id.clone(),
+                    target_path: path_str(&node.co(&format!("inline-{id}"))),
+                    volume_capability: Some(mount_capability(Access::Writer)),
+                    volume_context: context,
+                    ..Default::default()
+                };
+                c.node.node_publish_volume(request).await.map(|_| Made::Nothing)
+            }
+            Op::InlineUnpublish { index } => {
+                let id = &m.inline[*index].0;
+                let request = csi::NodeUnpublishVolumeRequest {
+                    volume_id: id.clone(),
+                    target_path: path_str(&node.co(&format!("inline-{id}"))),
+                };
+                c.node.node_unpublish_volume(request).await.map(|_| Made::Nothing)
+            }
+        }
+    }
+
+    /// Records a converged call in the model.
+    fn apply(&self, m: &mut Model, made: Made) {
+        match (self, made) {
+            (Op::Create { slot, name, flavor, bytes, .. }, Made::Volume(id)) => {
+                let volume = Volume {
+                    name: name.clone(),
+                    id,
+                    flavor: *flavor,
+                    bytes: *bytes,
+                    staged: false,
+                    published: false,
+                    data: None,
+                };
+                m.volumes.insert(*slot, volume);
+            }
+            (Op::Delete { slot }, _) => drop(m.volumes.remove(slot)),
+            (Op::Stage { slot }, _) => m.volumes.get_mut(slot).expect("volume").staged = true,
+            (Op::Unstage { slot }, _) => m.volumes.get_mut(slot).expect("volume").staged = false,
+            (Op::Publish { slot }, _) => m.volumes.get_mut(slot).expect("volume").published = true,
+            (Op::Unpublish { slot }, _) => m.volumes.get_mut(slot).expect("volume").published = false,
+            (Op::Snapshot { slot, .. }, Made::Snapshot(id)) => {
+                let v = &m.volumes[slot];
+                m.snapshots.push(Snapshot { id, flavor: v.flavor, bytes: v.bytes });
+            }
+            (Op::DeleteSnapshot { index }, _) => drop(m.snapshots.remove(*index)),
+            (Op::Group { .. }, Made::Group(id)) => m.groups.push(id),
+            (Op::DeleteGroup { index }, _) => drop(m.groups.remove(*index)),
+            (Op::Expand { slot, bytes }, _) => m.volumes.get_mut(slot).expect("volume").bytes = *bytes,
+            (Op::Modify { .. }, _) => {}
+            (Op::InlinePublish { id, flavor }, _) => m.inline.push((id.clone(), *flavor)),
+            (Op::InlineUnpublish { index }, _) => drop(m.inline.remove(*index)),
+            (op, _) => panic!("{op:?} returned something else than it makes"),
+        }
+    }
+
+    /// Whether `status` is an answer the README documents for this call in
+    /// this environment: growing a mounted ext4 filesystem without
+    /// CAP_SYS_RESOURCE is refused, and done at the next stage instead.
+    fn documented_refusal(&self, status: &tonic::Status) -> bool {
+        matches!(self, Op::Expand { .. })
+            && status.code() == Code::FailedPrecondition
+            && status.message().contains("CAP_SYS_RESOURCE")
+    }
+
+    /// Whether a filesystem may be formatted during this call.
+    fn may_format(&self, m: &Model) -> bool {
+        match self {
+            Op::Stage { slot } => m.volumes[slot].flavor.loop_filesystem(),
+            Op::InlinePublish { flavor, .. } => flavor.loop_filesystem(),
+            _ => false,
+        }
+    }
+}
+
+// ----- Randomness -----
+
+/// splitmix64: small, seedable, and the same on every machine.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        usize::try_from(self.next() % u64::try_from(n).expect("usize fits in u64")).expect("below n, a usize")
+    }
+
+    fn chance(&mut self, percent: u64) -> bool {
+        self.next() % 100 < percent
+    }
+
+    fn pick<'a, T>(&mut self, items: &'a [T]) -> Option<&'a T> {
+        if items.is_empty() { None } else { Some(&items[self.below(items.len())]) }
+    }
+}
+
+/// A random legal next step for the model, or a harness-side write (None).
+fn next_op(rng: &mut Rng, m: &Model, serial: &mut u32) -> Option<Op> {
+    *serial += 1;
+    let name = |what: &str| format!("{what}-{serial}");
+    let slot = rng.below(SLOTS);
+    let Some(v) = m.volumes.get(&slot) else {
+        if rng.chance(20) && m.inline.len() < 2 {
+            let flavor = if rng.chance(50) { Flavor::Dir } else { Flavor::LoopThinExt4 };
+            return Some(Op::InlinePublish { id: format!("csi-{serial:08x}"), flavor });
+        }
+        // A clone or a restore now and then, of something of the same kind.
+        let flavor = *rng.pick(FLAVORS).expect("flavors");
+        let source = match rng.below(4) {
+            0 => m.volumes.values().rfind(|o| o.flavor == flavor).map(|o| (Source::Volume(o.id.clone()), o.bytes)),
+            1 => m.snapshots.iter().rfind(|s| s.flavor == flavor).map(|s| (Source::Snapshot(s.id.clone()), s.bytes)),
+            _ => None,
+        };
+        let bytes = source.as_ref().map_or(flavor.bytes(), |(_, bytes)| *bytes);
+        return Some(Op::Create { slot, name: name("vol"), flavor, bytes, source: source.map(|(s, _)| s) });
+    };
+    // Snapshots and growth are bounded, so a long run stays within a few
+    // GiB of the machine's disk.
+    if m.snapshots.len() > 6 {
+        return Some(Op::DeleteSnapshot { index: rng.below(m.snapshots.len()) });
+    }
+    if m.groups.len() > 3 {
+        return Some(Op::DeleteGroup { index: rng.below(m.groups.len()) });
+    }
+    let choice = rng.below(10);
+    Some(match (v.staged, v.published, choice) {
+        (_, _, 0) if !m.snapshots.is_empty() && rng.chance(50) => {
+            Op::DeleteSnapshot { index: rng.below(m.snapshots.len()) }
+        }
+        (_, _, 0) if !m.groups.is_empty() => Op::DeleteGroup { index: rng.below(m.groups.len()) },
+        (_, _, 1) if !m.inline.is_empty() => Op::InlineUnpublish { index: rng.below(m.inline.len()) },
+        (_, _, 2) => Op::Snapshot { name: name("snap"), slot },
+        (_, _, 3) => {
+            // Members a group can hold still at once: loop filesystems
+            // (frozen if staged) and volumes nothing uses.
+            let slots: Vec<usize> = m
+                .volumes
+                .iter()
+                .filter(|(_, o)| o.flavor.loop_filesystem() || !o.staged)
+                .map(|(s, _)| *s)
+                .take(1 + rng.below(3))
+                .collect();
+            if slots.is_empty() {
+                return Some(Op::Snapshot { name: name("snap"), slot });
+            }
+            Op::Group { name: name("group"), slots }
+        }
+        (_, _, 4) if v.bytes < v.flavor.bytes() + 64 * MIB => Op::Expand { slot, bytes: v.bytes + 16 * MIB },
+        (_, _, 5) if v.flavor.thin_loop() => Op::Modify { slot },
+        (_, true, 6) => return None,
+        (false, false, 6..=7) => Op::Stage { slot },
+        (false, false, _) => Op::Delete { slot },
+        (true, false, 6..=7) => Op::Publish { slot },
+        (true, false, _) => Op::Unstage { slot },
+        (true, true, 6..=7) if v.data.is_none() => return None,
+        (true, true, _) => Op::Unpublish { slot },
+        (false, true, _) => unreachable!("published but not staged"),
+    })
+}
+
+// ----- The run -----
+
+/// A kill of the driver during one call.
+#[derive(Debug, Clone, Copy)]
+enum Kill {
+    /// After this many milliseconds.
+    Timed(u64, Reach),
+    /// This many milliseconds after a mkfs of the driver's shows up.
+    DuringMkfs(u64, Reach),
+}
+
+/// How one call went.
+enum Attempt {
+    /// It answered.
+    Answered(Made),
+    /// It answered, and the kill planned for it came just after.
+    AnsweredThenKilled(Made),
+    /// The driver died before answering: the outcome is unknown.
+    Died,
+    /// It answered with an error.
+    Failed(tonic::Status),
+}
+
+/// Counts for the summary line.
+#[derive(Debug, Default)]
+struct Tally {
+    ops: u32,
+    failpoint_kills: u32,
+    timed_kills: u32,
+    mkfs_kills: u32,
+    alone: u32,
+    group: u32,
+    retries: u32,
+    converged_after_kill: u32,
+    failpoints_hit: BTreeMap<String, u32>,
+}
+
+struct Run {
+    node: Node,
+    clients: Clients,
+    rng: Rng,
+    model: Model,
+    tally: Tally,
+    /// The fault point the running driver is armed with.
+    armed: Option<String>,
+    /// The latest steps, shown when the run fails.
+    trail: std::collections::VecDeque<String>,
+}
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("the run's last steps:\n{}", Vec::from(self.trail.clone()).join("\n"));
+        }
+    }
+}
+
+impl Run {
+    async fn start(seed: u64) -> Run {
+        let mut node = Node::new();
+        fs::create_dir_all(node.co("")).expect("co dir");
+        let clients = node.start(None).await.expect("the driver starts on an empty root");
+        let (model, tally, trail) = (Model::default(), Tally::default(), Default::default());
+        Run { node, clients, rng: Rng(seed), model, tally, armed: None, trail }
+    }
+
+    /// Restarts the driver after a kill, sometimes armed with a random
+    /// fault point; panics when it does not come up.
+    async fn restart(&mut self, arm: bool) {
+        self.node.stop();
+        loop {
+            self.armed = None;
+            if arm && self.rng.chance(60) {
+                let point = self.rng.pick(FAILPOINTS).expect("failpoints");
+                let hit = 1 + self.rng.below(2);
+                let group = if self.rng.chance(50) { "+group" } else { "" };
+                self.armed = Some(format!("{point}@{hit}{group}"));
+            }
+            let armed = self.armed.clone();
+            self.note(format!("restart, armed {armed:?}"));
+            match self.node.start(armed.as_deref()).await {
+                Ok(clients) => {
+                    self.clients = clients;
+                    return;
+                }
+                // Killed while repairing what the last kill left: again.
+                Err(NoStart::Killed) => self.count_failpoint(),
+                Err(NoStart::Failed(why)) => panic!("after a kill, {why}"),
+            }
+        }
+    }
+
+    fn note(&mut self, step: String) {
+        if self.trail.len() == 80 {
+            self.trail.pop_front();
+        }
+        self.trail.push_back(step);
+    }
+
+    /// Runs `op`, killing the driver as `kill` says.
+    async fn attempt(&mut self, op: &Op, kill: Option<Kill>) -> Attempt {
+        self.note(format!("{op:?}, kill {kill:?}, armed {:?}", self.armed));
+        let pid = self.node.pid().expect("running");
+        let killer = kill.map(|kill| tokio::spawn(killer(pid, kill)));
+        let mut clients = self.clients.clone();
+        let answer = tokio::time::timeout(CALL_TIMEOUT, op.call(&mut clients, &self.model, &self.node))
+            .await
+            .unwrap_or_else(|_| panic!("{op:?} hung for {CALL_TIMEOUT:?}: {}", self.node.log_tail()));
+        let fired = match killer {
+            Some(task) => {
+                task.abort();
+                task.await.unwrap_or(None)
+            }
+            None => None,
+        };
+        if let Some(reach) = fired {
+            self.count_kill(reach, kill);
+        }
+        match answer {
+            // Killed right after it answered: the answer stands.
+            Ok(made) if fired.is_some() => Attempt::AnsweredThenKilled(made),
+            Ok(made) => Attempt::Answered(made),
+            Err(status) => {
+                // A dying driver's answers are transport errors; give the
+                // kernel a moment to reap it before judging.
+                for _ in 0..20 {
+                    if self.node.dead() {
+                        if fired.is_none() {
+                            self.count_failpoint();
+                        }
+                        return Attempt::Died;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Attempt::Failed(status)
+            }
+        }
+    }
+
+    fn count_kill(&mut self, reach: Reach, kill: Option<Kill>) {
+        match kill {
+            Some(Kill::Timed(..)) => self.tally.timed_kills += 1,
+            Some(Kill::DuringMkfs(..)) => self.tally.mkfs_kills += 1,
+            None => {}
+        }
+        match reach {
+            Reach::Alone => self.tally.alone += 1,
+            Reach::Group => self.tally.group += 1,
+        }
+    }
+
+    fn count_failpoint(&mut self) {
+        let armed = self.armed.take().expect("a driver that died by itself was armed with a fault point");
+        self.tally.failpoint_kills += 1;
+        if armed.ends_with("+group") {
+            self.tally.group += 1
+        } else {
+            self.tally.alone += 1
+        }
+        let name = armed.split(['@', '+']).next().expect("name").to_owned();
+        *self.tally.failpoints_hit.entry(name).or_default() += 1;
+    }
+
+    /// Runs `op` to convergence: after every kill the driver restarts and
+    /// the same call is made again; once it answers, the checks run.
+    async fn converge(&mut self, op: &Op, mut kill: Option<Kill>) {
+        self.tally.ops += 1;
+        let mut killed = false;
+        for _ in 0..MAX_RETRIES {
+            let attempt = self.attempt(op, kill.take()).await;
+            self.note(format!(
+                "  -> {}",
+                match &attempt {
+                    Attempt::Answered(_) => "answered".to_owned(),
+                    Attempt::AnsweredThenKilled(_) => "answered, then killed".to_owned(),
+                    Attempt::Died => "died".to_owned(),
+                    Attempt::Failed(status) => format!("{:?}", status.code()),
+                }
+            ));
+            match attempt {
+                Attempt::Answered(made) => {
+                    op.apply(&mut self.model, made);
+                    if killed {
+                        self.tally.converged_after_kill += 1;
+                        self.check().await;
+                    }
+                    return;
+                }
+                Attempt::AnsweredThenKilled(made) => {
+                    op.apply(&mut self.model, made);
+                    self.restart(true).await;
+                    self.check().await;
+                    return;
+                }
+                Attempt::Died => {
+                    killed = true;
+                    self.tally.retries += 1;
+                    self.restart(true).await;
+                }
+                Attempt::Failed(status) if op.documented_refusal(&status) => {
+                    op.apply(&mut self.model, Made::Nothing);
+                    return;
+                }
+                Attempt::Failed(status) if status.code() == Code::Aborted => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Attempt::Failed(status) => panic!(
+                    "{op:?} {}answered {:?}: {}\n{}{}",
+                    if killed { "retried after a kill " } else { "" },
+                    status.code(),
+                    status.message(),
+                    self.node.log_tail(),
+                    self.diagnose(op)
+                ),
+            }
+        }
+        panic!("{op:?} did not converge in {MAX_RETRIES} attempts");
+    }
+
+    /// What a failed stage's image holds, for the failure message.
+    fn diagnose(&self, op: &Op) -> String {
+        let Op::Stage { slot } = op else { return String::new() };
+        if !self.model.volumes[slot].flavor.loop_filesystem() {
+            return String::new();
+        }
+        let checked = Command::new("e2fsck").args(["-f", "-n"]).arg(self.image(*slot)).output();
+        checked.map_or_else(
+            |e| format!("\ne2fsck: {e}"),
+            |out| format!("\ne2fsck -f -n of its image:\n{}", String::from_utf8_lossy(&out.stdout)),
+        )
+    }
+
+    /// What must hold after every restart.
+    async fn check(&mut self) {
+        // Nothing frozen: a write to every staged loop filesystem completes.
+        for v in self.model.volumes.values().filter(|v| v.staged && v.flavor.loop_filesystem()) {
+            let probe = self.node.co(&format!("stage-{}", v.name)).join(".crash-probe");
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let written = File::create(&probe).and_then(|mut f| f.write_all(b"probe").and_then(|()| f.sync_all()));
+                let _ = tx.send(written.and_then(|()| fs::remove_file(&probe)));
+            });
+            match rx.recv_timeout(WRITE_TIMEOUT) {
+                Ok(written) => written.unwrap_or_else(|e| panic!("writing to staged volume {}: {e}", v.name)),
+                Err(_) => panic!("staged volume {} is frozen: a write did not complete in {WRITE_TIMEOUT:?}", v.name),
+            }
+        }
+        // Nothing mounted twice.
+        let base = self.node.base();
+        let mut seen = BTreeMap::<PathBuf, u32>::new();
+        for mount in mountinfo::read().expect("mountinfo") {
+            if mount.mount_point.starts_with(&base) {
+                *seen.entry(mount.mount_point).or_default() += 1;
+            }
+        }
+        let twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+        assert!(twice.is_empty(), "mounted more than once: {twice:?}");
+        // Every fsynced byte is still there.
+        for v in self.model.volumes.values().filter(|v| v.published) {
+            if let Some(data) = &v.data {
+                let target = self.node.co(&format!("pub-{}", v.name));
+                match read_data(&target, v.flavor, data.len()) {
+                    Ok(read) if read == *data => {}
+                    Ok(_) => panic!("volume {} ({:?}): its fsynced data changed", v.name, v.flavor),
+                    Err(e) => panic!(
+                        "volume {} ({:?}): its fsynced data cannot be read at {}: {e}\nmounts there: {:?}\n{}",
+                        v.name,
+                        v.flavor,
+                        target.display(),
+                        mountinfo::read()
+                            .expect("mountinfo")
+                            .iter()
+                            .filter(|m| m.mount_point == target)
+                            .collect::<Vec<_>>(),
+                        self.node.log_tail()
+                    ),
+                }
+            }
+        }
+    }
+
+    /// Writes and fsyncs fresh bytes through a publication.
+    fn write(&mut self, slot: usize) {
+        let stamp = self.rng.next().to_le_bytes();
+        let data: Vec<u8> = stamp.iter().cycle().take(4096).copied().collect();
+        let v = self.model.volumes.get_mut(&slot).expect("volume");
+        let target = self.node.co(&format!("pub-{}", v.name));
+        write_data(&target, v.flavor, &data).unwrap_or_else(|e| panic!("writing to {}: {e}", target.display()));
+        v.data = Some(data);
+    }
+
+    /// A random kill for the next call, or none.
+    fn plan_kill(&mut self, op: &Op) -> Option<Kill> {
+        let reach = if self.rng.chance(50) { Reach::Group } else { Reach::Alone };
+        if op.may_format(&self.model) && self.rng.chance(50) {
+            return Some(Kill::DuringMkfs(self.rng.next() % 40, reach));
+        }
+        if self.rng.chance(35) {
+            return Some(Kill::Timed(self.rng.next() % 150, reach));
+        }
+        None
+    }
+
+    fn kills(&self) -> u32 {
+        self.tally.failpoint_kills + self.tally.timed_kills + self.tally.mkfs_kills
+    }
+
+    /// Removes everything through the driver, then checks nothing is left.
+    async fn tear_down(&mut self) {
+        self.restart(false).await;
+        for index in (0..self.model.inline.len()).rev() {
+            self.converge(&Op::InlineUnpublish { index }, None).await;
+        }
+        for index in (0..self.model.groups.len()).rev() {
+            self.converge(&Op::DeleteGroup { index }, None).await;
+        }
+        for index in (0..self.model.snapshots.len()).rev() {
+            self.converge(&Op::DeleteSnapshot { index }, None).await;
+        }
+        let slots: Vec<usize> = self.model.volumes.keys().copied().collect();
+        for slot in slots {
+            let v = self.model.volumes[&slot].clone();
+            if v.published {
+                self.converge(&Op::Unpublish { slot }, None).await;
+            }
+            if v.staged {
+                self.converge(&Op::Unstage { slot }, None).await;
+            }
+            self.converge(&Op::Delete { slot }, None).await;
+        }
+        self.node.stop();
+        assert_nothing_left(&self.node);
+    }
+}
+
+/// Kills `pid` (or its group) as `kill` says; returns how, if it did.
+async fn killer(pid: i32, kill: Kill) -> Option<Reach> {
+    let (after, reach) = match kill {
+        Kill::Timed(ms, reach) => (ms, reach),
+        Kill::DuringMkfs(ms, reach) => {
+            loop {
+                if mkfs_running(pid) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            (ms, reach)
+        }
+    };
+    tokio::time::sleep(Duration::from_millis(after)).await;
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(if reach == Reach::Group { -pid } else { pid }, libc::SIGKILL) };
+    Some(reach)
+}
+
+/// Whether a mkfs runs in the process group `pgid`.
+fn mkfs_running(pgid: i32) -> bool {
+    let Ok(entries) = fs::read_dir("/proc") else { return false };
+    entries.flatten().any(|entry| {
+        let Ok(stat) = fs::read_to_string(entry.path().join("stat")) else { return false };
+        // pid (comm) state ppid pgrp ...
+        let Some((comm, rest)) = stat.split_once(") ") else { return false };
+        let group = rest.split_whitespace().nth(2).and_then(|g| g.parse::<i32>().ok());
+        comm.contains("(mkfs") && group == Some(pgid)
+    })
+}
+
+fn write_data(target: &Path, flavor: Flavor, data: &[u8]) -> std::io::Result<()> {
+    if flavor == Flavor::Block {
+        let device = OpenOptions::new().write(true).open(target)?;
+        device.write_all_at(data, 0)?;
+        return device.sync_all();
+    }
+    let mut file = File::create(target.join("data"))?;
+    file.write_all(data)?;
+    file.sync_all()
+}
+
+fn read_data(target: &Path, flavor: Flavor, len: usize) -> std::io::Result<Vec<u8>> {
+    if flavor == Flavor::Block {
+        let mut data = vec![0; len];
+        File::open(target)?.read_exact_at(&mut data, 0)?;
+        return Ok(data);
+    }
+    fs::read(target.join("data"))
+}
+
+/// After everything was deleted: no loop device on the root's images, no
+/// mount under the test's directory, no file under the root.
+fn assert_nothing_left(node: &Node) {
+    let base = node.base();
+    let devices: Vec<_> =
+        loopdev::list().expect("loop devices").into_iter().filter(|d| d.backing_file.starts_with(&base)).collect();
+    assert!(devices.is_empty(), "loop devices left: {devices:?}");
+    let mounts: Vec<_> =
+        mountinfo::read().expect("mountinfo").into_iter().filter(|m| m.mount_point.starts_with(&base)).collect();
+    assert!(mounts.is_empty(), "mounts left: {:?}", mounts.iter().map(|m| &m.mount_point).collect::<Vec<_>>());
+    let mut files = Vec::new();
+    let mut dirs = vec![node.root()];
+    while let Some(dir) = dirs.pop() {
+        for entry in fs::read_dir(&dir).expect("listing the root").flatten() {
+            let kind = entry.file_type().expect("file type");
+            if kind.is_dir() {
+                dirs.push(entry.path());
+            } else {
+                files.push(entry.path());
+            }
+        }
+    }
+    assert!(files.is_empty(), "files left under the root: {files:?}");
+}
+
+fn env_number(name: &str, default: u64) -> u64 {
+    match std::env::var(name) {
+        Ok(text) => text.parse().unwrap_or_else(|_| panic!("{name}={text:?} is not a number")),
+        Err(_) => default,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: the real driver making real mounts in a private mount namespace"]
+async fn random_operations_killed_at_random_points_converge_and_leave_nothing() {
+    let seed = env_number("LOAM_CRASH_SEED", 12);
+    let points = u32::try_from(env_number("LOAM_CRASH_POINTS", 200)).expect("LOAM_CRASH_POINTS fits in u32");
+    let started = Instant::now();
+    let mut run = Run::start(seed).await;
+    let mut serial = 0;
+    while run.kills() < points {
+        let Some(op) = next_op(&mut run.rng, &run.model, &mut serial) else {
+            let published: Vec<usize> =
+                run.model.volumes.iter().filter(|(_, v)| v.published).map(|(s, _)| *s).collect();
+            if let Some(slot) = run.rng.pick(&published).copied() {
+                run.write(slot);
+            }
+            continue;
+        };
+        let kill = run.plan_kill(&op);
+        run.converge(&op, kill).await;
+        // A driver whose fault point was not reached for a while is
+        // restarted, so every point gets its turn.
+        if run.armed.is_some() && run.rng.chance(10) {
+            run.restart(true).await;
+            run.check().await;
+        } else if run.armed.is_none() && run.rng.chance(15) {
+            run.restart(true).await;
+        }
+    }
+    run.tear_down().await;
+    let t = &run.tally;
+    println!(
+        "crash harness: seed {seed}, {} kill points in {} operations ({} s): {} at fault points, {} timed, {} during \
+         mkfs; {} of the driver alone, {} of its process group; {} retries; {} operations converged after a kill, \
+         0 failed; fault points hit: {:?}",
+        run.kills(),
+        t.ops,
+        started.elapsed().as_secs(),
+        t.failpoint_kills,
+        t.timed_kills,
+        t.mkfs_kills,
+        t.alone,
+        t.group,
+        t.retries,
+        t.converged_after_kill,
+        t.failpoints_hit
+    );
+}
+
+#[test]
+fn every_fault_point_the_harness_arms_is_in_the_code() {
+    let mut source = String::new();
+    let mut dirs = vec![Path::new(env!("CARGO_MANIFEST_DIR")).join("src")];
+    while let Some(dir) = dirs.pop() {
+        for entry in fs::read_dir(dir).expect("src").flatten() {
+            if entry.file_type().expect("type").is_dir() {
+                dirs.push(entry.path());
+            } else {
+                source.push_str(&fs::read_to_string(entry.path()).expect("read"));
+            }
+        }
+    }
+    for point in FAILPOINTS {
+        assert!(source.contains(&format!("failpoint!(\"{point}\")")), "fault point {point} is not in src/");
+    }
+    let placed = source.matches("crate::failpoint!(\"").count();
+    assert_eq!(placed, FAILPOINTS.len(), "src/ has fault points the harness never arms");
+}
+
+// ----- The crashes fault injection found, replayed -----
+
+impl Run {
+    /// Restarts the driver armed with the fault point `point`.
+    async fn arm(&mut self, point: &str) {
+        self.node.stop();
+        self.armed = Some(point.to_owned());
+        self.clients = self.node.start(Some(point)).await.expect("the driver starts");
+    }
+
+    /// Makes `op`, which must reach the armed fault point and die there.
+    async fn die_in(&mut self, op: &Op) {
+        assert!(matches!(self.attempt(op, None).await, Attempt::Died), "{op:?} did not reach {:?}", self.armed);
+    }
+
+    /// A new volume of `flavor` in `slot`, staged and published when asked.
+    async fn volume(&mut self, slot: usize, flavor: Flavor, staged: bool, published: bool) {
+        let create = Op::Create { slot, name: format!("vol-{slot}"), flavor, bytes: flavor.bytes(), source: None };
+        self.converge(&create, None).await;
+        if staged {
+            self.converge(&Op::Stage { slot }, None).await;
+        }
+        if published {
+            self.converge(&Op::Publish { slot }, None).await;
+            self.write(slot);
+        }
+    }
+
+    fn image(&self, slot: usize) -> PathBuf {
+        let id = &self.model.volumes[&slot].id;
+        self.node.root().join("volumes").join(format!("{}.img", id.split('@').next().expect("key")))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: the real driver making real mounts in a private mount namespace"]
+async fn a_driver_killed_while_a_snapshot_holds_the_filesystem_frozen_thaws_it_at_start() {
+    let mut run = Run::start(1).await;
+    run.volume(0, Flavor::LoopThickExt4, true, true).await;
+    run.volume(1, Flavor::LoopThinXfs, true, false).await;
+    let snapshot = Op::Snapshot { name: "snap".into(), slot: 0 };
+    run.arm("snapshot.frozen").await;
+    run.die_in(&snapshot).await;
+    run.restart(false).await;
+    // Writes to the frozen filesystem would hang here.
+    run.check().await;
+    run.converge(&snapshot, None).await;
+
+    let group = Op::Group { name: "group".into(), slots: vec![0, 1] };
+    run.arm("group.frozen+group").await;
+    run.die_in(&group).await;
+    run.restart(false).await;
+    run.check().await;
+    run.converge(&group, None).await;
+    run.check().await;
+    run.tear_down().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: the real driver making real mounts in a private mount namespace"]
+async fn a_driver_killed_between_a_stage_mount_and_its_record_starts_and_the_retry_adopts_the_mount() {
+    let mut run = Run::start(2).await;
+    run.volume(0, Flavor::LoopThinExt4, false, false).await;
+    run.volume(1, Flavor::Dir, true, true).await;
+    let stage = Op::Stage { slot: 0 };
+    run.arm("stage.mounted").await;
+    run.die_in(&stage).await;
+    // The node must serve its other volumes, and this one once retried.
+    run.restart(false).await;
+    run.check().await;
+    run.converge(&stage, None).await;
+    run.converge(&Op::Publish { slot: 0 }, None).await;
+    run.write(0);
+    run.check().await;
+    run.tear_down().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: the real driver making real mounts in a private mount namespace"]
+async fn a_format_cut_short_is_done_again_but_data_loam_did_not_write_is_never_formatted() {
+    let mut run = Run::start(3).await;
+    for (slot, flavor) in [(0, Flavor::LoopThickExt4), (1, Flavor::LoopThinXfs)] {
+        run.volume(slot, flavor, false, false).await;
+        let stage = Op::Stage { slot };
+        run.arm("loop.mkfs.started+group").await;
+        run.die_in(&stage).await;
+        // What mkfs had written when it died with the driver: part of the
+        // first MiB, which is then neither blank nor a filesystem.
+        let torn: Vec<u8> = (0..64u32 << 10).map(|i| u8::try_from(i % 251).expect("below 251") | 1).collect();
+        let image = OpenOptions::new().write(true).open(run.image(slot)).expect("image");
+        image.write_all_at(&torn, 0).expect("tear the image");
+        image.sync_all().expect("sync");
+        run.restart(false).await;
+        run.converge(&stage, None).await;
+        run.converge(&Op::Publish { slot }, None).await;
+        run.write(slot);
+        run.check().await;
+    }
+
+    // The same bytes in an image whose format Loam never started.
+    run.volume(2, Flavor::LoopThinExt4, false, false).await;
+    let image = OpenOptions::new().write(true).open(run.image(2)).expect("image");
+    image.write_all_at(b"someone else's data", 4096).expect("write");
+    image.sync_all().expect("sync");
+    let mut clients = run.clients.clone();
+    let refused = Op::Stage { slot: 2 }.call(&mut clients, &run.model, &run.node).await.err().expect("refused");
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(refused.message().contains("refusing to format"), "{refused:?}");
+    run.tear_down().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: the real driver making real mounts in a private mount namespace"]
+async fn an_offline_resize_cut_short_is_repaired_and_growth_repeats() {
+    let mut run = Run::start(4).await;
+    run.volume(0, Flavor::LoopThinExt4, true, true).await;
+    for grown in [80, 96, 112] {
+        // Grown while staged: the filesystem grows offline at the next stage
+        // (or online, where the driver has CAP_SYS_RESOURCE).
+        run.converge(&Op::Expand { slot: 0, bytes: grown * MIB }, None).await;
+        run.converge(&Op::Unpublish { slot: 0 }, None).await;
+        run.converge(&Op::Unstage { slot: 0 }, None).await;
+        let stage = Op::Stage { slot: 0 };
+        if grown == 80 {
+            run.arm("ext4.resized+group").await;
+            if !matches!(run.attempt(&stage, None).await, Attempt::Died) {
+                // Grown online already: nothing left to resize offline.
+                run.restart(false).await;
+            }
+            run.restart(false).await;
+        }
+        run.converge(&stage, None).await;
+        run.converge(&Op::Publish { slot: 0 }, None).await;
+        run.check().await;
+    }
+    run.tear_down().await;
+}
