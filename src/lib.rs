@@ -38,7 +38,7 @@
 //!
 //! ## Rules
 //!
-//! - [`kernel`] names no other layer; [`backend`] names only [`kernel`],
+//! - [`kernel`] names only [`durable`]; [`backend`] names only [`kernel`],
 //!   [`records`] and [`durable`], never [`driver`]; [`driver`] names the
 //!   backends, the kernel, the [`store`] and the [`guard`]s.
 //! - [`rpc`] names [`driver`] (which re-exports what a request needs of the

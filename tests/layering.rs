@@ -18,8 +18,9 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
         ("config", &[][..]),
         ("quantity", &[][..]),
         ("failpoint", &[][..]),
-        // The kernel seam knows nothing of Loam's volumes.
-        ("kernel", &[][..]),
+        // The kernel seam knows nothing of Loam's volumes; it makes its own
+        // intent files durable as every layer does.
+        ("kernel", &["durable"][..]),
         ("durable", &[][..]),
         ("store", &["durable"][..]),
         ("records", &["store"][..]),
