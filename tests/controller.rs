@@ -65,6 +65,28 @@ async fn delete_removes_data_and_is_idempotent() {
 }
 
 #[tokio::test]
+async fn a_deleted_volume_gives_its_room_back_at_once() {
+    let mut h = Harness::start().await;
+    let free = |h: &mut Harness| {
+        let mut controller = h.controller.clone();
+        async move {
+            controller.get_capacity(csi::GetCapacityRequest::default()).await.unwrap().into_inner().available_capacity
+        }
+    };
+    // Three quarters of what the node can promise, twice in a row: the
+    // second only fits if the first's promise is gone when its delete
+    // answers (not at the next background measurement, seconds later).
+    let room = free(&mut h).await;
+    let big = room / 4 * 3;
+    assert!(big > 64 * MIB, "the test root has too little room: {room}");
+    for name in ["pvc-big-1", "pvc-big-2"] {
+        let id = h.create(name, big).await;
+        assert!(free(&mut h).await < big, "the volume is promised its capacity");
+        h.controller.delete_volume(csi::DeleteVolumeRequest { volume_id: id, ..Default::default() }).await.unwrap();
+    }
+}
+
+#[tokio::test]
 async fn listing_pages_are_stable_and_bad_tokens_abort() {
     let mut h = Harness::start().await;
     let mut made = HashSet::new();

@@ -11,7 +11,9 @@ use crate::error::{Error, Result};
 use crate::guard::Guard;
 use crate::ids::{Key, Kind, ObjectId};
 use crate::kernel::quota::Enforcer;
-use crate::records::{Attachment, BackendKind, Capability, ContentSource, Ephemeral, LoopSpec, VolumeRecord};
+use crate::records::{
+    Attachment, BackendKind, Capability, ContentSource, Enforcement, Ephemeral, LoopSpec, VolumeRecord,
+};
 use crate::store::Page;
 
 impl Driver {
@@ -214,6 +216,16 @@ impl Driver {
                 )));
             }
         }
+        // What the volume still holds back from other volumes is given back
+        // at once, not at the next measurement: a create right after this
+        // delete on a full node gets the room.
+        let released = match &record {
+            Some(r) => {
+                let quota = r.enforcement.as_ref().filter(|e| e.enforced());
+                self.outstanding(&key, r.capacity_bytes, r.backend, quota)?
+            }
+            None => 0,
+        };
         // Data first, record last: a crash in between leaves a record whose
         // retried delete finishes the job, never orphaned data. Without a
         // record the backend is unknown, so both are cleared.
@@ -225,7 +237,9 @@ impl Driver {
             self.loopback.delete_volume(&key)?;
         }
         crate::failpoint!("volume.deleted");
-        self.volumes.remove(&key)
+        self.volumes.remove(&key)?;
+        self.fulfil(released);
+        Ok(())
     }
 
     /// The volume's record, or NOT_FOUND.
@@ -312,17 +326,22 @@ impl Driver {
         });
         let mut sum = 0u64;
         for (key, capacity, backend, quota) in volumes {
-            let used = match backend {
-                BackendKind::Loop => self.loopback.allocated_bytes(&key),
-                BackendKind::Dir if !self.dir.volume_exists(&key) => continue,
-                BackendKind::Dir => match self.dir.quota_usage(quota.as_ref())? {
-                    Some(quota) => quota.bytes,
-                    None => self.dir.usage(&key)?.bytes,
-                },
-            };
-            sum = sum.saturating_add(capacity.saturating_sub(used));
+            sum = sum.saturating_add(self.outstanding(&key, capacity, backend, quota.as_ref())?);
         }
         Ok(sum)
+    }
+
+    /// Of a volume's capacity, the bytes promised but not written yet.
+    fn outstanding(&self, key: &Key, capacity: u64, backend: BackendKind, quota: Option<&Enforcement>) -> Result<u64> {
+        let used = match backend {
+            BackendKind::Loop => self.loopback.allocated_bytes(key),
+            BackendKind::Dir if !self.dir.volume_exists(key) => return Ok(0),
+            BackendKind::Dir => match self.dir.quota_usage(quota)? {
+                Some(quota) => quota.bytes,
+                None => self.dir.usage(key)?.bytes,
+            },
+        };
+        Ok(capacity.saturating_sub(used))
     }
 
     /// Counts a new promise in the cached sum until it is next recomputed.
