@@ -30,6 +30,7 @@ use crate::store::Table;
 mod ephemeral;
 mod groups;
 mod node;
+mod places;
 mod snapshots;
 mod volumes;
 
@@ -118,6 +119,25 @@ pub struct EphemeralVolume {
     pub origin: crate::records::Ephemeral,
 }
 
+impl Driver {
+    /// Writes a volume's record, keeping the index of the paths volumes use
+    /// in step with it.
+    fn put_volume(&self, key: Key, record: VolumeRecord) -> Result<Arc<VolumeRecord>> {
+        let old = self.volumes.get(&key);
+        let new = self.volumes.put(key, record)?;
+        self.places.update(key, old.as_deref(), Some(&new));
+        Ok(new)
+    }
+
+    /// Removes a volume's record and its paths from the index.
+    fn remove_volume(&self, key: &Key) -> Result<()> {
+        let old = self.volumes.get(key);
+        self.volumes.remove(key)?;
+        self.places.update(*key, old.as_deref(), None);
+        Ok(())
+    }
+}
+
 /// Now, as the seconds and nanoseconds a record keeps and CSI reports.
 fn timestamp() -> (i64, i32) {
     let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
@@ -143,6 +163,8 @@ pub struct Driver {
     inflight: InFlight,
     /// Staging and target paths being mounted at (see [`PathsInFlight`]).
     paths: PathsInFlight,
+    /// Staging and target paths the records hold, by path.
+    places: places::Places,
     /// Bytes promised to volumes but not written yet, as last measured plus
     /// what was promised since.
     promises: Mutex<u64>,
@@ -184,9 +206,11 @@ impl Driver {
             mounter,
             inflight: InFlight::default(),
             paths: PathsInFlight::default(),
+            places: places::Places::default(),
             promises: Mutex::new(0),
             attached: Mutex::new(0),
         };
+        driver.volumes.for_each(|key, record| driver.places.update(*key, None, Some(record)));
         driver.detach_orphans();
         driver.thaw_stages();
         driver.roll_back_incomplete_groups();

@@ -65,7 +65,7 @@ impl Driver {
         if record.stage.is_none() {
             let mut staged = (*record).clone();
             staged.stage = Some(Stage { path: path.to_owned(), capability });
-            if let Err(e) = self.volumes.put(key, staged) {
+            if let Err(e) = self.put_volume(key, staged) {
                 // Leave nothing the record does not know about.
                 let _ = self.unstage_backend(&record, &key, path, true);
                 return Err(e);
@@ -78,7 +78,7 @@ impl Driver {
     fn record_formatting(&self, key: &Key, formatting: Formatting) -> Result<()> {
         let mut record = (*self.volume(key)?).clone();
         record.formatting = Some(formatting);
-        self.volumes.put(*key, record).map(drop)
+        self.put_volume(*key, record).map(drop)
     }
 
     /// Binds a directory volume onto its staging path; an inline volume is
@@ -130,7 +130,7 @@ impl Driver {
         {
             let mut unstaged = (*record).clone();
             unstaged.stage = None;
-            self.volumes.put(key, unstaged)?;
+            self.put_volume(key, unstaged)?;
         }
         Ok(())
     }
@@ -247,7 +247,7 @@ impl Driver {
         if !record.publications.contains_key(target) {
             let mut published = record.clone();
             published.publications.insert(target.to_owned(), publication);
-            if let Err(e) = self.volumes.put(key, published) {
+            if let Err(e) = self.put_volume(key, published) {
                 let _ = self.mounter.unmount(target);
                 return Err(e);
             }
@@ -287,7 +287,7 @@ impl Driver {
             let mut unpublished = (*record).clone();
             unpublished.publications.remove(target);
             let read_only_block_left = unpublished.publications.values().any(|p| p.read_only && p.capability.block);
-            self.volumes.put(key, unpublished)?;
+            self.put_volume(key, unpublished)?;
             if record.backend == BackendKind::Loop
                 && publication.read_only
                 && publication.capability.block
@@ -327,17 +327,8 @@ impl Driver {
     /// unmounting one would take the other's), or when a mount that is not
     /// this volume's sits on it.
     fn check_path_free(&self, key: &Key, backend: BackendKind, path: &Path) -> Result<()> {
-        let mut clash = None;
-        self.volumes.for_each(|other, record| {
-            if other == key || clash.is_some() {
-                return;
-            }
-            let paths = record.stage.iter().map(|s| &s.path).chain(record.publications.keys());
-            if let Some(used) = paths.into_iter().find(|p| p.starts_with(path) || path.starts_with(p)) {
-                clash = Some((record.id.clone(), used.clone()));
-            }
-        });
-        if let Some((other, used)) = clash {
+        if let Some((other_key, used)) = self.places.clash(key, path) {
+            let other = self.volumes.get(&other_key).map_or_else(|| other_key.to_string(), |r| r.id.clone());
             let relation = if used == path {
                 "the path"
             } else if used.starts_with(path) {

@@ -115,7 +115,7 @@ impl Driver {
             formatting: None,
             ephemeral,
         };
-        let record = self.volumes.put(key, record)?;
+        let record = self.put_volume(key, record)?;
         self.promise(self.unwritten(&record, capacity));
         Ok(record)
     }
@@ -237,7 +237,7 @@ impl Driver {
             self.loopback.delete_volume(&key)?;
         }
         crate::failpoint!("volume.deleted");
-        self.volumes.remove(&key)?;
+        self.remove_volume(&key)?;
         self.fulfil(released);
         Ok(())
     }
@@ -396,7 +396,7 @@ impl Driver {
         crate::failpoint!("volume.expanded");
         let mut grown = (*record).clone();
         grown.capacity_bytes = capacity;
-        self.volumes.put(key, grown)?;
+        self.put_volume(key, grown)?;
         self.promise(self.unwritten(&record, growth));
         Ok(capacity)
     }
@@ -443,7 +443,7 @@ impl Driver {
         let mut modified = (*record).clone();
         modified.loop_spec = Some(LoopSpec { thick, ..spec.clone() });
         modified.mutable_parameters = mutable;
-        self.volumes.put(key, modified)?;
+        self.put_volume(key, modified)?;
         // Bytes once promised are now written: not promised twice.
         self.fulfil(allocated);
         Ok(())
@@ -496,7 +496,7 @@ impl Driver {
         }
         let mut attached = (*record).clone();
         attached.attachment = Some(attachment);
-        if let Err(e) = self.volumes.put(key, attached) {
+        if let Err(e) = self.put_volume(key, attached) {
             *self.attached.lock().unwrap_or_else(PoisonError::into_inner) -= 1;
             return Err(e);
         }
@@ -512,7 +512,7 @@ impl Driver {
             Some(a) if node_id.is_empty() || a.node_id == node_id => {
                 let mut detached = (*record).clone();
                 detached.attachment = None;
-                self.volumes.put(key, detached)?;
+                self.put_volume(key, detached)?;
                 let mut slots = self.attached.lock().unwrap_or_else(PoisonError::into_inner);
                 *slots = slots.saturating_sub(1);
                 Ok(())
