@@ -64,8 +64,11 @@ step "crash-point harness (the driver killed at fault points and at random, seed
 LOAM_PRIVILEGED_TESTS=1 unshare --mount --propagation private -- \
     cargo test --locked -p loam --features failpoints --test crash -- --include-ignored --nocapture
 
-step "csi-sanity: dir backend"
+step "upgrade in place: the previous Loam's volumes, mounts and data under this tree's Loam"
 cargo build --locked
+scripts/upgrade-test.sh
+
+step "csi-sanity: dir backend"
 CSI_SANITY="$sanity" scripts/sanity.sh
 
 step "grpc C-core (Python grpcio) against loam serve on its Unix socket"
