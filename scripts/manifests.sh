@@ -6,7 +6,7 @@
 # (tests/e2e/overlay), and the chart with its default values and with every
 # value changed (charts/loam/ci/all-values.yaml), after `helm lint`. Then
 # checks that the chart renders the same objects as deploy/ (so the two trees
-# cannot drift), that no render for another kubelet directory names
+# cannot drift), that it keeps the agent token across upgrades, that no render for another kubelet directory names
 # /var/lib/kubelet, that the group snapshot gate is on where group snapshots
 # are only, and that the validation is strict: copies with a misspelled
 # field, and chart values with a misspelled key, must fail.
@@ -61,6 +61,10 @@ same snapshot --set snapshot.enabled=true -- deploy.yaml snapshot.yaml
 same groupsnapshot --set groupSnapshot.enabled=true -- groupsnapshot.yaml
 same k0s --set kubeletDir=/var/lib/k0s/kubelet -- k0s.yaml
 same microk8s --set kubeletDir=/var/snap/microk8s/common/var/lib/kubelet -- microk8s.yaml
+
+# The agent token survives `helm upgrade`: the chart rendered by Helm's engine
+# with a fake API server behind `lookup` (scripts/chart-token).
+(cd "$here/scripts/chart-token" && go run . "$chart")
 
 # Any kubelet directory: renders for another one never name the default (as
 # a whole path: microk8s's directory ends in /var/lib/kubelet).
