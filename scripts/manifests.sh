@@ -3,10 +3,11 @@
 # and validates every object offline and strictly: deploy/, deploy/snapshot/,
 # deploy/groupsnapshot/, the kubelet directory examples (deploy/examples/k0s/,
 # deploy/examples/microk8s/), deploy/examples/, the e2e overlay
-# (tests/e2e/overlay), and the chart with its default values and with every
-# value changed (charts/loam/ci/all-values.yaml), after `helm lint`. Then
-# checks that the chart renders the same objects as deploy/ (so the two trees
-# cannot drift), that it keeps the agent token across upgrades, that no render for another kubelet directory names
+# (tests/e2e/overlay), and the chart (after `helm lint`) with its default
+# values, with every value changed (charts/loam/ci/all-values.yaml) and with
+# metrics off. Then checks that the chart renders the same objects as deploy/
+# (so the two trees cannot drift), that it keeps the agent token across
+# upgrades, that no render for another kubelet directory names
 # /var/lib/kubelet, that the group snapshot gate is on where group snapshots
 # are only, and that the validation is strict: copies with a misspelled
 # field, and chart values with a misspelled key, must fail.
@@ -38,10 +39,11 @@ trap 'rm -rf "$work"' EXIT
 chart() { "$helm" template loam "$chart" --namespace loam "$@"; }
 chart >"$work/chart-default.yaml"
 chart --values "$chart/ci/all-values.yaml" >"$work/chart-all.yaml"
+chart --set metrics.enabled=false >"$work/chart-no-metrics.yaml"
 
 "$python" "$here/scripts/validate-manifests.py" "$version" \
     "$work/deploy.yaml" "$work/snapshot.yaml" "$work/groupsnapshot.yaml" "$work/e2e-overlay.yaml" \
-    "$work/k0s.yaml" "$work/microk8s.yaml" "$work/chart-default.yaml" "$work/chart-all.yaml" \
+    "$work/k0s.yaml" "$work/microk8s.yaml" "$work/chart-default.yaml" "$work/chart-all.yaml" "$work/chart-no-metrics.yaml" \
     "$here"/deploy/examples/*.yaml
 
 # One source of truth: the chart with the values matching each kustomize
@@ -126,7 +128,7 @@ bad_values=(
     "--set kubeletdir=/var/lib/k0s/kubelet"
     "--set kubeletDir=var/lib/kubelet"
     "--set logFormat=yaml"
-    "--set metrics.podMonitor.enabled=true"
+    "--set metrics.enabled=false,metrics.podMonitor.enabled=true"
     "--set storageClasses[0].name=loam,storageClasses[0].parameters.backend=zfs"
 )
 for bad in "${bad_values[@]}"; do
