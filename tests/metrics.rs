@@ -128,3 +128,29 @@ fn per_volume_series_can_be_turned_off() {
     assert!(!scrape.contains("loam_volume_capacity_bytes{"), "{scrape}");
     assert!(!scrape.contains("loam_volume_used_bytes{"), "{scrape}");
 }
+
+#[test]
+fn every_metric_the_readme_documents_for_a_node_is_served() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).expect("README");
+    let table = readme.split("### Metrics").nth(1).expect("a Metrics section");
+    let documented: Vec<&str> = table
+        .lines()
+        .take_while(|l| !l.starts_with('#'))
+        .filter(|row| row.starts_with("| `loam_") && (row.contains("`all`") || row.contains("every process")))
+        .flat_map(|row| row.split('|').nth(1).unwrap_or_default().split('`').filter(|w| w.starts_with("loam_")))
+        .collect();
+    assert!(documented.len() >= 8, "the table lists the node's metrics: {documented:?}");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let served = Served::start(dir.path(), &[]);
+    let created = served.ctl(&["create-volume", "documented-pvc", "--size", "1Mi"]);
+    assert!(created.status.success(), "{created:?}");
+    let scrape = served.scrape();
+    for name in documented {
+        assert!(
+            scrape.lines().any(|l| l.starts_with(&format!("# TYPE {name} "))
+                || l.starts_with(&format!("# TYPE {} ", name.trim_end_matches("_info")))),
+            "the README documents {name}, which a scrape does not serve:\n{scrape}"
+        );
+    }
+}
