@@ -10,6 +10,7 @@
 pub mod dir;
 pub mod loopback;
 mod spec;
+pub mod transfer;
 
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};

@@ -216,10 +216,22 @@ fn copy_contents(from: &File, to: &File, len: u64) -> io::Result<bool> {
 
 /// Copies only the data ranges of `from`, then sets the length so holes stay holes.
 fn sparse_copy(from: &File, to: &File, len: u64) -> io::Result<()> {
+    for range in data_ranges(from, len)? {
+        let at = |offset: u64| i64::try_from(offset).map_err(|_| io::Error::other("file too large"));
+        copy_range(from, to, at(range.start)?, at(range.end)?)?;
+    }
+    to.set_len(len)
+}
+
+/// The ranges of the first `len` bytes of `file` that hold data, in order
+/// (SEEK_DATA/SEEK_HOLE); everything between them reads as zeroes. A
+/// filesystem that cannot report holes gives one range: all of it.
+pub fn data_ranges(file: &File, len: u64) -> io::Result<Vec<std::ops::Range<u64>>> {
     let end = i64::try_from(len).map_err(|_| io::Error::other("file too large"))?;
+    let mut ranges = Vec::new();
     let mut pos = 0i64;
     while pos < end {
-        let data = match lseek(from, pos, Whence::SeekData) {
+        let data = match lseek(file, pos, Whence::SeekData) {
             Ok(offset) => offset,
             // No data past pos: the rest is a hole.
             Err(Errno::ENXIO) => break,
@@ -230,15 +242,16 @@ fn sparse_copy(from: &File, to: &File, len: u64) -> io::Result<()> {
         if data >= end {
             break;
         }
-        let hole = match lseek(from, data, Whence::SeekHole) {
+        let hole = match lseek(file, data, Whence::SeekHole) {
             Ok(offset) => offset.min(end),
             Err(Errno::ENXIO | Errno::EINVAL) => end,
             Err(errno) => return Err(errno.into()),
         };
-        copy_range(from, to, data, hole)?;
+        let offset = |at: i64| u64::try_from(at).map_err(|_| io::Error::from(io::ErrorKind::InvalidData));
+        ranges.push(offset(data)?..offset(hole)?);
         pos = hole;
     }
-    to.set_len(len)
+    Ok(ranges)
 }
 
 /// Copies bytes `[start, end)` at the same offsets, in-kernel when possible.
