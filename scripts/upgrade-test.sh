@@ -52,7 +52,8 @@ if [ ! -x "$old" ]; then
     LOAM_GIT_REVISION=${revision:0:12} CARGO_TARGET_DIR=$cache/target \
         cargo build --quiet --locked --bin loam --manifest-path "$cache/src/Cargo.toml"
     cp "$cache/target/debug/loam" "$old"
-    rm -rf "$cache/src"
+    # Only the binary is kept: its build tree is gigabytes.
+    rm -rf "$cache/src" "$cache/target"
 fi
 [ -x "$new" ] || cargo build --quiet --locked --bin loam --manifest-path "$here/Cargo.toml"
 
