@@ -265,12 +265,13 @@ pub struct Publication {
     pub capability: Capability,
 }
 
-/// What makes a volume ephemeral (a pod's inline CSI volume): the kubelet's
+/// What makes a volume inline (a pod's `csi` volume, which CSI calls
+/// ephemeral; Loam says inline everywhere): the kubelet's
 /// name for it and the pod it was made for. Such a volume has no CreateVolume
 /// behind it; it is made by its first NodePublish and deleted by its last
 /// NodeUnpublish.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Ephemeral {
+pub struct InlineOrigin {
     /// The kubelet's volume id (`csi-<sha256>`), which names the volume in
     /// NodePublish, NodeUnpublish and NodeGetVolumeStats.
     pub volume_id: String,
@@ -328,10 +329,11 @@ pub struct VolumeRecord {
     /// Loam recorded it, whose image content alone decides (as it did then).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub formatting: Option<Formatting>,
-    /// Set for an ephemeral (inline) volume; absent for every volume
-    /// CreateVolume made, so records from before inline volumes load as they were.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ephemeral: Option<Ephemeral>,
+    /// Set for an inline volume; absent for every volume CreateVolume made,
+    /// so records from before inline volumes load as they were. Stored as
+    /// `ephemeral`, its name when it was introduced.
+    #[serde(default, rename = "ephemeral", skip_serializing_if = "Option::is_none")]
+    pub inline: Option<InlineOrigin>,
 }
 
 /// Everything Loam remembers about one snapshot.

@@ -77,7 +77,7 @@ const FAILPOINTS: &[&str] = &[
     "group.intent",
     "group.frozen",
     "group.cut",
-    "ephemeral.created",
+    "inline.created",
 ];
 
 // ----- The driver process -----

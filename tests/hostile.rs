@@ -865,7 +865,7 @@ fn inline_rows(f: &Fixture) -> Vec<Row> {
         _ => unreachable!(),
     };
     flag.volume_context.insert("csi.storage.k8s.io/ephemeral".into(), "yes".into());
-    rows.push(row("NodePublish inline: ephemeral flag yes", Call::Publish(flag), Code::InvalidArgument));
+    rows.push(row("NodePublish inline: csi.storage.k8s.io/ephemeral=yes", Call::Publish(flag), Code::InvalidArgument));
     rows
 }
 

@@ -17,11 +17,11 @@ use loam::kernel::blockfs::FsType;
 use loam::kernel::mount::MountFlags;
 use loam::kernel::mountinfo::{self, MountEntry};
 use loam::records::{
-    AccessMode, Attachment, Capability, ContentSource, Enforcement, Ephemeral, Formatting, Layout, LoopSpec,
+    AccessMode, Attachment, Capability, ContentSource, Enforcement, Formatting, InlineOrigin, Layout, LoopSpec,
     Provisioning, Publication, Schema, Stage, VolumeRecord,
 };
 use loam::routing::listing::Cursor;
-use loam::rpc::validate::{MAX_EPHEMERAL_SIZE, ephemeral_size as quantity};
+use loam::rpc::validate::{MAX_INLINE_SIZE, inline_size as quantity};
 use loam::store::Table;
 use proptest::prelude::*;
 
@@ -140,7 +140,7 @@ fn volume_record() -> impl Strategy<Value = VolumeRecord> {
                 stage,
                 publications,
                 enforcement,
-                ephemeral,
+                inline,
             )| {
                 let path = |bytes: Vec<u8>| PathBuf::from(std::ffi::OsStr::from_bytes(&bytes));
                 let provisioning = if thick { Provisioning::Thick } else { Provisioning::Thin };
@@ -171,7 +171,7 @@ fn volume_record() -> impl Strategy<Value = VolumeRecord> {
                     enforcement,
                     // Both states, tied to another drawn value to keep the tuple small.
                     formatting: is_loop.then_some(if thick { Formatting::Done } else { Formatting::Started }),
-                    ephemeral: ephemeral.map(|(volume_id, pod_namespace, pod_name, pod_uid)| Ephemeral {
+                    inline: inline.map(|(volume_id, pod_namespace, pod_name, pod_uid)| InlineOrigin {
                         volume_id,
                         pod_namespace,
                         pod_name,
@@ -186,7 +186,7 @@ proptest! {
     #[test]
     fn sizes_never_panic_and_accept_only_digits_with_a_suffix(text in ".{0,40}") {
         if let Ok(bytes) = quantity(&text) {
-            prop_assert!(bytes > 0 && bytes <= MAX_EPHEMERAL_SIZE);
+            prop_assert!(bytes > 0 && bytes <= MAX_INLINE_SIZE);
             let number = text.trim_end_matches(|c: char| c.is_ascii_alphabetic());
             prop_assert!(number.bytes().all(|c| c.is_ascii_digit() || c == b'.'), "{text:?}");
         }
@@ -197,7 +197,7 @@ proptest! {
         let (name, multiplier) = SUFFIXES[suffix];
         let want = u128::from(mantissa) * multiplier;
         let got = quantity(&format!("{mantissa}{name}"));
-        if want <= u128::from(MAX_EPHEMERAL_SIZE) {
+        if want <= u128::from(MAX_INLINE_SIZE) {
             prop_assert_eq!(got, Ok(u64::try_from(want).expect("within 1Pi")));
         } else {
             prop_assert!(got.is_err());
@@ -209,7 +209,7 @@ proptest! {
         let (name, multiplier) = SUFFIXES[suffix];
         let text = format!("{whole}.{fraction:03}{name}");
         let bytes = ((u128::from(whole) * 1000 + u128::from(fraction)) * multiplier).div_ceil(1000);
-        if bytes <= u128::from(MAX_EPHEMERAL_SIZE) {
+        if bytes <= u128::from(MAX_INLINE_SIZE) {
             prop_assert_eq!(quantity(&text), Ok(u64::try_from(bytes).expect("within 1Pi")));
         } else {
             prop_assert!(quantity(&text).is_err(), "{text} is more than 1Pi");

@@ -76,7 +76,7 @@ fn records_written_by_earlier_versions_load_and_round_trip() {
             assert!(matches!(plain.enforcement, Some(Enforcement::BtrfsQgroup(_))));
             assert!(plain.attachment.is_some() && plain.stage.is_some() && plain.publications.len() == 1);
             assert_eq!(plain.stage.as_ref().unwrap().capability.mount_group, Some(1234));
-            assert!(by_name(&volumes, "inline-vol-1").ephemeral.is_some());
+            assert!(by_name(&volumes, "inline-vol-1").inline.is_some());
             assert!(matches!(by_name(&volumes, "dir-unenforced").enforcement, Some(Enforcement::Unenforced(_))));
             assert!(snapshots.values().any(|s| s.group_snapshot_id.is_some()));
             assert!(groups.values().all(|g| g.complete));
@@ -112,7 +112,7 @@ fn a_driver_opened_over_earlier_records_serves_every_volume() {
             assert_eq!(*loaded, *record);
         }
         let listed = driver.list_volumes(None, 0).rows.len();
-        let inline = volumes.values().filter(|v| v.ephemeral.is_some()).count();
+        let inline = volumes.values().filter(|v| v.inline.is_some()).count();
         assert_eq!(listed, volumes.len() - inline, "every volume the CO made is listed");
         assert_eq!(driver.list_snapshots(None, 0, None).rows.len(), table::<SnapshotRecord>(&meta, "snapshots").len());
     }

@@ -369,21 +369,23 @@ impl Backends {
     /// Where an inline volume is staged: a loop volume's filesystem is
     /// mounted under `root`; a directory volume is staged on its own data
     /// directory, which needs no mount.
-    pub fn ephemeral_staging(&self, key: &Key, layout: &Layout, root: &Path) -> PathBuf {
+    pub fn inline_staging(&self, key: &Key, layout: &Layout, root: &Path) -> PathBuf {
         match layout {
             Layout::Dir => self.dir.volume_path(key),
+            // The directory keeps the name it had when inline volumes were
+            // called ephemeral here: a staged one from then is found again.
             Layout::Loop(_) => root.join("ephemeral").join(key.to_string()),
         }
     }
 
-    /// Removes the staging directory [`Backends::ephemeral_staging`] made for
+    /// Removes the staging directory [`Backends::inline_staging`] made for
     /// an unstaged inline volume (a directory volume's is its data, which
     /// goes with the volume).
-    pub fn remove_ephemeral_staging(&self, key: &Key, layout: &Layout, root: &Path) -> Result<()> {
+    pub fn remove_inline_staging(&self, key: &Key, layout: &Layout, root: &Path) -> Result<()> {
         match layout {
             Layout::Dir => Ok(()),
             Layout::Loop(_) => {
-                let staging = self.ephemeral_staging(key, layout, root);
+                let staging = self.inline_staging(key, layout, root);
                 match fs::remove_dir(&staging) {
                     Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                         Err(Error::io(format!("removing {}", staging.display()), e))

@@ -414,7 +414,7 @@ mod tests {
             },
             enforcement: None,
             formatting: None,
-            ephemeral: None,
+            inline: None,
         }
     }
 

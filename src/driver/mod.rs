@@ -24,9 +24,9 @@ use crate::kernel::usage::{FsUsage, fs_usage};
 use crate::records::{Capability, ContentSource, GroupSnapshotRecord, Layout, SnapshotRecord, VolumeRecord};
 use crate::store::Table;
 
-mod ephemeral;
 mod figures;
 mod groups;
+mod inline;
 mod node;
 mod places;
 mod snapshots;
@@ -101,9 +101,9 @@ pub struct NewVolume {
     pub allowed_nodes: Option<Vec<String>>,
 }
 
-/// A validated ephemeral (inline) volume: what a pod's `csi` volume asks for.
+/// A validated inline volume: what a pod's `csi` volume asks for.
 #[derive(Debug, Clone)]
-pub struct EphemeralVolume {
+pub struct InlineVolume {
     /// Its size in bytes; [`DEFAULT_CAPACITY`] when the pod names none.
     pub size: Option<u64>,
     /// The StorageClass parameters among its attributes.
@@ -111,7 +111,7 @@ pub struct EphemeralVolume {
     /// The backend the parameters pick and how it lays the volume out.
     pub layout: Layout,
     /// The kubelet's id for it and the pod it is for.
-    pub origin: crate::records::Ephemeral,
+    pub origin: crate::records::InlineOrigin,
 }
 
 impl Driver {
@@ -207,7 +207,7 @@ impl Driver {
         driver.thaw_stages();
         driver.roll_back_incomplete_groups();
         driver.refresh_promises()?;
-        driver.report_unpublished_ephemeral();
+        driver.report_unpublished_inline();
         let mut attached = 0u32;
         driver.volumes.for_each(|_, r| attached += u32::from(r.attachment.is_some()));
         *driver.attached.lock().unwrap_or_else(PoisonError::into_inner) = attached;
@@ -293,10 +293,10 @@ impl Driver {
     }
 
     /// Reads a volume id from a request; NOT_FOUND when it is not this node's,
-    /// or names an ephemeral volume (reachable only by the kubelet's id).
+    /// or names an inline volume (reachable only by the kubelet's id).
     pub fn volume_key(&self, id: &str) -> Result<Key> {
         let key = self.own_key("volume", id)?;
-        if self.volumes.get(&key).is_some_and(|r| r.ephemeral.is_some()) {
+        if self.volumes.get(&key).is_some_and(|r| r.inline.is_some()) {
             return Err(Error::NotFound(format!(
                 "volume {id} is a pod's inline volume, which only the kubelet's NodePublish and NodeUnpublish manage"
             )));

@@ -9,7 +9,7 @@ use crate::backend::{Backends, Origin, Source, parse_mutable_parameters};
 use crate::error::{Error, Result};
 use crate::guard::Guard;
 use crate::ids::{Key, Kind, ObjectId};
-use crate::records::{Attachment, Capability, ContentSource, Ephemeral, Layout, Schema, VolumeRecord};
+use crate::records::{Attachment, Capability, ContentSource, InlineOrigin, Layout, Schema, VolumeRecord};
 use crate::store::Page;
 
 impl Driver {
@@ -40,14 +40,14 @@ impl Driver {
         self.create_volume_as(key, req, None)
     }
 
-    /// [`Driver::create_volume`], recording the pod of an ephemeral volume in
+    /// [`Driver::create_volume`], recording the pod of an inline volume in
     /// the same write as the volume itself, so no crash can leave an inline
     /// volume that looks like one the CO created.
     pub(super) fn create_volume_as(
         &self,
         key: Key,
         req: NewVolume,
-        ephemeral: Option<Ephemeral>,
+        inline: Option<InlineOrigin>,
     ) -> Result<Arc<VolumeRecord>> {
         if let Some(allowed) = &req.allowed_nodes
             && !allowed.iter().any(|n| n == &self.config.node_id)
@@ -92,7 +92,7 @@ impl Driver {
             publications: BTreeMap::new(),
             enforcement,
             formatting: None,
-            ephemeral,
+            inline,
         };
         let record = self.put_volume(key, record)?;
         self.promise(self.unwritten(&record, capacity));
@@ -219,11 +219,11 @@ impl Driver {
         self.backends.condition(&key, record)
     }
 
-    /// One page of the volumes the CO created. Ephemeral volumes are left
+    /// One page of the volumes the CO created. Inline volumes are left
     /// out: the CO never created them and must not delete or attach them, and
     /// their kubelet ids are not Loam ids it could use in any call.
     pub fn list_volumes(&self, after: Option<Key>, max: usize) -> Page<VolumeRecord> {
-        self.volumes.page(after, max, |r| r.ephemeral.is_none())
+        self.volumes.page(after, max, |r| r.inline.is_none())
     }
 
     /// Bytes available for new volumes on this node: the root's free bytes

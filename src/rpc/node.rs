@@ -36,24 +36,24 @@ impl NodeService {
 
     /// NodePublishVolume of a pod's inline volume: no staging path (Loam
     /// stages it itself), the pod's attributes instead of a StorageClass.
-    async fn publish_ephemeral(&self, req: csi::NodePublishVolumeRequest) -> Result<csi::NodePublishVolumeResponse> {
+    async fn publish_inline(&self, req: csi::NodePublishVolumeRequest) -> Result<csi::NodePublishVolumeResponse> {
         validate::required_id("volume id", &req.volume_id)?;
         let target = validate::caller_path("target path", &req.target_path, &self.driver.config().root)?;
         if !req.staging_target_path.is_empty() {
             return Err(Error::InvalidArgument(
-                "an ephemeral volume has no staging target path: Loam stages it itself".into(),
+                "an inline volume has no staging target path: Loam stages it itself".into(),
             ));
         }
         let capability = validate::capability(req.volume_capability.as_ref())?;
-        let volume = validate::ephemeral_volume(&req.volume_id, &req.volume_context, &capability)?;
-        let key = self.driver.ephemeral_key(&req.volume_id).ok_or_else(|| {
+        let volume = validate::inline_volume(&req.volume_id, &req.volume_context, &capability)?;
+        let key = self.driver.inline_key(&req.volume_id).ok_or_else(|| {
             Error::InvalidArgument(format!(
-                "volume id {} is a Loam volume id, which never names an ephemeral volume; the CO names those",
+                "volume id {} is a Loam volume id, which never names an inline volume; the CO names those",
                 req.volume_id
             ))
         })?;
         claimed(self.driver.claim(Kind::Volume, key)?, &self.driver, move |driver| {
-            driver.ephemeral_publish(key, volume, &target, req.readonly, capability)
+            driver.inline_publish(key, volume, &target, req.readonly, capability)
         })
         .await?;
         Ok(csi::NodePublishVolumeResponse {})
@@ -120,8 +120,8 @@ impl Node for NodeService {
     ) -> Result<Response<csi::NodePublishVolumeResponse>, Status> {
         let req = request.into_inner();
         traced("NodePublishVolume", &req.volume_id.clone(), async move {
-            if validate::is_ephemeral(&req.volume_context)? {
-                return self.publish_ephemeral(req).await;
+            if validate::is_inline(&req.volume_context)? {
+                return self.publish_inline(req).await;
             }
             validate::required_id("volume id", &req.volume_id)?;
             let root = &self.driver.config().root;
@@ -147,7 +147,7 @@ impl Node for NodeService {
             validate::required_id("volume id", &req.volume_id)?;
             let target = validate::caller_path("target path", &req.target_path, &self.driver.config().root)?;
             // Any id but Loam's own may be an inline volume's.
-            let (key, ephemeral) = match self.driver.ephemeral_key(&req.volume_id) {
+            let (key, inline) = match self.driver.inline_key(&req.volume_id) {
                 Some(key) => (key, true),
                 None => match self.driver.volume_key(&req.volume_id) {
                     Ok(key) => (key, false),
@@ -163,7 +163,7 @@ impl Node for NodeService {
                 },
             };
             claimed(self.driver.claim(Kind::Volume, key)?, &self.driver, move |driver| {
-                if ephemeral { driver.ephemeral_unpublish(key, &target) } else { driver.node_unpublish(key, &target) }
+                if inline { driver.inline_unpublish(key, &target) } else { driver.node_unpublish(key, &target) }
             })
             .await?;
             Ok(csi::NodeUnpublishVolumeResponse {})
@@ -179,7 +179,7 @@ impl Node for NodeService {
         let req = request.into_inner();
         traced("NodeGetVolumeStats", &req.volume_id.clone(), async move {
             validate::required_id("volume id", &req.volume_id)?;
-            let (key, path) = match self.driver.ephemeral_key(&req.volume_id) {
+            let (key, path) = match self.driver.inline_key(&req.volume_id) {
                 Some(key) => (key, validate::known_path("volume path", &req.volume_path)?),
                 None => self.volume_and_path(&req.volume_id, &req.volume_path)?,
             };

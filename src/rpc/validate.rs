@@ -9,9 +9,9 @@ use crate::config::TOPOLOGY_NODE_KEY;
 use crate::csi;
 use crate::csi::volume_capability::AccessType;
 use crate::csi::volume_capability::access_mode::Mode;
-use crate::driver::{CapacityRange, EphemeralVolume, parse_layout};
+use crate::driver::{CapacityRange, InlineVolume, parse_layout};
 use crate::error::{Error, Result, quote};
-use crate::records::{AccessMode, Capability, ContentSource, Ephemeral};
+use crate::records::{AccessMode, Capability, ContentSource, InlineOrigin};
 
 /// Longest path Loam accepts from a request (PATH_MAX).
 const MAX_PATH_LEN: usize = 4096;
@@ -235,21 +235,21 @@ pub fn allowed_nodes(req: Option<&csi::TopologyRequirement>) -> Option<Vec<Strin
 
 /// The volume context key by which the kubelet marks the NodePublishVolume
 /// of a pod's inline volume (given `podInfoOnMount`).
-pub const EPHEMERAL_CONTEXT_KEY: &str = "csi.storage.k8s.io/ephemeral";
+pub const INLINE_CONTEXT_KEY: &str = "csi.storage.k8s.io/ephemeral";
 /// The inline volume attribute that sets its size.
 pub const SIZE_ATTRIBUTE: &str = "size";
 /// The largest size an inline volume may ask for, 1 PiB: no node offers one
 /// pod that much local scratch, so a larger size is a typo (`1Ei` for `1Gi`)
 /// and is answered as one rather than as a full node.
-pub const MAX_EPHEMERAL_SIZE: u64 = 1 << 50;
+pub const MAX_INLINE_SIZE: u64 = 1 << 50;
 
-/// Whether a NodePublishVolume is for a pod's inline (ephemeral) volume.
-pub fn is_ephemeral(context: &HashMap<String, String>) -> Result<bool> {
-    match context.get(EPHEMERAL_CONTEXT_KEY).map(String::as_str) {
+/// Whether a NodePublishVolume is for a pod's inline volume (CSI's ephemeral).
+pub fn is_inline(context: &HashMap<String, String>) -> Result<bool> {
+    match context.get(INLINE_CONTEXT_KEY).map(String::as_str) {
         None | Some("false") => Ok(false),
         Some("true") => Ok(true),
         Some(other) => Err(Error::InvalidArgument(format!(
-            "volume context {EPHEMERAL_CONTEXT_KEY}={} must be true or false",
+            "volume context {INLINE_CONTEXT_KEY}={} must be true or false",
             quote(other)
         ))),
     }
@@ -259,11 +259,11 @@ pub fn is_ephemeral(context: &HashMap<String, String>) -> Result<bool> {
 /// the StorageClass parameters the backends take; the kubelet's own keys are
 /// dropped and anything else is refused. The pod's `fsType` (the capability's)
 /// picks a `loop` volume's filesystem when the attributes do not.
-pub fn ephemeral_volume(
+pub fn inline_volume(
     volume_id: &str,
     context: &HashMap<String, String>,
     capability: &Capability,
-) -> Result<EphemeralVolume> {
+) -> Result<InlineVolume> {
     if capability.block {
         return Err(Error::InvalidArgument(
             "an inline volume is mounted into its pod as a filesystem; a raw block volume needs a PersistentVolumeClaim"
@@ -273,14 +273,14 @@ pub fn ephemeral_volume(
     let mut size = None;
     let mut parameters = BTreeMap::new();
     for (key, value) in context {
-        // The kubelet's own keys (the ephemeral flag, the pod, service
+        // The kubelet's own keys (the inline flag, the pod, service
         // account tokens), under the prefix the sidecars use: never stored.
         if key.starts_with(CO_PARAMETER_PREFIX) {
             continue;
         }
         if key == SIZE_ATTRIBUTE {
             let bytes =
-                ephemeral_size(value).map_err(|e| Error::InvalidArgument(format!("volume attribute size: {e}")))?;
+                inline_size(value).map_err(|e| Error::InvalidArgument(format!("volume attribute size: {e}")))?;
             size = Some(bytes);
         } else {
             parameters.insert(key.clone(), value.clone());
@@ -298,11 +298,11 @@ pub fn ephemeral_volume(
         other => other,
     })?;
     let pod = |key: &str| context.get(&format!("{CO_PARAMETER_PREFIX}pod.{key}")).cloned().unwrap_or_default();
-    Ok(EphemeralVolume {
+    Ok(InlineVolume {
         size,
         parameters,
         layout,
-        origin: Ephemeral {
+        origin: InlineOrigin {
             volume_id: volume_id.to_owned(),
             pod_namespace: pod("namespace"),
             pod_name: pod("name"),
@@ -312,11 +312,11 @@ pub fn ephemeral_volume(
 }
 
 /// The size of an inline volume: a Kubernetes quantity ([`crate::quantity`])
-/// above 0 and at most [`MAX_EPHEMERAL_SIZE`].
-pub fn ephemeral_size(text: &str) -> std::result::Result<u64, String> {
+/// above 0 and at most [`MAX_INLINE_SIZE`].
+pub fn inline_size(text: &str) -> std::result::Result<u64, String> {
     match crate::quantity::parse(text)? {
         0 => Err(format!("{} is no bytes at all; an inline volume needs a size above 0", quote(text))),
-        bytes if bytes <= MAX_EPHEMERAL_SIZE => Ok(bytes),
+        bytes if bytes <= MAX_INLINE_SIZE => Ok(bytes),
         _ => Err(format!("{} is more than 1Pi, the most an inline volume may ask for", quote(text))),
     }
 }
@@ -405,10 +405,10 @@ mod tests {
 
     #[test]
     fn inline_sizes_are_quantities_above_zero_up_to_1pi() {
-        assert_eq!(ephemeral_size("64Mi"), Ok(64 << 20));
-        assert_eq!(ephemeral_size("1Pi"), Ok(MAX_EPHEMERAL_SIZE));
+        assert_eq!(inline_size("64Mi"), Ok(64 << 20));
+        assert_eq!(inline_size("1Pi"), Ok(MAX_INLINE_SIZE));
         for bad in ["0", "0.0Gi", "1Ei", "2Pi", "1E", "64K"] {
-            assert!(ephemeral_size(bad).is_err(), "{bad:?} was accepted");
+            assert!(inline_size(bad).is_err(), "{bad:?} was accepted");
         }
     }
 
@@ -425,7 +425,7 @@ mod tests {
             mount_group: None,
         };
         let kubelet = [
-            (EPHEMERAL_CONTEXT_KEY, "true"),
+            (INLINE_CONTEXT_KEY, "true"),
             ("csi.storage.k8s.io/pod.name", "web-0"),
             ("csi.storage.k8s.io/pod.namespace", "shop"),
             ("csi.storage.k8s.io/pod.uid", "u-1"),
@@ -433,27 +433,27 @@ mod tests {
         ];
         let mut pairs = kubelet.to_vec();
         pairs.push(("size", "64Mi"));
-        let v = ephemeral_volume("csi-1", &context(&pairs), &mount("")).unwrap();
+        let v = inline_volume("csi-1", &context(&pairs), &mount("")).unwrap();
         assert_eq!((v.size, v.layout), (Some(64 << 20), crate::records::Layout::Dir));
         assert!(v.parameters.is_empty(), "the kubelet's keys (tokens too) are never kept: {:?}", v.parameters);
         assert_eq!(
             v.origin,
-            Ephemeral {
+            InlineOrigin {
                 volume_id: "csi-1".into(),
                 pod_namespace: "shop".into(),
                 pod_name: "web-0".into(),
                 pod_uid: "u-1".into()
             }
         );
-        assert_eq!(ephemeral_volume("csi-1", &context(&kubelet), &mount("")).unwrap().size, None, "default size");
+        assert_eq!(inline_volume("csi-1", &context(&kubelet), &mount("")).unwrap().size, None, "default size");
 
         // The pod's fsType picks the loop filesystem; an attribute that disagrees is refused.
-        let v = ephemeral_volume("csi-1", &context(&[("backend", "loop")]), &mount("xfs")).unwrap();
+        let v = inline_volume("csi-1", &context(&[("backend", "loop")]), &mount("xfs")).unwrap();
         assert!(matches!(v.layout, crate::records::Layout::Loop(spec) if spec.fs.name() == "xfs"), "xfs");
         let both = context(&[("backend", "loop"), ("fsType", "ext4")]);
-        assert!(ephemeral_volume("csi-1", &both, &mount("xfs")).is_err());
+        assert!(inline_volume("csi-1", &both, &mount("xfs")).is_err());
         let thin = context(&[("backend", "loop"), ("provisioning", "thin"), ("mkfsOptions", "-i 8192")]);
-        assert!(!ephemeral_volume("csi-1", &thin, &mount("")).unwrap().layout.thick());
+        assert!(!inline_volume("csi-1", &thin, &mount("")).unwrap().layout.thick());
 
         for bad in [
             &[("size", "-1")][..],
@@ -464,19 +464,19 @@ mod tests {
             &[("fsType", "ext4")],
             &[("backend", "loop"), ("fsType", "ntfs")],
         ] {
-            let err = ephemeral_volume("csi-1", &context(bad), &mount("")).unwrap_err();
+            let err = inline_volume("csi-1", &context(bad), &mount("")).unwrap_err();
             assert_eq!(err.code(), tonic::Code::InvalidArgument, "{bad:?}: {err}");
         }
         let block = Capability { block: true, ..mount("") };
-        assert_eq!(ephemeral_volume("csi-1", &context(&[]), &block).unwrap_err().code(), tonic::Code::InvalidArgument);
+        assert_eq!(inline_volume("csi-1", &context(&[]), &block).unwrap_err().code(), tonic::Code::InvalidArgument);
     }
 
     #[test]
     fn only_true_marks_an_inline_volume() {
-        let flag = |v: &str| HashMap::from([(EPHEMERAL_CONTEXT_KEY.to_owned(), v.to_owned())]);
-        assert!(is_ephemeral(&flag("true")).unwrap());
-        assert!(!is_ephemeral(&flag("false")).unwrap());
-        assert!(!is_ephemeral(&HashMap::new()).unwrap());
-        assert!(is_ephemeral(&flag("yes")).is_err());
+        let flag = |v: &str| HashMap::from([(INLINE_CONTEXT_KEY.to_owned(), v.to_owned())]);
+        assert!(is_inline(&flag("true")).unwrap());
+        assert!(!is_inline(&flag("false")).unwrap());
+        assert!(!is_inline(&HashMap::new()).unwrap());
+        assert!(is_inline(&flag("yes")).is_err());
     }
 }

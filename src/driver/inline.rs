@@ -1,4 +1,4 @@
-//! Ephemeral (inline) volumes: a pod's `csi` volume, which the kubelet only
+//! Inline volumes (CSI calls them ephemeral): a pod's `csi` volume, which the kubelet only
 //! ever publishes and unpublishes (no CreateVolume, ControllerPublish or
 //! NodeStage). The first NodePublish makes the volume, stages it under the
 //! root and publishes it; the NodeUnpublish that leaves it published nowhere
@@ -8,22 +8,22 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use super::{CapacityRange, Driver, EphemeralVolume, NewVolume};
+use super::{CapacityRange, Driver, InlineVolume, NewVolume};
 use crate::error::Result;
 use crate::ids::{Key, Kind, ObjectId};
 use crate::kernel::mountinfo;
-use crate::records::{Capability, Ephemeral};
+use crate::records::{Capability, InlineOrigin};
 
-/// Put before the kubelet's volume id to name an ephemeral volume's key. The
+/// Put before the kubelet's volume id to name an inline volume's key. The
 /// NUL puts those names where no CreateVolume name can be (names never hold
 /// one), so an inline volume never shares a key with a persistent volume.
-const EPHEMERAL_NAME_PREFIX: &str = "ephemeral\0";
+const INLINE_NAME_PREFIX: &str = "ephemeral\0";
 
 impl Driver {
     /// The key of the inline volume the kubelet calls `id`; `None` when `id`
     /// is a Loam volume id, which only ever names a volume the CO created.
-    pub fn ephemeral_key(&self, id: &str) -> Option<Key> {
-        inline_key(id)
+    pub fn inline_key(&self, id: &str) -> Option<Key> {
+        key_of_inline(id)
     }
 
     /// Makes, stages and publishes an inline volume at `target`, finishing
@@ -31,10 +31,10 @@ impl Driver {
     /// unless it was already published at `target`: after an error that is
     /// final to it the kubelet never calls NodeUnpublish, so anything left
     /// would stay forever.
-    pub fn ephemeral_publish(
+    pub fn inline_publish(
         &self,
         key: Key,
-        volume: EphemeralVolume,
+        volume: InlineVolume,
         target: &Path,
         read_only: bool,
         capability: Capability,
@@ -43,7 +43,7 @@ impl Driver {
         let published = self.make_and_publish(key, volume, target, read_only, capability);
         if published.is_err()
             && !in_use
-            && let Err(e) = self.ephemeral_unpublish(key, target)
+            && let Err(e) = self.inline_unpublish(key, target)
         {
             tracing::error!(%key, target = %target.display(), "cannot remove an inline volume whose publish failed: {e}");
         }
@@ -53,7 +53,7 @@ impl Driver {
     fn make_and_publish(
         &self,
         key: Key,
-        volume: EphemeralVolume,
+        volume: InlineVolume,
         target: &Path,
         read_only: bool,
         capability: Capability,
@@ -69,8 +69,8 @@ impl Driver {
             allowed_nodes: None,
         };
         let record = self.create_volume_as(key, new, Some(volume.origin))?;
-        crate::failpoint!("ephemeral.created");
-        let staging = self.backends.ephemeral_staging(&key, &record.layout, &self.config.root);
+        crate::failpoint!("inline.created");
+        let staging = self.backends.inline_staging(&key, &record.layout, &self.config.root);
         self.node_stage(key, &staging, capability.clone())?;
         self.node_publish(key, &staging, target, read_only, capability)
     }
@@ -79,7 +79,7 @@ impl Driver {
     /// nowhere, unstages it and deletes it and its record. An id with no
     /// record succeeds, after clearing what a crash before the record was
     /// written could have left.
-    pub fn ephemeral_unpublish(&self, key: Key, target: &Path) -> Result<()> {
+    pub fn inline_unpublish(&self, key: Key, target: &Path) -> Result<()> {
         self.unpublish_target(key, self.volumes.get(&key), target)?;
         let Some(record) = self.volumes.get(&key) else {
             return self.delete_volume(key);
@@ -90,7 +90,7 @@ impl Driver {
         if let Some(stage) = &record.stage {
             self.node_unstage(key, &stage.path)?;
         }
-        self.backends.remove_ephemeral_staging(&key, &record.layout, &self.config.root)?;
+        self.backends.remove_inline_staging(&key, &record.layout, &self.config.root)?;
         self.delete_volume(key)
     }
 
@@ -99,7 +99,7 @@ impl Driver {
     /// publishes again, or unpublishes once the pod is gone), or by a pod the
     /// kubelet forgot. Only the kubelet knows which, so they are reported,
     /// never deleted on a guess. A report only: it never stops the start.
-    pub(super) fn report_unpublished_ephemeral(&self) {
+    pub(super) fn report_unpublished_inline(&self) {
         let mounts = match self.mounter.mounts() {
             Ok(mounts) => mounts,
             Err(e) => {
@@ -108,7 +108,7 @@ impl Driver {
             }
         };
         self.volumes.for_each(|_, record| {
-            let Some(Ephemeral { volume_id, pod_namespace, pod_name, pod_uid }) = &record.ephemeral else { return };
+            let Some(InlineOrigin { volume_id, pod_namespace, pod_name, pod_uid }) = &record.inline else { return };
             if record.publications.keys().any(|t| mountinfo::find_mount_point(&mounts, t).is_some()) {
                 return;
             }
@@ -126,11 +126,11 @@ impl Driver {
     }
 }
 
-/// See [`Driver::ephemeral_key`].
-fn inline_key(id: &str) -> Option<Key> {
+/// See [`Driver::inline_key`].
+fn key_of_inline(id: &str) -> Option<Key> {
     match ObjectId::parse(id) {
         Some(_) => None,
-        None => Some(Key::for_name(Kind::Volume, &format!("{EPHEMERAL_NAME_PREFIX}{id}"))),
+        None => Some(Key::for_name(Kind::Volume, &format!("{INLINE_NAME_PREFIX}{id}"))),
     }
 }
 
@@ -143,27 +143,27 @@ mod tests {
     #[test]
     fn inline_keys_are_stable_and_apart_from_every_persistent_key() {
         let id = "csi-0123abcd";
-        let key = inline_key(id).unwrap();
-        assert_eq!(inline_key(id), Some(key), "a retry lands on the same volume");
-        assert_ne!(inline_key("csi-0123abce"), Some(key));
+        let key = key_of_inline(id).unwrap();
+        assert_eq!(key_of_inline(id), Some(key), "a retry lands on the same volume");
+        assert_ne!(key_of_inline("csi-0123abce"), Some(key));
         // The same text as a CreateVolume name gives another key, and the
         // name the key is made of is one CreateVolume refuses.
         assert_ne!(Key::for_name(Kind::Volume, id), key);
-        assert!(validate_name("volume", &format!("{EPHEMERAL_NAME_PREFIX}{id}")).is_err());
+        assert!(validate_name("volume", &format!("{INLINE_NAME_PREFIX}{id}")).is_err());
         // Loam's own ids never name an inline volume.
-        assert_eq!(inline_key(&ObjectId::for_name(Kind::Volume, "pvc-1", "n").to_string()), None);
+        assert_eq!(key_of_inline(&ObjectId::for_name(Kind::Volume, "pvc-1", "n").to_string()), None);
     }
 
     #[test]
     fn records_from_before_inline_volumes_load_and_stay_as_they_were() {
         let old = r#"{"id":"k@n","name":"pvc-1","capacity_bytes":4096,"backend":"dir"}"#;
         let record: VolumeRecord = serde_json::from_str(old).unwrap();
-        assert_eq!(record.ephemeral, None);
+        assert_eq!(record.inline, None);
         assert_eq!(serde_json::to_string(&record).unwrap(), old.replacen('{', r#"{"schema":1,"#, 1));
-        let origin = Ephemeral { volume_id: "csi-1".into(), pod_uid: "u".into(), ..Default::default() };
-        let inline = VolumeRecord { ephemeral: Some(origin.clone()), ..record };
+        let origin = InlineOrigin { volume_id: "csi-1".into(), pod_uid: "u".into(), ..Default::default() };
+        let inline = VolumeRecord { inline: Some(origin.clone()), ..record };
         let text = serde_json::to_string(&inline).unwrap();
         assert!(text.ends_with(r#""ephemeral":{"volume_id":"csi-1","pod_uid":"u"}}"#), "{text}");
-        assert_eq!(serde_json::from_str::<VolumeRecord>(&text).unwrap().ephemeral, Some(origin));
+        assert_eq!(serde_json::from_str::<VolumeRecord>(&text).unwrap().inline, Some(origin));
     }
 }

@@ -1,4 +1,4 @@
-//! Ephemeral (inline) volumes driven as the kubelet drives them: only
+//! Inline volumes driven as the kubelet drives them: only
 //! NodePublish and NodeUnpublish, with the kubelet's own volume ids and the
 //! pod author's attributes. Refusals, rollback and bookkeeping need no
 //! privileges; real mounts, loop devices and quotas need root in a private
