@@ -242,31 +242,35 @@ impl Collector for NodeCollector {
         if figures.per_volume.is_empty() {
             return Ok(());
         }
-        let help = "Capacity of each volume on this node";
-        let mut capacity = encoder.encode_descriptor(
+        let per_volume = |volume: &VolumeFigures| Some(volume.capacity_bytes);
+        encode_per_volume(
+            &mut encoder,
             "volume_capacity",
-            help,
-            Some(&Unit::Bytes),
-            prometheus_client::metrics::MetricType::Gauge,
+            "Capacity of each volume on this node",
+            &figures,
+            per_volume,
         )?;
-        for volume in &figures.per_volume {
-            let labels = [("volume", volume.name.as_str()), ("volume_id", volume.id.as_str())];
-            ConstGauge::new(saturating_i64(volume.capacity_bytes)).encode(capacity.encode_family(&labels)?)?;
-        }
         let help = "Bytes each volume on this node uses, as last measured (every few seconds)";
-        let mut used = encoder.encode_descriptor(
-            "volume_used",
-            help,
-            Some(&Unit::Bytes),
-            prometheus_client::metrics::MetricType::Gauge,
-        )?;
-        for volume in &figures.per_volume {
-            let Some(bytes) = volume.used_bytes else { continue };
-            let labels = [("volume", volume.name.as_str()), ("volume_id", volume.id.as_str())];
-            ConstGauge::new(saturating_i64(bytes)).encode(used.encode_family(&labels)?)?;
-        }
-        Ok(())
+        encode_per_volume(&mut encoder, "volume_used", help, &figures, |volume| volume.used_bytes)
     }
+}
+
+/// One gauge family with a series per volume (those `value` has a number for).
+fn encode_per_volume(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    figures: &NodeFigures,
+    value: impl Fn(&VolumeFigures) -> Option<u64>,
+) -> Result<(), fmt::Error> {
+    let gauge = prometheus_client::metrics::MetricType::Gauge;
+    let mut family = encoder.encode_descriptor(name, help, Some(&Unit::Bytes), gauge)?;
+    for volume in &figures.per_volume {
+        let Some(bytes) = value(volume) else { continue };
+        let labels = [("volume", volume.name.as_str()), ("volume_id", volume.id.as_str())];
+        ConstGauge::new(saturating_i64(bytes)).encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
 }
 
 fn saturating_i64(value: u64) -> i64 {
