@@ -20,10 +20,11 @@ use crate::ids::Key;
 use crate::kernel::blockfs::{self, Content, FsType};
 use crate::kernel::copy::{self, copy_file};
 use crate::kernel::loopdev::{self, AttachOptions, LoopDevice};
-use crate::kernel::mount::{MountFlags, Mounter};
+use crate::kernel::mount::MountFlags;
 use crate::kernel::mountinfo::{self, MountEntry};
 use crate::kernel::nofollow::{self, Want};
 use crate::kernel::usage::fs_usage;
+use crate::kernel::{Frozen, Kernel};
 use crate::records::{Capability, Formatting, LoopSpec};
 
 /// Image-file volumes and their snapshots under one root.
@@ -31,13 +32,13 @@ use crate::records::{Capability, Formatting, LoopSpec};
 pub struct LoopBackend {
     volumes: PathBuf,
     snapshots: PathBuf,
-    mounter: Arc<dyn Mounter>,
+    kernel: Arc<dyn Kernel>,
 }
 
 impl LoopBackend {
     /// Uses `volumes/` and `snapshots/` under `root` (created by the driver).
-    pub fn new(root: &Path, mounter: Arc<dyn Mounter>) -> LoopBackend {
-        LoopBackend { volumes: root.join("volumes"), snapshots: root.join("snapshots"), mounter }
+    pub fn new(root: &Path, kernel: Arc<dyn Kernel>) -> LoopBackend {
+        LoopBackend { volumes: root.join("volumes"), snapshots: root.join("snapshots"), kernel }
     }
 
     /// The volume's image file.
@@ -70,7 +71,7 @@ impl LoopBackend {
         let path = self.image_path(key);
         let _frozen = match source {
             Some((_, Some(mounted))) => {
-                Some(blockfs::freeze(mounted).context(|| format!("freezing {}", mounted.display()))?)
+                Some(Frozen::new(&*self.kernel, mounted).context(|| format!("freezing {}", mounted.display()))?)
             }
             _ => None,
         };
@@ -141,7 +142,7 @@ impl LoopBackend {
     pub fn create_snapshot(&self, volume: &Key, snapshot: &Key, mounted: Option<&Path>) -> Result<()> {
         let source = self.image_path(volume);
         let _frozen = match mounted {
-            Some(path) => Some(blockfs::freeze(path).context(|| format!("freezing {}", path.display()))?),
+            Some(path) => Some(Frozen::new(&*self.kernel, path).context(|| format!("freezing {}", path.display()))?),
             None => None,
         };
         crate::failpoint!("snapshot.frozen");
@@ -269,7 +270,7 @@ impl LoopBackend {
             && !flags.read_only
             && let Err(e) = blockfs::grow(fs, &device.device, path)
         {
-            let _ = self.mounter.unmount(path);
+            let _ = self.kernel.unmount(path);
             return Err(Error::io(format!("growing the filesystem on {}", device.device.display()), e));
         }
         Ok(())
@@ -295,7 +296,7 @@ impl LoopBackend {
             if !mounted_from(&mounts, path, &devices) {
                 break;
             }
-            self.mounter.unmount(path).context(|| format!("unmounting {}", path.display()))?;
+            self.kernel.unmount(path).context(|| format!("unmounting {}", path.display()))?;
         }
         for device in devices {
             loopdev::detach(&device.device).context(|| format!("detaching {}", device.device.display()))?;
@@ -469,7 +470,7 @@ impl LoopBackend {
     }
 
     fn mount_table(&self) -> Result<Vec<MountEntry>> {
-        self.mounter.mounts().context(|| "reading the mount table".into())
+        self.kernel.mounts().context(|| "reading the mount table".into())
     }
 
     fn missing(&self, key: &Key) -> String {

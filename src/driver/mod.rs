@@ -19,7 +19,8 @@ use crate::config::{Config, TOPOLOGY_NODE_KEY};
 use crate::error::{Error, IoContext, Result};
 use crate::guard::{Guard, InFlight, PathsInFlight};
 use crate::ids::{Key, Kind, ObjectId};
-use crate::kernel::mount::{MountFlags, Mounter};
+use crate::kernel::Kernel;
+use crate::kernel::mount::MountFlags;
 use crate::kernel::quota::Enforcer;
 use crate::kernel::usage::{FsUsage, fs_usage};
 use crate::records::{
@@ -159,7 +160,7 @@ pub struct Driver {
     groups: Table<GroupSnapshotRecord>,
     dir: DirBackend,
     loopback: LoopBackend,
-    mounter: Arc<dyn Mounter>,
+    kernel: Arc<dyn Kernel>,
     inflight: InFlight,
     /// Staging and target paths being mounted at (see [`PathsInFlight`]).
     paths: PathsInFlight,
@@ -176,7 +177,7 @@ pub struct Driver {
 
 impl Driver {
     /// Opens the driver's root: loads every record and prepares the backend.
-    pub fn open(config: Config, mounter: Arc<dyn Mounter>) -> Result<Driver> {
+    pub fn open(config: Config, kernel: Arc<dyn Kernel>) -> Result<Driver> {
         let root = &config.root;
         fs::create_dir_all(root).context(|| format!("creating root {}", root.display()))?;
         // The root holds every volume: keep other users out of it.
@@ -185,7 +186,7 @@ impl Driver {
         let volumes: Table<VolumeRecord> = Table::open(&root.join("meta/volumes"))?;
         let snapshots = Table::open(&root.join("meta/snapshots"))?;
         let groups = Table::open(&root.join("meta/groups"))?;
-        let dir = DirBackend::open(root, config.quota)?;
+        let dir = DirBackend::open(root, config.quota, kernel.clone())?;
         // Limits live in the filesystem, which an operator or a restore can
         // change behind Loam's back: put back what the records promise.
         volumes.for_each(|key, record| {
@@ -195,7 +196,7 @@ impl Driver {
                 tracing::error!(volume = %record.id, "cannot restore the volume's limit: {e}");
             }
         });
-        let loopback = LoopBackend::new(root, mounter.clone());
+        let loopback = LoopBackend::new(root, kernel.clone());
         let driver = Driver {
             config,
             volumes,
@@ -203,7 +204,7 @@ impl Driver {
             groups,
             dir,
             loopback,
-            mounter,
+            kernel,
             inflight: InFlight::default(),
             paths: PathsInFlight::default(),
             places: places::Places::default(),

@@ -100,7 +100,7 @@ impl Driver {
         nofollow::open_or_create(path, Want::Dir).map_err(|e| Error::at_caller_path("staging path", e))?;
         let mounts = self.mount_table()?;
         if !mountinfo::find_mount_point(&mounts, path).is_some_and(|e| self.shows_volume(e, key, BackendKind::Dir)) {
-            self.mounter.bind(&data, path, MountFlags::default()).map_err(|e| {
+            self.kernel.bind(&data, path, MountFlags::default()).map_err(|e| {
                 Error::at_caller_path(format!("bind-mounting {} on {}", data.display(), path.display()), e)
             })?;
         }
@@ -239,7 +239,7 @@ impl Driver {
         nofollow::open_or_create(target, want).map_err(|e| Error::at_caller_path("target path", e))?;
         let mounts = self.mount_table()?;
         if !mountinfo::find_mount_point(&mounts, target).is_some_and(|e| self.shows_volume(e, &key, record.backend)) {
-            self.mounter.bind(source, target, flags).map_err(|e| {
+            self.kernel.bind(source, target, flags).map_err(|e| {
                 Error::at_caller_path(format!("bind-mounting {} on {}", source.display(), target.display()), e)
             })?;
         }
@@ -248,7 +248,7 @@ impl Driver {
             let mut published = record.clone();
             published.publications.insert(target.to_owned(), publication);
             if let Err(e) = self.put_volume(key, published) {
-                let _ = self.mounter.unmount(target);
+                let _ = self.kernel.unmount(target);
                 return Err(e);
             }
         }
@@ -425,7 +425,7 @@ impl Driver {
     }
 
     fn mount_table(&self) -> Result<Vec<MountEntry>> {
-        self.mounter.mounts().context(|| "reading the mount table".into())
+        self.kernel.mounts().context(|| "reading the mount table".into())
     }
 
     /// Whether a mount shows this volume: a directory volume's bind shows its
@@ -450,7 +450,7 @@ impl Driver {
             if !ours && !self.shows_volume(entry, key, backend) {
                 return Ok(round > 0);
             }
-            self.mounter.unmount(path).context(|| format!("unmounting {}", path.display()))?;
+            self.kernel.unmount(path).context(|| format!("unmounting {}", path.display()))?;
         }
         Err(Error::FailedPrecondition(format!(
             "{} still has mounts after 8 unmounts; inspect it with findmnt",
