@@ -13,10 +13,13 @@
 //! - [`driver`] is the node's volume manager: it keeps the [`store`] of volume
 //!   and snapshot records ([`records`]) and decides what a request means for
 //!   them, calling a [`backend`] for the storage work.
-//! - [`backend`] holds the storage engines, chosen per StorageClass (a closed
-//!   set, so the driver matches on their kind): `dir`, a directory per volume,
-//!   and `loop`, an image file per volume on a loop device. It reads a
-//!   volume's specification from a request once ([`backend::VolumeSpec`]).
+//! - [`backend`] holds the storage engines, chosen per StorageClass: `dir`, a
+//!   directory per volume, and `loop`, an image file per volume on a loop
+//!   device. The set is closed: a record holds its volume's
+//!   [`records::Layout`] enum and [`backend::Backends`] matches on it once
+//!   per step (create, delete, expand, snapshot, stage, unstage, what a
+//!   publish binds, stats, condition), so the driver never does. It reads a
+//!   volume's layout from a request once ([`backend::parse_layout`]).
 //! - [`kernel`] is the narrow seam to the kernel: mounts and the mount table,
 //!   loop devices, filesystems on block devices, tree copies with reflinks,
 //!   usage accounting, quotas.
@@ -38,11 +41,12 @@
 //!
 //! ## Rules
 //!
-//! - [`kernel`] names only [`durable`]; [`backend`] names only [`kernel`],
+//! - [`kernel`] names only [`durable`]; [`records`] names [`kernel`] for the
+//!   typed values it holds (a filesystem type); [`backend`] names only [`kernel`],
 //!   [`records`] and [`durable`], never [`driver`]; [`driver`] names the
 //!   backends, the kernel, the [`store`] and the [`guard`]s.
 //! - [`rpc`] names [`driver`] (which re-exports what a request needs of the
-//!   backends, such as [`driver::VolumeSpec`]) or [`routing`], never
+//!   backends, such as [`driver::parse_layout`]) or [`routing`], never
 //!   [`backend`] or [`kernel`]; [`routing`] names neither a driver nor storage.
 //! - Every layer may name the cross-cutting modules.
 //!

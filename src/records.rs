@@ -10,7 +10,40 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-/// The storage engine that holds a volume, chosen by the StorageClass.
+use crate::kernel::blockfs::FsType;
+
+/// The version of the record format this build reads and writes, carried in
+/// every record as `schema`. Records without the field were written before
+/// it existed, in this same format. A record of a later version (written by a
+/// newer Loam) is refused as damaged rather than misread: run the newer
+/// version again; downgrading over its records is not supported.
+pub const SCHEMA: u32 = 1;
+
+/// The `schema` field of a record: always [`SCHEMA`] in memory, checked when
+/// read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Schema;
+
+impl Serialize for Schema {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_u32(SCHEMA)
+    }
+}
+
+impl<'de> Deserialize<'de> for Schema {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Schema, D::Error> {
+        match u32::deserialize(deserializer)? {
+            SCHEMA => Ok(Schema),
+            other => Err(serde::de::Error::custom(format!(
+                "record schema {other} is not the one this version of Loam reads ({SCHEMA}); it was written by \
+                 another version: run that version again"
+            ))),
+        }
+    }
+}
+
+/// The storage engine that holds a volume or snapshot, chosen by the
+/// StorageClass.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum BackendKind {
@@ -21,14 +54,91 @@ pub enum BackendKind {
     Loop,
 }
 
+/// How a volume is laid out: the backend holding it and, for `loop`, its
+/// image. Stored as the `backend` tag and, for `loop`, a `loop_spec`, as
+/// records have always been; a `loop` record without its spec is damaged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "backend", content = "loop_spec", rename_all = "snake_case")]
+pub enum Layout {
+    /// A directory under the root.
+    Dir,
+    /// An image file on a loop device.
+    Loop(LoopSpec),
+}
+
+impl Layout {
+    /// The backend holding the volume.
+    pub fn backend(&self) -> BackendKind {
+        match self {
+            Layout::Dir => BackendKind::Dir,
+            Layout::Loop(_) => BackendKind::Loop,
+        }
+    }
+
+    /// Whether every byte of the capacity is allocated up front (a thick
+    /// image), so nothing is left to promise.
+    pub fn thick(&self) -> bool {
+        matches!(self, Layout::Loop(LoopSpec { provisioning: Provisioning::Thick, .. }))
+    }
+}
+
+/// Whether a `loop` volume's image is allocated up front.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Provisioning {
+    /// Every byte allocated when the image is made or grown.
+    Thick,
+    /// A sparse image that allocates as it is written.
+    Thin,
+}
+
+impl Provisioning {
+    /// Reads the StorageClass's name for it.
+    pub fn parse(name: &str) -> Option<Provisioning> {
+        match name {
+            "thick" => Some(Provisioning::Thick),
+            "thin" => Some(Provisioning::Thin),
+            _ => None,
+        }
+    }
+
+    /// The StorageClass's (and VolumeAttributesClass's) name for it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Provisioning::Thick => "thick",
+            Provisioning::Thin => "thin",
+        }
+    }
+}
+
+/// Stored as `"thick": true|false`, as records have always been.
+mod thick_flag {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use super::Provisioning;
+
+    pub fn serialize<S: Serializer>(provisioning: &Provisioning, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_bool(*provisioning == Provisioning::Thick)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Provisioning, D::Error> {
+        Ok(if bool::deserialize(deserializer)? { Provisioning::Thick } else { Provisioning::Thin })
+    }
+}
+
 /// How a `loop` volume's image is laid out, from its StorageClass.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LoopSpec {
-    /// Filesystem of mount volumes: `ext4` or `xfs`.
-    pub fs_type: String,
-    /// Whether the image is fully allocated up front.
-    pub thick: bool,
-    /// Extra mkfs options, already validated.
+    /// Filesystem of mount volumes.
+    #[serde(rename = "fs_type")]
+    pub fs: FsType,
+    /// Whether the image is allocated up front.
+    #[serde(rename = "thick", with = "thick_flag")]
+    pub provisioning: Provisioning,
+    /// Extra mkfs options as their words, checked when the volume was
+    /// created. Kept as words, not parsed when the record loads: options a
+    /// later version no longer accepts must not make the record unreadable
+    /// (the volume could not even be deleted); they are refused when the
+    /// image is formatted instead.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub mkfs_options: Vec<String>,
 }
@@ -168,22 +278,23 @@ pub struct Ephemeral {
 /// Everything Loam remembers about one volume.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VolumeRecord {
+    /// The record format it was written in.
+    #[serde(default)]
+    pub schema: Schema,
     /// The volume id handed to the CO.
     pub id: String,
     /// The CSI name it was created with.
     pub name: String,
     /// Its capacity in bytes.
     pub capacity_bytes: u64,
-    /// The engine holding it.
-    pub backend: BackendKind,
-    /// Image layout, for `loop` volumes.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub loop_spec: Option<LoopSpec>,
+    /// The backend holding it and how.
+    #[serde(flatten)]
+    pub layout: Layout,
     /// The StorageClass parameters it was created with.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub parameters: BTreeMap<String, String>,
     /// The mutable parameters last applied (CreateVolume's, then each
-    /// ControllerModifyVolume's); `loop_spec` already reflects them.
+    /// ControllerModifyVolume's); `layout` already reflects them.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub mutable_parameters: BTreeMap<String, String>,
     /// Where its initial content came from.
@@ -216,6 +327,9 @@ pub struct VolumeRecord {
 /// Everything Loam remembers about one snapshot.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotRecord {
+    /// The record format it was written in.
+    #[serde(default)]
+    pub schema: Schema,
     /// The snapshot id handed to the CO.
     pub id: String,
     /// The CSI name it was created with; a group member carries its group's.
@@ -244,6 +358,9 @@ pub struct SnapshotRecord {
 /// `complete: true` once every member is cut and recorded.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GroupSnapshotRecord {
+    /// The record format it was written in.
+    #[serde(default)]
+    pub schema: Schema,
     /// The group snapshot id handed to the CO.
     pub id: String,
     /// The CSI name it was created with.
@@ -266,11 +383,33 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_loop_record_without_its_image_layout_is_refused_not_served_as_a_directory() {
+        let broken = r#"{"id":"v@n","name":"v","capacity_bytes":1,"backend":"loop"}"#;
+        let err = serde_json::from_str::<VolumeRecord>(broken).unwrap_err();
+        assert!(err.to_string().contains("loop_spec"), "{err}");
+        let unknown_fs = r#"{"id":"v@n","name":"v","capacity_bytes":1,"backend":"loop","loop_spec":{"fs_type":"ntfs","thick":true}}"#;
+        assert!(serde_json::from_str::<VolumeRecord>(unknown_fs).is_err());
+    }
+
+    #[test]
+    fn records_of_another_schema_are_refused_with_what_to_do() {
+        let newer = r#"{"schema":2,"id":"v@n","name":"v","capacity_bytes":1,"backend":"dir"}"#;
+        let err = serde_json::from_str::<VolumeRecord>(newer).unwrap_err();
+        assert!(err.to_string().contains("record schema 2 is not the one this version of Loam reads (1)"), "{err}");
+        let current = r#"{"schema":1,"id":"v@n","name":"v","capacity_bytes":1,"backend":"dir"}"#;
+        let record = serde_json::from_str::<VolumeRecord>(current).unwrap();
+        assert_eq!(record.layout, Layout::Dir);
+        assert_eq!(serde_json::to_string(&record).unwrap(), current, "written with its schema first");
+        let older = r#"{"schema":0,"id":"g@n","name":"g","source_volume_ids":[],"snapshot_ids":[],"created_secs":0,"created_nanos":0,"complete":true}"#;
+        assert!(serde_json::from_str::<GroupSnapshotRecord>(older).is_err());
+    }
+
+    #[test]
     fn volume_records_from_before_formatting_was_recorded_still_load_and_stay_as_they_were() {
         let old = r#"{"id":"v@n","name":"v","capacity_bytes":1,"backend":"loop","loop_spec":{"fs_type":"ext4","thick":true}}"#;
         let record: VolumeRecord = serde_json::from_str(old).unwrap();
         assert_eq!(record.formatting, None);
-        assert_eq!(serde_json::to_string(&record).unwrap(), old);
+        assert_eq!(serde_json::to_string(&record).unwrap(), old.replacen('{', r#"{"schema":1,"#, 1));
         let started = VolumeRecord { formatting: Some(Formatting::Started), ..record };
         assert!(serde_json::to_string(&started).unwrap().contains(r#""formatting":"started""#));
     }
@@ -280,7 +419,7 @@ mod tests {
         let old = r#"{"id":"s@n","name":"s","source_volume_id":"v@n","backend":"dir","size_bytes":1,"created_secs":2,"created_nanos":3}"#;
         let record: SnapshotRecord = serde_json::from_str(old).unwrap();
         assert_eq!(record.group_snapshot_id, None);
-        assert_eq!(serde_json::to_string(&record).unwrap(), old);
+        assert_eq!(serde_json::to_string(&record).unwrap(), old.replacen('{', r#"{"schema":1,"#, 1));
         let member = SnapshotRecord { group_snapshot_id: Some("g@n".into()), ..record };
         assert!(serde_json::to_string(&member).unwrap().contains(r#""group_snapshot_id":"g@n""#));
     }

@@ -23,7 +23,8 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
         ("kernel", &["durable"][..]),
         ("durable", &[][..]),
         ("store", &["durable"][..]),
-        ("records", &["store"][..]),
+        // Records hold typed kernel values (a filesystem type).
+        ("records", &["store", "kernel"][..]),
         ("guard", &[][..]),
         // Storage engines: the kernel and their records, never the driver.
         ("backend", &["kernel", "records", "durable"][..]),

@@ -13,11 +13,12 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 
 use loam::ids::{Key, Kind, MAX_NODE_ID_LEN, ObjectId};
+use loam::kernel::blockfs::FsType;
 use loam::kernel::mount::MountFlags;
 use loam::kernel::mountinfo::{self, MountEntry};
 use loam::records::{
-    AccessMode, Attachment, BackendKind, Capability, ContentSource, Enforcement, Ephemeral, Formatting, LoopSpec,
-    Publication, Stage, VolumeRecord,
+    AccessMode, Attachment, Capability, ContentSource, Enforcement, Ephemeral, Formatting, Layout, LoopSpec,
+    Provisioning, Publication, Schema, Stage, VolumeRecord,
 };
 use loam::routing::listing::Cursor;
 use loam::rpc::validate::{MAX_EPHEMERAL_SIZE, ephemeral_size as quantity};
@@ -142,12 +143,18 @@ fn volume_record() -> impl Strategy<Value = VolumeRecord> {
                 ephemeral,
             )| {
                 let path = |bytes: Vec<u8>| PathBuf::from(std::ffi::OsStr::from_bytes(&bytes));
+                let provisioning = if thick { Provisioning::Thick } else { Provisioning::Thin };
+                let fs = if mkfs_options.is_empty() { FsType::Xfs } else { FsType::Ext4 };
                 VolumeRecord {
+                    schema: Schema,
                     id,
                     name,
                     capacity_bytes,
-                    backend: if is_loop { BackendKind::Loop } else { BackendKind::Dir },
-                    loop_spec: is_loop.then(|| LoopSpec { fs_type: "ext4".into(), thick, mkfs_options }),
+                    layout: if is_loop {
+                        Layout::Loop(LoopSpec { fs, provisioning, mkfs_options })
+                    } else {
+                        Layout::Dir
+                    },
                     parameters,
                     mutable_parameters,
                     source,

@@ -18,15 +18,19 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::backend::{Condition, VolumeStats, apply_mount_group};
 use crate::config::QuotaMode;
 use crate::durable;
 use crate::error::{Error, IoContext, Result};
 use crate::ids::Key;
 use crate::kernel::Kernel;
 use crate::kernel::copy::{copy_into, copy_tree};
+use crate::kernel::mount::MountFlags;
+use crate::kernel::mountinfo::{self, MountEntry};
+use crate::kernel::nofollow::{self, Want};
 use crate::kernel::quota::{Enforcer, ProjectIds, QuotaUsage};
-use crate::kernel::usage::{TreeUsage, tree_usage};
-use crate::records::Enforcement;
+use crate::kernel::usage::{TreeUsage, fs_usage, tree_usage};
+use crate::records::{Capability, Enforcement};
 
 /// Mode of a new, empty volume root: writable by any pod user, as hostPath
 /// and local volumes are; the CO narrows it with fsGroup when it wants to.
@@ -292,6 +296,86 @@ impl DirBackend {
     }
 }
 
+// ----- Health, usage and the node half -----
+impl DirBackend {
+    /// Whether the volume's data directory is there.
+    pub fn condition(&self, key: &Key) -> Condition {
+        if self.volume_exists(key) {
+            Condition { abnormal: false, message: "volume is healthy".into() }
+        } else {
+            Condition { abnormal: true, message: self.missing(key) }
+        }
+    }
+
+    /// What the volume uses, as ControllerGetVolume's condition reports it.
+    pub fn usage_message(&self, key: &Key, enforcement: Option<&Enforcement>, capacity: u64) -> Result<String> {
+        let (used, how) = match self.quota_usage(enforcement)? {
+            Some(quota) => (quota.bytes, "counted by the quota"),
+            None => (self.usage(key)?.bytes, "counted by walking its files"),
+        };
+        Ok(format!("volume is healthy; {used} of {capacity} bytes used ({how})"))
+    }
+
+    /// Usage of the volume as NodeGetVolumeStats reports it: the quota's
+    /// count when there is one (exact and cheap); inodes it does not count
+    /// (btrfs) and unenforced volumes take a tree walk. What is available is
+    /// bounded by the root's free space too.
+    pub fn stats(&self, key: &Key, enforcement: Option<&Enforcement>, capacity: u64) -> Result<VolumeStats> {
+        let (used_bytes, used_inodes) = match self.quota_usage(enforcement)? {
+            Some(QuotaUsage { bytes, inodes: Some(inodes), .. }) => (bytes, inodes),
+            Some(QuotaUsage { bytes, inodes: None, .. }) => (bytes, self.usage(key)?.inodes),
+            None => {
+                let used = self.usage(key)?;
+                (used.bytes, used.inodes)
+            }
+        };
+        let root = fs_usage(&self.volumes).context(|| format!("reading usage of {}", self.volumes.display()))?;
+        Ok(VolumeStats {
+            total_bytes: capacity,
+            used_bytes,
+            available_bytes: capacity.saturating_sub(used_bytes).min(root.available_bytes),
+            used_inodes,
+            available_inodes: root.free_inodes,
+        })
+    }
+
+    /// Binds the volume's directory onto its staging path (an inline volume
+    /// is staged on its own data directory, with nothing to bind), giving the
+    /// directory to the capability's mount group first.
+    pub fn stage(&self, key: &Key, path: &Path, capability: &Capability) -> Result<()> {
+        if !self.volume_exists(key) {
+            return Err(Error::FailedPrecondition(self.missing(key)));
+        }
+        let data = self.volume_path(key);
+        if let Some(gid) = capability.mount_group {
+            apply_mount_group(&data, gid)?;
+        }
+        if path == data {
+            return Ok(());
+        }
+        nofollow::open_or_create(path, Want::Dir).map_err(|e| Error::at_caller_path("staging path", e))?;
+        let mounts = self.kernel.mounts().context(|| "reading the mount table".into())?;
+        if !mountinfo::find_mount_point(&mounts, path).is_some_and(|e| self.shows_volume(e, key)) {
+            self.kernel.bind(&data, path, MountFlags::default()).map_err(|e| {
+                Error::at_caller_path(format!("bind-mounting {} on {}", data.display(), path.display()), e)
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Whether a mount shows this volume: a bind whose root is its directory.
+    pub fn shows_volume(&self, entry: &MountEntry, key: &Key) -> bool {
+        entry.root.ends_with(Path::new("volumes").join(key.to_string()))
+    }
+
+    fn missing(&self, key: &Key) -> String {
+        format!(
+            "data directory {} is missing; restore it from a backup or delete the volume",
+            self.volume_path(key).display()
+        )
+    }
+}
+
 /// Fills a prepared, empty volume root: a copy of `source`, or an empty
 /// volume's mode.
 fn fill(root: &Path, source: Option<&Path>) -> io::Result<()> {
@@ -321,12 +405,12 @@ fn durable_copy(source: &Path, target: &Path) -> io::Result<()> {
 mod tests {
     use super::*;
     use crate::ids::Kind;
-    use crate::kernel::HostKernel;
+    use crate::kernel::FakeKernel;
 
     #[test]
     fn volumes_snapshots_and_restores_keep_content() {
         let root = tempfile::tempdir().unwrap();
-        let dir = DirBackend::open(root.path(), QuotaMode::Off, Arc::new(HostKernel)).unwrap();
+        let dir = DirBackend::open(root.path(), QuotaMode::Off, Arc::new(FakeKernel::new())).unwrap();
         let (vol, snap, restored) =
             (Key::for_name(Kind::Volume, "v"), Key::for_name(Kind::Snapshot, "s"), Key::for_name(Kind::Volume, "r"));
         let enforcement = dir.create_volume(&vol, None, 1 << 20).unwrap();
@@ -350,7 +434,7 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let outside = tempfile::tempdir().unwrap();
         fs::write(outside.path().join("precious"), b"keep").unwrap();
-        let dir = DirBackend::open(root.path(), QuotaMode::Auto, Arc::new(HostKernel)).unwrap();
+        let dir = DirBackend::open(root.path(), QuotaMode::Auto, Arc::new(FakeKernel::new())).unwrap();
         let key = Key::for_name(Kind::Volume, "v");
         // Leftovers: a half-built temp dir and a symlink where the volume goes.
         let path = dir.volume_path(&key);

@@ -13,7 +13,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::backend::{Condition, VolumeStats};
+use crate::backend::{Condition, VolumeStats, apply_mount_group};
 use crate::durable;
 use crate::error::{Error, IoContext, Result};
 use crate::ids::Key;
@@ -25,7 +25,7 @@ use crate::kernel::mountinfo::{self, MountEntry};
 use crate::kernel::nofollow::{self, Want};
 use crate::kernel::usage::fs_usage;
 use crate::kernel::{Frozen, Kernel};
-use crate::records::{Capability, Formatting, LoopSpec};
+use crate::records::{Capability, Formatting, LoopSpec, Provisioning};
 
 /// Image-file volumes and their snapshots under one root.
 #[derive(Debug)]
@@ -84,7 +84,7 @@ impl LoopBackend {
                 None => drop(File::create(tmp)?),
             }
             let file = OpenOptions::new().write(true).open(tmp)?;
-            resize(&file, capacity, spec.thick)?;
+            resize(&file, capacity, spec.provisioning)?;
             file.sync_all()
         })?;
         // A copy is formatted already; an empty image will be formatted on a
@@ -119,7 +119,8 @@ impl LoopBackend {
     pub fn expand_volume(&self, key: &Key, capacity: u64, spec: &LoopSpec) -> Result<()> {
         let path = self.image_path(key);
         let file = OpenOptions::new().write(true).open(&path).context(|| format!("opening {}", path.display()))?;
-        resize(&file, capacity, spec.thick).context(|| format!("growing {} to {capacity} bytes", path.display()))?;
+        resize(&file, capacity, spec.provisioning)
+            .context(|| format!("growing {} to {capacity} bytes", path.display()))?;
         file.sync_all().context(|| format!("syncing {}", path.display()))?;
         for device in self.devices(key)? {
             loopdev::refresh_capacity(&device.device)
@@ -175,9 +176,10 @@ impl LoopBackend {
     }
 
     /// Attaches the image (reusing an existing attachment) and, for a
-    /// filesystem volume, formats it if it is empty, mounts it at `path` and
-    /// grows the filesystem to the image's size. A failure after a fresh
-    /// attach detaches again, so a failed stage leaves nothing behind.
+    /// filesystem volume, formats it if it is empty, mounts it at `path`,
+    /// grows the filesystem to the image's size and gives its root to the
+    /// capability's mount group. A failure after a fresh attach detaches
+    /// again, so a failed stage leaves nothing behind.
     ///
     /// `formats` says how far formatting got and records progress.
     pub fn stage(
@@ -190,6 +192,11 @@ impl LoopBackend {
     ) -> Result<()> {
         if !self.volume_exists(key) {
             return Err(Error::FailedPrecondition(self.missing(key)));
+        }
+        // A bad staging path is refused before the image is attached or
+        // formatted, not after.
+        if !capability.block {
+            nofollow::open_or_create(path, Want::Dir).map_err(|e| Error::at_caller_path("staging path", e))?;
         }
         let read_only = capability.access_mode.read_only();
         let existing = self.devices(key)?.into_iter().find(|d| d.read_only == read_only);
@@ -207,7 +214,11 @@ impl LoopBackend {
         if staged.is_err() && fresh {
             let _ = loopdev::detach(&device.device);
         }
-        staged
+        staged?;
+        match (capability.mount_group, capability.block) {
+            (Some(gid), false) => apply_mount_group(path, gid),
+            _ => Ok(()),
+        }
     }
 
     fn mount_filesystem(
@@ -425,6 +436,13 @@ impl LoopBackend {
         Ok(orphans)
     }
 
+    /// How many loop devices backing this root's volume images run without
+    /// direct I/O.
+    pub fn devices_without_direct_io(&self) -> Result<u64> {
+        let devices = loopdev::list().context(|| "listing loop devices".into())?;
+        Ok(devices.iter().filter(|d| !d.direct_io && self.key_of_image(&d.backing_file).is_some()).count() as u64)
+    }
+
     /// Whether any loop device is attached to the volume's image.
     pub fn is_attached(&self, key: &Key) -> Result<bool> {
         Ok(!self.devices(key)?.is_empty())
@@ -494,7 +512,7 @@ fn format(device: &LoopDevice, fs: FsType, spec: &LoopSpec, formats: &FormatLog<
     (formats.record)(Formatting::Started)?;
     crate::failpoint!("loop.mkfs.started");
     let options = crate::backend::filesystem_of(spec)?.1;
-    blockfs::mkfs(&device.device, fs, spec.thick, &options)
+    blockfs::mkfs(&device.device, fs, spec.provisioning == Provisioning::Thick, &options)
         .context(|| format!("formatting {} as {}", device.device.display(), fs.name()))?;
     crate::failpoint!("loop.mkfs.done");
     (formats.record)(Formatting::Done)
@@ -522,8 +540,7 @@ fn ext4_smaller_than_device(device: &Path) -> Result<bool> {
 /// The filesystem a stage uses: the StorageClass's, unless the capability
 /// names a different one, which cannot be honoured for an existing image.
 fn filesystem(spec: &LoopSpec, capability: &Capability) -> Result<FsType> {
-    let fs = FsType::parse(&spec.fs_type)
-        .ok_or_else(|| Error::Damaged(format!("volume record names unknown fsType {:?}", spec.fs_type)))?;
+    let fs = spec.fs;
     match capability.fs_type.as_str() {
         "" => Ok(fs),
         asked if asked == fs.name() => Ok(fs),
@@ -549,12 +566,15 @@ fn mounted_from(mounts: &[MountEntry], path: &Path, devices: &[LoopDevice]) -> b
 }
 
 /// Sets the file's length to `capacity`, allocating the new space when thick.
-fn resize(file: &File, capacity: u64, thick: bool) -> io::Result<()> {
+fn resize(file: &File, capacity: u64, provisioning: Provisioning) -> io::Result<()> {
     let len = file.metadata()?.len();
     if capacity < len {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, "loop images never shrink"));
     }
-    if thick { blockfs::allocate(file, capacity) } else { file.set_len(capacity) }
+    match provisioning {
+        Provisioning::Thick => blockfs::allocate(file, capacity),
+        Provisioning::Thin => file.set_len(capacity),
+    }
 }
 
 /// Builds `path` through `build` on a temporary sibling, then renames it in;

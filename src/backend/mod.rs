@@ -1,180 +1,34 @@
-//! The storage engines behind volumes.
+//! The storage engines behind volumes, and every step that depends on which
+//! engine holds a volume.
 //!
-//! A StorageClass picks one with its `backend` parameter. The set is closed
-//! and known at compile time, so the driver matches on [`BackendKind`]
-//! rather than holding trait objects.
+//! A StorageClass picks one with its `backend` parameter; a volume's record
+//! keeps the choice as its [`Layout`]. The set is closed and known at compile
+//! time, so [`Backends`] matches on the layout here, once per step, and the
+//! driver above never does: it orchestrates records, guards and the mount
+//! table and asks [`Backends`] for the storage work.
 
 pub mod dir;
 pub mod loopback;
+mod spec;
 
-use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use crate::config::CO_PARAMETER_PREFIX;
-use crate::error::{Error, Result, quote};
-use crate::kernel::blockfs::FsType;
-use crate::kernel::mkfs_options::MkfsOptions;
-pub use crate::records::{BackendKind, LoopSpec};
+pub use spec::{filesystem_of, min_capacity, parse_layout, parse_mutable_parameters, parse_parameters};
 
-/// The StorageClass parameter that picks the backend.
-pub const BACKEND_PARAM: &str = "backend";
-/// The parameter naming a `loop` volume's filesystem.
-const FS_TYPE_PARAM: &str = "fsType";
-
-/// The parameters each backend accepts, besides `backend`.
-const LOOP_PARAMS: &[&str] = &["fsType", "provisioning", "mkfsOptions"];
-
-/// What a new volume is made of, read once from a request wherever one
-/// arrives (CreateVolume, GetCapacity, an inline volume): the backend and,
-/// for `loop`, the image layout.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VolumeSpec {
-    /// The backend the parameters pick.
-    pub backend: BackendKind,
-    /// Image layout, for `loop` volumes.
-    pub loop_spec: Option<LoopSpec>,
-}
-
-impl VolumeSpec {
-    /// Reads the StorageClass `parameters`, the VolumeAttributesClass's
-    /// `mutable` ones (which win) and the filesystem the capability names
-    /// (`capability_fs`, empty when none): it fills in an unset `fsType`, as
-    /// Kubernetes passes `csi.storage.k8s.io/fstype` there, and must not
-    /// contradict a set one.
-    pub fn parse(
-        parameters: &BTreeMap<String, String>,
-        mutable: &BTreeMap<String, String>,
-        capability_fs: &str,
-    ) -> Result<VolumeSpec> {
-        let fills_in = !capability_fs.is_empty()
-            && parameters.get(BACKEND_PARAM).is_some_and(|b| b == "loop")
-            && !parameters.contains_key(FS_TYPE_PARAM);
-        let (backend, mut loop_spec) = if fills_in {
-            // Parsed with the filesystem in place, so mkfsOptions are checked
-            // against the filesystem the volume gets.
-            let mut with_fs = parameters.clone();
-            with_fs.insert(FS_TYPE_PARAM.to_owned(), capability_fs.to_owned());
-            parse_parameters(&with_fs)?
-        } else {
-            parse_parameters(parameters)?
-        };
-        if let Some(spec) = &loop_spec
-            && !capability_fs.is_empty()
-            && capability_fs != spec.fs_type
-        {
-            return Err(Error::InvalidArgument(format!(
-                "the capability's filesystem {} and the fsType parameter {} differ; set one of them",
-                quote(capability_fs),
-                spec.fs_type
-            )));
-        }
-        if let Some(thick) = parse_mutable_parameters(backend, mutable)?
-            && let Some(spec) = loop_spec.as_mut()
-        {
-            spec.thick = thick;
-        }
-        Ok(VolumeSpec { backend, loop_spec })
-    }
-}
-
-/// Reads a CreateVolume's parameters: the backend and, for `loop`, the
-/// image layout. Unknown keys are refused, so typos fail loudly.
-pub fn parse_parameters(parameters: &BTreeMap<String, String>) -> Result<(BackendKind, Option<LoopSpec>)> {
-    let kind = match parameters.get(BACKEND_PARAM).map(String::as_str) {
-        None | Some("dir") => BackendKind::Dir,
-        Some("loop") => BackendKind::Loop,
-        Some(other) => {
-            return Err(Error::InvalidArgument(format!(
-                "parameter {BACKEND_PARAM}={} is not a backend this driver has; use \"dir\" or \"loop\"",
-                quote(other)
-            )));
-        }
-    };
-    let accepted: &[&str] = match kind {
-        BackendKind::Dir => &[],
-        BackendKind::Loop => LOOP_PARAMS,
-    };
-    for key in parameters.keys() {
-        if key != BACKEND_PARAM && !key.starts_with(CO_PARAMETER_PREFIX) && !accepted.contains(&key.as_str()) {
-            return Err(Error::InvalidArgument(format!(
-                "unknown StorageClass parameter {} for backend {kind:?}; accepted: {BACKEND_PARAM}{}",
-                quote(key),
-                accepted.iter().map(|k| format!(", {k}")).collect::<String>()
-            )));
-        }
-    }
-    if kind == BackendKind::Dir {
-        return Ok((kind, None));
-    }
-    let fs_type = parameters.get(FS_TYPE_PARAM).map_or("ext4", String::as_str);
-    let fs = FsType::parse(fs_type).ok_or_else(|| {
-        Error::InvalidArgument(format!("fsType {} is not supported; use ext4 or xfs", quote(fs_type)))
-    })?;
-    let thick = match parameters.get("provisioning").map(String::as_str) {
-        None | Some("thick") => true,
-        Some("thin") => false,
-        Some(other) => {
-            return Err(Error::InvalidArgument(format!("provisioning {} must be \"thick\" or \"thin\"", quote(other))));
-        }
-    };
-    let mkfs_options = match parameters.get("mkfsOptions") {
-        Some(text) => {
-            MkfsOptions::parse(fs, text).map_err(|why| Error::InvalidArgument(format!("mkfsOptions: {why}")))?
-        }
-        None => MkfsOptions::none(fs),
-    };
-    Ok((kind, Some(LoopSpec { fs_type: fs.name().to_owned(), thick, mkfs_options: mkfs_options.words() })))
-}
-
-/// The filesystem and mkfs options a `loop` volume is formatted with, read
-/// back from its spec. Options a record holds but Loam no longer accepts
-/// (written by an older version, or edited) are refused before mkfs runs.
-pub fn filesystem_of(spec: &LoopSpec) -> Result<(FsType, MkfsOptions)> {
-    let fs = FsType::parse(&spec.fs_type)
-        .ok_or_else(|| Error::Damaged(format!("volume record names unknown fsType {:?}", spec.fs_type)))?;
-    let options = MkfsOptions::from_words(fs, &spec.mkfs_options).map_err(|why| {
-        Error::FailedPrecondition(format!(
-            "the volume's mkfsOptions are no longer accepted ({why}); it was never formatted, so delete it and \
-             create it again with accepted options"
-        ))
-    })?;
-    Ok((fs, options))
-}
-
-/// The least capacity a `loop` volume with `spec` can have: its filesystem's
-/// minimum for its mkfs options (capacities below are rounded up to it).
-pub fn min_capacity(spec: &LoopSpec) -> Result<u64> {
-    Ok(filesystem_of(spec)?.1.min_bytes())
-}
-
-/// The parameters a VolumeAttributesClass may change on a `loop` volume
-/// (`mutable_parameters`); `dir` volumes have none.
-pub const LOOP_MUTABLE_PARAMS: &[&str] = &["provisioning"];
-
-/// Reads `mutable_parameters` for a volume on `kind`: whether it asks for a
-/// thick (`Some(true)`) or thin image, or nothing (`None`). Any key the
-/// backend cannot change is refused, naming the ones it can.
-pub fn parse_mutable_parameters(kind: BackendKind, mutable: &BTreeMap<String, String>) -> Result<Option<bool>> {
-    let accepted: &[&str] = match kind {
-        BackendKind::Dir => &[],
-        BackendKind::Loop => LOOP_MUTABLE_PARAMS,
-    };
-    if let Some(key) = mutable.keys().find(|k| !accepted.contains(&k.as_str())) {
-        let can = if accepted.is_empty() { "none".to_owned() } else { accepted.join(", ") };
-        return Err(Error::InvalidArgument(format!(
-            "mutable parameter {} cannot be set on a {kind:?} volume; mutable parameters of {kind:?} volumes: {can}",
-            quote(key)
-        )));
-    }
-    match mutable.get("provisioning").map(String::as_str) {
-        None => Ok(None),
-        Some("thick") => Ok(Some(true)),
-        Some("thin") => Ok(Some(false)),
-        Some(other) => Err(Error::InvalidArgument(format!(
-            "mutable parameter provisioning {} must be \"thick\" or \"thin\"",
-            quote(other)
-        ))),
-    }
-}
+use crate::config::QuotaMode;
+use crate::error::{Error, IoContext, Result};
+use crate::ids::Key;
+use crate::kernel::Kernel;
+use crate::kernel::loopdev::LoopDevice;
+use crate::kernel::mountinfo::{self, MountEntry};
+use crate::kernel::quota::Enforcer;
+pub use crate::records::{BackendKind, Layout, LoopSpec, Provisioning};
+use crate::records::{Capability, Enforcement, SnapshotRecord, Stage, VolumeRecord};
+use dir::DirBackend;
+use loopback::{FormatLog, LoopBackend, Orphan};
 
 /// A volume's usage as NodeGetVolumeStats reports it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -200,78 +54,453 @@ pub struct Condition {
     pub message: String,
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// What a new volume copies its content from, resolved from its record.
+#[derive(Debug, Clone, Copy)]
+pub enum Origin<'a> {
+    /// A snapshot of this node.
+    Snapshot(&'a Key, &'a SnapshotRecord),
+    /// A volume of this node.
+    Volume(&'a Key, &'a VolumeRecord),
+}
 
-    fn params(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+/// Where a new volume's content comes from, checked against its layout.
+#[derive(Debug, Clone)]
+pub struct Source {
+    /// The directory or image to copy.
+    path: PathBuf,
+    /// Where the source's filesystem is mounted, when it is a staged `loop`
+    /// filesystem: frozen for the copy, as for a snapshot.
+    mounted: Option<PathBuf>,
+}
+
+/// The engines of one node's root.
+#[derive(Debug)]
+pub struct Backends {
+    dir: DirBackend,
+    loopback: LoopBackend,
+    kernel: Arc<dyn Kernel>,
+}
+
+impl Backends {
+    /// Prepares both engines under `root` (creating their directories) and
+    /// finds out how directory capacities can be enforced there.
+    pub fn open(root: &Path, quota: QuotaMode, kernel: Arc<dyn Kernel>) -> Result<Backends> {
+        let dir = DirBackend::open(root, quota, kernel.clone())?;
+        let loopback = LoopBackend::new(root, kernel.clone());
+        Ok(Backends { dir, loopback, kernel })
     }
 
-    #[test]
-    fn backends_and_their_parameters_are_read_and_typos_refused() {
-        assert_eq!(parse_parameters(&params(&[])).unwrap(), (BackendKind::Dir, None));
-        let (kind, spec) =
-            parse_parameters(&params(&[("backend", "loop"), ("fsType", "xfs"), ("provisioning", "thin")])).unwrap();
-        assert_eq!(kind, BackendKind::Loop);
-        assert_eq!(spec.unwrap(), LoopSpec { fs_type: "xfs".into(), thick: false, mkfs_options: vec![] });
-        assert!(parse_parameters(&params(&[("backend", "lvm")])).is_err());
-        assert!(parse_parameters(&params(&[("backend", "dir"), ("fsType", "xfs")])).is_err());
-        assert!(parse_parameters(&params(&[("backend", "loop"), ("fstype", "xfs")])).is_err());
-        assert!(parse_parameters(&params(&[("backend", "loop"), ("fsType", "ntfs")])).is_err());
-        assert!(parse_parameters(&params(&[("backend", "loop"), ("provisioning", "fat")])).is_err());
-        assert!(parse_parameters(&params(&[("backend", "loop"), ("csi.storage.k8s.io/pvc/name", "x")])).is_ok());
+    /// Why directory volumes on this root are not enforced, when they are not.
+    pub fn unenforced_reason(&self) -> Option<&str> {
+        match self.dir.enforcer() {
+            Enforcer::None(reason) => Some(reason),
+            _ => None,
+        }
     }
 
-    #[test]
-    fn mutable_parameters_are_provisioning_of_loop_volumes_only() {
-        let loop_ = BackendKind::Loop;
-        assert_eq!(parse_mutable_parameters(loop_, &params(&[])).unwrap(), None);
-        assert_eq!(parse_mutable_parameters(loop_, &params(&[("provisioning", "thick")])).unwrap(), Some(true));
-        assert_eq!(parse_mutable_parameters(loop_, &params(&[("provisioning", "thin")])).unwrap(), Some(false));
-        let err = parse_mutable_parameters(loop_, &params(&[("provisioning", "fat")])).unwrap_err();
-        assert!(matches!(err, Error::InvalidArgument(_)), "{err:?}");
-        let err = parse_mutable_parameters(loop_, &params(&[("XXX_FakeKey", "x")])).unwrap_err();
-        assert!(matches!(&err, Error::InvalidArgument(m) if m.contains("provisioning")), "{err:?}");
-        // Immutable StorageClass parameters are not mutable ones.
-        assert!(parse_mutable_parameters(loop_, &params(&[("fsType", "xfs")])).is_err());
-        assert_eq!(parse_mutable_parameters(BackendKind::Dir, &params(&[])).unwrap(), None);
-        let err = parse_mutable_parameters(BackendKind::Dir, &params(&[("provisioning", "thick")])).unwrap_err();
-        assert!(matches!(&err, Error::InvalidArgument(m) if m.contains("none")), "{err:?}");
+    // ----- Start-up -----
+
+    /// Takes over a volume loaded from its record: a directory's limit lives
+    /// in the filesystem, which an operator or a restore can change behind
+    /// Loam's back, so what the record promises is put back.
+    pub fn adopt(&self, key: &Key, record: &VolumeRecord) -> Result<()> {
+        match record.layout {
+            Layout::Dir => self.dir.adopt(key, record.enforcement.as_ref(), record.capacity_bytes),
+            Layout::Loop(_) => Ok(()),
+        }
     }
 
-    #[test]
-    fn the_capability_filesystem_fills_in_and_must_agree() {
-        let loop_thin = params(&[("backend", "loop"), ("provisioning", "thin")]);
-        let none = BTreeMap::new();
-        let spec = VolumeSpec::parse(&loop_thin, &none, "xfs").unwrap();
-        assert_eq!(spec.loop_spec.unwrap().fs_type, "xfs", "the capability names the filesystem");
-        let spec = VolumeSpec::parse(&loop_thin, &none, "").unwrap();
-        assert_eq!(spec.loop_spec.unwrap().fs_type, "ext4", "ext4 when nothing names one");
-        let ext4 = params(&[("backend", "loop"), ("fsType", "ext4")]);
-        let err = VolumeSpec::parse(&ext4, &none, "xfs").unwrap_err();
-        assert!(matches!(&err, Error::InvalidArgument(m) if m.contains("differ")), "{err}");
-        assert!(VolumeSpec::parse(&ext4, &none, "ext4").is_ok());
-        // A directory volume is a bind mount: the capability's filesystem says nothing about it.
-        assert_eq!(
-            VolumeSpec::parse(&none, &none, "xfs").unwrap(),
-            VolumeSpec { backend: BackendKind::Dir, loop_spec: None }
-        );
+    /// Detaches loop devices of volumes that are not `staged`: what a crash
+    /// between attach and record can leave (see [`LoopBackend::detach_orphans`]).
+    pub fn detach_orphans(&self, staged: impl Fn(&Key) -> bool) -> Result<Vec<(LoopDevice, Orphan)>> {
+        self.loopback.detach_orphans(staged)
     }
 
-    #[test]
-    fn mkfs_options_are_checked_against_the_filesystem_the_volume_gets() {
-        let xfs_options = params(&[("backend", "loop"), ("mkfsOptions", "-i maxpct=5")]);
-        let none = BTreeMap::new();
-        assert!(VolumeSpec::parse(&xfs_options, &none, "xfs").is_ok(), "xfs options for an xfs volume");
-        assert!(VolumeSpec::parse(&xfs_options, &none, "").is_err(), "xfs options for an ext4 volume");
+    /// Thaws the volume's staged filesystem if a driver killed during a
+    /// snapshot left it frozen; returns whether it was frozen.
+    pub fn thaw_stage(&self, key: &Key, record: &VolumeRecord) -> Result<bool> {
+        match (&record.layout, &record.stage) {
+            (Layout::Loop(_), Some(stage)) if !stage.capability.block => self.loopback.thaw_stage(key, &stage.path),
+            _ => Ok(false),
+        }
     }
 
-    #[test]
-    fn mutable_parameters_win_over_the_storage_class() {
-        let thin = params(&[("backend", "loop"), ("provisioning", "thin")]);
-        let thick = params(&[("provisioning", "thick")]);
-        assert!(VolumeSpec::parse(&thin, &thick, "").unwrap().loop_spec.unwrap().thick);
-        assert!(VolumeSpec::parse(&params(&[]), &thick, "").is_err(), "a dir volume has no mutable parameters");
+    // ----- Volumes -----
+
+    /// Whether a volume laid out as `layout` can serve `capability`; the
+    /// reason when it cannot.
+    pub fn supports(layout: &Layout, capability: &Capability) -> std::result::Result<(), String> {
+        match layout {
+            Layout::Dir if capability.block => {
+                Err("the dir backend serves filesystem volumes only; use a block-capable backend for raw block".into())
+            }
+            Layout::Dir => Ok(()),
+            Layout::Loop(_) if capability.block || capability.fs_type.is_empty() => Ok(()),
+            Layout::Loop(_) if matches!(capability.fs_type.as_str(), "ext4" | "xfs") => Ok(()),
+            Layout::Loop(_) => {
+                Err(format!("fs type {:?} is not supported by the loop backend; use ext4 or xfs", capability.fs_type))
+            }
+        }
     }
+
+    /// Refuses a new directory volume when `--quota required` cannot be met.
+    pub fn check_enforceable(&self, layout: &Layout, mode: QuotaMode) -> Result<()> {
+        match (mode, layout, self.dir.enforcer()) {
+            (QuotaMode::Required, Layout::Dir, Enforcer::None(reason)) => {
+                Err(Error::FailedPrecondition(format!("--quota required, but capacities cannot be enforced: {reason}")))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The least capacity a volume with `layout` can have.
+    pub fn min_capacity(layout: &Layout) -> Result<u64> {
+        match layout {
+            Layout::Dir => Ok(0),
+            Layout::Loop(spec) => min_capacity(spec),
+        }
+    }
+
+    /// What a new volume with `layout` copies from `origin`. Content never
+    /// crosses backends.
+    pub fn source(&self, layout: &Layout, origin: Origin<'_>) -> Result<Source> {
+        let (from, source) = match origin {
+            Origin::Snapshot(key, snapshot) => {
+                let path = match snapshot.backend {
+                    BackendKind::Dir => self.dir.snapshot_path(key),
+                    BackendKind::Loop => self.loopback.snapshot_path(key),
+                };
+                (snapshot.backend, Source { path, mounted: None })
+            }
+            Origin::Volume(key, volume) => {
+                let source = match volume.layout {
+                    Layout::Dir => Source { path: self.dir.volume_path(key), mounted: None },
+                    Layout::Loop(_) => Source {
+                        path: self.loopback.image_path(key),
+                        mounted: filesystem_stage(volume).map(|s| s.path.clone()),
+                    },
+                };
+                (volume.layout.backend(), source)
+            }
+        };
+        let to = layout.backend();
+        if from != to {
+            return Err(Error::InvalidArgument(format!(
+                "the source lives on the {from:?} backend; restore or clone it into a {from:?} volume, not {to:?}"
+            )));
+        }
+        Ok(source)
+    }
+
+    /// Makes a volume's storage, empty or filled from `source`; returns how
+    /// its capacity is enforced, for a directory.
+    pub fn create_volume(
+        &self,
+        key: &Key,
+        layout: &Layout,
+        capacity: u64,
+        source: Option<&Source>,
+    ) -> Result<Option<Enforcement>> {
+        match layout {
+            Layout::Dir => Ok(Some(self.dir.create_volume(key, source.map(|s| s.path.as_path()), capacity)?)),
+            Layout::Loop(spec) => {
+                let source = source.map(|s| (s.path.as_path(), s.mounted.as_deref()));
+                self.loopback.create_volume(key, capacity, spec, source)?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Removes a volume's storage; without a record (a crash after the
+    /// storage was made, before the record) both engines are cleared.
+    pub fn delete_volume(&self, key: &Key, record: Option<&VolumeRecord>) -> Result<()> {
+        let layout = record.map(|r| &r.layout);
+        if !matches!(layout, Some(Layout::Loop(_))) {
+            self.dir.delete_volume(key, record.and_then(|r| r.enforcement.as_ref()))?;
+        }
+        if !matches!(layout, Some(Layout::Dir)) {
+            self.loopback.delete_volume(key)?;
+        }
+        Ok(())
+    }
+
+    /// Of a volume's capacity, the bytes promised but not written yet.
+    pub fn outstanding(&self, key: &Key, layout: &Layout, capacity: u64, quota: Option<&Enforcement>) -> Result<u64> {
+        let used = match layout {
+            Layout::Loop(_) => self.loopback.allocated_bytes(key),
+            Layout::Dir if !self.dir.volume_exists(key) => return Ok(0),
+            Layout::Dir => match self.dir.quota_usage(quota)? {
+                Some(quota) => quota.bytes,
+                None => self.dir.usage(key)?.bytes,
+            },
+        };
+        Ok(capacity.saturating_sub(used))
+    }
+
+    /// Whether the volume's data is where it should be (and, for a staged
+    /// `loop` volume, its device and direct I/O).
+    pub fn condition(&self, key: &Key, record: &VolumeRecord) -> Condition {
+        match record.layout {
+            Layout::Loop(_) => self.loopback.condition(key, record.stage.is_some()),
+            Layout::Dir => self.dir.condition(key),
+        }
+    }
+
+    /// [`Backends::condition`] with what the volume uses, where that is
+    /// cheap to know and not in its stats (ControllerGetVolume).
+    pub fn condition_with_usage(&self, key: &Key, record: &VolumeRecord) -> Result<Condition> {
+        let mut condition = self.condition(key, record);
+        if !condition.abnormal && record.layout == Layout::Dir {
+            condition.message = self.dir.usage_message(key, record.enforcement.as_ref(), record.capacity_bytes)?;
+        }
+        Ok(condition)
+    }
+
+    /// Grows a volume's storage to `capacity`.
+    pub fn expand_volume(&self, key: &Key, record: &VolumeRecord, capacity: u64) -> Result<()> {
+        match &record.layout {
+            Layout::Loop(spec) => self.loopback.expand_volume(key, capacity, spec),
+            Layout::Dir => self.dir.set_limit(key, record.enforcement.as_ref(), capacity),
+        }
+    }
+
+    /// Whether growing a volume needs NodeExpandVolume too: a loop volume's
+    /// filesystem grows on the node; a directory has nothing to grow.
+    pub fn node_expansion_required(layout: &Layout) -> bool {
+        matches!(layout, Layout::Loop(_))
+    }
+
+    /// Changes a `loop` volume's provisioning: to thick allocates the whole
+    /// image now (staged or not; `free` is what the host still has), to thin
+    /// changes nothing until the next growth. Returns the new layout and the
+    /// bytes allocated. Refused for a directory volume (it has no mutable
+    /// parameters, as [`parse_mutable_parameters`] already said).
+    pub fn set_provisioning(
+        &self,
+        key: &Key,
+        record: &VolumeRecord,
+        provisioning: Provisioning,
+        free: u64,
+    ) -> Result<(Layout, u64)> {
+        let Layout::Loop(spec) = &record.layout else {
+            return Err(Error::InvalidArgument(format!("volume {} has no provisioning to change", record.id)));
+        };
+        let changed = LoopSpec { provisioning, ..spec.clone() };
+        if provisioning == Provisioning::Thin {
+            return Ok((Layout::Loop(changed), 0));
+        }
+        let before = self.loopback.allocated_bytes(key);
+        let needed = record.capacity_bytes.saturating_sub(before);
+        // The volume's thin promise already holds these bytes back from new
+        // volumes, but the host may have filled up since.
+        if needed > free {
+            return Err(Error::ResourceExhausted(format!(
+                "making volume {} thick needs {needed} more bytes but the node's root has {free} free; free space \
+                 on the host",
+                record.id
+            )));
+        }
+        self.loopback.expand_volume(key, record.capacity_bytes, &changed)?;
+        let allocated = self.loopback.allocated_bytes(key).saturating_sub(before);
+        Ok((Layout::Loop(changed), allocated))
+    }
+
+    // ----- Snapshots -----
+
+    /// Cuts a snapshot of a volume. With `freeze`, a staged `loop`
+    /// filesystem is frozen around the copy so the snapshot is consistent;
+    /// without, the caller holds the volume still (a group's cut).
+    pub fn create_snapshot(&self, key: &Key, volume: &VolumeRecord, snapshot: &Key, freeze: bool) -> Result<()> {
+        match volume.layout {
+            Layout::Dir => self.dir.create_snapshot(key, snapshot),
+            Layout::Loop(_) => {
+                let mounted = filesystem_stage(volume).filter(|_| freeze).map(|s| s.path.as_path());
+                self.loopback.create_snapshot(key, snapshot, mounted)
+            }
+        }
+    }
+
+    /// Removes a snapshot's data; without a record both engines are cleared.
+    pub fn delete_snapshot(&self, key: &Key, backend: Option<BackendKind>) -> Result<()> {
+        if backend != Some(BackendKind::Loop) {
+            self.dir.delete_snapshot(key)?;
+        }
+        if backend != Some(BackendKind::Dir) {
+            self.loopback.delete_snapshot(key)?;
+        }
+        Ok(())
+    }
+
+    /// Whether a snapshot of the volume is cut at one instant even while it
+    /// is written (a btrfs snapshot, a reflink) rather than copied.
+    pub fn snapshots_atomically(&self, key: &Key, layout: &Layout) -> Result<bool> {
+        match layout {
+            Layout::Dir => Ok(self.dir.snapshots_atomically(key)),
+            Layout::Loop(_) => self.loopback.reflinks(),
+        }
+    }
+
+    /// Where the volume's filesystem can be frozen for a cut: the staging
+    /// path of a `loop` volume staged as a filesystem.
+    pub fn freezable(record: &VolumeRecord) -> Option<&Path> {
+        filesystem_stage(record).map(|s| s.path.as_path())
+    }
+
+    // ----- Node -----
+
+    /// Where an inline volume is staged: a loop volume's filesystem is
+    /// mounted under `root`; a directory volume is staged on its own data
+    /// directory, which needs no mount.
+    pub fn ephemeral_staging(&self, key: &Key, layout: &Layout, root: &Path) -> PathBuf {
+        match layout {
+            Layout::Dir => self.dir.volume_path(key),
+            Layout::Loop(_) => root.join("ephemeral").join(key.to_string()),
+        }
+    }
+
+    /// Removes the staging directory [`Backends::ephemeral_staging`] made for
+    /// an unstaged inline volume (a directory volume's is its data, which
+    /// goes with the volume).
+    pub fn remove_ephemeral_staging(&self, key: &Key, layout: &Layout, root: &Path) -> Result<()> {
+        match layout {
+            Layout::Dir => Ok(()),
+            Layout::Loop(_) => {
+                let staging = self.ephemeral_staging(key, layout, root);
+                match fs::remove_dir(&staging) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        Err(Error::io(format!("removing {}", staging.display()), e))
+                    }
+                    _ => Ok(()),
+                }
+            }
+        }
+    }
+
+    /// Stages a volume at `path`; `formats` says how far formatting its
+    /// image got and records progress.
+    pub fn stage(
+        &self,
+        key: &Key,
+        layout: &Layout,
+        path: &Path,
+        capability: &Capability,
+        formats: &FormatLog<'_>,
+    ) -> Result<()> {
+        match layout {
+            Layout::Dir => self.dir.stage(key, path, capability),
+            Layout::Loop(spec) => self.loopback.stage(key, spec, path, capability, formats),
+        }
+    }
+
+    /// Unstages a volume from `path`. Without a record only a mount that
+    /// shows the volume is undone; with one, `ours` says the record stages
+    /// it there, so whatever is mounted there is the volume's.
+    pub fn unstage(&self, key: &Key, layout: Option<&Layout>, path: &Path, ours: bool) -> Result<()> {
+        match layout {
+            Some(Layout::Loop(_)) => self.loopback.unstage(key, path),
+            Some(Layout::Dir) | None => self.unmount(path, key, layout, ours).map(drop),
+        }
+    }
+
+    /// What a publication binds onto its target: the staging path of a
+    /// filesystem, or the device node of a block volume.
+    pub fn publish_source(
+        &self,
+        key: &Key,
+        layout: &Layout,
+        staging: &Path,
+        block: bool,
+        read_only: bool,
+    ) -> Result<PathBuf> {
+        match layout {
+            Layout::Dir => Ok(staging.to_owned()),
+            Layout::Loop(_) => self.loopback.publish_source(key, staging, block, read_only),
+        }
+    }
+
+    /// Releases what read-only block publications of the volume held, once
+    /// none is left.
+    pub fn release_read_only(&self, key: &Key, layout: &Layout) -> Result<()> {
+        match layout {
+            Layout::Dir => Ok(()),
+            Layout::Loop(_) => self.loopback.release_read_only(key),
+        }
+    }
+
+    /// Whether a mount shows this volume; without a layout (no record),
+    /// whether it shows it in either engine's way.
+    pub fn shows_volume(&self, entry: &MountEntry, key: &Key, layout: Option<&Layout>) -> bool {
+        match layout {
+            Some(Layout::Dir) => self.dir.shows_volume(entry, key),
+            Some(Layout::Loop(_)) => self.loopback.shows_volume(entry, key),
+            None => self.dir.shows_volume(entry, key) || self.loopback.shows_volume(entry, key),
+        }
+    }
+
+    /// Unmounts `path` if `ours` (the record says the volume is mounted
+    /// there) or the mount table shows the volume there; never a stranger's
+    /// mount. Stacked mounts of the volume (a retry after a crash) all go.
+    /// Returns whether it unmounted anything.
+    pub fn unmount(&self, path: &Path, key: &Key, layout: Option<&Layout>, ours: bool) -> Result<bool> {
+        // The bound keeps a confused table from looping.
+        for round in 0..8 {
+            let mounts = self.kernel.mounts().context(|| "reading the mount table".into())?;
+            let Some(entry) = mountinfo::find_mount_point(&mounts, path) else { return Ok(round > 0) };
+            if !ours && !self.shows_volume(entry, key, layout) {
+                return Ok(round > 0);
+            }
+            self.kernel.unmount(path).context(|| format!("unmounting {}", path.display()))?;
+        }
+        Err(Error::FailedPrecondition(format!(
+            "{} still has mounts after 8 unmounts; inspect it with findmnt",
+            path.display()
+        )))
+    }
+
+    /// Whether a recorded stage still exists in the kernel: the staging
+    /// mount shows the volume, or (loop) a device is attached to its image.
+    pub fn stage_is_live(&self, key: &Key, layout: &Layout, stage: &Stage) -> Result<bool> {
+        if matches!(layout, Layout::Loop(_)) && self.loopback.is_attached(key)? {
+            return Ok(true);
+        }
+        let mounts = self.kernel.mounts().context(|| "reading the mount table".into())?;
+        Ok(mountinfo::find_mount_point(&mounts, &stage.path).is_some_and(|e| self.shows_volume(e, key, Some(layout))))
+    }
+
+    /// Usage of a volume staged at `stage`.
+    pub fn stats(&self, key: &Key, record: &VolumeRecord, stage: &Stage) -> Result<VolumeStats> {
+        match record.layout {
+            Layout::Loop(_) => self.loopback.stats(key, &stage.path, stage.capability.block),
+            Layout::Dir => self.dir.stats(key, record.enforcement.as_ref(), record.capacity_bytes),
+        }
+    }
+
+    /// Node half of an expansion: grows a staged `loop` filesystem to its
+    /// grown device; a directory has nothing to grow.
+    pub fn node_expand(&self, key: &Key, layout: &Layout, stage: &Stage) -> Result<()> {
+        match layout {
+            Layout::Dir => Ok(()),
+            Layout::Loop(spec) => self.loopback.node_expand(key, spec, &stage.path, &stage.capability),
+        }
+    }
+}
+
+/// The volume's stage when it is staged as a filesystem on a `loop` device.
+fn filesystem_stage(record: &VolumeRecord) -> Option<&Stage> {
+    match (&record.layout, &record.stage) {
+        (Layout::Loop(_), Some(stage)) if !stage.capability.block => Some(stage),
+        _ => None,
+    }
+}
+
+/// Gives the volume root to `gid` with the setgid bit, so files created in it
+/// belong to the pod's group.
+fn apply_mount_group(data: &Path, gid: u32) -> Result<()> {
+    let meta = fs::symlink_metadata(data).context(|| format!("inspecting {}", data.display()))?;
+    if meta.gid() != gid {
+        std::os::unix::fs::lchown(data, None, Some(gid)).context(|| format!("changing group of {}", data.display()))?;
+    }
+    let mode = meta.mode() & 0o7777 | 0o2070;
+    fs::set_permissions(data, fs::Permissions::from_mode(mode))
+        .context(|| format!("setting mode of {}", data.display()))
 }

@@ -6,14 +6,13 @@
 //! both kinds converge the same way after a failure or a crash.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::{fs, io};
+use std::path::Path;
 
 use super::{CapacityRange, Driver, EphemeralVolume, NewVolume};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::ids::{Key, Kind, ObjectId};
 use crate::kernel::mountinfo;
-use crate::records::{BackendKind, Capability, Ephemeral};
+use crate::records::{Capability, Ephemeral};
 
 /// Put before the kubelet's volume id to name an ephemeral volume's key. The
 /// NUL puts those names where no CreateVolume name can be (names never hold
@@ -65,14 +64,13 @@ impl Driver {
             capabilities: vec![capability.clone()],
             parameters: volume.parameters,
             mutable_parameters: BTreeMap::new(),
-            backend: volume.backend,
-            loop_spec: volume.loop_spec,
+            layout: volume.layout,
             source: None,
             allowed_nodes: None,
         };
         let record = self.create_volume_as(key, new, Some(volume.origin))?;
         crate::failpoint!("ephemeral.created");
-        let staging = self.ephemeral_staging(&key, record.backend);
+        let staging = self.backends.ephemeral_staging(&key, &record.layout, &self.config.root);
         self.node_stage(key, &staging, capability.clone())?;
         self.node_publish(key, &staging, target, read_only, capability)
     }
@@ -92,26 +90,8 @@ impl Driver {
         if let Some(stage) = &record.stage {
             self.node_unstage(key, &stage.path)?;
         }
-        if record.backend == BackendKind::Loop {
-            let staging = self.ephemeral_staging(&key, record.backend);
-            match fs::remove_dir(&staging) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                    return Err(Error::io(format!("removing {}", staging.display()), e));
-                }
-                _ => {}
-            }
-        }
+        self.backends.remove_ephemeral_staging(&key, &record.layout, &self.config.root)?;
         self.delete_volume(key)
-    }
-
-    /// Where an inline volume is staged: a loop volume's filesystem is
-    /// mounted under the root; a directory volume is staged on its own data
-    /// directory, which needs no mount.
-    fn ephemeral_staging(&self, key: &Key, backend: BackendKind) -> PathBuf {
-        match backend {
-            BackendKind::Dir => self.dir.volume_path(key),
-            BackendKind::Loop => self.config.root.join("ephemeral").join(key.to_string()),
-        }
     }
 
     /// Logs the inline volumes that no target shows: left by a crash in the
@@ -179,7 +159,7 @@ mod tests {
         let old = r#"{"id":"k@n","name":"pvc-1","capacity_bytes":4096,"backend":"dir"}"#;
         let record: VolumeRecord = serde_json::from_str(old).unwrap();
         assert_eq!(record.ephemeral, None);
-        assert_eq!(serde_json::to_string(&record).unwrap(), old);
+        assert_eq!(serde_json::to_string(&record).unwrap(), old.replacen('{', r#"{"schema":1,"#, 1));
         let origin = Ephemeral { volume_id: "csi-1".into(), pod_uid: "u".into(), ..Default::default() };
         let inline = VolumeRecord { ephemeral: Some(origin.clone()), ..record };
         let text = serde_json::to_string(&inline).unwrap();

@@ -38,11 +38,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use super::{Driver, timestamp};
+use crate::backend::Backends;
 use crate::error::{Error, IoContext, Result};
 use crate::guard::Guard;
 use crate::ids::{Key, Kind, ObjectId};
 use crate::kernel::Frozen;
-use crate::records::{BackendKind, GroupSnapshotRecord, SnapshotRecord, VolumeRecord};
+use crate::records::{GroupSnapshotRecord, Schema, SnapshotRecord, VolumeRecord};
 
 /// How a source volume is held still while its group is cut.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,12 +67,10 @@ impl Stillness {
         if stage.is_none() && record.publications.is_empty() {
             return Ok(Stillness::Quiet);
         }
-        match stage {
-            Some(stage) if record.backend == BackendKind::Loop && !stage.capability.block => {
-                Ok(Stillness::Freezable(stage.path.clone()))
-            }
-            _ if atomic()? => Ok(Stillness::Live),
-            _ => Ok(Stillness::Copied),
+        match Backends::freezable(record).filter(|_| stage.is_some()) {
+            Some(path) => Ok(Stillness::Freezable(path.to_owned())),
+            None if atomic()? => Ok(Stillness::Live),
+            None => Ok(Stillness::Copied),
         }
     }
 }
@@ -191,6 +190,7 @@ impl Driver {
         let node = &self.config.node_id;
         let (created_secs, created_nanos) = timestamp();
         let mut record = GroupSnapshotRecord {
+            schema: Schema,
             id: ObjectId { key, node: node.clone() }.to_string(),
             name: name.to_owned(),
             source_volume_ids: members.iter().map(|m| m.volume.id.clone()).collect(),
@@ -232,10 +232,7 @@ impl Driver {
             Some(stage) => self.stage_is_live(volume, key, stage)?,
             None => false,
         };
-        Stillness::of(volume, stage_live, || match volume.backend {
-            BackendKind::Dir => Ok(self.dir.snapshots_atomically(key)),
-            BackendKind::Loop => self.loopback.reflinks(),
-        })
+        Stillness::of(volume, stage_live, || self.backends.snapshots_atomically(key, &volume.layout))
     }
 
     /// Freezes the freezable members, cuts every member, thaws, then records
@@ -253,10 +250,7 @@ impl Driver {
         for member in members {
             // Frozen or quiet already, or live with a point-in-time snapshot:
             // never frozen a second time here.
-            match member.volume.backend {
-                BackendKind::Dir => self.dir.create_snapshot(&member.key, &member.snapshot)?,
-                BackendKind::Loop => self.loopback.create_snapshot(&member.key, &member.snapshot, None)?,
-            }
+            self.backends.create_snapshot(&member.key, &member.volume, &member.snapshot, false)?;
         }
         crate::failpoint!("group.cut");
         // Records wait until after the thaw: their fsyncs need no frozen pod.
@@ -270,10 +264,11 @@ impl Driver {
         tracing::info!(group = %group.id, members = members.len(), thawed, micros, "group snapshot cut");
         for member in members {
             let record = SnapshotRecord {
+                schema: Schema,
                 id: ObjectId { key: member.snapshot, node: self.config.node_id.clone() }.to_string(),
                 name: group.name.clone(),
                 source_volume_id: member.volume.id.clone(),
-                backend: member.volume.backend,
+                backend: member.volume.layout.backend(),
                 size_bytes: member.volume.capacity_bytes,
                 created_secs: secs,
                 created_nanos: nanos,
@@ -378,9 +373,16 @@ mod tests {
     use crate::config::{Config, QuotaMode};
     use crate::driver::{CapacityRange, NewVolume};
     use crate::kernel::FakeKernel;
-    use crate::records::{AccessMode, Capability, Publication, Stage, VolumeRecord};
+    use crate::kernel::blockfs::FsType;
+    use crate::records::{AccessMode, Capability, Layout, LoopSpec, Provisioning, Publication, Stage, VolumeRecord};
 
-    fn volume(backend: BackendKind, stage: Option<bool>, published: bool) -> VolumeRecord {
+    #[derive(Clone, Copy)]
+    enum Backend {
+        Dir,
+        Loop,
+    }
+
+    fn volume(backend: Backend, stage: Option<bool>, published: bool) -> VolumeRecord {
         let capability = |block| Capability {
             access_mode: AccessMode::SingleNodeWriter,
             block,
@@ -388,12 +390,18 @@ mod tests {
             mount_flags: Vec::new(),
             mount_group: None,
         };
+        let layout = match backend {
+            Backend::Dir => Layout::Dir,
+            Backend::Loop => {
+                Layout::Loop(LoopSpec { fs: FsType::Ext4, provisioning: Provisioning::Thin, mkfs_options: Vec::new() })
+            }
+        };
         VolumeRecord {
+            schema: Schema,
             id: "v".into(),
             name: "v".into(),
             capacity_bytes: 1 << 20,
-            backend,
-            loop_spec: None,
+            layout,
             parameters: BTreeMap::new(),
             mutable_parameters: BTreeMap::new(),
             source: None,
@@ -416,7 +424,7 @@ mod tests {
 
     #[test]
     fn volumes_are_classified_by_how_they_can_be_held_still() {
-        use BackendKind::{Dir, Loop};
+        use Backend::{Dir, Loop};
         // Unused, or staged before a reboot that took the mount: quiet.
         assert_eq!(classify(&volume(Dir, None, false), false, false), Stillness::Quiet);
         assert_eq!(classify(&volume(Loop, Some(false), false), false, false), Stillness::Quiet);
@@ -472,8 +480,7 @@ mod tests {
             capabilities: Vec::new(),
             parameters: BTreeMap::new(),
             mutable_parameters: BTreeMap::new(),
-            backend: BackendKind::Dir,
-            loop_spec: None,
+            layout: Layout::Dir,
             source: None,
             allowed_nodes: None,
         };

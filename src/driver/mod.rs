@@ -13,19 +13,16 @@ use std::os::unix::fs::PermissionsExt;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
-use crate::backend::dir::DirBackend;
-use crate::backend::loopback::{LoopBackend, Orphan};
+use crate::backend::Backends;
+use crate::backend::loopback::Orphan;
 use crate::config::{Config, TOPOLOGY_NODE_KEY};
 use crate::error::{Error, IoContext, Result};
 use crate::guard::{Guard, InFlight, PathsInFlight};
 use crate::ids::{Key, Kind, ObjectId};
 use crate::kernel::Kernel;
 use crate::kernel::mount::MountFlags;
-use crate::kernel::quota::Enforcer;
 use crate::kernel::usage::{FsUsage, fs_usage};
-use crate::records::{
-    BackendKind, Capability, ContentSource, GroupSnapshotRecord, LoopSpec, SnapshotRecord, VolumeRecord,
-};
+use crate::records::{Capability, ContentSource, GroupSnapshotRecord, Layout, SnapshotRecord, VolumeRecord};
 use crate::store::Table;
 
 mod ephemeral;
@@ -37,7 +34,7 @@ mod volumes;
 
 pub use groups::{GroupSnapshot, Stillness};
 // What the backends report about a volume, part of the driver's answers.
-pub use crate::backend::{Condition, VolumeSpec, VolumeStats};
+pub use crate::backend::{Condition, VolumeStats, parse_layout};
 
 /// Capacity of a volume whose request names none.
 pub const DEFAULT_CAPACITY: u64 = 1 << 30;
@@ -93,12 +90,10 @@ pub struct NewVolume {
     pub capabilities: Vec<Capability>,
     /// The StorageClass parameters.
     pub parameters: BTreeMap<String, String>,
-    /// The VolumeAttributesClass parameters, already applied to `loop_spec`.
+    /// The VolumeAttributesClass parameters, already applied to `layout`.
     pub mutable_parameters: BTreeMap<String, String>,
-    /// The backend the parameters pick.
-    pub backend: BackendKind,
-    /// Image layout, for `loop` volumes.
-    pub loop_spec: Option<LoopSpec>,
+    /// The backend the parameters pick and how it lays the volume out.
+    pub layout: Layout,
     /// Content to start from.
     pub source: Option<ContentSource>,
     /// Nodes the volume may live on, when the CO restricts it.
@@ -112,10 +107,8 @@ pub struct EphemeralVolume {
     pub size: Option<u64>,
     /// The StorageClass parameters among its attributes.
     pub parameters: BTreeMap<String, String>,
-    /// The backend the parameters pick.
-    pub backend: BackendKind,
-    /// Image layout, for `loop` volumes.
-    pub loop_spec: Option<LoopSpec>,
+    /// The backend the parameters pick and how it lays the volume out.
+    pub layout: Layout,
     /// The kubelet's id for it and the pod it is for.
     pub origin: crate::records::Ephemeral,
 }
@@ -158,8 +151,7 @@ pub struct Driver {
     volumes: Table<VolumeRecord>,
     snapshots: Table<SnapshotRecord>,
     groups: Table<GroupSnapshotRecord>,
-    dir: DirBackend,
-    loopback: LoopBackend,
+    backends: Backends,
     kernel: Arc<dyn Kernel>,
     inflight: InFlight,
     /// Staging and target paths being mounted at (see [`PathsInFlight`]).
@@ -186,24 +178,18 @@ impl Driver {
         let volumes: Table<VolumeRecord> = Table::open(&root.join("meta/volumes"))?;
         let snapshots = Table::open(&root.join("meta/snapshots"))?;
         let groups = Table::open(&root.join("meta/groups"))?;
-        let dir = DirBackend::open(root, config.quota, kernel.clone())?;
-        // Limits live in the filesystem, which an operator or a restore can
-        // change behind Loam's back: put back what the records promise.
+        let backends = Backends::open(root, config.quota, kernel.clone())?;
         volumes.for_each(|key, record| {
-            if record.backend == BackendKind::Dir
-                && let Err(e) = dir.adopt(key, record.enforcement.as_ref(), record.capacity_bytes)
-            {
+            if let Err(e) = backends.adopt(key, record) {
                 tracing::error!(volume = %record.id, "cannot restore the volume's limit: {e}");
             }
         });
-        let loopback = LoopBackend::new(root, kernel.clone());
         let driver = Driver {
             config,
             volumes,
             snapshots,
             groups,
-            dir,
-            loopback,
+            backends,
             kernel,
             inflight: InFlight::default(),
             paths: PathsInFlight::default(),
@@ -229,7 +215,7 @@ impl Driver {
     /// the node from serving the others.
     fn detach_orphans(&self) {
         let staged = |key: &Key| self.volumes.get(key).is_some_and(|r| r.stage.is_some());
-        let orphans = match self.loopback.detach_orphans(staged) {
+        let orphans = match self.backends.detach_orphans(staged) {
             Ok(orphans) => orphans,
             Err(e) => {
                 tracing::warn!("cannot look for loop devices a crash left attached: {e}; they stay until restart");
@@ -264,14 +250,14 @@ impl Driver {
     fn thaw_stages(&self) {
         let mut staged = Vec::new();
         self.volumes.for_each(|key, record| {
-            if let (BackendKind::Loop, Some(stage)) = (record.backend, &record.stage)
-                && !stage.capability.block
-            {
-                staged.push((*key, record.id.clone(), stage.path.clone()));
+            if record.stage.is_some() {
+                staged.push(*key);
             }
         });
-        for (key, id, path) in staged {
-            match self.loopback.thaw_stage(&key, &path) {
+        for key in staged {
+            let Some(record) = self.volumes.get(&key) else { continue };
+            let (id, path) = (&record.id, record.stage.as_ref().map(|s| s.path.clone()).unwrap_or_default());
+            match self.backends.thaw_stage(&key, &record) {
                 Ok(true) => {
                     tracing::warn!(volume = %id, path = %path.display(), "thawed a filesystem a crash left frozen")
                 }
@@ -292,10 +278,7 @@ impl Driver {
 
     /// Why directory volumes on this root are not enforced, when they are not.
     pub fn unenforced_reason(&self) -> Option<&str> {
-        match self.dir.enforcer() {
-            Enforcer::None(reason) => Some(reason),
-            _ => None,
-        }
+        self.backends.unenforced_reason()
     }
 
     /// Claims a volume, snapshot or group snapshot for one operation

@@ -1,10 +1,9 @@
 //! The node half: staging, publishing, stats and expansion of volumes on
 //! this machine, reconciled against the mount table.
 
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::io;
 use std::path::Path;
 use std::sync::Arc;
-use std::{fs, io};
 
 use super::{CapacityRange, Condition, Driver, VolumeStats};
 use crate::backend::loopback::FormatLog;
@@ -14,8 +13,7 @@ use crate::kernel::mount::MountFlags;
 use crate::kernel::mountinfo;
 use crate::kernel::mountinfo::MountEntry;
 use crate::kernel::nofollow::{self, Removal, Want};
-use crate::kernel::quota::QuotaUsage;
-use crate::records::{BackendKind, Capability, Formatting, Publication, Stage, VolumeRecord};
+use crate::records::{Capability, Formatting, Layout, Publication, Stage, VolumeRecord};
 
 impl Driver {
     // ----- Node -----
@@ -42,23 +40,10 @@ impl Driver {
             }
         }
         let _path = self.paths.try_claim(path)?;
-        self.check_path_free(&key, record.backend, path)?;
-        match (record.backend, &record.loop_spec) {
-            (BackendKind::Loop, Some(spec)) => {
-                // A bad staging path is refused before the image is attached
-                // or formatted, not after.
-                if !capability.block {
-                    nofollow::open_or_create(path, Want::Dir).map_err(|e| Error::at_caller_path("staging path", e))?;
-                }
-                let record_formatting = |formatting| self.record_formatting(&key, formatting);
-                let formats = FormatLog { state: record.formatting, record: &record_formatting };
-                self.loopback.stage(&key, spec, path, &capability, &formats)?;
-                if let (Some(gid), false) = (capability.mount_group, capability.block) {
-                    apply_mount_group(path, gid)?;
-                }
-            }
-            _ => self.stage_dir(&key, path, &capability)?,
-        }
+        self.check_path_free(&key, &record.layout, path)?;
+        let record_formatting = |formatting| self.record_formatting(&key, formatting);
+        let formats = FormatLog { state: record.formatting, record: &record_formatting };
+        self.backends.stage(&key, &record.layout, path, &capability, &formats)?;
         crate::failpoint!("stage.mounted");
         // Formatting may have been recorded since it was read.
         let record = self.volume(&key)?;
@@ -67,7 +52,7 @@ impl Driver {
             staged.stage = Some(Stage { path: path.to_owned(), capability });
             if let Err(e) = self.put_volume(key, staged) {
                 // Leave nothing the record does not know about.
-                let _ = self.unstage_backend(&record, &key, path, true);
+                let _ = self.backends.unstage(&key, Some(&record.layout), path, true);
                 return Err(e);
             }
         }
@@ -79,32 +64,6 @@ impl Driver {
         let mut record = (*self.volume(key)?).clone();
         record.formatting = Some(formatting);
         self.put_volume(*key, record).map(drop)
-    }
-
-    /// Binds a directory volume onto its staging path; an inline volume is
-    /// staged on its own data directory, with nothing to bind.
-    fn stage_dir(&self, key: &Key, path: &Path, capability: &Capability) -> Result<()> {
-        if !self.dir.volume_exists(key) {
-            return Err(Error::FailedPrecondition(format!(
-                "data directory {} is missing; restore it from a backup or delete the volume",
-                self.dir.volume_path(key).display()
-            )));
-        }
-        let data = self.dir.volume_path(key);
-        if let Some(gid) = capability.mount_group {
-            apply_mount_group(&data, gid)?;
-        }
-        if path == data {
-            return Ok(());
-        }
-        nofollow::open_or_create(path, Want::Dir).map_err(|e| Error::at_caller_path("staging path", e))?;
-        let mounts = self.mount_table()?;
-        if !mountinfo::find_mount_point(&mounts, path).is_some_and(|e| self.shows_volume(e, key, BackendKind::Dir)) {
-            self.kernel.bind(&data, path, MountFlags::default()).map_err(|e| {
-                Error::at_caller_path(format!("bind-mounting {} on {}", data.display(), path.display()), e)
-            })?;
-        }
-        Ok(())
     }
 
     /// Unstages a volume; unstaging what is not staged succeeds.
@@ -120,10 +79,7 @@ impl Driver {
             )));
         }
         let ours = record.as_ref().and_then(|r| r.stage.as_ref()).is_some_and(|s| s.path == path);
-        match &record {
-            Some(record) => self.unstage_backend(record, &key, path, ours)?,
-            None => drop(self.unmount_ours(path, &key, BackendKind::Dir, false)?),
-        }
+        self.backends.unstage(&key, record.as_ref().map(|r| &r.layout), path, ours)?;
         crate::failpoint!("unstage.unmounted");
         if let Some(record) = record
             && ours
@@ -133,13 +89,6 @@ impl Driver {
             self.put_volume(key, unstaged)?;
         }
         Ok(())
-    }
-
-    fn unstage_backend(&self, record: &VolumeRecord, key: &Key, path: &Path, ours: bool) -> Result<()> {
-        match record.backend {
-            BackendKind::Dir => self.unmount_ours(path, key, BackendKind::Dir, ours).map(drop),
-            BackendKind::Loop => self.loopback.unstage(key, path),
-        }
     }
 
     /// Publishes a staged volume at a target path.
@@ -203,21 +152,17 @@ impl Driver {
         let mut flags = MountFlags::parse(&capability.mount_flags).map_err(Error::InvalidArgument)?;
         flags.read_only |= read_only;
         let _path = self.paths.try_claim(target)?;
-        self.check_path_free(&key, record.backend, target)?;
-        let source = match record.backend {
-            BackendKind::Dir => staging.to_owned(),
-            BackendKind::Loop => self.loopback.publish_source(&key, staging, capability.block, read_only)?,
-        };
+        self.check_path_free(&key, &record.layout, target)?;
+        let source = self.backends.publish_source(&key, &record.layout, staging, capability.block, read_only)?;
         let published = self.bind_publication(&record, key, &source, target, flags, publication);
         // A read-only block publication may have just attached a read-only
         // device; if it did not come to be and no other one uses that
         // device, detach it now rather than at some later unpublish.
         if published.is_err()
-            && record.backend == BackendKind::Loop
             && capability.block
             && read_only
             && !record.publications.values().any(|p| p.read_only && p.capability.block)
-            && let Err(e) = self.loopback.release_read_only(&key)
+            && let Err(e) = self.backends.release_read_only(&key, &record.layout)
         {
             tracing::warn!(volume = %record.id, "cannot detach the read-only device of a failed publish: {e}");
         }
@@ -238,7 +183,9 @@ impl Driver {
         let want = if publication.capability.block { Want::File } else { Want::Dir };
         nofollow::open_or_create(target, want).map_err(|e| Error::at_caller_path("target path", e))?;
         let mounts = self.mount_table()?;
-        if !mountinfo::find_mount_point(&mounts, target).is_some_and(|e| self.shows_volume(e, &key, record.backend)) {
+        if !mountinfo::find_mount_point(&mounts, target)
+            .is_some_and(|e| self.backends.shows_volume(e, &key, Some(&record.layout)))
+        {
             self.kernel.bind(source, target, flags).map_err(|e| {
                 Error::at_caller_path(format!("bind-mounting {} on {}", source.display(), target.display()), e)
             })?;
@@ -273,8 +220,8 @@ impl Driver {
     /// a mount that shows the volume is undone.
     pub(super) fn unpublish_target(&self, key: Key, record: Option<Arc<VolumeRecord>>, target: &Path) -> Result<()> {
         let publication = record.as_ref().and_then(|r| r.publications.get(target).cloned());
-        let backend = record.as_ref().map_or(BackendKind::Dir, |r| r.backend);
-        let unmounted = self.unmount_ours(target, &key, backend, publication.is_some())?;
+        let layout = record.as_ref().map(|r| &r.layout);
+        let unmounted = self.backends.unmount(target, &key, layout, publication.is_some())?;
         // The target is Loam's to remove only when Loam published there
         // (the record says so, or our mount was there): never a path some
         // other volume or program uses, and only in the empty shape Loam
@@ -288,12 +235,8 @@ impl Driver {
             unpublished.publications.remove(target);
             let read_only_block_left = unpublished.publications.values().any(|p| p.read_only && p.capability.block);
             self.put_volume(key, unpublished)?;
-            if record.backend == BackendKind::Loop
-                && publication.read_only
-                && publication.capability.block
-                && !read_only_block_left
-            {
-                self.loopback.release_read_only(&key)?;
+            if publication.read_only && publication.capability.block && !read_only_block_left {
+                self.backends.release_read_only(&key, &record.layout)?;
             }
         }
         Ok(())
@@ -326,7 +269,7 @@ impl Driver {
     /// at a path inside or around it (the mounts would hide each other, and
     /// unmounting one would take the other's), or when a mount that is not
     /// this volume's sits on it.
-    fn check_path_free(&self, key: &Key, backend: BackendKind, path: &Path) -> Result<()> {
+    fn check_path_free(&self, key: &Key, layout: &Layout, path: &Path) -> Result<()> {
         if let Some((other_key, used)) = self.places.clash(key, path) {
             let other = self.volumes.get(&other_key).map_or_else(|| other_key.to_string(), |r| r.id.clone());
             let relation = if used == path {
@@ -344,7 +287,7 @@ impl Driver {
         }
         let mounts = self.mount_table()?;
         if let Some(entry) = mountinfo::find_mount_point(&mounts, path)
-            && !self.shows_volume(entry, key, backend)
+            && !self.backends.shows_volume(entry, key, Some(layout))
         {
             return Err(Error::FailedPrecondition(format!(
                 "{} already has {} (from {}) mounted on it, which is not volume {key}; unmount it first or use another path",
@@ -364,29 +307,7 @@ impl Driver {
         if condition.abnormal {
             return Ok((VolumeStats::default(), condition));
         }
-        if record.backend == BackendKind::Loop {
-            let stats = self.loopback.stats(&key, &stage.path, stage.capability.block)?;
-            return Ok((stats, condition));
-        }
-        // The quota's count when there is one: exact and cheap. Inodes it
-        // does not count (btrfs) and unenforced volumes take a tree walk.
-        let (used_bytes, used_inodes) = match self.dir.quota_usage(record.enforcement.as_ref())? {
-            Some(QuotaUsage { bytes, inodes: Some(inodes), .. }) => (bytes, inodes),
-            Some(QuotaUsage { bytes, inodes: None, .. }) => (bytes, self.dir.usage(&key)?.inodes),
-            None => {
-                let used = self.dir.usage(&key)?;
-                (used.bytes, used.inodes)
-            }
-        };
-        let fs = self.root_usage()?;
-        let stats = VolumeStats {
-            total_bytes: record.capacity_bytes,
-            used_bytes,
-            available_bytes: record.capacity_bytes.saturating_sub(used_bytes).min(fs.available_bytes),
-            used_inodes,
-            available_inodes: fs.free_inodes,
-        };
-        Ok((stats, condition))
+        Ok((self.backends.stats(&key, &record, &stage)?, condition))
     }
 
     /// Node half of an expansion; returns the capacity the volume now has.
@@ -398,9 +319,7 @@ impl Driver {
         } else {
             self.expand_volume(key, range)?
         };
-        if let (BackendKind::Loop, Some(spec)) = (record.backend, &record.loop_spec) {
-            self.loopback.node_expand(&key, spec, &stage.path, &stage.capability)?;
-        }
+        self.backends.node_expand(&key, &record.layout, &stage)?;
         Ok(capacity)
     }
 
@@ -414,59 +333,12 @@ impl Driver {
         }
     }
 
-    /// Whether a recorded stage still exists in the kernel: the staging
-    /// mount shows the volume, or (loop) a device is attached to its image.
+    /// Whether a recorded stage still exists in the kernel.
     pub(super) fn stage_is_live(&self, record: &VolumeRecord, key: &Key, stage: &Stage) -> Result<bool> {
-        if record.backend == BackendKind::Loop && self.loopback.is_attached(key)? {
-            return Ok(true);
-        }
-        let mounts = self.mount_table()?;
-        Ok(mountinfo::find_mount_point(&mounts, &stage.path).is_some_and(|e| self.shows_volume(e, key, record.backend)))
+        self.backends.stage_is_live(key, &record.layout, stage)
     }
 
     fn mount_table(&self) -> Result<Vec<MountEntry>> {
         self.kernel.mounts().context(|| "reading the mount table".into())
     }
-
-    /// Whether a mount shows this volume: a directory volume's bind shows its
-    /// directory as root; a loop volume's mount comes from one of its devices
-    /// (a filesystem) or is a bind of a device node (a block publication).
-    fn shows_volume(&self, entry: &MountEntry, key: &Key, backend: BackendKind) -> bool {
-        match backend {
-            BackendKind::Dir => entry.root.ends_with(Path::new("volumes").join(key.to_string())),
-            BackendKind::Loop => self.loopback.shows_volume(entry, key),
-        }
-    }
-
-    /// Unmounts `path` if the record says it is ours or the mount table
-    /// shows our volume there; never touches a stranger's mount. Returns
-    /// whether it unmounted anything.
-    fn unmount_ours(&self, path: &Path, key: &Key, backend: BackendKind, ours: bool) -> Result<bool> {
-        // Stacked binds of the same volume (a retried publish after a crash)
-        // are all removed; the bound keeps a confused table from looping.
-        for round in 0..8 {
-            let mounts = self.mount_table()?;
-            let Some(entry) = mountinfo::find_mount_point(&mounts, path) else { return Ok(round > 0) };
-            if !ours && !self.shows_volume(entry, key, backend) {
-                return Ok(round > 0);
-            }
-            self.kernel.unmount(path).context(|| format!("unmounting {}", path.display()))?;
-        }
-        Err(Error::FailedPrecondition(format!(
-            "{} still has mounts after 8 unmounts; inspect it with findmnt",
-            path.display()
-        )))
-    }
-}
-
-/// Gives the volume root to `gid` with the setgid bit, so files created in it
-/// belong to the pod's group.
-fn apply_mount_group(data: &Path, gid: u32) -> Result<()> {
-    let meta = fs::symlink_metadata(data).context(|| format!("inspecting {}", data.display()))?;
-    if meta.gid() != gid {
-        std::os::unix::fs::lchown(data, None, Some(gid)).context(|| format!("changing group of {}", data.display()))?;
-    }
-    let mode = meta.mode() & 0o7777 | 0o2070;
-    fs::set_permissions(data, fs::Permissions::from_mode(mode))
-        .context(|| format!("setting mode of {}", data.display()))
 }

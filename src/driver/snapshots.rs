@@ -5,7 +5,7 @@ use std::sync::Arc;
 use super::{Driver, timestamp};
 use crate::error::{Error, Result};
 use crate::ids::{Key, Kind, ObjectId};
-use crate::records::{BackendKind, SnapshotRecord};
+use crate::records::{Schema, SnapshotRecord};
 use crate::store::Page;
 
 impl Driver {
@@ -26,20 +26,15 @@ impl Driver {
         let volume = self.volume(&volume_key)?;
         // The source must not change under the copy's feet: claim it too.
         let _source = self.claim(Kind::Volume, volume_key)?;
-        match volume.backend {
-            BackendKind::Dir => self.dir.create_snapshot(&volume_key, &key)?,
-            BackendKind::Loop => {
-                let mounted = volume.stage.as_ref().filter(|s| !s.capability.block).map(|s| s.path.as_path());
-                self.loopback.create_snapshot(&volume_key, &key, mounted)?
-            }
-        }
+        self.backends.create_snapshot(&volume_key, &volume, &key, true)?;
         crate::failpoint!("snapshot.cut");
         let (created_secs, created_nanos) = timestamp();
         let record = SnapshotRecord {
+            schema: Schema,
             id: ObjectId { key, node: self.config.node_id.clone() }.to_string(),
             name: name.to_owned(),
             source_volume_id: volume.id.clone(),
-            backend: volume.backend,
+            backend: volume.layout.backend(),
             size_bytes: volume.capacity_bytes,
             created_secs,
             created_nanos,
@@ -73,12 +68,7 @@ impl Driver {
     /// Removes a snapshot's data, then its record, whatever group it is in.
     pub(super) fn remove_snapshot(&self, key: Key) -> Result<()> {
         let backend = self.snapshots.get(&key).map(|s| s.backend);
-        if backend != Some(BackendKind::Loop) {
-            self.dir.delete_snapshot(&key)?;
-        }
-        if backend != Some(BackendKind::Dir) {
-            self.loopback.delete_snapshot(&key)?;
-        }
+        self.backends.delete_snapshot(&key, backend)?;
         crate::failpoint!("snapshot.deleted");
         self.snapshots.remove(&key)
     }

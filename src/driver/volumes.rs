@@ -2,18 +2,14 @@
 //! capacity the node can still promise.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::{Arc, PoisonError};
 
 use super::{CapacityRange, Condition, Driver, NewVolume};
-use crate::config::QuotaMode;
+use crate::backend::{Backends, Origin, Source, parse_mutable_parameters};
 use crate::error::{Error, Result};
 use crate::guard::Guard;
 use crate::ids::{Key, Kind, ObjectId};
-use crate::kernel::quota::Enforcer;
-use crate::records::{
-    Attachment, BackendKind, Capability, ContentSource, Enforcement, Ephemeral, LoopSpec, VolumeRecord,
-};
+use crate::records::{Attachment, Capability, ContentSource, Ephemeral, Layout, Schema, VolumeRecord};
 use crate::store::Page;
 
 impl Driver {
@@ -63,24 +59,14 @@ impl Driver {
             )));
         }
         for capability in &req.capabilities {
-            Self::supports(req.backend, capability).map_err(Error::InvalidArgument)?;
+            Backends::supports(&req.layout, capability).map_err(Error::InvalidArgument)?;
         }
-        let (source_path, source_floor, source_mount) = self.content_source(req.source.as_ref(), req.backend)?;
+        let (source, source_floor) = self.content_source(req.source.as_ref(), &req.layout)?;
         if let Some(existing) = self.volumes.get(&key) {
             return self.check_same_volume(existing, &req);
         }
-        if let (QuotaMode::Required, BackendKind::Dir, Enforcer::None(reason)) =
-            (self.config.quota, req.backend, self.dir.enforcer())
-        {
-            return Err(Error::FailedPrecondition(format!(
-                "--quota required, but capacities cannot be enforced: {reason}"
-            )));
-        }
-        let fs_floor = match &req.loop_spec {
-            Some(spec) => crate::backend::min_capacity(spec)?,
-            None => 0,
-        };
-        let capacity = req.capacity.choose(source_floor.max(fs_floor))?;
+        self.backends.check_enforceable(&req.layout, self.config.quota)?;
+        let capacity = req.capacity.choose(source_floor.max(Backends::min_capacity(&req.layout)?))?;
         let free = self.capacity()?;
         if capacity > free {
             return Err(Error::ResourceExhausted(format!(
@@ -90,21 +76,14 @@ impl Driver {
                 self.config.root.display()
             )));
         }
-        let enforcement = match (&req.backend, &req.loop_spec) {
-            (BackendKind::Loop, Some(spec)) => {
-                let source = source_path.as_deref().map(|path| (path, source_mount.as_deref()));
-                self.loopback.create_volume(&key, capacity, spec, source)?;
-                None
-            }
-            _ => Some(self.dir.create_volume(&key, source_path.as_deref(), capacity)?),
-        };
+        let enforcement = self.backends.create_volume(&key, &req.layout, capacity, source.as_ref())?;
         crate::failpoint!("volume.created");
         let record = VolumeRecord {
+            schema: Schema,
             id: ObjectId { key, node: self.config.node_id.clone() }.to_string(),
             name: req.name,
             capacity_bytes: capacity,
-            backend: req.backend,
-            loop_spec: req.loop_spec,
+            layout: req.layout,
             parameters: req.parameters,
             mutable_parameters: req.mutable_parameters,
             source: req.source,
@@ -123,10 +102,7 @@ impl Driver {
     /// Of `bytes` just promised to a volume, what its filesystem has not
     /// already set aside: nothing for a thick image, all of it otherwise.
     fn unwritten(&self, record: &VolumeRecord, bytes: u64) -> u64 {
-        match &record.loop_spec {
-            Some(spec) if spec.thick => 0,
-            _ => bytes,
-        }
+        if record.layout.thick() { 0 } else { bytes }
     }
 
     fn check_same_volume(&self, existing: Arc<VolumeRecord>, req: &NewVolume) -> Result<Arc<VolumeRecord>> {
@@ -145,29 +121,18 @@ impl Driver {
         }
     }
 
-    /// The directory or image a new volume copies its content from, the
-    /// least capacity it needs to hold it, and where the source volume's
-    /// filesystem is mounted when it is a staged `loop` filesystem (frozen
-    /// for the copy, as for a snapshot). Content never crosses backends.
-    fn content_source(
-        &self,
-        source: Option<&ContentSource>,
-        backend: BackendKind,
-    ) -> Result<(Option<PathBuf>, u64, Option<PathBuf>)> {
-        let mut mounted = None;
-        let (path, size, from) = match source {
-            None => return Ok((None, 0, None)),
+    /// Where a new volume's content comes from and the least capacity it
+    /// needs to hold it.
+    fn content_source(&self, source: Option<&ContentSource>, layout: &Layout) -> Result<(Option<Source>, u64)> {
+        match source {
+            None => Ok((None, 0)),
             Some(ContentSource::Snapshot(id)) => {
                 let key = self.snapshot_key(id)?;
                 let snap = self
                     .snapshots
                     .get(&key)
                     .ok_or_else(|| Error::NotFound(format!("source snapshot {id} does not exist")))?;
-                let path = match snap.backend {
-                    BackendKind::Dir => self.dir.snapshot_path(&key),
-                    BackendKind::Loop => self.loopback.snapshot_path(&key),
-                };
-                (path, snap.size_bytes, snap.backend)
+                Ok((Some(self.backends.source(layout, Origin::Snapshot(&key, &snap))?), snap.size_bytes))
             }
             Some(ContentSource::Volume(id)) => {
                 let key = self.volume_key(id)?;
@@ -175,22 +140,9 @@ impl Driver {
                     .volumes
                     .get(&key)
                     .ok_or_else(|| Error::NotFound(format!("source volume {id} does not exist")))?;
-                let path = match vol.backend {
-                    BackendKind::Dir => self.dir.volume_path(&key),
-                    BackendKind::Loop => {
-                        mounted = vol.stage.as_ref().filter(|s| !s.capability.block).map(|s| s.path.clone());
-                        self.loopback.image_path(&key)
-                    }
-                };
-                (path, vol.capacity_bytes, vol.backend)
+                Ok((Some(self.backends.source(layout, Origin::Volume(&key, &vol))?), vol.capacity_bytes))
             }
-        };
-        if from != backend {
-            return Err(Error::InvalidArgument(format!(
-                "the source lives on the {from:?} backend; restore or clone it into a {from:?} volume, not {backend:?}"
-            )));
         }
-        Ok((Some(path), size, mounted))
     }
 
     /// Deletes a volume; deleting one that does not exist succeeds.
@@ -222,20 +174,13 @@ impl Driver {
         let released = match &record {
             Some(r) => {
                 let quota = r.enforcement.as_ref().filter(|e| e.enforced());
-                self.outstanding(&key, r.capacity_bytes, r.backend, quota)?
+                self.backends.outstanding(&key, &r.layout, r.capacity_bytes, quota)?
             }
             None => 0,
         };
         // Data first, record last: a crash in between leaves a record whose
-        // retried delete finishes the job, never orphaned data. Without a
-        // record the backend is unknown, so both are cleared.
-        let backend = record.as_ref().map(|r| r.backend);
-        if backend != Some(BackendKind::Loop) {
-            self.dir.delete_volume(&key, record.as_ref().and_then(|r| r.enforcement.as_ref()))?;
-        }
-        if backend != Some(BackendKind::Dir) {
-            self.loopback.delete_volume(&key)?;
-        }
+        // retried delete finishes the job, never orphaned data.
+        self.backends.delete_volume(&key, record.as_deref())?;
         crate::failpoint!("volume.deleted");
         self.remove_volume(&key)?;
         self.fulfil(released);
@@ -255,10 +200,7 @@ impl Driver {
     pub fn volume_with_condition(&self, key: &Key) -> Result<(Option<Arc<VolumeRecord>>, Condition)> {
         match self.volumes.get(key) {
             Some(record) => {
-                let mut condition = self.condition(&record);
-                if !condition.abnormal && record.backend == BackendKind::Dir {
-                    condition.message = self.usage_message(key, &record)?;
-                }
+                let condition = self.backends.condition_with_usage(key, &record)?;
                 Ok((Some(record), condition))
             }
             None => match self.volumes.damaged(key) {
@@ -273,20 +215,7 @@ impl Driver {
         let Some(key) = ObjectId::parse(&record.id).map(|id| id.key) else {
             return Condition { abnormal: true, message: format!("record holds a malformed id {:?}", record.id) };
         };
-        if record.backend == BackendKind::Loop {
-            return self.loopback.condition(&key, record.stage.is_some());
-        }
-        if self.dir.volume_exists(&key) {
-            Condition { abnormal: false, message: "volume is healthy".into() }
-        } else {
-            Condition {
-                abnormal: true,
-                message: format!(
-                    "data directory {} is missing; restore it from a backup or delete the volume",
-                    self.dir.volume_path(&key).display()
-                ),
-            }
-        }
+        self.backends.condition(&key, record)
     }
 
     /// One page of the volumes the CO created. Ephemeral volumes are left
@@ -322,26 +251,13 @@ impl Driver {
         let mut volumes = Vec::new();
         self.volumes.for_each(|key, r| {
             let quota = r.enforcement.as_ref().filter(|e| e.enforced()).cloned();
-            volumes.push((*key, r.capacity_bytes, r.backend, quota));
+            volumes.push((*key, r.capacity_bytes, r.layout.clone(), quota));
         });
         let mut sum = 0u64;
-        for (key, capacity, backend, quota) in volumes {
-            sum = sum.saturating_add(self.outstanding(&key, capacity, backend, quota.as_ref())?);
+        for (key, capacity, layout, quota) in volumes {
+            sum = sum.saturating_add(self.backends.outstanding(&key, &layout, capacity, quota.as_ref())?);
         }
         Ok(sum)
-    }
-
-    /// Of a volume's capacity, the bytes promised but not written yet.
-    fn outstanding(&self, key: &Key, capacity: u64, backend: BackendKind, quota: Option<&Enforcement>) -> Result<u64> {
-        let used = match backend {
-            BackendKind::Loop => self.loopback.allocated_bytes(key),
-            BackendKind::Dir if !self.dir.volume_exists(key) => return Ok(0),
-            BackendKind::Dir => match self.dir.quota_usage(quota)? {
-                Some(quota) => quota.bytes,
-                None => self.dir.usage(key)?.bytes,
-            },
-        };
-        Ok(capacity.saturating_sub(used))
     }
 
     /// Counts a new promise in the cached sum until it is next recomputed.
@@ -354,15 +270,6 @@ impl Driver {
     fn fulfil(&self, bytes: u64) {
         let mut sum = self.promises.lock().unwrap_or_else(PoisonError::into_inner);
         *sum = sum.saturating_sub(bytes);
-    }
-
-    /// What a volume uses, as ControllerGetVolume's condition reports it.
-    fn usage_message(&self, key: &Key, record: &VolumeRecord) -> Result<String> {
-        let (used, how) = match self.dir.quota_usage(record.enforcement.as_ref())? {
-            Some(quota) => (quota.bytes, "counted by the quota"),
-            None => (self.dir.usage(key)?.bytes, "counted by walking its files"),
-        };
-        Ok(format!("volume is healthy; {used} of {} bytes used ({how})", record.capacity_bytes))
     }
 
     /// Grows a volume to satisfy `range`; returns the new capacity.
@@ -387,12 +294,10 @@ impl Driver {
                 self.config.root.display()
             )));
         }
-        match (record.backend, &record.loop_spec) {
-            (BackendKind::Loop, Some(spec)) => self.loopback.expand_volume(&key, capacity, spec)?,
-            // Limit first, record second: a crash in between leaves a larger
-            // limit, which the next start puts back to the recorded capacity.
-            _ => self.dir.set_limit(&key, record.enforcement.as_ref(), capacity)?,
-        }
+        // Storage first, record second: a crash in between leaves a larger
+        // image (used at the next growth) or limit (which the next start puts
+        // back to the recorded capacity).
+        self.backends.expand_volume(&key, &record, capacity)?;
         crate::failpoint!("volume.expanded");
         let mut grown = (*record).clone();
         grown.capacity_bytes = capacity;
@@ -407,41 +312,19 @@ impl Driver {
     /// and frees nothing. The same value again changes nothing.
     pub fn modify_volume(&self, key: Key, mutable: BTreeMap<String, String>) -> Result<()> {
         let record = self.volume(&key)?;
-        let Some(thick) = crate::backend::parse_mutable_parameters(record.backend, &mutable)? else {
+        let Some(provisioning) = parse_mutable_parameters(record.layout.backend(), &mutable)? else {
             return Ok(());
         };
-        let Some(spec) = &record.loop_spec else {
-            return Err(Error::Damaged(format!(
-                "loop volume {} has no image layout in its record; repair the record or recreate the volume",
-                record.id
-            )));
-        };
-        if spec.thick == thick {
+        if record.layout.thick() == (provisioning == crate::records::Provisioning::Thick) {
             return Ok(());
         }
-        let mut allocated = 0;
-        if thick {
-            let before = self.loopback.allocated_bytes(&key);
-            let needed = record.capacity_bytes.saturating_sub(before);
-            // The volume's thin promise already holds these bytes back from
-            // new volumes, but the host may have filled up since.
-            let free = self.root_usage()?.available_bytes;
-            if needed > free {
-                return Err(Error::ResourceExhausted(format!(
-                    "making volume {} thick needs {needed} more bytes but {} has {free} free; free space on the host",
-                    record.id,
-                    self.config.root.display()
-                )));
-            }
-            // Allocate first, record second: a crash in between leaves a
-            // thick image recorded thin, which a retry finds already done.
-            let thick_spec = LoopSpec { thick: true, ..spec.clone() };
-            self.loopback.expand_volume(&key, record.capacity_bytes, &thick_spec)?;
-            allocated = self.loopback.allocated_bytes(&key).saturating_sub(before);
-        }
+        // Allocate first, record second: a crash in between leaves a thick
+        // image recorded thin, which a retry finds already done.
+        let free = self.root_usage()?.available_bytes;
+        let (layout, allocated) = self.backends.set_provisioning(&key, &record, provisioning, free)?;
         crate::failpoint!("volume.modified");
         let mut modified = (*record).clone();
-        modified.loop_spec = Some(LoopSpec { thick, ..spec.clone() });
+        modified.layout = layout;
         modified.mutable_parameters = mutable;
         self.put_volume(key, modified)?;
         // Bytes once promised are now written: not promised twice.
@@ -452,7 +335,7 @@ impl Driver {
     /// Whether growing the volume needs NodeExpandVolume too: a loop
     /// volume's filesystem grows on the node; a directory has nothing to grow.
     pub fn node_expansion_required(&self, key: &Key) -> bool {
-        self.volumes.get(key).is_some_and(|r| r.backend == BackendKind::Loop)
+        self.volumes.get(key).is_some_and(|r| Backends::node_expansion_required(&r.layout))
     }
 
     /// Attaches a volume to this node (ControllerPublish); returns the
@@ -521,22 +404,13 @@ impl Driver {
         }
     }
 
-    /// Whether the volume supports `capability`; the reason when it does not.
-    pub fn supports(backend: BackendKind, capability: &Capability) -> std::result::Result<(), String> {
-        match backend {
-            BackendKind::Dir if capability.block => {
-                Err("the dir backend serves filesystem volumes only; use a block-capable backend for raw block".into())
-            }
-            BackendKind::Dir => Ok(()),
-            BackendKind::Loop if capability.block || capability.fs_type.is_empty() => Ok(()),
-            BackendKind::Loop if matches!(capability.fs_type.as_str(), "ext4" | "xfs") => Ok(()),
-            BackendKind::Loop => {
-                Err(format!("fs type {:?} is not supported by the loop backend; use ext4 or xfs", capability.fs_type))
-            }
-        }
+    /// Whether a volume laid out as `layout` supports `capability`; the
+    /// reason when it does not.
+    pub fn supports(layout: &Layout, capability: &Capability) -> std::result::Result<(), String> {
+        Backends::supports(layout, capability)
     }
 
     pub(super) fn check_capability(&self, record: &VolumeRecord, capability: &Capability) -> Result<()> {
-        Self::supports(record.backend, capability).map_err(Error::InvalidArgument)
+        Backends::supports(&record.layout, capability).map_err(Error::InvalidArgument)
     }
 }

@@ -25,8 +25,9 @@ const PROBE_LEN: usize = 1 << 20;
 /// Longest stderr kept in an error, so a chatty tool cannot flood logs.
 const MAX_STDERR: usize = 4096;
 
-/// A filesystem Loam can create.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A filesystem Loam can create; stored by its name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum FsType {
     /// ext4.
     Ext4,

@@ -7,10 +7,10 @@ use tonic::{Request, Response, Status};
 
 use crate::csi::controller_service_capability::{self, rpc::Type as Cap};
 use crate::csi::{self, controller_server::Controller};
-use crate::driver::{Condition, Driver, NewVolume, VolumeSpec, topology};
+use crate::driver::{Condition, Driver, NewVolume, parse_layout, topology};
 use crate::error::{Error, Result, quote};
 use crate::ids::{Key, Kind, validate_name};
-use crate::records::{ContentSource, Enforcement, SnapshotRecord, VolumeRecord};
+use crate::records::{ContentSource, Enforcement, Layout, SnapshotRecord, VolumeRecord};
 use crate::rpc::{blocking, claimed, timestamp, traced, validate};
 
 /// Controller over a node's own driver.
@@ -70,13 +70,13 @@ pub fn volume_message(record: &VolumeRecord, driver: &Driver) -> csi::Volume {
         }),
     });
     let mut context: std::collections::HashMap<String, String> =
-        [("backend".to_owned(), format!("{:?}", record.backend).to_lowercase())].into();
-    match &record.loop_spec {
-        Some(spec) => {
-            context.insert("fsType".into(), spec.fs_type.clone());
-            context.insert("provisioning".into(), if spec.thick { "thick" } else { "thin" }.into());
+        [("backend".to_owned(), format!("{:?}", record.layout.backend()).to_lowercase())].into();
+    match &record.layout {
+        Layout::Loop(spec) => {
+            context.insert("fsType".into(), spec.fs.name().into());
+            context.insert("provisioning".into(), spec.provisioning.name().into());
         }
-        None => {
+        Layout::Dir => {
             context.insert("quota".into(), quota_context(record.enforcement.as_ref(), driver.unenforced_reason()));
         }
     }
@@ -156,13 +156,11 @@ impl Controller for ControllerService {
             let mutable_parameters = validate::parameters(&req.mutable_parameters)?;
             let capabilities = validate::capabilities(&req.volume_capabilities)?;
             let capability_fs = capabilities.iter().map(|c| c.fs_type.as_str()).find(|fs| !fs.is_empty());
-            let VolumeSpec { backend, loop_spec } =
-                VolumeSpec::parse(&parameters, &mutable_parameters, capability_fs.unwrap_or_default())?;
+            let layout = parse_layout(&parameters, &mutable_parameters, capability_fs.unwrap_or_default())?;
             let new = NewVolume {
                 capabilities,
                 capacity: validate::capacity(req.capacity_range.as_ref())?.unwrap_or_default(),
-                backend,
-                loop_spec,
+                layout,
                 parameters,
                 mutable_parameters,
                 source: validate::content_source(req.volume_content_source.as_ref())?,
@@ -258,7 +256,7 @@ impl Controller for ControllerService {
             let key = driver.volume_key(&req.volume_id)?;
             let record = driver.volume(&key)?;
             let unsupported = req.volume_capabilities.iter().find_map(|cap| match validate::capability(Some(cap)) {
-                Ok(cap) => Driver::supports(record.backend, &cap).err(),
+                Ok(cap) => Driver::supports(&record.layout, &cap).err(),
                 Err(e) => Some(e.to_string()),
             });
             let params_match = validate::parameters(&req.parameters)? == record.parameters || req.parameters.is_empty();
@@ -330,11 +328,11 @@ impl Controller for ControllerService {
                 .and_then(|t| t.segments.get(crate::config::TOPOLOGY_NODE_KEY))
                 .is_some_and(|n| *n != node);
             let parameters = validate::parameters(&req.parameters)?;
-            let kind = VolumeSpec::parse(&parameters, &BTreeMap::new(), "")?.backend;
+            let layout = parse_layout(&parameters, &BTreeMap::new(), "")?;
             let unsupported = req
                 .volume_capabilities
                 .iter()
-                .any(|c| !validate::capability(Some(c)).is_ok_and(|cap| Driver::supports(kind, &cap).is_ok()));
+                .any(|c| !validate::capability(Some(c)).is_ok_and(|cap| Driver::supports(&layout, &cap).is_ok()));
             let available = if elsewhere || unsupported { 0 } else { blocking(move || driver.capacity()).await? };
             Ok(csi::GetCapacityResponse {
                 available_capacity: to_i64(available),

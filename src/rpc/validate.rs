@@ -9,7 +9,7 @@ use crate::config::TOPOLOGY_NODE_KEY;
 use crate::csi;
 use crate::csi::volume_capability::AccessType;
 use crate::csi::volume_capability::access_mode::Mode;
-use crate::driver::{CapacityRange, EphemeralVolume, VolumeSpec};
+use crate::driver::{CapacityRange, EphemeralVolume, parse_layout};
 use crate::error::{Error, Result, quote};
 use crate::records::{AccessMode, Capability, ContentSource, Ephemeral};
 
@@ -290,20 +290,18 @@ pub fn ephemeral_volume(
         return Err(Error::InvalidArgument(format!("volume attributes exceed {MAX_PARAMETERS_LEN} bytes")));
     }
     let no_mutable = BTreeMap::new();
-    let VolumeSpec { backend, loop_spec } =
-        VolumeSpec::parse(&parameters, &no_mutable, &capability.fs_type).map_err(|e| match e {
-            Error::InvalidArgument(why) => Error::InvalidArgument(format!(
-                "inline volume attributes: {why}; besides the StorageClass parameters an inline volume takes only \
+    let layout = parse_layout(&parameters, &no_mutable, &capability.fs_type).map_err(|e| match e {
+        Error::InvalidArgument(why) => Error::InvalidArgument(format!(
+            "inline volume attributes: {why}; besides the StorageClass parameters an inline volume takes only \
                  {SIZE_ATTRIBUTE}"
-            )),
-            other => other,
-        })?;
+        )),
+        other => other,
+    })?;
     let pod = |key: &str| context.get(&format!("{CO_PARAMETER_PREFIX}pod.{key}")).cloned().unwrap_or_default();
     Ok(EphemeralVolume {
         size,
         parameters,
-        backend,
-        loop_spec,
+        layout,
         origin: Ephemeral {
             volume_id: volume_id.to_owned(),
             pod_namespace: pod("namespace"),
@@ -436,7 +434,7 @@ mod tests {
         let mut pairs = kubelet.to_vec();
         pairs.push(("size", "64Mi"));
         let v = ephemeral_volume("csi-1", &context(&pairs), &mount("")).unwrap();
-        assert_eq!((v.size, v.backend, v.loop_spec), (Some(64 << 20), crate::records::BackendKind::Dir, None));
+        assert_eq!((v.size, v.layout), (Some(64 << 20), crate::records::Layout::Dir));
         assert!(v.parameters.is_empty(), "the kubelet's keys (tokens too) are never kept: {:?}", v.parameters);
         assert_eq!(
             v.origin,
@@ -451,11 +449,11 @@ mod tests {
 
         // The pod's fsType picks the loop filesystem; an attribute that disagrees is refused.
         let v = ephemeral_volume("csi-1", &context(&[("backend", "loop")]), &mount("xfs")).unwrap();
-        assert_eq!(v.loop_spec.unwrap().fs_type, "xfs");
+        assert!(matches!(v.layout, crate::records::Layout::Loop(spec) if spec.fs.name() == "xfs"), "xfs");
         let both = context(&[("backend", "loop"), ("fsType", "ext4")]);
         assert!(ephemeral_volume("csi-1", &both, &mount("xfs")).is_err());
         let thin = context(&[("backend", "loop"), ("provisioning", "thin"), ("mkfsOptions", "-i 8192")]);
-        assert!(!ephemeral_volume("csi-1", &thin, &mount("")).unwrap().loop_spec.unwrap().thick);
+        assert!(!ephemeral_volume("csi-1", &thin, &mount("")).unwrap().layout.thick());
 
         for bad in [
             &[("size", "-1")][..],
