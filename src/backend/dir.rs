@@ -103,14 +103,25 @@ impl DirBackend {
                         fill(tmp, source)
                     })?,
                 }
-                let id = self
+                let limited = self
                     .kernel
                     .subvolume_id(&path)
-                    .context(|| format!("reading subvolume id of {}", path.display()))?;
-                self.kernel
-                    .set_qgroup_limit(&path, id, capacity)
-                    .context(|| format!("limiting qgroup 0/{id} to {capacity}"))?;
-                Ok(Enforcement::BtrfsQgroup(id))
+                    .context(|| format!("reading subvolume id of {}", path.display()))
+                    .and_then(|id| {
+                        self.kernel
+                            .set_qgroup_limit(&path, id, capacity)
+                            .context(|| format!("limiting qgroup 0/{id} to {capacity}"))?;
+                        Ok(id)
+                    });
+                match limited {
+                    Ok(id) => Ok(Enforcement::BtrfsQgroup(id)),
+                    Err(e) => {
+                        // No record will name an unlimited subvolume: take it
+                        // away (best effort: a retry replaces it anyway).
+                        let _ = self.remove_tree(&path);
+                        Err(e)
+                    }
+                }
             }
             Enforcer::Project(ids) => {
                 let id = ids
@@ -400,6 +411,9 @@ fn durable_copy(source: &Path, target: &Path) -> io::Result<()> {
     copy_tree(source, target)?;
     durable::sync_filesystem(target)
 }
+
+#[cfg(test)]
+mod seam_tests;
 
 #[cfg(test)]
 mod tests {

@@ -141,13 +141,15 @@ struct State {
     ext4_grows_online: bool,
     interrupt_next_mkfs: bool,
     quota: FakeQuota,
-    /// Subvolume roots and their ids.
-    subvolumes: BTreeMap<PathBuf, u64>,
+    /// Subvolume roots, by device and inode (a renamed subvolume is one
+    /// still), and their ids.
+    subvolumes: BTreeMap<(u64, u64), u64>,
     next_subvolume: u64,
     /// Qgroup id to (charged bytes, limit).
     qgroups: BTreeMap<u64, (u64, Option<u64>)>,
     projects: BTreeMap<u32, ProjectQuota>,
-    project_dirs: BTreeMap<PathBuf, u32>,
+    /// Directories tagged with a project, by device and inode.
+    project_dirs: BTreeMap<(u64, u64), u32>,
 }
 
 #[derive(Debug, Clone)]
@@ -286,7 +288,8 @@ impl FakeKernel {
 
     /// The project `dir` was tagged with.
     pub fn project_of(&self, dir: &Path) -> Option<u32> {
-        self.lock().project_dirs.get(dir).copied()
+        let id = inode(dir).ok()?;
+        self.lock().project_dirs.get(&id).copied()
     }
 
     /// Writes the header of a `fs` filesystem of `size` bytes at the start
@@ -356,7 +359,10 @@ impl State {
     }
 
     fn quota_id(&self, path: &Path) -> io::Result<u64> {
-        self.subvolumes.get(path).copied().ok_or_else(|| errno(libc::ENOTTY, "not a subvolume", path))
+        inode(path)
+            .ok()
+            .and_then(|id| self.subvolumes.get(&id).copied())
+            .ok_or_else(|| errno(libc::ENOTTY, "not a subvolume", path))
     }
 }
 
@@ -419,6 +425,12 @@ fn errno(code: i32, what: &str, path: &Path) -> io::Error {
 /// The path a `/proc/self/fd/N` handle path stands for; other paths as they are.
 fn resolve(path: &Path) -> io::Result<PathBuf> {
     if path.starts_with("/proc/self/fd") { fs::read_link(path) } else { Ok(path.to_owned()) }
+}
+
+/// Device and inode of `path`, not following a symlink.
+fn inode(path: &Path) -> io::Result<(u64, u64)> {
+    let meta = fs::symlink_metadata(path)?;
+    Ok((meta.dev(), meta.ino()))
 }
 
 fn image_id(image: &Path) -> io::Result<(u64, u64)> {
@@ -705,7 +717,7 @@ impl Kernel for FakeKernel {
     }
 
     fn is_subvolume(&self, path: &Path) -> bool {
-        self.lock().subvolumes.contains_key(path) && fs::symlink_metadata(path).is_ok_and(|m| m.is_dir())
+        fs::symlink_metadata(path).is_ok_and(|m| m.is_dir() && self.lock().subvolumes.contains_key(&(m.dev(), m.ino())))
     }
 
     fn create_subvolume(&self, path: &Path) -> io::Result<()> {
@@ -713,7 +725,7 @@ impl Kernel for FakeKernel {
         fs::create_dir(path)?;
         let id = state.next_subvolume;
         state.next_subvolume += 1;
-        state.subvolumes.insert(path.to_owned(), id);
+        state.subvolumes.insert(inode(path)?, id);
         state.qgroups.insert(id, (0, None));
         Ok(())
     }
@@ -734,7 +746,7 @@ impl Kernel for FakeKernel {
         }
         let id = state.next_subvolume;
         state.next_subvolume += 1;
-        state.subvolumes.insert(path.to_owned(), id);
+        state.subvolumes.insert(inode(path)?, id);
         state.qgroups.insert(id, (0, None));
         Ok(())
     }
@@ -742,8 +754,9 @@ impl Kernel for FakeKernel {
     fn delete_subvolume(&self, path: &Path) -> io::Result<()> {
         let mut state = self.enter(Op::DeleteSubvolume, Some(format!("delete-subvolume {}", path.display())))?;
         let id = state.quota_id(path)?;
+        let node = inode(path)?;
         fs::remove_dir_all(path)?;
-        state.subvolumes.remove(path);
+        state.subvolumes.remove(&node);
         state.qgroups.remove(&id);
         Ok(())
     }
@@ -773,7 +786,7 @@ impl Kernel for FakeKernel {
         if !fs::symlink_metadata(dir)?.is_dir() {
             return Err(errno(libc::ENOTDIR, "FS_IOC_FSSETXATTR on", dir));
         }
-        state.project_dirs.insert(dir.to_owned(), id);
+        state.project_dirs.insert(inode(dir)?, id);
         Ok(())
     }
 
