@@ -610,3 +610,6 @@ fn build_file(path: &Path, build: impl FnOnce(&Path) -> io::Result<()>) -> Resul
 fn remove_file(path: &Path) -> Result<()> {
     durable::remove(path).context(|| format!("removing {}", path.display()))
 }
+
+#[cfg(test)]
+mod tests;
