@@ -1,15 +1,25 @@
 #!/usr/bin/env bash
-# Renders deploy/ with kustomize and validates every object offline and
-# strictly: deploy/, deploy/snapshot/, deploy/groupsnapshot/, deploy/examples/
-# and the e2e overlay (tests/e2e/overlay). Then checks that the group snapshot
-# gate is on in deploy/groupsnapshot/ only, and that the validation is strict:
-# copies with a misspelled field must fail.
+# Renders deploy/ with kustomize and the Helm chart (charts/loam) with helm,
+# and validates every object offline and strictly: deploy/, deploy/snapshot/,
+# deploy/groupsnapshot/, the kubelet directory examples (deploy/examples/k0s/,
+# deploy/examples/microk8s/), deploy/examples/, the e2e overlay
+# (tests/e2e/overlay), and the chart (after `helm lint`) with its default
+# values, with every value changed (charts/loam/ci/all-values.yaml) and with
+# metrics off. Then checks that the chart renders the same objects as deploy/
+# (so the two trees cannot drift), that it keeps the agent token across
+# upgrades, that no render for another kubelet directory names
+# /var/lib/kubelet, that the group snapshot gate is on where group snapshots
+# are only, and that the validation is strict: copies with a misspelled
+# field, and chart values with a misspelled key, must fail.
 #
-# Env: KUSTOMIZE (default: from GOPATH), PYTHON (one with kubernetes-validate),
-#      K8S_VERSION (the Kubernetes release whose schemas to use).
+# Env: KUSTOMIZE and HELM (default: from GOPATH), PYTHON (one with
+#      kubernetes-validate), K8S_VERSION (the Kubernetes release whose schemas
+#      to use).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 kustomize=${KUSTOMIZE:-$(go env GOPATH)/bin/kustomize}
+helm=${HELM:-$(go env GOPATH)/bin/helm}
+chart=$here/charts/loam
 python=${PYTHON:-python3}
 version=${K8S_VERSION:-1.37.0}
 work=$(mktemp -d /tmp/loam-manifests.XXXXXX)
@@ -19,12 +29,58 @@ trap 'rm -rf "$work"' EXIT
 "$kustomize" build "$here/deploy/snapshot" >"$work/snapshot.yaml"
 "$kustomize" build "$here/deploy/groupsnapshot" >"$work/groupsnapshot.yaml"
 "$kustomize" build "$here/tests/e2e/overlay" >"$work/e2e-overlay.yaml"
+"$kustomize" build "$here/deploy/examples/k0s" >"$work/k0s.yaml"
+"$kustomize" build "$here/deploy/examples/microk8s" >"$work/microk8s.yaml"
+
+# The chart, rendered as `helm install --namespace loam` would (no cluster:
+# `lookup` finds no token, so each render makes one).
+"$helm" lint --strict "$chart"
+"$helm" lint --strict "$chart" --values "$chart/ci/all-values.yaml"
+chart() { "$helm" template loam "$chart" --namespace loam "$@"; }
+chart >"$work/chart-default.yaml"
+chart --values "$chart/ci/all-values.yaml" >"$work/chart-all.yaml"
+chart --set metrics.enabled=false >"$work/chart-no-metrics.yaml"
+
 "$python" "$here/scripts/validate-manifests.py" "$version" \
     "$work/deploy.yaml" "$work/snapshot.yaml" "$work/groupsnapshot.yaml" "$work/e2e-overlay.yaml" \
+    "$work/k0s.yaml" "$work/microk8s.yaml" "$work/chart-default.yaml" "$work/chart-all.yaml" "$work/chart-no-metrics.yaml" \
     "$here"/deploy/examples/*.yaml
 
+# One source of truth: the chart with the values matching each kustomize
+# tree renders its objects. deploy/ logs text (the e2e story reads the text
+# log), the chart JSON by default, so these renders ask for text.
+same() { # what, chart values..., --, kustomize renders...
+    local what=$1 args=() renders=()
+    shift
+    while [ "$1" != -- ]; do args+=("$1"); shift; done
+    shift
+    for r in "$@"; do renders+=("$work/$r"); done
+    chart --set logFormat=text "${args[@]}" >"$work/chart-$what.yaml"
+    "$python" "$here/scripts/chart-matches-deploy.py" "$what" "$work/chart-$what.yaml" "${renders[@]}"
+}
+same deploy -- deploy.yaml
+same snapshot --set snapshot.enabled=true -- deploy.yaml snapshot.yaml
+same groupsnapshot --set groupSnapshot.enabled=true -- groupsnapshot.yaml
+same k0s --set kubeletDir=/var/lib/k0s/kubelet -- k0s.yaml
+same microk8s --set kubeletDir=/var/snap/microk8s/common/var/lib/kubelet -- microk8s.yaml
+
+# The agent token survives `helm upgrade`: the chart rendered by Helm's engine
+# with a fake API server behind `lookup` (scripts/chart-token).
+(cd "$here/scripts/chart-token" && go run . "$chart")
+
+# Any kubelet directory: renders for another one never name the default (as
+# a whole path: microk8s's directory ends in /var/lib/kubelet).
+for r in k0s.yaml microk8s.yaml chart-all.yaml chart-k0s.yaml chart-microk8s.yaml; do
+    if grep -nE '(^|[^[:alnum:]_./-])/var/lib/kubelet' "$work/$r"; then
+        echo "FAIL $r: names /var/lib/kubelet although it was rendered for another kubelet directory" >&2
+        exit 1
+    fi
+done
+echo "kubelet directory: the k0s and microk8s renders (kustomize and chart) never name /var/lib/kubelet"
+
 # The gate: on csi-snapshotter in deploy/groupsnapshot/ (and so in the e2e
-# overlay built on it), nowhere in deploy/.
+# overlay built on it) and the chart with groupSnapshot.enabled, nowhere in
+# deploy/ or the chart's defaults.
 "$python" - "$work" <<'EOF'
 import sys, yaml
 gate = "--feature-gates=CSIVolumeGroupSnapshot=true"
@@ -33,12 +89,14 @@ def gated(path):
         if doc and doc["kind"] == "Deployment" and doc["metadata"]["name"] == "loam-controller":
             return {c["name"] for c in doc["spec"]["template"]["spec"]["containers"] if gate in c.get("args", [])}
     sys.exit(f"FAIL {path}: no loam-controller Deployment")
-want = {"deploy.yaml": set(), "groupsnapshot.yaml": {"csi-snapshotter"}, "e2e-overlay.yaml": {"csi-snapshotter"}}
+want = {"deploy.yaml": set(), "groupsnapshot.yaml": {"csi-snapshotter"}, "e2e-overlay.yaml": {"csi-snapshotter"},
+        "chart-default.yaml": set(), "chart-all.yaml": {"csi-snapshotter"}}
 for name, containers in want.items():
     got = gated(f"{sys.argv[1]}/{name}")
     if got != containers:
         sys.exit(f"FAIL {name}: {gate} on {sorted(got)}, want {sorted(containers)}")
-print(f"{gate}: on csi-snapshotter in deploy/groupsnapshot/ and the e2e overlay, off in deploy/")
+print(f"{gate}: on csi-snapshotter in deploy/groupsnapshot/, the e2e overlay and the chart with groupSnapshot.enabled,"
+      " off in deploy/ and the chart's defaults")
 EOF
 
 # Strictness: each broken copy has one misspelled or unknown field in one
@@ -62,3 +120,23 @@ if [ "$reported" != "${#broken[@]}" ]; then
     exit 1
 fi
 echo "strict: each of the ${#broken[@]} copies with a misspelled field fails"
+
+# The chart's values are strict too: a misspelled key, a relative kubelet
+# directory, an unknown log format and a PodMonitor without metrics must each
+# fail the render with a message, not be ignored.
+bad_values=(
+    "--set kubeletdir=/var/lib/k0s/kubelet"
+    "--set kubeletDir=var/lib/kubelet"
+    "--set logFormat=yaml"
+    "--set metrics.enabled=false,metrics.podMonitor.enabled=true"
+    "--set storageClasses[0].name=loam,storageClasses[0].parameters.backend=zfs"
+)
+for bad in "${bad_values[@]}"; do
+    # shellcheck disable=SC2086 # each entry is a flag and its value
+    if out=$(chart $bad 2>&1); then
+        echo "FAIL: the chart rendered with $bad" >&2
+        exit 1
+    fi
+    echo "refused $bad: $(grep -m1 -E '^- at |execution error' <<<"$out")"
+done
+echo "strict: each of the ${#bad_values[@]} renders with a bad value fails"

@@ -11,6 +11,7 @@ cd "$(dirname "$0")/.."
 
 CSI_SANITY_VERSION=v5.4.0
 KUSTOMIZE_VERSION=v5.8.2 # v5.8.3 needs Go 1.27
+HELM_VERSION=v4.3.2
 KUBERNETES_VALIDATE_VERSION=1.37.0 # bundles the schemas of Kubernetes 1.37.0
 step() { printf '\n==> %s\n' "$*"; }
 
@@ -41,6 +42,12 @@ kustomize="$(go env GOPATH)/bin/kustomize"
 if ! "$kustomize" version 2>/dev/null | grep -qx "$KUSTOMIZE_VERSION"; then
     go install "sigs.k8s.io/kustomize/kustomize/v5@${KUSTOMIZE_VERSION}"
 fi
+# helm built from the Go module proxy; `go version -m` reads the module
+# version the binary was built from (helm's own --version needs release ldflags).
+helm="$(go env GOPATH)/bin/helm"
+if [ "$(go version -m "$helm" 2>/dev/null | awk '$1 == "mod" { print $3 }')" != "$HELM_VERSION" ]; then
+    go install "helm.sh/helm/v4/cmd/helm@${HELM_VERSION}"
+fi
 venv=target/validate-venv
 if ! "$venv/bin/python" -c "import kubernetes_validate" 2>/dev/null ||
     [ "$("$venv/bin/kubernetes-validate" --version 2>/dev/null)" != "$KUBERNETES_VALIDATE_VERSION" ]; then
@@ -48,8 +55,14 @@ if ! "$venv/bin/python" -c "import kubernetes_validate" 2>/dev/null ||
     "$venv/bin/pip" install -q "kubernetes-validate==${KUBERNETES_VALIDATE_VERSION}"
 fi
 
-step "deploy/: render with kustomize, validate offline against Kubernetes ${KUBERNETES_VALIDATE_VERSION}"
-KUSTOMIZE="$kustomize" PYTHON="$venv/bin/python" K8S_VERSION="$KUBERNETES_VALIDATE_VERSION" scripts/manifests.sh
+step "deploy/ and charts/loam: render with kustomize and helm, validate offline against Kubernetes ${KUBERNETES_VALIDATE_VERSION}, compare"
+KUSTOMIZE="$kustomize" HELM="$helm" PYTHON="$venv/bin/python" K8S_VERSION="$KUBERNETES_VALIDATE_VERSION" \
+    scripts/manifests.sh
+
+step "alert rules: parse as promtool parses them and name only the metrics the README documents"
+grep -o '`loam_[a-z_]*`' README.md | tr -d '`' | sort -u >target/metric-names.txt
+(cd scripts/rulecheck && go build -o ../../target/rulecheck .)
+target/rulecheck -metrics target/metric-names.txt deploy/monitoring/*.rules.yaml
 
 step "cargo fmt --check"
 cargo fmt --all -- --check
@@ -64,8 +77,11 @@ step "crash-point harness (the driver killed at fault points and at random, seed
 LOAM_PRIVILEGED_TESTS=1 unshare --mount --propagation private -- \
     cargo test --locked -p loam --features failpoints --test crash -- --include-ignored --nocapture
 
-step "csi-sanity: dir backend"
+step "upgrade in place: the previous Loam's volumes, mounts and data under this tree's Loam"
 cargo build --locked
+scripts/upgrade-test.sh
+
+step "csi-sanity: dir backend"
 CSI_SANITY="$sanity" scripts/sanity.sh
 
 step "grpc C-core (Python grpcio) against loam serve on its Unix socket"

@@ -8,7 +8,8 @@ schemas of each Kubernetes release. The snapshot and group snapshot CRD kinds
 are not part of those, so they are checked against the schemas of their API
 group in scripts/schemas/ (snapshot.storage.k8s.io-v1.json,
 groupsnapshot.storage.k8s.io-v1.json), transcribed from the external-snapshotter
-CRDs. Any other kind fails: nothing is skipped silently.
+CRDs; so is the Helm chart's PodMonitor (monitoring.coreos.com-v1.json, the
+fields the chart renders). Any other kind fails: nothing is skipped silently.
 """
 
 import json
@@ -24,6 +25,7 @@ SCHEMAS = pathlib.Path(__file__).parent / "schemas"
 CRD_GROUPS = {
     "snapshot.storage.k8s.io": "snapshot.storage.k8s.io-v1.json",
     "groupsnapshot.storage.k8s.io": "groupsnapshot.storage.k8s.io-v1.json",
+    "monitoring.coreos.com": "monitoring.coreos.com-v1.json",
 }
 
 

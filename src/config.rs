@@ -48,3 +48,11 @@ pub const TOPOLOGY_NODE_KEY: &str = "topology.loam.csi.dev/node";
 /// Keys Kubernetes adds for itself (the sidecars: secrets, PVC names, fstype;
 /// the kubelet: an inline volume's pod); never meant for the driver, so never refused.
 pub const CO_PARAMETER_PREFIX: &str = "csi.storage.k8s.io/";
+
+/// The git revision this binary was built from (`unknown` when built
+/// outside a checkout without `LOAM_GIT_REVISION`).
+pub const GIT_REVISION: &str = env!("LOAM_GIT_REVISION");
+
+/// The version as GetPluginInfo reports it: the release, with the revision as
+/// semver build metadata.
+pub const VENDOR_VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), "+", env!("LOAM_GIT_REVISION"));

@@ -37,7 +37,8 @@
 //! codes; [`ids`] forms and parses volume, snapshot and group snapshot ids;
 //! [`config`] holds the settings and the CSI constants; [`quantity`] is the
 //! one size grammar; [`endpoint`] the one endpoint parser; [`failpoint`]
-//! marks where the crash harness kills the driver.
+//! marks where the crash harness kills the driver; [`metrics`] is the
+//! process's Prometheus registry, filled where things happen.
 //!
 //! ## Rules
 //!
@@ -64,6 +65,7 @@ pub mod failpoint;
 pub mod guard;
 pub mod ids;
 pub mod kernel;
+pub mod metrics;
 pub mod quantity;
 pub mod records;
 pub mod routing;

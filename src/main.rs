@@ -12,7 +12,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use loam::auth::Token;
 use loam::config::{Config, Mode, QuotaMode};
-use loam::driver::Driver;
+use loam::driver::{Driver, NodeMetrics};
 use loam::kernel::HostKernel;
 use loam::routing::agents::{Agents, Timeouts};
 use loam::routing::discovery::Resolver;
@@ -23,7 +23,7 @@ use tokio::sync::watch;
 
 /// Loam: node-local PersistentVolumes for Kubernetes, over CSI.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(version = concat!(env!("CARGO_PKG_VERSION"), " (revision ", env!("LOAM_GIT_REVISION"), ")"), about)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -99,6 +99,13 @@ struct ServeArgs {
     /// Log format.
     #[arg(long, env = "LOAM_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics (off when unset).
+    #[arg(long, env = "LOAM_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+    /// Node agents: one series per volume (capacity and used bytes); turn it
+    /// off on nodes with very many volumes.
+    #[arg(long, env = "LOAM_METRICS_PER_VOLUME", default_value_t = true, action = clap::ArgAction::Set)]
+    metrics_per_volume: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -174,7 +181,17 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             let _ = stopped.wait_for(|s| *s).await;
         }
     };
-    match args.mode {
+    let metrics = match args.metrics_listen {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the metrics endpoint {addr}"))?;
+            tracing::info!(%addr, "metrics at /metrics");
+            Some(tokio::spawn(loam::metrics::serve(listener, until_stopped())))
+        }
+        None => None,
+    };
+    let served = match args.mode {
         Mode::All => {
             let driver = open_driver(&args).await?;
             serve_socket(&socket, Services::All(driver), args.mode, until_stopped()).await
@@ -211,7 +228,20 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             let services = Services::Controller { driver_name: args.driver_name.clone(), agents: Arc::new(agents) };
             serve_socket(&socket, services, args.mode, until_stopped()).await
         }
+    };
+    if let Some(metrics) = metrics {
+        // Stopped with the rest on a signal; a failed server stops it here.
+        if served.is_err() {
+            metrics.abort();
+        }
+        match metrics.await {
+            Err(e) if e.is_cancelled() => {}
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "the metrics endpoint failed"),
+            Err(e) => tracing::warn!(error = %e, "the metrics endpoint's task failed"),
+        }
     }
+    served
 }
 
 /// The agent endpoint's connection limits: the flags, with the total lowered
@@ -268,7 +298,11 @@ async fn open_driver(args: &ServeArgs) -> anyhow::Result<Arc<Driver>> {
         .await?
         .context("opening the driver's root")?;
     tracing::info!(node = %driver.config().node_id, root = %driver.config().root.display(), "driver open");
-    Ok(Arc::new(driver))
+    let driver = Arc::new(driver);
+    if args.metrics_listen.is_some() {
+        loam::metrics::global().register_node(Arc::new(NodeMetrics::new(driver.clone(), args.metrics_per_volume)));
+    }
+    Ok(driver)
 }
 
 /// Serves `services` on the CSI socket until stopped, then removes it.

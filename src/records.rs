@@ -54,6 +54,16 @@ pub enum BackendKind {
     Loop,
 }
 
+impl BackendKind {
+    /// The StorageClass's name for it.
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendKind::Dir => "dir",
+            BackendKind::Loop => "loop",
+        }
+    }
+}
+
 /// How a volume is laid out: the backend holding it and, for `loop`, its
 /// image. Stored as the `backend` tag and, for `loop`, a `loop_spec`, as
 /// records have always been; a `loop` record without its spec is damaged.

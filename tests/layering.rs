@@ -7,8 +7,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// Modules every layer may use: one error type, ids, configuration, the
-/// generated CSI messages, one size grammar, the crash harness's fault points.
-const CROSS_CUTTING: &[&str] = &["error", "ids", "config", "csi", "quantity", "failpoint"];
+/// generated CSI messages, one size grammar, the crash harness's fault points,
+/// the process's metrics registry.
+const CROSS_CUTTING: &[&str] = &["error", "ids", "config", "csi", "quantity", "failpoint", "metrics"];
 
 /// What each module may name besides itself and [`CROSS_CUTTING`].
 fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
@@ -18,6 +19,7 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
         ("config", &[][..]),
         ("quantity", &[][..]),
         ("failpoint", &[][..]),
+        ("metrics", &[][..]),
         // The kernel seam knows nothing of Loam's volumes; it makes its own
         // intent files durable as every layer does.
         ("kernel", &["durable"][..]),

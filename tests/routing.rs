@@ -539,3 +539,21 @@ async fn the_controller_is_ready_without_agents_and_says_which_are_missing() {
     let err = s.controller.create_volume(create_request("pvc-none", MIB)).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable);
 }
+
+#[tokio::test]
+async fn the_controller_reports_its_agents_and_forwarded_calls_as_metrics() {
+    let mut s = Split::start().await;
+    s.create_on("pvc-metrics", "node-a").await.unwrap();
+    let scrape = loam::metrics::global().render();
+    // The metrics are process-wide and other tests here use the same node
+    // names, so only what this test surely caused is asserted.
+    for series in [
+        r#"loam_agent_up{node="node-a"} 1"#,
+        r#"loam_agent_up{node="node-b"} "#,
+        r#"loam_forward_duration_seconds_count{node="node-a",method="CreateVolume"} "#,
+        r#"loam_discovery_refreshes_total{outcome="found"} "#,
+        r#"loam_rpc_duration_seconds_count{method="CreateVolume",code="Ok"} "#,
+    ] {
+        assert!(scrape.lines().any(|l| l.starts_with(series)), "no {series} in:\n{scrape}");
+    }
+}

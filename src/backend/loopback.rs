@@ -442,6 +442,13 @@ impl LoopBackend {
         Ok(orphans)
     }
 
+    /// How many loop devices backing this root's volume images run without
+    /// direct I/O.
+    pub fn devices_without_direct_io(&self) -> Result<u64> {
+        let devices = self.kernel.loop_devices().context(|| "listing loop devices".into())?;
+        Ok(devices.iter().filter(|d| !d.direct_io && self.key_of_image(&d.backing_file).is_some()).count() as u64)
+    }
+
     /// Whether any loop device is attached to the volume's image.
     pub fn is_attached(&self, key: &Key) -> Result<bool> {
         Ok(!self.devices(key)?.is_empty())

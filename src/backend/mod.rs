@@ -224,17 +224,34 @@ impl Backends {
         Ok(())
     }
 
-    /// Of a volume's capacity, the bytes promised but not written yet.
-    pub fn outstanding(&self, key: &Key, layout: &Layout, capacity: u64, quota: Option<&Enforcement>) -> Result<u64> {
-        let used = match layout {
-            Layout::Loop(_) => self.loopback.allocated_bytes(key),
-            Layout::Dir if !self.dir.volume_exists(key) => return Ok(0),
+    /// The bytes a volume takes on the root: an image's allocated blocks, a
+    /// directory's as its quota counts them or (not enforced) as a walk of
+    /// its tree finds them; `None` when its storage is missing.
+    pub fn used_bytes(&self, key: &Key, layout: &Layout, quota: Option<&Enforcement>) -> Result<Option<u64>> {
+        match layout {
+            Layout::Loop(_) => Ok(Some(self.loopback.allocated_bytes(key))),
+            Layout::Dir if !self.dir.volume_exists(key) => Ok(None),
             Layout::Dir => match self.dir.quota_usage(quota)? {
-                Some(quota) => quota.bytes,
-                None => self.dir.usage(key)?.bytes,
+                Some(quota) => Ok(Some(quota.bytes)),
+                None => Ok(Some(self.dir.usage(key)?.bytes)),
             },
-        };
-        Ok(capacity.saturating_sub(used))
+        }
+    }
+
+    /// How a volume's capacity is enforced, in a word: an image's size bounds
+    /// a loop volume; a directory has a quota or none.
+    pub fn enforcement_name(layout: &Layout, enforcement: Option<&Enforcement>) -> &'static str {
+        match (layout, enforcement) {
+            (Layout::Loop(_), _) => "image",
+            (Layout::Dir, Some(Enforcement::BtrfsQgroup(_))) => "btrfs_qgroup",
+            (Layout::Dir, Some(Enforcement::Project(_))) => "project_quota",
+            (Layout::Dir, Some(Enforcement::Unenforced(_)) | None) => "none",
+        }
+    }
+
+    /// How many loop devices of this root's volumes run without direct I/O.
+    pub fn loop_devices_without_direct_io(&self) -> Result<u64> {
+        self.loopback.devices_without_direct_io()
     }
 
     /// Whether the volume's data is where it should be (and, for a staged

@@ -26,12 +26,14 @@ use crate::records::{Capability, ContentSource, GroupSnapshotRecord, Layout, Sna
 use crate::store::Table;
 
 mod ephemeral;
+mod figures;
 mod groups;
 mod node;
 mod places;
 mod snapshots;
 mod volumes;
 
+pub use figures::NodeMetrics;
 pub use groups::{GroupSnapshot, Stillness};
 // What the backends report about a volume, part of the driver's answers.
 pub use crate::backend::{Condition, VolumeStats, parse_layout};
@@ -161,6 +163,9 @@ pub struct Driver {
     /// Bytes promised to volumes but not written yet, as last measured plus
     /// what was promised since.
     promises: Mutex<u64>,
+    /// What each volume used at the last measurement of the promises (for
+    /// metrics: measuring an unenforced directory walks its tree).
+    measured: Mutex<Arc<BTreeMap<Key, u64>>>,
     /// How many volumes are attached (ControllerPublish) to this node, or
     /// are being attached: a slot is taken before the record is written and
     /// given back if the write fails, so the lock is never held across I/O.
@@ -195,6 +200,7 @@ impl Driver {
             paths: PathsInFlight::default(),
             places: places::Places::default(),
             promises: Mutex::new(0),
+            measured: Mutex::default(),
             attached: Mutex::new(0),
         };
         driver.volumes.for_each(|key, record| driver.places.update(*key, None, Some(record)));

@@ -174,7 +174,8 @@ impl Driver {
         let released = match &record {
             Some(r) => {
                 let quota = r.enforcement.as_ref().filter(|e| e.enforced());
-                self.backends.outstanding(&key, &r.layout, r.capacity_bytes, quota)?
+                let used = self.backends.used_bytes(&key, &r.layout, quota)?;
+                used.map_or(0, |used| r.capacity_bytes.saturating_sub(used))
             }
             None => 0,
         };
@@ -239,13 +240,26 @@ impl Driver {
 
     /// Measures every volume's promise afresh: for the background refresh.
     pub fn refresh_promises(&self) -> Result<()> {
-        let sum = self.measure_promises()?;
+        let (sum, used) = self.measure_promises()?;
         *self.promises.lock().unwrap_or_else(PoisonError::into_inner) = sum;
+        *self.measured.lock().unwrap_or_else(PoisonError::into_inner) = used;
         Ok(())
     }
 
-    /// Sums, over volumes, the bytes promised but not written yet.
-    fn measure_promises(&self) -> Result<u64> {
+    /// Bytes promised to volumes and not written yet, as last measured or
+    /// promised since.
+    pub fn promised(&self) -> u64 {
+        *self.promises.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// What each volume used at the last measurement.
+    pub fn measured_usage(&self) -> Arc<BTreeMap<Key, u64>> {
+        self.measured.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Sums, over volumes, the bytes promised but not written yet; and what
+    /// each volume uses.
+    fn measure_promises(&self) -> Result<(u64, Arc<BTreeMap<Key, u64>>)> {
         // Collected first (small: no strings): usage is I/O, and the table
         // must not wait on it.
         let mut volumes = Vec::new();
@@ -254,10 +268,13 @@ impl Driver {
             volumes.push((*key, r.capacity_bytes, r.layout.clone(), quota));
         });
         let mut sum = 0u64;
+        let mut measured = BTreeMap::new();
         for (key, capacity, layout, quota) in volumes {
-            sum = sum.saturating_add(self.backends.outstanding(&key, &layout, capacity, quota.as_ref())?);
+            let Some(used) = self.backends.used_bytes(&key, &layout, quota.as_ref())? else { continue };
+            sum = sum.saturating_add(capacity.saturating_sub(used));
+            measured.insert(key, used);
         }
-        Ok(sum)
+        Ok((sum, Arc::new(measured)))
     }
 
     /// Counts a new promise in the cached sum until it is next recomputed.

@@ -163,7 +163,9 @@ impl Agents {
         loop {
             let (generation, _) = self.generation();
             let channel = InterceptedService::new(agent.channel.clone(), self.token.clone());
+            let started = Instant::now();
             let answer = tokio::time::timeout(self.timeouts.call, call(client(channel), request.clone())).await;
+            crate::metrics::global().forwarded(node, method, started.elapsed());
             let status = match answer {
                 Ok(Ok(response)) => return Ok(response.into_inner()),
                 Ok(Err(status)) if !unreachable(&status) => return Err(Error::Forwarded { status }),
@@ -244,6 +246,8 @@ impl Agents {
         for node in table.agents.keys().filter(|n| !agents.contains_key(*n)) {
             tracing::info!(%node, "agent gone");
         }
+        let gone = table.agents.keys().filter(|n| !agents.contains_key(*n)).map(String::as_str);
+        crate::metrics::global().agents_refreshed(agents.keys().map(String::as_str), gone);
         table.agents = agents;
         table.refreshed = Some(Instant::now());
         table.generation += 1;

@@ -51,7 +51,7 @@ impl Identity for IdentityService {
         let manifest = self.driver.iter().map(|d| ("node".to_owned(), d.config().node_id.clone())).collect();
         Ok(Response::new(csi::GetPluginInfoResponse {
             name: self.driver_name.clone(),
-            vendor_version: env!("CARGO_PKG_VERSION").to_owned(),
+            vendor_version: crate::config::VENDOR_VERSION.to_owned(),
             manifest,
         }))
     }

@@ -32,9 +32,11 @@ pub(crate) async fn traced<T>(
     handler: impl Future<Output = Result<T>>,
 ) -> std::result::Result<Response<T>, Status> {
     let span = tracing::info_span!("rpc", method, id);
-    let mut call = Call { span: span.clone(), started: Instant::now(), finished: false };
+    let mut call = Call { method, span: span.clone(), started: Instant::now(), finished: false };
     let outcome = handler.instrument(span).await;
     call.finished = true;
+    let code = outcome.as_ref().map_or_else(Error::code, |_| tonic::Code::Ok);
+    crate::metrics::global().rpc(method, code, call.started.elapsed());
     let micros = call.micros();
     call.span.in_scope(|| match &outcome {
         Ok(_) => tracing::info!(micros, "ok"),
@@ -47,6 +49,7 @@ pub(crate) async fn traced<T>(
 /// deadline or a closed connection), which is logged: work already handed
 /// to a blocking thread still runs to its end and keeps its claim.
 struct Call {
+    method: &'static str,
     span: tracing::Span,
     started: Instant,
     finished: bool,
@@ -61,6 +64,7 @@ impl Call {
 impl Drop for Call {
     fn drop(&mut self) {
         if !self.finished {
+            crate::metrics::global().rpc(self.method, tonic::Code::Cancelled, self.started.elapsed());
             let micros = self.micros();
             self.span.in_scope(|| tracing::warn!(micros, outcome = "cancelled", "cancelled by the caller"));
         }
