@@ -13,7 +13,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use loam::auth::Token;
 use loam::config::{Config, Mode, QuotaMode};
 use loam::driver::{Driver, NodeMetrics};
-use loam::kernel::mount::KernelMounter;
+use loam::kernel::HostKernel;
 use loam::routing::agents::{Agents, Timeouts};
 use loam::routing::discovery::Resolver;
 use loam::server::Services;
@@ -294,7 +294,7 @@ async fn open_driver(args: &ServeArgs) -> anyhow::Result<Arc<Driver>> {
         max_volumes_per_node: args.max_volumes_per_node,
         quota: args.quota,
     };
-    let driver = tokio::task::spawn_blocking(move || Driver::open(config, Arc::new(KernelMounter)))
+    let driver = tokio::task::spawn_blocking(move || Driver::open(config, Arc::new(HostKernel)))
         .await?
         .context("opening the driver's root")?;
     tracing::info!(node = %driver.config().node_id, root = %driver.config().root.display(), "driver open");

@@ -13,7 +13,7 @@ use loam::csi;
 use loam::csi::controller_client::ControllerClient;
 use loam::csi::identity_server::IdentityServer;
 use loam::driver::Driver;
-use loam::kernel::mount::FakeMounter;
+use loam::kernel::FakeKernel;
 use loam::routing::agents::{Agents, Timeouts};
 use loam::routing::discovery::Discovery;
 use loam::rpc::identity::IdentityService;
@@ -59,7 +59,7 @@ async fn agent() -> (SocketAddr, tempfile::TempDir, Stop) {
         max_volumes_per_node: 0,
         quota: QuotaMode::Auto,
     };
-    let driver = Arc::new(Driver::open(config, Arc::new(FakeMounter::new())).unwrap());
+    let driver = Arc::new(Driver::open(config, Arc::new(FakeKernel::new())).unwrap());
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let tls = tls::server_config(&token(TOKEN), Role::Agent).unwrap();

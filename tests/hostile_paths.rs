@@ -5,7 +5,7 @@
 //! or a file Loam did not make.
 //!
 //! Stand-ins for sensitive files (`etc/passwd`) live in the test's own
-//! directory. The table runs with a fake mounter unprivileged and with real
+//! directory. The table runs with the fake kernel unprivileged and with real
 //! mounts as root; the cases that need loop devices or real mounts are
 //! `#[ignore]`d and run with `--include-ignored` as root in a private mount
 //! namespace.
@@ -109,7 +109,7 @@ fn multi_node() -> csi::VolumeCapability {
 }
 
 /// Whether anything is mounted exactly at `path`, per the real mount table
-/// (always false with the fake mounter, which mounts nothing).
+/// (always false with the fake kernel, which mounts nothing).
 fn mounted(path: &Path) -> bool {
     loam::kernel::mountinfo::read().unwrap().iter().any(|m| m.mount_point == path)
 }

@@ -11,8 +11,8 @@ use std::sync::Arc;
 use loam::config::{Config, QuotaMode};
 use loam::driver::Driver;
 use loam::ids::ObjectId;
+use loam::kernel::FakeKernel;
 use loam::kernel::blockfs::FsType;
-use loam::kernel::mount::FakeMounter;
 use loam::records::{
     Enforcement, Formatting, GroupSnapshotRecord, Layout, LoopSpec, Provisioning, SnapshotRecord, VolumeRecord,
 };
@@ -105,7 +105,7 @@ fn a_driver_opened_over_earlier_records_serves_every_volume() {
             max_volumes_per_node: 0,
             quota: QuotaMode::Off,
         };
-        let driver = Driver::open(config, Arc::new(FakeMounter::new())).expect("the driver opens over them");
+        let driver = Driver::open(config, Arc::new(FakeKernel::new())).expect("the driver opens over them");
         for record in volumes.values() {
             let key = ObjectId::parse(&record.id).expect("id").key;
             let loaded = driver.volume(&key).unwrap_or_else(|e| panic!("volume {}: {e}", record.name));

@@ -18,7 +18,7 @@ use loam::csi::group_controller_client::GroupControllerClient;
 use loam::csi::identity_client::IdentityClient;
 use loam::csi::node_client::NodeClient;
 use loam::driver::Driver;
-use loam::kernel::mount::FakeMounter;
+use loam::kernel::FakeKernel;
 use loam::routing::agents::{Agents, Timeouts};
 use loam::routing::discovery::Discovery;
 use loam::server::Services;
@@ -108,7 +108,7 @@ impl Agent {
             max_volumes_per_node: 0,
             quota: QuotaMode::Auto,
         };
-        let driver = Arc::new(Driver::open(config, Arc::new(FakeMounter::new())).expect("open driver"));
+        let driver = Arc::new(Driver::open(config, Arc::new(FakeKernel::new())).expect("open driver"));
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind agent");
         self.addr = listener.local_addr().unwrap();
         let token = Token::parse(TOKEN).unwrap();

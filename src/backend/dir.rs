@@ -23,11 +23,12 @@ use crate::config::QuotaMode;
 use crate::durable;
 use crate::error::{Error, IoContext, Result};
 use crate::ids::Key;
+use crate::kernel::Kernel;
 use crate::kernel::copy::{copy_into, copy_tree};
-use crate::kernel::mount::{MountFlags, Mounter};
+use crate::kernel::mount::MountFlags;
 use crate::kernel::mountinfo::{self, MountEntry};
 use crate::kernel::nofollow::{self, Want};
-use crate::kernel::quota::{Enforcer, QuotaUsage, btrfs};
+use crate::kernel::quota::{Enforcer, ProjectIds, QuotaUsage};
 use crate::kernel::usage::{TreeUsage, fs_usage, tree_usage};
 use crate::records::{Capability, Enforcement};
 
@@ -41,13 +42,13 @@ pub struct DirBackend {
     volumes: PathBuf,
     snapshots: PathBuf,
     enforcer: Enforcer,
-    mounter: Arc<dyn Mounter>,
+    kernel: Arc<dyn Kernel>,
 }
 
 impl DirBackend {
     /// Uses (creating if needed) `volumes/` and `snapshots/` under `root`,
     /// and finds out how capacities can be enforced there.
-    pub fn open(root: &Path, quota: QuotaMode, mounter: Arc<dyn Mounter>) -> Result<DirBackend> {
+    pub fn open(root: &Path, quota: QuotaMode, kernel: Arc<dyn Kernel>) -> Result<DirBackend> {
         let volumes = root.join("volumes");
         let snapshots = root.join("snapshots");
         for dir in [&volumes, &snapshots] {
@@ -55,7 +56,8 @@ impl DirBackend {
         }
         let enforcer = match quota {
             QuotaMode::Off => Enforcer::None("quota enforcement is turned off (--quota off)".into()),
-            QuotaMode::Auto | QuotaMode::Required => Enforcer::detect(&volumes, quota == QuotaMode::Required)
+            QuotaMode::Auto | QuotaMode::Required => kernel
+                .quota_enforcer(&volumes, quota == QuotaMode::Required)
                 .context(|| format!("finding out how {} can enforce capacities", volumes.display()))?,
         };
         match &enforcer {
@@ -63,7 +65,7 @@ impl DirBackend {
             Enforcer::None(reason) => tracing::warn!("capacities of dir volumes are NOT enforced: {reason}"),
             enforcing => tracing::info!(with = %enforcing.describe(), "capacities of dir volumes are enforced"),
         }
-        Ok(DirBackend { volumes, snapshots, enforcer, mounter })
+        Ok(DirBackend { volumes, snapshots, enforcer, kernel })
     }
 
     /// How capacities are enforced on this root.
@@ -87,42 +89,60 @@ impl DirBackend {
     pub fn create_volume(&self, key: &Key, source: Option<&Path>, capacity: u64) -> Result<Enforcement> {
         let path = self.volume_path(key);
         match &self.enforcer {
-            Enforcer::Btrfs(quota) => {
+            Enforcer::Btrfs => {
                 match source {
                     // A snapshot appears whole or not at all: no temporary name.
-                    Some(source) if btrfs::is_subvolume(source) => {
-                        remove_tree(&path)?;
-                        btrfs::snapshot(source, &path, false)
+                    Some(source) if self.kernel.is_subvolume(source) => {
+                        self.remove_tree(&path)?;
+                        self.kernel
+                            .snapshot_subvolume(source, &path, false)
                             .context(|| format!("snapshotting {} as {}", source.display(), path.display()))?;
                     }
-                    _ => build_in_place(&path, |tmp| {
-                        btrfs::create_subvolume(tmp)?;
+                    _ => self.build_in_place(&path, |tmp| {
+                        self.kernel.create_subvolume(tmp)?;
                         fill(tmp, source)
                     })?,
                 }
-                let id =
-                    btrfs::subvolume_id(&path).context(|| format!("reading subvolume id of {}", path.display()))?;
-                quota.set_limit(&path, id, capacity).context(|| format!("limiting qgroup 0/{id} to {capacity}"))?;
-                Ok(Enforcement::BtrfsQgroup(id))
+                let limited = self
+                    .kernel
+                    .subvolume_id(&path)
+                    .context(|| format!("reading subvolume id of {}", path.display()))
+                    .and_then(|id| {
+                        self.kernel
+                            .set_qgroup_limit(&path, id, capacity)
+                            .context(|| format!("limiting qgroup 0/{id} to {capacity}"))?;
+                        Ok(id)
+                    });
+                match limited {
+                    Ok(id) => Ok(Enforcement::BtrfsQgroup(id)),
+                    Err(e) => {
+                        // No record will name an unlimited subvolume: take it
+                        // away (best effort: a retry replaces it anyway).
+                        let _ = self.remove_tree(&path);
+                        Err(e)
+                    }
+                }
             }
-            Enforcer::Project(quota) => {
-                let id = quota.allocate().context(|| "allocating a project id".into())?;
-                let built = build_in_place(&path, |tmp| {
+            Enforcer::Project(ids) => {
+                let id = ids
+                    .allocate(|id| self.kernel.project_quota(&self.volumes, id))
+                    .context(|| "allocating a project id".into())?;
+                let built = self.build_in_place(&path, |tmp| {
                     fs::create_dir(tmp)?;
-                    quota.assign(tmp, id)?;
-                    quota.set_limit(id, capacity, 0)?;
+                    self.kernel.assign_project(tmp, id)?;
+                    self.kernel.set_project_limit(&self.volumes, id, capacity, 0)?;
                     fill(tmp, source)
                 });
                 if let Err(e) = built {
                     // Best effort: an id that still has a limit is skipped by
                     // the next allocation anyway.
-                    let _ = quota.release(id);
+                    let _ = self.release_project(ids, id);
                     return Err(e);
                 }
                 Ok(Enforcement::Project(id))
             }
             Enforcer::None(reason) => {
-                build_in_place(&path, |tmp| match source {
+                self.build_in_place(&path, |tmp| match source {
                     Some(source) => durable_copy(source, tmp),
                     None => {
                         fs::create_dir(tmp)?;
@@ -143,30 +163,32 @@ impl DirBackend {
     pub fn create_snapshot(&self, volume: &Key, snapshot: &Key) -> Result<()> {
         let source = self.volume_path(volume);
         let path = self.snapshot_path(snapshot);
-        if btrfs::is_subvolume(&source) {
-            remove_tree(&path)?;
-            return btrfs::snapshot(&source, &path, true)
+        if self.kernel.is_subvolume(&source) {
+            self.remove_tree(&path)?;
+            return self
+                .kernel
+                .snapshot_subvolume(&source, &path, true)
                 .context(|| format!("snapshotting {} as {}", source.display(), path.display()));
         }
-        build_in_place(&path, |tmp| durable_copy(&source, tmp))
+        self.build_in_place(&path, |tmp| durable_copy(&source, tmp))
     }
 
     /// Whether [`DirBackend::create_snapshot`] of the volume is point in time
     /// (a btrfs snapshot of its subvolume) rather than a file-by-file copy.
     pub fn snapshots_atomically(&self, volume: &Key) -> bool {
-        btrfs::is_subvolume(&self.volume_path(volume))
+        self.kernel.is_subvolume(&self.volume_path(volume))
     }
 
     /// Removes the volume's files and gives back its project id; a missing
     /// volume is already removed.
     pub fn delete_volume(&self, key: &Key, enforcement: Option<&Enforcement>) -> Result<()> {
         let path = self.volume_path(key);
-        remove_tree(&path)?;
+        self.remove_tree(&path)?;
         // Gone for good before the record goes, or a crash could bring back
         // a directory no record knows about.
         sync_parent(&path)?;
-        if let (Enforcer::Project(quota), Some(Enforcement::Project(id))) = (&self.enforcer, enforcement) {
-            quota.release(*id).context(|| format!("clearing the limits of project {id}"))?;
+        if let (Enforcer::Project(ids), Some(Enforcement::Project(id))) = (&self.enforcer, enforcement) {
+            self.release_project(ids, *id).context(|| format!("clearing the limits of project {id}"))?;
         }
         Ok(())
     }
@@ -174,7 +196,7 @@ impl DirBackend {
     /// Removes the snapshot's files; a missing snapshot is already removed.
     pub fn delete_snapshot(&self, key: &Key) -> Result<()> {
         let path = self.snapshot_path(key);
-        remove_tree(&path)?;
+        self.remove_tree(&path)?;
         sync_parent(&path)
     }
 
@@ -193,12 +215,14 @@ impl DirBackend {
     /// is not enforced by this root's quotas.
     pub fn quota_usage(&self, enforcement: Option<&Enforcement>) -> Result<Option<QuotaUsage>> {
         match (&self.enforcer, enforcement) {
-            (Enforcer::Btrfs(quota), Some(Enforcement::BtrfsQgroup(id))) => {
-                let (bytes, limit) = quota.usage(*id).context(|| format!("reading qgroup 0/{id}"))?;
+            (Enforcer::Btrfs, Some(Enforcement::BtrfsQgroup(id))) => {
+                let (bytes, limit) =
+                    self.kernel.qgroup_usage(&self.volumes, *id).context(|| format!("reading qgroup 0/{id}"))?;
                 Ok(Some(QuotaUsage { bytes, inodes: None, limit }))
             }
-            (Enforcer::Project(quota), Some(Enforcement::Project(id))) => {
-                let q = quota.get(*id).context(|| format!("reading project quota {id}"))?;
+            (Enforcer::Project(_), Some(Enforcement::Project(id))) => {
+                let q =
+                    self.kernel.project_quota(&self.volumes, *id).context(|| format!("reading project quota {id}"))?;
                 Ok(Some(QuotaUsage { bytes: q.bytes, inodes: Some(q.inodes), limit: Some(q.bytes_limit) }))
             }
             _ => Ok(None),
@@ -208,12 +232,14 @@ impl DirBackend {
     /// Sets the volume's enforced limit to `capacity` (no-op when not enforced).
     pub fn set_limit(&self, key: &Key, enforcement: Option<&Enforcement>, capacity: u64) -> Result<()> {
         match (&self.enforcer, enforcement) {
-            (Enforcer::Btrfs(quota), Some(Enforcement::BtrfsQgroup(id))) => quota
-                .set_limit(&self.volume_path(key), *id, capacity)
+            (Enforcer::Btrfs, Some(Enforcement::BtrfsQgroup(id))) => self
+                .kernel
+                .set_qgroup_limit(&self.volume_path(key), *id, capacity)
                 .context(|| format!("limiting qgroup 0/{id} to {capacity} bytes")),
-            (Enforcer::Project(quota), Some(Enforcement::Project(id))) => {
-                quota.set_limit(*id, capacity, 0).context(|| format!("limiting project {id} to {capacity} bytes"))
-            }
+            (Enforcer::Project(_), Some(Enforcement::Project(id))) => self
+                .kernel
+                .set_project_limit(&self.volumes, *id, capacity, 0)
+                .context(|| format!("limiting project {id} to {capacity} bytes")),
             _ => Ok(()),
         }
     }
@@ -221,8 +247,8 @@ impl DirBackend {
     /// Takes over a volume loaded from its record at start-up: holds its
     /// project id, and puts its limit back when it is missing or differs.
     pub fn adopt(&self, key: &Key, enforcement: Option<&Enforcement>, capacity: u64) -> Result<()> {
-        if let (Enforcer::Project(quota), Some(Enforcement::Project(id))) = (&self.enforcer, enforcement) {
-            quota.hold(*id);
+        if let (Enforcer::Project(ids), Some(Enforcement::Project(id))) = (&self.enforcer, enforcement) {
+            ids.hold(*id);
         }
         if !self.volume_exists(key) {
             return Ok(());
@@ -241,6 +267,43 @@ impl DirBackend {
             self.set_limit(key, enforcement, capacity)?;
         }
         Ok(())
+    }
+
+    /// Clears the limits of project `id` and gives the id back.
+    fn release_project(&self, ids: &ProjectIds, id: u32) -> io::Result<()> {
+        self.kernel.set_project_limit(&self.volumes, id, 0, 0)?;
+        ids.forget(id);
+        Ok(())
+    }
+
+    /// Builds `path` through `build` on a temporary sibling, then renames it in.
+    fn build_in_place(&self, path: &Path, build: impl FnOnce(&Path) -> io::Result<()>) -> Result<()> {
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        let tmp = path.with_file_name(format!(".{name}.tmp"));
+        self.remove_tree(&tmp)?;
+        self.remove_tree(path)?;
+        if let Err(e) = build(&tmp) {
+            // Best effort: the next attempt removes it too.
+            let _ = self.remove_tree(&tmp);
+            return Err(Error::io(format!("building {}", path.display()), e));
+        }
+        fs::rename(&tmp, path).context(|| format!("renaming into {}", path.display()))?;
+        sync_parent(path)
+    }
+
+    /// Removes a tree without following symlinks; a missing tree is fine. A
+    /// btrfs subvolume (read-only snapshots included) is deleted as a whole.
+    fn remove_tree(&self, path: &Path) -> Result<()> {
+        match fs::symlink_metadata(path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io(format!("inspecting {}", path.display()), e)),
+            // A planted symlink is removed itself; its target is never touched.
+            Ok(meta) if !meta.is_dir() => fs::remove_file(path).context(|| format!("removing {}", path.display())),
+            Ok(_) if self.kernel.is_subvolume(path) => {
+                self.kernel.delete_subvolume(path).context(|| format!("deleting subvolume {}", path.display()))
+            }
+            Ok(_) => fs::remove_dir_all(path).context(|| format!("removing {}", path.display())),
+        }
     }
 }
 
@@ -302,9 +365,9 @@ impl DirBackend {
             return Ok(());
         }
         nofollow::open_or_create(path, Want::Dir).map_err(|e| Error::at_caller_path("staging path", e))?;
-        let mounts = self.mounter.mounts().context(|| "reading the mount table".into())?;
+        let mounts = self.kernel.mounts().context(|| "reading the mount table".into())?;
         if !mountinfo::find_mount_point(&mounts, path).is_some_and(|e| self.shows_volume(e, key)) {
-            self.mounter.bind(&data, path, MountFlags::default()).map_err(|e| {
+            self.kernel.bind(&data, path, MountFlags::default()).map_err(|e| {
                 Error::at_caller_path(format!("bind-mounting {} on {}", data.display(), path.display()), e)
             })?;
         }
@@ -337,21 +400,6 @@ fn fill(root: &Path, source: Option<&Path>) -> io::Result<()> {
     }
 }
 
-/// Builds `path` through `build` on a temporary sibling, then renames it in.
-fn build_in_place(path: &Path, build: impl FnOnce(&Path) -> io::Result<()>) -> Result<()> {
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.tmp"));
-    remove_tree(&tmp)?;
-    remove_tree(path)?;
-    if let Err(e) = build(&tmp) {
-        // Best effort: the next attempt removes it too.
-        let _ = remove_tree(&tmp);
-        return Err(Error::io(format!("building {}", path.display()), e));
-    }
-    fs::rename(&tmp, path).context(|| format!("renaming into {}", path.display()))?;
-    sync_parent(path)
-}
-
 /// Makes a new or removed entry of the parent directory durable.
 fn sync_parent(path: &Path) -> Result<()> {
     let parent = path.parent().unwrap_or(Path::new("/"));
@@ -364,31 +412,19 @@ fn durable_copy(source: &Path, target: &Path) -> io::Result<()> {
     durable::sync_filesystem(target)
 }
 
-/// Removes a tree without following symlinks; a missing tree is fine. A btrfs
-/// subvolume (read-only snapshots included) is deleted as a whole.
-fn remove_tree(path: &Path) -> Result<()> {
-    match fs::symlink_metadata(path) {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(Error::io(format!("inspecting {}", path.display()), e)),
-        // A planted symlink is removed itself; its target is never touched.
-        Ok(meta) if !meta.is_dir() => fs::remove_file(path).context(|| format!("removing {}", path.display())),
-        Ok(_) if btrfs::is_subvolume(path) => {
-            btrfs::delete_subvolume(path).context(|| format!("deleting subvolume {}", path.display()))
-        }
-        Ok(_) => fs::remove_dir_all(path).context(|| format!("removing {}", path.display())),
-    }
-}
+#[cfg(test)]
+mod seam_tests;
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::ids::Kind;
-    use crate::kernel::mount::FakeMounter;
+    use crate::kernel::FakeKernel;
 
     #[test]
     fn volumes_snapshots_and_restores_keep_content() {
         let root = tempfile::tempdir().unwrap();
-        let dir = DirBackend::open(root.path(), QuotaMode::Off, Arc::new(FakeMounter::new())).unwrap();
+        let dir = DirBackend::open(root.path(), QuotaMode::Off, Arc::new(FakeKernel::new())).unwrap();
         let (vol, snap, restored) =
             (Key::for_name(Kind::Volume, "v"), Key::for_name(Kind::Snapshot, "s"), Key::for_name(Kind::Volume, "r"));
         let enforcement = dir.create_volume(&vol, None, 1 << 20).unwrap();
@@ -412,7 +448,7 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let outside = tempfile::tempdir().unwrap();
         fs::write(outside.path().join("precious"), b"keep").unwrap();
-        let dir = DirBackend::open(root.path(), QuotaMode::Auto, Arc::new(FakeMounter::new())).unwrap();
+        let dir = DirBackend::open(root.path(), QuotaMode::Auto, Arc::new(FakeKernel::new())).unwrap();
         let key = Key::for_name(Kind::Volume, "v");
         // Leftovers: a half-built temp dir and a symlink where the volume goes.
         let path = dir.volume_path(&key);

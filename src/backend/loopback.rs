@@ -19,11 +19,12 @@ use crate::error::{Error, IoContext, Result};
 use crate::ids::Key;
 use crate::kernel::blockfs::{self, Content, FsType};
 use crate::kernel::copy::{self, copy_file};
-use crate::kernel::loopdev::{self, AttachOptions, LoopDevice};
-use crate::kernel::mount::{MountFlags, Mounter};
+use crate::kernel::loopdev::{AttachOptions, LoopDevice};
+use crate::kernel::mount::MountFlags;
 use crate::kernel::mountinfo::{self, MountEntry};
 use crate::kernel::nofollow::{self, Want};
 use crate::kernel::usage::fs_usage;
+use crate::kernel::{Frozen, Kernel};
 use crate::records::{Capability, Formatting, LoopSpec, Provisioning};
 
 /// Image-file volumes and their snapshots under one root.
@@ -31,13 +32,13 @@ use crate::records::{Capability, Formatting, LoopSpec, Provisioning};
 pub struct LoopBackend {
     volumes: PathBuf,
     snapshots: PathBuf,
-    mounter: Arc<dyn Mounter>,
+    kernel: Arc<dyn Kernel>,
 }
 
 impl LoopBackend {
     /// Uses `volumes/` and `snapshots/` under `root` (created by the driver).
-    pub fn new(root: &Path, mounter: Arc<dyn Mounter>) -> LoopBackend {
-        LoopBackend { volumes: root.join("volumes"), snapshots: root.join("snapshots"), mounter }
+    pub fn new(root: &Path, kernel: Arc<dyn Kernel>) -> LoopBackend {
+        LoopBackend { volumes: root.join("volumes"), snapshots: root.join("snapshots"), kernel }
     }
 
     /// The volume's image file.
@@ -70,7 +71,7 @@ impl LoopBackend {
         let path = self.image_path(key);
         let _frozen = match source {
             Some((_, Some(mounted))) => {
-                Some(blockfs::freeze(mounted).context(|| format!("freezing {}", mounted.display()))?)
+                Some(Frozen::new(&*self.kernel, mounted).context(|| format!("freezing {}", mounted.display()))?)
             }
             _ => None,
         };
@@ -99,8 +100,10 @@ impl LoopBackend {
     /// of the loop device the image will get: mkfs cannot make it there.
     fn check_block_size(&self, image: &Path, spec: &LoopSpec) -> Result<()> {
         let Some(block) = crate::backend::filesystem_of(spec)?.1.block_size() else { return Ok(()) };
-        let sector =
-            loopdev::block_size_for(image).context(|| format!("reading the sector size for {}", image.display()))?;
+        let sector = self
+            .kernel
+            .sector_size_for(image)
+            .context(|| format!("reading the sector size for {}", image.display()))?;
         if block.bytes() < u64::from(sector) {
             return Err(Error::InvalidArgument(format!(
                 "mkfsOptions ask for {}-byte filesystem blocks, but loop devices on this node's root have {sector}-byte \
@@ -122,7 +125,8 @@ impl LoopBackend {
             .context(|| format!("growing {} to {capacity} bytes", path.display()))?;
         file.sync_all().context(|| format!("syncing {}", path.display()))?;
         for device in self.devices(key)? {
-            loopdev::refresh_capacity(&device.device)
+            self.kernel
+                .refresh_capacity(&device.device)
                 .context(|| format!("refreshing the capacity of {}", device.device.display()))?;
         }
         Ok(())
@@ -131,7 +135,7 @@ impl LoopBackend {
     /// Removes the image (and any attachment left by a crash).
     pub fn delete_volume(&self, key: &Key) -> Result<()> {
         for device in self.devices(key)? {
-            loopdev::detach(&device.device).context(|| format!("detaching {}", device.device.display()))?;
+            self.kernel.detach(&device.device).context(|| format!("detaching {}", device.device.display()))?;
         }
         remove_file(&self.resize_intent_path(key))?;
         remove_file(&self.image_path(key))
@@ -142,7 +146,7 @@ impl LoopBackend {
     pub fn create_snapshot(&self, volume: &Key, snapshot: &Key, mounted: Option<&Path>) -> Result<()> {
         let source = self.image_path(volume);
         let _frozen = match mounted {
-            Some(path) => Some(blockfs::freeze(path).context(|| format!("freezing {}", path.display()))?),
+            Some(path) => Some(Frozen::new(&*self.kernel, path).context(|| format!("freezing {}", path.display()))?),
             None => None,
         };
         crate::failpoint!("snapshot.frozen");
@@ -211,7 +215,7 @@ impl LoopBackend {
             self.mount_filesystem(key, spec, &device, path, capability, formats)
         };
         if staged.is_err() && fresh {
-            let _ = loopdev::detach(&device.device);
+            let _ = self.kernel.detach(&device.device);
         }
         staged?;
         match (capability.mount_group, capability.block) {
@@ -234,15 +238,15 @@ impl LoopBackend {
         if mounted_from(&mounts, path, std::slice::from_ref(device)) {
             return Ok(());
         }
-        let content = blockfs::probe(&device.device).context(|| format!("probing {}", device.device.display()))?;
+        let content = self.kernel.probe(&device.device).context(|| format!("probing {}", device.device.display()))?;
         match content {
-            Content::Empty => format(device, fs, spec, formats)?,
+            Content::Empty => format(&*self.kernel, device, fs, spec, formats)?,
             // Whatever an interrupted mkfs left (a torn superblock, a
             // filesystem e2fsck calls inconsistent) is Loam's own and was
             // never mounted: formatting it again loses nothing.
             _ if formats.state == Some(Formatting::Started) => {
                 tracing::warn!(volume = %key, "formatting the image again: an earlier mkfs of it did not finish");
-                format(device, fs, spec, formats)?;
+                format(&*self.kernel, device, fs, spec, formats)?;
             }
             Content::Filesystem(found) if same_family(&found, fs) => {}
             Content::Filesystem(found) => {
@@ -265,7 +269,8 @@ impl LoopBackend {
         // (xfs grows only mounted). A resize a crash cut short is repaired
         // and done again.
         if fs == FsType::Ext4 && !flags.read_only {
-            blockfs::grow_ext4_offline(&device.device, &self.resize_intent_path(key))
+            self.kernel
+                .grow_ext4_offline(&device.device, &self.resize_intent_path(key))
                 .context(|| format!("growing the filesystem on {}", device.device.display()))?;
         }
         // Mounted through a handle opened without following symlinks, so a
@@ -274,13 +279,14 @@ impl LoopBackend {
         let staging =
             nofollow::open_or_create(path, Want::Dir).map_err(|e| Error::at_caller_path("staging path", e))?;
         crate::failpoint!("loop.stage.mounting");
-        blockfs::mount(&device.device, &staging.proc_path(), fs, flags)
+        self.kernel
+            .mount_filesystem(&device.device, &staging.proc_path(), fs, flags)
             .context(|| format!("mounting {} on {}", device.device.display(), path.display()))?;
         if fs == FsType::Xfs
             && !flags.read_only
-            && let Err(e) = blockfs::grow(fs, &device.device, path)
+            && let Err(e) = self.kernel.grow(fs, &device.device, path)
         {
-            let _ = self.mounter.unmount(path);
+            let _ = self.kernel.unmount(path);
             return Err(Error::io(format!("growing the filesystem on {}", device.device.display()), e));
         }
         Ok(())
@@ -294,7 +300,7 @@ impl LoopBackend {
         if !mounted_from(&self.mount_table()?, path, &devices) {
             return Ok(false);
         }
-        blockfs::thaw(path).context(|| format!("thawing {}", path.display()))
+        self.kernel.thaw(path).context(|| format!("thawing {}", path.display()))
     }
 
     /// Unmounts the staging path (if it shows this volume) and detaches
@@ -306,10 +312,10 @@ impl LoopBackend {
             if !mounted_from(&mounts, path, &devices) {
                 break;
             }
-            self.mounter.unmount(path).context(|| format!("unmounting {}", path.display()))?;
+            self.kernel.unmount(path).context(|| format!("unmounting {}", path.display()))?;
         }
         for device in devices {
-            loopdev::detach(&device.device).context(|| format!("detaching {}", device.device.display()))?;
+            self.kernel.detach(&device.device).context(|| format!("detaching {}", device.device.display()))?;
         }
         Ok(())
     }
@@ -331,7 +337,7 @@ impl LoopBackend {
     /// Detaches the read-only device of block publications once none is left.
     pub fn release_read_only(&self, key: &Key) -> Result<()> {
         for device in self.devices(key)?.into_iter().filter(|d| d.read_only) {
-            loopdev::detach(&device.device).context(|| format!("detaching {}", device.device.display()))?;
+            self.kernel.detach(&device.device).context(|| format!("detaching {}", device.device.display()))?;
         }
         Ok(())
     }
@@ -364,20 +370,21 @@ impl LoopBackend {
             .into_iter()
             .find(|d| !d.read_only)
             .ok_or_else(|| Error::FailedPrecondition(format!("volume {key} has no loop device; stage it again")))?;
-        if fs == FsType::Ext4 && !ext4_smaller_than_device(&device.device)? {
+        if fs == FsType::Ext4 && !ext4_smaller_than_device(&*self.kernel, &device.device)? {
             // Already grown (offline, at the stage that followed an earlier refusal).
             return Ok(());
         }
         // Refused before trying, with the way out: the CO must not retry
         // (FAILED_PRECONDITION), and the next stage grows the filesystem offline.
-        if !blockfs::can_grow_online(fs).context(|| "reading this process's capabilities".to_owned())? {
+        if !self.kernel.can_grow_online(fs).context(|| "reading this process's capabilities".to_owned())? {
             return Err(Error::FailedPrecondition(format!(
                 "volume {key}: growing a mounted ext4 filesystem needs CAP_SYS_RESOURCE, which the node plugin \
                  lacks; the device has grown and the filesystem will be grown when the volume is next staged \
                  (restart the pods using it), or give the node plugin CAP_SYS_RESOURCE"
             )));
         }
-        blockfs::grow(fs, &device.device, staging)
+        self.kernel
+            .grow(fs, &device.device, staging)
             .context(|| format!("growing the filesystem on {}", device.device.display()))
     }
 
@@ -417,7 +424,7 @@ impl LoopBackend {
     pub fn detach_orphans(&self, staged: impl Fn(&Key) -> bool) -> Result<Vec<(LoopDevice, Orphan)>> {
         let mounts = self.mount_table()?;
         let mut orphans = Vec::new();
-        for device in loopdev::list().context(|| "listing loop devices".into())? {
+        for device in self.kernel.loop_devices().context(|| "listing loop devices".into())? {
             let Some(key) = self.key_of_image(&device.backing_file) else { continue };
             if staged(&key) {
                 continue;
@@ -425,7 +432,7 @@ impl LoopBackend {
             let fate = if mounts.iter().any(|m| Path::new(&m.source) == device.device) {
                 Orphan::KeptMounted
             } else {
-                match loopdev::detach(&device.device) {
+                match self.kernel.detach(&device.device) {
                     Ok(()) => Orphan::Detached,
                     Err(e) => Orphan::Failed(Error::io(format!("detaching {}", device.device.display()), e)),
                 }
@@ -438,7 +445,7 @@ impl LoopBackend {
     /// How many loop devices backing this root's volume images run without
     /// direct I/O.
     pub fn devices_without_direct_io(&self) -> Result<u64> {
-        let devices = loopdev::list().context(|| "listing loop devices".into())?;
+        let devices = self.kernel.loop_devices().context(|| "listing loop devices".into())?;
         Ok(devices.iter().filter(|d| !d.direct_io && self.key_of_image(&d.backing_file).is_some()).count() as u64)
     }
 
@@ -466,7 +473,7 @@ impl LoopBackend {
 
     fn devices(&self, key: &Key) -> Result<Vec<LoopDevice>> {
         let image = self.image_path(key);
-        match loopdev::find(&image) {
+        match self.kernel.find_loop_devices(&image) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
             other => other.context(|| format!("finding loop devices of {}", image.display())),
         }
@@ -474,7 +481,9 @@ impl LoopBackend {
 
     fn attach(&self, key: &Key, read_only: bool) -> Result<LoopDevice> {
         let image = self.image_path(key);
-        let device = loopdev::attach(&image, AttachOptions { read_only, direct_io: true })
+        let device = self
+            .kernel
+            .attach(&image, AttachOptions { read_only, direct_io: true })
             .context(|| format!("attaching {} to a loop device", image.display()))?;
         if !device.direct_io {
             tracing::warn!(
@@ -487,7 +496,7 @@ impl LoopBackend {
     }
 
     fn mount_table(&self) -> Result<Vec<MountEntry>> {
-        self.mounter.mounts().context(|| "reading the mount table".into())
+        self.kernel.mounts().context(|| "reading the mount table".into())
     }
 
     fn missing(&self, key: &Key) -> String {
@@ -507,11 +516,18 @@ pub struct FormatLog<'a> {
 
 /// Formats the device from scratch, recording that it started before and
 /// that it finished after.
-fn format(device: &LoopDevice, fs: FsType, spec: &LoopSpec, formats: &FormatLog<'_>) -> Result<()> {
+fn format(
+    kernel: &dyn Kernel,
+    device: &LoopDevice,
+    fs: FsType,
+    spec: &LoopSpec,
+    formats: &FormatLog<'_>,
+) -> Result<()> {
     (formats.record)(Formatting::Started)?;
     crate::failpoint!("loop.mkfs.started");
     let options = crate::backend::filesystem_of(spec)?.1;
-    blockfs::mkfs(&device.device, fs, spec.provisioning == Provisioning::Thick, &options)
+    kernel
+        .mkfs(&device.device, fs, spec.provisioning == Provisioning::Thick, &options)
         .context(|| format!("formatting {} as {}", device.device.display(), fs.name()))?;
     crate::failpoint!("loop.mkfs.done");
     (formats.record)(Formatting::Done)
@@ -530,9 +546,9 @@ pub enum Orphan {
 
 /// Whether the ext4 filesystem on `device` is smaller than the device (false
 /// when the device holds no ext4 superblock).
-fn ext4_smaller_than_device(device: &Path) -> Result<bool> {
-    let fs_size = blockfs::ext_size(device).context(|| format!("reading {}", device.display()))?;
-    let device_size = loopdev::device_size(device).context(|| format!("sizing {}", device.display()))?;
+fn ext4_smaller_than_device(kernel: &dyn Kernel, device: &Path) -> Result<bool> {
+    let fs_size = kernel.ext_size(device).context(|| format!("reading {}", device.display()))?;
+    let device_size = kernel.device_size(device).context(|| format!("sizing {}", device.display()))?;
     Ok(fs_size.is_some_and(|size| size < device_size))
 }
 
@@ -601,3 +617,6 @@ fn build_file(path: &Path, build: impl FnOnce(&Path) -> io::Result<()>) -> Resul
 fn remove_file(path: &Path) -> Result<()> {
     durable::remove(path).context(|| format!("removing {}", path.display()))
 }
+
+#[cfg(test)]
+mod tests;

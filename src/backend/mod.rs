@@ -22,8 +22,8 @@ pub use spec::{filesystem_of, min_capacity, parse_layout, parse_mutable_paramete
 use crate::config::QuotaMode;
 use crate::error::{Error, IoContext, Result};
 use crate::ids::Key;
+use crate::kernel::Kernel;
 use crate::kernel::loopdev::LoopDevice;
-use crate::kernel::mount::Mounter;
 use crate::kernel::mountinfo::{self, MountEntry};
 use crate::kernel::quota::Enforcer;
 pub use crate::records::{BackendKind, Layout, LoopSpec, Provisioning};
@@ -79,16 +79,16 @@ pub struct Source {
 pub struct Backends {
     dir: DirBackend,
     loopback: LoopBackend,
-    mounter: Arc<dyn Mounter>,
+    kernel: Arc<dyn Kernel>,
 }
 
 impl Backends {
     /// Prepares both engines under `root` (creating their directories) and
     /// finds out how directory capacities can be enforced there.
-    pub fn open(root: &Path, quota: QuotaMode, mounter: Arc<dyn Mounter>) -> Result<Backends> {
-        let dir = DirBackend::open(root, quota, mounter.clone())?;
-        let loopback = LoopBackend::new(root, mounter.clone());
-        Ok(Backends { dir, loopback, mounter })
+    pub fn open(root: &Path, quota: QuotaMode, kernel: Arc<dyn Kernel>) -> Result<Backends> {
+        let dir = DirBackend::open(root, quota, kernel.clone())?;
+        let loopback = LoopBackend::new(root, kernel.clone());
+        Ok(Backends { dir, loopback, kernel })
     }
 
     /// Why directory volumes on this root are not enforced, when they are not.
@@ -464,12 +464,12 @@ impl Backends {
     pub fn unmount(&self, path: &Path, key: &Key, layout: Option<&Layout>, ours: bool) -> Result<bool> {
         // The bound keeps a confused table from looping.
         for round in 0..8 {
-            let mounts = self.mounter.mounts().context(|| "reading the mount table".into())?;
+            let mounts = self.kernel.mounts().context(|| "reading the mount table".into())?;
             let Some(entry) = mountinfo::find_mount_point(&mounts, path) else { return Ok(round > 0) };
             if !ours && !self.shows_volume(entry, key, layout) {
                 return Ok(round > 0);
             }
-            self.mounter.unmount(path).context(|| format!("unmounting {}", path.display()))?;
+            self.kernel.unmount(path).context(|| format!("unmounting {}", path.display()))?;
         }
         Err(Error::FailedPrecondition(format!(
             "{} still has mounts after 8 unmounts; inspect it with findmnt",
@@ -483,7 +483,7 @@ impl Backends {
         if matches!(layout, Layout::Loop(_)) && self.loopback.is_attached(key)? {
             return Ok(true);
         }
-        let mounts = self.mounter.mounts().context(|| "reading the mount table".into())?;
+        let mounts = self.kernel.mounts().context(|| "reading the mount table".into())?;
         Ok(mountinfo::find_mount_point(&mounts, &stage.path).is_some_and(|e| self.shows_volume(e, key, Some(layout))))
     }
 

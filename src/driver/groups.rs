@@ -42,7 +42,7 @@ use crate::backend::Backends;
 use crate::error::{Error, IoContext, Result};
 use crate::guard::Guard;
 use crate::ids::{Key, Kind, ObjectId};
-use crate::kernel::blockfs;
+use crate::kernel::Frozen;
 use crate::records::{GroupSnapshotRecord, Schema, SnapshotRecord, VolumeRecord};
 
 /// How a source volume is held still while its group is cut.
@@ -241,7 +241,7 @@ impl Driver {
         let mut frozen = Vec::new();
         for member in members {
             if let Stillness::Freezable(path) = &member.stillness {
-                frozen.push(blockfs::freeze(path).context(|| format!("freezing {}", path.display()))?);
+                frozen.push(Frozen::new(&*self.kernel, path).context(|| format!("freezing {}", path.display()))?);
             }
         }
         crate::failpoint!("group.frozen");
@@ -372,8 +372,8 @@ mod tests {
     use super::*;
     use crate::config::{Config, QuotaMode};
     use crate::driver::{CapacityRange, NewVolume};
+    use crate::kernel::FakeKernel;
     use crate::kernel::blockfs::FsType;
-    use crate::kernel::mount::FakeMounter;
     use crate::records::{AccessMode, Capability, Layout, LoopSpec, Provisioning, Publication, Stage, VolumeRecord};
 
     #[derive(Clone, Copy)]
@@ -470,7 +470,7 @@ mod tests {
             max_volumes_per_node: 0,
             quota: QuotaMode::Off,
         };
-        Driver::open(config, Arc::new(FakeMounter::new())).unwrap()
+        Driver::open(config, Arc::new(FakeKernel::new())).unwrap()
     }
 
     fn new_volume(driver: &Driver, name: &str) -> String {

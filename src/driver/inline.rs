@@ -100,7 +100,7 @@ impl Driver {
     /// kubelet forgot. Only the kubelet knows which, so they are reported,
     /// never deleted on a guess. A report only: it never stops the start.
     pub(super) fn report_unpublished_inline(&self) {
-        let mounts = match self.mounter.mounts() {
+        let mounts = match self.kernel.mounts() {
             Ok(mounts) => mounts,
             Err(e) => {
                 tracing::warn!("cannot read the mount table to look for unmounted inline volumes: {e}");

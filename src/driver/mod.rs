@@ -19,7 +19,8 @@ use crate::config::{Config, TOPOLOGY_NODE_KEY};
 use crate::error::{Error, IoContext, Result};
 use crate::guard::{Guard, InFlight, PathsInFlight};
 use crate::ids::{Key, Kind, ObjectId};
-use crate::kernel::mount::{MountFlags, Mounter};
+use crate::kernel::Kernel;
+use crate::kernel::mount::MountFlags;
 use crate::kernel::usage::{FsUsage, fs_usage};
 use crate::records::{Capability, ContentSource, GroupSnapshotRecord, Layout, SnapshotRecord, VolumeRecord};
 use crate::store::Table;
@@ -153,7 +154,7 @@ pub struct Driver {
     snapshots: Table<SnapshotRecord>,
     groups: Table<GroupSnapshotRecord>,
     backends: Backends,
-    mounter: Arc<dyn Mounter>,
+    kernel: Arc<dyn Kernel>,
     inflight: InFlight,
     /// Staging and target paths being mounted at (see [`PathsInFlight`]).
     paths: PathsInFlight,
@@ -173,7 +174,7 @@ pub struct Driver {
 
 impl Driver {
     /// Opens the driver's root: loads every record and prepares the backend.
-    pub fn open(config: Config, mounter: Arc<dyn Mounter>) -> Result<Driver> {
+    pub fn open(config: Config, kernel: Arc<dyn Kernel>) -> Result<Driver> {
         let root = &config.root;
         fs::create_dir_all(root).context(|| format!("creating root {}", root.display()))?;
         // The root holds every volume: keep other users out of it.
@@ -182,7 +183,7 @@ impl Driver {
         let volumes: Table<VolumeRecord> = Table::open(&root.join("meta/volumes"))?;
         let snapshots = Table::open(&root.join("meta/snapshots"))?;
         let groups = Table::open(&root.join("meta/groups"))?;
-        let backends = Backends::open(root, config.quota, mounter.clone())?;
+        let backends = Backends::open(root, config.quota, kernel.clone())?;
         volumes.for_each(|key, record| {
             if let Err(e) = backends.adopt(key, record) {
                 tracing::error!(volume = %record.id, "cannot restore the volume's limit: {e}");
@@ -194,7 +195,7 @@ impl Driver {
             snapshots,
             groups,
             backends,
-            mounter,
+            kernel,
             inflight: InFlight::default(),
             paths: PathsInFlight::default(),
             places: places::Places::default(),

@@ -186,7 +186,7 @@ impl Driver {
         if !mountinfo::find_mount_point(&mounts, target)
             .is_some_and(|e| self.backends.shows_volume(e, &key, Some(&record.layout)))
         {
-            self.mounter.bind(source, target, flags).map_err(|e| {
+            self.kernel.bind(source, target, flags).map_err(|e| {
                 Error::at_caller_path(format!("bind-mounting {} on {}", source.display(), target.display()), e)
             })?;
         }
@@ -195,7 +195,7 @@ impl Driver {
             let mut published = record.clone();
             published.publications.insert(target.to_owned(), publication);
             if let Err(e) = self.put_volume(key, published) {
-                let _ = self.mounter.unmount(target);
+                let _ = self.kernel.unmount(target);
                 return Err(e);
             }
         }
@@ -339,6 +339,6 @@ impl Driver {
     }
 
     fn mount_table(&self) -> Result<Vec<MountEntry>> {
-        self.mounter.mounts().context(|| "reading the mount table".into())
+        self.kernel.mounts().context(|| "reading the mount table".into())
     }
 }

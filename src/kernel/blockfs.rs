@@ -300,16 +300,18 @@ mod ioctl {
     nix::ioctl_readwrite!(fithaw, b'X', 120, libc::c_int);
 }
 
-/// Freezes the filesystem mounted at `mount_point` until the guard is dropped or thawed.
+/// Freezes the filesystem mounted at `mount_point` until [`thaw`]: the
+/// freeze belongs to the filesystem, not to this process, so it outlives
+/// the call (and the process). A frozen filesystem is refused (EBUSY).
 ///
 /// `mount_point` must be the root of a mount, so a wrong path can never
 /// freeze the filesystem it happens to live on (such as the node's root).
-pub fn freeze(mount_point: &Path) -> io::Result<FreezeGuard> {
+pub fn freeze(mount_point: &Path) -> io::Result<()> {
     let fd = open_mount_root(mount_point, "freeze")?;
     let mut unused = 0;
     // SAFETY: FIFREEZE ignores its argument; unused is a valid int.
     unsafe { ioctl::fifreeze(fd.as_raw_fd(), &mut unused) }.map_err(|e| context(e.into(), "FIFREEZE", mount_point))?;
-    Ok(FreezeGuard { fd: Some(fd) })
+    Ok(())
 }
 
 /// Thaws the filesystem mounted at `mount_point` if it is frozen: what a
@@ -347,39 +349,6 @@ fn open_mount_root(mount_point: &Path, action: &str) -> io::Result<OwnedFd> {
         ));
     }
     Ok(fd)
-}
-
-/// A frozen filesystem; thawed on drop, so a failed snapshot never leaves it frozen.
-#[derive(Debug)]
-pub struct FreezeGuard {
-    fd: Option<OwnedFd>,
-}
-
-impl FreezeGuard {
-    /// Thaws now, reporting failure (dropping the guard thaws silently).
-    pub fn thaw(mut self) -> io::Result<()> {
-        match self.fd.take() {
-            Some(fd) => thaw_fd(&fd),
-            None => Ok(()),
-        }
-    }
-}
-
-impl Drop for FreezeGuard {
-    fn drop(&mut self) {
-        if let Some(fd) = self.fd.take() {
-            // Nothing to report to from a destructor; thaw() reports.
-            let _ = thaw_fd(&fd);
-        }
-    }
-}
-
-fn thaw_fd(fd: &OwnedFd) -> io::Result<()> {
-    let mut unused = 0;
-    // SAFETY: FITHAW ignores its argument; unused is a valid int.
-    unsafe { ioctl::fithaw(fd.as_raw_fd(), &mut unused) }
-        .map_err(|e| io::Error::new(io::Error::from(e).kind(), format!("FITHAW: {e}")))?;
-    Ok(())
 }
 
 /// Allocates the first `len` bytes of `file` for real, growing it if shorter, so a thick image never runs out of space later.
@@ -617,19 +586,13 @@ mod tests {
         mount(&dev.device, &mnt, FsType::Ext4, flags).expect("mount");
         std::fs::write(mnt.join("hello"), b"hi").expect("write");
 
-        {
-            let frozen = freeze(&mnt).expect("freeze");
-            let again = freeze(&mnt).expect_err("already frozen");
-            assert_eq!(again.kind(), io::ErrorKind::ResourceBusy, "{again}");
-            frozen.thaw().expect("thaw");
-            let _dropped = freeze(&mnt).expect("freeze again");
-        }
-        // Thawed by the drop above, or this write would hang.
-        std::fs::write(mnt.join("after"), b"thawed").expect("write after thaw");
-        // A freeze outlives whoever made it (as a killed driver's does);
-        // thaw lifts it, and says when there was nothing to lift.
-        std::mem::forget(freeze(&mnt).expect("freeze"));
+        freeze(&mnt).expect("freeze");
+        let again = freeze(&mnt).expect_err("already frozen");
+        assert_eq!(again.kind(), io::ErrorKind::ResourceBusy, "{again}");
+        // A freeze outlives the call that made it (as a killed driver's
+        // does); thaw lifts it, and says when there was nothing to lift.
         assert!(thaw(&mnt).expect("thaw a frozen filesystem"));
+        std::fs::write(mnt.join("after"), b"thawed").expect("write after thaw");
         assert!(!thaw(&mnt).expect("thaw a thawed filesystem"));
         std::fs::write(mnt.join("after-thaw"), b"thawed").expect("write after a lost freeze");
         assert!(freeze(&mnt.join("lost+found")).is_err());
@@ -671,7 +634,8 @@ mod tests {
         let _mounted = Mounted(mnt.clone());
         mount(&dev.device, &mnt, FsType::Xfs, MountFlags::default()).expect("mount");
         std::fs::write(mnt.join("hello"), b"hi").expect("write");
-        freeze(&mnt).expect("freeze").thaw().expect("thaw");
+        freeze(&mnt).expect("freeze");
+        assert!(thaw(&mnt).expect("thaw"));
 
         let before = fs_size(&mnt);
         std::fs::OpenOptions::new().write(true).open(&image).expect("open").set_len(768 << 20).expect("grow");

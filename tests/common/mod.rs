@@ -16,7 +16,8 @@ use loam::csi::group_controller_client::GroupControllerClient;
 use loam::csi::identity_client::IdentityClient;
 use loam::csi::node_client::NodeClient;
 use loam::driver::Driver;
-use loam::kernel::mount::{FakeMounter, KernelMounter, Mounter};
+use loam::kernel::fake::FakeQuota;
+use loam::kernel::{FakeKernel, HostKernel, Kernel};
 use loam::kernel::{loopdev, mountinfo};
 use loam::server::Services;
 use tokio::net::UnixStream;
@@ -80,9 +81,11 @@ impl Harness {
         let socket = dir.path().join("csi.sock");
         let config =
             Config { driver_name: "loam.csi.dev".into(), node_id: NODE.into(), root, max_volumes_per_node: max, quota };
-        let mounter: Arc<dyn Mounter> =
-            if real_mounts { Arc::new(KernelMounter) } else { Arc::new(FakeMounter::new()) };
-        let driver = Arc::new(Driver::open(config, mounter).expect("open driver"));
+        // Unprivileged, the fake still reports what the host's filesystem
+        // can enforce, so quota messages are the operator's real ones.
+        let kernel: Arc<dyn Kernel> =
+            if real_mounts { Arc::new(HostKernel) } else { Arc::new(FakeKernel::with_quota(FakeQuota::Host)) };
+        let driver = Arc::new(Driver::open(config, kernel).expect("open driver"));
         let listener = bind_after_restart(&socket).await;
         let (tx, rx) = oneshot::channel();
         let server = tokio::spawn(async move {

@@ -12,17 +12,20 @@ use std::path::Path;
 use nix::sys::statfs::{BTRFS_SUPER_MAGIC, EXT4_SUPER_MAGIC, XFS_SUPER_MAGIC, statfs};
 
 pub use btrfs::Btrfs;
-pub use project::Project;
+pub use project::{Project, ProjectIds, ProjectQuota};
 
 use super::mountinfo::{self, MountEntry};
 
-/// How a root's filesystem enforces volume capacities.
+/// How a root's filesystem enforces volume capacities. The limits and
+/// counters themselves are reached through the [`Kernel`](super::Kernel)
+/// seam; what is held here is Loam's own bookkeeping.
 #[derive(Debug)]
 pub enum Enforcer {
     /// Each volume is a subvolume with a qgroup limit.
-    Btrfs(Btrfs),
-    /// Each volume directory has its own project id with a hard limit.
-    Project(Project),
+    Btrfs,
+    /// Each volume directory has its own project id with a hard limit; the
+    /// ids Loam's volumes hold.
+    Project(ProjectIds),
     /// Capacities are not enforced; why, and how to fix it.
     None(String),
 }
@@ -45,7 +48,7 @@ impl Enforcer {
         let kind = statfs(root)?.filesystem_type();
         if kind == BTRFS_SUPER_MAGIC {
             return Ok(match Btrfs::probe(root, enable_btrfs_quota)? {
-                btrfs::Probe::Enforcing(b) => Enforcer::Btrfs(b),
+                btrfs::Probe::Enforcing(_) => Enforcer::Btrfs,
                 btrfs::Probe::QuotaDisabled => Enforcer::None(format!(
                     "{} is on btrfs without quotas; run `btrfs quota enable {}` or start Loam with --quota required, \
                      which enables them",
@@ -80,7 +83,7 @@ impl Enforcer {
             )));
         }
         match Project::open(root) {
-            Ok(p) => Ok(Enforcer::Project(p)),
+            Ok(_) => Ok(Enforcer::Project(ProjectIds::default())),
             Err(e) => Ok(Enforcer::None(format!(
                 "{} is on {name} with prjquota but quotactl_fd fails ({e}); Linux 5.14 or later is needed",
                 root.display()
@@ -91,7 +94,7 @@ impl Enforcer {
     /// A short name of the mechanism, for logs and volume context.
     pub fn describe(&self) -> String {
         match self {
-            Enforcer::Btrfs(_) => "btrfs qgroups".into(),
+            Enforcer::Btrfs => "btrfs qgroups".into(),
             Enforcer::Project(_) => "project quotas".into(),
             Enforcer::None(reason) => format!("not enforced: {reason}"),
         }

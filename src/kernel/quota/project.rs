@@ -80,7 +80,7 @@ nix::ioctl_write_ptr!(
     ioc_fssetxattr, b'X', 32, FsXattr);
 
 /// A project's usage and hard limits as the kernel counts them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ProjectQuota {
     /// Bytes charged to the project.
     pub bytes: u64,
@@ -92,50 +92,30 @@ pub struct ProjectQuota {
     pub inodes_limit: u64,
 }
 
-/// Project quotas on the filesystem of one root, and the ids Loam holds there.
+impl ProjectQuota {
+    /// An id nothing is charged to and no limit is set for.
+    pub const UNUSED: ProjectQuota = ProjectQuota { bytes: 0, inodes: 0, bytes_limit: 0, inodes_limit: 0 };
+}
+
+/// Project quotas on the filesystem of one root.
 #[derive(Debug)]
 pub struct Project {
     /// The root, kept open: `quotactl_fd` names the filesystem by any fd on it.
     root: File,
-    /// Ids held by volumes, and by creations in flight.
-    taken: Mutex<BTreeSet<u32>>,
 }
 
 impl Project {
     /// Opens the root and checks that the kernel answers project quota calls.
     pub fn open(root: &Path) -> io::Result<Project> {
-        let project = Project { root: File::open(root)?, taken: Mutex::default() };
+        let project = Project::at(root)?;
         project.get(0)?;
         Ok(project)
     }
 
-    /// Marks `id` as held (a volume loaded from its record).
-    pub fn hold(&self, id: u32) {
-        self.taken.lock().unwrap_or_else(PoisonError::into_inner).insert(id);
-    }
-
-    /// Takes the lowest id that no volume holds and the filesystem has no
-    /// usage or limit for (so another tool's projects are left alone).
-    pub fn allocate(&self) -> io::Result<u32> {
-        let mut taken = self.taken.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut id = FIRST_PROJECT_ID;
-        loop {
-            if !taken.contains(&id) {
-                let quota = self.get(id)?;
-                if quota == (ProjectQuota { bytes: 0, inodes: 0, bytes_limit: 0, inodes_limit: 0 }) {
-                    taken.insert(id);
-                    return Ok(id);
-                }
-            }
-            id = id.checked_add(1).ok_or_else(|| io::Error::from_raw_os_error(libc::ENOSPC))?;
-        }
-    }
-
-    /// Clears the limits of `id` and gives it back.
-    pub fn release(&self, id: u32) -> io::Result<()> {
-        self.set_limit(id, 0, 0)?;
-        self.taken.lock().unwrap_or_else(PoisonError::into_inner).remove(&id);
-        Ok(())
+    /// Opens the root without checking that quotas answer: for one call
+    /// on a root [`Project::open`] accepted before.
+    pub fn at(root: &Path) -> io::Result<Project> {
+        Ok(Project { root: File::open(root)? })
     }
 
     /// Tags the directory `dir` with project `id` and the inherit flag, so
@@ -178,9 +158,7 @@ impl Project {
                 inodes_limit: quota.d_ino_hardlimit,
             }),
             // XFS answers ENOENT for an id without a quota record.
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
-                Ok(ProjectQuota { bytes: 0, inodes: 0, bytes_limit: 0, inodes_limit: 0 })
-            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(ProjectQuota::UNUSED),
             Err(e) => Err(e),
         }
     }
@@ -193,6 +171,46 @@ impl Project {
             libc::syscall(libc::SYS_quotactl_fd, self.root.as_raw_fd(), cmd, id, std::ptr::from_mut(quota).cast::<u8>())
         };
         if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+    }
+}
+
+/// The project ids Loam's volumes hold on one root, and the choice of new
+/// ones: bookkeeping only; what the filesystem says about an id comes from
+/// the caller (through the [`Kernel`](crate::kernel::Kernel) seam).
+#[derive(Debug, Default)]
+pub struct ProjectIds {
+    /// Ids held by volumes, and by creations in flight.
+    taken: Mutex<BTreeSet<u32>>,
+}
+
+impl ProjectIds {
+    /// Marks `id` as held (a volume loaded from its record).
+    pub fn hold(&self, id: u32) {
+        self.lock().insert(id);
+    }
+
+    /// Takes the lowest id from [`FIRST_PROJECT_ID`] that no volume holds and
+    /// `quota_of` shows no usage or limit for (so another tool's projects are
+    /// left alone).
+    pub fn allocate(&self, quota_of: impl Fn(u32) -> io::Result<ProjectQuota>) -> io::Result<u32> {
+        let mut taken = self.lock();
+        let mut id = FIRST_PROJECT_ID;
+        loop {
+            if !taken.contains(&id) && quota_of(id)? == ProjectQuota::UNUSED {
+                taken.insert(id);
+                return Ok(id);
+            }
+            id = id.checked_add(1).ok_or_else(|| io::Error::from_raw_os_error(libc::ENOSPC))?;
+        }
+    }
+
+    /// Gives `id` back, once its limits are cleared.
+    pub fn forget(&self, id: u32) {
+        self.lock().remove(&id);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeSet<u32>> {
+        self.taken.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
