@@ -40,7 +40,24 @@ impl Driver {
         capability: Capability,
     ) -> Result<()> {
         let in_use = self.volumes.get(&key).is_some_and(|r| r.publications.contains_key(target));
-        let published = self.make_and_publish(key, volume, target, read_only, capability);
+        let made_and_published = move || {
+            let new = NewVolume {
+                name: volume.origin.volume_id.clone(),
+                capacity: CapacityRange { required: volume.size.unwrap_or(0), limit: 0 },
+                capabilities: vec![capability.clone()],
+                parameters: volume.parameters,
+                mutable_parameters: BTreeMap::new(),
+                layout: volume.layout,
+                source: None,
+                allowed_nodes: None,
+            };
+            let record = self.create_volume_as(key, new, Some(volume.origin))?;
+            crate::failpoint!("inline.created");
+            let staging = self.backends.inline_staging(&key, &record.layout, &self.config.root);
+            self.node_stage(key, &staging, capability.clone())?;
+            self.node_publish(key, &staging, target, read_only, capability)
+        };
+        let published = made_and_published();
         if published.is_err()
             && !in_use
             && let Err(e) = self.inline_unpublish(key, target)
@@ -48,31 +65,6 @@ impl Driver {
             tracing::error!(%key, target = %target.display(), "cannot remove an inline volume whose publish failed: {e}");
         }
         published
-    }
-
-    fn make_and_publish(
-        &self,
-        key: Key,
-        volume: InlineVolume,
-        target: &Path,
-        read_only: bool,
-        capability: Capability,
-    ) -> Result<()> {
-        let new = NewVolume {
-            name: volume.origin.volume_id.clone(),
-            capacity: CapacityRange { required: volume.size.unwrap_or(0), limit: 0 },
-            capabilities: vec![capability.clone()],
-            parameters: volume.parameters,
-            mutable_parameters: BTreeMap::new(),
-            layout: volume.layout,
-            source: None,
-            allowed_nodes: None,
-        };
-        let record = self.create_volume_as(key, new, Some(volume.origin))?;
-        crate::failpoint!("inline.created");
-        let staging = self.backends.inline_staging(&key, &record.layout, &self.config.root);
-        self.node_stage(key, &staging, capability.clone())?;
-        self.node_publish(key, &staging, target, read_only, capability)
     }
 
     /// Unpublishes an inline volume from `target`; once it is published
