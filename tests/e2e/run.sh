@@ -22,6 +22,8 @@ run=${LOAM_E2E_RUN:-/var/tmp/loam-e2e}
 cgroup_root=/loam-e2e
 t0=$SECONDS
 step() { printf '\n==> [%ds] %s\n' "$((SECONDS - t0))" "$*"; }
+. "$here/tools.sh"
+need_tools go cargo python3 gcc || exit 1
 [ "$(id -u)" = 0 ] || { echo "run as root" >&2; exit 1; }
 mkdir -p "$cache/log"
 export GOTOOLCHAIN=local GOFLAGS=-mod=mod
