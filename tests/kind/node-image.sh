@@ -16,7 +16,7 @@
 #
 # The node has no default CNI manifest: kindnetd is not served by the module
 # proxy (sigs.k8s.io/kindnet and github.com/aojea/kindnet answer 403), so the
-# cluster config sets disableDefaultCNI and tests/kind/network.sh wires the pod
+# cluster config sets disableDefaultCNI and tests/kind/nodes.sh wires the pod
 # network (ptp + host-local, one route per node). The StorageClass is kind's own
 # manifest with our local-path-provisioner image (v0.0.30 from the module proxy).
 #
@@ -118,9 +118,12 @@ base() {
     "$bin/ctr" oci spec |
         jq '.hooks.createContainer[.hooks.createContainer| length] |= . + {"path": "/kind/bin/mount-product-files.sh"}' |
         jq 'del(.process.rlimits)' >"$root/etc/containerd/cri-base.json"
-    tar -C "$root" --numeric-owner -cf - . | docker import \
-        --change 'ENV container=docker' --change 'STOPSIGNAL SIGRTMIN+3' \
-        --change 'ENTRYPOINT [ "/usr/local/bin/entrypoint", "/sbin/init" ]' - "$ref" >/dev/null
+    # FROM scratch / COPY --from=build / / ... (docker import cannot set a stop
+    # signal, so a one-line build adds the image's config on top).
+    tar -C "$root" --numeric-owner -cf - . | docker import - "$ref-tree" >/dev/null
+    printf '%s\n' "FROM $ref-tree" 'ENV container=docker' 'STOPSIGNAL SIGRTMIN+3' \
+        'ENTRYPOINT [ "/usr/local/bin/entrypoint", "/sbin/init" ]' | docker build -q -t "$ref" - >/dev/null
+    docker image rm "$ref-tree" >/dev/null
     rm -rf "$root"
     log "base: $ref"
 }
@@ -130,3 +133,66 @@ rootfs
 base_ref="loam-kind.local/kind-base:$(base_stamp)"
 base "$base_ref"
 [ "${1:-}" != base ] || { echo "$base_ref"; exit 0; }
+
+# kind's default StorageClass manifest (pkg/build/nodeimage/const_storage.go),
+# with our local-path-provisioner images in place of kind's.
+storage_manifest() {
+    local provisioner=$1 helper=$2
+    sed -n '/^const defaultStorageManifest = `/,/^`$/p' "$kindmod/pkg/build/nodeimage/const_storage.go" |
+        sed -e '1d;$d' -e "s|\` + storageProvisionerImage + \`|$provisioner|g" \
+            -e "s|\` + storageHelperImage + \`|$helper|g"
+}
+
+. "$here/images.sh"
+mapfile -t images < <(control_plane_images)
+node_ref="loam-kind.local/kind-node:$K8S_VERSION"
+manifest=$(storage_manifest "${images[7]}" "${images[8]}")
+grep -q "image: ${images[7]}" <<<"$manifest" || { echo "cannot read kind's StorageClass manifest" >&2; exit 1; }
+node_stamp=$( {
+    echo "$base_ref"
+    (cd "$bin" && sha256sum kubeadm kubelet kubectl)
+    for i in "${images[@]}"; do docker image inspect -f '{{.Id}}' "$i"; done
+    echo "$manifest"
+} | sha256sum | cut -c1-16)
+if [ "$(image_stamp "$node_ref")" = "$node_stamp" ]; then
+    log "node: cached ($node_ref)"
+    echo "$node_ref"
+    exit 0
+fi
+
+# kubeadm must find every image it runs among ours.
+wanted=$("$bin/kubeadm" config images list --kubernetes-version "$K8S_VERSION" 2>/dev/null | grep -v /pause:)
+for w in $wanted; do
+    printf '%s\n' "${images[@]}" | grep -qx "$w" ||
+        log "kubeadm $K8S_VERSION asks for $w, not built here: the cluster config must name ours (run.sh does for etcd)"
+done
+
+log "node: assembling $node_ref (kind build node-image's steps)"
+build="loam-kind-build-$$"
+trap 'docker rm -f -v "$build" >/dev/null 2>&1' EXIT
+docker run -d --entrypoint=sleep --name="$build" --security-opt seccomp=unconfined "$base_ref" infinity >/dev/null
+for b in kubeadm kubelet kubectl; do
+    docker cp "$bin/$b" "$build:/usr/bin/$b"
+    docker exec "$build" chmod +x "/usr/bin/$b"
+    docker exec "$build" chown root:root "/usr/bin/$b"
+done
+docker exec "$build" mkdir -p /kind/manifests
+printf '%s' "$K8S_VERSION" | docker exec -i "$build" cp /dev/stdin /kind/version
+printf '%s\n' "$manifest" | docker exec -i "$build" cp /dev/stdin /kind/manifests/default-storage.yaml
+docker exec "$build" bash -c 'nohup containerd >/dev/null 2>&1 &'
+docker exec "$build" bash -c 'for i in $(seq 30); do ctr info >/dev/null 2>&1 && exit 0; sleep 1; done; exit 1' ||
+    { echo "containerd did not start in the build container" >&2; exit 1; }
+for i in "${images[@]}"; do
+    docker save "$i" | docker exec -i "$build" ctr --namespace=k8s.io images import \
+        --label=io.cri-containerd.pinned=pinned --all-platforms --no-unpack --digests - >/dev/null
+done
+docker exec "$build" ctr --namespace=k8s.io images list -q | grep -v '^sha256:' >&2
+docker exec "$build" pkill containerd
+# Until it has stopped (it stays a zombie: the build container's PID 1 is sleep).
+docker exec "$build" bash -c 'for i in $(seq 30); do ps -C containerd -o stat= | grep -qv Z || exit 0; sleep 1; done; exit 1' ||
+    { echo "containerd in the build container did not stop" >&2; exit 1; }
+docker commit --change 'ENTRYPOINT [ "/usr/local/bin/entrypoint", "/sbin/init" ]' \
+    --change 'ENV HTTP_PROXY="" HTTPS_PROXY="" NO_PROXY=""' --change "LABEL loam-kind.stamp=$node_stamp" \
+    "$build" "$node_ref" >/dev/null
+log "node: $node_ref"
+echo "$node_ref"
