@@ -4,7 +4,7 @@
 #   bin/<name>            kube-apiserver kube-controller-manager kube-scheduler
 #                         kubelet kubectl kubeadm kube-proxy (the last two for
 #                         the kind node image, tests/kind) etcd containerd containerd-shim-runc-v2
-#                         runc coredns csi-provisioner csi-attacher csi-snapshotter
+#                         runc coredns csi-provisioner csi-attacher csi-resizer csi-snapshotter
 #                         snapshot-controller pause, and the stand-ins of
 #                         tests/e2e/standins (see there)
 # Each one is built through a small wrapper module under src/<name>: it requires
@@ -180,10 +180,14 @@ build_sidecars() {
         gobuild csi-snapshotter "snapshotter $SNAPSHOTTER_VERSION" \
         github.com/kubernetes-csi/external-snapshotter/v8/cmd/csi-snapshotter \
         github.com/kubernetes-csi/external-snapshotter/v8/cmd/snapshot-controller
+    wrapper csi-resizer github.com/kubernetes-csi/external-resizer/v2 "$RESIZER_VERSION" "$RESIZER_VERSION"
+    gflags=(-ldflags "-s -w -X main.version=$RESIZER_VERSION"); gout=''; CGO_ENABLED=0 \
+        gobuild csi-resizer "resizer $RESIZER_VERSION" \
+        github.com/kubernetes-csi/external-resizer/v2/cmd/csi-resizer
 }
 
 # Stand-ins for the sidecars the module proxy does not serve (node-driver-registrar,
-# livenessprobe, external-resizer): our own small programs in tests/e2e/standins,
+# livenessprobe): our own small programs in tests/e2e/standins,
 # built against published modules.
 build_standins() {
     local dir="$cache/src/standins" recipe
