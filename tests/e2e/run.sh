@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Loam end to end on a real Kubernetes, built from the package registries:
-#   sudo bash tests/e2e/run.sh
+#   sudo env "PATH=$PATH" bash tests/e2e/run.sh   (sudo alone drops Go and cargo from PATH)
 # 1. build.sh: Kubernetes, etcd, containerd, runc, CoreDNS and the CSI sidecars
 #    from the Go module proxy (cached in $LOAM_E2E_CACHE, default ~/.cache/loam-e2e);
 # 2. the Loam release binary (cargo, target dir in the cache) and images.sh:

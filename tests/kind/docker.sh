@@ -50,7 +50,9 @@ docker_up() {
   "log-opts": {"max-size": "10m", "max-file": "2"}
 }
 JSON
-    dockerd --config-file "$kind_state/daemon.json" --data-root "$docker_root" \
+    # The system's PATH: dockerd runs the containerd it finds there, which must be
+    # Debian's of the same release, not one a build put first on PATH.
+    env PATH=/usr/sbin:/usr/bin:/sbin:/bin dockerd --config-file "$kind_state/daemon.json" --data-root "$docker_root" \
         --exec-root "$kind_state/exec" --pidfile "$kind_state/dockerd.pid" \
         --host "unix://$sock" >"$kind_state/dockerd.log" 2>&1 &
     docker_started=$!
@@ -76,5 +78,10 @@ docker_down() {
         echo "dockerd ($pid) still up after 30 s: killing it" >&2
         kill -KILL "$pid"
     fi
+    # dockerd leaves the bind mount of its default network namespace behind.
+    local m
+    for m in $(awk -v root="$kind_state/exec/" 'index($2, root) == 1 {print $2}' /proc/self/mounts); do
+        umount "$m"
+    done
     docker_started=''
 }

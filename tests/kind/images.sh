@@ -9,8 +9,9 @@
 #                          control plane, kube-proxy, etcd, CoreDNS, pause, and
 #                          kind's StorageClass images (local-path-provisioner)
 #   csi_images             the sidecars deploy/ names and the stand-ins (printed)
-#   loam_image             loam:dev from the project's Dockerfile, both stages,
-#                          on local stand-ins of its two base images (printed)
+#   debian_slim_image, rust_image   local stand-ins of the Dockerfile's two base
+#                          images, for `docker build -t loam:dev .` (printed)
+#   busybox_image          busybox:1.37 of deploy/examples/ (printed)
 
 images_here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 . "$images_here/../e2e/versions.sh"
@@ -91,7 +92,7 @@ csi_images() {
     static "registry.k8s.io/sig-storage/csi-attacher:$ATTACHER_VERSION" csi-attacher /csi-attacher
     static "registry.k8s.io/sig-storage/csi-snapshotter:$SNAPSHOTTER_VERSION" csi-snapshotter /csi-snapshotter
     static "registry.k8s.io/sig-storage/snapshot-controller:$SNAPSHOTTER_VERSION" snapshot-controller /snapshot-controller
-    static "loam-e2e.local/standin/csi-resizer:$RESIZER_VERSION" csi-resizer /csi-resizer
+    static "registry.k8s.io/sig-storage/csi-resizer:$RESIZER_VERSION" csi-resizer /csi-resizer
     static "loam-e2e.local/standin/csi-node-driver-registrar:$REGISTRAR_VERSION" csi-node-driver-registrar \
         /csi-node-driver-registrar
     static "loam-e2e.local/standin/livenessprobe:$LIVENESSPROBE_VERSION" livenessprobe /livenessprobe
@@ -99,7 +100,7 @@ csi_images() {
         "registry.k8s.io/sig-storage/csi-attacher:$ATTACHER_VERSION" \
         "registry.k8s.io/sig-storage/csi-snapshotter:$SNAPSHOTTER_VERSION" \
         "registry.k8s.io/sig-storage/snapshot-controller:$SNAPSHOTTER_VERSION" \
-        "loam-e2e.local/standin/csi-resizer:$RESIZER_VERSION" \
+        "registry.k8s.io/sig-storage/csi-resizer:$RESIZER_VERSION" \
         "loam-e2e.local/standin/csi-node-driver-registrar:$REGISTRAR_VERSION" \
         "loam-e2e.local/standin/livenessprobe:$LIVENESSPROBE_VERSION"
     local tar ref
@@ -166,24 +167,30 @@ ENV PATH=/usr/local/cargo/bin:/usr/local/rust/bin:/usr/local/sbin:/usr/local/bin
     CARGO_HOME=/usr/local/cargo
 LABEL loam-kind.stamp=$stamp
 DOCKERFILE
-        docker build --network host -q -t "$ref" "$ctx" >/dev/null
+        docker build --network host --force-rm -q -t "$ref" "$ctx" >/dev/null
         rm -rf "$ctx"
     fi
     echo "$ref"
 }
 
-# loam_image REPO: `docker build -t loam:dev .` of the README, with the base
-# images given as build arguments (the only difference) and the host's network
-# for the build's apt-get and cargo (this dockerd makes no NAT for containers).
-loam_image() {
-    local repo=$1 slim rust
-    slim=$(debian_slim_image) || return 1
-    rust=$(rust_image "$slim") || return 1
-    images_log "loam:dev: docker build (both stages of $repo/Dockerfile)"
-    # A quarter of the default CPU weight: the machine is shared (a nice for
-    # the build's containers, which are not children of this shell).
-    docker build --network host --cpu-shares 256 -q --build-arg RUST_IMAGE="$rust" \
-        --build-arg DEBIAN_IMAGE="$slim" -t loam:dev "$repo" >"$images_cache/log/kind-loam-build.log" 2>&1 ||
-        { tail -30 "$images_cache/log/kind-loam-build.log" >&2; return 1; }
-    echo loam:dev
+# busybox_image: busybox:1.37, the image of deploy/examples/ (which a user's
+# cluster pulls from Docker Hub): Debian trixie's busybox-static 1.37 package,
+# alone with its applet links on an empty base (printed).
+busybox_image() {
+    local slim=$1 ref=docker.io/library/busybox:1.37 stamp dir
+    stamp=$(image_stamp "$slim")-busybox
+    [ "$(image_stamp "$ref")" != "$stamp" ] || { images_log "$ref: cached"; echo "$ref"; return 0; }
+    dir=$(mktemp -d "$images_work/busybox.XXXXXX")
+    mkdir -p "$dir/bin" "$dir/tmp"
+    chmod 1777 "$dir/tmp"
+    docker run --rm --network host -v "$dir/bin:/out" "$slim" sh -c \
+        'apt-get update -qq && apt-get install -y -qq busybox-static >/dev/null && cp /usr/bin/busybox /out/' >&2
+    local version
+    version=$("$dir/bin/busybox" 2>&1 | head -1 || true)
+    [[ $version == *' v1.37.'* ]] ||
+        { echo "Debian's busybox-static is not 1.37: $version" >&2; rm -rf "$dir"; return 1; }
+    for a in $("$dir/bin/busybox" --list); do [ -e "$dir/bin/$a" ] || ln -s busybox "$dir/bin/$a"; done
+    import_tree "$ref" "$stamp" "$dir" '["/bin/sh"]'
+    rm -rf "$dir"
+    echo "$ref"
 }
