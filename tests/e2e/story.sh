@@ -516,7 +516,8 @@ allocated=$(($(on_node "$NODE" "stat -c '%b*%B' $thin_image")))
 # The story waits for it, so this step checks ModifyVolume itself.
 lazyinit_done() {
     on_node "$NODE" "dev=\$(losetup -n -O NAME -j $thin_image | head -1); [ -n \"\$dev\" ] &&
-        dumpe2fs \$dev 2>/dev/null | grep -q '^Group' && ! dumpe2fs \$dev 2>/dev/null | grep '^Group' | grep -qv ITABLE_ZEROED"
+        dumpe2fs \$dev 2>/dev/null | grep -q '^Group [0-9]' &&
+        ! dumpe2fs \$dev 2>/dev/null | grep '^Group [0-9]' | grep -qv ITABLE_ZEROED"
 }
 until_ok "$T" "the thin volume's inode tables zeroed (ext4lazyinit done)" lazyinit_done
 k patch pvc thin --type merge -p '{"spec":{"volumeAttributesClassName":"loam-reserved"}}' >/dev/null

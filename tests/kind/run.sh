@@ -90,6 +90,11 @@ cleanup() {
     done < <(losetup -l -n -O NAME,BACK-MAJ:MIN)
     for ((i = ${#made_mounts[@]} - 1; i >= 0; i--)); do umount "${made_mounts[$i]}"; done
     for i in "${made_loops[@]}"; do losetup -d "$i"; done
+    # A detach waits for the device's last user: give it some seconds.
+    for ((i = 0; i < 10; i++)); do
+        [ -n "$(comm -13 <(echo "$loops_before") <(losetup -l -n -O NAME | sort))" ] || break
+        sleep 1
+    done
     for l in $(comm -13 <(echo "$loops_before") <(losetup -l -n -O NAME | sort)); do
         echo "WARNING: attached during the run and still there (not detached: not provably this run's):" \
             "$l $(losetup -l -n -O BACK-FILE "$l")" >&2
