@@ -204,9 +204,11 @@ expect "it names one agent per node" "$(wc -w <<<"$(agent_ips)")" "$(kubectl get
 
 say "3b. the registrar's liveness probe checks its registration socket: without it the registrar is restarted"
 reg_sock=/var/lib/kubelet/plugins_registry/loam.csi.dev-reg.sock
+# The new agent pod is ready before its registrar has made the socket.
+until_ok 60 "the registrar serves $reg_sock on $NODE" on_node "$NODE" "test -S $reg_sock"
+ok "the registrar serves $reg_sock"
 restarts=$(kubectl -n loam get pod "$new_pod" \
     -o jsonpath='{.status.containerStatuses[?(@.name=="node-driver-registrar")].restartCount}')
-on_node "$NODE" "test -S $reg_sock" && ok "the registrar serves $reg_sock" || fail "no $reg_sock on $NODE"
 on_node "$NODE" "rm $reg_sock"
 until_ok "$T" "the registrar restarted by its liveness probe" sh -c "[ \"\$(kubectl -n loam get pod $new_pod \
     -o jsonpath='{.status.containerStatuses[?(@.name==\"node-driver-registrar\")].restartCount}')\" -gt $restarts ]"
