@@ -2,8 +2,9 @@
 # Builds every program the end-to-end cluster runs, from the Go module proxy,
 # into the cache ($LOAM_E2E_CACHE, default ~/.cache/loam-e2e):
 #   bin/<name>            kube-apiserver kube-controller-manager kube-scheduler
-#                         kubelet kubectl etcd containerd containerd-shim-runc-v2
-#                         runc coredns csi-provisioner csi-attacher csi-snapshotter
+#                         kubelet kubectl kubeadm kube-proxy (the last two for
+#                         the kind node image, tests/kind) etcd containerd containerd-shim-runc-v2
+#                         runc coredns csi-provisioner csi-attacher csi-resizer csi-snapshotter
 #                         snapshot-controller pause, and the stand-ins of
 #                         tests/e2e/standins (see there)
 # Each one is built through a small wrapper module under src/<name>: it requires
@@ -120,7 +121,8 @@ build_kubernetes() {
     done
     gflags=(-ldflags "$ld"); gout=''; CGO_ENABLED=0 gobuild kubernetes "k8s $v $ld" \
         k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
-        k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubelet k8s.io/kubernetes/cmd/kubectl
+        k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubelet k8s.io/kubernetes/cmd/kubectl \
+        k8s.io/kubernetes/cmd/kubeadm k8s.io/kubernetes/cmd/kube-proxy
 }
 
 build_etcd() {
@@ -178,10 +180,14 @@ build_sidecars() {
         gobuild csi-snapshotter "snapshotter $SNAPSHOTTER_VERSION" \
         github.com/kubernetes-csi/external-snapshotter/v8/cmd/csi-snapshotter \
         github.com/kubernetes-csi/external-snapshotter/v8/cmd/snapshot-controller
+    wrapper csi-resizer github.com/kubernetes-csi/external-resizer/v2 "$RESIZER_VERSION" "$RESIZER_VERSION"
+    gflags=(-ldflags "-s -w -X main.version=$RESIZER_VERSION"); gout=''; CGO_ENABLED=0 \
+        gobuild csi-resizer "resizer $RESIZER_VERSION" \
+        github.com/kubernetes-csi/external-resizer/v2/cmd/csi-resizer
 }
 
 # Stand-ins for the sidecars the module proxy does not serve (node-driver-registrar,
-# livenessprobe, external-resizer): our own small programs in tests/e2e/standins,
+# livenessprobe): our own small programs in tests/e2e/standins,
 # built against published modules.
 build_standins() {
     local dir="$cache/src/standins" recipe
@@ -206,6 +212,45 @@ build_pause() {
     strip "$cache/bin/pause"
     printf '%s' "$recipe" >"$cache/bin/pause.recipe"
     log "pause: built"
+}
+
+# What only the kind node image (tests/kind) adds, at the versions kind's base
+# image Dockerfile pins (versions.sh): crictl, the CNI plugins kind's nodes
+# carry, and the program of kind's default StorageClass image.
+build_crictl() {
+    wrapper crictl sigs.k8s.io/cri-tools "$CRICTL_VERSION" "$CRICTL_VERSION"
+    gflags=(-ldflags "-s -w -X sigs.k8s.io/cri-tools/pkg/version.Version=$CRICTL_VERSION"); gout=''; CGO_ENABLED=0 \
+        gobuild crictl "crictl $CRICTL_VERSION" sigs.k8s.io/cri-tools/cmd/crictl
+}
+
+build_cni() {
+    wrapper cni github.com/containernetworking/plugins "$CNI_PLUGINS_VERSION" "$CNI_PLUGINS_VERSION"
+    gflags=(-ldflags "-s -w"); gout=''; CGO_ENABLED=0 gobuild cni "cni $CNI_PLUGINS_VERSION" \
+        github.com/containernetworking/plugins/plugins/ipam/host-local \
+        github.com/containernetworking/plugins/plugins/main/loopback \
+        github.com/containernetworking/plugins/plugins/main/ptp \
+        github.com/containernetworking/plugins/plugins/meta/portmap
+}
+
+build_localpath() {
+    wrapper local-path-provisioner github.com/rancher/local-path-provisioner "$LOCAL_PATH_VERSION" "$LOCAL_PATH_VERSION"
+    gflags=(-ldflags "-s -w -X main.VERSION=$LOCAL_PATH_VERSION"); gout=local-path-provisioner; CGO_ENABLED=0 \
+        gobuild local-path-provisioner "local-path-provisioner $LOCAL_PATH_VERSION" \
+        github.com/rancher/local-path-provisioner
+}
+
+# kind itself, as its README installs it: go install sigs.k8s.io/kind@VERSION.
+build_kind() {
+    local recipe="kind $KIND_VERSION"
+    if [ "$(cat "$cache/bin/kind.recipe" 2>/dev/null)" = "$recipe" ]; then
+        log "kind: cached"
+        return 0
+    fi
+    [ "${LOAM_E2E_DOWNLOAD_ONLY:-}" = 1 ] && return 0
+    log "kind: building"
+    GOBIN="$cache/bin" GOFLAGS= CGO_ENABLED=0 "${nice[@]}" go install "sigs.k8s.io/kind@$KIND_VERSION"
+    printf '%s' "$recipe" >"$cache/bin/kind.recipe"
+    log "kind: built"
 }
 
 all=(kubernetes etcd containerd runc coredns sidecars standins pause)

@@ -110,9 +110,9 @@ static coredns "registry.k8s.io/coredns/coredns:$COREDNS_VERSION" coredns /cored
 static csi-provisioner "registry.k8s.io/sig-storage/csi-provisioner:$PROVISIONER_VERSION" csi-provisioner
 static csi-attacher "registry.k8s.io/sig-storage/csi-attacher:$ATTACHER_VERSION" csi-attacher
 static csi-snapshotter "registry.k8s.io/sig-storage/csi-snapshotter:$SNAPSHOTTER_VERSION" csi-snapshotter
+static csi-resizer "registry.k8s.io/sig-storage/csi-resizer:$RESIZER_VERSION" csi-resizer
 static snapshot-controller "registry.k8s.io/sig-storage/snapshot-controller:$SNAPSHOTTER_VERSION" snapshot-controller
 # Stand-ins: named as ours, never as the upstream images (the overlay maps them).
-static standin-csi-resizer "loam-e2e.local/standin/csi-resizer:$RESIZER_VERSION" csi-resizer
 static standin-csi-node-driver-registrar "loam-e2e.local/standin/csi-node-driver-registrar:$REGISTRAR_VERSION" \
     csi-node-driver-registrar
 static standin-livenessprobe "loam-e2e.local/standin/livenessprobe:$LIVENESSPROBE_VERSION" livenessprobe

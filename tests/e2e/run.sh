@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Loam end to end on a real Kubernetes, built from the package registries:
-#   sudo bash tests/e2e/run.sh
+#   sudo env "PATH=$PATH" bash tests/e2e/run.sh   (sudo alone drops Go and cargo from PATH)
 # 1. build.sh: Kubernetes, etcd, containerd, runc, CoreDNS and the CSI sidecars
 #    from the Go module proxy (cached in $LOAM_E2E_CACHE, default ~/.cache/loam-e2e);
 # 2. the Loam release binary (cargo, target dir in the cache) and images.sh:
@@ -22,6 +22,9 @@ run=${LOAM_E2E_RUN:-/var/tmp/loam-e2e}
 cgroup_root=/loam-e2e
 t0=$SECONDS
 step() { printf '\n==> [%ds] %s\n' "$((SECONDS - t0))" "$*"; }
+. "$here/tools.sh"
+. "$here/loops.sh"
+need_tools go cargo python3 gcc || exit 1
 [ "$(id -u)" = 0 ] || { echo "run as root" >&2; exit 1; }
 mkdir -p "$cache/log"
 export GOTOOLCHAIN=local GOFLAGS=-mod=mod
@@ -64,20 +67,16 @@ cleanup() {
     [ "$i" -lt 60 ] || echo "WARNING: processes of the cluster's PID namespace are still alive" >&2
     # Loop devices attached during the run (Loam's images, the kubelet's block
     # volume references), now that no mount holds them.
+    # Only the run's own (loops.sh): another Loam on this host keeps its devices.
     for ((i = 0; i < 10; i++)); do
-        local new
-        new=$(comm -13 <(echo "$loops_before") <(losetup -l -n -O NAME | sort))
-        [ -n "$new" ] || break
-        for loop in $new; do
-            case "$(losetup -l -n -O BACK-FILE "$loop")" in
-                # Loam's images (as the dead namespace saw them: /volumes/<key>.img),
-                # the kubelet's references to block volumes, anything under the run.
-                /volumes/*.img* | *"$run"* | */var/lib/kubelet/* | */kubernetes.io/* | /dev/loop* | *loam*)
-                    losetup -d "$loop" 2>/dev/null ;;
-                *) echo "not ours, left alone: $loop $(losetup -l -n -O BACK-FILE "$loop")" >&2 ;;
-            esac
-        done
+        local ours
+        ours=$(run_loops "$run")
+        [ -n "$ours" ] || break
+        for loop in $ours; do losetup -d "$loop" 2>/dev/null; done
         sleep 1
+    done
+    for loop in $(comm -13 <(echo "$loops_before") <(losetup -l -n -O NAME | sort)); do
+        echo "attached during the run but not by it, left alone: $loop $(losetup -l -n -O BACK-FILE "$loop")" >&2
     done
     for h in "${cgroup_dirs[@]}"; do
         find "$h" -depth -type d -exec rmdir {} + 2>/dev/null
@@ -108,14 +107,9 @@ for h in /sys/fs/cgroup/*/; do
     echo "removing $d, left by a run that was killed" >&2
     find "$d" -depth -type d -exec rmdir {} +
 done
-for loop in $(losetup -l -n -O NAME); do
-    case "$(losetup -l -n -O BACK-FILE "$loop")" in
-        # What only a run attaches: Loam's images as the dead namespace named
-        # them, files under the run directory, the kubelet's block references.
-        /volumes/*.img* | *"$run"* | */var/lib/kubelet/*)
-            echo "detaching $loop, left by a run that was killed" >&2
-            losetup -d "$loop" ;;
-    esac
+for loop in $(run_loops "$run"); do
+    echo "detaching $loop, left by a run that was killed" >&2
+    losetup -d "$loop"
 done
 
 # --- what the cleanup must undo

@@ -8,7 +8,9 @@
 set -euo pipefail
 NS=e2e-story
 IMAGE=loam:dev # Debian with coreutils and util-linux: the shell of the test pods
-NODE=loam-e2e
+# The node the story's volumes are made on (E2E_NODE: a worker of a cluster
+# with several; then every pod of the story is pinned to it).
+NODE=${E2E_NODE:-loam-e2e}
 ROOT=/var/lib/loam
 T=${E2E_WAIT:-180}
 passed=0
@@ -44,6 +46,14 @@ until_ok() {
     fail "$what: not within ${limit}s"
 }
 in_pod() { local p=$1; shift; k exec "$p" -- sh -c "$*"; }
+# on_node NODE SCRIPT: runs SCRIPT in NODE's filesystem. On the e2e cluster the
+# one node is this namespace (E2E_NODE_EXEC unset); a cluster whose nodes are
+# containers sets E2E_NODE_EXEC to the command that enters one ("docker exec").
+on_node() {
+    local n=$1
+    shift
+    if [ -n "${E2E_NODE_EXEC:-}" ]; then $E2E_NODE_EXEC "$n" sh -c "$*"; else sh -c "$*"; fi
+}
 pvc_field() { k get pvc "$1" -o jsonpath="$2"; }
 pv_handle() { kubectl get pv "$(pvc_field "$1" '{.spec.volumeName}')" -o jsonpath='{.spec.csi.volumeHandle}'; }
 key_of() { local h; h=$(pv_handle "$1"); echo "${h%@*}"; }
@@ -77,12 +87,16 @@ EOF
 # none_left KUBECTL_GET...: true once the objects it names or lists are gone
 # (false while the API cannot say).
 none_left() { local out; out=$("$@" -o name --ignore-not-found) && [ -z "$out" ]; }
-# files_gone PATH...: true once none of the paths exists.
-files_gone() {
-    local f
-    for f in "$@"; do [ ! -e "$f" ] || return 1; done
+# files_gone PATH...: true once none of the paths exists on the node.
+files_gone() { on_node "$NODE" "for f in $*; do [ ! -e \$f ] || exit 1; done"; }
+empty_dir() { [ -z "$(on_node "$NODE" "find $1 -mindepth 1 -maxdepth 1 -print -quit")" ]; }
+# agent_on NODE: the node agent's pod on NODE.
+agent_on() {
+    kubectl -n loam get pod -l app.kubernetes.io/component=node --field-selector "spec.nodeName=$1" \
+        -o jsonpath='{.items[0].metadata.name}'
 }
-empty_dir() { [ -z "$(find "$1" -mindepth 1 -maxdepth 1 -print -quit)" ]; }
+pin=''
+[ -z "${E2E_NODE:-}" ] || pin="nodeSelector: {kubernetes.io/hostname: $NODE}"
 # pod NAME SCRIPT CLAIM:PATH...   (a path under /dev means a raw block device)
 # The pod is Ready once SCRIPT has succeeded.
 pod() {
@@ -103,6 +117,7 @@ kind: Pod
 metadata: {name: $name}
 spec:
   terminationGracePeriodSeconds: 1
+  $pin
   containers:
     - name: shell
       image: $IMAGE
@@ -122,10 +137,12 @@ delete_pod() { k delete pod "$1" --wait=true --timeout="${T}s" >/dev/null; }
 kubectl create namespace "$NS" >/dev/null
 
 say "0. cluster DNS answers for the headless Service the controller uses"
-agent_ip=$(kubectl -n loam get pod -l app.kubernetes.io/component=node -o jsonpath='{.items[0].status.podIP}')
+agent_ips=$(kubectl -n loam get pod -l app.kubernetes.io/component=node -o jsonpath='{.items[*].status.podIP}' |
+    tr ' ' '\n' | sort | tr '\n' ' ')
 pod dns 'true'
-expect "loam-agents.loam.svc resolves to the node agent's pod IP" \
-    "$(in_pod dns 'getent hosts loam-agents.loam.svc.cluster.local | cut -d" " -f1')" "$agent_ip"
+expect "loam-agents.loam.svc resolves to every node agent's pod IP" \
+    "$(in_pod dns 'getent ahostsv4 loam-agents.loam.svc.cluster.local | cut -d" " -f1 | sort -u | tr "\n" " "')" \
+    "$agent_ips"
 expect "kubernetes.default resolves to the API Service IP" \
     "$(in_pod dns 'getent hosts kubernetes.default.svc.cluster.local | cut -d" " -f1')" 10.96.0.1
 delete_pod dns
@@ -147,12 +164,12 @@ expect "the pod wrote the same 1 MiB to both" "$sum_loop" "$sum_dir"
 key_dir=$(key_of dir-a)
 key_loop=$(key_of loop-a)
 expect "the dir volume is a directory on the node with the pod's bytes" \
-    "$(sha256sum <"$ROOT/volumes/$key_dir/data")" "$sum_dir"
-[ -f "$ROOT/volumes/$key_loop.img" ] && ok "the loop volume is an image file on the node" ||
+    "$(on_node "$NODE" "sha256sum <$ROOT/volumes/$key_dir/data")" "$sum_dir"
+on_node "$NODE" "test -f $ROOT/volumes/$key_loop.img" && ok "the loop volume is an image file on the node" ||
     fail "no $ROOT/volumes/$key_loop.img"
-allocated=$(($(stat -c '%b*%B' "$ROOT/volumes/$key_loop.img")))
+allocated=$(($(on_node "$NODE" "stat -c '%b*%B' $ROOT/volumes/$key_loop.img")))
 [ "$allocated" -ge $((64 << 20)) ] && ok "the image is thick: $allocated bytes allocated" ||
-    fail "the image has only $allocated bytes allocated, not 64 MiB (thick): $(stat "$ROOT/volumes/$key_loop.img")"
+    fail "the image has only $allocated bytes allocated, not 64 MiB (thick): $(on_node "$NODE" "stat $ROOT/volumes/$key_loop.img")"
 src=$(in_pod writer "awk '\$2 == \"/loop\" {print \$1, \$3}' /proc/mounts")
 [[ $src =~ ^/dev/loop[0-9]+\ ext4$ ]] && ok "the loop volume is ext4 on a loop device in the pod ($src)" ||
     fail "/loop is mounted from '$src'"
@@ -164,11 +181,11 @@ expect "dir-a kept its bytes" "$(in_pod writer 'sha256sum </dir/data')" "$sum_di
 expect "loop-a kept its bytes" "$(in_pod writer 'sha256sum </loop/data')" "$sum_dir"
 
 say "3. the node agent (DaemonSet pod) is deleted mid-way and comes back"
-old_pod=$(kubectl -n loam get pod -l app.kubernetes.io/component=node -o jsonpath='{.items[0].metadata.name}')
+old_pod=$(agent_on "$NODE")
 old_ip=$(kubectl -n loam get pod "$old_pod" -o jsonpath='{.status.podIP}')
 kubectl -n loam delete pod "$old_pod" --wait=true --timeout="${T}s" >/dev/null
 kubectl -n loam rollout status daemonset/loam-node --timeout="${T}s" >/dev/null || fail "loam-node not back"
-new_pod=$(kubectl -n loam get pod -l app.kubernetes.io/component=node -o jsonpath='{.items[0].metadata.name}')
+new_pod=$(agent_on "$NODE")
 new_ip=$(kubectl -n loam get pod "$new_pod" -o jsonpath='{.status.podIP}')
 [ "$new_pod" != "$old_pod" ] && ok "a new node pod $new_pod ($old_ip -> $new_ip)" || fail "same node pod"
 expect "the running pod still reads its dir volume" "$(in_pod writer 'sha256sum </dir/data')" "$sum_dir"
@@ -179,9 +196,27 @@ agent_ips() {
     kubectl -n loam get endpointslices -l kubernetes.io/service-name=loam-agents \
         -o jsonpath='{.items[*].endpoints[?(@.conditions.ready==true)].addresses[*]}'
 }
-agent_is() { [ "$(agent_ips)" = "$1" ]; }
-until_ok 60 "the headless Service names the new agent" agent_is "$new_ip"
-expect "the headless Service names only the new agent" "$(agent_ips)" "$new_ip"
+agent_listed() { [[ " $(agent_ips) " == *" $1 "* ]]; }
+until_ok 60 "the headless Service names the new agent" agent_listed "$new_ip"
+! agent_listed "$old_ip" && ok "the headless Service no longer names the old agent ($old_ip)" ||
+    fail "the headless Service still names the old agent $old_ip: $(agent_ips)"
+expect "it names one agent per node" "$(wc -w <<<"$(agent_ips)")" "$(kubectl get nodes -o name | wc -l)"
+
+say "3b. the registrar's liveness probe checks its registration socket: without it the registrar is restarted"
+reg_sock=/var/lib/kubelet/plugins_registry/loam.csi.dev-reg.sock
+# The new agent pod is ready before its registrar has made the socket.
+until_ok 60 "the registrar serves $reg_sock on $NODE" on_node "$NODE" "test -S $reg_sock"
+ok "the registrar serves $reg_sock"
+restarts=$(kubectl -n loam get pod "$new_pod" \
+    -o jsonpath='{.status.containerStatuses[?(@.name=="node-driver-registrar")].restartCount}')
+on_node "$NODE" "rm $reg_sock"
+until_ok "$T" "the registrar restarted by its liveness probe" sh -c "[ \"\$(kubectl -n loam get pod $new_pod \
+    -o jsonpath='{.status.containerStatuses[?(@.name==\"node-driver-registrar\")].restartCount}')\" -gt $restarts ]"
+ok "with its registration socket gone, the registrar failed its liveness probe and was restarted"
+until_ok "$T" "the registration socket is back" on_node "$NODE" "test -S $reg_sock"
+until_ok "$T" "the kubelet lists loam.csi.dev again" sh -c \
+    "kubectl get csinode $NODE -o jsonpath='{.spec.drivers[*].name}' | grep -qw loam.csi.dev"
+ok "the restarted registrar registered loam.csi.dev with the kubelet again"
 
 say "4. a StatefulSet with volumeClaimTemplates: 3 replicas, scaled down and up, keeps each replica's data"
 k apply -f - >/dev/null <<EOF
@@ -314,7 +349,7 @@ expect "the content lists db-data's and db-wal's volumes" \
     "$(kubectl get volumegroupsnapshotcontent "$vgsc_db" -o jsonpath='{.status.volumeSnapshotInfoList[*].volumeHandle}' |
         tr ' ' '\n' | sort | tr '\n' ' ')" \
     "$(printf '%s\n' "$(pv_handle db-data)" "$(pv_handle db-wal)" | sort | tr '\n' ' ')"
-agent_log=$(kubectl -n loam logs ds/loam-node -c loam)
+agent_log=$(kubectl -n loam logs "$(agent_on "$NODE")" -c loam)
 cut=$(grep -F "group=$group_handle " <<<"$agent_log" | grep -F 'group snapshot cut' || true)
 [[ $cut == *"members=2 thawed=2"* ]] && ok "the node agent froze both mounted ext4 volumes for the cut (thawed=2)" ||
     fail "the node agent's log has no 'group snapshot cut ... members=2 thawed=2' for $group_handle: '$cut'"
@@ -333,7 +368,7 @@ for s in "$snap_data" "$snap_wal"; do
     [[ $h =~ ^[0-9a-f]{32}@$NODE$ && $in_group == "$group_handle" ]] &&
         ok "$s is Loam snapshot $h, a member of $group_handle" ||
         fail "$s: snapshot handle '$h', group snapshot handle '$in_group'"
-    [ -f "$ROOT/snapshots/${h%@*}.img" ] && ok "its image is on the node: $ROOT/snapshots/${h%@*}.img" ||
+    on_node "$NODE" "test -f $ROOT/snapshots/${h%@*}.img" && ok "its image is on the node: $ROOT/snapshots/${h%@*}.img" ||
         fail "no $ROOT/snapshots/${h%@*}.img"
     member_contents+=("$c")
     member_files+=("$ROOT/snapshots/${h%@*}.img" "$ROOT/meta/snapshots/${h%@*}.json")
@@ -374,7 +409,7 @@ vgsc_dirs=$(group_field group-dirs '{.status.boundVolumeGroupSnapshotContentName
 expect "it has no group snapshot handle" \
     "$(kubectl get volumegroupsnapshotcontent "$vgsc_dirs" -o jsonpath='{.status.volumeGroupSnapshotHandle}')" ""
 expect "group-dirs owns no VolumeSnapshot" "$(members group-dirs | wc -l)" 0
-expect "the node holds only group-db's group record: the refusal cut nothing" "$(ls "$ROOT/meta/groups")" \
+expect "the node holds only group-db's group record: the refusal cut nothing" "$(on_node "$NODE" "ls $ROOT/meta/groups")" \
     "${group_handle%@*}.json"
 
 k delete volumegroupsnapshot group-db group-dirs --wait=true --timeout="${T}s" >/dev/null ||
@@ -453,6 +488,51 @@ in_pod grower 'head -c 367001600 /dev/zero >/data/big && sync && rm /data/big' >
     ok "350 MiB fit on the grown filesystem (more than its old size)" || fail "writing 350 MiB after the expansion"
 delete_pod grower
 
+say "7b. ModifyVolume through a VolumeAttributesClass (csi-resizer): a thin loop volume made thick while in use"
+kubectl apply -f - >/dev/null <<EOF
+apiVersion: storage.k8s.io/v1
+kind: StorageClass
+metadata: {name: loam-loop-thin}
+provisioner: loam.csi.dev
+reclaimPolicy: Delete
+volumeBindingMode: WaitForFirstConsumer
+parameters: {backend: loop, provisioning: thin}
+---
+apiVersion: storage.k8s.io/v1
+kind: VolumeAttributesClass
+metadata: {name: loam-reserved}
+driverName: loam.csi.dev
+parameters: {provisioning: thick}
+EOF
+pvc thin loam-loop-thin 64Mi
+pod thinner 'true' thin:/data
+key_thin=$(key_of thin)
+thin_image="$ROOT/volumes/$key_thin.img"
+allocated=$(($(on_node "$NODE" "stat -c '%b*%B' $thin_image")))
+[ "$allocated" -lt $((32 << 20)) ] && ok "the thin image has $allocated bytes allocated (less than half of 64 MiB)" ||
+    fail "the thin image has $allocated bytes allocated"
+# A thin ext4 leaves its inode tables to the kernel's ext4lazyinit thread,
+# whose write-zeroes requests the loop device turns into punched holes: made
+# thick before that thread is done, the image loses part of what ModifyVolume
+# allocated (seen here: 62,955,520 of 67,108,864 bytes; an open Loam issue).
+# The story waits for it, so this step checks ModifyVolume itself.
+lazyinit_done() {
+    on_node "$NODE" "dev=\$(losetup -n -O NAME -j $thin_image | head -1); [ -n \"\$dev\" ] &&
+        dumpe2fs \$dev 2>/dev/null | grep -q '^Group [0-9]' &&
+        ! dumpe2fs \$dev 2>/dev/null | grep '^Group [0-9]' | grep -qv ITABLE_ZEROED"
+}
+until_ok "$T" "the thin volume's inode tables zeroed (ext4lazyinit done)" lazyinit_done
+k patch pvc thin --type merge -p '{"spec":{"volumeAttributesClassName":"loam-reserved"}}' >/dev/null
+until_ok "$T" "thin's current VolumeAttributesClass is loam-reserved" sh -c \
+    "[ \"\$(kubectl -n $NS get pvc thin -o jsonpath='{.status.currentVolumeAttributesClassName}')\" = loam-reserved ]"
+ok "the PVC's current VolumeAttributesClass is loam-reserved (ControllerModifyVolume answered)"
+allocated=$(($(on_node "$NODE" "stat -c '%b*%B' $thin_image")))
+[ "$allocated" -ge $((64 << 20)) ] && ok "the image is now thick: $allocated bytes allocated" ||
+    fail "after ModifyVolume the image has only $allocated bytes allocated, not 64 MiB"
+in_pod thinner 'echo still-here >/data/f && cat /data/f' >/dev/null && ok "the pod still writes to it" ||
+    fail "write after ModifyVolume"
+delete_pod thinner
+
 say "8. a block PVC is written raw"
 pvc blk loam-loop 32Mi Block
 pod raw 'true' blk:/dev/xvda
@@ -464,13 +544,14 @@ pod raw 'true' blk:/dev/xvda
 expect "raw bytes still there in a new pod" "$(in_pod raw 'head -c 4194304 /dev/xvda | sha256sum')" "$sum_raw"
 
 say "9. an inline volume (CSI ephemeral): size-enforced scratch space that lives and dies with its pod"
-images_before=$(ls "$ROOT/volumes" | grep '\.img$' | sort || true)
+images_before=$(on_node "$NODE" "ls $ROOT/volumes" | grep '\.img$' | sort || true)
 k apply -f - >/dev/null <<EOF
 apiVersion: v1
 kind: Pod
 metadata: {name: scratch}
 spec:
   terminationGracePeriodSeconds: 1
+  $pin
   containers:
     - name: shell
       image: $IMAGE
@@ -483,9 +564,9 @@ spec:
 EOF
 k wait --for=condition=Ready pod/scratch --timeout="${T}s" >/dev/null || fail "pod scratch not Ready"
 ok "a pod with an inline Loam volume (backend loop, size 32Mi) runs"
-inline_image=$(comm -13 <(echo "$images_before") <(ls "$ROOT/volumes" | grep '\.img$' | sort))
+inline_image=$(comm -13 <(echo "$images_before") <(on_node "$NODE" "ls $ROOT/volumes" | grep '\.img$' | sort))
 expect "the node holds one new 32 MiB image for it" \
-    "$(stat -c %s "$ROOT/volumes/$inline_image" 2>/dev/null)" $((32 << 20))
+    "$(on_node "$NODE" "stat -c %s $ROOT/volumes/$inline_image" 2>/dev/null)" $((32 << 20))
 src=$(in_pod scratch "awk '\$2 == \"/scratch\" {print \$1, \$3}' /proc/mounts")
 [[ $src =~ ^/dev/loop[0-9]+\ ext4$ ]] && ok "/scratch is ext4 on a loop device ($src)" || fail "/scratch is mounted from '$src'"
 in_pod scratch 'head -c 16777216 /dev/urandom >/scratch/half && sync' >/dev/null &&
@@ -497,7 +578,7 @@ expect "no PV stands for it" "$(kubectl get pv -o jsonpath='{range .items[*]}{.s
 delete_pod scratch
 until_ok 60 "the inline volume's image is gone from the node" files_gone "$ROOT/volumes/$inline_image"
 ok "deleting the pod deleted the inline volume and its image"
-! losetup -l -n -O BACK-FILE | grep -q "${inline_image%.img}" && ok "and detached its loop device" ||
+! on_node "$NODE" "losetup -l -n -O BACK-FILE" | grep -q "${inline_image%.img}" && ok "and detached its loop device" ||
     fail "a loop device still holds ${inline_image%.img}"
 
 say "10. reclaim: Delete removes the volume from the node, Retain keeps it"
@@ -505,7 +586,7 @@ key_restore=$(key_of restore-a)
 delete_pod reader
 k delete pvc restore-a --wait=true --timeout="${T}s" >/dev/null
 until_ok "$T" "the restore's PV is gone" sh -c "! kubectl get pv | grep -q $NS/restore-a"
-until_ok 30 "the restore's data is gone from the node" test ! -e "$ROOT/volumes/$key_restore"
+until_ok 30 "the restore's data is gone from the node" on_node "$NODE" "test ! -e $ROOT/volumes/$key_restore"
 ok "Delete: PV and $ROOT/volumes/$key_restore are gone"
 kubectl apply -f - >/dev/null <<EOF
 apiVersion: storage.k8s.io/v1
@@ -524,26 +605,208 @@ delete_pod keeper
 k delete pvc kept --wait=true --timeout="${T}s" >/dev/null
 until_ok 60 "the retained PV is Released" sh -c "[ \"\$(kubectl get pv $pv_kept -o jsonpath='{.status.phase}')\" = Released ]"
 ok "Retain: the PV $pv_kept is Released, not deleted"
-expect "Retain: the data stays on the node" "$(cat "$ROOT/volumes/$key_kept/r")" retained
+expect "Retain: the data stays on the node" "$(on_node "$NODE" "cat $ROOT/volumes/$key_kept/r")" retained
+
+nodes=$(kubectl get nodes -o name | wc -l)
+if [ "$nodes" -lt 3 ]; then
+    say "12. (not run: the cluster has $nodes node(s); the steps across nodes need three)"
+else
+    say "12. across nodes: capacity per node and class, placement by room, a StatefulSet spread over the nodes"
+    # capacity NODE CLASS: Loam's CSIStorageCapacity for NODE and CLASS, in bytes (empty if none).
+    capacity() {
+        kubectl -n loam get csistoragecapacities -o json | python3 -c '
+import json, re, sys
+node, cls = sys.argv[1:]
+units = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40}
+for c in json.load(sys.stdin)["items"]:
+    labels = (c.get("nodeTopology") or {}).get("matchLabels") or {}
+    if c["storageClassName"] == cls and labels.get("topology.loam.csi.dev/node") == node:
+        num, unit = re.fullmatch(r"([0-9.]+)([a-zA-Z]*)", c.get("capacity", "0")).groups()
+        print(int(float(num) * units[unit]))
+        break' "$1" "$2"
+    }
+    has_capacity() { [ -n "$(capacity "$1" "$2")" ]; }
+    all_nodes=$(kubectl get nodes -o jsonpath='{.items[*].metadata.name}')
+    for n in $all_nodes; do
+        for c in loam loam-loop; do
+            until_ok 150 "a CSIStorageCapacity for $n and class $c" has_capacity "$n" "$c"
+        done
+    done
+    ok "a CSIStorageCapacity per node and class ($(wc -w <<<"$all_nodes") nodes x loam, loam-loop)"
+    # The workers (the control plane keeps its NoSchedule taint): the one with the
+    # most room and the one with the least.
+    read -r small big < <(for n in $(kubectl get nodes -l '!node-role.kubernetes.io/control-plane' \
+        -o jsonpath='{.items[*].metadata.name}'); do echo "$(capacity "$n" loam) $n"; done | sort -n |
+        awk 'NR == 1 {s = $2} {b = $2} END {print s, b}')
+    small_room=$(capacity "$small" loam)
+    big_room=$(capacity "$big" loam)
+    [ "$big_room" -gt "$small_room" ] && ok "the workers' roots differ: $small has $small_room bytes, $big $big_room" ||
+        fail "the workers' roots do not differ: $small $small_room, $big $big_room"
+    size_mi=$(((small_room + big_room) / 2 >> 20))
+    pin_saved=$pin
+    pin=''
+    pvc roomy loam "${size_mi}Mi"
+    pod roomy 'true' roomy:/data
+    h=$(pv_handle roomy)
+    expect "a ${size_mi}Mi PVC, too large for $small's root, is placed on $big" "${h#*@}" "$big"
+    expect "its PV's node affinity names $big" "$(kubectl get pv "$(pvc_field roomy '{.spec.volumeName}')" \
+        -o jsonpath='{.spec.nodeAffinity.required.nodeSelectorTerms[0].matchExpressions[0].values[0]}')" "$big"
+    room_follows() { [ "$(capacity "$big" loam)" -le $((big_room - (size_mi << 20) + (8 << 20))) ]; }
+    until_ok 150 "$big's capacity follows the new volume" room_follows
+    ok "$big's capacity for loam went from $big_room to $(capacity "$big" loam) bytes"
+    delete_pod roomy
+    k delete pvc roomy --wait=true --timeout="${T}s" >/dev/null
+    pvc huge loam 64Gi
+    k apply -f - >/dev/null <<EOF
+apiVersion: v1
+kind: Pod
+metadata: {name: huge}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers: [{name: shell, image: $IMAGE, command: ["sleep", "infinity"], volumeMounts: [{name: v, mountPath: /data}]}]
+  volumes: [{name: v, persistentVolumeClaim: {claimName: huge}}]
+EOF
+    says_no_room() {
+        k get events --field-selector involvedObject.name=huge -o jsonpath='{.items[*].message}' |
+            grep -q -e 'did not have enough free storage' -e RESOURCE_EXHAUSTED -e ResourceExhausted
+    }
+    until_ok 120 "the 64Gi PVC's pod is refused for lack of room" says_no_room
+    ok "a 64Gi PVC, too large for every node: $(k get events --field-selector involvedObject.name=huge \
+        -o jsonpath='{.items[-1:].message}' | cut -c1-160)"
+    expect "and stays Pending" "$(pvc_field huge '{.status.phase}')" Pending
+    delete_pod huge
+    k delete pvc huge --wait=true --timeout="${T}s" >/dev/null
+
+    k apply -f - >/dev/null <<EOF
+apiVersion: apps/v1
+kind: StatefulSet
+metadata: {name: spread}
+spec:
+  serviceName: spread
+  replicas: 3
+  podManagementPolicy: Parallel
+  selector: {matchLabels: {app: spread}}
+  template:
+    metadata: {labels: {app: spread}}
+    spec:
+      terminationGracePeriodSeconds: 1
+      tolerations: [{key: node-role.kubernetes.io/control-plane, operator: Exists, effect: NoSchedule}]
+      affinity:
+        podAntiAffinity:
+          requiredDuringSchedulingIgnoredDuringExecution:
+            - {labelSelector: {matchLabels: {app: spread}}, topologyKey: kubernetes.io/hostname}
+      containers:
+        - name: shell
+          image: $IMAGE
+          command: ["/bin/sh", "-c", "[ -f /data/id ] || { hostname >/data/id; head -c 65536 /dev/urandom >/data/blob; }; exec sleep infinity"]
+          volumeMounts: [{name: data, mountPath: /data}]
+          readinessProbe: {exec: {command: ["test", "-f", "/data/id"]}, periodSeconds: 1}
+  volumeClaimTemplates:
+    - metadata: {name: data}
+      spec:
+        storageClassName: loam
+        accessModes: [ReadWriteOnce]
+        resources: {requests: {storage: 16Mi}}
+EOF
+    until_ok "$T" "spread has 3 ready replicas" sh -c "[ \"\$(kubectl -n $NS get sts spread -o jsonpath='{.status.readyReplicas}')\" = 3 ]"
+    declare -A on
+    for i in 0 1 2; do
+        on[$i]=$(k get pod "spread-$i" -o jsonpath='{.spec.nodeName}')
+        h=$(pv_handle "data-spread-$i")
+        expect "spread-$i's volume is on its pod's node ${on[$i]}" "${h#*@}" "${on[$i]}"
+        expect "data-spread-$i's PV node affinity names ${on[$i]}" "$(kubectl get pv "$(pvc_field "data-spread-$i" \
+            '{.spec.volumeName}')" -o jsonpath='{.spec.nodeAffinity.required.nodeSelectorTerms[0].matchExpressions[0].values[0]}')" \
+            "${on[$i]}"
+        blob[$i]=$(in_pod "spread-$i" 'sha256sum </data/blob')
+    done
+    expect "one replica and one local volume per node" "$(printf '%s\n' "${on[@]}" | sort -u | wc -l)" 3
+    controller_node=$(kubectl -n loam get pod -l app.kubernetes.io/component=controller -o jsonpath='{.items[0].spec.nodeName}')
+    others=$(printf '%s\n' "${on[@]}" | grep -vcx "$controller_node" || true)
+    expect "the controller on $controller_node made $others of them on the other nodes (through the headless Service)" \
+        "$others" 2
+    k delete pod spread-1 --wait=true --timeout="${T}s" >/dev/null
+    until_ok "$T" "spread-1 back" sh -c "[ \"\$(kubectl -n $NS get sts spread -o jsonpath='{.status.readyReplicas}')\" = 3 ]"
+    expect "spread-1 is back on ${on[1]} with its data" \
+        "$(k get pod spread-1 -o jsonpath='{.spec.nodeName}') $(in_pod spread-1 'cat /data/id; sha256sum </data/blob')" \
+        "${on[1]} spread-1
+${blob[1]}"
+    k delete sts spread --wait=true --timeout="${T}s" >/dev/null
+    k delete pvc data-spread-0 data-spread-1 data-spread-2 --wait=true --timeout="${T}s" >/dev/null
+
+    say "12b. one worker's node agent away: the other nodes keep working; the away node's operations fail UNAVAILABLE naming it, then succeed"
+    away=$small
+    here_node=$big
+    [ "$here_node" != "$away" ] || fail "two workers needed"
+    agent_gone() { [ -z "$(agent_on "$away")" ]; }
+    kubectl -n loam patch daemonset loam-node --type merge -p "{\"spec\":{\"template\":{\"spec\":{\"affinity\":{\"nodeAffinity\":{\"requiredDuringSchedulingIgnoredDuringExecution\":{\"nodeSelectorTerms\":[{\"matchExpressions\":[{\"key\":\"kubernetes.io/hostname\",\"operator\":\"NotIn\",\"values\":[\"$away\"]}]}]}}}}}}}" >/dev/null
+    kubectl -n loam rollout status daemonset/loam-node --timeout="${T}s" >/dev/null || fail "loam-node rollout without $away"
+    until_ok "$T" "no node agent on $away" agent_gone
+    ok "the node agent of $away is gone (the DaemonSet keeps off it)"
+    pin="nodeSelector: {kubernetes.io/hostname: $here_node}"
+    pvc elsewhere loam 16Mi
+    pod elsewhere 'echo other-node >/data/f' elsewhere:/data
+    h=$(pv_handle elsewhere)
+    expect "meanwhile a volume on $here_node is provisioned and attached" "${h#*@}" "$here_node"
+    k apply -f - >/dev/null <<EOF
+apiVersion: snapshot.storage.k8s.io/v1
+kind: VolumeSnapshot
+metadata: {name: snap-elsewhere}
+spec:
+  volumeSnapshotClassName: loam
+  source: {persistentVolumeClaimName: elsewhere}
+EOF
+    until_ok "$T" "snap-elsewhere ready" sh -c "[ \"\$(kubectl -n $NS get volumesnapshot snap-elsewhere -o jsonpath='{.status.readyToUse}')\" = true ]"
+    ok "and snapshotted"
+    pin="nodeSelector: {kubernetes.io/hostname: $away}"
+    pvc stranded loam 16Mi
+    k apply -f - >/dev/null <<EOF
+apiVersion: v1
+kind: Pod
+metadata: {name: stranded}
+spec:
+  terminationGracePeriodSeconds: 1
+  $pin
+  containers: [{name: shell, image: $IMAGE, command: ["sleep", "infinity"], volumeMounts: [{name: v, mountPath: /data}]}]
+  volumes: [{name: v, persistentVolumeClaim: {claimName: stranded}}]
+EOF
+    unavailable() {
+        k get events --field-selector involvedObject.name=stranded -o jsonpath='{.items[*].message}' |
+            grep -q "Unavailable.*$away"
+    }
+    until_ok "$T" "the stranded PVC's provisioning fails UNAVAILABLE naming $away" unavailable
+    ok "a volume for $away: $(k get events --field-selector involvedObject.name=stranded -o jsonpath='{.items[*].message}' |
+        grep -o "Unavailable[^\"]*$away[^\"]*" | head -1 | cut -c1-160)"
+    expect "it stays Pending while the agent is away" "$(pvc_field stranded '{.status.phase}')" Pending
+    kubectl -n loam patch daemonset loam-node --type json -p '[{"op": "remove", "path": "/spec/template/spec/affinity"}]' >/dev/null
+    kubectl -n loam rollout status daemonset/loam-node --timeout="${T}s" >/dev/null || fail "loam-node rollout back on $away"
+    k wait --for=condition=Ready pod/stranded --timeout="${T}s" >/dev/null || fail "the stranded pod did not start once the agent came back"
+    h=$(pv_handle stranded)
+    expect "once the agent is back the volume is made on $away and the pod runs" "${h#*@}" "$away"
+    for p in elsewhere stranded; do delete_pod "$p"; done
+    k delete volumesnapshot snap-elsewhere --wait=true --timeout="${T}s" >/dev/null
+    k delete pvc elsewhere stranded --wait=true --timeout="${T}s" >/dev/null
+    pin=$pin_saved
+fi
 
 say "11. everything removed: the volumes with reclaim policy Delete leave the node"
 kubectl delete namespace "$NS" --wait=true --timeout="${T}s" >/dev/null
 kubectl delete pv "$pv_kept" --wait=true >/dev/null
-kubectl delete storageclass loam-retain loam-loop-xfs >/dev/null
+kubectl delete storageclass loam-retain loam-loop-xfs loam-loop-thin >/dev/null
+kubectl delete volumeattributesclass loam-reserved >/dev/null
 until_ok "$T" "no Loam PV left" sh -c "! kubectl get pv -o jsonpath='{.items[*].spec.csi.driver}' | grep -q loam"
-left=$(find "$ROOT/volumes" -mindepth 1 -maxdepth 1 -printf '%f\n' | sort | tr '\n' ' ')
+left=$(on_node "$NODE" "find $ROOT/volumes -mindepth 1 -maxdepth 1 -printf '%f\n'" | sort | tr '\n' ' ')
 expect "the node keeps only the retained volume" "$left" "$key_kept "
 until_ok 60 "no VolumeAttachment left" sh -c "[ -z \"\$(kubectl get volumeattachments -o name)\" ]"
 ok "no VolumeAttachment left"
 expect "no CSI mount left on the node" \
-    "$(grep -c -e 'kubernetes.io~csi' -e 'plugins/kubernetes.io/csi' -e "$ROOT/" /proc/self/mountinfo || true)" 0
-expect "no loop device of a Loam image left" "$(losetup -l -n -O BACK-FILE | grep -c "$ROOT/" || true)" 0
+    "$(grep -c -e 'kubernetes.io~csi' -e 'plugins/kubernetes.io/csi' -e "$ROOT/" <(on_node "$NODE" "cat /proc/self/mountinfo") || true)" 0
+expect "no loop device of a Loam image left" "$(on_node "$NODE" "losetup -l -n -O BACK-FILE" | grep -c "$ROOT/" || true)" 0
 until_ok "$T" "no snapshot content left" none_left kubectl get volumesnapshotcontents,volumegroupsnapshotcontents
 ok "no VolumeSnapshotContent and no VolumeGroupSnapshotContent left"
 until_ok 60 "no snapshot left on the node" empty_dir "$ROOT/snapshots"
 ok "no snapshot left on the node"
 expect "no snapshot or group snapshot record left on the node" \
-    "$(find "$ROOT/meta/snapshots" "$ROOT/meta/groups" -type f | wc -l)" 0
+    "$(on_node "$NODE" "find $ROOT/meta/snapshots $ROOT/meta/groups -type f" | wc -l)" 0
 
 say "story done in $((SECONDS - t0)) s"
 echo "$passed passed, 0 failed"

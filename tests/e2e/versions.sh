@@ -11,7 +11,13 @@ COREDNS_VERSION=v1.14.6       # github.com/coredns/coredns (the release kubeadm 
 PROVISIONER_VERSION=v6.3.0    # github.com/kubernetes-csi/external-provisioner/v6
 ATTACHER_VERSION=v4.12.0      # github.com/kubernetes-csi/external-attacher/v4
 SNAPSHOTTER_VERSION=v8.6.0    # github.com/kubernetes-csi/external-snapshotter/v8 (+ snapshot-controller, CRDs)
-RESIZER_VERSION=v2.2.1        # github.com/kubernetes-csi/external-resizer: not served by the module proxy
+RESIZER_VERSION=v2.3.0        # github.com/kubernetes-csi/external-resizer/v2 (v2.2.1 is refused by the module proxy)
 REGISTRAR_VERSION=v2.17.0     # github.com/kubernetes-csi/node-driver-registrar: not served by the module proxy
 LIVENESSPROBE_VERSION=v2.19.0 # github.com/kubernetes-csi/livenessprobe: not served by the module proxy
 DEBIAN_SUITE=trixie           # the Dockerfile's runtime base, debian:trixie-slim
+# What the kind node image adds (tests/kind): kind's release, and the versions its
+# base image Dockerfile (images/base in the kind module) pins.
+KIND_VERSION=v0.33.0          # sigs.k8s.io/kind
+CRICTL_VERSION=v1.36.0        # sigs.k8s.io/cri-tools
+CNI_PLUGINS_VERSION=v1.9.1    # github.com/containernetworking/plugins
+LOCAL_PATH_VERSION=v0.0.30    # github.com/rancher/local-path-provisioner (kind's default StorageClass)

@@ -1,8 +1,12 @@
 // Stand-in for kubernetes-csi/node-driver-registrar, which the Go module proxy
 // does not serve: registers the driver with the kubelet's plugin watcher
 // (pluginregistration v1) under the name its GetPluginInfo reports, with the
-// flags deploy/ passes. --mode=kubelet-registration-probe succeeds once the
-// kubelet has confirmed the registration (a marker file in this container's /tmp).
+// flags deploy/ passes. --http-endpoint serves /healthz as upstream does (v2.x):
+// 200 only while the registration socket exists and answers GetInfo with the
+// driver's name, so a liveness probe on it restarts a registrar the kubelet can
+// no longer reach. --mode=kubelet-registration-probe (deprecated upstream, where
+// it checks nothing) succeeds once the kubelet has confirmed the registration
+// (a marker file in this container's /tmp).
 package main
 
 import (
@@ -11,6 +15,7 @@ import (
 	"fmt"
 	"log"
 	"net"
+	"net/http"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -55,6 +60,7 @@ func main() {
 	kubeletPath := flag.String("kubelet-registration-path", "", "the CSI socket's path on the host")
 	regDir := flag.String("plugin-registration-path", "/registration", "kubelet plugin registration directory")
 	mode := flag.String("mode", "registration", "registration or kubelet-registration-probe")
+	httpEndpoint := flag.String("http-endpoint", "", "address of the HTTP server for /healthz (none when empty)")
 	flag.Parse()
 	if *kubeletPath == "" {
 		log.Fatal("--kubelet-registration-path is required")
@@ -103,6 +109,46 @@ func main() {
 		os.Remove(marker)
 		os.Exit(0)
 	}()
+	if *httpEndpoint != "" {
+		go serveHealth(*httpEndpoint, sock, name)
+	}
 	log.Printf("serving registration for %s at %s (driver socket on the host: %s)", name, sock, *kubeletPath)
 	log.Fatal(srv.Serve(lis))
+}
+
+// serveHealth answers /healthz: 200 while the registration socket exists and
+// answers GetInfo with the driver's name (what the kubelet's plugin watcher
+// calls), 404 when the socket is gone, 500 when it does not answer right.
+func serveHealth(endpoint, sock, name string) {
+	mux := http.NewServeMux()
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) {
+		if fi, err := os.Stat(sock); err != nil || fi.Mode()&os.ModeSocket == 0 {
+			http.Error(w, fmt.Sprintf("registration socket %s: not there (%v)", sock, err), http.StatusNotFound)
+			return
+		}
+		if err := checkRegistrationSocket(r.Context(), sock, name); err != nil {
+			http.Error(w, err.Error(), http.StatusInternalServerError)
+			return
+		}
+		fmt.Fprintln(w, "ok")
+	})
+	log.Fatal(http.ListenAndServe(endpoint, mux))
+}
+
+func checkRegistrationSocket(ctx context.Context, sock, name string) error {
+	conn, err := grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return fmt.Errorf("registration socket %s: %v", sock, err)
+	}
+	defer conn.Close()
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	info, err := registerapi.NewRegistrationClient(conn).GetInfo(ctx, &registerapi.InfoRequest{})
+	if err != nil {
+		return fmt.Errorf("registration socket %s: GetInfo: %v", sock, err)
+	}
+	if info.GetName() != name {
+		return fmt.Errorf("registration socket %s answers for %q, not %q", sock, info.GetName(), name)
+	}
+	return nil
 }

@@ -1,0 +1,210 @@
+#!/usr/bin/env bash
+# The kind target: Loam on a kind cluster of one control-plane node and two
+# workers, every image built on this machine (nothing can be pulled here).
+#
+#   sudo bash tests/kind/run.sh
+#
+# 1. tools: says what is missing (and how to get it) instead of failing later
+# 2. build: tests/e2e/build.sh (cached), plus what kind's node needs
+# 3. docker: docker.sh (installs docker.io, starts a dockerd of its own)
+# 4. images: the kind node image (node-image.sh), the sidecars, the stand-ins
+#    of the Dockerfile's base images (images.sh)
+# 5. cluster: a Loam root of its own size on each node (a loop-mounted ext4
+#    this run makes), then the README's quickstart, line by line
+#    (quickstart.sh: `kind create cluster`, `docker build -t loam:dev .`,
+#    `kind load`, the snapshot CRDs and controller, deploy/, the example)
+# 6. the story (tests/e2e/story.sh, on three nodes)
+#
+# Everything it started is removed at the end, also on failure and on SIGTERM
+# or Ctrl-C: the cluster (its containers and network), the loop devices and
+# mounts of the roots (only the ones this run made), dockerd if it started it.
+# KIND_HOLD=1 keeps the cluster up after the story (Ctrl-C removes it).
+# Env: LOAM_E2E_CACHE (the build cache), LOAM_KIND_UPSTREAM_IMAGES (a directory
+# of `docker save` archives of upstream sidecar images to use instead of the
+# stand-ins), LOAM_KIND_PLAIN_RUNC=1 (see docker.sh).
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+cache=${LOAM_E2E_CACHE:-$HOME/.cache/loam-e2e}
+export LOAM_E2E_CACHE=$cache
+run=${LOAM_KIND_RUN:-/var/tmp/loam-kind}
+cluster=loam
+t0=$SECONDS
+step() { printf '\n=== [kind %4ds] %s\n' "$((SECONDS - t0))" "$*"; }
+declare -A took
+
+# --- 1. tools (sudo's secure_path drops the directories of Go and cargo)
+. "$repo/tests/e2e/tools.sh"
+need_tools go cargo rustc python3 gcc || exit 1
+[ "$(id -u)" = 0 ] || { echo "run as root (docker, loop devices, mounts)" >&2; exit 1; }
+. "$repo/tests/e2e/versions.sh"
+
+# --- one run at a time (the lock dies with its holder)
+exec 9>/run/loam-kind.lock
+flock -n 9 || { echo "another kind run is going on (it holds /run/loam-kind.lock)" >&2; exit 1; }
+
+# --- what the cleanup must undo, recorded before each is made
+made_loops=()
+made_mounts=()
+loops_before=$(losetup -l -n -O NAME | sort)
+cluster_made=''
+network_made=''
+child=''
+# in_child COMMAND...: runs COMMAND in the background and waits for it, so that
+# SIGTERM or Ctrl-C reaches the cleanup at once (bash runs a trap only between
+# commands), which then ends COMMAND by its PID.
+in_child() {
+    local rc=0
+    "$@" &
+    child=$!
+    wait "$child" || rc=$?
+    child=''
+    return "$rc"
+}
+. "$here/docker.sh"
+cleanup() {
+    local rc=$? i
+    set +e
+    step "cleanup"
+    if [ -n "$child" ]; then
+        pkill -TERM -P "$child"
+        kill -TERM "$child"
+        wait "$child"
+    fi
+    if [ -n "$cluster_made" ]; then
+        kind export logs "$run/logs" --name "$cluster" >/dev/null 2>&1
+        # Loop devices are the kernel's, not the nodes': what Loam and the
+        # kubelets attached outlives the node containers. Pods that use volumes
+        # are deleted first, so that Loam and the kubelets detach them.
+        kubectl delete namespace e2e-story --ignore-not-found --wait=true --timeout=180s >/dev/null 2>&1
+        kubectl delete pod,pvc --all -n default --wait=true --timeout=120s >/dev/null 2>&1
+        kind delete cluster --name "$cluster"
+    fi
+    [ -z "$network_made" ] || docker network rm kind >/dev/null
+    # Whatever is still attached to a file on one of this run's roots (Loam's
+    # images, when the cluster went down with volumes in use) is the run's.
+    local roots='' l majmin
+    for l in "${made_loops[@]}"; do roots+=" $(stat -c '%Hr:%Lr' "$l")"; done
+    while read -r l majmin; do
+        [[ " $roots " != *" $majmin "* ]] || { echo "detaching $l (a Loam image on this run's roots)" >&2; losetup -d "$l"; }
+    done < <(losetup -l -n -O NAME,BACK-MAJ:MIN)
+    for ((i = ${#made_mounts[@]} - 1; i >= 0; i--)); do umount "${made_mounts[$i]}"; done
+    for i in "${made_loops[@]}"; do losetup -d "$i"; done
+    # A detach waits for the device's last user: give it some seconds.
+    for ((i = 0; i < 10; i++)); do
+        [ -n "$(comm -13 <(echo "$loops_before") <(losetup -l -n -O NAME | sort))" ] || break
+        sleep 1
+    done
+    for l in $(comm -13 <(echo "$loops_before") <(losetup -l -n -O NAME | sort)); do
+        echo "WARNING: attached during the run and still there (not detached: not provably this run's):" \
+            "$l $(losetup -l -n -O BACK-FILE "$l")" >&2
+    done
+    docker_down
+    if [ -d "$run/logs" ]; then
+        rm -rf "$cache/kind-last-run-logs"
+        mv "$run/logs" "$cache/kind-last-run-logs"
+    fi
+    grep -q " $run/" /proc/self/mounts || rm -rf "$run"
+    local times='' s
+    for s in build docker images cluster story; do times+="$s ${took[$s]:-?} s, "; done
+    step "done: exit $rc ($times""total $((SECONDS - t0)) s)"
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# --- 2. build (each program is rebuilt only when its recipe changed)
+s=$SECONDS
+step "build"
+bash "$repo/tests/e2e/build.sh" kubernetes etcd containerd runc coredns sidecars standins pause \
+    crictl cni localpath kind
+export PATH="$cache/bin:$PATH"
+took[build]=$((SECONDS - s))
+
+# --- 3. docker
+s=$SECONDS
+step "docker"
+docker_up
+took[docker]=$((SECONDS - s))
+
+# --- 4. images
+s=$SECONDS
+step "images"
+node_image=$(bash "$here/node-image.sh")
+. "$here/images.sh"
+mapfile -t csi < <(csi_images)
+slim_image=$(debian_slim_image)
+rust_image=$(rust_image "$slim_image")
+csi+=("$(busybox_image "$slim_image")")
+took[images]=$((SECONDS - s))
+
+# --- 5. cluster: roots, then the README's quickstart (kind create cluster ... deploy/)
+s=$SECONDS
+step "cluster: a Loam root per node, then the README quickstart line by line"
+rm -rf "$run"
+mkdir -p "$run/roots"
+# root NAME SIZE: a Loam root of its own size for one node (an ext4 on a loop
+# device this run attaches), so capacity differs from node to node.
+root() {
+    local img="$run/roots/$1.img" dir="$run/roots/$1" dev
+    truncate -s "$2" "$img"
+    mkfs.ext4 -q -F "$img"
+    dev=$(losetup --find --show "$img")
+    made_loops+=("$dev")
+    mkdir -p "$dir"
+    mount "$dev" "$dir"
+    made_mounts+=("$dir")
+}
+# The story runs on loam-worker: its root takes all the story's volumes.
+root control-plane 2G
+root worker 3G
+root worker2 1500M
+cat >"$run/cluster.yaml" <<EOF
+# Loam's kind cluster (tests/kind/run.sh): three nodes of our node image, each
+# with a Loam root of its own size at /var/lib/loam.
+kind: Cluster
+apiVersion: kind.x-k8s.io/v1alpha4
+networking:
+  # kindnetd cannot be built here (nodes.sh wires the pods instead).
+  disableDefaultCNI: true
+kubeadmConfigPatches:
+  - |
+    kind: KubeletConfiguration
+    # Our machines are cgroup v1 hosts without CAP_SYS_RESOURCE.
+    failCgroupV1: false
+    oomScoreAdj: 0
+  - |
+    kind: ClusterConfiguration
+    etcd:
+      local:
+        imageTag: ${ETCD_VERSION#v}-0
+nodes:
+EOF
+for n in control-plane worker worker2; do
+    cat >>"$run/cluster.yaml" <<EOF
+  - role: ${n%2}
+    image: $node_image
+    extraMounts:
+      - {hostPath: $run/roots/$n, containerPath: /var/lib/loam}
+EOF
+done
+export KUBECONFIG="$run/kubeconfig"
+# Only what this run makes is removed at the end: a cluster or network of the
+# same name that is already there is someone else's.
+! kind get clusters 2>/dev/null | grep -qx "$cluster" ||
+    { echo "a kind cluster named $cluster exists already (the quickstart makes one of that name): delete it first" >&2; exit 1; }
+docker network inspect kind >/dev/null 2>&1 || network_made=1
+cluster_made=1
+KIND_PRELOAD="${csi[*]}" in_child bash "$here/quickstart.sh" "$repo" "$run/cluster.yaml" "$rust_image" "$slim_image"
+took[cluster]=$((SECONDS - s))
+
+s=$SECONDS
+step "story"
+kubectl get nodes -o wide
+E2E_NODE=$cluster-worker E2E_NODE_EXEC="docker exec" in_child bash "$repo/tests/e2e/story.sh"
+took[story]=$((SECONDS - s))
+if [ "${KIND_HOLD:-}" = 1 ]; then
+    step "holding the cluster: KUBECONFIG=$run/kubeconfig DOCKER_HOST=$DOCKER_HOST; Ctrl-C ends it"
+    sleep infinity &
+    wait $!
+fi
