@@ -132,6 +132,27 @@ impl LoopBackend {
         Ok(())
     }
 
+    /// Allocates every hole of the image again, without changing its length
+    /// or content (fallocate fills holes with blocks that read as zeroes, as
+    /// the holes did), and returns the bytes that were missing. A thick
+    /// image gets holes when something below the filesystem punches them:
+    /// ext4's lazy inode table initialisation zeroes through the loop device,
+    /// which turns that into punched holes, after a thin volume became thick.
+    /// A volume deleted meanwhile is fine (0).
+    pub fn reallocate(&self, key: &Key) -> Result<u64> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = self.image_path(key);
+        let before = blockfs::allocated_bytes(&path).unwrap_or(0);
+        let file = match OpenOptions::new().write(true).custom_flags(libc::O_NOFOLLOW).open(&path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            other => other.context(|| format!("opening {}", path.display()))?,
+        };
+        let len = file.metadata().context(|| format!("reading the size of {}", path.display()))?.len();
+        blockfs::allocate(&file, len).context(|| format!("allocating {}", path.display()))?;
+        file.sync_all().context(|| format!("syncing {}", path.display()))?;
+        Ok(len.saturating_sub(before))
+    }
+
     /// Removes the image (and any attachment left by a crash).
     pub fn delete_volume(&self, key: &Key) -> Result<()> {
         for device in self.devices(key)? {

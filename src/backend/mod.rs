@@ -239,6 +239,19 @@ impl Backends {
         }
     }
 
+    /// Puts back the allocation a thick volume lost (see
+    /// [`LoopBackend::reallocate`]) when it `used` less than its `capacity`;
+    /// returns the bytes allocated again, `None` when there was nothing to
+    /// do (a thin or directory volume, or a whole thick one).
+    pub fn keep_thick(&self, key: &Key, layout: &Layout, capacity: u64, used: u64) -> Result<Option<u64>> {
+        match layout {
+            Layout::Loop(LoopSpec { provisioning: Provisioning::Thick, .. }) if used < capacity => {
+                self.loopback.reallocate(key).map(Some)
+            }
+            _ => Ok(None),
+        }
+    }
+
     /// How a volume's capacity is enforced, in a word: an image's size bounds
     /// a loop volume; a directory has a quota or none.
     pub fn enforcement_name(layout: &Layout, enforcement: Option<&Enforcement>) -> &'static str {

@@ -270,11 +270,41 @@ impl Driver {
         let mut sum = 0u64;
         let mut measured = BTreeMap::new();
         for (key, capacity, layout, quota) in volumes {
-            let Some(used) = self.backends.used_bytes(&key, &layout, quota.as_ref())? else { continue };
+            let Some(mut used) = self.backends.used_bytes(&key, &layout, quota.as_ref())? else { continue };
+            if layout.thick()
+                && used < capacity
+                && let Some(lost) = self.keep_thick(&key, &layout, capacity, used)
+            {
+                used = used.saturating_add(lost);
+            }
             sum = sum.saturating_add(capacity.saturating_sub(used));
             measured.insert(key, used);
         }
         Ok((sum, Arc::new(measured)))
+    }
+
+    /// Gives a thick volume back the allocation it lost (a thick volume must
+    /// never fail a write for want of host space); returns the bytes
+    /// allocated again. A volume with an operation in flight is left to the
+    /// next measurement.
+    fn keep_thick(&self, key: &Key, layout: &Layout, capacity: u64, used: u64) -> Option<u64> {
+        let _claim = self.claim(Kind::Volume, *key).ok()?;
+        match self.backends.keep_thick(key, layout, capacity, used) {
+            Ok(Some(lost)) if lost > 0 => {
+                tracing::warn!(
+                    volume = %key,
+                    bytes = lost,
+                    "allocated a thick volume's image again: holes were punched in it (ext4's lazy inode table \
+                     initialisation does so after a thin volume became thick)"
+                );
+                Some(lost)
+            }
+            Ok(_) => None,
+            Err(e) => {
+                tracing::warn!(volume = %key, "cannot allocate a thick volume's image again: {e}; its writes may fail when the host fills up");
+                None
+            }
+        }
     }
 
     /// Counts a new promise in the cached sum until it is next recomputed.
@@ -429,5 +459,70 @@ impl Driver {
 
     pub(super) fn check_capability(&self, record: &VolumeRecord, capability: &Capability) -> Result<()> {
         Backends::supports(&record.layout, capability).map_err(Error::InvalidArgument)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsFd;
+    use std::path::Path;
+
+    use super::*;
+    use crate::config::{Config, QuotaMode};
+    use crate::driver::CapacityRange;
+    use crate::kernel::FakeKernel;
+    use crate::kernel::blockfs::{self, FsType};
+    use crate::records::{LoopSpec, Provisioning};
+
+    fn driver(root: &Path) -> Driver {
+        let config = Config {
+            driver_name: "loam.csi.dev".into(),
+            node_id: "n".into(),
+            root: root.to_owned(),
+            max_volumes_per_node: 0,
+            quota: QuotaMode::Off,
+        };
+        Driver::open(config, Arc::new(FakeKernel::new())).unwrap()
+    }
+
+    #[test]
+    fn a_thick_image_that_lost_blocks_gets_them_back_at_the_next_measurement() {
+        let root = tempfile::tempdir().unwrap();
+        let driver = driver(root.path());
+        let spec = LoopSpec { fs: FsType::Ext4, provisioning: Provisioning::Thick, mkfs_options: Vec::new() };
+        let request = NewVolume {
+            name: "thick".into(),
+            capacity: CapacityRange { required: 16 << 20, limit: 0 },
+            capabilities: Vec::new(),
+            parameters: BTreeMap::new(),
+            mutable_parameters: BTreeMap::new(),
+            layout: Layout::Loop(spec),
+            source: None,
+            allowed_nodes: None,
+        };
+        let key = Key::for_name(Kind::Volume, "thick");
+        let record = driver.create_volume(key, request).unwrap();
+        let image = root.path().join("volumes").join(format!("{key}.img"));
+        assert!(blockfs::allocated_bytes(&image).unwrap() >= record.capacity_bytes);
+
+        // What ext4's lazy init does through the loop device: a punched hole.
+        let file = std::fs::OpenOptions::new().write(true).open(&image).unwrap();
+        let punch = nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE;
+        nix::fcntl::fallocate(file.as_fd(), punch, 1 << 20, 4 << 20).unwrap();
+        assert!(blockfs::allocated_bytes(&image).unwrap() < record.capacity_bytes, "the hole is there");
+
+        driver.refresh_promises().unwrap();
+        assert!(blockfs::allocated_bytes(&image).unwrap() >= record.capacity_bytes, "allocated again");
+        assert_eq!(std::fs::metadata(&image).unwrap().len(), record.capacity_bytes, "same length");
+        assert_eq!(driver.promised(), 0, "nothing left to promise for a whole thick volume");
+
+        // A volume with an operation in flight is left alone until it ends.
+        nix::fcntl::fallocate(file.as_fd(), punch, 1 << 20, 4 << 20).unwrap();
+        let busy = driver.claim(Kind::Volume, key).unwrap();
+        driver.refresh_promises().unwrap();
+        assert!(blockfs::allocated_bytes(&image).unwrap() < record.capacity_bytes);
+        drop(busy);
+        driver.refresh_promises().unwrap();
+        assert!(blockfs::allocated_bytes(&image).unwrap() >= record.capacity_bytes);
     }
 }
