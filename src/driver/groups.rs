@@ -367,12 +367,10 @@ fn check_listed(record: &GroupSnapshotRecord, snapshot_ids: &[String]) -> Result
 mod tests {
     use std::collections::BTreeMap;
     use std::fs;
-    use std::path::Path;
 
     use super::*;
-    use crate::config::{Config, QuotaMode};
+    use crate::driver::test_driver;
     use crate::driver::{CapacityRange, NewVolume};
-    use crate::kernel::FakeKernel;
     use crate::kernel::blockfs::FsType;
     use crate::records::{AccessMode, Capability, Layout, LoopSpec, Provisioning, Publication, Stage, VolumeRecord};
 
@@ -462,17 +460,6 @@ mod tests {
         assert!(!same_members(&ids(&["a", "c"]), &ids(&["a", "b"])));
     }
 
-    fn driver(root: &Path) -> Driver {
-        let config = Config {
-            driver_name: "loam.csi.dev".into(),
-            node_id: "n".into(),
-            root: root.to_owned(),
-            max_volumes_per_node: 0,
-            quota: QuotaMode::Off,
-        };
-        Driver::open(config, Arc::new(FakeKernel::new())).unwrap()
-    }
-
     fn new_volume(driver: &Driver, name: &str) -> String {
         let request = NewVolume {
             name: name.into(),
@@ -490,7 +477,7 @@ mod tests {
     #[test]
     fn an_incomplete_group_is_rolled_back_by_a_retry_and_by_a_restart() {
         let root = tempfile::tempdir().unwrap();
-        let driver = driver(root.path());
+        let driver = test_driver(root.path());
         let sources = vec![new_volume(&driver, "a"), new_volume(&driver, "b")];
         let key = Key::for_name(Kind::GroupSnapshot, "g");
         let made = driver.create_group_snapshot(key, "g", &sources).unwrap();
@@ -511,7 +498,7 @@ mod tests {
         // A crash after the intent is rolled back when the driver opens.
         driver.groups.put(key, intent).unwrap();
         drop(driver);
-        let driver = self::driver(root.path());
+        let driver = test_driver(root.path());
         assert!(driver.groups.get(&key).is_none());
         assert!(members.iter().all(|m| driver.snapshots.get(m).is_none()));
         assert_eq!(fs::read_dir(root.path().join("snapshots")).unwrap().count(), 0);

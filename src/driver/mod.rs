@@ -342,6 +342,20 @@ impl Driver {
     }
 }
 
+/// A driver of node `n` over `root` on the fake kernel, quotas off: for the
+/// driver's unit tests.
+#[cfg(test)]
+fn test_driver(root: &std::path::Path) -> Driver {
+    let config = Config {
+        driver_name: "loam.csi.dev".into(),
+        node_id: "n".into(),
+        root: root.to_owned(),
+        max_volumes_per_node: 0,
+        quota: crate::config::QuotaMode::Off,
+    };
+    Driver::open(config, Arc::new(crate::kernel::FakeKernel::new())).unwrap()
+}
+
 /// The topology segment of this node.
 pub fn topology(node_id: &str) -> std::collections::HashMap<String, String> {
     [(TOPOLOGY_NODE_KEY.to_owned(), node_id.to_owned())].into()

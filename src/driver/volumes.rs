@@ -465,30 +465,17 @@ impl Driver {
 #[cfg(test)]
 mod tests {
     use std::os::fd::AsFd;
-    use std::path::Path;
 
     use super::*;
-    use crate::config::{Config, QuotaMode};
     use crate::driver::CapacityRange;
-    use crate::kernel::FakeKernel;
+    use crate::driver::test_driver;
     use crate::kernel::blockfs::{self, FsType};
     use crate::records::{LoopSpec, Provisioning};
-
-    fn driver(root: &Path) -> Driver {
-        let config = Config {
-            driver_name: "loam.csi.dev".into(),
-            node_id: "n".into(),
-            root: root.to_owned(),
-            max_volumes_per_node: 0,
-            quota: QuotaMode::Off,
-        };
-        Driver::open(config, Arc::new(FakeKernel::new())).unwrap()
-    }
 
     #[test]
     fn a_thick_image_that_lost_blocks_gets_them_back_at_the_next_measurement() {
         let root = tempfile::tempdir().unwrap();
-        let driver = driver(root.path());
+        let driver = test_driver(root.path());
         let spec = LoopSpec { fs: FsType::Ext4, provisioning: Provisioning::Thick, mkfs_options: Vec::new() };
         let request = NewVolume {
             name: "thick".into(),
