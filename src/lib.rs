@@ -33,8 +33,15 @@
 //! ([`server::run_agent`]) over mutual TLS rooted in the agent token
 //! ([`tls`]), presenting the token itself too ([`auth`]).
 //!
+//! A volume cloned or restored onto another node than its source's is
+//! filled node to node: the controller asks the new volume's agent
+//! (Loam's own Copies service, [`api`], served by [`rpc::copies`]), which
+//! pulls a point-in-time copy from the source's agent over the same channel
+//! with a peer's certificate ([`routing::peer`]); [`driver`] cuts, sends,
+//! receives and verifies it ([`backend::transfer`]).
+//!
 //! Cross-cutting: [`error`] is the one error type and its mapping to gRPC
-//! codes; [`ids`] forms and parses volume, snapshot and group snapshot ids;
+//! codes; [`csi`] and [`api`] the generated wire messages; [`ids`] forms and parses volume, snapshot and group snapshot ids;
 //! [`config`] holds the settings and the CSI constants; [`quantity`] is the
 //! one size grammar; [`endpoint`] the one endpoint parser; [`failpoint`]
 //! marks where the crash harness kills the driver; [`metrics`] is the
@@ -78,4 +85,11 @@ pub mod tls;
 #[allow(clippy::all, missing_docs)]
 pub mod csi {
     tonic::include_proto!("csi.v1");
+}
+
+/// Loam's own API between its processes (copies between nodes), generated
+/// from `proto/loam.proto`.
+#[allow(clippy::all, missing_docs)]
+pub mod api {
+    include!(concat!(env!("OUT_DIR"), "/api/loam.v1.rs"));
 }

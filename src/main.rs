@@ -16,8 +16,8 @@ use loam::driver::{Driver, NodeMetrics};
 use loam::kernel::HostKernel;
 use loam::routing::agents::{Agents, Timeouts};
 use loam::routing::discovery::Resolver;
-use loam::server::Services;
 use loam::server::limits::{Admitted, Limits, raise_nofile_limit};
+use loam::server::{CopySettings, Services};
 use loam::tls::Role;
 use tokio::sync::watch;
 
@@ -84,6 +84,10 @@ struct ServeArgs {
     /// Node mode: seconds an agent connection may stay silent; keep it above the controller's --agent-timeout.
     #[arg(long, env = "LOAM_AGENT_IDLE_TIMEOUT", default_value_t = Limits::default().idle_timeout.as_secs())]
     agent_idle_timeout: u64,
+    /// Node mode: most bytes per second one copy of a volume to another node
+    /// sends (a size such as 100Mi); unset: as fast as disks and network go.
+    #[arg(long, env = "LOAM_COPY_BANDWIDTH", value_parser = loam::quantity::parse)]
+    copy_bandwidth: Option<u64>,
     /// Node and controller modes: file holding the agent token (a mounted Secret).
     #[arg(long, env = "LOAM_AGENT_TOKEN_FILE")]
     agent_token_file: Option<PathBuf>,
@@ -199,6 +203,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         Mode::Node => {
             let token = read_token(args.agent_token_file.as_deref())?;
             let tls = loam::tls::server_config(&token, Role::Agent).context("the agent endpoint's TLS")?;
+            let peer_tls = loam::tls::client_config(&token, Role::Peer).context("the TLS of copies between nodes")?;
+            let copies = CopySettings { bandwidth: args.copy_bandwidth };
             let addr = args.agent_listen.context("--mode node needs --agent-listen ADDR:PORT (LOAM_AGENT_LISTEN)")?;
             let driver = open_driver(&args).await?;
             let agent = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
@@ -207,7 +213,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             tracing::info!(addr = %bound, ?limits, "agent endpoint listening");
             let agent = Admitted::new(agent, limits);
             let agent = async {
-                loam::server::run_agent(agent, driver.clone(), token, tls, until_stopped())
+                loam::server::run_agent(agent, driver.clone(), token, (tls, peer_tls), copies, until_stopped())
                     .await
                     .context("serving the agent endpoint")
             };

@@ -53,6 +53,13 @@ pub struct RefreshLabels {
     pub outcome: &'static str,
 }
 
+/// Labels of bytes copied between nodes.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CopyLabels {
+    /// `sent` by the source's node, `received` by the new volume's.
+    pub direction: &'static str,
+}
+
 /// What a node agent reports about its root and volumes at each scrape.
 pub trait NodeSource: Send + Sync + fmt::Debug {
     /// The figures as of now; `None` when they cannot be read (the scrape
@@ -73,6 +80,8 @@ pub struct NodeFigures {
     pub volumes: Vec<((&'static str, &'static str), u64)>,
     /// Loop devices of staged volumes running without direct I/O.
     pub loop_devices_without_direct_io: u64,
+    /// Copies from other nodes this node is receiving.
+    pub copies_in_flight: u64,
     /// Per volume: (name, id, capacity bytes, used bytes when known), when
     /// per-volume metrics are on.
     pub per_volume: Vec<VolumeFigures>,
@@ -99,6 +108,7 @@ pub struct Metrics {
     forward_duration: Family<ForwardLabels, Histogram>,
     agent_up: Family<NodeLabels, Gauge>,
     discovery_refreshes: Family<RefreshLabels, Counter>,
+    copy_bytes: Family<CopyLabels, Counter>,
 }
 
 /// Seconds from 1 ms to about 65 s, doubling: CSI calls range from a record
@@ -137,12 +147,31 @@ impl Metrics {
             "Refreshes of the controller's table of agents, by whether any agent answered",
             discovery_refreshes.clone(),
         );
+        let copy_bytes = Family::<CopyLabels, Counter>::default();
+        // Served at 0 from the start, so a rate over them is defined before
+        // the first copy.
+        for direction in ["sent", "received"] {
+            copy_bytes.get_or_create(&CopyLabels { direction });
+        }
+        registry.register_with_unit(
+            "copy",
+            "Bytes of volume content copied between nodes, by direction (sent, received)",
+            Unit::Bytes,
+            copy_bytes.clone(),
+        );
         registry.register(
             "build",
             "The running Loam's version and git revision",
             Info::new(vec![("version", env!("CARGO_PKG_VERSION")), ("revision", crate::config::GIT_REVISION)]),
         );
-        Metrics { registry: Mutex::new(registry), rpc_duration, forward_duration, agent_up, discovery_refreshes }
+        Metrics {
+            registry: Mutex::new(registry),
+            rpc_duration,
+            forward_duration,
+            agent_up,
+            discovery_refreshes,
+            copy_bytes,
+        }
     }
 
     /// Records a served CSI call.
@@ -171,6 +200,11 @@ impl Metrics {
         }
         let outcome = if any { "found" } else { "none" };
         self.discovery_refreshes.get_or_create(&RefreshLabels { outcome }).inc();
+    }
+
+    /// Records bytes of a copy between nodes, `direction` `sent` or `received`.
+    pub fn copied(&self, direction: &'static str, bytes: u64) {
+        self.copy_bytes.get_or_create(&CopyLabels { direction }).inc_by(bytes);
     }
 
     /// Adds a node agent's figures to every scrape.
@@ -231,6 +265,12 @@ impl Collector for NodeCollector {
             "Loop devices of staged volumes running without direct I/O (their I/O goes through the host page cache twice)",
             None,
             figures.loop_devices_without_direct_io,
+        )?;
+        gauge(
+            "copies_in_flight",
+            "Volumes this node is making from a copy of another node's volume or snapshot, not finished yet",
+            None,
+            figures.copies_in_flight,
         )?;
         let help = "Volumes on this node by backend and how their capacity is enforced (none: not enforced)";
         let mut volumes =

@@ -20,6 +20,7 @@ use tokio_stream::wrappers::UnixListenerStream;
 use tonic::service::InterceptorLayer;
 use tonic::transport::Server;
 
+use crate::api::copies_server::CopiesServer;
 use crate::auth::{RequireToken, Token};
 use crate::csi::controller_server::ControllerServer;
 use crate::csi::group_controller_server::GroupControllerServer;
@@ -27,7 +28,10 @@ use crate::csi::identity_server::IdentityServer;
 use crate::csi::node_server::NodeServer;
 use crate::driver::{Driver, PROMISES_REFRESH};
 use crate::routing::agents::Agents;
+use crate::routing::peer::Peers;
 use crate::rpc::controller::ControllerService;
+use crate::rpc::copies::CopiesService;
+pub use crate::rpc::copies::CopySettings;
 use crate::rpc::group::GroupControllerService;
 use crate::rpc::identity::IdentityService;
 use crate::rpc::node::NodeService;
@@ -151,23 +155,28 @@ async fn refresh_promises(driver: Arc<Driver>) {
 
 /// Serves a node agent's endpoint on `incoming` (a TCP listener within
 /// [`limits::Limits`]): Identity and the node-local Controller and
-/// GroupController for the routing controller, never Node, over TLS with
-/// `tls` ([`crate::tls::server_config`]: only clients with a controller
+/// GroupController for the routing controller, and Loam's Copies for it and
+/// for other agents, never Node, over TLS with `tls`
+/// ([`crate::tls::server_config`]: only clients with a controller or peer
 /// certificate complete the handshake), and only to callers that present
-/// `token`.
+/// `token`. Copies from other nodes are pulled over TLS with `peer_tls`
+/// ([`crate::tls::client_config`] for a peer), as `copies` says.
 pub async fn run_agent(
     incoming: Admitted,
     driver: Arc<Driver>,
     token: Token,
-    tls: Arc<rustls::ServerConfig>,
+    (tls, peer_tls): (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>),
+    copies: CopySettings,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
     let incoming = crate::tls::accept(incoming, tls);
+    let peers = Peers::new(&token, peer_tls);
     Server::builder()
         .layer(InterceptorLayer::new(RequireToken::new(token)))
         .add_service(IdentityServer::new(IdentityService::new(driver.clone())))
         .add_service(ControllerServer::new(ControllerService::new(driver.clone())))
-        .add_service(GroupControllerServer::new(GroupControllerService::new(driver)))
+        .add_service(GroupControllerServer::new(GroupControllerService::new(driver.clone())))
+        .add_service(CopiesServer::new(CopiesService::new(driver, peers, copies)))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
 }

@@ -74,6 +74,8 @@ pub enum Role {
     Agent,
     /// The routing controller: calls the agents.
     Controller,
+    /// A node agent calling another: pulls the source of a copy.
+    Peer,
 }
 
 impl Role {
@@ -82,6 +84,7 @@ impl Role {
         match self {
             Role::Agent => "agent.loam.internal",
             Role::Controller => "controller.loam.internal",
+            Role::Peer => "peer.loam.internal",
         }
     }
 
@@ -89,7 +92,7 @@ impl Role {
     fn usage(self) -> ExtendedKeyUsagePurpose {
         match self {
             Role::Agent => ExtendedKeyUsagePurpose::ServerAuth,
-            Role::Controller => ExtendedKeyUsagePurpose::ClientAuth,
+            Role::Controller | Role::Peer => ExtendedKeyUsagePurpose::ClientAuth,
         }
     }
 }
@@ -447,6 +450,11 @@ mod tests {
         // An agent's leaf cannot call as the controller, nor the controller's serve as an agent.
         assert!(!talk(agent, client_config(&ours, Role::Agent).unwrap()).await);
         assert!(!talk(server_config(&ours, Role::Controller).unwrap(), controller).await);
+        // An agent pulling a copy from another calls it with a peer's leaf,
+        // which cannot serve.
+        assert!(talk(server_config(&ours, Role::Agent).unwrap(), client_config(&ours, Role::Peer).unwrap()).await);
+        assert!(!talk(server_config(&ours, Role::Peer).unwrap(), client_config(&ours, Role::Peer).unwrap()).await);
+        assert!(!talk(server_config(&ours, Role::Agent).unwrap(), client_config(&theirs, Role::Peer).unwrap()).await);
     }
 
     #[tokio::test]

@@ -65,7 +65,9 @@ async fn agent() -> (SocketAddr, tempfile::TempDir, Stop) {
     let tls = tls::server_config(&token(TOKEN), Role::Agent).unwrap();
     let (tx, rx) = oneshot::channel();
     let incoming = Admitted::new(listener, Limits::default());
-    tokio::spawn(loam::server::run_agent(incoming, driver, token(TOKEN), tls, async {
+    let peer_tls = tls::client_config(&token(TOKEN), Role::Peer).unwrap();
+    let copies = loam::server::CopySettings::default();
+    tokio::spawn(loam::server::run_agent(incoming, driver, token(TOKEN), (tls, peer_tls), copies, async {
         let _ = rx.await;
     }));
     (addr, dir, Stop(Some(tx)))

@@ -7,9 +7,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// Modules every layer may use: one error type, ids, configuration, the
-/// generated CSI messages, one size grammar, the crash harness's fault points,
-/// the process's metrics registry.
-const CROSS_CUTTING: &[&str] = &["error", "ids", "config", "csi", "quantity", "failpoint", "metrics"];
+/// generated CSI messages and Loam's own API, one size grammar, the crash
+/// harness's fault points, the process's metrics registry.
+const CROSS_CUTTING: &[&str] = &["error", "ids", "config", "csi", "api", "quantity", "failpoint", "metrics"];
 
 /// What each module may name besides itself and [`CROSS_CUTTING`].
 fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {

@@ -21,8 +21,8 @@ use loam::driver::Driver;
 use loam::kernel::FakeKernel;
 use loam::routing::agents::{Agents, Timeouts};
 use loam::routing::discovery::Discovery;
-use loam::server::Services;
 use loam::server::limits::{Admitted, Limits};
+use loam::server::{CopySettings, Services};
 use loam::tls::{self, Role};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -112,10 +112,12 @@ impl Agent {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind agent");
         self.addr = listener.local_addr().unwrap();
         let token = Token::parse(TOKEN).unwrap();
-        let tls = tls::server_config(&token, Role::Agent).unwrap();
+        let tls = (tls::server_config(&token, Role::Agent).unwrap(), tls::client_config(&token, Role::Peer).unwrap());
+        let copies = CopySettings::default();
         let (tx, rx) = oneshot::channel();
         let task = tokio::spawn(async move {
-            loam::server::run_agent(Admitted::new(listener, Limits::default()), driver, token, tls, async {
+            let incoming = Admitted::new(listener, Limits::default());
+            loam::server::run_agent(incoming, driver, token, tls, copies, async {
                 let _ = rx.await;
             })
             .await
@@ -556,4 +558,125 @@ async fn the_controller_reports_its_agents_and_forwarded_calls_as_metrics() {
     ] {
         assert!(scrape.lines().any(|l| l.starts_with(series)), "no {series} in:\n{scrape}");
     }
+}
+
+/// A `loop` volume request (thin ext4 images) for `node` only, as
+/// WaitForFirstConsumer with strict topology asks once the scheduler chose.
+fn loop_request_for(name: &str, bytes: i64, node: &str) -> csi::CreateVolumeRequest {
+    let mut req = create_request(name, bytes);
+    req.parameters = [("backend".to_owned(), "loop".to_owned()), ("provisioning".to_owned(), "thin".to_owned())].into();
+    req.accessibility_requirements =
+        Some(csi::TopologyRequirement { requisite: vec![on(node)], preferred: vec![on(node)] });
+    req
+}
+
+/// `request` cloned from the volume `volume_id`.
+fn cloned_from(mut request: csi::CreateVolumeRequest, volume_id: &str) -> csi::CreateVolumeRequest {
+    use csi::volume_content_source::{Type, VolumeSource};
+    request.volume_content_source =
+        Some(csi::VolumeContentSource { r#type: Some(Type::Volume(VolumeSource { volume_id: volume_id.into() })) });
+    request
+}
+
+impl Agent {
+    /// The image file of this agent's `loop` volume `volume_id`.
+    fn image(&self, volume_id: &str) -> std::path::PathBuf {
+        let key = loam::ids::ObjectId::parse(volume_id).expect("a Loam id").key;
+        self.dir.path().canonicalize().unwrap().join("root/volumes").join(format!("{key}.img"))
+    }
+}
+
+#[tokio::test]
+async fn clones_and_restores_land_on_the_node_the_topology_names_with_their_content() {
+    use std::os::unix::fs::FileExt;
+    let mut s = Split::start().await;
+    let source = s.controller.create_volume(loop_request_for("pvc-primary", 16 * MIB, "node-a")).await.unwrap();
+    let source = source.into_inner().volume.unwrap().volume_id;
+    assert!(source.ends_with("@node-a"), "{source}");
+    // What a pod wrote through the filesystem, as the image holds it: data
+    // at the start and deep inside, holes between.
+    let image = std::fs::OpenOptions::new().write(true).open(s.agents[0].image(&source)).unwrap();
+    image.write_all_at(b"primary rows", 0).unwrap();
+    image.write_all_at(&vec![7u8; 3 << 20], 9 << 20).unwrap();
+    image.sync_all().unwrap();
+    let written = std::fs::read(s.agents[0].image(&source)).unwrap();
+
+    // The scheduler put the replica on node-b: the clone is made there,
+    // pulled from node-a's agent, and bigger than its source if asked.
+    let replica = cloned_from(loop_request_for("pvc-replica-1", 32 * MIB, "node-b"), &source);
+    let made = s.controller.create_volume(replica.clone()).await.unwrap().into_inner().volume.unwrap();
+    assert!(made.volume_id.ends_with("@node-b"), "{}", made.volume_id);
+    assert_eq!(made.capacity_bytes, 32 * MIB);
+    assert_eq!(made.accessible_topology[0].segments[TOPOLOGY_NODE_KEY], "node-b");
+    let copied = std::fs::read(s.agents[1].image(&made.volume_id)).unwrap();
+    assert_eq!(copied.len(), 32 << 20, "grown to the clone's capacity");
+    assert_eq!(&copied[..written.len()], &written[..], "the source's bytes, all of them");
+    assert!(copied[written.len()..].iter().all(|b| *b == 0));
+
+    // A retry is answered by the volume already made, without copying again.
+    let again = s.controller.create_volume(replica).await.unwrap().into_inner().volume.unwrap();
+    assert_eq!(again.volume_id, made.volume_id);
+
+    // From a snapshot of node-a onto node-b: the snapshot's content, not
+    // what the source holds now.
+    let snap = s
+        .controller
+        .create_snapshot(csi::CreateSnapshotRequest {
+            source_volume_id: source.clone(),
+            name: "snap-primary".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    image.write_all_at(b"changed after the snapshot", 0).unwrap();
+    let restore = common::from_snapshot(loop_request_for("pvc-restored-b", 16 * MIB, "node-b"), &snap.snapshot_id);
+    let restored = s.controller.create_volume(restore).await.unwrap().into_inner().volume.unwrap();
+    assert!(restored.volume_id.ends_with("@node-b"), "{}", restored.volume_id);
+    assert_eq!(std::fs::read(s.agents[1].image(&restored.volume_id)).unwrap(), written);
+
+    // Where the topology allows the source's node, the copy stays local.
+    let mut local = cloned_from(loop_request_for("pvc-local", 16 * MIB, "node-b"), &source);
+    local.accessibility_requirements.as_mut().unwrap().requisite.push(on("node-a"));
+    let local = s.controller.create_volume(local).await.unwrap().into_inner().volume.unwrap();
+    assert!(local.volume_id.ends_with("@node-a"), "{}", local.volume_id);
+
+    // Nothing of the copies is left on node-a: their cuts are gone.
+    let exports = s.agents[0].dir.path().join("root/exports");
+    assert_eq!(std::fs::read_dir(&exports).unwrap().count(), 0, "no cut left in {}", exports.display());
+    let snapshots = std::fs::read_dir(s.agents[0].dir.path().join("root/snapshots")).unwrap().count();
+    assert_eq!(snapshots, 1, "only the CO's snapshot");
+}
+
+#[tokio::test]
+async fn a_copy_whose_source_node_is_away_is_retried_not_failed() {
+    let mut s = Split::start().await;
+    let source = s.controller.create_volume(loop_request_for("pvc-src", 4 * MIB, "node-a")).await.unwrap();
+    let source = source.into_inner().volume.unwrap().volume_id;
+    s.agents[0].stop().await;
+    let err = s
+        .controller
+        .create_volume(cloned_from(loop_request_for("pvc-far", 4 * MIB, "node-b"), &source))
+        .await
+        .unwrap_err();
+    // node-b's agent cannot reach node-a's: ABORTED, which the CO retries.
+    assert_eq!(err.code(), Code::Aborted, "{err:?}");
+    assert!(err.message().contains("cannot reach the agent of node node-a"), "{}", err.message());
+    // Nothing was made on node-b.
+    let volumes = s.agents[1].dir.path().join("root/volumes");
+    assert_eq!(std::fs::read_dir(&volumes).unwrap().count(), 0, "{}", volumes.display());
+}
+
+#[tokio::test]
+async fn a_copy_into_another_backend_is_refused_before_anything_is_sent() {
+    let mut s = Split::start().await;
+    let source = s.controller.create_volume(loop_request_for("pvc-img", 4 * MIB, "node-a")).await.unwrap();
+    let source = source.into_inner().volume.unwrap().volume_id;
+    let mut into_dir = cloned_from(loop_request_for("pvc-dir", 4 * MIB, "node-b"), &source);
+    into_dir.parameters.clear();
+    let err = s.controller.create_volume(into_dir).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("loop volume's image"), "{}", err.message());
 }

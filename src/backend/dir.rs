@@ -18,7 +18,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::backend::{Condition, VolumeStats, apply_mount_group};
+use crate::backend::{Condition, Fill, VolumeStats, apply_mount_group};
 use crate::config::QuotaMode;
 use crate::durable;
 use crate::error::{Error, IoContext, Result};
@@ -83,24 +83,24 @@ impl DirBackend {
         self.snapshots.join(key.to_string())
     }
 
-    /// Makes the volume with its capacity enforced where the root can:
-    /// empty, or with the content of `source` (a volume or snapshot
-    /// directory). Replaces leftovers of an earlier attempt that crashed.
-    pub fn create_volume(&self, key: &Key, source: Option<&Path>, capacity: u64) -> Result<Enforcement> {
+    /// Makes the volume with its capacity enforced where the root can,
+    /// filled as `fill` says (a copy of a volume or snapshot directory).
+    /// Replaces leftovers of an earlier attempt that crashed.
+    pub fn create_volume(&self, key: &Key, fill: Fill<'_>, capacity: u64) -> Result<Enforcement> {
         let path = self.volume_path(key);
         match &self.enforcer {
             Enforcer::Btrfs => {
-                match source {
+                match fill {
                     // A snapshot appears whole or not at all: no temporary name.
-                    Some(source) if self.kernel.is_subvolume(source) => {
+                    Fill::Copy(source) if self.kernel.is_subvolume(&source.path) => {
                         self.remove_tree(&path)?;
                         self.kernel
-                            .snapshot_subvolume(source, &path, false)
-                            .context(|| format!("snapshotting {} as {}", source.display(), path.display()))?;
+                            .snapshot_subvolume(&source.path, &path, false)
+                            .context(|| format!("snapshotting {} as {}", source.path.display(), path.display()))?;
                     }
-                    _ => self.build_in_place(&path, |tmp| {
+                    fill => self.build_in_place(&path, |tmp| {
                         self.kernel.create_subvolume(tmp)?;
-                        fill(tmp, source)
+                        fill_root(tmp, fill)
                     })?,
                 }
                 let limited = self
@@ -131,7 +131,7 @@ impl DirBackend {
                     fs::create_dir(tmp)?;
                     self.kernel.assign_project(tmp, id)?;
                     self.kernel.set_project_limit(&self.volumes, id, capacity, 0)?;
-                    fill(tmp, source)
+                    fill_root(tmp, fill)
                 });
                 if let Err(e) = built {
                     // Best effort: an id that still has a limit is skipped by
@@ -142,11 +142,11 @@ impl DirBackend {
                 Ok(Enforcement::Project(id))
             }
             Enforcer::None(reason) => {
-                self.build_in_place(&path, |tmp| match source {
-                    Some(source) => durable_copy(source, tmp),
-                    None => {
+                self.build_in_place(&path, |tmp| match fill {
+                    Fill::Copy(source) => durable_copy(&source.path, tmp),
+                    fill => {
                         fs::create_dir(tmp)?;
-                        fs::set_permissions(tmp, fs::Permissions::from_mode(VOLUME_ROOT_MODE))
+                        fill_root(tmp, fill)
                     }
                 })?;
                 // The reason is the root's, the same for every volume: kept
@@ -389,14 +389,18 @@ impl DirBackend {
 
 /// Fills a prepared, empty volume root: a copy of `source`, or an empty
 /// volume's mode.
-fn fill(root: &Path, source: Option<&Path>) -> io::Result<()> {
-    match source {
-        Some(source) => {
-            copy_into(source, root)?;
+fn fill_root(root: &Path, fill: Fill<'_>) -> io::Result<()> {
+    match fill {
+        Fill::Copy(source) => {
+            copy_into(&source.path, root)?;
+            durable::sync_filesystem(root)
+        }
+        Fill::Receive(receive) => {
+            receive(root)?;
             durable::sync_filesystem(root)
         }
         // Set explicitly: mkdir's mode is filtered by the umask.
-        None => fs::set_permissions(root, fs::Permissions::from_mode(VOLUME_ROOT_MODE)),
+        Fill::Empty => fs::set_permissions(root, fs::Permissions::from_mode(VOLUME_ROOT_MODE)),
     }
 }
 
@@ -418,6 +422,7 @@ mod seam_tests;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::Source;
     use crate::ids::Kind;
     use crate::kernel::FakeKernel;
 
@@ -427,13 +432,14 @@ mod tests {
         let dir = DirBackend::open(root.path(), QuotaMode::Off, Arc::new(FakeKernel::new())).unwrap();
         let (vol, snap, restored) =
             (Key::for_name(Kind::Volume, "v"), Key::for_name(Kind::Snapshot, "s"), Key::for_name(Kind::Volume, "r"));
-        let enforcement = dir.create_volume(&vol, None, 1 << 20).unwrap();
+        let enforcement = dir.create_volume(&vol, Fill::Empty, 1 << 20).unwrap();
         assert_eq!(enforcement, Enforcement::Unenforced(String::new()));
         assert!(matches!(dir.enforcer(), Enforcer::None(r) if r.contains("--quota off")));
         fs::write(dir.volume_path(&vol).join("data"), b"hello").unwrap();
         dir.create_snapshot(&vol, &snap).unwrap();
         fs::write(dir.volume_path(&vol).join("data"), b"changed").unwrap();
-        dir.create_volume(&restored, Some(&dir.snapshot_path(&snap)), 1 << 20).unwrap();
+        dir.create_volume(&restored, Fill::Copy(&Source { path: dir.snapshot_path(&snap), mounted: None }), 1 << 20)
+            .unwrap();
         assert_eq!(fs::read(dir.volume_path(&restored).join("data")).unwrap(), b"hello");
         assert_eq!(dir.quota_usage(Some(&enforcement)).unwrap(), None);
         dir.delete_volume(&vol, Some(&enforcement)).unwrap();
@@ -454,7 +460,7 @@ mod tests {
         let path = dir.volume_path(&key);
         fs::create_dir(path.with_file_name(format!(".{key}.tmp"))).unwrap();
         std::os::unix::fs::symlink(outside.path(), &path).unwrap();
-        let enforcement = dir.create_volume(&key, None, 1 << 20).unwrap();
+        let enforcement = dir.create_volume(&key, Fill::Empty, 1 << 20).unwrap();
         assert!(dir.volume_exists(&key));
         dir.delete_volume(&key, Some(&enforcement)).unwrap();
         assert_eq!(fs::read(outside.path().join("precious")).unwrap(), b"keep");

@@ -13,7 +13,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::backend::{Condition, VolumeStats, apply_mount_group};
+use crate::backend::{Condition, Fill, VolumeStats, apply_mount_group};
 use crate::durable;
 use crate::error::{Error, IoContext, Result};
 use crate::ids::Key;
@@ -57,31 +57,27 @@ impl LoopBackend {
         self.snapshots.join(format!("{key}.img"))
     }
 
-    /// Makes the image: empty, or a copy of `source` (an image, and where
-    /// its filesystem is mounted if it is: frozen around the copy, so the
-    /// clone is consistent), grown to `capacity`. Nothing is left behind
-    /// when the filesystem is full.
-    pub fn create_volume(
-        &self,
-        key: &Key,
-        capacity: u64,
-        spec: &LoopSpec,
-        source: Option<(&Path, Option<&Path>)>,
-    ) -> Result<()> {
+    /// Makes the image as `fill` says (blank, a copy of an image, whose
+    /// filesystem is frozen around the copy where it is mounted, so the
+    /// clone is consistent, or one received from another node), grown to
+    /// `capacity`. Nothing is left behind when the filesystem is full.
+    pub fn create_volume(&self, key: &Key, capacity: u64, spec: &LoopSpec, fill: Fill<'_>) -> Result<()> {
         let path = self.image_path(key);
-        let _frozen = match source {
-            Some((_, Some(mounted))) => {
+        let _frozen = match &fill {
+            Fill::Copy(source) if let Some(mounted) = &source.mounted => {
                 Some(Frozen::new(&*self.kernel, mounted).context(|| format!("freezing {}", mounted.display()))?)
             }
             _ => None,
         };
+        let blank = matches!(fill, Fill::Empty);
         crate::failpoint!("loop.create.building");
         build_file(&path, |tmp| {
-            match source {
-                Some((source, _)) => {
-                    copy_file(source, tmp)?;
+            match fill {
+                Fill::Copy(source) => {
+                    copy_file(&source.path, tmp)?;
                 }
-                None => drop(File::create(tmp)?),
+                Fill::Receive(receive) => receive(tmp)?,
+                Fill::Empty => drop(File::create(tmp)?),
             }
             let file = OpenOptions::new().write(true).open(tmp)?;
             resize(&file, capacity, spec.provisioning)?;
@@ -89,7 +85,7 @@ impl LoopBackend {
         })?;
         // A copy is formatted already; an empty image will be formatted on a
         // device whose sectors may be larger than the options' block size.
-        let fits = if source.is_none() { self.check_block_size(&path, spec) } else { Ok(()) };
+        let fits = if blank { self.check_block_size(&path, spec) } else { Ok(()) };
         if fits.is_err() {
             remove_file(&path)?;
         }

@@ -30,6 +30,7 @@ pub use crate::records::{BackendKind, Layout, LoopSpec, Provisioning};
 use crate::records::{Capability, Enforcement, SnapshotRecord, Stage, VolumeRecord};
 use dir::DirBackend;
 use loopback::{FormatLog, LoopBackend, Orphan};
+use transfer::Carried;
 
 /// A volume's usage as NodeGetVolumeStats reports it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -72,6 +73,29 @@ pub struct Source {
     /// Where the source's filesystem is mounted, when it is a staged `loop`
     /// filesystem: frozen for the copy, as for a snapshot.
     mounted: Option<PathBuf>,
+}
+
+/// What a new volume's storage starts with.
+pub enum Fill<'a> {
+    /// Nothing: an empty directory, a blank image.
+    Empty,
+    /// A copy of a volume or snapshot of this node.
+    Copy(&'a Source),
+    /// What another node sends: `receive` writes it into the new image file
+    /// (which it creates) or into the new, empty root directory, and fails
+    /// unless the whole content arrived and checked out. The storage gets its
+    /// real name only after that.
+    Receive(&'a mut dyn FnMut(&Path) -> std::io::Result<()>),
+}
+
+impl std::fmt::Debug for Fill<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Fill::Empty => f.write_str("Empty"),
+            Fill::Copy(source) => f.debug_tuple("Copy").field(source).finish(),
+            Fill::Receive(_) => f.write_str("Receive(..)"),
+        }
+    }
 }
 
 /// The engines of one node's root.
@@ -193,20 +217,19 @@ impl Backends {
         Ok(source)
     }
 
-    /// Makes a volume's storage, empty or filled from `source`; returns how
-    /// its capacity is enforced, for a directory.
+    /// Makes a volume's storage, filled as `fill` says; returns how its
+    /// capacity is enforced, for a directory.
     pub fn create_volume(
         &self,
         key: &Key,
         layout: &Layout,
         capacity: u64,
-        source: Option<&Source>,
+        fill: Fill<'_>,
     ) -> Result<Option<Enforcement>> {
         match layout {
-            Layout::Dir => Ok(Some(self.dir.create_volume(key, source.map(|s| s.path.as_path()), capacity)?)),
+            Layout::Dir => Ok(Some(self.dir.create_volume(key, fill, capacity)?)),
             Layout::Loop(spec) => {
-                let source = source.map(|s| (s.path.as_path(), s.mounted.as_deref()));
-                self.loopback.create_volume(key, capacity, spec, source)?;
+                self.loopback.create_volume(key, capacity, spec, fill)?;
                 Ok(None)
             }
         }
@@ -348,6 +371,19 @@ impl Backends {
                 let mounted = filesystem_stage(volume).filter(|_| freeze).map(|s| s.path.as_path());
                 self.loopback.create_snapshot(key, snapshot, mounted)
             }
+        }
+    }
+
+    /// What a copy of the snapshot `key` to another node reads, and where:
+    /// its image or its tree.
+    pub fn snapshot_content(&self, key: &Key, backend: BackendKind) -> Result<(Carried, PathBuf)> {
+        match backend {
+            BackendKind::Loop => Ok((Carried::Image, self.loopback.snapshot_path(key))),
+            BackendKind::Dir => Err(Error::FailedPrecondition(
+                "dir volumes cannot be copied to another node by this version of Loam; clone or restore it on its own \
+                 node"
+                    .into(),
+            )),
         }
     }
 

@@ -1,5 +1,7 @@
-//! A `loop` volume's image as a stream of frames, for copying it to another
-//! node: the sending side reads only the image's data ranges (holes are never
+//! A volume's content as a stream of frames, for copying it to another node:
+//! [`Sender`] reads it, [`Receiver`] writes and checks it.
+//!
+//! A `loop` volume's image travels as [`Frame`]s: the sending side reads only the image's data ranges (holes are never
 //! sent), the receiving side writes them into a new file at the same offsets
 //! and, at the end, reads back what it wrote and checks it against the
 //! sender's digest. A stream that ends early, arrives damaged or out of order
@@ -45,6 +47,97 @@ pub enum Frame {
     },
 }
 
+/// What a copy carries: decided by the source's backend, and the target's
+/// must match.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Carried {
+    /// A `loop` volume's image.
+    Image,
+}
+
+/// One frame of a copy, whatever it carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Piece {
+    /// A frame of an image.
+    Image(Frame),
+}
+
+impl Piece {
+    /// The bytes of content it carries.
+    pub fn data_len(&self) -> u64 {
+        match self {
+            Piece::Image(Frame::Data { bytes, .. }) => bytes.len() as u64,
+            Piece::Image(Frame::End { .. }) => 0,
+        }
+    }
+}
+
+/// Reads the content of a volume or snapshot as pieces.
+#[derive(Debug)]
+pub enum Sender {
+    /// An image's frames.
+    Image(ImageSender),
+}
+
+impl Sender {
+    /// Opens what `carried` says is at `path` (never through a symlink); its
+    /// content must not change while it is sent.
+    pub fn open(carried: Carried, path: &Path) -> io::Result<Sender> {
+        match carried {
+            Carried::Image => ImageSender::open(path).map(Sender::Image),
+        }
+    }
+
+    /// What it sends.
+    pub fn carried(&self) -> Carried {
+        match self {
+            Sender::Image(_) => Carried::Image,
+        }
+    }
+
+    /// The bytes of data it will send (holes are not sent), for progress.
+    pub fn data_bytes(&self) -> u64 {
+        match self {
+            Sender::Image(image) => image.data_bytes,
+        }
+    }
+}
+
+impl Iterator for Sender {
+    type Item = io::Result<Piece>;
+
+    fn next(&mut self) -> Option<io::Result<Piece>> {
+        match self {
+            Sender::Image(image) => image.next().map(|frame| frame.map(Piece::Image)),
+        }
+    }
+}
+
+/// Writes pieces into new storage and checks it at the end.
+#[derive(Debug)]
+pub enum Receiver {
+    /// Into a new image file.
+    Image(ImageReceiver),
+}
+
+impl Receiver {
+    /// Starts receiving `carried` at `path`: the image file to create (it
+    /// must not exist), allocated in full when `provisioning` is thick.
+    pub fn create(carried: Carried, path: &Path, provisioning: Provisioning) -> io::Result<Receiver> {
+        match carried {
+            Carried::Image => ImageReceiver::create(path, provisioning).map(Receiver::Image),
+        }
+    }
+
+    /// Takes the next piece; returns what was received once the end arrived
+    /// and checked out, durably written.
+    pub fn apply(&mut self, piece: Piece) -> Result<Option<Received>, ReceiveError> {
+        match (self, piece) {
+            (Receiver::Image(image), Piece::Image(frame)) => image.apply(frame),
+        }
+    }
+}
+
 /// Reads an image as frames: its data ranges in order, cut to
 /// [`MAX_FRAME_BYTES`], then the end frame.
 #[derive(Debug)]
@@ -55,6 +148,7 @@ pub struct ImageSender {
     current: Range<u64>,
     digest: Sha256,
     ended: bool,
+    data_bytes: u64,
 }
 
 impl ImageSender {
@@ -63,8 +157,17 @@ impl ImageSender {
     pub fn open(path: &Path) -> io::Result<ImageSender> {
         let file = OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(path)?;
         let size = file.metadata()?.len();
-        let ranges = data_ranges(&file, size)?.into_iter();
-        Ok(ImageSender { file, size, ranges, current: 0..0, digest: Sha256::new(), ended: false })
+        let ranges = data_ranges(&file, size)?;
+        let data_bytes = ranges.iter().map(|r| r.end - r.start).sum();
+        Ok(ImageSender {
+            file,
+            size,
+            ranges: ranges.into_iter(),
+            current: 0..0,
+            digest: Sha256::new(),
+            ended: false,
+            data_bytes,
+        })
     }
 
     fn next_frame(&mut self) -> io::Result<Option<Frame>> {

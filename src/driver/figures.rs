@@ -60,6 +60,7 @@ impl NodeSource for NodeMetrics {
             promised_bytes: driver.promised(),
             volumes: counts.into_iter().collect(),
             loop_devices_without_direct_io,
+            copies_in_flight: driver.copies.in_flight(),
             per_volume,
         })
     }

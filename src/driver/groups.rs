@@ -227,7 +227,7 @@ impl Driver {
     }
 
     /// How `volume` can be held still for the cut.
-    fn stillness(&self, key: &Key, volume: &VolumeRecord) -> Result<Stillness> {
+    pub(super) fn stillness(&self, key: &Key, volume: &VolumeRecord) -> Result<Stillness> {
         let stage_live = match &volume.stage {
             Some(stage) => self.stage_is_live(volume, key, stage)?,
             None => false,

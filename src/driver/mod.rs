@@ -25,6 +25,7 @@ use crate::kernel::usage::{FsUsage, fs_usage};
 use crate::records::{Capability, ContentSource, GroupSnapshotRecord, Layout, SnapshotRecord, VolumeRecord};
 use crate::store::Table;
 
+mod copies;
 mod figures;
 mod groups;
 mod inline;
@@ -33,10 +34,11 @@ mod places;
 mod snapshots;
 mod volumes;
 
+pub use copies::{Export, Incoming, Progress};
 pub use figures::NodeMetrics;
 pub use groups::{GroupSnapshot, Stillness};
 // What the backends report about a volume, part of the driver's answers.
-pub use crate::backend::{Condition, VolumeStats, parse_layout};
+pub use crate::backend::{Condition, VolumeStats, parse_layout, transfer};
 
 /// Capacity of a volume whose request names none.
 pub const DEFAULT_CAPACITY: u64 = 1 << 30;
@@ -166,6 +168,8 @@ pub struct Driver {
     /// What each volume used at the last measurement of the promises (for
     /// metrics: measuring an unenforced directory walks its tree).
     measured: Mutex<Arc<BTreeMap<Key, u64>>>,
+    /// Copies from other nodes being received.
+    copies: copies::Copies,
     /// How many volumes are attached (ControllerPublish) to this node, or
     /// are being attached: a slot is taken before the record is written and
     /// given back if the write fails, so the lock is never held across I/O.
@@ -201,12 +205,14 @@ impl Driver {
             places: places::Places::default(),
             promises: Mutex::new(0),
             measured: Mutex::default(),
+            copies: copies::Copies::default(),
             attached: Mutex::new(0),
         };
         driver.volumes.for_each(|key, record| driver.places.update(*key, None, Some(record)));
         driver.detach_orphans();
         driver.thaw_stages();
         driver.roll_back_incomplete_groups();
+        driver.remove_leftover_cuts()?;
         driver.refresh_promises()?;
         driver.report_unpublished_inline();
         let mut attached = 0u32;

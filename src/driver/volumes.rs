@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, PoisonError};
 
 use super::{CapacityRange, Condition, Driver, NewVolume};
-use crate::backend::{Backends, Origin, Source, parse_mutable_parameters};
+use crate::backend::{Backends, Fill, Origin, Source, parse_mutable_parameters};
 use crate::error::{Error, Result};
 use crate::guard::Guard;
 use crate::ids::{Key, Kind, ObjectId};
@@ -49,6 +49,21 @@ impl Driver {
         req: NewVolume,
         inline: Option<InlineOrigin>,
     ) -> Result<Arc<VolumeRecord>> {
+        self.check_fit(&req)?;
+        let (source, source_floor) = self.content_source(req.source.as_ref(), &req.layout)?;
+        if let Some(existing) = self.volumes.get(&key) {
+            return self.check_same_volume(existing, &req);
+        }
+        let capacity = self.room_for(&req, source_floor)?;
+        let fill = source.as_ref().map_or(Fill::Empty, Fill::Copy);
+        let enforcement = self.backends.create_volume(&key, &req.layout, capacity, fill)?;
+        crate::failpoint!("volume.created");
+        self.record_new_volume(key, req, capacity, enforcement, inline)
+    }
+
+    /// Refuses a new volume this node cannot hold: the topology names other
+    /// nodes, or its backend cannot serve a capability asked for.
+    pub(super) fn check_fit(&self, req: &NewVolume) -> Result<()> {
         if let Some(allowed) = &req.allowed_nodes
             && !allowed.iter().any(|n| n == &self.config.node_id)
         {
@@ -61,12 +76,14 @@ impl Driver {
         for capability in &req.capabilities {
             Backends::supports(&req.layout, capability).map_err(Error::InvalidArgument)?;
         }
-        let (source, source_floor) = self.content_source(req.source.as_ref(), &req.layout)?;
-        if let Some(existing) = self.volumes.get(&key) {
-            return self.check_same_volume(existing, &req);
-        }
+        Ok(())
+    }
+
+    /// The capacity a new volume gets (at least `floor`, what its content
+    /// needs), once the node is known to have room for it.
+    pub(super) fn room_for(&self, req: &NewVolume, floor: u64) -> Result<u64> {
         self.backends.check_enforceable(&req.layout, self.config.quota)?;
-        let capacity = req.capacity.choose(source_floor.max(Backends::min_capacity(&req.layout)?))?;
+        let capacity = req.capacity.choose(floor.max(Backends::min_capacity(&req.layout)?))?;
         let free = self.capacity()?;
         if capacity > free {
             return Err(Error::ResourceExhausted(format!(
@@ -76,8 +93,18 @@ impl Driver {
                 self.config.root.display()
             )));
         }
-        let enforcement = self.backends.create_volume(&key, &req.layout, capacity, source.as_ref())?;
-        crate::failpoint!("volume.created");
+        Ok(capacity)
+    }
+
+    /// Records a volume whose storage was just made, and promises its capacity.
+    pub(super) fn record_new_volume(
+        &self,
+        key: Key,
+        req: NewVolume,
+        capacity: u64,
+        enforcement: Option<crate::records::Enforcement>,
+        inline: Option<InlineOrigin>,
+    ) -> Result<Arc<VolumeRecord>> {
         let record = VolumeRecord {
             schema: Schema,
             id: ObjectId { key, node: self.config.node_id.clone() }.to_string(),
@@ -105,7 +132,7 @@ impl Driver {
         if record.layout.thick() { 0 } else { bytes }
     }
 
-    fn check_same_volume(&self, existing: Arc<VolumeRecord>, req: &NewVolume) -> Result<Arc<VolumeRecord>> {
+    pub(super) fn check_same_volume(&self, existing: Arc<VolumeRecord>, req: &NewVolume) -> Result<Arc<VolumeRecord>> {
         let same = existing.name == req.name
             && req.capacity.admits(existing.capacity_bytes)
             && existing.parameters == req.parameters
@@ -206,7 +233,17 @@ impl Driver {
             }
             None => match self.volumes.damaged(key) {
                 Some(reason) => Ok((None, Condition { abnormal: true, message: reason })),
-                None => Err(Error::NotFound(format!("volume {key} does not exist"))),
+                // Not made yet, but on its way: say how far it got.
+                None => match self.copy_progress(key) {
+                    Some(progress) => Ok((
+                        None,
+                        Condition {
+                            abnormal: true,
+                            message: format!("volume is {}; usable once the copy is verified", progress.describe()),
+                        },
+                    )),
+                    None => Err(Error::NotFound(format!("volume {key} does not exist"))),
+                },
             },
         }
     }
@@ -267,7 +304,8 @@ impl Driver {
             let quota = r.enforcement.as_ref().filter(|e| e.enforced()).cloned();
             volumes.push((*key, r.capacity_bytes, r.layout.clone(), quota));
         });
-        let mut sum = 0u64;
+        // Copies being received hold back what they have not written yet.
+        let mut sum = self.copies.unreceived();
         let mut measured = BTreeMap::new();
         for (key, capacity, layout, quota) in volumes {
             let Some(mut used) = self.backends.used_bytes(&key, &layout, quota.as_ref())? else { continue };
@@ -308,13 +346,13 @@ impl Driver {
     }
 
     /// Counts a new promise in the cached sum until it is next recomputed.
-    fn promise(&self, bytes: u64) {
+    pub(super) fn promise(&self, bytes: u64) {
         let mut sum = self.promises.lock().unwrap_or_else(PoisonError::into_inner);
         *sum = sum.saturating_add(bytes);
     }
 
     /// Takes bytes now written out of the cached sum of promises.
-    fn fulfil(&self, bytes: u64) {
+    pub(super) fn fulfil(&self, bytes: u64) {
         let mut sum = self.promises.lock().unwrap_or_else(PoisonError::into_inner);
         *sum = sum.saturating_sub(bytes);
     }

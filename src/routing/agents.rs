@@ -19,6 +19,7 @@ use tonic::Code;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::api::copies_client::CopiesClient;
 use crate::auth::{SendToken, Token};
 use crate::csi;
 use crate::csi::controller_client::ControllerClient;
@@ -37,6 +38,9 @@ pub type AgentClient = ControllerClient<AgentChannel>;
 
 /// A GroupController client for one agent, sending the agent token.
 pub type AgentGroupClient = GroupControllerClient<AgentChannel>;
+
+/// A Copies client for one agent, sending the agent token.
+pub type AgentCopiesClient = CopiesClient<AgentChannel>;
 
 /// How long the controller waits for agents.
 #[derive(Debug, Clone, Copy)]
@@ -143,6 +147,16 @@ impl Agents {
         Fut: Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>> + Send,
     {
         self.forward(node, method, request, GroupControllerClient::new, call).await
+    }
+
+    /// [`Agents::call`] for the agent's Copies.
+    pub async fn call_copies<R, T, F, Fut>(&self, node: &str, method: &'static str, request: R, call: F) -> Result<T>
+    where
+        R: Clone + Send,
+        F: Fn(AgentCopiesClient, R) -> Fut + Send + Sync,
+        Fut: Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>> + Send,
+    {
+        self.forward(node, method, request, CopiesClient::new, call).await
     }
 
     /// Calls `node`'s agent with the client `client` makes of its channel.

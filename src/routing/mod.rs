@@ -10,5 +10,6 @@
 pub mod agents;
 pub mod discovery;
 pub mod listing;
+pub mod peer;
 pub mod placement;
 pub mod router;

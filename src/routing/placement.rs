@@ -64,6 +64,30 @@ pub fn requested_nodes(requirement: Option<&csi::TopologyRequirement>) -> Vec<St
     nodes
 }
 
+/// Where a copy of a volume or snapshot goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CopyPlacement {
+    /// On the source's node: a local copy, instant where the root can
+    /// reflink or snapshot.
+    Local,
+    /// On one of these nodes, in the order to try them: the topology
+    /// requirement rules out the source's node.
+    Remote(Vec<String>),
+}
+
+/// Where a copy of a source on `source_node` goes: its own node whenever
+/// the requirement allows it (no requirement, only preferences, or a
+/// requisite naming it), else the requested nodes.
+pub fn copy_placement(requirement: Option<&csi::TopologyRequirement>, source_node: &str) -> CopyPlacement {
+    let Some(requirement) = requirement else { return CopyPlacement::Local };
+    let node = |t: &csi::Topology| t.segments.get(TOPOLOGY_NODE_KEY).cloned();
+    let requisite: Vec<String> = requirement.requisite.iter().filter_map(node).collect();
+    if requisite.is_empty() || requisite.iter().any(|n| n == source_node) {
+        return CopyPlacement::Local;
+    }
+    CopyPlacement::Remote(requested_nodes(Some(requirement)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -85,6 +109,23 @@ mod tests {
         let unrelated = csi::TopologyRequirement { requisite: vec![other_key], preferred: vec![] };
         assert!(requested_nodes(Some(&unrelated)).is_empty());
         assert!(requested_nodes(None).is_empty());
+    }
+
+    #[test]
+    fn copies_stay_on_their_source_node_unless_the_topology_rules_it_out() {
+        let req = |requisite: &[&str], preferred: &[&str]| csi::TopologyRequirement {
+            requisite: requisite.iter().map(|n| on(n)).collect(),
+            preferred: preferred.iter().map(|n| on(n)).collect(),
+        };
+        assert_eq!(copy_placement(None, "a"), CopyPlacement::Local);
+        assert_eq!(copy_placement(Some(&req(&[], &["b"])), "a"), CopyPlacement::Local, "a preference is a hint");
+        assert_eq!(copy_placement(Some(&req(&["b", "a"], &["b"])), "a"), CopyPlacement::Local);
+        // WaitForFirstConsumer with strict topology: the scheduler's node only.
+        assert_eq!(copy_placement(Some(&req(&["b"], &["b"])), "a"), CopyPlacement::Remote(vec!["b".into()]));
+        assert_eq!(
+            copy_placement(Some(&req(&["b", "c"], &["c"])), "a"),
+            CopyPlacement::Remote(vec!["c".into(), "b".into()])
+        );
     }
 
     #[test]

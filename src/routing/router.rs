@@ -3,10 +3,13 @@
 //! merged listings.
 //!
 //! - an existing volume or snapshot: the node in its id;
-//! - a new volume with a content source: the source's node (copies are
-//!   local); with a topology requirement: the nodes it names, preferred
-//!   first within requisite; with neither: the agents by free capacity,
-//!   largest first. The next candidate is tried only when one answers
+//! - a new volume with a content source: the source's node (a local copy)
+//!   unless the topology requirement rules it out; then the nodes it names,
+//!   preferred first within requisite, whose agent pulls the copy from the
+//!   source's agent (Copies.CreateVolumeFrom: the data goes node to node);
+//! - a new volume without: with a topology requirement, the nodes it names,
+//!   preferred first within requisite; without, the agents by free
+//!   capacity, largest first. The next candidate is tried only when one answers
 //!   RESOURCE_EXHAUSTED, and a retried request goes back to the node that
 //!   already holds a volume of that name;
 //! - listings: every agent, merged ([`super::listing`]);
@@ -20,6 +23,7 @@ use std::sync::Arc;
 use tokio::task::JoinSet;
 use tonic::{Code, Response, Status};
 
+use crate::api::CreateVolumeFromRequest;
 use crate::config::TOPOLOGY_NODE_KEY;
 use crate::csi;
 use crate::error::{Error, Result};
@@ -27,7 +31,7 @@ use crate::ids::{Kind, ObjectId};
 use crate::routing::agents::{AgentClient, AgentGroupClient, Agents};
 use crate::routing::listing::{self, Cursor, Page};
 use crate::routing::placement::Owner;
-use crate::routing::placement::requested_nodes;
+use crate::routing::placement::{CopyPlacement, copy_placement, requested_nodes};
 
 /// Finds the agent that answers each Controller and GroupController request
 /// and passes the request on.
@@ -136,7 +140,13 @@ impl Router {
             Type::Snapshot(SnapshotSource { snapshot_id: id }) | Type::Volume(VolumeSource { volume_id: id }) => id,
         });
         let mut candidates = match source {
-            Some(id) => vec![self.node_of(Owner::of(id)).await?],
+            Some(id) => {
+                let owner = self.node_of(Owner::of(id)).await?;
+                match copy_placement(req.accessibility_requirements.as_ref(), &owner) {
+                    CopyPlacement::Local => vec![owner],
+                    CopyPlacement::Remote(nodes) => return self.copy_across(req, &owner, nodes).await,
+                }
+            }
             None => match requested_nodes(req.accessibility_requirements.as_ref()) {
                 requested if requested.is_empty() => self.by_free_capacity(&req).await,
                 requested => requested,
@@ -154,6 +164,38 @@ impl Router {
                 .agents
                 .call(&node, "CreateVolume", req.clone(), |mut c, r| async move { c.create_volume(r).await })
                 .await;
+            match answer {
+                Err(e) if e.code() == Code::ResourceExhausted => last = e,
+                answer => return answer,
+            }
+        }
+        Err(last)
+    }
+
+    /// CreateVolume on the first of `nodes` with room, filled from the
+    /// source on `source_node` by the new volume's agent.
+    async fn copy_across(
+        &self,
+        req: csi::CreateVolumeRequest,
+        source_node: &str,
+        mut nodes: Vec<String>,
+    ) -> Result<csi::CreateVolumeResponse> {
+        let source_address = self.agents.agent(source_node).await?.addr.to_string();
+        if nodes.len() > 1
+            && !req.name.is_empty()
+            && let Some(node) = self.holding(&req.name, &nodes).await
+        {
+            nodes = vec![node];
+        }
+        let ask = CreateVolumeFromRequest { request: Some(req), source_address };
+        let mut last = no_agents();
+        for node in nodes {
+            let answer =
+                self.agents
+                    .call_copies(&node, "CreateVolumeFrom", ask.clone(), |mut c, r| async move {
+                        c.create_volume_from(r).await
+                    })
+                    .await;
             match answer {
                 Err(e) if e.code() == Code::ResourceExhausted => last = e,
                 answer => return answer,

@@ -141,6 +141,27 @@ fn max_entries(max: i32) -> Result<usize> {
     usize::try_from(max).map_err(|_| Error::InvalidArgument("max_entries must not be negative".into()))
 }
 
+/// Validates a CreateVolume request into what the driver makes.
+pub(crate) fn new_volume(req: csi::CreateVolumeRequest) -> Result<NewVolume> {
+    validate_name("volume", &req.name)?;
+    let parameters = validate::parameters(&req.parameters)?;
+    // A VolumeAttributesClass's values win over the StorageClass's.
+    let mutable_parameters = validate::parameters(&req.mutable_parameters)?;
+    let capabilities = validate::capabilities(&req.volume_capabilities)?;
+    let capability_fs = capabilities.iter().map(|c| c.fs_type.as_str()).find(|fs| !fs.is_empty());
+    let layout = parse_layout(&parameters, &mutable_parameters, capability_fs.unwrap_or_default())?;
+    Ok(NewVolume {
+        capabilities,
+        capacity: validate::capacity(req.capacity_range.as_ref())?.unwrap_or_default(),
+        layout,
+        parameters,
+        mutable_parameters,
+        source: validate::content_source(req.volume_content_source.as_ref())?,
+        allowed_nodes: validate::allowed_nodes(req.accessibility_requirements.as_ref()),
+        name: req.name,
+    })
+}
+
 #[tonic::async_trait]
 impl Controller for ControllerService {
     async fn create_volume(
@@ -150,23 +171,7 @@ impl Controller for ControllerService {
         let req = request.into_inner();
         let driver = self.driver.clone();
         traced("CreateVolume", &req.name.clone(), async move {
-            validate_name("volume", &req.name)?;
-            let parameters = validate::parameters(&req.parameters)?;
-            // A VolumeAttributesClass's values win over the StorageClass's.
-            let mutable_parameters = validate::parameters(&req.mutable_parameters)?;
-            let capabilities = validate::capabilities(&req.volume_capabilities)?;
-            let capability_fs = capabilities.iter().map(|c| c.fs_type.as_str()).find(|fs| !fs.is_empty());
-            let layout = parse_layout(&parameters, &mutable_parameters, capability_fs.unwrap_or_default())?;
-            let new = NewVolume {
-                capabilities,
-                capacity: validate::capacity(req.capacity_range.as_ref())?.unwrap_or_default(),
-                layout,
-                parameters,
-                mutable_parameters,
-                source: validate::content_source(req.volume_content_source.as_ref())?,
-                allowed_nodes: validate::allowed_nodes(req.accessibility_requirements.as_ref()),
-                name: req.name,
-            };
+            let new = new_volume(req)?;
             let key = driver.key_for(Kind::Volume, &new.name);
             let record = claimed(driver.claim_create(key, new.source.as_ref())?, &driver, move |driver| {
                 driver.create_volume(key, new)

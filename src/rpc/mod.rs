@@ -8,6 +8,7 @@
 //! duration.
 
 pub mod controller;
+pub mod copies;
 pub mod group;
 pub mod identity;
 pub mod node;

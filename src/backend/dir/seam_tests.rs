@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use super::DirBackend;
-use crate::backend::{Backends, Layout};
+use crate::backend::{Backends, Fill, Layout, Source};
 use crate::config::QuotaMode;
 use crate::error::Error;
 use crate::ids::{Key, Kind};
@@ -66,7 +66,7 @@ fn staging(s: &Setup) -> PathBuf {
 fn on_btrfs_a_volume_is_a_subvolume_limited_by_its_qgroup() {
     let s = setup(FakeQuota::Btrfs);
     let key = volume("v");
-    let enforcement = s.dir.create_volume(&key, None, 8 * MIB).unwrap();
+    let enforcement = s.dir.create_volume(&key, Fill::Empty, 8 * MIB).unwrap();
     let Enforcement::BtrfsQgroup(id) = enforcement else { panic!("{enforcement:?}") };
     assert!(s.fake.is_subvolume(&s.dir.volume_path(&key)), "renamed into place, still a subvolume");
     assert_eq!(s.fake.qgroup_limit(id), Some(8 * MIB));
@@ -80,7 +80,7 @@ fn on_btrfs_a_volume_is_a_subvolume_limited_by_its_qgroup() {
 fn on_btrfs_a_deleted_volume_deletes_its_subvolume() {
     let s = setup(FakeQuota::Btrfs);
     let key = volume("v");
-    let enforcement = s.dir.create_volume(&key, None, MIB).unwrap();
+    let enforcement = s.dir.create_volume(&key, Fill::Empty, MIB).unwrap();
     fs::write(s.dir.volume_path(&key).join("data"), b"x").unwrap();
     s.dir.delete_volume(&key, Some(&enforcement)).unwrap();
     assert!(!s.dir.volume_exists(&key));
@@ -93,11 +93,11 @@ fn on_btrfs_a_failed_limit_leaves_no_subvolume_behind() {
     let s = setup(FakeQuota::Btrfs);
     let key = volume("v");
     s.fake.fail_next(Op::SetQgroupLimit, std::io::ErrorKind::PermissionDenied);
-    s.dir.create_volume(&key, None, MIB).expect_err("the limit failed");
+    s.dir.create_volume(&key, Fill::Empty, MIB).expect_err("the limit failed");
     assert!(volume_entries(&s).is_empty(), "left behind: {:?}", volume_entries(&s));
     assert!(!s.fake.is_subvolume(&s.dir.volume_path(&key)));
     // The retry converges.
-    assert!(matches!(s.dir.create_volume(&key, None, MIB).unwrap(), Enforcement::BtrfsQgroup(_)));
+    assert!(matches!(s.dir.create_volume(&key, Fill::Empty, MIB).unwrap(), Enforcement::BtrfsQgroup(_)));
 }
 
 #[test]
@@ -105,10 +105,10 @@ fn on_btrfs_clones_snapshots_and_restores_are_subvolume_snapshots() {
     let s = setup(FakeQuota::Btrfs);
     let (source, clone, restored) = (volume("a"), volume("b"), volume("r"));
     let snapshot = Key::for_name(Kind::Snapshot, "s");
-    s.dir.create_volume(&source, None, MIB).unwrap();
+    s.dir.create_volume(&source, Fill::Empty, MIB).unwrap();
     fs::write(s.dir.volume_path(&source).join("data"), b"first").unwrap();
 
-    let cloned = s.dir.create_volume(&clone, Some(&s.dir.volume_path(&source)), 2 * MIB).unwrap();
+    let cloned = s.dir.create_volume(&clone, Fill::Copy(&copy_of(&s.dir.volume_path(&source))), 2 * MIB).unwrap();
     assert_eq!(fs::read(s.dir.volume_path(&clone).join("data")).unwrap(), b"first");
     let Enforcement::BtrfsQgroup(id) = cloned else { panic!("{cloned:?}") };
     assert_eq!(s.fake.qgroup_limit(id), Some(2 * MIB), "the clone has its own limit");
@@ -116,7 +116,7 @@ fn on_btrfs_clones_snapshots_and_restores_are_subvolume_snapshots() {
     assert!(s.dir.snapshots_atomically(&source));
     s.dir.create_snapshot(&source, &snapshot).unwrap();
     fs::write(s.dir.volume_path(&source).join("data"), b"changed").unwrap();
-    s.dir.create_volume(&restored, Some(&s.dir.snapshot_path(&snapshot)), MIB).unwrap();
+    s.dir.create_volume(&restored, Fill::Copy(&copy_of(&s.dir.snapshot_path(&snapshot))), MIB).unwrap();
     assert_eq!(fs::read(s.dir.volume_path(&restored).join("data")).unwrap(), b"first");
     let snapshots: Vec<String> = s.fake.calls().into_iter().filter(|c| c.starts_with("snapshot-subvolume ")).collect();
     assert_eq!(snapshots.len(), 3, "clone, snapshot and restore: {snapshots:?}");
@@ -128,8 +128,8 @@ fn on_btrfs_clones_snapshots_and_restores_are_subvolume_snapshots() {
 fn with_project_quotas_a_volume_gets_its_own_project_and_limit() {
     let s = setup(FakeQuota::Project);
     let (a, b) = (volume("a"), volume("b"));
-    let Enforcement::Project(first) = s.dir.create_volume(&a, None, 3 * MIB).unwrap() else { panic!() };
-    let Enforcement::Project(second) = s.dir.create_volume(&b, None, MIB).unwrap() else { panic!() };
+    let Enforcement::Project(first) = s.dir.create_volume(&a, Fill::Empty, 3 * MIB).unwrap() else { panic!() };
+    let Enforcement::Project(second) = s.dir.create_volume(&b, Fill::Empty, MIB).unwrap() else { panic!() };
     assert_eq!(first, FIRST_PROJECT_ID);
     assert_ne!(first, second, "each volume has its own project");
     assert_eq!(s.fake.project_of(&s.dir.volume_path(&a)), Some(first), "the tag survives the rename into place");
@@ -142,7 +142,7 @@ fn with_project_quotas_ids_used_by_other_tools_are_skipped() {
     let s = setup(FakeQuota::Project);
     // Another tool's project, at the first id Loam would take.
     s.fake.set_project_limit(s.root.path(), FIRST_PROJECT_ID, 4096, 0).unwrap();
-    let enforcement = s.dir.create_volume(&volume("v"), None, MIB).unwrap();
+    let enforcement = s.dir.create_volume(&volume("v"), Fill::Empty, MIB).unwrap();
     assert_eq!(enforcement, Enforcement::Project(FIRST_PROJECT_ID + 1));
     assert_eq!(s.fake.project(FIRST_PROJECT_ID).bytes_limit, 4096, "the other tool's limit is untouched");
 }
@@ -152,34 +152,34 @@ fn with_project_quotas_a_failed_limit_leaves_nothing_behind() {
     let s = setup(FakeQuota::Project);
     let key = volume("v");
     s.fake.fail_next(Op::SetProjectLimit, std::io::ErrorKind::Other);
-    s.dir.create_volume(&key, None, MIB).expect_err("the limit failed");
+    s.dir.create_volume(&key, Fill::Empty, MIB).expect_err("the limit failed");
     assert!(volume_entries(&s).is_empty(), "left behind: {:?}", volume_entries(&s));
     // The id was given back: the retry takes it again.
-    assert_eq!(s.dir.create_volume(&key, None, MIB).unwrap(), Enforcement::Project(FIRST_PROJECT_ID));
+    assert_eq!(s.dir.create_volume(&key, Fill::Empty, MIB).unwrap(), Enforcement::Project(FIRST_PROJECT_ID));
 }
 
 #[test]
 fn with_project_quotas_a_deleted_volume_gives_its_id_back_cleared() {
     let s = setup(FakeQuota::Project);
     let key = volume("v");
-    let enforcement = s.dir.create_volume(&key, None, MIB).unwrap();
+    let enforcement = s.dir.create_volume(&key, Fill::Empty, MIB).unwrap();
     s.dir.delete_volume(&key, Some(&enforcement)).unwrap();
     assert_eq!(s.fake.project(FIRST_PROJECT_ID).bytes_limit, 0, "the limit is cleared");
-    assert_eq!(s.dir.create_volume(&volume("w"), None, MIB).unwrap(), Enforcement::Project(FIRST_PROJECT_ID));
+    assert_eq!(s.dir.create_volume(&volume("w"), Fill::Empty, MIB).unwrap(), Enforcement::Project(FIRST_PROJECT_ID));
 }
 
 #[test]
 fn adopting_a_volume_holds_its_project_and_puts_its_limit_back() {
     let s = setup(FakeQuota::Project);
     let key = volume("v");
-    let enforcement = s.dir.create_volume(&key, None, 2 * MIB).unwrap();
+    let enforcement = s.dir.create_volume(&key, Fill::Empty, 2 * MIB).unwrap();
     // Someone loosens the limit, and the driver restarts (a new backend).
     s.fake.set_project_limit(s.root.path(), FIRST_PROJECT_ID, 0, 0).unwrap();
     s.fake.charge_project(FIRST_PROJECT_ID, 10, 1);
     let restarted = DirBackend::open(s.root.path(), QuotaMode::Auto, s.fake.clone()).unwrap();
     restarted.adopt(&key, Some(&enforcement), 2 * MIB).unwrap();
     assert_eq!(s.fake.project(FIRST_PROJECT_ID).bytes_limit, 2 * MIB, "the record's limit is back");
-    let other = restarted.create_volume(&volume("w"), None, MIB).unwrap();
+    let other = restarted.create_volume(&volume("w"), Fill::Empty, MIB).unwrap();
     assert_ne!(other, enforcement, "the adopted volume's id is held");
 }
 
@@ -187,9 +187,9 @@ fn adopting_a_volume_holds_its_project_and_puts_its_limit_back() {
 fn without_quotas_volumes_are_plain_directories_and_clones_copy() {
     let s = setup(FakeQuota::None("no quotas here".into()));
     let (source, clone) = (volume("a"), volume("b"));
-    assert_eq!(s.dir.create_volume(&source, None, MIB).unwrap(), Enforcement::Unenforced(String::new()));
+    assert_eq!(s.dir.create_volume(&source, Fill::Empty, MIB).unwrap(), Enforcement::Unenforced(String::new()));
     fs::write(s.dir.volume_path(&source).join("data"), b"hello").unwrap();
-    s.dir.create_volume(&clone, Some(&s.dir.volume_path(&source)), MIB).unwrap();
+    s.dir.create_volume(&clone, Fill::Copy(&copy_of(&s.dir.volume_path(&source))), MIB).unwrap();
     assert_eq!(fs::read(s.dir.volume_path(&clone).join("data")).unwrap(), b"hello");
     assert!(!s.dir.snapshots_atomically(&source));
     assert!(s.fake.calls().is_empty(), "no quota call: {:?}", s.fake.calls());
@@ -200,7 +200,7 @@ fn without_quotas_volumes_are_plain_directories_and_clones_copy() {
 fn stage_binds_the_data_directory_once() {
     let s = setup(FakeQuota::Btrfs);
     let key = volume("v");
-    s.dir.create_volume(&key, None, MIB).unwrap();
+    s.dir.create_volume(&key, Fill::Empty, MIB).unwrap();
     let path = staging(&s);
     s.dir.stage(&key, &path, &capability(None)).unwrap();
     let mounts = s.fake.mounts().unwrap();
@@ -223,7 +223,7 @@ fn stage_of_a_missing_data_directory_is_a_failed_precondition() {
 fn stage_gives_the_data_directory_to_the_mount_group() {
     let s = setup(FakeQuota::None("off".into()));
     let key = volume("v");
-    s.dir.create_volume(&key, None, MIB).unwrap();
+    s.dir.create_volume(&key, Fill::Empty, MIB).unwrap();
     // Our own group, which an unprivileged test may give a file too.
     let gid = nix::unistd::getegid().as_raw();
     s.dir.stage(&key, &staging(&s), &capability(Some(gid))).unwrap();
@@ -239,7 +239,7 @@ fn unstage_undoes_its_bind_and_leaves_a_strangers_mount() {
     let backends = Backends::open(root.path(), QuotaMode::Off, fake.clone()).unwrap();
     let key = volume("v");
     let layout = Layout::Dir;
-    backends.create_volume(&key, &layout, MIB, None).unwrap();
+    backends.create_volume(&key, &layout, MIB, Fill::Empty).unwrap();
     let (ours, theirs) = (root.path().join("ours"), root.path().join("theirs"));
     let stranger = root.path().join("stranger");
     fs::create_dir(&stranger).unwrap();
@@ -261,7 +261,7 @@ fn unstage_undoes_its_bind_and_leaves_a_strangers_mount() {
 fn stats_come_from_the_project_quota_when_it_counts() {
     let s = setup(FakeQuota::Project);
     let key = volume("v");
-    let enforcement = s.dir.create_volume(&key, None, 4 * MIB).unwrap();
+    let enforcement = s.dir.create_volume(&key, Fill::Empty, 4 * MIB).unwrap();
     fs::write(s.dir.volume_path(&key).join("small"), b"x").unwrap();
     s.fake.charge_project(FIRST_PROJECT_ID, MIB, 7);
     let stats = s.dir.stats(&key, Some(&enforcement), 4 * MIB).unwrap();
@@ -276,7 +276,7 @@ fn stats_come_from_the_project_quota_when_it_counts() {
 fn stats_on_btrfs_take_bytes_from_the_qgroup_and_inodes_from_a_walk() {
     let s = setup(FakeQuota::Btrfs);
     let key = volume("v");
-    let enforcement = s.dir.create_volume(&key, None, 4 * MIB).unwrap();
+    let enforcement = s.dir.create_volume(&key, Fill::Empty, 4 * MIB).unwrap();
     let Enforcement::BtrfsQgroup(id) = enforcement else { panic!() };
     for name in ["a", "b", "c"] {
         fs::write(s.dir.volume_path(&key).join(name), b"x").unwrap();
@@ -291,10 +291,15 @@ fn stats_on_btrfs_take_bytes_from_the_qgroup_and_inodes_from_a_walk() {
 fn stats_of_an_unenforced_volume_walk_its_tree() {
     let s = setup(FakeQuota::None("off".into()));
     let key = volume("v");
-    let enforcement = s.dir.create_volume(&key, None, 4 * MIB).unwrap();
+    let enforcement = s.dir.create_volume(&key, Fill::Empty, 4 * MIB).unwrap();
     fs::write(s.dir.volume_path(&key).join("data"), vec![1u8; 100_000]).unwrap();
     let stats = s.dir.stats(&key, Some(&enforcement), 4 * MIB).unwrap();
     assert!(stats.used_bytes >= 100_000, "{stats:?}");
     let message = s.dir.usage_message(&key, Some(&enforcement), 4 * MIB).unwrap();
     assert!(message.contains("walking its files"), "{message}");
+}
+
+/// A copy of this node's directory at `path`.
+fn copy_of(path: &std::path::Path) -> Source {
+    Source { path: path.to_owned(), mounted: None }
 }

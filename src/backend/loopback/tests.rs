@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::{FormatLog, LoopBackend, Orphan};
+use crate::backend::Fill;
 use crate::error::{Error, Result};
 use crate::ids::{Key, Kind};
 use crate::kernel::Kernel;
@@ -44,7 +45,7 @@ impl Setup {
     /// A fresh Setup with an empty 4 MiB volume of `fs`.
     fn with_volume(fs: FsType) -> Setup {
         let s = Setup::new();
-        s.loopback.create_volume(&s.key, 4 * MIB, &spec(fs), None).unwrap();
+        s.loopback.create_volume(&s.key, 4 * MIB, &spec(fs), Fill::Empty).unwrap();
         s
     }
 
@@ -487,7 +488,7 @@ fn detach_orphans_keeps_mounted_devices_and_detaches_unused_ones() {
     let s = Setup::with_volume(FsType::Ext4);
     let (mounted, idle, staged) = (s.key, Key::for_name(Kind::Volume, "idle"), Key::for_name(Kind::Volume, "staged"));
     for key in [idle, staged] {
-        s.loopback.create_volume(&key, 4 * MIB, &spec(FsType::Ext4), None).unwrap();
+        s.loopback.create_volume(&key, 4 * MIB, &spec(FsType::Ext4), Fill::Empty).unwrap();
     }
     // A crash between mount and record, one between attach and record, and a recorded stage.
     s.stage(FsType::Ext4).unwrap();
@@ -564,7 +565,7 @@ fn mkfs_options_finer_than_the_devices_sectors_are_refused_and_leave_no_image() 
     let s = Setup::new();
     s.fake.set_sector_size(4096);
     let spec = LoopSpec { mkfs_options: vec!["-b".into(), "1024".into()], ..spec(FsType::Ext4) };
-    let err = s.loopback.create_volume(&s.key, 4 * MIB, &spec, None).unwrap_err();
+    let err = s.loopback.create_volume(&s.key, 4 * MIB, &spec, Fill::Empty).unwrap_err();
     assert!(matches!(&err, Error::InvalidArgument(m) if m.contains("4096")), "{err:?}");
     assert!(!s.image().exists());
 }

@@ -1,0 +1,561 @@
+//! Copies between nodes, this node's side of either end.
+//!
+//! - **Sending** ([`Driver::export`]): a snapshot is sent as it is (it never
+//!   changes; its claim is held while it is sent, so it cannot be deleted
+//!   mid-copy). A volume is cut first, as CreateSnapshot would cut it (a
+//!   staged `loop` filesystem frozen around a reflink, a btrfs snapshot), into
+//!   a snapshot no record names, which is removed when the copy ends. A volume
+//!   in use whose cut would be a file-by-file copy, not one instant, is
+//!   refused: a copy to another node must be point in time. The cut's name is
+//!   written to `exports/` before it is made, so a crash that leaves one
+//!   behind is cleaned up at the next start.
+//! - **Receiving** ([`Driver::create_volume_from`]): the volume is made as
+//!   CreateVolume makes one, its storage filled from the incoming pieces
+//!   under a temporary name and renamed into place only after the content
+//!   checked out against the sender's digest; the record is written last. A
+//!   crash or a cut connection leaves no record and no storage under the real
+//!   name, and the retry starts over. While a copy runs it holds the volume's
+//!   claim, so a retry is ABORTED; [`Driver::copy_progress`] says how far it
+//!   got, for that answer and for ControllerGetVolume.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{self, Write};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use super::{Driver, NewVolume};
+use crate::backend::transfer::{Carried, Piece, ReceiveError, Receiver, Sender};
+use crate::backend::{BackendKind, Fill, Layout, Provisioning};
+use crate::durable;
+use crate::error::{Error, IoContext, Result};
+use crate::guard::Guard;
+use crate::ids::{Key, Kind};
+use crate::records::{ContentSource, VolumeRecord};
+
+use super::Stillness;
+
+/// How often a running copy logs its progress.
+const PROGRESS_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// What another node sends for a new volume of this node.
+pub struct Incoming {
+    /// The node it comes from.
+    pub from_node: String,
+    /// What it carries.
+    pub carried: Carried,
+    /// The source's capacity: the least the new volume gets.
+    pub capacity_bytes: u64,
+    /// The bytes of data it will carry, for progress.
+    pub data_bytes: u64,
+    /// The pieces, in order; an error ends the copy (a cut connection).
+    pub pieces: Box<dyn Iterator<Item = Result<Piece>> + Send>,
+}
+
+impl std::fmt::Debug for Incoming {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Incoming")
+            .field("from_node", &self.from_node)
+            .field("carried", &self.carried)
+            .field("capacity_bytes", &self.capacity_bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A volume or snapshot of this node being sent to another node.
+#[derive(Debug)]
+pub struct Export {
+    /// The source's capacity.
+    pub capacity_bytes: u64,
+    /// What to send.
+    pub sender: Sender,
+    /// The cut made for it, removed when the export ends.
+    _cut: Option<Cut>,
+    /// The snapshot's claim, held while it is read.
+    _claim: Option<Guard>,
+}
+
+/// A cut of a volume made for one export: a snapshot no record names.
+#[derive(Debug)]
+struct Cut {
+    driver: Arc<Driver>,
+    key: Key,
+    backend: BackendKind,
+}
+
+impl Drop for Cut {
+    fn drop(&mut self) {
+        if let Err(e) = self.driver.remove_cut(&self.key, Some(self.backend)) {
+            tracing::warn!(cut = %self.key, "cannot remove the cut of a copy to another node: {e}; the next start removes it");
+        }
+    }
+}
+
+/// How far one incoming copy got.
+#[derive(Debug)]
+pub struct Progress {
+    /// The volume or snapshot it copies.
+    pub source: String,
+    /// The node it comes from.
+    pub from_node: String,
+    /// The new volume's capacity.
+    pub capacity_bytes: u64,
+    /// The bytes of data the sender said it would send.
+    pub data_bytes: u64,
+    /// The bytes received so far.
+    pub received: AtomicU64,
+    started: Instant,
+}
+
+impl Progress {
+    /// Where the copy stands, in words.
+    pub fn describe(&self) -> String {
+        format!(
+            "being copied from {} on node {}: {} of {} bytes after {:.0?}",
+            self.source,
+            self.from_node,
+            self.received.load(Ordering::Relaxed),
+            self.data_bytes,
+            self.started.elapsed()
+        )
+    }
+}
+
+/// The copies this node is receiving, by volume.
+#[derive(Debug, Default)]
+pub struct Copies(Mutex<BTreeMap<Key, Arc<Progress>>>);
+
+impl Copies {
+    fn get(&self, key: &Key) -> Option<Arc<Progress>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).get(key).cloned()
+    }
+
+    /// Bytes of capacity promised to copies in flight and not received yet.
+    pub fn unreceived(&self) -> u64 {
+        let copies = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        copies.values().map(|p| p.capacity_bytes.saturating_sub(p.received.load(Ordering::Relaxed))).sum()
+    }
+
+    /// How many copies are in flight.
+    pub fn in_flight(&self) -> u64 {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).len() as u64
+    }
+}
+
+/// Takes a copy out of [`Copies`] and gives back the room it held when it
+/// ends, however it ends (a finished volume promises its own).
+struct Running<'a> {
+    driver: &'a Driver,
+    key: Key,
+    capacity: u64,
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.driver.copies.0.lock().unwrap_or_else(PoisonError::into_inner).remove(&self.key);
+        self.driver.fulfil(self.capacity);
+    }
+}
+
+impl Driver {
+    /// The volume called as `req` asks, if it exists already (a retry): the
+    /// copy need not be started again. ALREADY_EXISTS when it differs.
+    pub fn existing_volume(&self, key: &Key, req: &NewVolume) -> Result<Option<Arc<VolumeRecord>>> {
+        match self.volumes.get(key) {
+            Some(existing) => self.check_same_volume(existing, req).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Refuses, before anything is asked of the source's node, a copy this
+    /// node cannot take whatever the source holds: the topology or a
+    /// capability rules it out, or it lacks room for the capacity asked.
+    pub fn check_room(&self, req: &NewVolume) -> Result<()> {
+        self.check_fit(req)?;
+        self.room_for(req, 0).map(drop)
+    }
+
+    /// Where the copy making the volume stands, while one runs.
+    pub fn copy_progress(&self, key: &Key) -> Option<Arc<Progress>> {
+        self.copies.get(key)
+    }
+
+    /// Makes a volume filled with what another node sends (see the module's
+    /// description); the caller holds the volume's claim.
+    pub fn create_volume_from(&self, key: Key, req: NewVolume, incoming: Incoming) -> Result<Arc<VolumeRecord>> {
+        self.check_fit(&req)?;
+        if let Some(existing) = self.existing_volume(&key, &req)? {
+            return Ok(existing);
+        }
+        let provisioning = match (&req.layout, incoming.carried) {
+            (Layout::Loop(spec), Carried::Image) => spec.provisioning,
+            (layout, carried) => {
+                return Err(Error::InvalidArgument(format!(
+                    "the source is {}, which a {} volume cannot hold; restore or clone it into a volume of its \
+                     source's backend",
+                    carried_name(carried),
+                    layout.backend().name()
+                )));
+            }
+        };
+        let capacity = self.room_for(&req, incoming.capacity_bytes)?;
+        let source = match &req.source {
+            Some(ContentSource::Volume(id) | ContentSource::Snapshot(id)) => id.clone(),
+            None => return Err(Error::InvalidArgument("a copy from another node needs a content source".into())),
+        };
+        let progress = Arc::new(Progress {
+            source,
+            from_node: incoming.from_node.clone(),
+            capacity_bytes: capacity,
+            data_bytes: incoming.data_bytes,
+            received: AtomicU64::new(0),
+            started: Instant::now(),
+        });
+        self.copies.0.lock().unwrap_or_else(PoisonError::into_inner).insert(key, progress.clone());
+        let running = Running { driver: self, key, capacity };
+        // Held back at once, not at the next measurement (which counts what
+        // the copy has not written yet): a create racing this one must not
+        // get the same room.
+        self.promise(capacity);
+        tracing::info!(volume = %req.name, from = %progress.source, node = %progress.from_node, bytes = progress.data_bytes, "copy from another node started");
+
+        let mut failure: Option<Error> = None;
+        let mut pieces = incoming.pieces;
+        let carried = incoming.carried;
+        let mut receive = |path: &std::path::Path| -> io::Result<()> {
+            let outcome = receive_into(path, carried, provisioning, &mut pieces, &progress);
+            outcome.map_err(|e| {
+                let message = e.to_string();
+                failure = Some(e);
+                io::Error::other(message)
+            })
+        };
+        let made = self.backends.create_volume(&key, &req.layout, capacity, Fill::Receive(&mut receive));
+        let enforcement = match made {
+            Ok(enforcement) => enforcement,
+            Err(e) => {
+                let e = failure.take().unwrap_or(e);
+                tracing::warn!(volume = %req.name, from = %progress.source, "copy from another node failed: {e}");
+                return Err(e);
+            }
+        };
+        crate::failpoint!("volume.received");
+        tracing::info!(volume = %req.name, from = %progress.source, bytes = progress.received.load(Ordering::Relaxed), elapsed = ?progress.started.elapsed(), "copy from another node verified and complete");
+        drop(running);
+        self.record_new_volume(key, req, capacity, enforcement, None)
+    }
+
+    /// Prepares a copy of this node's volume or snapshot `source` for
+    /// another node (see the module's description). The caller holds the
+    /// source's claim and hands it over: a snapshot keeps it until the
+    /// export ends.
+    pub fn export(self: &Arc<Self>, source: &ContentSource, claim: Guard) -> Result<Export> {
+        match source {
+            ContentSource::Snapshot(id) => {
+                let key = self.snapshot_key(id)?;
+                let snapshot = self
+                    .snapshots
+                    .get(&key)
+                    .ok_or_else(|| Error::NotFound(format!("source snapshot {id} does not exist")))?;
+                let (carried, path) = self.backends.snapshot_content(&key, snapshot.backend)?;
+                let sender = Sender::open(carried, &path).context(|| format!("opening {}", path.display()))?;
+                Ok(Export { capacity_bytes: snapshot.size_bytes, sender, _cut: None, _claim: Some(claim) })
+            }
+            ContentSource::Volume(id) => {
+                let key = self.volume_key(id)?;
+                let volume = self.volume(&key)?;
+                if self.stillness(&key, &volume)? == Stillness::Copied {
+                    return Err(Error::FailedPrecondition(format!(
+                        "volume {id} is in use and its content can only be copied file by file (a dir volume on a \
+                         root that is not btrfs, or a raw block image on a filesystem without reflinks), which is \
+                         not one point in time; stop the pods using it, or clone it on its own node"
+                    )));
+                }
+                let cut = self.cut_for_export(&key, &volume)?;
+                let (carried, path) = self.backends.snapshot_content(&cut.key, cut.backend)?;
+                let sender = Sender::open(carried, &path).context(|| format!("opening {}", path.display()))?;
+                // The cut is the export's own: the volume is free again.
+                drop(claim);
+                Ok(Export { capacity_bytes: volume.capacity_bytes, sender, _cut: Some(cut), _claim: None })
+            }
+        }
+    }
+
+    /// Cuts `volume` into a snapshot no record names, its name written down
+    /// first so a crash cannot leave it behind unnoticed.
+    fn cut_for_export(self: &Arc<Self>, key: &Key, volume: &VolumeRecord) -> Result<Cut> {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+        let cut = Key::for_name(Kind::Snapshot, &format!("loam-export:{}:{nanos}", volume.id));
+        let backend = volume.layout.backend();
+        let intent = self.cuts_dir().join(cut.to_string());
+        write_intent(&intent, backend).context(|| format!("recording the cut {}", intent.display()))?;
+        let cut = Cut { driver: self.clone(), key: cut, backend };
+        self.backends.create_snapshot(key, volume, &cut.key, true)?;
+        Ok(cut)
+    }
+
+    fn cuts_dir(&self) -> PathBuf {
+        self.config.root.join("exports")
+    }
+
+    /// Removes a cut and then the note of it.
+    fn remove_cut(&self, key: &Key, backend: Option<BackendKind>) -> Result<()> {
+        self.backends.delete_snapshot(key, backend)?;
+        let intent = self.cuts_dir().join(key.to_string());
+        durable::remove(&intent).context(|| format!("removing {}", intent.display()))
+    }
+
+    /// Removes the cuts a crash left behind (start-up).
+    pub(super) fn remove_leftover_cuts(&self) -> Result<()> {
+        let dir = self.cuts_dir();
+        fs::create_dir_all(&dir).context(|| format!("creating {}", dir.display()))?;
+        for entry in fs::read_dir(&dir).context(|| format!("reading {}", dir.display()))? {
+            let entry = entry.context(|| format!("reading {}", dir.display()))?;
+            let Some(key) = entry.file_name().to_str().and_then(Key::parse) else { continue };
+            let backend = match fs::read_to_string(entry.path()).unwrap_or_default().trim() {
+                "dir" => Some(BackendKind::Dir),
+                "loop" => Some(BackendKind::Loop),
+                _ => None,
+            };
+            tracing::warn!(cut = %key, "removing the cut of a copy to another node that a crash left behind");
+            self.remove_cut(&key, backend)?;
+        }
+        Ok(())
+    }
+}
+
+/// Writes the note of a cut: its backend's name, durably.
+fn write_intent(path: &std::path::Path, backend: BackendKind) -> io::Result<()> {
+    let mut file = fs::File::create(path)?;
+    file.write_all(backend.name().as_bytes())?;
+    file.sync_all()?;
+    durable::sync_dir(path.parent().unwrap_or(std::path::Path::new("/")))
+}
+
+/// Receives every piece into new storage at `path`; complete only when the
+/// end arrived and checked out.
+fn receive_into(
+    path: &std::path::Path,
+    carried: Carried,
+    provisioning: Provisioning,
+    pieces: &mut dyn Iterator<Item = Result<Piece>>,
+    progress: &Progress,
+) -> Result<()> {
+    let mut receiver = Receiver::create(carried, path, provisioning)
+        .context(|| format!("creating {} for the copy", path.display()))?;
+    let mut logged = Instant::now();
+    for piece in pieces {
+        let piece = piece?;
+        let bytes = piece.data_len();
+        match receiver.apply(piece) {
+            Ok(Some(received)) => {
+                progress.received.store(received.data_bytes, Ordering::Relaxed);
+                return Ok(());
+            }
+            Ok(None) => {}
+            Err(e) => return Err(receive_error(e, progress)),
+        }
+        let received = progress.received.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        crate::metrics::global().copied("received", bytes);
+        if logged.elapsed() >= PROGRESS_LOG_EVERY {
+            logged = Instant::now();
+            tracing::info!(from = %progress.source, received, of = progress.data_bytes, "copy from another node in progress");
+        }
+    }
+    Err(Error::Aborted(format!(
+        "the copy from {} on node {} ended after {} bytes without its end; nothing was kept, and the retry starts it \
+         again",
+        progress.source,
+        progress.from_node,
+        progress.received.load(Ordering::Relaxed)
+    )))
+}
+
+/// What a refused stream means for the CreateVolume that asked for it.
+fn receive_error(e: ReceiveError, progress: &Progress) -> Error {
+    let from = format!("the copy from {} on node {}", progress.source, progress.from_node);
+    match e {
+        ReceiveError::Mismatch => Error::Aborted(format!(
+            "{from} does not match its source (digest mismatch); nothing was kept, and the retry copies again"
+        )),
+        ReceiveError::Malformed(what) => Error::Aborted(format!(
+            "{from} was refused: {what}; nothing was kept; if this repeats, the two nodes run Loam versions that do not agree"
+        )),
+        ReceiveError::Io(e) => Error::io(format!("writing {from}"), e),
+    }
+}
+
+fn carried_name(carried: Carried) -> &'static str {
+    match carried {
+        Carried::Image => "a loop volume's image",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::FileExt;
+
+    use super::*;
+    use crate::backend::LoopSpec;
+    use crate::backend::transfer::Frame;
+    use crate::driver::{CapacityRange, test_driver};
+    use crate::kernel::blockfs::FsType;
+
+    fn loop_request(name: &str, mib: u64, source: Option<ContentSource>) -> NewVolume {
+        NewVolume {
+            name: name.into(),
+            capacity: CapacityRange { required: mib << 20, limit: 0 },
+            capabilities: Vec::new(),
+            parameters: BTreeMap::new(),
+            mutable_parameters: BTreeMap::new(),
+            layout: Layout::Loop(LoopSpec { fs: FsType::Ext4, provisioning: Provisioning::Thin, mkfs_options: vec![] }),
+            source,
+            allowed_nodes: None,
+        }
+    }
+
+    /// A source node with an 8 MiB loop volume holding data, and its id.
+    fn source_node(root: &std::path::Path) -> (Arc<Driver>, String) {
+        let driver = Arc::new(test_driver(root));
+        let key = Key::for_name(Kind::Volume, "primary");
+        let record = driver.create_volume(key, loop_request("primary", 8, None)).unwrap();
+        let image = fs::OpenOptions::new().write(true).open(root.join("volumes").join(format!("{key}.img"))).unwrap();
+        image.write_all_at(b"rows", 0).unwrap();
+        image.write_all_at(&[5u8; 100_000], 3 << 20).unwrap();
+        (driver, record.id.clone())
+    }
+
+    /// What the source node sends for `source`, as the receiving node reads it.
+    fn incoming(export: Export) -> Incoming {
+        let Export { capacity_bytes, sender, _cut, _claim } = export;
+        let (carried, data_bytes) = (sender.carried(), sender.data_bytes());
+        // The cut lives as long as the pieces are read.
+        let pieces = sender.map(move |piece| {
+            let _hold = (&_cut, &_claim);
+            piece.map_err(|e| Error::io("reading", e))
+        });
+        Incoming { from_node: "a".into(), carried, capacity_bytes, data_bytes, pieces: Box::new(pieces) }
+    }
+
+    fn export_of(driver: &Arc<Driver>, id: &str) -> Export {
+        driver.export(&ContentSource::Volume(id.into()), driver.claim(Kind::Volume, key_of(id)).unwrap()).unwrap()
+    }
+
+    fn key_of(id: &str) -> Key {
+        crate::ids::ObjectId::parse(id).unwrap().key
+    }
+
+    fn image_of(root: &std::path::Path, key: &Key) -> std::path::PathBuf {
+        root.join("volumes").join(format!("{key}.img"))
+    }
+
+    /// Only the volume images in `root/volumes`, nothing half made.
+    fn leftovers(root: &std::path::Path) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(root.join("volumes"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn a_copy_arrives_whole_and_leaves_no_cut_behind() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (source, id) = source_node(a.path());
+        let target = test_driver(b.path());
+        let key = Key::for_name(Kind::Volume, "replica");
+        let request = loop_request("replica", 8, Some(ContentSource::Volume(id.clone())));
+        let record = target.create_volume_from(key, request, incoming(export_of(&source, &id))).unwrap();
+        assert_eq!(record.source, Some(ContentSource::Volume(id.clone())));
+        let source_image = image_of(a.path(), &key_of(&id));
+        assert_eq!(fs::read(image_of(b.path(), &key)).unwrap(), fs::read(source_image).unwrap());
+        assert_eq!(fs::read_dir(a.path().join("exports")).unwrap().count(), 0, "the cut's note is gone");
+        assert_eq!(fs::read_dir(a.path().join("snapshots")).unwrap().count(), 0, "the cut is gone");
+        assert!(target.copy_progress(&key).is_none());
+        assert_eq!(target.copies.unreceived(), 0);
+    }
+
+    #[test]
+    fn a_cut_connection_or_a_damaged_copy_keeps_nothing_and_the_retry_converges() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (source, id) = source_node(a.path());
+        let target = test_driver(b.path());
+        let key = Key::for_name(Kind::Volume, "replica");
+        let request = || loop_request("replica", 8, Some(ContentSource::Volume(id.clone())));
+
+        // The connection drops after the first frame.
+        let mut cut = incoming(export_of(&source, &id));
+        let first = cut.pieces.next().unwrap();
+        let dropped = Error::Aborted("the copy from node a was cut short: connection reset".into());
+        cut.pieces = Box::new(vec![first, Err(dropped)].into_iter());
+        let err = target.create_volume_from(key, request(), cut).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Aborted, "{err}");
+        assert!(target.volume(&key).is_err(), "no record");
+        assert!(leftovers(b.path()).is_empty(), "nothing under any name: {:?}", leftovers(b.path()));
+
+        // The stream just ends before its end frame.
+        let mut short = incoming(export_of(&source, &id));
+        let frames: Vec<_> = short.pieces.by_ref().collect();
+        short.pieces = Box::new(frames.into_iter().rev().skip(1).rev());
+        let err = target.create_volume_from(key, request(), short).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Aborted);
+        assert!(err.to_string().contains("without its end"), "{err}");
+        assert!(leftovers(b.path()).is_empty());
+
+        // A byte changes on the way.
+        let mut damaged = incoming(export_of(&source, &id));
+        let pieces: Vec<_> = damaged
+            .pieces
+            .by_ref()
+            .map(|p| match p {
+                Ok(Piece::Image(Frame::Data { offset, mut bytes })) if offset == 0 => {
+                    bytes[1] ^= 0x20;
+                    Ok(Piece::Image(Frame::Data { offset, bytes }))
+                }
+                other => other,
+            })
+            .collect();
+        damaged.pieces = Box::new(pieces.into_iter());
+        let err = target.create_volume_from(key, request(), damaged).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Aborted);
+        assert!(err.to_string().contains("digest mismatch"), "{err}");
+        assert!(leftovers(b.path()).is_empty());
+        assert_eq!(target.copies.unreceived(), 0, "failed copies hold no room");
+
+        // The retry gets it all.
+        target.create_volume_from(key, request(), incoming(export_of(&source, &id))).unwrap();
+        assert_eq!(leftovers(b.path()), [format!("{key}.img")]);
+    }
+
+    #[test]
+    fn a_cut_left_by_a_crash_of_the_source_node_is_removed_at_its_next_start() {
+        let a = tempfile::tempdir().unwrap();
+        let (source, id) = source_node(a.path());
+        // The process dies mid-export: nothing it would do on the way out runs.
+        std::mem::forget(export_of(&source, &id));
+        assert_eq!(fs::read_dir(a.path().join("exports")).unwrap().count(), 1);
+        assert_eq!(fs::read_dir(a.path().join("snapshots")).unwrap().count(), 1);
+        drop(source);
+        let restarted = test_driver(a.path());
+        assert_eq!(fs::read_dir(a.path().join("exports")).unwrap().count(), 0);
+        assert_eq!(fs::read_dir(a.path().join("snapshots")).unwrap().count(), 0);
+        assert!(restarted.volume(&key_of(&id)).is_ok(), "the source itself is untouched");
+    }
+
+    #[test]
+    fn a_copy_needs_room_for_the_sources_capacity() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (source, id) = source_node(a.path());
+        let target = test_driver(b.path());
+        let key = Key::for_name(Kind::Volume, "huge");
+        let mut copy = incoming(export_of(&source, &id));
+        copy.capacity_bytes = 1 << 60;
+        let request = loop_request("huge", 8, Some(ContentSource::Volume(id.clone())));
+        let err = target.create_volume_from(key, request, copy).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err}");
+        assert!(leftovers(b.path()).is_empty());
+    }
+}

@@ -1,0 +1,273 @@
+//! Loam's Copies service on the agent endpoint: making a volume from another
+//! node's volume or snapshot ([`CopiesService::create_volume_from`], called by
+//! the controller on the new volume's node) and streaming one out
+//! ([`CopiesService::export`], called by that node's agent on the source's).
+//!
+//! The wire frames are mapped here to the pieces the driver reads and writes
+//! ([`crate::driver::transfer`]); the data goes node to node, never through the
+//! controller.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::api::copies_server::Copies;
+use crate::api::export_frame::Frame as Wire;
+use crate::api::export_header::Content;
+use crate::api::export_request::Source as WireSource;
+use crate::api::{self, CreateVolumeFromRequest, ExportFrame, ExportHeader, ExportRequest};
+use crate::csi;
+use crate::driver::transfer::{Carried, Frame, Piece};
+use crate::driver::{Driver, Export, Incoming};
+use crate::error::{Error, Result};
+use crate::ids::{Kind, ObjectId};
+use crate::records::ContentSource;
+use crate::routing::peer::Peers;
+use crate::rpc::controller::{new_volume, volume_message};
+use crate::rpc::{blocking, claimed, traced, validate};
+
+/// Frames buffered between the network and the disk on either side: bounds
+/// memory per copy to a few MiB.
+const FRAMES_IN_FLIGHT: usize = 4;
+
+/// How this node's agent copies to and from others.
+#[derive(Debug, Clone, Default)]
+pub struct CopySettings {
+    /// Most bytes per second one export sends; `None`: as fast as it goes.
+    pub bandwidth: Option<u64>,
+}
+
+/// The Copies service of one node agent.
+#[derive(Debug, Clone)]
+pub struct CopiesService {
+    driver: Arc<Driver>,
+    peers: Peers,
+    settings: CopySettings,
+}
+
+impl CopiesService {
+    /// Serves `driver`'s copies, reaching other agents through `peers`.
+    pub fn new(driver: Arc<Driver>, peers: Peers, settings: CopySettings) -> Self {
+        CopiesService { driver, peers, settings }
+    }
+}
+
+#[tonic::async_trait]
+impl Copies for CopiesService {
+    async fn create_volume_from(
+        &self,
+        request: Request<CreateVolumeFromRequest>,
+    ) -> Result<Response<csi::CreateVolumeResponse>, Status> {
+        let CreateVolumeFromRequest { request, source_address } = request.into_inner();
+        let request = request.unwrap_or_default();
+        let (driver, peers) = (self.driver.clone(), self.peers.clone());
+        traced("CreateVolumeFrom", &request.name.clone(), async move {
+            let new = new_volume(request)?;
+            let Some(source) = new.source.clone() else {
+                return Err(Error::InvalidArgument("CreateVolumeFrom needs a content source".into()));
+            };
+            let source_id = match &source {
+                ContentSource::Volume(id) | ContentSource::Snapshot(id) => id.clone(),
+            };
+            let Some(from) = ObjectId::parse(&source_id) else {
+                return Err(Error::NotFound(format!("source {source_id} does not exist (not an id Loam made)")));
+            };
+            let key = driver.key_for(Kind::Volume, &new.name);
+            if from.node == driver.config().node_id {
+                // The source is here after all: a local copy, as CreateVolume.
+                let claim = driver.claim_create(key, new.source.as_ref())?;
+                let record = claimed(claim, &driver, move |d| d.create_volume(key, new)).await?;
+                return Ok(csi::CreateVolumeResponse { volume: Some(volume_message(&record, &driver)) });
+            }
+            let addr: SocketAddr = source_address.parse().map_err(|_| {
+                Error::InvalidArgument(format!(
+                    "source address {} is not an IP address and port",
+                    crate::error::quote(&source_address)
+                ))
+            })?;
+            let claim = driver.claim(Kind::Volume, key).map_err(|busy| match driver.copy_progress(&key) {
+                Some(progress) => {
+                    Error::Aborted(format!("volume {} is {}; retry later", new.name, progress.describe()))
+                }
+                None => busy,
+            })?;
+            if let Some(record) = driver.existing_volume(&key, &new)? {
+                return Ok(csi::CreateVolumeResponse { volume: Some(volume_message(&record, &driver)) });
+            }
+            driver.check_room(&new)?;
+            let target = ObjectId { key, node: driver.config().node_id.clone() }.to_string();
+            let wire_source = match source {
+                ContentSource::Volume(id) => WireSource::VolumeId(id),
+                ContentSource::Snapshot(id) => WireSource::SnapshotId(id),
+            };
+            let ask = ExportRequest { source: Some(wire_source), target_volume_id: target };
+            let mut stream = peers.export(&from.node, addr, ask).await?;
+            let header = match stream.message().await {
+                Ok(Some(ExportFrame { frame: Some(Wire::Header(header)) })) => header,
+                Ok(_) => return Err(malformed(&from.node, "it did not start with a header")),
+                Err(status) => return Err(cut_short(&from.node, &status)),
+            };
+            let carried = match header.content() {
+                Content::Image => Carried::Image,
+                other => return Err(malformed(&from.node, &format!("it carries {other:?}, unknown here"))),
+            };
+            let incoming = Incoming {
+                from_node: from.node.clone(),
+                carried,
+                capacity_bytes: header.capacity_bytes,
+                data_bytes: header.data_bytes,
+                pieces: receive_pieces(stream, from.node),
+            };
+            let record = claimed(claim, &driver, move |d| d.create_volume_from(key, new, incoming)).await?;
+            Ok(csi::CreateVolumeResponse { volume: Some(volume_message(&record, &driver)) })
+        })
+        .await
+    }
+
+    type ExportStream = ReceiverStream<std::result::Result<ExportFrame, Status>>;
+
+    async fn export(&self, request: Request<ExportRequest>) -> Result<Response<Self::ExportStream>, Status> {
+        let ExportRequest { source, target_volume_id } = request.into_inner();
+        let (driver, bandwidth) = (self.driver.clone(), self.settings.bandwidth);
+        let id = match &source {
+            Some(WireSource::VolumeId(id) | WireSource::SnapshotId(id)) => id.clone(),
+            None => String::new(),
+        };
+        traced("Export", &id.clone(), async move {
+            let source = match source {
+                Some(WireSource::VolumeId(id)) => ContentSource::Volume(id),
+                Some(WireSource::SnapshotId(id)) => ContentSource::Snapshot(id),
+                None => return Err(Error::InvalidArgument("Export needs a volume or snapshot id".into())),
+            };
+            let claim = match &source {
+                ContentSource::Volume(id) => {
+                    validate::required_id("volume id", id)?;
+                    driver.claim(Kind::Volume, driver.volume_key(id)?)?
+                }
+                ContentSource::Snapshot(id) => {
+                    validate::required_id("snapshot id", id)?;
+                    driver.claim(Kind::Snapshot, driver.snapshot_key(id)?)?
+                }
+            };
+            let exporting = driver.clone();
+            let export = blocking(move || exporting.export(&source, claim)).await?;
+            let (tx, rx) = mpsc::channel(FRAMES_IN_FLIGHT);
+            let header = ExportHeader {
+                content: match export.sender.carried() {
+                    Carried::Image => Content::Image,
+                } as i32,
+                capacity_bytes: export.capacity_bytes,
+                data_bytes: export.sender.data_bytes(),
+            };
+            tx.send(Ok(ExportFrame { frame: Some(Wire::Header(header)) }))
+                .await
+                .map_err(|_| Error::Aborted("the receiving agent went away".into()))?;
+            let span = tracing::info_span!("export", source = %id, target = %target_volume_id);
+            tokio::task::spawn_blocking(move || span.in_scope(|| send_pieces(export, &tx, bandwidth)));
+            Ok(ReceiverStream::new(rx))
+        })
+        .await
+    }
+}
+
+/// Sends every piece of `export` into `tx` (from a blocking thread), at most
+/// `bandwidth` bytes per second; stops when the receiver goes away. The
+/// export's cut and claim go with it when this returns.
+fn send_pieces(
+    mut export: Export,
+    tx: &mpsc::Sender<std::result::Result<ExportFrame, Status>>,
+    bandwidth: Option<u64>,
+) {
+    let started = Instant::now();
+    let mut sent = 0u64;
+    for piece in &mut export.sender {
+        let frame = match piece {
+            Ok(piece) => piece,
+            Err(e) => {
+                tracing::warn!("reading the source failed: {e}; the copy is cut short and the receiver retries");
+                let status = Error::io("reading the source of a copy", e);
+                let _ = tx.blocking_send(Err(status.into()));
+                return;
+            }
+        };
+        let bytes = frame.data_len();
+        if tx.blocking_send(Ok(to_wire(frame))).is_err() {
+            tracing::warn!(sent, "the receiving agent went away; the copy is cut short");
+            return;
+        }
+        sent += bytes;
+        crate::metrics::global().copied("sent", bytes);
+        if let Some(limit) = bandwidth.filter(|l| *l > 0) {
+            let due = Duration::from_secs_f64(sent as f64 / limit as f64);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
+    }
+    tracing::info!(sent, elapsed = ?started.elapsed(), "export sent");
+}
+
+/// The pieces of an export stream, read on the driver's blocking thread;
+/// the stream is read by a task of its own, a few frames ahead.
+fn receive_pieces(
+    mut stream: tonic::Streaming<ExportFrame>,
+    node: String,
+) -> Box<dyn Iterator<Item = Result<Piece>> + Send> {
+    let (tx, mut rx) = mpsc::channel(FRAMES_IN_FLIGHT);
+    tokio::spawn(async move {
+        loop {
+            let piece = match stream.message().await {
+                Ok(Some(frame)) => from_wire(frame).map_err(|what| malformed(&node, &what)),
+                // The end of the stream: the driver decides whether it was whole.
+                Ok(None) => return,
+                Err(status) => Err(cut_short(&node, &status)),
+            };
+            let failed = piece.is_err();
+            // The driver stopped reading (it failed): dropping the stream
+            // tells the source to stop.
+            if tx.send(piece).await.is_err() || failed {
+                return;
+            }
+        }
+    });
+    Box::new(std::iter::from_fn(move || rx.blocking_recv()))
+}
+
+fn to_wire(piece: Piece) -> ExportFrame {
+    let frame = match piece {
+        Piece::Image(Frame::Data { offset, bytes }) => Wire::ImageData(api::ImageData { offset, data: bytes }),
+        Piece::Image(Frame::End { size, digest }) => Wire::ImageEnd(api::ImageEnd { size, digest: digest.to_vec() }),
+    };
+    ExportFrame { frame: Some(frame) }
+}
+
+fn from_wire(frame: ExportFrame) -> std::result::Result<Piece, String> {
+    match frame.frame {
+        Some(Wire::ImageData(api::ImageData { offset, data })) => Ok(Piece::Image(Frame::Data { offset, bytes: data })),
+        Some(Wire::ImageEnd(api::ImageEnd { size, digest })) => {
+            let digest = digest.try_into().map_err(|_| "an image digest that is not 32 bytes".to_owned())?;
+            Ok(Piece::Image(Frame::End { size, digest }))
+        }
+        Some(Wire::Header(_)) => Err("a second header".into()),
+        Some(other) => Err(format!("a frame this version does not know here: {other:?}")),
+        None => Err("an empty frame".into()),
+    }
+}
+
+fn malformed(node: &str, what: &str) -> Error {
+    Error::Aborted(format!(
+        "the copy from node {node} was refused: {what}; nothing was kept; if this repeats, the two nodes run Loam \
+         versions that do not agree"
+    ))
+}
+
+fn cut_short(node: &str, status: &Status) -> Error {
+    Error::Aborted(format!(
+        "the copy from node {node} was cut short: {}; nothing was kept, and the retry starts it again",
+        status.message()
+    ))
+}
