@@ -15,6 +15,7 @@ use loam::config::{Config, Mode, QuotaMode};
 use loam::driver::{Driver, NodeMetrics};
 use loam::kernel::HostKernel;
 use loam::routing::agents::{Agents, Timeouts};
+use loam::routing::cluster::{GoneNodes, KubernetesNodes};
 use loam::routing::discovery::Resolver;
 use loam::server::limits::{Admitted, Limits, raise_nofile_limit};
 use loam::server::{CopySettings, Services};
@@ -100,6 +101,11 @@ struct ServeArgs {
     /// Controller mode: seconds one forwarded call may take.
     #[arg(long, env = "LOAM_AGENT_TIMEOUT", default_value_t = 60)]
     agent_timeout: u64,
+    /// Controller mode: seconds a node's Node object must have been gone from
+    /// the cluster before deleting or detaching its volumes and snapshots
+    /// succeeds without its agent (they went with the node).
+    #[arg(long, env = "LOAM_GONE_NODE_GRACE", default_value_t = 300)]
+    gone_node_grace: u64,
     /// Log format.
     #[arg(long, env = "LOAM_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -231,7 +237,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             };
             tracing::info!(?targets, "routing to agents");
             let agents = Agents::new(args.driver_name.clone(), Arc::new(Resolver::new(targets)), &token, tls, timeouts);
-            let services = Services::Controller { driver_name: args.driver_name.clone(), agents: Arc::new(agents) };
+            let gone_nodes = match KubernetesNodes::in_cluster() {
+                Ok(api) => Some(Arc::new(GoneNodes::new(Arc::new(api), Duration::from_secs(args.gone_node_grace)))),
+                Err(reason) => {
+                    tracing::info!(%reason, "not in a Kubernetes pod: volumes of unreachable nodes are never given up");
+                    None
+                }
+            };
+            let agents = Arc::new(agents);
+            let services = Services::Controller { driver_name: args.driver_name.clone(), agents, gone_nodes };
             serve_socket(&socket, services, args.mode, until_stopped()).await
         }
     };

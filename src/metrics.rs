@@ -151,7 +151,7 @@ impl Metrics {
         // Served at 0 from the start, so a rate over them is defined before
         // the first copy.
         for direction in ["sent", "received"] {
-            copy_bytes.get_or_create(&CopyLabels { direction });
+            drop(copy_bytes.get_or_create(&CopyLabels { direction }));
         }
         registry.register_with_unit(
             "copy",

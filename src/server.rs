@@ -28,6 +28,7 @@ use crate::csi::identity_server::IdentityServer;
 use crate::csi::node_server::NodeServer;
 use crate::driver::{Driver, PROMISES_REFRESH};
 use crate::routing::agents::Agents;
+use crate::routing::cluster::GoneNodes;
 use crate::routing::peer::Peers;
 use crate::rpc::controller::ControllerService;
 use crate::rpc::copies::CopiesService;
@@ -98,6 +99,9 @@ pub enum Services {
         driver_name: String,
         /// The node agents requests are routed to.
         agents: Arc<Agents>,
+        /// How the controller learns that an unreachable node is gone for
+        /// good; `None` outside a cluster.
+        gone_nodes: Option<Arc<GoneNodes>>,
     },
 }
 
@@ -123,10 +127,13 @@ pub async fn run(
         Services::Node(driver) => Server::builder()
             .add_service(IdentityServer::new(IdentityService::new(driver.clone())))
             .add_service(NodeServer::new(NodeService::new(driver))),
-        Services::Controller { driver_name, agents } => Server::builder()
-            .add_service(IdentityServer::new(IdentityService::router(driver_name)))
-            .add_service(ControllerServer::new(RoutedController::new(agents.clone())))
-            .add_service(GroupControllerServer::new(RoutedController::new(agents))),
+        Services::Controller { driver_name, agents, gone_nodes } => {
+            let routed = RoutedController::new(agents, gone_nodes);
+            Server::builder()
+                .add_service(IdentityServer::new(IdentityService::router(driver_name)))
+                .add_service(ControllerServer::new(routed.clone()))
+                .add_service(GroupControllerServer::new(routed))
+        }
     };
     let served = server.serve_with_incoming_shutdown(incoming, shutdown).await;
     if let Some(refresher) = refresher {

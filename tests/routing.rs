@@ -20,6 +20,7 @@ use loam::csi::node_client::NodeClient;
 use loam::driver::Driver;
 use loam::kernel::FakeKernel;
 use loam::routing::agents::{Agents, Timeouts};
+use loam::routing::cluster::{GoneNodes, NodeRegistry};
 use loam::routing::discovery::Discovery;
 use loam::server::limits::{Admitted, Limits};
 use loam::server::{CopySettings, Services};
@@ -47,6 +48,24 @@ impl Discovery for Addresses {
     fn addresses(&self) -> Pin<Box<dyn Future<Output = Vec<SocketAddr>> + Send + '_>> {
         let addrs = self.0.lock().unwrap().clone();
         Box::pin(async move { addrs })
+    }
+}
+
+/// Which nodes the cluster still has, as the test says: all of them unless
+/// told otherwise.
+#[derive(Debug, Default)]
+struct Nodes(Mutex<BTreeSet<String>>);
+
+impl Nodes {
+    fn delete(&self, node: &str) {
+        self.0.lock().unwrap().insert(node.to_owned());
+    }
+}
+
+impl NodeRegistry for Nodes {
+    fn exists<'a>(&'a self, node: &'a str) -> Pin<Box<dyn Future<Output = Option<bool>> + Send + 'a>> {
+        let deleted = self.0.lock().unwrap().contains(node);
+        Box::pin(async move { Some(!deleted) })
     }
 }
 
@@ -145,6 +164,7 @@ impl Drop for Agent {
 struct Split {
     agents: Vec<Agent>,
     addresses: Arc<Addresses>,
+    nodes: Arc<Nodes>,
     controller: ControllerClient<Channel>,
     group: GroupControllerClient<Channel>,
     identity: IdentityClient<Channel>,
@@ -173,7 +193,10 @@ impl Split {
             refresh: Duration::from_secs(30),
         };
         let routed = controller_agents(addresses.clone(), TOKEN, timeouts);
-        let services = Services::Controller { driver_name: "loam.csi.dev".into(), agents: Arc::new(routed) };
+        let nodes = Arc::new(Nodes::default());
+        let gone_nodes = Some(Arc::new(GoneNodes::new(nodes.clone(), Duration::ZERO)));
+        let services =
+            Services::Controller { driver_name: "loam.csi.dev".into(), agents: Arc::new(routed), gone_nodes };
         let listener = loam::server::bind(&socket).expect("bind");
         let (tx, rx) = oneshot::channel();
         let task = tokio::spawn(async move {
@@ -187,6 +210,7 @@ impl Split {
         Split {
             agents,
             addresses,
+            nodes,
             controller: ControllerClient::new(channel.clone()),
             group: GroupControllerClient::new(channel.clone()),
             identity: IdentityClient::new(channel),
@@ -679,4 +703,60 @@ async fn a_copy_into_another_backend_is_refused_before_anything_is_sent() {
     let err = s.controller.create_volume(into_dir).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     assert!(err.message().contains("loop volume's image"), "{}", err.message());
+}
+
+#[tokio::test]
+async fn what_was_on_a_node_gone_from_the_cluster_can_be_deleted_and_detached() {
+    let mut s = Split::start().await;
+    let volume = s.create_on("pvc-stranded", "node-b").await.unwrap().volume_id;
+    let publish = csi::ControllerPublishVolumeRequest {
+        volume_id: volume.clone(),
+        node_id: "node-b".into(),
+        volume_capability: Some(mount_capability(common::Access::Writer)),
+        ..Default::default()
+    };
+    s.controller.controller_publish_volume(publish).await.unwrap();
+    let snapshot = s
+        .controller
+        .create_snapshot(csi::CreateSnapshotRequest {
+            source_volume_id: volume.clone(),
+            name: "snap-stranded".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap()
+        .snapshot_id;
+    let unpublish = csi::ControllerUnpublishVolumeRequest {
+        volume_id: volume.clone(),
+        node_id: "node-b".into(),
+        ..Default::default()
+    };
+    let delete = csi::DeleteVolumeRequest { volume_id: volume.clone(), ..Default::default() };
+    let delete_snapshot = csi::DeleteSnapshotRequest { snapshot_id: snapshot.clone(), ..Default::default() };
+
+    // The machine is off, but the cluster still has the node: nothing is given up.
+    s.agents[1].stop().await;
+    let err = s.controller.delete_volume(delete.clone()).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable);
+    assert!(err.message().contains("node-b"), "{}", err.message());
+    let err = s.controller.controller_unpublish_volume(unpublish.clone()).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable);
+
+    // `kubectl delete node node-b`: its volumes and snapshots went with it.
+    s.nodes.delete("node-b");
+    s.controller.controller_unpublish_volume(unpublish).await.unwrap();
+    s.controller.delete_snapshot(delete_snapshot).await.unwrap();
+    s.controller.delete_volume(delete).await.unwrap();
+    // Calls that need the volume itself still say it cannot be reached.
+    let err = s
+        .controller
+        .controller_get_volume(csi::ControllerGetVolumeRequest { volume_id: volume.clone() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable);
+    // The other node is served as before.
+    s.create_on("pvc-alive", "node-a").await.unwrap();
 }

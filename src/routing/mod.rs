@@ -8,6 +8,7 @@
 //! Nothing here is persisted: a restarted controller rediscovers the agents.
 
 pub mod agents;
+pub mod cluster;
 pub mod discovery;
 pub mod listing;
 pub mod peer;

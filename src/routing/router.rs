@@ -29,21 +29,55 @@ use crate::csi;
 use crate::error::{Error, Result};
 use crate::ids::{Kind, ObjectId};
 use crate::routing::agents::{AgentClient, AgentGroupClient, Agents};
+use crate::routing::cluster::{GoneNodes, Verdict};
 use crate::routing::listing::{self, Cursor, Page};
 use crate::routing::placement::Owner;
 use crate::routing::placement::{CopyPlacement, copy_placement, requested_nodes};
+
+/// Calls that succeed for an object whose node is gone for good
+/// ([`crate::routing::cluster`]): its volumes and snapshots went with it,
+/// and nothing is attached to a node that no longer exists.
+const GONE_WITH_THE_NODE: &[&str] =
+    &["DeleteVolume", "ControllerUnpublishVolume", "DeleteSnapshot", "DeleteVolumeGroupSnapshot"];
 
 /// Finds the agent that answers each Controller and GroupController request
 /// and passes the request on.
 #[derive(Debug, Clone)]
 pub struct Router {
     agents: Arc<Agents>,
+    gone_nodes: Option<Arc<GoneNodes>>,
 }
 
 impl Router {
-    /// Routes requests to `agents`.
-    pub fn new(agents: Arc<Agents>) -> Self {
-        Router { agents }
+    /// Routes requests to `agents`; `gone_nodes` judges unreachable nodes.
+    pub fn new(agents: Arc<Agents>, gone_nodes: Option<Arc<GoneNodes>>) -> Self {
+        Router { agents, gone_nodes }
+    }
+
+    /// What an unreachable `node` means for `method`: success when the node
+    /// is gone for good and the call only takes away what was on it; the
+    /// agent's unavailability otherwise, with how long until that changes.
+    async fn unreachable<T: Default>(&self, node: &str, method: &str, unavailable: Error) -> Result<T> {
+        let Some(gone_nodes) = self.gone_nodes.as_ref().filter(|_| GONE_WITH_THE_NODE.contains(&method)) else {
+            return Err(unavailable);
+        };
+        match gone_nodes.verdict(node).await {
+            Verdict::Gone(missing) => {
+                tracing::warn!(
+                    %node,
+                    method,
+                    missing_for = ?missing,
+                    "node is no longer in the cluster: what was on it is gone with it; answering success"
+                );
+                Ok(T::default())
+            }
+            Verdict::Missing { left } => Err(Error::Unavailable(format!(
+                "{unavailable}; node {node} is no longer in the cluster, so in {}s this call succeeds (its data \
+                 went with the node), unless it comes back",
+                left.as_secs()
+            ))),
+            Verdict::Known => Err(unavailable),
+        }
     }
 
     /// The node that answers for `owner`: the owner, or the first agent.
@@ -58,22 +92,30 @@ impl Router {
     pub async fn to_owner<R, T, F, Fut>(&self, owner: Owner, method: &'static str, req: R, call: F) -> Result<T>
     where
         R: Clone + Send,
+        T: Default,
         F: Fn(AgentClient, R) -> Fut + Send + Sync,
         Fut: Future<Output = std::result::Result<Response<T>, Status>> + Send,
     {
         let node = self.node_of(owner).await?;
-        self.agents.call(&node, method, req, call).await
+        match self.agents.call(&node, method, req, call).await {
+            Err(e) if e.code() == Code::Unavailable => self.unreachable(&node, method, e).await,
+            answer => answer,
+        }
     }
 
     /// Passes a group snapshot request on to the agent of `owner`.
     pub async fn group_to_owner<R, T, F, Fut>(&self, owner: Owner, method: &'static str, req: R, call: F) -> Result<T>
     where
         R: Clone + Send,
+        T: Default,
         F: Fn(AgentGroupClient, R) -> Fut + Send + Sync,
         Fut: Future<Output = std::result::Result<Response<T>, Status>> + Send,
     {
         let node = self.node_of(owner).await?;
-        self.agents.call_group(&node, method, req, call).await
+        match self.agents.call_group(&node, method, req, call).await {
+            Err(e) if e.code() == Code::Unavailable => self.unreachable(&node, method, e).await,
+            answer => answer,
+        }
     }
 
     /// Runs `call` on every node in `nodes` at once; results in node order.

@@ -14,6 +14,7 @@ use tonic::{Request, Response, Status};
 
 use crate::csi::{self, controller_server::Controller, group_controller_server::GroupController};
 use crate::routing::agents::{AgentClient, AgentGroupClient, Agents};
+use crate::routing::cluster::GoneNodes;
 use crate::routing::placement::{Owner, group_owner};
 use crate::routing::router::Router;
 use crate::rpc::controller::capabilities;
@@ -26,9 +27,10 @@ pub struct RoutedController {
 }
 
 impl RoutedController {
-    /// Routes requests to `agents`.
-    pub fn new(agents: Arc<Agents>) -> Self {
-        RoutedController { router: Router::new(agents) }
+    /// Routes requests to `agents`; `gone_nodes` says when a node that
+    /// cannot be reached is gone for good.
+    pub fn new(agents: Arc<Agents>, gone_nodes: Option<Arc<GoneNodes>>) -> Self {
+        RoutedController { router: Router::new(agents, gone_nodes) }
     }
 }
 
