@@ -455,6 +455,39 @@ fn the_receiver_writes_only_into_an_empty_directory() {
     TreeReceiver::new(&dir.path().join("link")).expect_err("a symlink is not followed");
 }
 
+/// Unmounts on drop, so a failing test leaves no mount behind.
+struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+#[test]
+#[ignore = "needs root: a tmpfs mounted inside the tree, in the test thread's own mount namespace"]
+fn a_mount_point_inside_the_tree_is_refused() {
+    use nix::mount::{MsFlags, mount};
+    assert!(is_root(), "run as root with --include-ignored");
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    fs::create_dir_all(src.join("mnt")).unwrap();
+    let err = std::thread::spawn(move || {
+        // A private mount namespace of this thread alone: the mount never
+        // reaches another namespace, and goes away with the thread.
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).unwrap();
+        mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>).unwrap();
+        mount(Some("tmpfs"), &src.join("mnt"), Some("tmpfs"), MsFlags::empty(), Some("size=1m")).unwrap();
+        let _unmount = Unmount(src.join("mnt"));
+        TreeSender::open(&src).unwrap().find_map(Result::err)
+    })
+    .join()
+    .unwrap()
+    .expect("the walk fails at the mount point");
+    assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
+    assert!(err.to_string().contains("mount point inside the volume"), "{err}");
+}
+
 // ---------------------------------------------------------------------------
 // Hostile streams.
 
