@@ -59,10 +59,18 @@
 //!
 //! Metadata goes on in this order, because each step can undo the one
 //! before: owner (chown clears setuid/setgid and file capabilities),
-//! extended attributes (an ACL is kept in step with the mode), mode, times
-//! (every other step changes the ctime only). A directory's mode and times
-//! are applied once its descendants are in (they change its mtime, and a
-//! read-only mode would refuse them).
+//! extended attributes (an ACL is kept in step with the mode; any attribute
+//! not sent, such as an ACL inherited from a default ACL, is removed), mode,
+//! times (every other step changes the ctime only). A regular file's
+//! metadata goes on after its data (writing clears setuid and
+//! capabilities); a directory's owner and attributes when it is created,
+//! its mode and times once its descendants are in (they change its mtime,
+//! and a read-only mode would refuse them).
+//!
+//! The checks are strict by design: a receiving filesystem that cannot
+//! hold what was sent (timestamps without nanoseconds, no extended
+//! attributes, a security module adding its own label) fails the copy
+//! rather than altering it silently.
 //!
 //! Memory stays bounded by the frame size per frame; each open directory
 //! (one per level of depth) holds a descriptor on either side, the sender
@@ -316,7 +324,8 @@ fn hash_end(digest: &mut Sha256, counts: &Received) {
 
 /// An object whose metadata is read or written: through its own descriptor
 /// (files and directories), or by name in an open directory (symlinks,
-/// fifos and devices, which cannot be opened for that).
+/// fifos and devices, which cannot be opened for that; their extended
+/// attributes are reached through `/proc/self/fd`).
 #[derive(Clone, Copy)]
 enum Node<'a> {
     Fd(BorrowedFd<'a>),
@@ -600,12 +609,10 @@ impl TreeSender {
         }
         loop {
             if let Some(file) = &mut self.file {
-                if let Some(frame) = file.next_data(&self.root)? {
-                    if let TreeFrame::Data { offset, bytes } = &frame {
-                        hash_data(&mut self.digest, *offset, bytes);
-                        self.counts.data_bytes += bytes.len() as u64;
-                    }
-                    return Ok(Some(frame));
+                if let Some((offset, bytes)) = file.next_data(&self.root)? {
+                    hash_data(&mut self.digest, offset, &bytes);
+                    self.counts.data_bytes += bytes.len() as u64;
+                    return Ok(Some(TreeFrame::Data { offset, bytes }));
                 }
                 hash_meta(&mut self.digest, &file.meta_hash);
                 self.file = None;
@@ -737,7 +744,8 @@ impl Iterator for TreeSender {
 }
 
 impl SendingFile {
-    fn next_data(&mut self, root: &Path) -> io::Result<Option<TreeFrame>> {
+    /// The next piece of data, at most [`MAX_FRAME_BYTES`], and its offset.
+    fn next_data(&mut self, root: &Path) -> io::Result<Option<(u64, Vec<u8>)>> {
         while self.current.is_empty() {
             match self.ranges.next() {
                 Some(range) => self.current = range,
@@ -752,7 +760,7 @@ impl SendingFile {
             context(e, "read (did it change during the copy?)", &full)
         })?;
         self.current.start += len;
-        Ok(Some(TreeFrame::Data { offset, bytes }))
+        Ok(Some((offset, bytes)))
     }
 }
 
@@ -865,7 +873,7 @@ impl TreeReceiver {
     /// After an error the stream is over: every later frame is refused.
     pub fn apply(&mut self, frame: TreeFrame) -> Result<Option<Received>, ReceiveError> {
         let result = match self.phase {
-            Phase::Start => self.start(frame).map(|()| None),
+            Phase::Start => self.start(frame).map(|()| None).map_err(|e| locate(e, &self.root, b"")),
             Phase::Receiving => self.receive(frame),
             Phase::Ended => Err(malformed("a frame after the end")),
             Phase::Failed => Err(malformed("a frame after the stream failed")),
@@ -898,16 +906,17 @@ impl TreeReceiver {
             TreeFrame::Data { offset, bytes } => self.data(offset, &bytes).map(|()| None),
             TreeFrame::Entry { path, kind, meta } => {
                 self.finish_file()?;
-                self.entry(path, kind, meta).map(|()| None)
+                let at = path.clone();
+                self.entry(path, kind, meta).map(|()| None).map_err(|e| locate(e, &self.root, &at))
             }
             TreeFrame::Link { path, target } => {
                 self.finish_file()?;
-                self.link(&path, &target).map(|()| None)
+                self.link(&path, &target).map(|()| None).map_err(|e| locate(e, &self.root, &path))
             }
             TreeFrame::End { entries, files, data_bytes, digest } => {
                 self.finish_file()?;
                 while let Some(dir) = self.open.pop() {
-                    self.check.close_dir(&dir)?;
+                    self.check.close_dir(&dir).map_err(|e| locate(e, &self.root, &dir.path))?;
                 }
                 let sent = Received { entries, files, data_bytes };
                 let counts = self.check.counts;
@@ -964,10 +973,9 @@ impl TreeReceiver {
         let Some(dir) = self.open.last().map(|dir| dir.fd.as_fd()) else {
             return Err(malformed("an entry after the root was closed"));
         };
-        let root = &self.root;
         let exists = |e: rustix::io::Errno| match e {
             rustix::io::Errno::EXIST => malformed(format!("{} is sent twice, or exists", shown(&path))),
-            e => ReceiveError::Io(context(e, "create", &root.join(OsStr::from_bytes(&path)))),
+            e => ReceiveError::from(e),
         };
         // Private until its own mode goes on.
         let private = Mode::from_raw_mode(0o700);
@@ -1037,7 +1045,7 @@ impl TreeReceiver {
         rustix::fs::linkat(&target_dir, OsStr::from_bytes(target_name), dir, name, AtFlags::empty()).map_err(|e| {
             match e {
                 rustix::io::Errno::EXIST => malformed(format!("{} is sent twice, or exists", shown(path))),
-                e => ReceiveError::Io(context(e, "link", &self.root.join(OsStr::from_bytes(path)))),
+                e => ReceiveError::from(e),
             }
         })?;
         let linked = Node::At(dir, name).statx()?;
@@ -1082,7 +1090,7 @@ impl TreeReceiver {
     /// left those for good.
     fn enter(&mut self, parent: &[u8]) -> Result<(), ReceiveError> {
         while let Some(dir) = self.open.pop_if(|dir| !contains(&dir.path, parent)) {
-            self.check.close_dir(&dir)?;
+            self.check.close_dir(&dir).map_err(|e| locate(e, &self.root, &dir.path))?;
         }
         match self.open.last() {
             Some(dir) if dir.path == parent => Ok(()),
@@ -1096,7 +1104,7 @@ impl TreeReceiver {
     /// Completes the current file, if any.
     fn finish_file(&mut self) -> Result<(), ReceiveError> {
         match self.file.take() {
-            Some(file) => self.check.file(&file),
+            Some(file) => self.check.file(&file).map_err(|e| locate(e, &self.root, &file.path)),
             None => Ok(()),
         }
     }
@@ -1153,6 +1161,14 @@ impl ReadBack {
         rustix::fs::futimens(&dir.fd, &dir.times)?;
         hash_meta(&mut self.digest, &meta_hash(&Node::Fd(dir.fd.as_fd()).meta()?));
         Ok(())
+    }
+}
+
+/// Names the object an I/O error is about, for the operator.
+fn locate(err: ReceiveError, root: &Path, path: &[u8]) -> ReceiveError {
+    match err {
+        ReceiveError::Io(e) => ReceiveError::Io(context(e, "at", &root.join(OsStr::from_bytes(path)))),
+        other => other,
     }
 }
 

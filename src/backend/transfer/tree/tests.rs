@@ -644,3 +644,23 @@ fn a_failed_stream_takes_nothing_more() {
     assert!(matches!(receiver.apply(file_entry("fine", 0)), Err(ReceiveError::Malformed(_))));
     assert!(!dir.path().join("fine").exists());
 }
+
+#[test]
+fn a_write_the_kernel_refuses_names_the_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    // The kernel keeps no user xattrs on symlinks, whoever asks.
+    let mut on_a_symlink = meta(0o777);
+    on_a_symlink.xattrs = vec![("user.note".into(), b"1".to_vec())];
+    let frames = vec![
+        root(),
+        dir_entry("d"),
+        TreeFrame::Entry {
+            path: b"d/link".to_vec(),
+            kind: EntryKind::Symlink { target: b"elsewhere".to_vec() },
+            meta: on_a_symlink,
+        },
+    ];
+    let err = receive(frames, dir.path()).unwrap_err();
+    assert!(matches!(err, ReceiveError::Io(_)), "{err}");
+    assert!(err.to_string().contains(&format!("{}/d/link", dir.path().display())), "{err}");
+}
