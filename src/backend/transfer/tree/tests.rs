@@ -529,8 +529,9 @@ fn data(offset: u64, len: usize) -> TreeFrame {
     TreeFrame::Data { offset, bytes: vec![b'x'; len] }
 }
 
-/// What is under `dir`, names and contents, to see nothing changed there.
-fn listing(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+/// What is under `dir`, names, contents and link counts, to see nothing
+/// changed there (a hard link from elsewhere raises a count).
+fn listing(dir: &Path) -> Vec<(PathBuf, Vec<u8>, u64)> {
     let mut found = Vec::new();
     let mut work = vec![dir.to_path_buf()];
     while let Some(at) = work.pop() {
@@ -541,7 +542,7 @@ fn listing(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
                 work.push(path.clone());
             }
             let content = if meta.is_file() { fs::read(&path).unwrap() } else { Vec::new() };
-            found.push((path, content));
+            found.push((path, content, meta.nlink()));
         }
     }
     found.sort();
@@ -611,7 +612,7 @@ fn hostile_streams_are_refused_and_write_nothing_outside_the_root() {
         fs::create_dir(&target).unwrap();
         let err = receive(frames, &target).expect_err(what);
         assert!(matches!(err, ReceiveError::Malformed(_)), "{what}: {err}");
-        assert_eq!(listing(&canary), vec![(canary.join("secret"), b"untouched".to_vec())], "{what}");
+        assert_eq!(listing(&canary), vec![(canary.join("secret"), b"untouched".to_vec(), 1)], "{what}");
         let names: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert!(names.iter().all(|n| n == "canary" || n.to_string_lossy().starts_with("dst-")), "{what}: {names:?}");
     }
@@ -663,4 +664,95 @@ fn a_write_the_kernel_refuses_names_the_entry() {
     let err = receive(frames, dir.path()).unwrap_err();
     assert!(matches!(err, ReceiveError::Io(_)), "{err}");
     assert!(err.to_string().contains(&format!("{}/d/link", dir.path().display())), "{err}");
+}
+
+/// One frame of a forged stream, over a few names that collide, climb out,
+/// pass under a file or through a symlink to the canary (`ABS` is a path
+/// in the canary, absolute).
+#[derive(Debug, Clone)]
+enum Forged {
+    Dir(&'static str),
+    File(&'static str, u64),
+    ToCanary(&'static str),
+    Fifo(&'static str),
+    Link(&'static str, &'static str),
+    Data(u64, usize),
+    End(u64),
+}
+
+/// Mostly frames a receiver takes, so that the hostile ones come after
+/// some tree was built, and not only first.
+fn forged() -> impl proptest::strategy::Strategy<Value = Forged> {
+    use proptest::prelude::*;
+    let benign = prop::sample::select(vec!["a", "a/b", "a/b/c", "a/f", "f", "g", "l", "a/l"]);
+    let hostile = prop::sample::select(vec![
+        "l/x",
+        "l/secret",
+        "a/l/secret",
+        "f/x",
+        "../x",
+        "a/../../x",
+        "../canary/secret",
+        "ABS",
+        "a//b",
+        "",
+        ".",
+    ]);
+    let path = prop_oneof![4 => benign, 1 => hostile];
+    // Half of what a link names is not a regular file under the root.
+    let target = prop::sample::select(vec![
+        "f",
+        "a/f",
+        "g",
+        "a/b/c",
+        "a",
+        "l",
+        "l/secret",
+        "a/l/secret",
+        "../canary/secret",
+        "ABS",
+    ]);
+    prop_oneof![
+        3 => path.clone().prop_map(Forged::Dir),
+        3 => (path.clone(), 0..40u64).prop_map(|(p, n)| Forged::File(p, n)),
+        2 => path.clone().prop_map(Forged::ToCanary),
+        1 => path.clone().prop_map(Forged::Fifo),
+        3 => (path.clone(), target).prop_map(|(p, t)| Forged::Link(p, t)),
+        2 => (0..50u64, 1..20usize).prop_map(|(o, n)| Forged::Data(o, n)),
+        1 => (0..8u64).prop_map(Forged::End),
+    ]
+}
+
+#[test]
+fn forged_streams_never_complete_nor_reach_outside_the_root() {
+    use proptest::test_runner::{Config, TestRunner};
+    let dir = tempfile::tempdir().unwrap();
+    let canary = dir.path().join("canary");
+    fs::create_dir(&canary).unwrap();
+    fs::write(canary.join("secret"), b"untouched").unwrap();
+    let resolve = |p: &str| if p == "ABS" { format!("{}/x", canary.display()) } else { p.to_owned() };
+    let frame = |f: &Forged| match f {
+        Forged::Dir(p) => dir_entry(&resolve(p)),
+        Forged::File(p, n) => file_entry(&resolve(p), *n),
+        Forged::ToCanary(p) => symlink_entry(&resolve(p), &canary),
+        Forged::Fifo(p) => TreeFrame::Entry { path: resolve(p).into(), kind: EntryKind::Fifo, meta: meta(0o600) },
+        Forged::Link(p, t) => link(&resolve(p), &resolve(t)),
+        Forged::Data(offset, len) => data(*offset, *len),
+        Forged::End(entries) => TreeFrame::End { entries: *entries, files: 0, data_bytes: 0, digest: [0; 32] },
+    };
+    let cases = std::cell::Cell::new(0);
+    let mut runner = TestRunner::new(Config { cases: 256, ..Config::default() });
+    runner
+        .run(&proptest::collection::vec(forged(), 0..16), |stream| {
+            let target = dir.path().join(format!("dst-{}", cases.get()));
+            cases.set(cases.get() + 1);
+            fs::create_dir(&target).unwrap();
+            let result = receive(std::iter::once(root()).chain(stream.iter().map(frame)), &target);
+            proptest::prop_assert!(!matches!(result, Ok(Some(_))), "a forged stream completed: {result:?}");
+            proptest::prop_assert_eq!(listing(&canary), vec![(canary.join("secret"), b"untouched".to_vec(), 1)]);
+            Ok(())
+        })
+        .unwrap();
+    let names: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(names.iter().all(|n| n == "canary" || n.to_string_lossy().starts_with("dst-")), "{names:?}");
 }
