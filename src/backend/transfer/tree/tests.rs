@@ -479,7 +479,10 @@ fn a_mount_point_inside_the_tree_is_refused() {
         mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>).unwrap();
         mount(Some("tmpfs"), &src.join("mnt"), Some("tmpfs"), MsFlags::empty(), Some("size=1m")).unwrap();
         let _unmount = Unmount(src.join("mnt"));
-        TreeSender::open(&src).unwrap().find_map(Result::err)
+        let mut sender = TreeSender::open(&src).unwrap();
+        let err = sender.find_map(Result::err);
+        assert!(sender.next().is_none(), "nothing after an error, no end frame above all");
+        err
     })
     .join()
     .unwrap()
