@@ -24,6 +24,8 @@ use crate::kernel::blockfs;
 use crate::kernel::copy::data_ranges;
 use crate::records::Provisioning;
 
+pub mod tree;
+
 /// The most bytes one data frame carries: bounds what either side holds in
 /// memory per frame, whatever the peer sends.
 pub const MAX_FRAME_BYTES: usize = 1 << 20;
