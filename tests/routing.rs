@@ -760,3 +760,33 @@ async fn what_was_on_a_node_gone_from_the_cluster_can_be_deleted_and_detached() 
     // The other node is served as before.
     s.create_on("pvc-alive", "node-a").await.unwrap();
 }
+
+#[tokio::test]
+async fn a_dir_volume_cloned_to_another_node_keeps_its_files_links_and_modes() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let mut s = Split::start().await;
+    let mut source = loop_request_for("pvc-files", 8 * MIB, "node-a");
+    source.parameters.clear();
+    let source = s.controller.create_volume(source).await.unwrap().into_inner().volume.unwrap().volume_id;
+    let key = loam::ids::ObjectId::parse(&source).unwrap().key;
+    let files = s.agents[0].dir.path().canonicalize().unwrap().join("root/volumes").join(key.to_string());
+    std::fs::create_dir(files.join("db")).unwrap();
+    std::fs::write(files.join("db/rows"), b"row 1\nrow 2\n").unwrap();
+    std::fs::hard_link(files.join("db/rows"), files.join("db/rows.link")).unwrap();
+    std::os::unix::fs::symlink("db/rows", files.join("latest")).unwrap();
+    std::fs::set_permissions(files.join("db"), std::fs::Permissions::from_mode(0o2750)).unwrap();
+
+    let mut clone = cloned_from(loop_request_for("pvc-files-b", 8 * MIB, "node-b"), &source);
+    clone.parameters.clear();
+    let made = s.controller.create_volume(clone).await.unwrap().into_inner().volume.unwrap();
+    assert!(made.volume_id.ends_with("@node-b"), "{}", made.volume_id);
+    let key = loam::ids::ObjectId::parse(&made.volume_id).unwrap().key;
+    let copied = s.agents[1].dir.path().canonicalize().unwrap().join("root/volumes").join(key.to_string());
+    assert_eq!(std::fs::read(copied.join("db/rows")).unwrap(), b"row 1\nrow 2\n");
+    let (rows, link) = (copied.join("db/rows").metadata().unwrap(), copied.join("db/rows.link").metadata().unwrap());
+    assert_eq!(rows.ino(), link.ino(), "hard links stay one file");
+    assert_eq!(std::fs::read_link(copied.join("latest")).unwrap(), std::path::Path::new("db/rows"));
+    assert_eq!(copied.join("db").metadata().unwrap().mode() & 0o7777, 0o2750);
+    let exports = s.agents[0].dir.path().join("root/exports");
+    assert_eq!(std::fs::read_dir(&exports).unwrap().count(), 0, "the cut is gone");
+}

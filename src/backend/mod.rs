@@ -379,11 +379,7 @@ impl Backends {
     pub fn snapshot_content(&self, key: &Key, backend: BackendKind) -> Result<(Carried, PathBuf)> {
         match backend {
             BackendKind::Loop => Ok((Carried::Image, self.loopback.snapshot_path(key))),
-            BackendKind::Dir => Err(Error::FailedPrecondition(
-                "dir volumes cannot be copied to another node by this version of Loam; clone or restore it on its own \
-                 node"
-                    .into(),
-            )),
+            BackendKind::Dir => Ok((Carried::Tree, self.dir.snapshot_path(key))),
         }
     }
 

@@ -26,6 +26,8 @@ use crate::records::Provisioning;
 
 pub mod tree;
 
+pub use tree::{TreeFrame, TreeReceiver, TreeSender};
+
 /// The most bytes one data frame carries: bounds what either side holds in
 /// memory per frame, whatever the peer sends.
 pub const MAX_FRAME_BYTES: usize = 1 << 20;
@@ -55,6 +57,18 @@ pub enum Frame {
 pub enum Carried {
     /// A `loop` volume's image.
     Image,
+    /// A `dir` volume's files.
+    Tree,
+}
+
+impl Carried {
+    /// What it is, in words.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Carried::Image => "a loop volume's image",
+            Carried::Tree => "a dir volume's files",
+        }
+    }
 }
 
 /// One frame of a copy, whatever it carries.
@@ -62,14 +76,16 @@ pub enum Carried {
 pub enum Piece {
     /// A frame of an image.
     Image(Frame),
+    /// A frame of a tree.
+    Tree(TreeFrame),
 }
 
 impl Piece {
     /// The bytes of content it carries.
     pub fn data_len(&self) -> u64 {
         match self {
-            Piece::Image(Frame::Data { bytes, .. }) => bytes.len() as u64,
-            Piece::Image(Frame::End { .. }) => 0,
+            Piece::Image(Frame::Data { bytes, .. }) | Piece::Tree(TreeFrame::Data { bytes, .. }) => bytes.len() as u64,
+            Piece::Image(Frame::End { .. }) | Piece::Tree(_) => 0,
         }
     }
 }
@@ -79,6 +95,8 @@ impl Piece {
 pub enum Sender {
     /// An image's frames.
     Image(ImageSender),
+    /// A tree's frames (boxed: its walk state is large).
+    Tree(Box<TreeSender>),
 }
 
 impl Sender {
@@ -87,6 +105,7 @@ impl Sender {
     pub fn open(carried: Carried, path: &Path) -> io::Result<Sender> {
         match carried {
             Carried::Image => ImageSender::open(path).map(Sender::Image),
+            Carried::Tree => TreeSender::open(path).map(|tree| Sender::Tree(Box::new(tree))),
         }
     }
 
@@ -94,13 +113,16 @@ impl Sender {
     pub fn carried(&self) -> Carried {
         match self {
             Sender::Image(_) => Carried::Image,
+            Sender::Tree(_) => Carried::Tree,
         }
     }
 
-    /// The bytes of data it will send (holes are not sent), for progress.
+    /// The bytes of data it will send (holes are not sent), for progress;
+    /// 0 when not known before the end (a tree is walked as it is sent).
     pub fn data_bytes(&self) -> u64 {
         match self {
             Sender::Image(image) => image.data_bytes,
+            Sender::Tree(_) => 0,
         }
     }
 }
@@ -111,6 +133,7 @@ impl Iterator for Sender {
     fn next(&mut self) -> Option<io::Result<Piece>> {
         match self {
             Sender::Image(image) => image.next().map(|frame| frame.map(Piece::Image)),
+            Sender::Tree(tree) => tree.next().map(|frame| frame.map(Piece::Tree)),
         }
     }
 }
@@ -120,22 +143,28 @@ impl Iterator for Sender {
 pub enum Receiver {
     /// Into a new image file.
     Image(ImageReceiver),
+    /// Into a new, empty directory (boxed: its state is large).
+    Tree(Box<TreeReceiver>),
 }
 
 impl Receiver {
     /// Starts receiving `carried` at `path`: the image file to create (it
-    /// must not exist), allocated in full when `provisioning` is thick.
+    /// must not exist), allocated in full when `provisioning` is thick; or
+    /// the tree's root, an existing empty directory.
     pub fn create(carried: Carried, path: &Path, provisioning: Provisioning) -> io::Result<Receiver> {
         match carried {
             Carried::Image => ImageReceiver::create(path, provisioning).map(Receiver::Image),
+            Carried::Tree => TreeReceiver::new(path).map(|tree| Receiver::Tree(Box::new(tree))),
         }
     }
 
-    /// Takes the next piece; returns what was received once the end arrived
-    /// and checked out, durably written.
-    pub fn apply(&mut self, piece: Piece) -> Result<Option<Received>, ReceiveError> {
+    /// Takes the next piece; returns the bytes of data received once the end
+    /// arrived and checked out, durably written.
+    pub fn apply(&mut self, piece: Piece) -> Result<Option<u64>, ReceiveError> {
         match (self, piece) {
-            (Receiver::Image(image), Piece::Image(frame)) => image.apply(frame),
+            (Receiver::Image(image), Piece::Image(frame)) => Ok(image.apply(frame)?.map(|r| r.data_bytes)),
+            (Receiver::Tree(tree), Piece::Tree(frame)) => Ok(tree.apply(frame)?.map(|r| r.data_bytes)),
+            _ => Err(ReceiveError::Malformed("a frame of another kind of content".into())),
         }
     }
 }
@@ -216,15 +245,22 @@ pub struct Received {
 #[derive(Debug, thiserror::Error)]
 pub enum ReceiveError {
     /// The peer broke the protocol: frames out of order or overlapping, too
-    /// large, past the end, or anything after the end frame.
-    #[error("the image stream is malformed: {0}")]
+    /// large, past the end, a path that leaves the root or names something
+    /// that exists, or anything after the end frame.
+    #[error("the copy's stream is malformed: {0}")]
     Malformed(String),
     /// What was written does not match what was sent.
-    #[error("the copied image does not match its source (digest mismatch); nothing was kept, retry the copy")]
+    #[error("the copy does not match its source (digest mismatch); remove the partial copy and retry")]
     Mismatch,
-    /// Writing or reading back the file failed.
-    #[error("writing the copied image: {0}")]
+    /// Writing or reading back what was received failed.
+    #[error("writing the copy: {0}")]
     Io(#[from] io::Error),
+}
+
+impl From<rustix::io::Errno> for ReceiveError {
+    fn from(errno: rustix::io::Errno) -> ReceiveError {
+        ReceiveError::Io(errno.into())
+    }
 }
 
 /// Writes frames into a new image file and checks it at the end.

@@ -112,12 +112,15 @@ pub struct Progress {
 impl Progress {
     /// Where the copy stands, in words.
     pub fn describe(&self) -> String {
+        let received = self.received.load(Ordering::Relaxed);
+        let of = match self.data_bytes {
+            0 => String::new(),
+            total => format!(" of {total}"),
+        };
         format!(
-            "being copied from {} on node {}: {} of {} bytes after {:.0?}",
+            "being copied from {} on node {}: {received}{of} bytes after {:.0?}",
             self.source,
             self.from_node,
-            self.received.load(Ordering::Relaxed),
-            self.data_bytes,
             self.started.elapsed()
         )
     }
@@ -191,11 +194,13 @@ impl Driver {
         }
         let provisioning = match (&req.layout, incoming.carried) {
             (Layout::Loop(spec), Carried::Image) => spec.provisioning,
+            // A directory has no provisioning; the quota holds its capacity.
+            (Layout::Dir, Carried::Tree) => Provisioning::Thin,
             (layout, carried) => {
                 return Err(Error::InvalidArgument(format!(
                     "the source is {}, which a {} volume cannot hold; restore or clone it into a volume of its \
                      source's backend",
-                    carried_name(carried),
+                    carried.describe(),
                     layout.backend().name()
                 )));
             }
@@ -350,8 +355,8 @@ fn receive_into(
         let piece = piece?;
         let bytes = piece.data_len();
         match receiver.apply(piece) {
-            Ok(Some(received)) => {
-                progress.received.store(received.data_bytes, Ordering::Relaxed);
+            Ok(Some(data_bytes)) => {
+                progress.received.store(data_bytes, Ordering::Relaxed);
                 return Ok(());
             }
             Ok(None) => {}
@@ -384,12 +389,6 @@ fn receive_error(e: ReceiveError, progress: &Progress) -> Error {
             "{from} was refused: {what}; nothing was kept; if this repeats, the two nodes run Loam versions that do not agree"
         )),
         ReceiveError::Io(e) => Error::io(format!("writing {from}"), e),
-    }
-}
-
-fn carried_name(carried: Carried) -> &'static str {
-    match carried {
-        Carried::Image => "a loop volume's image",
     }
 }
 

@@ -3,9 +3,9 @@
 //! the controller on the new volume's node) and streaming one out
 //! ([`CopiesService::export`], called by that node's agent on the source's).
 //!
-//! The wire frames are mapped here to the pieces the driver reads and writes
-//! ([`crate::driver::transfer`]); the data goes node to node, never through the
-//! controller.
+//! The wire frames are mapped to the pieces the driver reads and writes
+//! ([`crate::driver::transfer`]) in [`wire`]; the data goes node to node,
+//! never through the controller.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,9 +19,9 @@ use crate::api::copies_server::Copies;
 use crate::api::export_frame::Frame as Wire;
 use crate::api::export_header::Content;
 use crate::api::export_request::Source as WireSource;
-use crate::api::{self, CreateVolumeFromRequest, ExportFrame, ExportHeader, ExportRequest};
+use crate::api::{CreateVolumeFromRequest, ExportFrame, ExportHeader, ExportRequest};
 use crate::csi;
-use crate::driver::transfer::{Carried, Frame, Piece};
+use crate::driver::transfer::{Carried, Piece};
 use crate::driver::{Driver, Export, Incoming};
 use crate::error::{Error, Result};
 use crate::ids::{Kind, ObjectId};
@@ -29,6 +29,10 @@ use crate::records::ContentSource;
 use crate::routing::peer::Peers;
 use crate::rpc::controller::{new_volume, volume_message};
 use crate::rpc::{blocking, claimed, traced, validate};
+
+mod wire;
+
+use wire::{from_wire, to_wire};
 
 /// Frames buffered between the network and the disk on either side: bounds
 /// memory per copy to a few MiB.
@@ -113,7 +117,8 @@ impl Copies for CopiesService {
             };
             let carried = match header.content() {
                 Content::Image => Carried::Image,
-                other => return Err(malformed(&from.node, &format!("it carries {other:?}, unknown here"))),
+                Content::Tree => Carried::Tree,
+                Content::Unspecified => return Err(malformed(&from.node, "its header names no content")),
             };
             let incoming = Incoming {
                 from_node: from.node.clone(),
@@ -159,6 +164,7 @@ impl Copies for CopiesService {
             let header = ExportHeader {
                 content: match export.sender.carried() {
                     Carried::Image => Content::Image,
+                    Carried::Tree => Content::Tree,
                 } as i32,
                 capacity_bytes: export.capacity_bytes,
                 data_bytes: export.sender.data_bytes(),
@@ -235,27 +241,6 @@ fn receive_pieces(
         }
     });
     Box::new(std::iter::from_fn(move || rx.blocking_recv()))
-}
-
-fn to_wire(piece: Piece) -> ExportFrame {
-    let frame = match piece {
-        Piece::Image(Frame::Data { offset, bytes }) => Wire::ImageData(api::ImageData { offset, data: bytes }),
-        Piece::Image(Frame::End { size, digest }) => Wire::ImageEnd(api::ImageEnd { size, digest: digest.to_vec() }),
-    };
-    ExportFrame { frame: Some(frame) }
-}
-
-fn from_wire(frame: ExportFrame) -> std::result::Result<Piece, String> {
-    match frame.frame {
-        Some(Wire::ImageData(api::ImageData { offset, data })) => Ok(Piece::Image(Frame::Data { offset, bytes: data })),
-        Some(Wire::ImageEnd(api::ImageEnd { size, digest })) => {
-            let digest = digest.try_into().map_err(|_| "an image digest that is not 32 bytes".to_owned())?;
-            Ok(Piece::Image(Frame::End { size, digest }))
-        }
-        Some(Wire::Header(_)) => Err("a second header".into()),
-        Some(other) => Err(format!("a frame this version does not know here: {other:?}")),
-        None => Err("an empty frame".into()),
-    }
 }
 
 fn malformed(node: &str, what: &str) -> Error {

@@ -92,6 +92,7 @@ use rustix::fs::{AtFlags, FileType, Mode, OFlags, Statx, StatxFlags, Timespec, T
 use sha2::{Digest, Sha256};
 
 use super::MAX_FRAME_BYTES;
+use super::ReceiveError;
 use crate::durable;
 use crate::kernel::copy::data_ranges;
 
@@ -215,28 +216,6 @@ pub struct Received {
     pub files: u64,
     /// Data bytes written (holes not counted).
     pub data_bytes: u64,
-}
-
-/// Why a tree stream was not accepted.
-#[derive(Debug, thiserror::Error)]
-pub enum ReceiveError {
-    /// The peer broke the protocol: a path that leaves the root or names
-    /// something that exists, frames out of order or too large, anything
-    /// after the end frame.
-    #[error("the tree stream is malformed: {0}")]
-    Malformed(String),
-    /// What was written does not match what was sent.
-    #[error("the copied tree does not match its source (digest mismatch); remove the partial copy and retry the copy")]
-    Mismatch,
-    /// Writing or reading back the tree failed.
-    #[error("writing the copied tree: {0}")]
-    Io(#[from] io::Error),
-}
-
-impl From<rustix::io::Errno> for ReceiveError {
-    fn from(errno: rustix::io::Errno) -> ReceiveError {
-        ReceiveError::Io(errno.into())
-    }
 }
 
 fn malformed(message: impl Into<String>) -> ReceiveError {
