@@ -101,12 +101,43 @@ impl Interceptor for RequireToken {
             Some(_) => "a wrong agent token",
             None => "no agent token",
         };
-        let peer = request.remote_addr().map_or_else(|| "unknown".to_owned(), |a| a.to_string());
+        let peer = crate::tls::caller_addr(&request).map_or_else(|| "unknown".to_owned(), |a| a.to_string());
         tracing::warn!(%peer, "refused a call with {refusal}");
         Err(Error::Unauthenticated(format!(
             "{refusal}: only the Loam controller may call a node agent (check the loam-agent-token Secret)"
         ))
         .into())
+    }
+}
+
+/// Agent side: lets through only calls whose certificate was minted for
+/// `role`: the controller's for the node-local Controller, a peer agent's for
+/// exporting a copy, so a certificate lifted from one cannot make the
+/// other's calls.
+#[derive(Debug, Clone, Copy)]
+pub struct RequireRole(pub crate::tls::Role);
+
+impl RequireRole {
+    /// Checks `request` against the role.
+    pub fn check<T>(self, request: &Request<T>) -> std::result::Result<(), Status> {
+        match crate::tls::caller_role(request) {
+            Some(role) if role == self.0 => Ok(()),
+            other => {
+                let peer = crate::tls::caller_addr(request).map_or_else(|| "unknown".to_owned(), |a| a.to_string());
+                tracing::warn!(%peer, caller = ?other, wanted = ?self.0, "refused a call from a caller of another role");
+                Err(Status::permission_denied(format!(
+                    "this call is for the {:?} role, and the caller's certificate is {}",
+                    self.0,
+                    other.map_or_else(|| "of no known role".to_owned(), |r| format!("the {r:?}'s"))
+                )))
+            }
+        }
+    }
+}
+
+impl Interceptor for RequireRole {
+    fn call(&mut self, request: Request<()>) -> std::result::Result<Request<()>, Status> {
+        self.check(&request).map(|()| request)
     }
 }
 

@@ -21,7 +21,7 @@ use tonic::service::InterceptorLayer;
 use tonic::transport::Server;
 
 use crate::api::copies_server::CopiesServer;
-use crate::auth::{RequireToken, Token};
+use crate::auth::{RequireRole, RequireToken, Token};
 use crate::csi::controller_server::ControllerServer;
 use crate::csi::group_controller_server::GroupControllerServer;
 use crate::csi::identity_server::IdentityServer;
@@ -37,6 +37,7 @@ use crate::rpc::group::GroupControllerService;
 use crate::rpc::identity::IdentityService;
 use crate::rpc::node::NodeService;
 use crate::rpc::routed::RoutedController;
+use crate::tls::Role;
 
 mod authority;
 pub mod limits;
@@ -178,11 +179,12 @@ pub async fn run_agent(
 ) -> Result<(), tonic::transport::Error> {
     let incoming = crate::tls::accept(incoming, tls);
     let peers = Peers::new(&token, peer_tls);
+    let controller = RequireRole(Role::Controller);
     Server::builder()
         .layer(InterceptorLayer::new(RequireToken::new(token)))
         .add_service(IdentityServer::new(IdentityService::new(driver.clone())))
-        .add_service(ControllerServer::new(ControllerService::new(driver.clone())))
-        .add_service(GroupControllerServer::new(GroupControllerService::new(driver.clone())))
+        .add_service(ControllerServer::with_interceptor(ControllerService::new(driver.clone()), controller))
+        .add_service(GroupControllerServer::with_interceptor(GroupControllerService::new(driver.clone()), controller))
         .add_service(CopiesServer::new(CopiesService::new(driver, peers, copies)))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await

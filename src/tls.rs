@@ -14,8 +14,14 @@
 //! Leaves carry their [`Role`]: an agent's is for serving only (extended key
 //! usage serverAuth, name `agent.loam.internal`), the controller's for calling
 //! only (clientAuth, `controller.loam.internal`), so a leaf lifted from an
-//! agent cannot call another agent as the controller. (A process holding the
-//! token can mint either; roles bound what one leaked key can do.)
+//! agent's server cannot call another agent. An agent that copies a volume
+//! from another node calls that node's agent with a third leaf, a peer's
+//! (clientAuth, `peer.loam.internal`). An agent reads the role of each
+//! caller's leaf ([`Caller`]) and keeps it to its own calls
+//! ([`crate::auth::RequireRole`]): the controller's to the node-local
+//! Controller, GroupController and Copies.CreateVolumeFrom, a peer's to
+//! Copies.Export. (A process holding the token can mint any; roles bound
+//! what one leaked key can do.)
 //!
 //! A new token is a new authority: rotating the Secret rotates everything.
 
@@ -46,7 +52,7 @@ use tokio_rustls::{TlsAcceptor, TlsConnector, server::TlsStream};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::transport::Uri;
-use tonic::transport::server::Connected;
+use tonic::transport::server::{Connected, TcpConnectInfo};
 
 use crate::auth::Token;
 use crate::error::{Error, Result};
@@ -294,7 +300,10 @@ where
 {
     let peer = io.connect_info();
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(io)).await {
-        Ok(Ok(stream)) => Some(Tls(stream)),
+        Ok(Ok(stream)) => {
+            let role = client_role(&stream);
+            Some(Tls(stream, role))
+        }
         // A TCP probe (the kubelet's readiness check) connects and closes.
         Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
             tracing::debug!(?peer, "connection closed before its TLS handshake");
@@ -315,17 +324,48 @@ where
     }
 }
 
-/// An accepted connection after its handshake; it reports the connection
-/// info of the stream below (the peer's address, for the token check's log).
+/// An accepted connection after its handshake, and the role its caller's
+/// certificate was minted for.
 #[derive(Debug)]
-pub struct Tls<IO>(TlsStream<IO>);
+pub struct Tls<IO>(TlsStream<IO>, Option<Role>);
+
+/// Who a call on an accepted connection comes from: the connection below
+/// (the peer's address) and the role of the caller's certificate, read by
+/// [`caller_role`] to keep each caller to its own calls.
+#[derive(Debug, Clone)]
+pub struct Caller<C> {
+    /// What the connection below reports (the peer's address).
+    pub connection: C,
+    /// The caller's role; `None` for a leaf of no known role.
+    pub role: Option<Role>,
+}
 
 impl<IO: Connected> Connected for Tls<IO> {
-    type ConnectInfo = IO::ConnectInfo;
+    type ConnectInfo = Caller<IO::ConnectInfo>;
 
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.0.get_ref().0.connect_info()
+        Caller { connection: self.0.get_ref().0.connect_info(), role: self.1 }
     }
+}
+
+/// The role of the caller of `request` on an agent endpoint, as its
+/// certificate says.
+pub fn caller_role<T>(request: &tonic::Request<T>) -> Option<Role> {
+    request.extensions().get::<Caller<TcpConnectInfo>>().and_then(|caller| caller.role)
+}
+
+/// The address of the caller of `request` on an agent endpoint, for logs.
+pub fn caller_addr<T>(request: &tonic::Request<T>) -> Option<std::net::SocketAddr> {
+    request.extensions().get::<Caller<TcpConnectInfo>>().and_then(|caller| caller.connection.remote_addr())
+}
+
+/// The calling role the client's verified leaf was minted for (its name).
+fn client_role<IO>(stream: &TlsStream<IO>) -> Option<Role> {
+    let leaf = stream.get_ref().1.peer_certificates()?.first()?;
+    let leaf = webpki::EndEntityCert::try_from(leaf).ok()?;
+    [Role::Controller, Role::Peer].into_iter().find(|role| {
+        ServerName::try_from(role.name()).is_ok_and(|name| leaf.verify_is_valid_for_subject_name(&name).is_ok())
+    })
 }
 
 impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for Tls<IO> {

@@ -34,8 +34,9 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
         ("driver", &["backend", "kernel", "records", "store", "guard", "durable"][..]),
         // The controller's view of the agents: no driver, no storage.
         ("routing", &["auth", "tls"][..]),
-        // The CSI surface: the driver or the router, never a backend or the kernel.
-        ("rpc", &["driver", "routing", "records", "guard"][..]),
+        // The CSI surface: the driver or the router, never a backend or the
+        // kernel; on the agent endpoint, who may call what (auth, tls).
+        ("rpc", &["driver", "routing", "records", "guard", "auth", "tls"][..]),
         ("auth", &["tls"][..]),
         ("tls", &["auth"][..]),
         ("endpoint", &[][..]),

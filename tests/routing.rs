@@ -790,3 +790,35 @@ async fn a_dir_volume_cloned_to_another_node_keeps_its_files_links_and_modes() {
     let exports = s.agents[0].dir.path().join("root/exports");
     assert_eq!(std::fs::read_dir(&exports).unwrap().count(), 0, "the cut is gone");
 }
+
+#[tokio::test]
+async fn each_caller_of_an_agent_makes_only_its_own_calls() {
+    use loam::api::copies_client::CopiesClient;
+    use loam::api::{CreateVolumeFromRequest, ExportRequest, export_request::Source};
+    let s = Split::start().await;
+    let token = Token::parse(TOKEN).unwrap();
+    let right = SendToken::new(&token);
+    let as_controller = agent_client(s.agents[0].addr).await;
+    let peer_tls = tls::client_config(&token, Role::Peer).unwrap();
+    let as_peer = tls_channel(s.agents[0].addr, peer_tls).await.expect("a peer connects");
+    let export =
+        || ExportRequest { source: Some(Source::VolumeId(format!("{}@node-a", "0".repeat(32)))), ..Default::default() };
+
+    // A peer agent, holding the token, cannot act as the controller...
+    let mut peer_controller = ControllerClient::with_interceptor(as_peer.clone(), right.clone());
+    let err = peer_controller.create_volume(create_request("pvc-peer", MIB)).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    let mut peer_copies = CopiesClient::with_interceptor(as_peer.clone(), right.clone());
+    let from =
+        CreateVolumeFromRequest { request: Some(create_request("pvc-peer", MIB)), source_address: String::new() };
+    assert_eq!(peer_copies.create_volume_from(from).await.unwrap_err().code(), Code::PermissionDenied);
+    // ...but may export (this volume does not exist).
+    let err = peer_copies.export(export()).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    // And the controller cannot export: only an agent pulling a copy may.
+    let mut controller_copies = CopiesClient::with_interceptor(as_controller, right);
+    assert_eq!(controller_copies.export(export()).await.unwrap_err().code(), Code::PermissionDenied);
+    // Without the token a peer's certificate gets nothing at all.
+    let err = CopiesClient::new(as_peer).export(export()).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+}

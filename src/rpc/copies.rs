@@ -20,6 +20,7 @@ use crate::api::export_frame::Frame as Wire;
 use crate::api::export_header::Content;
 use crate::api::export_request::Source as WireSource;
 use crate::api::{CreateVolumeFromRequest, ExportFrame, ExportHeader, ExportRequest};
+use crate::auth::RequireRole;
 use crate::csi;
 use crate::driver::transfer::{Carried, Piece};
 use crate::driver::{Driver, Export, Incoming};
@@ -29,6 +30,7 @@ use crate::records::ContentSource;
 use crate::routing::peer::Peers;
 use crate::rpc::controller::{new_volume, volume_message};
 use crate::rpc::{blocking, claimed, traced, validate};
+use crate::tls::Role;
 
 mod wire;
 
@@ -66,6 +68,7 @@ impl Copies for CopiesService {
         &self,
         request: Request<CreateVolumeFromRequest>,
     ) -> Result<Response<csi::CreateVolumeResponse>, Status> {
+        RequireRole(Role::Controller).check(&request)?;
         let CreateVolumeFromRequest { request, source_address } = request.into_inner();
         let request = request.unwrap_or_default();
         let (driver, peers) = (self.driver.clone(), self.peers.clone());
@@ -136,6 +139,7 @@ impl Copies for CopiesService {
     type ExportStream = ReceiverStream<std::result::Result<ExportFrame, Status>>;
 
     async fn export(&self, request: Request<ExportRequest>) -> Result<Response<Self::ExportStream>, Status> {
+        RequireRole(Role::Peer).check(&request)?;
         let ExportRequest { source, target_volume_id } = request.into_inner();
         let (driver, bandwidth) = (self.driver.clone(), self.settings.bandwidth);
         let id = match &source {
