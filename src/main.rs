@@ -15,8 +15,10 @@ use loam::config::{Config, Mode, QuotaMode};
 use loam::driver::{Driver, NodeMetrics};
 use loam::kernel::HostKernel;
 use loam::routing::agents::{Agents, Timeouts};
-use loam::routing::cluster::{GoneNodes, KubernetesNodes};
+use loam::routing::cluster::GoneNodes;
 use loam::routing::discovery::Resolver;
+use loam::routing::kube::KubeApi;
+use loam::routing::node_loss::NodeLoss;
 use loam::server::limits::{Admitted, Limits, raise_nofile_limit};
 use loam::server::{CopySettings, Services};
 use loam::tls::Role;
@@ -170,6 +172,9 @@ fn init_logging(format: LogFormat) -> anyhow::Result<()> {
 const AGENTS_REFRESH: Duration = Duration::from_secs(30);
 /// How long connecting to an agent and asking its node id may take.
 const AGENT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the controller looks for claims to recreate on a live node
+/// because their volume's node is gone for good.
+const NODE_LOSS_SWEEP: Duration = Duration::from_secs(60);
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     init_logging(args.log_format)?;
@@ -237,8 +242,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             };
             tracing::info!(?targets, "routing to agents");
             let agents = Agents::new(args.driver_name.clone(), Arc::new(Resolver::new(targets)), &token, tls, timeouts);
-            let gone_nodes = match KubernetesNodes::in_cluster() {
-                Ok(api) => Some(Arc::new(GoneNodes::new(Arc::new(api), Duration::from_secs(args.gone_node_grace)))),
+            let gone_nodes = match KubeApi::in_cluster() {
+                Ok(api) => {
+                    let api = Arc::new(api);
+                    let gone = Arc::new(GoneNodes::new(api.clone(), Duration::from_secs(args.gone_node_grace)));
+                    let sweep = NodeLoss::new(api, gone.clone(), args.driver_name.clone());
+                    // Ends with the process: the sweep holds nothing to clean up.
+                    tokio::spawn(sweep.run(NODE_LOSS_SWEEP));
+                    Some(gone)
+                }
                 Err(reason) => {
                     tracing::info!(%reason, "not in a Kubernetes pod: volumes of unreachable nodes are never given up");
                     None

@@ -10,7 +10,9 @@
 pub mod agents;
 pub mod cluster;
 pub mod discovery;
+pub mod kube;
 pub mod listing;
+pub mod node_loss;
 pub mod peer;
 pub mod placement;
 pub mod router;
