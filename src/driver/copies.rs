@@ -395,6 +395,7 @@ fn receive_error(e: ReceiveError, progress: &Progress) -> Error {
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::FileExt;
+    use std::sync::mpsc;
 
     use super::*;
     use crate::backend::LoopSpec;
@@ -556,5 +557,60 @@ mod tests {
         let err = target.create_volume_from(key, request, copy).unwrap_err();
         assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err}");
         assert!(leftovers(b.path()).is_empty());
+    }
+
+    #[test]
+    fn a_running_copy_says_how_far_it_got_and_holds_its_room() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let source = Arc::new(test_driver(a.path()));
+        let key = Key::for_name(Kind::Volume, "primary");
+        let id = source.create_volume(key, loop_request("primary", 8, None)).unwrap().id.clone();
+        let image =
+            fs::OpenOptions::new().write(true).open(a.path().join("volumes").join(format!("{key}.img"))).unwrap();
+        image.write_all_at(&[1u8; 4096], 0).unwrap();
+        let export =
+            source.export(&ContentSource::Volume(id.clone()), source.claim(Kind::Volume, key).unwrap()).unwrap();
+        let Export { capacity_bytes, sender, _cut, _claim } = export;
+        let (carried, data_bytes) = (sender.carried(), sender.data_bytes());
+        // The network: the first piece goes through, the rest waits for the test.
+        let (go, wait) = mpsc::channel::<()>();
+        let mut first = true;
+        let pieces = sender.map(move |piece| {
+            let _hold = &_cut;
+            if !first {
+                let _ = wait.recv();
+            }
+            first = false;
+            piece.map_err(|e| Error::io("reading", e))
+        });
+        let incoming =
+            Incoming { from_node: "a".into(), carried, capacity_bytes, data_bytes, pieces: Box::new(pieces) };
+
+        let target = Arc::new(test_driver(b.path()));
+        let replica = Key::for_name(Kind::Volume, "replica");
+        let copying = {
+            let target = target.clone();
+            let request = loop_request("replica", 8, Some(ContentSource::Volume(id.clone())));
+            std::thread::spawn(move || target.create_volume_from(replica, request, incoming))
+        };
+        let started = std::time::Instant::now();
+        while target.copy_progress(&replica).is_none_or(|p| p.received.load(Ordering::Relaxed) == 0) {
+            assert!(started.elapsed() < Duration::from_secs(10), "the copy never started");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let (record, condition) = target.volume_with_condition(&replica).unwrap();
+        assert!(record.is_none(), "no record before the copy is verified");
+        assert!(condition.abnormal);
+        assert!(
+            condition.message.contains(&format!("being copied from {id} on node a: 4096 of 4096 bytes")),
+            "{}",
+            condition.message
+        );
+        assert!(target.copies.unreceived() > 0, "the room the copy still needs is held back");
+
+        drop(go);
+        copying.join().unwrap().unwrap();
+        assert!(target.copy_progress(&replica).is_none());
+        assert!(!target.volume_with_condition(&replica).unwrap().1.abnormal);
     }
 }
