@@ -18,6 +18,7 @@ use loam::routing::agents::{Agents, Timeouts};
 use loam::routing::cluster::GoneNodes;
 use loam::routing::discovery::Resolver;
 use loam::routing::kube::KubeApi;
+use loam::routing::moves::Moves;
 use loam::routing::node_loss::NodeLoss;
 use loam::server::limits::{Admitted, Limits, raise_nofile_limit};
 use loam::server::{CopySettings, Services};
@@ -175,6 +176,9 @@ const AGENT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the controller looks for claims to recreate on a live node
 /// because their volume's node is gone for good.
 const NODE_LOSS_SWEEP: Duration = Duration::from_secs(60);
+/// How often the controller starts and advances moves of claims to other
+/// nodes: two label-selected lists when nothing moves.
+const MOVES_SWEEP: Duration = Duration::from_secs(5);
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     init_logging(args.log_format)?;
@@ -241,22 +245,33 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 refresh: AGENTS_REFRESH,
             };
             tracing::info!(?targets, "routing to agents");
-            let agents = Agents::new(args.driver_name.clone(), Arc::new(Resolver::new(targets)), &token, tls, timeouts);
+            let agents = Arc::new(Agents::new(
+                args.driver_name.clone(),
+                Arc::new(Resolver::new(targets)),
+                &token,
+                tls,
+                timeouts,
+            ));
             let gone_nodes = match KubeApi::in_cluster() {
                 Ok(api) => {
                     let api = Arc::new(api);
                     let gone = Arc::new(GoneNodes::new(api.clone(), Duration::from_secs(args.gone_node_grace)));
-                    let sweep = NodeLoss::new(api, gone.clone(), args.driver_name.clone());
-                    // Ends with the process: the sweep holds nothing to clean up.
+                    // Both end with the process: the sweeps hold nothing to
+                    // clean up, and a move goes on from its records.
+                    let sweep = NodeLoss::new(api.clone(), gone.clone(), args.driver_name.clone());
                     tokio::spawn(sweep.run(NODE_LOSS_SWEEP));
+                    let moves = Moves::new(api, agents.clone(), args.driver_name.clone());
+                    tokio::spawn(moves.run(MOVES_SWEEP));
                     Some(gone)
                 }
                 Err(reason) => {
-                    tracing::info!(%reason, "not in a Kubernetes pod: volumes of unreachable nodes are never given up");
+                    tracing::info!(
+                        %reason,
+                        "not in a Kubernetes pod: volumes of unreachable nodes are never given up, claims are not moved"
+                    );
                     None
                 }
             };
-            let agents = Arc::new(agents);
             let services = Services::Controller { driver_name: args.driver_name.clone(), agents, gone_nodes };
             serve_socket(&socket, services, args.mode, until_stopped()).await
         }

@@ -246,7 +246,6 @@ impl Driver {
                 return Err(e);
             }
         };
-        crate::failpoint!("volume.received");
         tracing::info!(volume = %req.name, from = %progress.source, bytes = progress.received.load(Ordering::Relaxed), elapsed = ?progress.started.elapsed(), "copy from another node verified and complete");
         drop(running);
         self.record_new_volume(key, req, capacity, enforcement, None)

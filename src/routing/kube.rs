@@ -89,13 +89,17 @@ impl KubeApi {
             hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.map_err(|e| e.to_string())?;
         tokio::spawn(connection);
         let payload = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
+        // Every PATCH here is a JSON merge patch (RFC 7396): the fields it
+        // names replace the object's, `null` removes one.
+        let content_type =
+            if method == http::Method::PATCH { "application/merge-patch+json" } else { "application/json" };
         let request = http::Request::builder()
             .method(method)
             .uri(path)
             .header(http::header::HOST, &self.host)
             .header(http::header::AUTHORIZATION, format!("Bearer {}", token.trim()))
             .header(http::header::ACCEPT, "application/json")
-            .header(http::header::CONTENT_TYPE, "application/json")
+            .header(http::header::CONTENT_TYPE, content_type)
             .body(Full::new(payload))
             .map_err(|e| e.to_string())?;
         let response = sender.send_request(request).await.map_err(|e| e.to_string())?;
@@ -109,9 +113,67 @@ impl KubeApi {
     }
 }
 
-/// A fake API server for tests: answers each `METHOD path` from a table
-/// (404 otherwise), only to the bearer token `secret`, and records every
-/// call it got with its body.
+/// The object an event is about.
+#[derive(Debug, Clone, Copy)]
+pub struct Involved<'a> {
+    /// Its kind, e.g. `PersistentVolumeClaim`.
+    pub kind: &'a str,
+    /// Its namespace.
+    pub namespace: &'a str,
+    /// Its name.
+    pub name: &'a str,
+    /// Its uid, so the event follows this object and not a namesake.
+    pub uid: &'a str,
+}
+
+/// Whether an event reports something normal or something to look at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventType {
+    /// Progress.
+    Normal,
+    /// Something an operator should read.
+    Warning,
+}
+
+/// A core/v1 Event about `involved`, from the controller, for
+/// `POST /api/v1/namespaces/<namespace>/events`.
+pub fn event(involved: Involved<'_>, kind: EventType, reason: &str, message: &str) -> Value {
+    let now = time::OffsetDateTime::now_utc();
+    let stamp = format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
+        now.year(),
+        u8::from(now.month()),
+        now.day(),
+        now.hour(),
+        now.minute(),
+        now.second()
+    );
+    serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {
+            "generateName": format!("{}.loam-{}-", involved.name, reason.to_ascii_lowercase()),
+            "namespace": involved.namespace,
+        },
+        "involvedObject": {
+            "apiVersion": "v1",
+            "kind": involved.kind,
+            "namespace": involved.namespace,
+            "name": involved.name,
+            "uid": involved.uid,
+        },
+        "reason": reason,
+        "message": message,
+        "type": match kind { EventType::Normal => "Normal", EventType::Warning => "Warning" },
+        "source": { "component": "loam-controller" },
+        "firstTimestamp": stamp,
+        "lastTimestamp": stamp,
+        "count": 1,
+    })
+}
+
+/// A fake API server for tests: answers through a handler, only to the
+/// bearer token `secret`.
 #[cfg(test)]
 pub(crate) mod fake {
     use std::collections::BTreeMap;
@@ -125,9 +187,26 @@ pub(crate) mod fake {
     pub(crate) type Answers = Arc<Mutex<BTreeMap<String, (u16, Value)>>>;
     /// Every call as `METHOD path` and its body.
     pub(crate) type Calls = Arc<Mutex<Vec<(String, Value)>>>;
+    /// Answers one call (`METHOD path`, its JSON body or `Null`).
+    pub(crate) type Handler = Arc<dyn Fn(&str, &Value) -> (u16, Value) + Send + Sync>;
 
-    /// Starts the server; writes `ca.crt` and `token` into `dir`; its port.
+    /// Starts a server that answers each `METHOD path` from `answers` (404
+    /// otherwise) and records every call in `calls`; writes `ca.crt` and
+    /// `token` into `dir`; its port.
     pub(crate) async fn serve(dir: &Path, answers: Answers, calls: Calls) -> u16 {
+        serve_with(
+            dir,
+            Arc::new(move |call: &str, body: &Value| {
+                calls.lock().unwrap().push((call.to_owned(), body.clone()));
+                answers.lock().unwrap().get(call).cloned().unwrap_or((404, Value::Null))
+            }),
+        )
+        .await
+    }
+
+    /// Starts a server that answers through `handler`; writes `ca.crt` and
+    /// `token` into `dir`; its port.
+    pub(crate) async fn serve_with(dir: &Path, handler: Handler) -> u16 {
         use base64::Engine as _;
         let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
         let der = base64::engine::general_purpose::STANDARD.encode(cert.cert.der());
@@ -168,11 +247,11 @@ pub(crate) mod fake {
                 };
                 let line = head.lines().next().unwrap_or_default();
                 let call = line.rsplit_once(' ').map_or(line, |(call, _)| call).to_owned();
-                calls.lock().unwrap().push((call.clone(), serde_json::from_slice(&body).unwrap_or(Value::Null)));
+                let body = serde_json::from_slice(&body).unwrap_or(Value::Null);
                 let (status, answer) = if !head.contains("authorization: Bearer secret\r\n") {
                     (401, Value::Null)
                 } else {
-                    answers.lock().unwrap().get(&call).cloned().unwrap_or((404, Value::Null))
+                    handler(&call, &body)
                 };
                 let answer = answer.to_string();
                 let reply = format!(

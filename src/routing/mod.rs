@@ -12,6 +12,7 @@ pub mod cluster;
 pub mod discovery;
 pub mod kube;
 pub mod listing;
+pub mod moves;
 pub mod node_loss;
 pub mod peer;
 pub mod placement;

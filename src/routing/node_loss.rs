@@ -27,7 +27,7 @@ use serde_json::{Value, json};
 
 use crate::ids::ObjectId;
 use crate::routing::cluster::{GoneNodes, Verdict};
-use crate::routing::kube::KubeApi;
+use crate::routing::kube::{self, EventType, Involved, KubeApi};
 
 /// The annotation a claim opts in with, and its one value.
 pub const ANNOTATION: &str = "loam.csi.dev/on-node-loss";
@@ -167,7 +167,8 @@ impl NodeLoss {
             if pods.is_empty() { "none".to_owned() } else { pods.join(", ") }
         );
         tracing::warn!(%namespace, claim = %name, node = %bound.node, ?pods, "{message}");
-        let event = event(namespace, name, &uid, &message);
+        let involved = Involved { kind: "PersistentVolumeClaim", namespace, name, uid: &uid };
+        let event = kube::event(involved, EventType::Warning, "NodeLost", &message);
         if let Err(e) =
             self.api.call(Method::POST, &format!("/api/v1/namespaces/{namespace}/events"), Some(&event)).await
         {
@@ -196,35 +197,6 @@ fn bound_volumes(list: &Value, driver_name: &str) -> Vec<Bound> {
         found.push(Bound { pv: pv_name.into(), node: id.node, namespace: namespace.into(), claim: claim.into() });
     }
     found
-}
-
-/// A Warning event on the claim.
-fn event(namespace: &str, claim: &str, uid: &str, message: &str) -> Value {
-    let now = time::OffsetDateTime::now_utc();
-    let stamp = format!(
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
-        now.year(),
-        u8::from(now.month()),
-        now.day(),
-        now.hour(),
-        now.minute(),
-        now.second()
-    );
-    json!({
-        "apiVersion": "v1",
-        "kind": "Event",
-        "metadata": { "generateName": format!("{claim}.loam-node-lost-"), "namespace": namespace },
-        "involvedObject": {
-            "apiVersion": "v1", "kind": "PersistentVolumeClaim", "namespace": namespace, "name": claim, "uid": uid,
-        },
-        "reason": "NodeLost",
-        "message": message,
-        "type": "Warning",
-        "source": { "component": "loam-controller" },
-        "firstTimestamp": stamp,
-        "lastTimestamp": stamp,
-        "count": 1,
-    })
 }
 
 #[cfg(test)]

@@ -1,0 +1,559 @@
+//! Moves against a small model of a cluster: an API server that keeps
+//! objects, and the controllers a move relies on (the volume binder, the
+//! claim protection, the external-provisioner, a StatefulSet, the
+//! scheduler), each doing what Kubernetes does, only faster.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use serde_json::{Value, json};
+
+use super::*;
+use crate::routing::kube::fake;
+
+const KEY_A: &str = "0123456789abcdef0123456789abcdef";
+const GI: i64 = 1 << 30;
+
+/// How a request the model is told to fail fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    /// Not done, HTTP 500.
+    Refused,
+    /// Done, but the answer is lost (a crash or a cut connection right after).
+    AnswerLost,
+}
+
+#[derive(Default)]
+struct Cluster {
+    objects: BTreeMap<String, Value>,
+    serial: u64,
+    /// Handles of the volumes the provisioner deleted.
+    deleted_volumes: Vec<String>,
+    /// (source handle, target node) of each copy the provisioner made.
+    copies: Vec<(String, String)>,
+    /// Events' reasons and messages, in order.
+    events: Vec<(String, String)>,
+    /// Mutating requests so far, and which one fails how.
+    mutations: usize,
+    fail: Option<(usize, Failure)>,
+}
+
+fn is_collection(path: &str) -> bool {
+    let last = path.rsplit('/').next().unwrap_or_default();
+    ["persistentvolumeclaims", "persistentvolumes", "pods", "events", "nodes", "storageclasses"].contains(&last)
+}
+
+/// RFC 7396.
+fn merge(target: &mut Value, patch: &Value) {
+    let Some(patch) = patch.as_object() else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = json!({});
+    }
+    let map = target.as_object_mut().unwrap();
+    for (key, value) in patch {
+        if value.is_null() {
+            map.remove(key);
+        } else {
+            merge(map.entry(key.clone()).or_insert(Value::Null), value);
+        }
+    }
+}
+
+impl Cluster {
+    fn claims(&self) -> impl Iterator<Item = (&String, &Value)> {
+        self.objects.iter().filter(|(p, _)| p.contains("/persistentvolumeclaims/"))
+    }
+
+    fn volumes(&self) -> impl Iterator<Item = (&String, &Value)> {
+        self.objects.iter().filter(|(p, _)| p.starts_with("/api/v1/persistentvolumes/"))
+    }
+
+    fn get(&self, path: &str) -> Option<&Value> {
+        self.objects.get(path)
+    }
+
+    fn handle(&mut self, call: &str, body: &Value) -> (u16, Value) {
+        let (method, target) = call.split_once(' ').unwrap();
+        let (path, query) = target.split_once('?').unwrap_or((target, ""));
+        if method != "GET" {
+            self.mutations += 1;
+            if let Some((n, failure)) = self.fail
+                && n == self.mutations
+            {
+                if failure == Failure::Refused {
+                    return (500, json!({ "message": "injected" }));
+                }
+                self.apply(method, path, query, body);
+                self.react();
+                return (500, json!({ "message": "injected after it was done" }));
+            }
+        }
+        let answer = self.apply(method, path, query, body);
+        self.react();
+        answer
+    }
+
+    fn apply(&mut self, method: &str, path: &str, query: &str, body: &Value) -> (u16, Value) {
+        match method {
+            "GET" if is_collection(path) => {
+                let selector = query_label(query);
+                let items: Vec<Value> = self
+                    .objects
+                    .iter()
+                    .filter(|(p, _)| in_collection(p, path))
+                    .map(|(_, o)| o.clone())
+                    .filter(|o| selector.as_ref().is_none_or(|key| !o["metadata"]["labels"][key].is_null()))
+                    .collect();
+                (200, json!({ "items": items }))
+            }
+            "GET" => self.objects.get(path).map_or((404, Value::Null), |o| (200, o.clone())),
+            "POST" => {
+                self.serial += 1;
+                let mut object = body.clone();
+                if object["metadata"]["name"].is_null() {
+                    object["metadata"]["name"] =
+                        json!(format!("{}{}", object["metadata"]["generateName"].as_str().unwrap(), self.serial));
+                }
+                if path.ends_with("/events") {
+                    self.events.push((
+                        object["reason"].as_str().unwrap().to_owned(),
+                        object["message"].as_str().unwrap().to_owned(),
+                    ));
+                }
+                let item = format!("{path}/{}", object["metadata"]["name"].as_str().unwrap());
+                if self.objects.contains_key(&item) {
+                    return (409, json!({ "message": "exists" }));
+                }
+                object["metadata"]["uid"] = json!(format!("uid-{}", self.serial));
+                object["metadata"]["resourceVersion"] = json!(self.serial.to_string());
+                if path.ends_with("/persistentvolumeclaims") {
+                    object["metadata"]["finalizers"] = json!(["kubernetes.io/pvc-protection"]);
+                    object["status"] = json!({ "phase": "Pending" });
+                }
+                self.objects.insert(item, object.clone());
+                (201, object)
+            }
+            "PATCH" => {
+                self.serial += 1;
+                let serial = self.serial;
+                let Some(object) = self.objects.get_mut(path) else { return (404, Value::Null) };
+                if let Some(version) = body["metadata"]["resourceVersion"].as_str()
+                    && object["metadata"]["resourceVersion"].as_str() != Some(version)
+                {
+                    return (409, json!({ "message": "the object has been modified" }));
+                }
+                merge(object, body);
+                object["metadata"]["resourceVersion"] = json!(serial.to_string());
+                (200, object.clone())
+            }
+            "DELETE" => {
+                let Some(object) = self.objects.get_mut(path) else { return (404, Value::Null) };
+                if let Some(uid) = body["preconditions"]["uid"].as_str()
+                    && object["metadata"]["uid"].as_str() != Some(uid)
+                {
+                    return (409, json!({ "message": "precondition failed" }));
+                }
+                if object["metadata"]["finalizers"].as_array().is_some_and(|f| !f.is_empty()) {
+                    object["metadata"]["deletionTimestamp"] = json!("2026-12-02T00:00:00Z");
+                    return (200, object.clone());
+                }
+                (200, self.objects.remove(path).unwrap())
+            }
+            _ => (405, Value::Null),
+        }
+    }
+
+    /// What Kubernetes' own controllers do at once after a change.
+    fn react(&mut self) {
+        loop {
+            let before = self.objects.clone();
+            self.protect_claims();
+            self.bind();
+            self.provision();
+            self.reclaim();
+            if before == self.objects {
+                break;
+            }
+        }
+    }
+
+    /// A claim being deleted goes once no scheduled pod uses it.
+    fn protect_claims(&mut self) {
+        let used: Vec<String> = self
+            .objects
+            .iter()
+            .filter(|(p, pod)| p.contains("/pods/") && !pod["spec"]["nodeName"].is_null())
+            .filter_map(|(_, pod)| pod["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"].as_str())
+            .map(str::to_owned)
+            .collect();
+        self.objects.retain(|path, claim| {
+            !(path.contains("/persistentvolumeclaims/")
+                && !claim["metadata"]["deletionTimestamp"].is_null()
+                && !used.iter().any(|u| claim["metadata"]["name"] == *u))
+        });
+        // A volume's protection goes with its binding.
+        for (_, pv) in self.objects.iter_mut().filter(|(p, _)| p.starts_with("/api/v1/persistentvolumes/")) {
+            if pv["metadata"]["deletionTimestamp"].is_null() || pv["status"]["phase"] == "Bound" {
+                continue;
+            }
+            if let Some(finalizers) = pv["metadata"]["finalizers"].as_array_mut() {
+                finalizers.retain(|f| f != "kubernetes.io/pv-protection");
+            }
+            if pv["metadata"]["finalizers"].as_array().is_none_or(|f| f.is_empty()) {
+                pv["metadata"]["gone"] = json!(true);
+            }
+        }
+        self.objects.retain(|_, o| o["metadata"]["gone"].is_null());
+    }
+
+    /// The volume binder: pre-bound pairs bind; volumes of claims gone are
+    /// released.
+    fn bind(&mut self) {
+        let claims: Vec<(String, Value)> = self.claims().map(|(p, c)| (p.clone(), c.clone())).collect();
+        let volumes: Vec<(String, Value)> = self.volumes().map(|(p, v)| (p.clone(), v.clone())).collect();
+        for (vpath, pv) in volumes {
+            let r = &pv["spec"]["claimRef"];
+            let claim = claims.iter().find(|(_, c)| {
+                c["metadata"]["name"] == r["name"]
+                    && c["metadata"]["namespace"] == r["namespace"]
+                    && (r["uid"].is_null() || c["metadata"]["uid"] == r["uid"])
+            });
+            match claim {
+                Some((cpath, c)) if c["spec"]["volumeName"] == pv["metadata"]["name"] => {
+                    let uid = c["metadata"]["uid"].clone();
+                    let v = self.objects.get_mut(&vpath).unwrap();
+                    v["spec"]["claimRef"]["uid"] = uid;
+                    v["status"] = json!({ "phase": "Bound" });
+                    self.objects.get_mut(cpath).unwrap()["status"] = json!({ "phase": "Bound" });
+                }
+                None if !r.is_null() && pv["status"]["phase"] == "Bound" => {
+                    self.objects.get_mut(&vpath).unwrap()["status"] = json!({ "phase": "Released" });
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// The external-provisioner: a claim of class `loam` with a selected
+    /// node gets a volume there, copied from its source claim's volume.
+    fn provision(&mut self) {
+        let waiting: Vec<(String, Value)> = self
+            .claims()
+            .filter(|(_, c)| {
+                c["spec"]["volumeName"].is_null() && !c["metadata"]["annotations"][SELECTED_NODE].is_null()
+            })
+            .map(|(p, c)| (p.clone(), c.clone()))
+            .collect();
+        for (cpath, claim) in waiting {
+            let node = claim["metadata"]["annotations"][SELECTED_NODE].as_str().unwrap().to_owned();
+            let namespace = claim["metadata"]["namespace"].as_str().unwrap();
+            let source = claim["spec"]["dataSource"]["name"].as_str().map(|s| claim_path(namespace, s));
+            let source_handle = match source.and_then(|s| self.objects.get(&s).cloned()) {
+                Some(s) if s["status"]["phase"] == "Bound" => {
+                    let pv = &self.objects[&volume_path(s["spec"]["volumeName"].as_str().unwrap())];
+                    Some(pv["spec"]["csi"]["volumeHandle"].as_str().unwrap().to_owned())
+                }
+                Some(_) => continue,
+                None => None,
+            };
+            self.serial += 1;
+            let name = format!("pvc-{}", claim["metadata"]["uid"].as_str().unwrap());
+            let handle = format!("{:032x}@{node}", self.serial);
+            if let Some(source) = source_handle {
+                self.copies.push((source, node.clone()));
+            }
+            let pv = json!({
+                "metadata": { "name": name, "uid": format!("uid-{}", self.serial),
+                              "annotations": { PROVISIONED_BY: "loam.csi.dev" },
+                              "finalizers": ["kubernetes.io/pv-protection", PROVISIONER_FINALIZER] },
+                "spec": {
+                    "csi": { "driver": "loam.csi.dev", "volumeHandle": handle },
+                    "capacity": { "storage": claim["spec"]["resources"]["requests"]["storage"] },
+                    "accessModes": claim["spec"]["accessModes"],
+                    "storageClassName": claim["spec"]["storageClassName"],
+                    "volumeMode": claim["spec"]["volumeMode"],
+                    "persistentVolumeReclaimPolicy": "Delete",
+                    "nodeAffinity": { "required": { "nodeSelectorTerms": [ { "matchExpressions": [
+                        { "key": TOPOLOGY_NODE_KEY, "operator": "In", "values": [node] } ] } ] } },
+                    "claimRef": { "name": claim["metadata"]["name"], "namespace": namespace,
+                                  "uid": claim["metadata"]["uid"] },
+                },
+                "status": { "phase": "Bound" },
+            });
+            self.objects.insert(volume_path(&name), pv);
+            self.objects.get_mut(&cpath).unwrap()["spec"]["volumeName"] = json!(name);
+        }
+    }
+
+    /// Released volumes with reclaim policy Delete are deleted, the volume
+    /// first (the provisioner), then the object.
+    fn reclaim(&mut self) {
+        let released: Vec<(String, Value)> = self
+            .volumes()
+            .filter(|(_, v)| {
+                v["status"]["phase"] == "Released" && v["spec"]["persistentVolumeReclaimPolicy"] == "Delete"
+            })
+            .map(|(p, v)| (p.clone(), v.clone()))
+            .collect();
+        for (path, pv) in released {
+            self.deleted_volumes.push(pv["spec"]["csi"]["volumeHandle"].as_str().unwrap().to_owned());
+            self.objects.remove(&path);
+        }
+    }
+
+    /// What happens between sweeps: the StatefulSet makes its pod again, the
+    /// scheduler places a pod whose claim is bound on its volume's node.
+    fn settle(&mut self) {
+        if !self.objects.contains_key("/api/v1/namespaces/db/pods/db-1") {
+            self.objects.insert(
+                "/api/v1/namespaces/db/pods/db-1".into(),
+                json!({ "metadata": { "name": "db-1", "namespace": "db", "uid": "uid-pod-again" },
+                        "spec": { "volumes": [ { "persistentVolumeClaim": { "claimName": "data-db-1" } } ] } }),
+            );
+        }
+        let pod = self.objects["/api/v1/namespaces/db/pods/db-1"].clone();
+        if pod["spec"]["nodeName"].is_null()
+            && let Some(claim) = self.objects.get(&claim_path("db", "data-db-1"))
+            && claim["status"]["phase"] == "Bound"
+        {
+            let pv = &self.objects[&volume_path(claim["spec"]["volumeName"].as_str().unwrap())];
+            let node = pv["spec"]["csi"]["volumeHandle"].as_str().unwrap().split_once('@').unwrap().1.to_owned();
+            self.objects.get_mut("/api/v1/namespaces/db/pods/db-1").unwrap()["spec"]["nodeName"] = json!(node);
+        }
+        self.react();
+    }
+}
+
+/// The label key of a `labelSelector=<key>` query (existence only).
+fn query_label(query: &str) -> Option<String> {
+    query.strip_prefix("labelSelector=").map(|key| key.replace("%2F", "/"))
+}
+
+/// Whether the object at `item` is in the list at `collection`.
+fn in_collection(item: &str, collection: &str) -> bool {
+    match collection {
+        "/api/v1/persistentvolumeclaims" => item.contains("/persistentvolumeclaims/"),
+        _ => item.strip_prefix(collection).is_some_and(|rest| rest.starts_with('/') && !rest[1..].contains('/')),
+    }
+}
+
+/// A cluster with claim `db/data-db-1` bound to volume `pv-a` on node-a,
+/// used by pod `db-1`, labelled to move to `to`.
+fn cluster_moving_to(to: &str) -> Cluster {
+    let mut c = Cluster::default();
+    let handle = format!("{KEY_A}@node-a");
+    c.objects.insert(
+        volume_path("pv-a"),
+        json!({
+            "metadata": { "name": "pv-a", "uid": "uid-pv-a", "resourceVersion": "1",
+                          "annotations": { PROVISIONED_BY: "loam.csi.dev" },
+                          "finalizers": ["kubernetes.io/pv-protection", PROVISIONER_FINALIZER] },
+            "spec": {
+                "csi": { "driver": "loam.csi.dev", "volumeHandle": handle },
+                "capacity": { "storage": "1Gi" },
+                "accessModes": ["ReadWriteOnce"],
+                "storageClassName": "loam",
+                "volumeMode": "Filesystem",
+                "persistentVolumeReclaimPolicy": "Delete",
+                "claimRef": { "name": "data-db-1", "namespace": "db", "uid": "uid-claim" },
+            },
+            "status": { "phase": "Bound" },
+        }),
+    );
+    c.objects.insert(
+        claim_path("db", "data-db-1"),
+        json!({
+            "metadata": {
+                "name": "data-db-1", "namespace": "db", "uid": "uid-claim", "resourceVersion": "1",
+                "labels": { "app": "db", MOVE_TO_LABEL: to },
+                "annotations": { "pv.kubernetes.io/bind-completed": "yes", SELECTED_NODE: "node-a", "team": "data" },
+                "finalizers": ["kubernetes.io/pvc-protection"],
+            },
+            "spec": { "accessModes": ["ReadWriteOnce"], "resources": { "requests": { "storage": "1Gi" } },
+                      "storageClassName": "loam", "volumeMode": "Filesystem", "volumeName": "pv-a" },
+            "status": { "phase": "Bound" },
+        }),
+    );
+    c.objects.insert(
+        "/api/v1/namespaces/db/pods/db-1".into(),
+        json!({ "metadata": { "name": "db-1", "namespace": "db", "uid": "uid-pod" },
+                "spec": { "nodeName": "node-a",
+                          "volumes": [ { "persistentVolumeClaim": { "claimName": "data-db-1" } } ] } }),
+    );
+    for node in ["node-a", "node-b"] {
+        c.objects.insert(format!("/api/v1/nodes/{node}"), json!({ "metadata": { "name": node } }));
+    }
+    c.objects.insert(
+        "/apis/storage.k8s.io/v1/storageclasses/loam".into(),
+        json!({ "metadata": { "name": "loam" }, "parameters": { "backend": "loop" } }),
+    );
+    c
+}
+
+/// Room: 4 GiB on every node, and the parameters it was asked with.
+struct FakeRoom(i64, Mutex<Vec<BTreeMap<String, String>>>);
+
+impl Room for FakeRoom {
+    fn available<'a>(&'a self, _: &'a str, parameters: BTreeMap<String, String>) -> Pending<'a, Result<i64, String>> {
+        self.1.lock().unwrap().push(parameters);
+        Box::pin(async move { Ok(self.0) })
+    }
+}
+
+async fn moves_for(cluster: &Arc<Mutex<Cluster>>, room: i64, dir: &std::path::Path) -> (Moves, Arc<FakeRoom>) {
+    let model = cluster.clone();
+    let port =
+        fake::serve_with(dir, Arc::new(move |call: &str, body: &Value| model.lock().unwrap().handle(call, body))).await;
+    let api = Arc::new(KubeApi::at("127.0.0.1".into(), port, dir).unwrap());
+    let room = Arc::new(FakeRoom(room, Mutex::default()));
+    (Moves::new(api, room.clone(), "loam.csi.dev".into()), room)
+}
+
+/// Sweeps until the move is done (at most `limit` sweeps); the stages seen.
+async fn sweep_until_done(moves: &Moves, cluster: &Arc<Mutex<Cluster>>, limit: usize) -> Vec<Stage> {
+    let mut seen = Vec::new();
+    for _ in 0..limit {
+        let stages = moves.sweep().await;
+        cluster.lock().unwrap().settle();
+        let done = stages.get("pv-a") == Some(&Stage::Done);
+        seen.extend(stages.into_values());
+        if done {
+            break;
+        }
+    }
+    seen
+}
+
+/// The state a finished move must leave, whatever happened on the way.
+fn assert_moved(c: &Cluster) {
+    let claim = c.get(&claim_path("db", "data-db-1")).expect("the claim keeps its name");
+    assert_eq!(claim["status"]["phase"], "Bound", "{claim}");
+    assert_eq!(claim["metadata"]["labels"], json!({ "app": "db" }), "labels kept, the move's label gone");
+    assert_eq!(claim["metadata"]["annotations"], json!({ "team": "data" }), "the old binding's annotations gone");
+    let new_name = claim["spec"]["volumeName"].as_str().unwrap();
+    assert_ne!(new_name, "pv-a");
+    let new_pv = c.get(&volume_path(new_name)).unwrap();
+    let handle = new_pv["spec"]["csi"]["volumeHandle"].as_str().unwrap();
+    assert!(handle.ends_with("@node-b"), "the volume is on node-b: {handle}");
+    assert_eq!(new_pv["spec"]["claimRef"]["uid"], claim["metadata"]["uid"]);
+    assert_eq!(new_pv["spec"]["persistentVolumeReclaimPolicy"], "Delete", "the reclaim policy is the old one");
+    assert_eq!(new_pv["metadata"]["annotations"][PROVISIONED_BY], "loam.csi.dev", "deleted by the provisioner later");
+    assert_eq!(new_pv["metadata"]["annotations"][MOVED_FROM_ANNOTATION], "pv-a");
+    assert_eq!(c.copies, [(format!("{KEY_A}@node-a"), "node-b".to_owned())], "one copy, from the old volume");
+    assert_eq!(c.deleted_volumes, [format!("{KEY_A}@node-a")], "the old volume deleted, the copy never");
+    assert!(c.get(&volume_path("pv-a")).is_none(), "the old PersistentVolume is gone");
+    let handles: Vec<&str> = c.volumes().filter_map(|(_, v)| v["spec"]["csi"]["volumeHandle"].as_str()).collect();
+    assert_eq!(handles, [handle], "one PersistentVolume names the copy");
+    let leftovers: Vec<&String> = c.claims().map(|(p, _)| p).filter(|p| p.contains("loam-move")).collect();
+    assert!(leftovers.is_empty(), "the move's own claims are gone: {leftovers:?}");
+    let pod = c.get("/api/v1/namespaces/db/pods/db-1").unwrap();
+    assert_eq!(pod["spec"]["nodeName"], "node-b", "the pod runs on the new node");
+}
+
+#[tokio::test]
+async fn a_claim_moves_to_another_node_keeping_its_name_and_the_old_volume_goes_last() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Arc::new(Mutex::new(cluster_moving_to("node-b")));
+    let (moves, room) = moves_for(&cluster, 4 * GI, dir.path()).await;
+    let stages = sweep_until_done(&moves, &cluster, 30).await;
+    assert_eq!(stages.last(), Some(&Stage::Done), "{stages:?}");
+    let c = cluster.lock().unwrap();
+    assert_moved(&c);
+    assert_eq!(*room.1.lock().unwrap(), [BTreeMap::from([("backend".to_owned(), "loop".to_owned())])]);
+    let reasons: Vec<&str> = c.events.iter().map(|(r, _)| r.as_str()).collect();
+    assert_eq!(reasons, ["MoveStarted", "Moved"]);
+    assert!(!stages.iter().any(|s| matches!(s, Stage::Blocked(_))), "{stages:?}");
+}
+
+#[tokio::test]
+async fn a_move_converges_whichever_request_fails_or_loses_its_answer() {
+    // Count the requests a clean move makes, then fail each one in turn.
+    let dir = tempfile::tempdir().unwrap();
+    let clean = Arc::new(Mutex::new(cluster_moving_to("node-b")));
+    let (moves, _) = moves_for(&clean, 4 * GI, dir.path()).await;
+    sweep_until_done(&moves, &clean, 30).await;
+    let total = clean.lock().unwrap().mutations;
+    assert!(total > 10, "{total}");
+    for n in 1..=total {
+        for failure in [Failure::Refused, Failure::AnswerLost] {
+            let dir = tempfile::tempdir().unwrap();
+            let cluster = Arc::new(Mutex::new(cluster_moving_to("node-b")));
+            cluster.lock().unwrap().fail = Some((n, failure));
+            // A controller that restarts after the failure knows only the cluster.
+            let (first, _) = moves_for(&cluster, 4 * GI, dir.path()).await;
+            first.sweep().await;
+            cluster.lock().unwrap().settle();
+            let (second, _) = moves_for(&cluster, 4 * GI, dir.path()).await;
+            let stages = sweep_until_done(&second, &cluster, 40).await;
+            let c = cluster.lock().unwrap();
+            assert!(
+                stages.last() == Some(&Stage::Done) || c.get(&volume_path("pv-a")).is_none(),
+                "request {n} {failure:?}: {stages:?}"
+            );
+            assert_moved(&c);
+        }
+    }
+}
+
+#[tokio::test]
+async fn moves_that_cannot_be_done_are_refused_with_an_event_and_change_nothing() {
+    for (to, room, why) in [
+        ("node-a", 4 * GI, "is on node node-a already"),
+        ("node-z", 4 * GI, "node-z is not a node"),
+        ("node-b", GI / 2, "node node-b has 536870912 bytes free"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let cluster = Arc::new(Mutex::new(cluster_moving_to(to)));
+        let before = cluster.lock().unwrap().objects[&volume_path("pv-a")].clone();
+        let (moves, _) = moves_for(&cluster, room, dir.path()).await;
+        let stages = moves.sweep().await;
+        assert!(stages.is_empty(), "{stages:?}");
+        let c = cluster.lock().unwrap();
+        assert_eq!(c.objects[&volume_path("pv-a")], before, "{to}: the volume is untouched");
+        let claim = &c.objects[&claim_path("db", "data-db-1")];
+        assert!(claim["metadata"]["labels"][MOVE_TO_LABEL].is_null(), "{to}: the label comes off");
+        assert_eq!(claim["spec"]["volumeName"], "pv-a");
+        assert_eq!(c.events.len(), 1, "{to}");
+        assert_eq!(c.events[0].0, "MoveRefused");
+        assert!(c.events[0].1.contains(why), "{to}: {}", c.events[0].1);
+        assert!(c.copies.is_empty() && c.deleted_volumes.is_empty());
+    }
+}
+
+#[tokio::test]
+async fn a_claim_its_owner_makes_during_the_move_is_replaced_while_empty_and_stops_the_move_once_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Arc::new(Mutex::new(cluster_moving_to("node-b")));
+    let (moves, _) = moves_for(&cluster, 4 * GI, dir.path()).await;
+    moves.sweep().await; // started
+    moves.sweep().await; // claim deleted and made again
+    let owners_claim = |volume: Value| {
+        json!({ "metadata": { "name": "data-db-1", "namespace": "db", "uid": "uid-owner",
+                              "finalizers": ["kubernetes.io/pvc-protection"] },
+                "spec": { "accessModes": ["ReadWriteOnce"], "storageClassName": "loam", "volumeName": volume },
+                "status": { "phase": if volume.is_null() { "Pending" } else { "Bound" } } })
+    };
+    // The StatefulSet's claim came first, with no volume yet: it goes.
+    cluster.lock().unwrap().objects.insert(claim_path("db", "data-db-1"), owners_claim(Value::Null));
+    let stages = sweep_until_done(&moves, &cluster, 30).await;
+    assert_eq!(stages.last(), Some(&Stage::Done), "{stages:?}");
+    assert_moved(&cluster.lock().unwrap());
+
+    // Once bound to a volume of its own, it is not touched: the move says why.
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Arc::new(Mutex::new(cluster_moving_to("node-b")));
+    let (moves, _) = moves_for(&cluster, 4 * GI, dir.path()).await;
+    moves.sweep().await;
+    moves.sweep().await;
+    cluster.lock().unwrap().objects.insert(claim_path("db", "data-db-1"), owners_claim(json!("pv-other")));
+    let stages = moves.sweep().await;
+    let Some(Stage::Blocked(why)) = stages.get("pv-a") else { panic!("{stages:?}") };
+    assert!(why.contains("delete claim data-db-1 and its pods"), "{why}");
+    let c = cluster.lock().unwrap();
+    assert_eq!(c.objects[&claim_path("db", "data-db-1")]["metadata"]["uid"], "uid-owner");
+    assert!(c.events.iter().any(|(reason, _)| reason == "MoveBlocked"));
+    assert!(c.deleted_volumes.is_empty(), "the old volume is kept");
+}
