@@ -231,6 +231,7 @@ spec:
     metadata: {labels: {app: web}}
     spec:
       terminationGracePeriodSeconds: 1
+      $pin
       containers:
         - name: shell
           image: $IMAGE
