@@ -533,7 +533,8 @@ lazyinit=$(on_node "$NODE" "dev=\$(losetup -n -O NAME -j $thin_image | head -1);
 ok "the image is now thick: $(($(on_node "$NODE" "stat -c '%b*%B' $thin_image"))) bytes allocated (${lazyinit:-?} block groups still left to ext4lazyinit)"
 regained=$(kubectl -n loam logs "$(agent_on "$NODE")" -c loam | grep -F "allocated a thick volume's image again" |
     grep -F "volume=$key_thin" | grep -o 'bytes=[0-9]*' | head -1 || true)
-say "   (Loam's agent: ${regained:+holes punched by ext4lazyinit allocated again, $regained}${regained:-nothing lost to ext4lazyinit this time})"
+[ -n "$regained" ] && say "   (Loam's agent allocated the holes ext4lazyinit punched again: $regained)" ||
+    say "   (Loam's agent had nothing to allocate again: ext4lazyinit punched no hole this time)"
 in_pod thinner 'echo still-here >/data/f && cat /data/f' >/dev/null && ok "the pod still writes to it" ||
     fail "write after ModifyVolume"
 delete_pod thinner

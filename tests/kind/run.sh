@@ -22,7 +22,11 @@
 # removes it).
 # Env: LOAM_E2E_CACHE (the build cache), LOAM_KIND_UPSTREAM_IMAGES (a directory
 # of `docker save` archives of upstream sidecar images to use instead of the
-# stand-ins), LOAM_KIND_PLAIN_RUNC=1 (see docker.sh).
+# stand-ins), LOAM_KIND_PLAIN_RUNC=1 (see docker.sh), LOAM_KIND_RUN (the run's
+# directory: roots, kubeconfig; default /var/tmp/loam-kind), and docker.sh's
+# LOAM_KIND_DOCKER_ROOT (dockerd's data root, where the images are kept) and
+# LOAM_KIND_STATE (its socket, pid file and exec root): all of them fresh, with
+# GOMODCACHE, make a cold run on a warm machine.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
