@@ -18,10 +18,15 @@
 # Everything it started is removed at the end, also on failure and on SIGTERM
 # or Ctrl-C: the cluster (its containers and network), the loop devices and
 # mounts of the roots (only the ones this run made), dockerd if it started it.
-# KIND_HOLD=1 keeps the cluster up after the story (Ctrl-C removes it).
+# KIND_HOLD=1 keeps the cluster up after the story, green or not (Ctrl-C
+# removes it).
 # Env: LOAM_E2E_CACHE (the build cache), LOAM_KIND_UPSTREAM_IMAGES (a directory
 # of `docker save` archives of upstream sidecar images to use instead of the
-# stand-ins), LOAM_KIND_PLAIN_RUNC=1 (see docker.sh).
+# stand-ins), LOAM_KIND_PLAIN_RUNC=1 (see docker.sh), LOAM_KIND_RUN (the run's
+# directory: roots, kubeconfig; default /var/tmp/loam-kind), and docker.sh's
+# LOAM_KIND_DOCKER_ROOT (dockerd's data root, where the images are kept) and
+# LOAM_KIND_STATE (its socket, pid file and exec root): all of them fresh, with
+# GOMODCACHE, make a cold run on a warm machine.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
@@ -201,10 +206,12 @@ took[cluster]=$((SECONDS - s))
 s=$SECONDS
 step "story"
 kubectl get nodes -o wide
-E2E_NODE=$cluster-worker E2E_NODE_EXEC="docker exec" in_child bash "$repo/tests/e2e/story.sh"
+story_rc=0
+E2E_NODE=$cluster-worker E2E_NODE_EXEC="docker exec" E2E_NODE_STOP="docker stop" in_child bash "$repo/tests/e2e/story.sh" || story_rc=$?
 took[story]=$((SECONDS - s))
+# Held also after a failed story: the cluster is where to look.
 if [ "${KIND_HOLD:-}" = 1 ]; then
-    step "holding the cluster: KUBECONFIG=$run/kubeconfig DOCKER_HOST=$DOCKER_HOST; Ctrl-C ends it"
-    sleep infinity &
-    wait $!
+    step "holding the cluster (story exit $story_rc): KUBECONFIG=$run/kubeconfig DOCKER_HOST=$DOCKER_HOST; Ctrl-C ends it"
+    in_child sleep infinity
 fi
+exit "$story_rc"
