@@ -12,6 +12,7 @@
 #   debian_slim_image, rust_image   local stand-ins of the Dockerfile's two base
 #                          images, for `docker build -t loam:dev .` (printed)
 #   busybox_image          busybox:1.37 of deploy/examples/ (printed)
+#   mariadb_image          MariaDB for the story's seed scenario (printed)
 
 images_here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 . "$images_here/../e2e/versions.sh"
@@ -170,6 +171,26 @@ DOCKERFILE
         docker build --network host --force-rm -q -t "$ref" "$ctx" >/dev/null
         rm -rf "$ctx"
     fi
+    echo "$ref"
+}
+
+# mariadb_image: MariaDB from Debian's packages on the slim base, for the story's
+# seed scenario (step 12d: a database StatefulSet whose replicas are seeded by
+# cloning across nodes) (printed).
+mariadb_image() {
+    local slim=$1 ref=loam-kind.local/mariadb:$DEBIAN_SUITE stamp ctx
+    stamp=$(image_stamp "$slim")-mariadb
+    [ "$(image_stamp "$ref")" != "$stamp" ] || { images_log "$ref: cached"; echo "$ref"; return 0; }
+    ctx=$(mktemp -d "$images_work/mariadb.XXXXXX")
+    cat >"$ctx/Dockerfile" <<DOCKERFILE
+FROM $slim
+RUN apt-get update && apt-get install -y --no-install-recommends mariadb-server mariadb-client \\
+    && rm -rf /var/lib/apt/lists/*
+LABEL loam-kind.stamp=$stamp
+DOCKERFILE
+    docker build --network host --force-rm -q -t "$ref" "$ctx" >/dev/null
+    rm -rf "$ctx"
+    images_log "$ref: made"
     echo "$ref"
 }
 

@@ -141,6 +141,8 @@ mapfile -t csi < <(csi_images)
 slim_image=$(debian_slim_image)
 rust_image=$(rust_image "$slim_image")
 csi+=("$(busybox_image "$slim_image")")
+mariadb=$(mariadb_image "$slim_image")
+csi+=("$mariadb")
 took[images]=$((SECONDS - s))
 
 # --- 5. cluster: roots, then the README's quickstart (kind create cluster ... deploy/)
@@ -207,7 +209,7 @@ s=$SECONDS
 step "story"
 kubectl get nodes -o wide
 story_rc=0
-E2E_NODE=$cluster-worker E2E_NODE_EXEC="docker exec" E2E_NODE_STOP="docker stop" in_child bash "$repo/tests/e2e/story.sh" || story_rc=$?
+E2E_DB_IMAGE=$mariadb E2E_NODE=$cluster-worker E2E_NODE_EXEC="docker exec" E2E_NODE_STOP="docker stop" in_child bash "$repo/tests/e2e/story.sh" || story_rc=$?
 took[story]=$((SECONDS - s))
 # Held also after a failed story: the cluster is where to look.
 if [ "${KIND_HOLD:-}" = 1 ]; then
