@@ -47,15 +47,14 @@ chart --set metrics.enabled=false >"$work/chart-no-metrics.yaml"
     "$here"/deploy/examples/*.yaml
 
 # One source of truth: the chart with the values matching each kustomize
-# tree renders its objects. deploy/ logs text (the e2e story reads the text
-# log), the chart JSON by default, so these renders ask for text.
+# tree renders its objects (both log JSON by default).
 same() { # what, chart values..., --, kustomize renders...
     local what=$1 args=() renders=()
     shift
     while [ "$1" != -- ]; do args+=("$1"); shift; done
     shift
     for r in "$@"; do renders+=("$work/$r"); done
-    chart --set logFormat=text "${args[@]}" >"$work/chart-$what.yaml"
+    chart "${args[@]}" >"$work/chart-$what.yaml"
     "$python" "$here/scripts/chart-matches-deploy.py" "$what" "$work/chart-$what.yaml" "${renders[@]}"
 }
 same deploy -- deploy.yaml

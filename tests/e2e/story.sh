@@ -56,6 +56,22 @@ on_node() {
 }
 # E2E_NODE_STOP: the command that stops a node for good, given its name
 # ("docker stop" where nodes are containers); step 12c, the node loss, needs it.
+# loam_log POD: the Loam container's log (JSON, as deploy/ sets it) as the
+# text format writes it: "<message> key=value ...", the spans' fields last.
+loam_log() {
+    kubectl -n loam logs "$1" -c loam | python3 -c '
+import json, sys
+for line in sys.stdin:
+    try:
+        event = json.loads(line)
+    except ValueError:
+        continue
+    fields = dict(event.get("fields", {}))
+    message = fields.pop("message", "")
+    text = lambda v: v if isinstance(v, str) else json.dumps(v)
+    spans = [f"{k}={text(v)}" for span in event.get("spans", []) for k, v in span.items() if k != "name"]
+    print(" ".join([message] + [f"{k}={text(v)}" for k, v in fields.items()] + spans) + " ")'
+}
 pvc_field() { k get pvc "$1" -o jsonpath="$2"; }
 pv_handle() { kubectl get pv "$(pvc_field "$1" '{.spec.volumeName}')" -o jsonpath='{.spec.csi.volumeHandle}'; }
 key_of() { local h; h=$(pv_handle "$1"); echo "${h%@*}"; }
@@ -352,7 +368,7 @@ expect "the content lists db-data's and db-wal's volumes" \
     "$(kubectl get volumegroupsnapshotcontent "$vgsc_db" -o jsonpath='{.status.volumeSnapshotInfoList[*].volumeHandle}' |
         tr ' ' '\n' | sort | tr '\n' ' ')" \
     "$(printf '%s\n' "$(pv_handle db-data)" "$(pv_handle db-wal)" | sort | tr '\n' ' ')"
-agent_log=$(kubectl -n loam logs "$(agent_on "$NODE")" -c loam)
+agent_log=$(loam_log "$(agent_on "$NODE")")
 cut=$(grep -F "group=$group_handle " <<<"$agent_log" | grep -F 'group snapshot cut' || true)
 [[ $cut == *"members=2 thawed=2"* ]] && ok "the node agent froze both mounted ext4 volumes for the cut (thawed=2)" ||
     fail "the node agent's log has no 'group snapshot cut ... members=2 thawed=2' for $group_handle: '$cut'"
@@ -531,7 +547,7 @@ until_ok 10 "the image whole (64 MiB allocated) 20-30 s after ModifyVolume" thic
 lazyinit=$(on_node "$NODE" "dev=\$(losetup -n -O NAME -j $thin_image | head -1);
     dumpe2fs \$dev 2>/dev/null | grep '^Group [0-9]' | grep -vc ITABLE_ZEROED" || true)
 ok "the image is now thick: $(($(on_node "$NODE" "stat -c '%b*%B' $thin_image"))) bytes allocated (${lazyinit:-?} block groups still left to ext4lazyinit)"
-regained=$(kubectl -n loam logs "$(agent_on "$NODE")" -c loam | grep -F "allocated a thick volume's image again" |
+regained=$(loam_log "$(agent_on "$NODE")" | grep -F "allocated a thick volume's image again" |
     grep -F "volume=$key_thin" | grep -o 'bytes=[0-9]*' | head -1 || true)
 [ -n "$regained" ] && say "   (Loam's agent allocated the holes ext4lazyinit punched again: $regained)" ||
     say "   (Loam's agent had nothing to allocate again: ext4lazyinit punched no hole this time)"
