@@ -26,7 +26,7 @@ use crate::ids::Key;
 use crate::kernel::Kernel;
 use crate::kernel::copy::{copy_into, copy_tree};
 use crate::kernel::mount::MountFlags;
-use crate::kernel::mountinfo::{self, MountEntry};
+use crate::kernel::mountinfo::MountEntry;
 use crate::kernel::nofollow::{self, Want};
 use crate::kernel::quota::{Enforcer, ProjectIds, QuotaUsage};
 use crate::kernel::usage::{TreeUsage, fs_usage, tree_usage};
@@ -365,8 +365,8 @@ impl DirBackend {
             return Ok(());
         }
         nofollow::open_or_create(path, Want::Dir).map_err(|e| Error::at_caller_path("staging path", e))?;
-        let mounts = self.kernel.mounts().context(|| "reading the mount table".into())?;
-        if !mountinfo::find_mount_point(&mounts, path).is_some_and(|e| self.shows_volume(e, key)) {
+        let mounted = self.kernel.mount_at(path).context(|| format!("looking for a mount on {}", path.display()))?;
+        if !mounted.is_some_and(|e| self.shows_volume(&e, key)) {
             self.kernel.bind(&data, path, MountFlags::default()).map_err(|e| {
                 Error::at_caller_path(format!("bind-mounting {} on {}", data.display(), path.display()), e)
             })?;

@@ -21,7 +21,7 @@ use crate::kernel::blockfs::{self, Content, FsType};
 use crate::kernel::copy::{self, copy_file};
 use crate::kernel::loopdev::{AttachOptions, LoopDevice};
 use crate::kernel::mount::MountFlags;
-use crate::kernel::mountinfo::{self, MountEntry};
+use crate::kernel::mountinfo::MountEntry;
 use crate::kernel::nofollow::{self, Want};
 use crate::kernel::usage::fs_usage;
 use crate::kernel::{Frozen, Kernel};
@@ -251,8 +251,7 @@ impl LoopBackend {
         formats: &FormatLog<'_>,
     ) -> Result<()> {
         let fs = filesystem(spec, capability)?;
-        let mounts = self.mount_table()?;
-        if mounted_from(&mounts, path, std::slice::from_ref(device)) {
+        if self.mounted_from(path, std::slice::from_ref(device))? {
             return Ok(());
         }
         let content = self.kernel.probe(&device.device).context(|| format!("probing {}", device.device.display()))?;
@@ -314,7 +313,7 @@ impl LoopBackend {
     /// write of its pods hangs). Returns whether it was frozen.
     pub fn thaw_stage(&self, key: &Key, path: &Path) -> Result<bool> {
         let devices = self.devices(key)?;
-        if !mounted_from(&self.mount_table()?, path, &devices) {
+        if !self.mounted_from(path, &devices)? {
             return Ok(false);
         }
         self.kernel.thaw(path).context(|| format!("thawing {}", path.display()))
@@ -325,8 +324,7 @@ impl LoopBackend {
     pub fn unstage(&self, key: &Key, path: &Path) -> Result<()> {
         let devices = self.devices(key)?;
         for _ in 0..8 {
-            let mounts = self.mount_table()?;
-            if !mounted_from(&mounts, path, &devices) {
+            if !self.mounted_from(path, &devices)? {
                 break;
             }
             self.kernel.unmount(path).context(|| format!("unmounting {}", path.display()))?;
@@ -516,6 +514,13 @@ impl LoopBackend {
         self.kernel.mounts().context(|| "reading the mount table".into())
     }
 
+    /// Whether the topmost mount on `path` is a filesystem of one of
+    /// `devices`; reads the mount table only when something is mounted there.
+    fn mounted_from(&self, path: &Path, devices: &[LoopDevice]) -> Result<bool> {
+        let mounted = self.kernel.mount_at(path).context(|| format!("looking for a mount on {}", path.display()))?;
+        Ok(mounted.is_some_and(|entry| devices.iter().any(|d| Path::new(&entry.source) == d.device)))
+    }
+
     fn missing(&self, key: &Key) -> String {
         format!("image {} is missing; restore it from a backup or delete the volume", self.image_path(key).display())
     }
@@ -589,12 +594,6 @@ fn same_family(found: &str, fs: FsType) -> bool {
         FsType::Ext4 => matches!(found, "ext4" | "ext3" | "ext2"),
         FsType::Xfs => found == "xfs",
     }
-}
-
-/// Whether the mount at `path` is one of `devices`.
-fn mounted_from(mounts: &[MountEntry], path: &Path, devices: &[LoopDevice]) -> bool {
-    mountinfo::find_mount_point(mounts, path)
-        .is_some_and(|entry| devices.iter().any(|d| Path::new(&entry.source) == d.device))
 }
 
 /// Sets the file's length to `capacity`, allocating the new space when thick.

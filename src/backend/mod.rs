@@ -24,7 +24,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::ids::Key;
 use crate::kernel::Kernel;
 use crate::kernel::loopdev::LoopDevice;
-use crate::kernel::mountinfo::{self, MountEntry};
+use crate::kernel::mountinfo::MountEntry;
 use crate::kernel::quota::Enforcer;
 pub use crate::records::{BackendKind, Layout, LoopSpec, Provisioning};
 use crate::records::{Capability, Enforcement, SnapshotRecord, Stage, VolumeRecord};
@@ -509,9 +509,7 @@ impl Backends {
     pub fn unmount(&self, path: &Path, key: &Key, layout: Option<&Layout>, ours: bool) -> Result<bool> {
         // The bound keeps a confused table from looping.
         for round in 0..8 {
-            let mounts = self.kernel.mounts().context(|| "reading the mount table".into())?;
-            let Some(entry) = mountinfo::find_mount_point(&mounts, path) else { return Ok(round > 0) };
-            if !ours && !self.shows_volume(entry, key, layout) {
+            if !self.unmountable(path, key, layout, ours)? {
                 return Ok(round > 0);
             }
             self.kernel.unmount(path).context(|| format!("unmounting {}", path.display()))?;
@@ -522,14 +520,28 @@ impl Backends {
         )))
     }
 
+    /// Whether [`Backends::unmount`] unmounts what is on `path` now: when
+    /// `ours`, anything mounted there (found without reading the mount
+    /// table); otherwise only a mount that shows the volume.
+    fn unmountable(&self, path: &Path, key: &Key, layout: Option<&Layout>, ours: bool) -> Result<bool> {
+        if ours {
+            return self.kernel.is_mount_point(path).context(|| format!("looking for a mount on {}", path.display()));
+        }
+        Ok(self.mount_at(path)?.is_some_and(|e| self.shows_volume(&e, key, layout)))
+    }
+
     /// Whether a recorded stage still exists in the kernel: the staging
     /// mount shows the volume, or (loop) a device is attached to its image.
     pub fn stage_is_live(&self, key: &Key, layout: &Layout, stage: &Stage) -> Result<bool> {
         if matches!(layout, Layout::Loop(_)) && self.loopback.is_attached(key)? {
             return Ok(true);
         }
-        let mounts = self.kernel.mounts().context(|| "reading the mount table".into())?;
-        Ok(mountinfo::find_mount_point(&mounts, &stage.path).is_some_and(|e| self.shows_volume(e, key, Some(layout))))
+        Ok(self.mount_at(&stage.path)?.is_some_and(|e| self.shows_volume(&e, key, Some(layout))))
+    }
+
+    /// The topmost mount on `path`, if any.
+    fn mount_at(&self, path: &Path) -> Result<Option<MountEntry>> {
+        self.kernel.mount_at(path).context(|| format!("looking for a mount on {}", path.display()))
     }
 
     /// Usage of a volume staged at `stage`.

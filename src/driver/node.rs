@@ -10,7 +10,6 @@ use crate::backend::loopback::FormatLog;
 use crate::error::{Error, IoContext, Result};
 use crate::ids::Key;
 use crate::kernel::mount::MountFlags;
-use crate::kernel::mountinfo;
 use crate::kernel::mountinfo::MountEntry;
 use crate::kernel::nofollow::{self, Removal, Want};
 use crate::records::{Capability, Formatting, Layout, Publication, Stage, VolumeRecord};
@@ -182,10 +181,7 @@ impl Driver {
     ) -> Result<()> {
         let want = if publication.capability.block { Want::File } else { Want::Dir };
         nofollow::open_or_create(target, want).map_err(|e| Error::at_caller_path("target path", e))?;
-        let mounts = self.mount_table()?;
-        if !mountinfo::find_mount_point(&mounts, target)
-            .is_some_and(|e| self.backends.shows_volume(e, &key, Some(&record.layout)))
-        {
+        if !self.mount_at(target)?.is_some_and(|e| self.backends.shows_volume(&e, &key, Some(&record.layout))) {
             self.kernel.bind(source, target, flags).map_err(|e| {
                 Error::at_caller_path(format!("bind-mounting {} on {}", source.display(), target.display()), e)
             })?;
@@ -246,8 +242,7 @@ impl Driver {
     /// file; whatever else is there (a pod's files written under it after
     /// the unmount, a stranger's mount) is left and logged.
     fn remove_target(&self, target: &Path) -> Result<()> {
-        let mounts = self.mount_table()?;
-        if let Some(entry) = mountinfo::find_mount_point(&mounts, target) {
+        if let Some(entry) = self.mount_at(target)? {
             tracing::warn!(target = %target.display(), source = %entry.source, "left the target: something else is mounted on it");
             return Ok(());
         }
@@ -285,9 +280,8 @@ impl Driver {
                 used.display()
             )));
         }
-        let mounts = self.mount_table()?;
-        if let Some(entry) = mountinfo::find_mount_point(&mounts, path)
-            && !self.backends.shows_volume(entry, key, Some(layout))
+        if let Some(entry) = self.mount_at(path)?
+            && !self.backends.shows_volume(&entry, key, Some(layout))
         {
             return Err(Error::FailedPrecondition(format!(
                 "{} already has {} (from {}) mounted on it, which is not volume {key}; unmount it first or use another path",
@@ -338,7 +332,111 @@ impl Driver {
         self.backends.stage_is_live(key, &record.layout, stage)
     }
 
-    fn mount_table(&self) -> Result<Vec<MountEntry>> {
-        self.kernel.mounts().context(|| "reading the mount table".into())
+    /// The topmost mount on `path`, if any; the mount table is read only
+    /// when there is one.
+    fn mount_at(&self, path: &Path) -> Result<Option<MountEntry>> {
+        self.kernel.mount_at(path).context(|| format!("looking for a mount on {}", path.display()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::config::{Config, QuotaMode};
+    use crate::driver::{CapacityRange, NewVolume};
+    use crate::ids::Kind;
+    use crate::kernel::{FakeKernel, Kernel};
+    use crate::records::AccessMode;
+
+    fn capability() -> Capability {
+        Capability {
+            access_mode: AccessMode::SingleNodeWriter,
+            block: false,
+            fs_type: String::new(),
+            mount_flags: Vec::new(),
+            mount_group: None,
+        }
+    }
+
+    /// A driver on `fake` with one directory volume; returns it and the volume's key.
+    fn driver_with_volume(root: &Path, fake: Arc<FakeKernel>) -> (Driver, Key) {
+        let config = Config {
+            driver_name: "loam.csi.dev".into(),
+            node_id: "n".into(),
+            root: root.join("root"),
+            max_volumes_per_node: 0,
+            quota: QuotaMode::Off,
+        };
+        let driver = Driver::open(config, fake).unwrap();
+        let key = Key::for_name(Kind::Volume, "pvc-1");
+        let request = NewVolume {
+            name: "pvc-1".into(),
+            capacity: CapacityRange { required: 1 << 20, limit: 0 },
+            capabilities: vec![capability()],
+            parameters: BTreeMap::new(),
+            mutable_parameters: BTreeMap::new(),
+            layout: Layout::Dir,
+            source: None,
+            allowed_nodes: None,
+        };
+        driver.create_volume(key, request).unwrap();
+        (driver, key)
+    }
+
+    /// Reading the whole mount table costs in proportion to the node's
+    /// mounts; the node cycle of a volume asks only about its own paths.
+    #[test]
+    fn a_node_cycle_never_reads_the_whole_mount_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = Arc::new(FakeKernel::new());
+        let (driver, key) = driver_with_volume(dir.path(), fake.clone());
+        let (staging, target) = (dir.path().join("staging"), dir.path().join("target"));
+        let reads_before = fake.table_reads();
+
+        for _ in 0..2 {
+            driver.node_stage(key, &staging, capability()).unwrap();
+            driver.node_publish(key, &staging, &target, false, capability()).unwrap();
+            assert!(fake.is_mounted(&staging) && fake.is_mounted(&target));
+            driver.node_unpublish(key, &target).unwrap();
+            driver.node_unstage(key, &staging).unwrap();
+            assert!(!fake.is_mounted(&staging) && !fake.is_mounted(&target));
+            assert!(!target.exists(), "the target Loam made is removed");
+        }
+        assert_eq!(fake.table_reads(), reads_before, "{:?}", fake.calls());
+    }
+
+    /// A crash between a bind and its record leaves mounts the record does
+    /// not know; the retried unpublish and unstage take every stacked mount
+    /// of the volume, and a stranger's mount on another path stays.
+    #[test]
+    fn stacked_mounts_of_the_volume_all_go_and_a_strangers_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = Arc::new(FakeKernel::new());
+        let (driver, key) = driver_with_volume(dir.path(), fake.clone());
+        let (staging, target) = (dir.path().join("staging"), dir.path().join("target"));
+        let (stranger, theirs) = (dir.path().join("stranger"), dir.path().join("theirs"));
+        for path in [&stranger, &theirs] {
+            std::fs::create_dir(path).unwrap();
+        }
+        fake.bind(&stranger, &theirs, MountFlags::default()).unwrap();
+        driver.node_stage(key, &staging, capability()).unwrap();
+        driver.node_publish(key, &staging, &target, false, capability()).unwrap();
+        // What a crashed, retried publish and stage leave on top.
+        fake.bind(&staging, &target, MountFlags::default()).unwrap();
+        let data = dir.path().join("root/volumes").join(key.to_string());
+        fake.bind(&data, &staging, MountFlags::default()).unwrap();
+
+        // Not the volume's: refused, left alone.
+        let err = driver.node_publish(key, &staging, &theirs, false, capability()).unwrap_err();
+        assert!(matches!(err, Error::FailedPrecondition(_)), "{err:?}");
+        driver.node_unpublish(key, &theirs).unwrap();
+        assert!(fake.is_mounted(&theirs), "a stranger's mount stays");
+
+        driver.node_unpublish(key, &target).unwrap();
+        driver.node_unstage(key, &staging).unwrap();
+        assert!(!fake.is_mounted(&target) && !fake.is_mounted(&staging), "{:?}", fake.calls());
+        assert!(fake.is_mounted(&theirs));
     }
 }

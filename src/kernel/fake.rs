@@ -27,6 +27,7 @@ use super::loopdev::{AttachOptions, LoopDevice};
 use super::mkfs_options::MkfsOptions;
 use super::mount::{Kind, MountFlags, check_kinds, kind_of_file_type};
 use super::mountinfo::MountEntry;
+use super::mountpoint;
 use super::nofollow;
 use super::quota::{Enforcer, ProjectIds, ProjectQuota};
 use super::seam::Kernel;
@@ -51,6 +52,8 @@ pub enum Op {
     Unmount,
     /// [`Kernel::mounts`].
     Mounts,
+    /// [`Kernel::is_mount_point`] and [`Kernel::mount_at`].
+    MountAt,
     /// [`Kernel::mount_filesystem`].
     MountFilesystem,
     /// [`Kernel::attach`].
@@ -133,6 +136,8 @@ struct State {
     failures: Vec<(Op, io::ErrorKind)>,
     /// Mounts in the order made, so the last one at a path is the topmost.
     mounts: Vec<FakeMount>,
+    /// How many times the whole table was read.
+    table_reads: usize,
     devices: BTreeMap<u32, FakeDevice>,
     next_device: u32,
     frozen: BTreeSet<PathBuf>,
@@ -161,6 +166,22 @@ struct FakeMount {
     read_only: bool,
     /// The device whose filesystem this mount keeps busy.
     holds: Option<PathBuf>,
+}
+
+impl FakeMount {
+    /// The mount as the table lists it, with its mount `id`.
+    fn entry(&self, id: u32) -> MountEntry {
+        MountEntry {
+            mount_id: id,
+            parent_id: 0,
+            root: self.root.clone(),
+            mount_point: self.mount_point.clone(),
+            options: mode(self.read_only).to_owned(),
+            fs_type: self.fs_type.clone(),
+            source: self.source.clone(),
+            super_options: "rw".to_owned(),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -193,6 +214,7 @@ impl FakeKernel {
                 calls: Vec::new(),
                 failures: Vec::new(),
                 mounts: Vec::new(),
+                table_reads: 0,
                 devices: BTreeMap::new(),
                 next_device: 0,
                 frozen: BTreeSet::new(),
@@ -251,6 +273,12 @@ impl FakeKernel {
     /// True when something is mounted at `path`.
     pub fn is_mounted(&self, path: &Path) -> bool {
         self.lock().mounts.iter().any(|m| m.mount_point == path)
+    }
+
+    /// How many times the whole mount table was read ([`Kernel::mounts`]):
+    /// on a real node each read costs in proportion to its mounts.
+    pub fn table_reads(&self) -> usize {
+        self.lock().table_reads
     }
 
     /// True when the filesystem mounted at `path` is frozen.
@@ -500,22 +528,24 @@ impl Kernel for FakeKernel {
     }
 
     fn mounts(&self) -> io::Result<Vec<MountEntry>> {
-        let state = self.enter(Op::Mounts, None)?;
-        Ok(state
-            .mounts
-            .iter()
-            .zip(1u32..)
-            .map(|(m, id)| MountEntry {
-                mount_id: id,
-                parent_id: 0,
-                root: m.root.clone(),
-                mount_point: m.mount_point.clone(),
-                options: mode(m.read_only).to_owned(),
-                fs_type: m.fs_type.clone(),
-                source: m.source.clone(),
-                super_options: "rw".to_owned(),
-            })
-            .collect())
+        let mut state = self.enter(Op::Mounts, None)?;
+        state.table_reads += 1;
+        Ok(state.mounts.iter().zip(1u32..).map(|(m, id)| m.entry(id)).collect())
+    }
+
+    fn is_mount_point(&self, path: &Path) -> io::Result<bool> {
+        Ok(self.mount_at(path)?.is_some())
+    }
+
+    fn mount_at(&self, path: &Path) -> io::Result<Option<MountEntry>> {
+        let state = self.enter(Op::MountAt, None)?;
+        // As on the real side, a name that leads through a symlink (or to
+        // nothing) reaches no mount.
+        if mountpoint::reach(path)?.is_none() {
+            return Ok(None);
+        }
+        let topmost = state.mounts.iter().rposition(|m| m.mount_point == path);
+        Ok(topmost.map(|index| state.mounts[index].entry(u32::try_from(index + 1).unwrap_or(u32::MAX))))
     }
 
     fn mount_filesystem(&self, device: &Path, target: &Path, fs: FsType, flags: MountFlags) -> io::Result<()> {

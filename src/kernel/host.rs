@@ -1,6 +1,6 @@
 //! The real side of the [`Kernel`] seam: each method hands over to the
-//! module that talks to the kernel (mount, mountinfo, loopdev, blockfs,
-//! quota), whose privileged tests show what only the real kernel can.
+//! module that talks to the kernel (mount, mountinfo, mountpoint, loopdev,
+//! blockfs, quota), whose privileged tests show what only the real kernel can.
 
 use std::io;
 use std::path::Path;
@@ -10,6 +10,7 @@ use super::loopdev::{self, AttachOptions, LoopDevice};
 use super::mkfs_options::MkfsOptions;
 use super::mount::{self, MountFlags};
 use super::mountinfo::{self, MountEntry};
+use super::mountpoint;
 use super::quota::{Btrfs, Enforcer, Project, ProjectQuota, btrfs};
 use super::seam::Kernel;
 
@@ -28,6 +29,14 @@ impl Kernel for HostKernel {
 
     fn mounts(&self) -> io::Result<Vec<MountEntry>> {
         mountinfo::read()
+    }
+
+    fn is_mount_point(&self, path: &Path) -> io::Result<bool> {
+        mountpoint::is_mount_point(path)
+    }
+
+    fn mount_at(&self, path: &Path) -> io::Result<Option<MountEntry>> {
+        mountpoint::mount_at(path)
     }
 
     fn mount_filesystem(&self, device: &Path, target: &Path, fs: FsType, flags: MountFlags) -> io::Result<()> {

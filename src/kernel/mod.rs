@@ -9,6 +9,7 @@ pub mod fake;
 pub mod host;
 pub mod mount;
 pub mod mountinfo;
+pub mod mountpoint;
 pub mod nofollow;
 pub mod quota;
 pub mod seam;

@@ -33,8 +33,18 @@ pub trait Kernel: Send + Sync + fmt::Debug {
     /// Unmounts the topmost mount at `target`: `Ok(false)` when nothing is
     /// mounted there (so repeating it is harmless).
     fn unmount(&self, target: &Path) -> io::Result<bool>;
-    /// The mount table as this process sees it, in mount order.
+    /// The mount table as this process sees it, in mount order. Its cost
+    /// grows with the node's mounts: to ask about one path, use
+    /// [`Kernel::is_mount_point`] or [`Kernel::mount_at`].
     fn mounts(&self) -> io::Result<Vec<MountEntry>>;
+    /// Whether something is mounted on `path`, reached without following a
+    /// symlink (a missing or symlinked path has nothing mounted on it). Does
+    /// not read the mount table.
+    fn is_mount_point(&self, path: &Path) -> io::Result<bool>;
+    /// The topmost mount on `path` (the one the path reaches), as the mount
+    /// table lists it; `None` when [`Kernel::is_mount_point`] is false.
+    /// Reads the table only when something is mounted there.
+    fn mount_at(&self, path: &Path) -> io::Result<Option<MountEntry>>;
     /// Mounts the `fs` filesystem on block `device` at directory `target`
     /// (which may be a `/proc/self/fd/N` path of a handle opened without
     /// following symlinks) with `flags`. A device without that filesystem
