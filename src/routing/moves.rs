@@ -39,7 +39,7 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use http::Method;
@@ -140,6 +140,9 @@ pub struct Moves {
     api: Arc<KubeApi>,
     room: Arc<dyn Room>,
     driver_name: String,
+    /// The last reason each blocked move (by claim) was reported with: an
+    /// event per new reason, not one per sweep.
+    blocked: Mutex<BTreeMap<String, String>>,
 }
 
 impl std::fmt::Debug for Moves {
@@ -158,7 +161,7 @@ impl Moves {
     /// Moves the claims of `driver_name`'s volumes through `api`, asking
     /// `room` whether a target node has room.
     pub fn new(api: Arc<KubeApi>, room: Arc<dyn Room>, driver_name: String) -> Moves {
-        Moves { api, room, driver_name }
+        Moves { api, room, driver_name, blocked: Mutex::default() }
     }
 
     /// Sweeps every `every` until the task is dropped.
@@ -451,7 +454,7 @@ impl Moves {
                     plan.from,
                     plan.claim
                 );
-                self.event(plan, uid(&other), EventType::Warning, "MoveBlocked", &message).await;
+                self.report_blocked(plan, uid(&other), &message).await;
                 Ok(Err(Stage::Blocked(message)))
             }
             None => {
@@ -537,7 +540,7 @@ impl Moves {
                 on.as_deref().unwrap_or("?"),
                 plan.to
             );
-            self.event(plan, uid(claim), EventType::Warning, "MoveBlocked", &message).await;
+            self.report_blocked(plan, uid(claim), &message).await;
             return Ok(Stage::Blocked(message));
         }
         // Kept before a second PersistentVolume names the same volume, so
@@ -636,6 +639,15 @@ impl Moves {
             // 409: the precondition failed, the object is another one now.
             (200 | 202 | 404 | 409, _) => Ok(()),
             (status, answer) => Err(unexpected(what, status, &answer)),
+        }
+    }
+
+    /// A Warning event `MoveBlocked`, once per reason.
+    async fn report_blocked(&self, plan: &Plan, claim_uid: &str, message: &str) {
+        let claim = format!("{}/{}", plan.namespace, plan.claim);
+        let new = self.blocked.lock().unwrap_or_else(PoisonError::into_inner).insert(claim, message.to_owned());
+        if new.as_deref() != Some(message) {
+            self.event(plan, claim_uid, EventType::Warning, "MoveBlocked", message).await;
         }
     }
 

@@ -552,8 +552,10 @@ async fn a_claim_its_owner_makes_during_the_move_is_replaced_while_empty_and_sto
     let stages = moves.sweep().await;
     let Some(Stage::Blocked(why)) = stages.get("pv-a") else { panic!("{stages:?}") };
     assert!(why.contains("delete claim data-db-1 and its pods"), "{why}");
+    assert_eq!(moves.sweep().await.get("pv-a"), stages.get("pv-a"), "still blocked");
     let c = cluster.lock().unwrap();
     assert_eq!(c.objects[&claim_path("db", "data-db-1")]["metadata"]["uid"], "uid-owner");
-    assert!(c.events.iter().any(|(reason, _)| reason == "MoveBlocked"));
+    let blocked = c.events.iter().filter(|(reason, _)| reason == "MoveBlocked").count();
+    assert_eq!(blocked, 1, "one event for a reason, not one per sweep");
     assert!(c.deleted_volumes.is_empty(), "the old volume is kept");
 }
