@@ -59,8 +59,11 @@ step "deploy/ and charts/loam: render with kustomize and helm, validate offline 
 KUSTOMIZE="$kustomize" HELM="$helm" PYTHON="$venv/bin/python" K8S_VERSION="$KUBERNETES_VALIDATE_VERSION" \
     scripts/manifests.sh
 
-step "alert rules: parse as promtool parses them and name only the metrics the README documents"
-grep -o '`loam_[a-z_]*`' README.md | tr -d '`' | sort -u >target/metric-names.txt
+step "docs: every relative link and anchor in README.md and docs/ resolves"
+python3 scripts/doclinks.py
+
+step "alert rules: parse as promtool parses them and name only the metrics docs/metrics.md documents"
+grep -o '`loam_[a-z_]*`' docs/metrics.md | tr -d '`' | sort -u >target/metric-names.txt
 (cd scripts/rulecheck && go build -o ../../target/rulecheck .)
 target/rulecheck -metrics target/metric-names.txt deploy/monitoring/*.rules.yaml
 

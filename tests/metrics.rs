@@ -130,9 +130,10 @@ fn per_volume_series_can_be_turned_off() {
 }
 
 #[test]
-fn every_metric_the_readme_documents_for_a_node_is_served() {
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).expect("README");
-    let table = readme.split("### Metrics").nth(1).expect("a Metrics section");
+fn every_metric_the_docs_document_for_a_node_is_served() {
+    let doc =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/metrics.md")).expect("docs/metrics.md");
+    let table = doc.split("# Metrics").nth(1).expect("a Metrics section");
     let documented: Vec<&str> = table
         .lines()
         .take_while(|l| !l.starts_with('#'))
@@ -152,7 +153,7 @@ fn every_metric_the_readme_documents_for_a_node_is_served() {
                 // OpenMetrics names an info or counter family without its suffix.
                 || l.starts_with(&format!("# TYPE {} ", name.trim_end_matches("_info")))
                 || l.starts_with(&format!("# TYPE {} counter", name.trim_end_matches("_total")))),
-            "the README documents {name}, which a scrape does not serve:\n{scrape}"
+            "docs/metrics.md documents {name}, which a scrape does not serve:\n{scrape}"
         );
     }
 }

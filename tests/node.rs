@@ -1,4 +1,4 @@
-//! Node behaviour with real bind mounts: the README walk-through, restarts,
+//! Node behaviour with real bind mounts: the walk-through of docs/cli.md, restarts,
 //! read-only and single-writer publishing, stats. These need root in a
 //! private mount namespace (the README's test command provides both), so they
 //! are ignored unless run with `--include-ignored` and `LOAM_PRIVILEGED_TESTS=1`.
