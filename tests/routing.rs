@@ -954,18 +954,19 @@ async fn a_snapshot_kept_off_node_is_copied_to_another_node_and_restored_after_i
     assert!(on_copy.volume_id.ends_with(&format!("@{copy_node}")), "{}", on_copy.volume_id);
     assert_eq!(std::fs::read(s.agent(&copy_node).image(&on_copy.volume_id)).unwrap(), written);
 
-    // node-a's machine is off: the snapshot is still listed, once, from its copy.
+    // node-a's machine is off (the controller has not noticed yet): a PVC
+    // restored on the third node gets the data, pulled from the copy.
     s.agent("node-a").stop().await;
+    let elsewhere = common::from_snapshot(loop_request_for("pvc-after-loss", 16 * MIB, third), &snap.snapshot_id);
+    let elsewhere = s.controller.create_volume(elsewhere).await.unwrap().into_inner().volume.unwrap();
+    assert!(elsewhere.volume_id.ends_with(&format!("@{third}")), "{}", elsewhere.volume_id);
+    assert_eq!(std::fs::read(s.agent(third).image(&elsewhere.volume_id)).unwrap(), written);
+    // The snapshot is still listed, once, from its copy.
     let one = s.snapshot(&snap.snapshot_id).await;
     assert_eq!(one.len(), 1);
     assert!(one[0].ready_to_use);
     let listed: Vec<_> = s.snapshots().await.into_iter().filter(|e| e.snapshot_id == snap.snapshot_id).collect();
     assert_eq!(listed.len(), 1, "{listed:?}");
-    // A PVC restored on the third node gets the data, pulled from the copy.
-    let elsewhere = common::from_snapshot(loop_request_for("pvc-after-loss", 16 * MIB, third), &snap.snapshot_id);
-    let elsewhere = s.controller.create_volume(elsewhere).await.unwrap().into_inner().volume.unwrap();
-    assert!(elsewhere.volume_id.ends_with(&format!("@{third}")), "{}", elsewhere.volume_id);
-    assert_eq!(std::fs::read(s.agent(third).image(&elsewhere.volume_id)).unwrap(), written);
     // Without a topology, it lands where a copy is.
     let anywhere = common::from_snapshot(create_request("pvc-anywhere", 16 * MIB), &snap.snapshot_id);
     let mut anywhere = anywhere;
