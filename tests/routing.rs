@@ -1031,6 +1031,13 @@ async fn a_snapshot_kept_off_node_is_ready_only_once_its_copy_is_whole_and_retri
     // The same name without the protection is another snapshot: refused.
     let plain = csi::CreateSnapshotRequest { parameters: Default::default(), ..request.clone() };
     assert_eq!(s.controller.create_snapshot(plain).await.unwrap_err().code(), Code::AlreadyExists);
+    // Its volume deleted, a late retry still gets the snapshot.
+    let delete_volume = csi::DeleteVolumeRequest { volume_id: source.clone(), ..Default::default() };
+    s.controller.delete_volume(delete_volume).await.unwrap();
+    let late = s.controller.create_snapshot(request.clone()).await.unwrap().into_inner().snapshot.unwrap();
+    assert_eq!((late.snapshot_id.as_str(), late.ready_to_use), (done.snapshot_id.as_str(), true));
+    let other = protected_snapshot("snap-of-nothing", &source);
+    assert_eq!(s.controller.create_snapshot(other).await.unwrap_err().code(), Code::NotFound);
 
     // Deleting removes both copies; deleting again is still a success.
     let delete = csi::DeleteSnapshotRequest { snapshot_id: done.snapshot_id.clone(), ..Default::default() };

@@ -318,12 +318,19 @@ impl Router {
                 crate::error::quote(&req.source_volume_id)
             )));
         };
+        // The room a copy may need: the volume's capacity. A volume deleted
+        // since a first attempt cut its snapshot is left to the cut's answer
+        // (the snapshot that attempt made, or NOT_FOUND).
         let ask = csi::ControllerGetVolumeRequest { volume_id: req.source_volume_id.clone() };
         let volume = self
             .agents
             .call(&node, "ControllerGetVolume", ask, |mut c, r| async move { c.controller_get_volume(r).await })
-            .await?;
-        let needed = volume.volume.map_or(0, |v| v.capacity_bytes);
+            .await;
+        let needed = match volume {
+            Ok(answer) => answer.volume.map_or(0, |v| v.capacity_bytes),
+            Err(e) if e.code() == Code::NotFound => 0,
+            Err(e) => return Err(e),
+        };
         let copy_nodes = self
             .free_capacity(csi::GetCapacityRequest::default())
             .await
