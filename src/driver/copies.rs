@@ -332,7 +332,6 @@ impl Driver {
             let _ = durable::remove(&note);
             return Err(e);
         }
-        crate::failpoint!("snapshot.copy.received");
         tracing::info!(snapshot = %copy.id, bytes = progress.received.load(Ordering::Relaxed), elapsed = ?progress.started.elapsed(), "copy of a snapshot from another node verified and complete");
         drop(running);
         let record = SnapshotRecord {
