@@ -994,7 +994,7 @@ async fn a_snapshot_kept_off_node_is_ready_only_once_its_copy_is_whole_and_retri
 
     // The controller crashed right after the cut, which chose node-c.
     let cut =
-        CutSnapshotRequest { request: Some(request.clone()), copy_nodes: vec!["node-c".into()], copy_held: false };
+        CutSnapshotRequest { request: Some(request.clone()), copy_nodes: vec!["node-c".into()], ..Default::default() };
     let cut = copies_as_controller(s.agent("node-a")).await.cut_snapshot(cut).await.unwrap();
     let cut = cut.into_inner().snapshot.unwrap();
     assert!(cut.snapshot_id.ends_with("@node-a+node-c"), "{}", cut.snapshot_id);
@@ -1107,4 +1107,37 @@ async fn bad_protection_and_node_ids_too_long_to_share_an_id_are_invalid_argumen
     local.parameters = [("protection".to_owned(), "local".to_owned())].into();
     let local = s.controller.create_snapshot(local).await.unwrap().into_inner().snapshot.unwrap();
     assert!(local.snapshot_id.ends_with(&format!("@{long_a}")) && local.ready_to_use, "{local:?}");
+}
+
+#[tokio::test]
+async fn a_copy_node_gone_for_good_before_it_held_the_copy_is_replaced_by_another() {
+    use loam::api::CutSnapshotRequest;
+    let mut s = Split::start_nodes(&["node-a", "node-b", "node-c"], None).await;
+    let (source, written) = s.volume_with_data("pvc-stranded", "node-a").await;
+    let request = protected_snapshot("snap-stranded", &source);
+    // The first attempt chose node-c, and the controller stopped there.
+    let cut =
+        CutSnapshotRequest { request: Some(request.clone()), copy_nodes: vec!["node-c".into()], ..Default::default() };
+    let cut = copies_as_controller(s.agent("node-a")).await.cut_snapshot(cut).await.unwrap();
+    let cut = cut.into_inner().snapshot.unwrap();
+    assert!(cut.snapshot_id.ends_with("@node-a+node-c"), "{}", cut.snapshot_id);
+
+    // node-c's machine is off, but the cluster still knows it: the retry waits for it.
+    s.agent("node-c").stop().await;
+    let err = s.controller.create_snapshot(request.clone()).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("node-c"), "{}", err.message());
+
+    // Deleted from the cluster: node-b keeps the copy of the same cut, and the snapshot is ready.
+    s.nodes.delete("node-c");
+    let done = s.controller.create_snapshot(request).await.unwrap().into_inner().snapshot.unwrap();
+    let key = loam::ids::SnapshotId::parse(&cut.snapshot_id).unwrap().key;
+    assert_eq!(done.snapshot_id, format!("{key}@node-a+node-b"));
+    assert!(done.ready_to_use);
+    assert_eq!(done.creation_time, cut.creation_time, "the same cut");
+    assert_eq!(std::fs::read(s.agent("node-b").snapshot_image(&done.snapshot_id)).unwrap(), written);
+    // Only the new id names it.
+    assert!(s.snapshot(&cut.snapshot_id).await.is_empty());
+    let listed: Vec<_> = s.snapshots().await.into_iter().map(|e| e.snapshot_id).collect();
+    assert_eq!(listed, [done.snapshot_id]);
 }

@@ -666,7 +666,7 @@ mod tests {
     fn protected_snapshot(root: &std::path::Path) -> (Arc<Driver>, String, SnapshotCopy) {
         let (source, volume) = source_node(root);
         let key = Key::for_name(Kind::Snapshot, "snap");
-        let record = source.cut_protected_snapshot(key, "snap", &volume, &["n".into(), "m".into()]).unwrap();
+        let record = source.cut_protected_snapshot(key, "snap", &volume, &["n".into(), "m".into()], None).unwrap();
         assert!(record.awaiting_copy);
         let copy = SnapshotCopy {
             id: record.id.clone(),
@@ -755,12 +755,12 @@ mod tests {
         let key = Key::for_name(Kind::Snapshot, "snap");
         let (long, short) = ("x".repeat(94), "m".to_owned());
         // The roomiest candidate does not fit beside "n"; the next does.
-        let record = source.cut_protected_snapshot(key, "snap", &volume, &[long.clone(), short]).unwrap();
+        let record = source.cut_protected_snapshot(key, "snap", &volume, &[long.clone(), short], None).unwrap();
         assert!(record.id.ends_with("@n+m"), "{}", record.id);
         source.delete_snapshot(key).unwrap();
-        let err = source.cut_protected_snapshot(key, "snap", &volume, std::slice::from_ref(&long)).unwrap_err();
+        let err = source.cut_protected_snapshot(key, "snap", &volume, std::slice::from_ref(&long), None).unwrap_err();
         assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
-        let err = source.cut_protected_snapshot(key, "snap", &volume, &[]).unwrap_err();
+        let err = source.cut_protected_snapshot(key, "snap", &volume, &[], None).unwrap_err();
         assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err}");
         assert!(snapshot_files(a.path()).is_empty(), "nothing cut: {:?}", snapshot_files(a.path()));
     }

@@ -29,16 +29,37 @@ impl Driver {
     /// node's is chosen (none fitting is INVALID_ARGUMENT, naming the
     /// limit). The snapshot is recorded as awaiting its copy: not ready to
     /// use until [`Driver::confirm_snapshot_copy`].
+    ///
+    /// With `gone_copy_node`, a snapshot still awaiting its copy on that
+    /// node (gone for good) gets another of `copy_nodes` in its id, keeping
+    /// its cut: it was never ready, so no CO holds the old id.
     pub fn cut_protected_snapshot(
         &self,
         key: Key,
         name: &str,
         source_id: &str,
         copy_nodes: &[String],
+        gone_copy_node: Option<&str>,
     ) -> Result<Arc<SnapshotRecord>> {
         if let Some(existing) = self.existing_snapshot(&key, name, source_id, true)? {
-            return Ok(existing);
+            let named = SnapshotId::parse(&existing.id).and_then(|id| id.copy);
+            let stranded = existing.awaiting_copy && gone_copy_node.is_some() && named.as_deref() == gone_copy_node;
+            if !stranded {
+                return Ok(existing);
+            }
+            let others: Vec<String> =
+                copy_nodes.iter().filter(|n| Some(n.as_str()) != gone_copy_node).cloned().collect();
+            let id = self.off_node_id(key, name, source_id, &others)?;
+            tracing::warn!(snapshot = %existing.id, now = %id, "the node named for the snapshot's copy is gone for good before it held one; naming another");
+            return self.snapshots.put(key, SnapshotRecord { id: id.to_string(), ..(*existing).clone() });
         }
+        let id = self.off_node_id(key, name, source_id, copy_nodes)?;
+        self.cut_snapshot(key, name, source_id, id.to_string(), true)
+    }
+
+    /// The id of snapshot `key` of this node with its copy on the first of
+    /// `copy_nodes` (other than this one) whose node id fits beside this one's.
+    fn off_node_id(&self, key: Key, name: &str, source_id: &str, copy_nodes: &[String]) -> Result<SnapshotId> {
         let own = &self.config.node_id;
         let mut others = copy_nodes.iter().filter(|n| *n != own);
         let Some(best) = others.next() else {
@@ -48,11 +69,10 @@ impl Driver {
                  VolumeSnapshotClass without protection: off-node"
             )));
         };
-        let id = match SnapshotId::off_node(key, own, best) {
-            Ok(id) => id,
-            Err(too_long) => others.find_map(|n| SnapshotId::off_node(key, own, n).ok()).ok_or(too_long)?,
-        };
-        self.cut_snapshot(key, name, source_id, id.to_string(), true)
+        match SnapshotId::off_node(key, own, best) {
+            Ok(id) => Ok(id),
+            Err(too_long) => others.find_map(|n| SnapshotId::off_node(key, own, n).ok()).ok_or(too_long),
+        }
     }
 
     /// Records that the other node holds the verified copy of a snapshot

@@ -55,6 +55,10 @@ const GONE_WITH_THE_NODE: &[&str] =
 const CONFIRM_ATTEMPTS: u32 = 20;
 const CONFIRM_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
 
+/// How often one CreateSnapshot names another node for a snapshot's copy
+/// when the one named is gone for good (each of them would have to be).
+const RECHOOSE_ROUNDS: u32 = 3;
+
 /// Finds the agent that answers each Controller and GroupController request
 /// and passes the request on.
 #[derive(Debug, Clone)]
@@ -338,24 +342,54 @@ impl Router {
             .filter(|(free, other)| *other != node && *free >= needed)
             .map(|(_, other)| other)
             .collect();
-        let cut = CutSnapshotRequest { request: Some(req.clone()), copy_nodes, copy_held: false };
-        let snapshot = self.cut_snapshot(&node, cut).await?;
-        if snapshot.ready_to_use {
-            return Ok(csi::CreateSnapshotResponse { snapshot: Some(snapshot) });
+        let mut cut = CutSnapshotRequest { request: Some(req.clone()), copy_nodes, ..Default::default() };
+        let mut rounds = 0;
+        loop {
+            let snapshot = self.cut_snapshot(&node, cut.clone()).await?;
+            if snapshot.ready_to_use {
+                return Ok(csi::CreateSnapshotResponse { snapshot: Some(snapshot) });
+            }
+            let Some(copy_node) = SnapshotId::parse(&snapshot.snapshot_id).and_then(|id| id.copy) else {
+                return Err(Error::FailedPrecondition(format!(
+                    "the agent of node {node} answered with snapshot id {}, which names no node for its copy; it runs \
+                     a Loam that does not agree with this controller's",
+                    crate::error::quote(&snapshot.snapshot_id)
+                )));
+            };
+            let source_address = self.agents.agent(&node).await?.addr.to_string();
+            let id = snapshot.snapshot_id.clone();
+            let copy = CopySnapshotRequest { snapshot: Some(snapshot), name: req.name.clone(), source_address };
+            let copied = self
+                .agents
+                .call_copies(&copy_node, "CopySnapshot", copy, |mut c, r| async move { c.copy_snapshot(r).await })
+                .await;
+            let unavailable = match copied {
+                Ok(_) => break,
+                Err(e) if e.code() == Code::Unavailable && rounds < RECHOOSE_ROUNDS => e,
+                Err(e) => return Err(e),
+            };
+            // The node named for the copy cannot be reached. Gone for good,
+            // it never will: the snapshot, not ready yet, names another.
+            match self.gone_nodes.as_ref() {
+                Some(gone_nodes) => match gone_nodes.verdict(&copy_node).await {
+                    Verdict::Gone(_) => {
+                        tracing::warn!(snapshot = %id, node = %copy_node, "the node chosen for the snapshot's copy is gone for good; choosing another");
+                        cut.gone_copy_node = copy_node;
+                        rounds += 1;
+                    }
+                    Verdict::Missing { left } => {
+                        return Err(Error::Unavailable(format!(
+                            "{unavailable}; node {copy_node}, chosen for the copy of snapshot {id}, is no longer in \
+                             the cluster: in {}s another node is chosen, unless it comes back",
+                            left.as_secs()
+                        )));
+                    }
+                    Verdict::Known => return Err(unavailable),
+                },
+                None => return Err(unavailable),
+            }
         }
-        let Some(copy_node) = SnapshotId::parse(&snapshot.snapshot_id).and_then(|id| id.copy) else {
-            return Err(Error::FailedPrecondition(format!(
-                "the agent of node {node} answered with snapshot id {}, which names no node for its copy; it runs a \
-                 Loam that does not agree with this controller's",
-                crate::error::quote(&snapshot.snapshot_id)
-            )));
-        };
-        let source_address = self.agents.agent(&node).await?.addr.to_string();
-        let copy = CopySnapshotRequest { snapshot: Some(snapshot), name: req.name.clone(), source_address };
-        self.agents
-            .call_copies(&copy_node, "CopySnapshot", copy, |mut c, r| async move { c.copy_snapshot(r).await })
-            .await?;
-        let confirm = CutSnapshotRequest { request: Some(req), copy_nodes: Vec::new(), copy_held: true };
+        let confirm = CutSnapshotRequest { request: Some(req), copy_held: true, ..Default::default() };
         // The source's export lets go of the snapshot when its sending thread
         // ends, which can trail the copy's answer by a moment: a claim still
         // held then is waited out here rather than handed to the CO.

@@ -129,7 +129,7 @@ impl Copies for CopiesService {
         request: Request<CutSnapshotRequest>,
     ) -> Result<Response<csi::CreateSnapshotResponse>, Status> {
         RequireRole(Role::Controller).check(&request)?;
-        let CutSnapshotRequest { request, copy_nodes, copy_held } = request.into_inner();
+        let CutSnapshotRequest { request, copy_nodes, copy_held, gone_copy_node } = request.into_inner();
         let req = request.unwrap_or_default();
         let driver = self.driver.clone();
         traced("CutSnapshot", &req.name.clone(), async move {
@@ -141,15 +141,22 @@ impl Copies for CopiesService {
                     Protection::OffNode.name()
                 )));
             }
-            for node in &copy_nodes {
+            for node in copy_nodes.iter().chain(Some(&gone_copy_node).filter(|n| !n.is_empty())) {
                 validate_node_id(node)?;
             }
+            let gone_copy_node = Some(gone_copy_node).filter(|n| !n.is_empty());
             let key = driver.key_for(Kind::Snapshot, &req.name);
             let record = claimed(driver.claim(Kind::Snapshot, key)?, &driver, move |d| {
                 if copy_held {
                     d.confirm_snapshot_copy(key, &req.name, &req.source_volume_id)
                 } else {
-                    d.cut_protected_snapshot(key, &req.name, &req.source_volume_id, &copy_nodes)
+                    d.cut_protected_snapshot(
+                        key,
+                        &req.name,
+                        &req.source_volume_id,
+                        &copy_nodes,
+                        gone_copy_node.as_deref(),
+                    )
                 }
             })
             .await?;
