@@ -10,6 +10,12 @@
 //! the filesystem. The snapshots a group snapshot is made of have no CSI name:
 //! their keys come from the group's key and each source volume's key
 //! ([`Key::group_member`]).
+//!
+//! A snapshot kept off node too (VolumeSnapshotClass `protection: off-node`)
+//! names both nodes that hold it, `<key>@<node>+<copy node>` ([`SnapshotId`]):
+//! '+' is no node id's character, so the two are told apart, and the
+//! controller, which keeps no state, reads from the id alone where each copy
+//! lives.
 
 use std::fmt;
 
@@ -17,8 +23,15 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 
+/// The most bytes CSI allows in an id.
+pub const MAX_ID_LEN: usize = 128;
 /// Longest node id Loam accepts, so that every id fits CSI's 128-byte limit.
-pub const MAX_NODE_ID_LEN: usize = 128 - KEY_HEX_LEN - 1;
+pub const MAX_NODE_ID_LEN: usize = MAX_ID_LEN - KEY_HEX_LEN - 1;
+/// Most bytes the two node ids of a snapshot kept off node may hold together:
+/// what is left of the 128 bytes after the key, '@' and '+'.
+pub const MAX_HOLDERS_LEN: usize = MAX_ID_LEN - KEY_HEX_LEN - 2;
+/// Separates the two holders of a snapshot kept off node.
+const COPY_SEPARATOR: char = '+';
 /// Longest volume or snapshot name Loam accepts.
 pub const MAX_NAME_LEN: usize = 1024;
 const KEY_HEX_LEN: usize = 32;
@@ -134,6 +147,80 @@ impl fmt::Display for ObjectId {
     }
 }
 
+/// A parsed snapshot id: held by one node, or by two when it is kept off
+/// node too (see the module's description).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotId {
+    /// The on-disk key, the same on both nodes.
+    pub key: Key,
+    /// The node whose volume it was cut from.
+    pub node: String,
+    /// The other node holding a copy of it, when it is kept off node.
+    pub copy: Option<String>,
+}
+
+impl SnapshotId {
+    /// The id of the snapshot `key` cut on `node` and copied to `copy`;
+    /// INVALID_ARGUMENT when the two node ids do not fit in one CSI id
+    /// together (nothing is shortened: the id is how the controller finds
+    /// both copies).
+    pub fn off_node(key: Key, node: &str, copy: &str) -> Result<SnapshotId> {
+        if node == copy {
+            return Err(Error::InvalidArgument(format!(
+                "the copy of a snapshot of node {node} must be on another node"
+            )));
+        }
+        let holders = node.len() + copy.len();
+        if holders > MAX_HOLDERS_LEN {
+            return Err(Error::InvalidArgument(format!(
+                "snapshot ids name both nodes that hold a snapshot kept off node, and CSI ids are at most \
+                 {MAX_ID_LEN} bytes: node ids {node} and {copy} take {holders} bytes together, more than the \
+                 {MAX_HOLDERS_LEN} that fit; use shorter node names, or a VolumeSnapshotClass without \
+                 protection: off-node"
+            )));
+        }
+        Ok(SnapshotId { key, node: node.to_owned(), copy: Some(copy.to_owned()) })
+    }
+
+    /// Parses a snapshot id from a request; `None` when it is not one Loam made.
+    pub fn parse(text: &str) -> Option<SnapshotId> {
+        let (key, nodes) = text.split_once('@')?;
+        let key = Key::parse(key)?;
+        let (node, copy) = match nodes.split_once(COPY_SEPARATOR) {
+            Some((node, copy)) => {
+                validate_node_id(copy).ok()?;
+                (node, Some(copy.to_owned()))
+            }
+            None => (nodes, None),
+        };
+        validate_node_id(node).ok()?;
+        if text.len() > MAX_ID_LEN || copy.as_deref() == Some(node) {
+            return None;
+        }
+        Some(SnapshotId { key, node: node.to_owned(), copy })
+    }
+
+    /// The nodes holding it: its own node first, then the copy's.
+    pub fn holders(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.node.as_str()).chain(self.copy.as_deref())
+    }
+
+    /// Whether `node` holds it.
+    pub fn is_held_by(&self, node: &str) -> bool {
+        self.holders().any(|n| n == node)
+    }
+}
+
+impl fmt::Display for SnapshotId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}@{}", self.key, self.node)?;
+        match &self.copy {
+            Some(copy) => write!(f, "{COPY_SEPARATOR}{copy}"),
+            None => Ok(()),
+        }
+    }
+}
+
 /// Checks a node id: 1 to [`MAX_NODE_ID_LEN`] bytes of letters, digits, `.`,
 /// `-` and `_` (every Kubernetes node name of that length qualifies).
 pub fn validate_node_id(node: &str) -> Result<()> {
@@ -213,6 +300,37 @@ mod tests {
         }
         let long = format!("{}@{}", "0".repeat(32), "n".repeat(MAX_NODE_ID_LEN + 1));
         assert_eq!(ObjectId::parse(&long), None);
+    }
+
+    #[test]
+    fn snapshots_kept_off_node_name_both_holders_within_128_bytes() {
+        let key = Key::for_name(Kind::Snapshot, "snap");
+        let id = SnapshotId::off_node(key, "node-a", "node-b").unwrap();
+        let text = id.to_string();
+        assert_eq!(text, format!("{key}@node-a+node-b"));
+        assert_eq!(SnapshotId::parse(&text), Some(id.clone()));
+        assert_eq!(id.holders().collect::<Vec<_>>(), ["node-a", "node-b"]);
+        assert!(id.is_held_by("node-b") && !id.is_held_by("node-c"));
+        // A plain id parses too, with one holder; a volume id never has two.
+        let plain = SnapshotId::parse(&format!("{key}@node-a")).unwrap();
+        assert_eq!((plain.node.as_str(), plain.copy), ("node-a", None));
+        assert_eq!(ObjectId::parse(&text), None);
+
+        // Exactly 128 bytes fit; one more is refused, not shortened.
+        let (a, b) = ("a".repeat(47), "b".repeat(MAX_HOLDERS_LEN - 47));
+        let longest = SnapshotId::off_node(key, &a, &b).unwrap().to_string();
+        assert_eq!(longest.len(), MAX_ID_LEN);
+        assert!(SnapshotId::parse(&longest).is_some());
+        let err = SnapshotId::off_node(key, &a, &format!("{b}b")).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(err.to_string().contains("more than the 94 that fit"), "{err}");
+        assert_eq!(SnapshotId::parse(&format!("{longest}b")), None);
+        assert_eq!(SnapshotId::off_node(key, "n", "n").unwrap_err().code(), tonic::Code::InvalidArgument);
+
+        for bad in ["@a+b", "{key}@a+", "{key}@+b", "{key}@a+b+c", "{key}@a+a", "{key}@a+b/c"] {
+            let bad = bad.replace("{key}", &key.to_string());
+            assert_eq!(SnapshotId::parse(&bad), None, "{bad:?}");
+        }
     }
 
     #[test]

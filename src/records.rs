@@ -62,6 +62,11 @@ impl BackendKind {
             BackendKind::Loop => "loop",
         }
     }
+
+    /// The backend [`BackendKind::name`] names, if any.
+    pub fn parse(name: &str) -> Option<BackendKind> {
+        [BackendKind::Dir, BackendKind::Loop].into_iter().find(|kind| kind.name() == name)
+    }
 }
 
 /// How a volume is laid out: the backend holding it and, for `loop`, its
@@ -215,6 +220,15 @@ pub enum ContentSource {
     Volume(String),
 }
 
+impl ContentSource {
+    /// The source's id.
+    pub fn id(&self) -> &str {
+        match self {
+            ContentSource::Snapshot(id) | ContentSource::Volume(id) => id,
+        }
+    }
+}
+
 /// How a volume's capacity is enforced, fixed when it is created.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -361,6 +375,11 @@ pub struct SnapshotRecord {
     /// a snapshot is deleted only with its group.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group_snapshot_id: Option<String>,
+    /// Set on the node a snapshot kept off node was cut on (its id names two
+    /// holders, [`crate::ids::SnapshotId`]) until the controller confirms the
+    /// other node holds its verified copy: until then it is not ready to use.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub awaiting_copy: bool,
 }
 
 /// Everything Loam remembers about one volume group snapshot.
@@ -431,8 +450,13 @@ mod tests {
         let old = r#"{"id":"s@n","name":"s","source_volume_id":"v@n","backend":"dir","size_bytes":1,"created_secs":2,"created_nanos":3}"#;
         let record: SnapshotRecord = serde_json::from_str(old).unwrap();
         assert_eq!(record.group_snapshot_id, None);
+        assert!(!record.awaiting_copy, "snapshots from before off-node copies are ready");
         assert_eq!(serde_json::to_string(&record).unwrap(), old.replacen('{', r#"{"schema":1,"#, 1));
-        let member = SnapshotRecord { group_snapshot_id: Some("g@n".into()), ..record };
+        let member = SnapshotRecord { group_snapshot_id: Some("g@n".into()), ..record.clone() };
         assert!(serde_json::to_string(&member).unwrap().contains(r#""group_snapshot_id":"g@n""#));
+        let pending = SnapshotRecord { awaiting_copy: true, ..record };
+        let text = serde_json::to_string(&pending).unwrap();
+        assert!(text.contains(r#""awaiting_copy":true"#), "{text}");
+        assert_eq!(serde_json::from_str::<SnapshotRecord>(&text).unwrap(), pending);
     }
 }

@@ -1044,6 +1044,27 @@ fn other_field_rows(f: &Fixture) -> Vec<Row> {
             }),
             Code::InvalidArgument,
         ),
+        row(
+            "CreateSnapshot: unknown protection",
+            Call::Snapshot(csi::CreateSnapshotRequest {
+                source_volume_id: f.volume.clone(),
+                name: "hostile-snap-protection".into(),
+                parameters: map(&[("protection", "everywhere")]),
+                ..Default::default()
+            }),
+            Code::InvalidArgument,
+        ),
+        // A lone driver has no other node to keep the copy on.
+        row(
+            "CreateSnapshot: off-node protection without a controller",
+            Call::Snapshot(csi::CreateSnapshotRequest {
+                source_volume_id: f.volume.clone(),
+                name: "hostile-snap-off-node".into(),
+                parameters: map(&[("protection", "off-node")]),
+                ..Default::default()
+            }),
+            Code::FailedPrecondition,
+        ),
         // No volume can have it, so none fits: OK with 0 bytes, as the spec asks.
         row(
             "GetCapacity: multi-node capability",

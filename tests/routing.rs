@@ -179,9 +179,14 @@ impl Split {
 
     /// Starts node-a and node-b, `small` of them on a tiny filesystem.
     async fn start_with_small(small: Option<&str>) -> Split {
+        Split::start_nodes(&["node-a", "node-b"], small).await
+    }
+
+    /// Starts an agent for each of `nodes`, `small` of them on a tiny filesystem.
+    async fn start_nodes(nodes: &[&str], small: Option<&str>) -> Split {
         let mut agents = Vec::new();
-        for node in ["node-a", "node-b"] {
-            agents.push(Agent::start(node, small == Some(node)).await);
+        for node in nodes {
+            agents.push(Agent::start(node, small == Some(*node)).await);
         }
         let addresses = Arc::new(Addresses::default());
         addresses.set(agents.iter().map(|a| a.addr).collect());
@@ -809,16 +814,330 @@ async fn each_caller_of_an_agent_makes_only_its_own_calls() {
     let err = peer_controller.create_volume(create_request("pvc-peer", MIB)).await.unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
     let mut peer_copies = CopiesClient::with_interceptor(as_peer.clone(), right.clone());
-    let from =
-        CreateVolumeFromRequest { request: Some(create_request("pvc-peer", MIB)), source_address: String::new() };
+    let from = CreateVolumeFromRequest { request: Some(create_request("pvc-peer", MIB)), ..Default::default() };
     assert_eq!(peer_copies.create_volume_from(from).await.unwrap_err().code(), Code::PermissionDenied);
     // ...but may export (this volume does not exist).
     let err = peer_copies.export(export()).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    // Nor arrange a snapshot's copies, which is the controller's.
+    use loam::api::{CopySnapshotRequest, CutSnapshotRequest};
+    let err = peer_copies.cut_snapshot(CutSnapshotRequest::default()).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    let err = peer_copies.copy_snapshot(CopySnapshotRequest::default()).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
     // And the controller cannot export: only an agent pulling a copy may.
     let mut controller_copies = CopiesClient::with_interceptor(as_controller, right);
     assert_eq!(controller_copies.export(export()).await.unwrap_err().code(), Code::PermissionDenied);
     // Without the token a peer's certificate gets nothing at all.
     let err = CopiesClient::new(as_peer).export(export()).await.unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
+}
+
+/// CreateSnapshot of `volume_id` with a VolumeSnapshotClass that keeps a copy
+/// on another node (`protection: off-node`).
+fn protected_snapshot(name: &str, volume_id: &str) -> csi::CreateSnapshotRequest {
+    csi::CreateSnapshotRequest {
+        source_volume_id: volume_id.into(),
+        name: name.into(),
+        parameters: [("protection".to_owned(), "off-node".to_owned())].into(),
+        ..Default::default()
+    }
+}
+
+impl Agent {
+    fn root(&self) -> std::path::PathBuf {
+        self.dir.path().canonicalize().unwrap().join("root")
+    }
+
+    /// The image file of this agent's copy of the `loop` snapshot `snapshot_id`.
+    fn snapshot_image(&self, snapshot_id: &str) -> std::path::PathBuf {
+        let key = loam::ids::SnapshotId::parse(snapshot_id).expect("a Loam snapshot id").key;
+        self.root().join("snapshots").join(format!("{key}.img"))
+    }
+
+    /// Every name under this agent's `snapshots/` and `snapshot-copies/`,
+    /// temporary ones included.
+    fn snapshot_files(&self) -> Vec<String> {
+        let mut names = Vec::new();
+        for dir in ["snapshots", "snapshot-copies"] {
+            for entry in std::fs::read_dir(self.root().join(dir)).unwrap() {
+                names.push(format!("{dir}/{}", entry.unwrap().file_name().to_string_lossy()));
+            }
+        }
+        names.sort();
+        names
+    }
+}
+
+impl Split {
+    fn agent(&mut self, node: &str) -> &mut Agent {
+        self.agents.iter_mut().find(|a| a.node == node).expect("an agent of that node")
+    }
+
+    /// Every snapshot ListSnapshots shows, page by page.
+    async fn snapshots(&mut self) -> Vec<csi::Snapshot> {
+        let (mut all, mut token) = (Vec::new(), String::new());
+        loop {
+            let ask = csi::ListSnapshotsRequest { max_entries: 1, starting_token: token, ..Default::default() };
+            let page = self.controller.list_snapshots(ask).await.expect("list snapshots").into_inner();
+            all.extend(page.entries.into_iter().map(|e| e.snapshot.unwrap()));
+            if page.next_token.is_empty() {
+                return all;
+            }
+            token = page.next_token;
+        }
+    }
+
+    /// ListSnapshots of the one snapshot `id`.
+    async fn snapshot(&mut self, id: &str) -> Vec<csi::Snapshot> {
+        let ask = csi::ListSnapshotsRequest { snapshot_id: id.into(), ..Default::default() };
+        let page = self.controller.list_snapshots(ask).await.expect("list one snapshot").into_inner();
+        page.entries.into_iter().map(|e| e.snapshot.unwrap()).collect()
+    }
+
+    /// A 16 MiB thin `loop` volume on `node` holding data at its start and
+    /// deep inside; its id and its image's bytes.
+    async fn volume_with_data(&mut self, name: &str, node: &str) -> (String, Vec<u8>) {
+        use std::os::unix::fs::FileExt;
+        let volume = self.controller.create_volume(loop_request_for(name, 16 * MIB, node)).await.unwrap();
+        let id = volume.into_inner().volume.unwrap().volume_id;
+        let path = self.agent(node).image(&id);
+        let image = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        image.write_all_at(format!("rows of {name}").as_bytes(), 0).unwrap();
+        image.write_all_at(&vec![9u8; 2 << 20], 11 << 20).unwrap();
+        image.sync_all().unwrap();
+        (id, std::fs::read(&path).unwrap())
+    }
+}
+
+/// A Copies client to `agent` as the controller calls it.
+async fn copies_as_controller(
+    agent: &Agent,
+) -> loam::api::copies_client::CopiesClient<tonic::service::interceptor::InterceptedService<Channel, SendToken>> {
+    let token = SendToken::new(&Token::parse(TOKEN).unwrap());
+    loam::api::copies_client::CopiesClient::with_interceptor(agent_client(agent.addr).await, token)
+}
+
+#[tokio::test]
+async fn a_snapshot_kept_off_node_is_copied_to_another_node_and_restored_after_its_node_is_gone() {
+    let mut s = Split::start_nodes(&["node-a", "node-b", "node-c"], None).await;
+    let (source, written) = s.volume_with_data("pvc-db", "node-a").await;
+
+    let snap = s.controller.create_snapshot(protected_snapshot("snap-db", &source)).await.unwrap();
+    let snap = snap.into_inner().snapshot.unwrap();
+    assert!(snap.ready_to_use);
+    assert_eq!(snap.source_volume_id, source);
+    // The id names both holders: node-a, and whichever other node had most room.
+    let id = loam::ids::SnapshotId::parse(&snap.snapshot_id).expect("a snapshot id");
+    assert_eq!(id.node, "node-a");
+    let copy_node = id.copy.clone().expect("a copy node");
+    let third = if copy_node == "node-b" { "node-c" } else { "node-b" };
+    assert!(copy_node == "node-b" || copy_node == "node-c", "{copy_node}");
+    // Both hold the snapshot's bytes; the third node holds nothing.
+    assert_eq!(std::fs::read(s.agent("node-a").snapshot_image(&snap.snapshot_id)).unwrap(), written);
+    assert_eq!(std::fs::read(s.agent(&copy_node).snapshot_image(&snap.snapshot_id)).unwrap(), written);
+    assert!(s.agent(third).snapshot_files().is_empty(), "{:?}", s.agent(third).snapshot_files());
+    // Listed once, ready.
+    let listed: Vec<_> = s.snapshots().await.into_iter().filter(|e| e.snapshot_id == snap.snapshot_id).collect();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert!(listed[0].ready_to_use);
+
+    // A retry is the same snapshot, with no second copy anywhere.
+    let again = s.controller.create_snapshot(protected_snapshot("snap-db", &source)).await.unwrap();
+    assert_eq!(again.into_inner().snapshot.unwrap().snapshot_id, snap.snapshot_id);
+    assert_eq!(s.agent(&copy_node).snapshot_files().len(), 1, "{:?}", s.agent(&copy_node).snapshot_files());
+    assert!(s.agent(third).snapshot_files().is_empty());
+
+    // A restore on the copy's node uses its own copy.
+    let on_copy = common::from_snapshot(loop_request_for("pvc-on-copy", 16 * MIB, &copy_node), &snap.snapshot_id);
+    let on_copy = s.controller.create_volume(on_copy).await.unwrap().into_inner().volume.unwrap();
+    assert!(on_copy.volume_id.ends_with(&format!("@{copy_node}")), "{}", on_copy.volume_id);
+    assert_eq!(std::fs::read(s.agent(&copy_node).image(&on_copy.volume_id)).unwrap(), written);
+
+    // node-a's machine is off (the controller has not noticed yet): a PVC
+    // restored on the third node gets the data, pulled from the copy.
+    s.agent("node-a").stop().await;
+    let elsewhere = common::from_snapshot(loop_request_for("pvc-after-loss", 16 * MIB, third), &snap.snapshot_id);
+    let elsewhere = s.controller.create_volume(elsewhere).await.unwrap().into_inner().volume.unwrap();
+    assert!(elsewhere.volume_id.ends_with(&format!("@{third}")), "{}", elsewhere.volume_id);
+    assert_eq!(std::fs::read(s.agent(third).image(&elsewhere.volume_id)).unwrap(), written);
+    // The snapshot is still listed, once, from its copy.
+    let one = s.snapshot(&snap.snapshot_id).await;
+    assert_eq!(one.len(), 1);
+    assert!(one[0].ready_to_use);
+    let listed: Vec<_> = s.snapshots().await.into_iter().filter(|e| e.snapshot_id == snap.snapshot_id).collect();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    // Without a topology, it lands where a copy is.
+    let anywhere = common::from_snapshot(create_request("pvc-anywhere", 16 * MIB), &snap.snapshot_id);
+    let mut anywhere = anywhere;
+    anywhere.parameters = loop_request_for("x", MIB, "x").parameters;
+    let anywhere = s.controller.create_volume(anywhere).await.unwrap().into_inner().volume.unwrap();
+    assert!(anywhere.volume_id.ends_with(&format!("@{copy_node}")), "{}", anywhere.volume_id);
+
+    // While the cluster knows node-a, deleting waits for it; once it is
+    // gone for good, the copy is deleted and node-a's part forgiven.
+    let delete = csi::DeleteSnapshotRequest { snapshot_id: snap.snapshot_id.clone(), ..Default::default() };
+    let err = s.controller.delete_snapshot(delete.clone()).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    s.nodes.delete("node-a");
+    s.controller.delete_snapshot(delete).await.unwrap();
+    assert!(s.agent(&copy_node).snapshot_files().is_empty(), "{:?}", s.agent(&copy_node).snapshot_files());
+    assert!(s.snapshot(&snap.snapshot_id).await.is_empty());
+}
+
+#[tokio::test]
+async fn a_snapshot_kept_off_node_is_ready_only_once_its_copy_is_whole_and_retries_converge() {
+    use loam::api::{CopySnapshotRequest, CutSnapshotRequest};
+    let mut s = Split::start_nodes(&["node-a", "node-b", "node-c"], None).await;
+    let (source, written) = s.volume_with_data("pvc-retry", "node-a").await;
+    let request = protected_snapshot("snap-retry", &source);
+
+    // The controller crashed right after the cut, which chose node-c.
+    let cut =
+        CutSnapshotRequest { request: Some(request.clone()), copy_nodes: vec!["node-c".into()], ..Default::default() };
+    let cut = copies_as_controller(s.agent("node-a")).await.cut_snapshot(cut).await.unwrap();
+    let cut = cut.into_inner().snapshot.unwrap();
+    assert!(cut.snapshot_id.ends_with("@node-a+node-c"), "{}", cut.snapshot_id);
+    // Nothing looks finished: listed once, not ready.
+    let listed: Vec<_> = s.snapshots().await.into_iter().filter(|e| e.snapshot_id == cut.snapshot_id).collect();
+    assert_eq!(listed.len(), 1);
+    assert!(!listed[0].ready_to_use);
+    assert!(!s.snapshot(&cut.snapshot_id).await[0].ready_to_use);
+
+    // node-c's pull is cut off (nothing listens where it is sent): it keeps nothing.
+    let copy = CopySnapshotRequest {
+        snapshot: Some(cut.clone()),
+        name: request.name.clone(),
+        source_address: "127.0.0.1:9".into(),
+    };
+    let err = copies_as_controller(s.agent("node-c")).await.copy_snapshot(copy.clone()).await.unwrap_err();
+    assert_eq!(err.code(), Code::Aborted, "{err:?}");
+    assert!(s.agent("node-c").snapshot_files().is_empty(), "{:?}", s.agent("node-c").snapshot_files());
+    assert!(!s.snapshot(&cut.snapshot_id).await[0].ready_to_use);
+    // Asked to keep a copy it is not named for, node-b refuses.
+    let err = copies_as_controller(s.agent("node-b")).await.copy_snapshot(copy).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+
+    // The CO's retry converges on node-c, whichever node has most room now.
+    let done = s.controller.create_snapshot(request.clone()).await.unwrap().into_inner().snapshot.unwrap();
+    assert_eq!(done.snapshot_id, cut.snapshot_id);
+    assert!(done.ready_to_use);
+    assert_eq!(done.creation_time, cut.creation_time);
+    assert_eq!(std::fs::read(s.agent("node-c").snapshot_image(&done.snapshot_id)).unwrap(), written);
+    assert!(s.agent("node-b").snapshot_files().is_empty());
+    let listed: Vec<_> = s.snapshots().await.into_iter().filter(|e| e.snapshot_id == done.snapshot_id).collect();
+    assert_eq!(listed.len(), 1);
+    assert!(listed[0].ready_to_use);
+    // The same name without the protection is another snapshot: refused.
+    let plain = csi::CreateSnapshotRequest { parameters: Default::default(), ..request.clone() };
+    assert_eq!(s.controller.create_snapshot(plain).await.unwrap_err().code(), Code::AlreadyExists);
+    // Its volume deleted, a late retry still gets the snapshot.
+    let delete_volume = csi::DeleteVolumeRequest { volume_id: source.clone(), ..Default::default() };
+    s.controller.delete_volume(delete_volume).await.unwrap();
+    let late = s.controller.create_snapshot(request.clone()).await.unwrap().into_inner().snapshot.unwrap();
+    assert_eq!((late.snapshot_id.as_str(), late.ready_to_use), (done.snapshot_id.as_str(), true));
+    let other = protected_snapshot("snap-of-nothing", &source);
+    assert_eq!(s.controller.create_snapshot(other).await.unwrap_err().code(), Code::NotFound);
+
+    // Deleting removes both copies; deleting again is still a success.
+    let delete = csi::DeleteSnapshotRequest { snapshot_id: done.snapshot_id.clone(), ..Default::default() };
+    s.controller.delete_snapshot(delete.clone()).await.unwrap();
+    assert!(s.agent("node-a").snapshot_files().is_empty(), "{:?}", s.agent("node-a").snapshot_files());
+    assert!(s.agent("node-c").snapshot_files().is_empty(), "{:?}", s.agent("node-c").snapshot_files());
+    assert!(s.snapshot(&done.snapshot_id).await.is_empty());
+    s.controller.delete_snapshot(delete).await.unwrap();
+    let get = csi::GetSnapshotRequest { snapshot_id: done.snapshot_id.clone(), ..Default::default() };
+    assert_eq!(s.controller.get_snapshot(get).await.unwrap_err().code(), Code::NotFound);
+}
+
+#[tokio::test]
+async fn a_copy_a_crash_cut_short_is_removed_when_its_node_starts_again() {
+    let mut s = Split::start().await;
+    let (source, written) = s.volume_with_data("pvc-crash", "node-a").await;
+    let snap = s.controller.create_snapshot(protected_snapshot("snap-crash", &source)).await.unwrap();
+    let snap = snap.into_inner().snapshot.unwrap();
+    assert!(snap.snapshot_id.ends_with("@node-a+node-b"), "{}", snap.snapshot_id);
+
+    // What node-b's crash in the middle of another copy leaves: the note it
+    // writes first, a half-written image, and even one renamed into place
+    // whose record was never written.
+    let key = "0123456789abcdef0123456789abcdef";
+    let root = s.agent("node-b").root();
+    std::fs::write(root.join("snapshot-copies").join(key), "loop").unwrap();
+    std::fs::write(root.join("snapshots").join(format!(".{key}.img.tmp")), b"half").unwrap();
+    std::fs::write(root.join("snapshots").join(format!("{key}.img")), b"whole, unrecorded").unwrap();
+    s.agent("node-b").restart().await;
+    s.addresses.set(s.agents.iter().map(|a| a.addr).collect());
+    // Only the finished copy is left, with its data.
+    let files = s.agent("node-b").snapshot_files();
+    let key = loam::ids::SnapshotId::parse(&snap.snapshot_id).unwrap().key;
+    assert_eq!(files, [format!("snapshots/{key}.img")]);
+    assert_eq!(std::fs::read(s.agent("node-b").snapshot_image(&snap.snapshot_id)).unwrap(), written);
+    assert!(s.snapshot(&snap.snapshot_id).await[0].ready_to_use);
+}
+
+#[tokio::test]
+async fn bad_protection_and_node_ids_too_long_to_share_an_id_are_invalid_argument() {
+    // 57 + 57 bytes of node ids: with the key, '@' and '+', 148 bytes.
+    let (long_a, long_b) = (format!("node-a-{}", "a".repeat(50)), format!("node-b-{}", "b".repeat(50)));
+    let mut s = Split::start_nodes(&[&long_a, &long_b], None).await;
+    let volume = s.controller.create_volume(loop_request_for("pvc-long", 4 * MIB, &long_a)).await.unwrap();
+    let volume = volume.into_inner().volume.unwrap().volume_id;
+
+    for (parameters, named) in [
+        (vec![("protection", "offnode")], "\"offnode\""),
+        (vec![("protection", "")], "protection=\"\""),
+        (vec![("protection", "off-node"), ("copies", "2")], "\"copies\""),
+    ] {
+        let mut request = protected_snapshot("snap-bad", &volume);
+        request.parameters = parameters.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let err = s.controller.create_snapshot(request).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{parameters:?}: {err:?}");
+        assert!(err.message().contains(named), "{parameters:?}: {}", err.message());
+    }
+
+    let err = s.controller.create_snapshot(protected_snapshot("snap-long", &volume)).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("more than the 94 that fit"), "{}", err.message());
+    // Refused before anything was cut.
+    assert!(s.snapshots().await.is_empty());
+    assert!(s.agent(&long_a).snapshot_files().is_empty(), "{:?}", s.agent(&long_a).snapshot_files());
+    // The same volume snapshots locally as ever.
+    let mut local = protected_snapshot("snap-local", &volume);
+    local.parameters = [("protection".to_owned(), "local".to_owned())].into();
+    let local = s.controller.create_snapshot(local).await.unwrap().into_inner().snapshot.unwrap();
+    assert!(local.snapshot_id.ends_with(&format!("@{long_a}")) && local.ready_to_use, "{local:?}");
+}
+
+#[tokio::test]
+async fn a_copy_node_gone_for_good_before_it_held_the_copy_is_replaced_by_another() {
+    use loam::api::CutSnapshotRequest;
+    let mut s = Split::start_nodes(&["node-a", "node-b", "node-c"], None).await;
+    let (source, written) = s.volume_with_data("pvc-stranded", "node-a").await;
+    let request = protected_snapshot("snap-stranded", &source);
+    // The first attempt chose node-c, and the controller stopped there.
+    let cut =
+        CutSnapshotRequest { request: Some(request.clone()), copy_nodes: vec!["node-c".into()], ..Default::default() };
+    let cut = copies_as_controller(s.agent("node-a")).await.cut_snapshot(cut).await.unwrap();
+    let cut = cut.into_inner().snapshot.unwrap();
+    assert!(cut.snapshot_id.ends_with("@node-a+node-c"), "{}", cut.snapshot_id);
+
+    // node-c's machine is off, but the cluster still knows it: the retry waits for it.
+    s.agent("node-c").stop().await;
+    let err = s.controller.create_snapshot(request.clone()).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("node-c"), "{}", err.message());
+
+    // Deleted from the cluster: node-b keeps the copy of the same cut, and the snapshot is ready.
+    s.nodes.delete("node-c");
+    let done = s.controller.create_snapshot(request).await.unwrap().into_inner().snapshot.unwrap();
+    let key = loam::ids::SnapshotId::parse(&cut.snapshot_id).unwrap().key;
+    assert_eq!(done.snapshot_id, format!("{key}@node-a+node-b"));
+    assert!(done.ready_to_use);
+    assert_eq!(done.creation_time, cut.creation_time, "the same cut");
+    assert_eq!(std::fs::read(s.agent("node-b").snapshot_image(&done.snapshot_id)).unwrap(), written);
+    // Only the new id names it.
+    assert!(s.snapshot(&cut.snapshot_id).await.is_empty());
+    let listed: Vec<_> = s.snapshots().await.into_iter().map(|e| e.snapshot_id).collect();
+    assert_eq!(listed, [done.snapshot_id]);
 }

@@ -18,7 +18,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::backend::{Condition, Fill, VolumeStats, apply_mount_group};
+use crate::backend::{Condition, Fill, VolumeStats, apply_mount_group, temp_sibling};
 use crate::config::QuotaMode;
 use crate::durable;
 use crate::error::{Error, IoContext, Result};
@@ -193,9 +193,21 @@ impl DirBackend {
         Ok(())
     }
 
-    /// Removes the snapshot's files; a missing snapshot is already removed.
+    /// Makes the snapshot's directory from what another node sends, built
+    /// under a temporary name and renamed in once it checked out.
+    pub fn receive_snapshot(&self, key: &Key, receive: &mut dyn FnMut(&Path) -> io::Result<()>) -> Result<()> {
+        self.build_in_place(&self.snapshot_path(key), |tmp| {
+            fs::create_dir(tmp)?;
+            receive(tmp)?;
+            durable::sync_filesystem(tmp)
+        })
+    }
+
+    /// Removes the snapshot's files, and a half-built copy a crash left
+    /// under its temporary name; a missing snapshot is already removed.
     pub fn delete_snapshot(&self, key: &Key) -> Result<()> {
         let path = self.snapshot_path(key);
+        self.remove_tree(&temp_sibling(&path))?;
         self.remove_tree(&path)?;
         sync_parent(&path)
     }
@@ -278,8 +290,7 @@ impl DirBackend {
 
     /// Builds `path` through `build` on a temporary sibling, then renames it in.
     fn build_in_place(&self, path: &Path, build: impl FnOnce(&Path) -> io::Result<()>) -> Result<()> {
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-        let tmp = path.with_file_name(format!(".{name}.tmp"));
+        let tmp = temp_sibling(path);
         self.remove_tree(&tmp)?;
         self.remove_tree(path)?;
         if let Err(e) = build(&tmp) {

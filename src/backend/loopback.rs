@@ -13,7 +13,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::backend::{Condition, Fill, VolumeStats, apply_mount_group};
+use crate::backend::{Condition, Fill, VolumeStats, apply_mount_group, temp_sibling};
 use crate::durable;
 use crate::error::{Error, IoContext, Result};
 use crate::ids::Key;
@@ -180,9 +180,21 @@ impl LoopBackend {
         copy::reflinks_in(&self.snapshots).context(|| format!("probing reflinks in {}", self.snapshots.display()))
     }
 
-    /// Removes a snapshot's image.
+    /// Makes the snapshot's image from what another node sends, built under
+    /// a temporary name and renamed in once it checked out.
+    pub fn receive_snapshot(&self, key: &Key, receive: &mut dyn FnMut(&Path) -> io::Result<()>) -> Result<()> {
+        build_file(&self.snapshot_path(key), |tmp| {
+            receive(tmp)?;
+            File::open(tmp)?.sync_all()
+        })
+    }
+
+    /// Removes a snapshot's image, and a half-built one a crash left under
+    /// its temporary name.
     pub fn delete_snapshot(&self, key: &Key) -> Result<()> {
-        remove_file(&self.snapshot_path(key))
+        let path = self.snapshot_path(key);
+        remove_file(&temp_sibling(&path))?;
+        remove_file(&path)
     }
 
     /// Bytes the image takes on the host filesystem (0 when it is missing).
@@ -611,8 +623,7 @@ fn resize(file: &File, capacity: u64, provisioning: Provisioning) -> io::Result<
 /// Builds `path` through `build` on a temporary sibling, then renames it in;
 /// on failure the temporary file is removed, so nothing is left behind.
 fn build_file(path: &Path, build: impl FnOnce(&Path) -> io::Result<()>) -> Result<()> {
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.tmp"));
+    let tmp = temp_sibling(path);
     // A leftover of a crashed attempt: never acknowledged, so no sync needed.
     match fs::remove_file(&tmp) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => {

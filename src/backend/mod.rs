@@ -98,6 +98,14 @@ impl std::fmt::Debug for Fill<'_> {
     }
 }
 
+/// Where a volume's or snapshot's storage at `path` is built before it is
+/// renamed into place: a dot-prefixed sibling, so a crash never leaves
+/// anything half made under the real name.
+fn temp_sibling(path: &Path) -> PathBuf {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    path.with_file_name(format!(".{name}.tmp"))
+}
+
 /// The engines of one node's root.
 #[derive(Debug)]
 pub struct Backends {
@@ -383,7 +391,25 @@ impl Backends {
         }
     }
 
-    /// Removes a snapshot's data; without a record both engines are cleared.
+    /// Makes the snapshot `key` of `backend` from what another node sends
+    /// (the off-node copy of a snapshot): `receive` writes it into the new
+    /// image file (which it creates) or the new, empty directory, and fails
+    /// unless the whole content arrived and checked out. The snapshot gets
+    /// its real name only after that.
+    pub fn receive_snapshot(
+        &self,
+        key: &Key,
+        backend: BackendKind,
+        receive: &mut dyn FnMut(&Path) -> std::io::Result<()>,
+    ) -> Result<()> {
+        match backend {
+            BackendKind::Dir => self.dir.receive_snapshot(key, receive),
+            BackendKind::Loop => self.loopback.receive_snapshot(key, receive),
+        }
+    }
+
+    /// Removes a snapshot's data, and what a crashed attempt to make it left
+    /// under its temporary name; without a record both engines are cleared.
     pub fn delete_snapshot(&self, key: &Key, backend: Option<BackendKind>) -> Result<()> {
         if backend != Some(BackendKind::Loop) {
             self.dir.delete_snapshot(key)?;

@@ -17,6 +17,12 @@
 //!   name, and the retry starts over. While a copy runs it holds the volume's
 //!   claim, so a retry is ABORTED; [`Driver::copy_progress`] says how far it
 //!   got, for that answer and for ControllerGetVolume.
+//! - **Keeping a snapshot's copy** ([`Driver::receive_snapshot`]): the
+//!   other node of a snapshot kept off node receives it as a volume is
+//!   received, under a temporary name, checked against the sender's digest,
+//!   and records it only then, under the same id as its source node's record.
+//!   Its key is written to `snapshot-copies/` first, so a crash anywhere
+//!   before the record leaves nothing the next start does not remove.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -33,7 +39,7 @@ use crate::durable;
 use crate::error::{Error, IoContext, Result};
 use crate::guard::Guard;
 use crate::ids::{Key, Kind};
-use crate::records::{ContentSource, VolumeRecord};
+use crate::records::{ContentSource, Schema, SnapshotRecord, VolumeRecord};
 
 use super::Stillness;
 
@@ -62,6 +68,24 @@ impl std::fmt::Debug for Incoming {
             .field("capacity_bytes", &self.capacity_bytes)
             .finish_non_exhaustive()
     }
+}
+
+/// What the node a snapshot kept off node was cut on recorded of it: its
+/// copy's record says the same.
+#[derive(Debug, Clone)]
+pub struct SnapshotCopy {
+    /// The id, naming both holders.
+    pub id: String,
+    /// The CSI name.
+    pub name: String,
+    /// The volume it was taken of.
+    pub source_volume_id: String,
+    /// The capacity of that volume then.
+    pub size_bytes: u64,
+    /// When it was taken: seconds since the Unix epoch.
+    pub created_secs: i64,
+    /// When it was taken: nanoseconds within that second.
+    pub created_nanos: i32,
 }
 
 /// A volume or snapshot of this node being sent to another node.
@@ -100,7 +124,8 @@ pub struct Progress {
     pub source: String,
     /// The node it comes from.
     pub from_node: String,
-    /// The new volume's capacity.
+    /// The room it holds back until it is written: the new volume's
+    /// capacity, or a snapshot copy's data.
     pub capacity_bytes: u64,
     /// The bytes of data the sender said it would send.
     pub data_bytes: u64,
@@ -251,6 +276,117 @@ impl Driver {
         self.record_new_volume(key, req, capacity, enforcement, None)
     }
 
+    /// Keeps this node's copy of a snapshot kept off node, filled with what
+    /// its source node sends (see the module's description); the caller
+    /// holds the snapshot's claim. A retry finds the record and sends nothing.
+    pub fn receive_snapshot(&self, key: Key, copy: SnapshotCopy, incoming: Incoming) -> Result<Arc<SnapshotRecord>> {
+        if let Some(existing) = self.existing_snapshot_copy(&key, &copy.id)? {
+            return Ok(existing);
+        }
+        let backend = match incoming.carried {
+            Carried::Image => BackendKind::Loop,
+            Carried::Tree => BackendKind::Dir,
+        };
+        // A snapshot is promised nothing: what it takes is what it holds.
+        let needed = incoming.data_bytes;
+        let free = self.capacity()?;
+        if needed > free {
+            return Err(Error::ResourceExhausted(format!(
+                "the copy of snapshot {} needs {needed} bytes but {} has {free} bytes not yet promised to volumes; \
+                 free space on node {}",
+                copy.id,
+                self.config.root.display(),
+                self.config.node_id
+            )));
+        }
+        let progress = Arc::new(Progress {
+            source: copy.id.clone(),
+            from_node: incoming.from_node.clone(),
+            capacity_bytes: needed,
+            data_bytes: incoming.data_bytes,
+            received: AtomicU64::new(0),
+            started: Instant::now(),
+        });
+        self.copies.0.lock().unwrap_or_else(PoisonError::into_inner).insert(key, progress.clone());
+        let running = Running { driver: self, key, capacity: needed };
+        self.promise(needed);
+        let note = self.snapshot_copies_dir().join(key.to_string());
+        write_intent(&note, backend).context(|| format!("recording the copy {}", note.display()))?;
+        tracing::info!(snapshot = %copy.id, node = %progress.from_node, bytes = needed, "copy of a snapshot from another node started");
+
+        let mut failure: Option<Error> = None;
+        let mut pieces = incoming.pieces;
+        let carried = incoming.carried;
+        let mut receive = |path: &std::path::Path| -> io::Result<()> {
+            // Snapshot images stay as sparse as their source sent them.
+            receive_into(path, carried, Provisioning::Thin, &mut pieces, &progress).map_err(|e| {
+                let message = e.to_string();
+                failure = Some(e);
+                io::Error::other(message)
+            })
+        };
+        if let Err(e) = self.backends.receive_snapshot(&key, backend, &mut receive) {
+            let e = failure.take().unwrap_or(e);
+            tracing::warn!(snapshot = %copy.id, "copy of a snapshot from another node failed: {e}");
+            // The storage is gone already; the note goes too (or the next start takes it).
+            let _ = durable::remove(&note);
+            return Err(e);
+        }
+        tracing::info!(snapshot = %copy.id, bytes = progress.received.load(Ordering::Relaxed), elapsed = ?progress.started.elapsed(), "copy of a snapshot from another node verified and complete");
+        drop(running);
+        let record = SnapshotRecord {
+            schema: Schema,
+            id: copy.id,
+            name: copy.name,
+            source_volume_id: copy.source_volume_id,
+            backend,
+            size_bytes: copy.size_bytes,
+            created_secs: copy.created_secs,
+            created_nanos: copy.created_nanos,
+            group_snapshot_id: None,
+            awaiting_copy: false,
+        };
+        let record = self.snapshots.put(key, record)?;
+        durable::remove(&note).context(|| format!("removing {}", note.display()))?;
+        Ok(record)
+    }
+
+    /// This node's copy of the snapshot `id`, when a retry finds it made;
+    /// ALREADY_EXISTS when the key holds another snapshot.
+    pub fn existing_snapshot_copy(&self, key: &Key, id: &str) -> Result<Option<Arc<SnapshotRecord>>> {
+        match self.snapshots.get(key) {
+            Some(existing) if existing.id == id => Ok(Some(existing)),
+            Some(existing) => Err(Error::AlreadyExists(format!(
+                "this node holds snapshot {} under the key of {id}; its name was used twice",
+                existing.id
+            ))),
+            None => Ok(None),
+        }
+    }
+
+    fn snapshot_copies_dir(&self) -> PathBuf {
+        self.config.root.join("snapshot-copies")
+    }
+
+    /// Removes what a crash left of snapshot copies being received (start-up):
+    /// a note without a record is a copy that never finished, so its storage,
+    /// whole or half made, goes; a note beside a record is only the note.
+    pub(super) fn remove_unfinished_snapshot_copies(&self) -> Result<()> {
+        let dir = self.snapshot_copies_dir();
+        fs::create_dir_all(&dir).context(|| format!("creating {}", dir.display()))?;
+        for entry in fs::read_dir(&dir).context(|| format!("reading {}", dir.display()))? {
+            let entry = entry.context(|| format!("reading {}", dir.display()))?;
+            let Some(key) = entry.file_name().to_str().and_then(Key::parse) else { continue };
+            if self.snapshots.get(&key).is_none() {
+                let backend = BackendKind::parse(fs::read_to_string(entry.path()).unwrap_or_default().trim());
+                tracing::warn!(snapshot = %key, "removing the unfinished copy of a snapshot from another node that a crash left behind");
+                self.backends.delete_snapshot(&key, backend)?;
+            }
+            durable::remove(&entry.path()).context(|| format!("removing {}", entry.path().display()))?;
+        }
+        Ok(())
+    }
+
     /// Prepares a copy of this node's volume or snapshot `source` for
     /// another node (see the module's description). The caller holds the
     /// source's claim and hands it over: a snapshot keeps it until the
@@ -318,11 +454,7 @@ impl Driver {
         for entry in fs::read_dir(&dir).context(|| format!("reading {}", dir.display()))? {
             let entry = entry.context(|| format!("reading {}", dir.display()))?;
             let Some(key) = entry.file_name().to_str().and_then(Key::parse) else { continue };
-            let backend = match fs::read_to_string(entry.path()).unwrap_or_default().trim() {
-                "dir" => Some(BackendKind::Dir),
-                "loop" => Some(BackendKind::Loop),
-                _ => None,
-            };
+            let backend = BackendKind::parse(fs::read_to_string(entry.path()).unwrap_or_default().trim());
             tracing::warn!(cut = %key, "removing the cut of a copy to another node that a crash left behind");
             self.remove_cut(&key, backend)?;
         }
@@ -399,7 +531,7 @@ mod tests {
     use super::*;
     use crate::backend::LoopSpec;
     use crate::backend::transfer::Frame;
-    use crate::driver::{CapacityRange, test_driver};
+    use crate::driver::{CapacityRange, test_driver, test_driver_on};
     use crate::kernel::blockfs::FsType;
 
     fn loop_request(name: &str, mib: u64, source: Option<ContentSource>) -> NewVolume {
@@ -527,6 +659,110 @@ mod tests {
         // The retry gets it all.
         target.create_volume_from(key, request(), incoming(export_of(&source, &id))).unwrap();
         assert_eq!(leftovers(b.path()), [format!("{key}.img")]);
+    }
+
+    /// A snapshot of node "n" kept off node, its copy on node "m": the
+    /// source's driver, the id, and what its copy's record says.
+    fn protected_snapshot(root: &std::path::Path) -> (Arc<Driver>, String, SnapshotCopy) {
+        let (source, volume) = source_node(root);
+        let key = Key::for_name(Kind::Snapshot, "snap");
+        let record = source.cut_protected_snapshot(key, "snap", &volume, &["n".into(), "m".into()], None).unwrap();
+        assert!(record.awaiting_copy);
+        let copy = SnapshotCopy {
+            id: record.id.clone(),
+            name: record.name.clone(),
+            source_volume_id: record.source_volume_id.clone(),
+            size_bytes: record.size_bytes,
+            created_secs: record.created_secs,
+            created_nanos: record.created_nanos,
+        };
+        (source, record.id.clone(), copy)
+    }
+
+    fn snapshot_export(driver: &Arc<Driver>, id: &str) -> Export {
+        let key = crate::ids::SnapshotId::parse(id).unwrap().key;
+        driver.export(&ContentSource::Snapshot(id.into()), driver.claim(Kind::Snapshot, key).unwrap()).unwrap()
+    }
+
+    /// Every name under `root`'s snapshots/ and snapshot-copies/.
+    fn snapshot_files(root: &std::path::Path) -> Vec<String> {
+        let mut names = Vec::new();
+        for dir in ["snapshots", "snapshot-copies"] {
+            for entry in fs::read_dir(root.join(dir)).unwrap() {
+                names.push(format!("{dir}/{}", entry.unwrap().file_name().to_string_lossy()));
+            }
+        }
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn a_snapshots_copy_is_kept_whole_or_not_at_all() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (source, id, copy) = protected_snapshot(a.path());
+        assert!(id.ends_with("@n+m"), "the first candidate that is another node: {id}");
+        let target = test_driver_on(b.path(), "m");
+        let key = crate::ids::SnapshotId::parse(&id).unwrap().key;
+
+        // The connection drops after the first frame.
+        let mut cut = incoming(snapshot_export(&source, &id));
+        let first = cut.pieces.next().unwrap();
+        cut.pieces = Box::new(vec![first, Err(Error::Aborted("connection reset".into()))].into_iter());
+        let err = target.receive_snapshot(key, copy.clone(), cut).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Aborted, "{err}");
+        assert!(target.snapshot(&key).is_err(), "no record");
+        assert!(snapshot_files(b.path()).is_empty(), "{:?}", snapshot_files(b.path()));
+
+        // A byte changes on the way.
+        let mut damaged = incoming(snapshot_export(&source, &id));
+        let pieces: Vec<_> = damaged
+            .pieces
+            .by_ref()
+            .map(|p| match p {
+                Ok(Piece::Image(Frame::Data { offset, mut bytes })) if offset == 0 => {
+                    bytes[0] ^= 1;
+                    Ok(Piece::Image(Frame::Data { offset, bytes }))
+                }
+                other => other,
+            })
+            .collect();
+        damaged.pieces = Box::new(pieces.into_iter());
+        let err = target.receive_snapshot(key, copy.clone(), damaged).unwrap_err();
+        assert!(err.to_string().contains("digest mismatch"), "{err}");
+        assert!(target.snapshot(&key).is_err());
+        assert!(snapshot_files(b.path()).is_empty(), "{:?}", snapshot_files(b.path()));
+        assert_eq!(target.copies.unreceived(), 0, "failed copies hold no room");
+
+        // Whole: recorded under the same id, ready, with the source's bytes.
+        let record = target.receive_snapshot(key, copy.clone(), incoming(snapshot_export(&source, &id))).unwrap();
+        assert_eq!((record.id.as_str(), record.awaiting_copy), (id.as_str(), false));
+        let image = |root: &std::path::Path| fs::read(root.join("snapshots").join(format!("{key}.img"))).unwrap();
+        assert_eq!(image(b.path()), image(a.path()));
+        assert_eq!(snapshot_files(b.path()), [format!("snapshots/{key}.img")]);
+        // A retry sends nothing (an exhausted stream would fail) and gets the record.
+        let nothing = Incoming { pieces: Box::new(std::iter::empty()), ..incoming(snapshot_export(&source, &id)) };
+        assert_eq!(target.receive_snapshot(key, copy, nothing).unwrap(), record);
+        // The source is ready once told; telling it again changes nothing.
+        let ready = source.confirm_snapshot_copy(key, "snap", &record.source_volume_id).unwrap();
+        assert!(!ready.awaiting_copy);
+        assert_eq!(source.confirm_snapshot_copy(key, "snap", &record.source_volume_id).unwrap(), ready);
+    }
+
+    #[test]
+    fn a_snapshot_kept_off_node_names_a_node_that_fits_or_is_refused_before_the_cut() {
+        let a = tempfile::tempdir().unwrap();
+        let (source, volume) = source_node(a.path());
+        let key = Key::for_name(Kind::Snapshot, "snap");
+        let (long, short) = ("x".repeat(94), "m".to_owned());
+        // The roomiest candidate does not fit beside "n"; the next does.
+        let record = source.cut_protected_snapshot(key, "snap", &volume, &[long.clone(), short], None).unwrap();
+        assert!(record.id.ends_with("@n+m"), "{}", record.id);
+        source.delete_snapshot(key).unwrap();
+        let err = source.cut_protected_snapshot(key, "snap", &volume, std::slice::from_ref(&long), None).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+        let err = source.cut_protected_snapshot(key, "snap", &volume, &[], None).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err}");
+        assert!(snapshot_files(a.path()).is_empty(), "nothing cut: {:?}", snapshot_files(a.path()));
     }
 
     #[test]

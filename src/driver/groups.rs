@@ -273,6 +273,7 @@ impl Driver {
                 created_secs: secs,
                 created_nanos: nanos,
                 group_snapshot_id: Some(group.id.clone()),
+                awaiting_copy: false,
             };
             self.snapshots.put(member.snapshot, record)?;
         }

@@ -18,7 +18,7 @@ use crate::backend::loopback::Orphan;
 use crate::config::{Config, TOPOLOGY_NODE_KEY};
 use crate::error::{Error, IoContext, Result};
 use crate::guard::{Guard, InFlight, PathsInFlight};
-use crate::ids::{Key, Kind, ObjectId};
+use crate::ids::{Key, Kind, ObjectId, SnapshotId};
 use crate::kernel::Kernel;
 use crate::kernel::mount::MountFlags;
 use crate::kernel::usage::{FsUsage, fs_usage};
@@ -34,7 +34,7 @@ mod places;
 mod snapshots;
 mod volumes;
 
-pub use copies::{Export, Incoming, Progress};
+pub use copies::{Export, Incoming, Progress, SnapshotCopy};
 pub use figures::NodeMetrics;
 pub use groups::{GroupSnapshot, Stillness};
 // What the backends report about a volume, part of the driver's answers.
@@ -213,6 +213,7 @@ impl Driver {
         driver.thaw_stages();
         driver.roll_back_incomplete_groups();
         driver.remove_leftover_cuts()?;
+        driver.remove_unfinished_snapshot_copies()?;
         driver.refresh_promises()?;
         driver.report_unpublished_inline();
         let mut attached = 0u32;
@@ -311,9 +312,27 @@ impl Driver {
         Ok(key)
     }
 
-    /// Reads a snapshot id from a request; NOT_FOUND when it is not this node's.
+    /// Reads a snapshot id from a request; NOT_FOUND when this node holds
+    /// no copy of it (a snapshot kept off node has two holders, either of
+    /// which answers for its own copy), or holds another snapshot under its
+    /// key: the same key with other nodes is not this snapshot, and must
+    /// never delete it.
     pub fn snapshot_key(&self, id: &str) -> Result<Key> {
-        self.own_key("snapshot", id)
+        let own = &self.config.node_id;
+        match SnapshotId::parse(id) {
+            Some(parsed) if parsed.is_held_by(own) => match self.snapshots.get(&parsed.key) {
+                Some(held) if held.id != id => Err(Error::NotFound(format!(
+                    "snapshot {id} does not exist; this node holds {} under its key",
+                    held.id
+                ))),
+                _ => Ok(parsed.key),
+            },
+            Some(parsed) => Err(Error::NotFound(format!(
+                "snapshot {id} belongs to node {}, not to this node ({own})",
+                parsed.holders().collect::<Vec<_>>().join(" and ")
+            ))),
+            None => Err(Error::NotFound(format!("snapshot {id} does not exist (not an id Loam made)"))),
+        }
     }
 
     /// Reads a group snapshot id from a request; NOT_FOUND when it is not
@@ -352,9 +371,15 @@ impl Driver {
 /// driver's unit tests.
 #[cfg(test)]
 fn test_driver(root: &std::path::Path) -> Driver {
+    test_driver_on(root, "n")
+}
+
+/// [`test_driver`] of node `node`: for tests of two nodes.
+#[cfg(test)]
+fn test_driver_on(root: &std::path::Path, node: &str) -> Driver {
     let config = Config {
         driver_name: "loam.csi.dev".into(),
-        node_id: "n".into(),
+        node_id: node.into(),
         root: root.to_owned(),
         max_volumes_per_node: 0,
         quota: crate::config::QuotaMode::Off,

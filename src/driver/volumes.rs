@@ -26,7 +26,7 @@ impl Driver {
         let mut guards = vec![self.claim(Kind::Volume, key)?];
         let source = match source {
             Some(ContentSource::Volume(id)) => self.own_key("volume", id).ok().map(|k| (Kind::Volume, k)),
-            Some(ContentSource::Snapshot(id)) => self.own_key("snapshot", id).ok().map(|k| (Kind::Snapshot, k)),
+            Some(ContentSource::Snapshot(id)) => self.snapshot_key(id).ok().map(|k| (Kind::Snapshot, k)),
             None => None,
         };
         if let Some((kind, source)) = source {

@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use crate::config::TOPOLOGY_NODE_KEY;
 use crate::csi;
 use crate::error::{Error, Result};
-use crate::ids::ObjectId;
+use crate::ids::{ObjectId, SnapshotId};
 
 /// Who owns the object a request names.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,6 +23,12 @@ impl Owner {
     pub fn of(id: &str) -> Owner {
         ObjectId::parse(id).map_or(Owner::Any, |id| Owner::Node(id.node))
     }
+}
+
+/// The nodes holding a snapshot: the node it was cut on, then, for one kept
+/// off node, the node of its copy. Empty for an id Loam did not make.
+pub fn snapshot_holders(id: &str) -> Vec<String> {
+    SnapshotId::parse(id).map(|id| id.holders().map(str::to_owned).collect()).unwrap_or_default()
 }
 
 /// The owner of a group snapshot's source volumes: the one node they all
@@ -67,25 +73,27 @@ pub fn requested_nodes(requirement: Option<&csi::TopologyRequirement>) -> Vec<St
 /// Where a copy of a volume or snapshot goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CopyPlacement {
-    /// On the source's node: a local copy, instant where the root can
-    /// reflink or snapshot.
-    Local,
+    /// On this node, which holds the source: a local copy, instant where the
+    /// root can reflink or snapshot.
+    Local(String),
     /// On one of these nodes, in the order to try them: the topology
-    /// requirement rules out the source's node.
+    /// requirement rules out every node holding the source.
     Remote(Vec<String>),
 }
 
-/// Where a copy of a source on `source_node` goes: its own node whenever
-/// the requirement allows it (no requirement, only preferences, or a
-/// requisite naming it), else the requested nodes.
-pub fn copy_placement(requirement: Option<&csi::TopologyRequirement>, source_node: &str) -> CopyPlacement {
-    let Some(requirement) = requirement else { return CopyPlacement::Local };
+/// Where a copy of a source held by `holders` goes: on a holder whenever
+/// the requirement allows one (no requirement, only preferences, or a
+/// requisite naming it), the first in the requirement's order, else the
+/// first of `holders`; otherwise on the requested nodes.
+pub fn copy_placement(requirement: Option<&csi::TopologyRequirement>, holders: &[String]) -> CopyPlacement {
     let node = |t: &csi::Topology| t.segments.get(TOPOLOGY_NODE_KEY).cloned();
-    let requisite: Vec<String> = requirement.requisite.iter().filter_map(node).collect();
-    if requisite.is_empty() || requisite.iter().any(|n| n == source_node) {
-        return CopyPlacement::Local;
+    let requisite: Vec<String> = requirement.map(|r| r.requisite.iter().filter_map(node).collect()).unwrap_or_default();
+    let allowed: Vec<&String> = holders.iter().filter(|h| requisite.is_empty() || requisite.contains(h)).collect();
+    let requested = requested_nodes(requirement);
+    match requested.iter().find(|n| allowed.contains(n)).or(allowed.first().copied()) {
+        Some(holder) => CopyPlacement::Local(holder.clone()),
+        None => CopyPlacement::Remote(requested),
     }
-    CopyPlacement::Remote(requested_nodes(Some(requirement)))
 }
 
 #[cfg(test)]
@@ -117,15 +125,41 @@ mod tests {
             requisite: requisite.iter().map(|n| on(n)).collect(),
             preferred: preferred.iter().map(|n| on(n)).collect(),
         };
-        assert_eq!(copy_placement(None, "a"), CopyPlacement::Local);
-        assert_eq!(copy_placement(Some(&req(&[], &["b"])), "a"), CopyPlacement::Local, "a preference is a hint");
-        assert_eq!(copy_placement(Some(&req(&["b", "a"], &["b"])), "a"), CopyPlacement::Local);
+        let a = ["a".to_owned()];
+        let local = |n: &str| CopyPlacement::Local(n.into());
+        assert_eq!(copy_placement(None, &a), local("a"));
+        assert_eq!(copy_placement(Some(&req(&[], &["b"])), &a), local("a"), "a preference is a hint");
+        assert_eq!(copy_placement(Some(&req(&["b", "a"], &["b"])), &a), local("a"));
         // WaitForFirstConsumer with strict topology: the scheduler's node only.
-        assert_eq!(copy_placement(Some(&req(&["b"], &["b"])), "a"), CopyPlacement::Remote(vec!["b".into()]));
+        assert_eq!(copy_placement(Some(&req(&["b"], &["b"])), &a), CopyPlacement::Remote(vec!["b".into()]));
         assert_eq!(
-            copy_placement(Some(&req(&["b", "c"], &["c"])), "a"),
+            copy_placement(Some(&req(&["b", "c"], &["c"])), &a),
             CopyPlacement::Remote(vec!["c".into(), "b".into()])
         );
+    }
+
+    #[test]
+    fn a_snapshot_kept_off_node_is_restored_from_the_copy_the_topology_asks_for() {
+        let req = |requisite: &[&str], preferred: &[&str]| csi::TopologyRequirement {
+            requisite: requisite.iter().map(|n| on(n)).collect(),
+            preferred: preferred.iter().map(|n| on(n)).collect(),
+        };
+        let both = ["a".to_owned(), "b".to_owned()];
+        let local = |n: &str| CopyPlacement::Local(n.into());
+        assert_eq!(copy_placement(None, &both), local("a"), "the first holder (the router lists reachable ones first)");
+        assert_eq!(copy_placement(Some(&req(&["b"], &["b"])), &both), local("b"), "the copy on the node asked");
+        assert_eq!(copy_placement(Some(&req(&[], &["b"])), &both), local("b"), "a preferred holder");
+        assert_eq!(copy_placement(Some(&req(&["a", "b"], &["b"])), &both), local("b"));
+        assert_eq!(copy_placement(Some(&req(&["c"], &["c"])), &both), CopyPlacement::Remote(vec!["c".into()]));
+        // Only b's agent answers: a restore anywhere else copies from b.
+        let b = ["b".to_owned()];
+        assert_eq!(copy_placement(None, &b), local("b"));
+        assert_eq!(copy_placement(Some(&req(&["a"], &["a"])), &b), CopyPlacement::Remote(vec!["a".into()]));
+
+        let key = "0123456789abcdef0123456789abcdef";
+        assert_eq!(snapshot_holders(&format!("{key}@a+b")), ["a", "b"]);
+        assert_eq!(snapshot_holders(&format!("{key}@a")), ["a"]);
+        assert!(snapshot_holders("fake-snapshot-id").is_empty());
     }
 
     #[test]

@@ -11,6 +11,7 @@ use crate::driver::{Condition, Driver, NewVolume, parse_layout, topology};
 use crate::error::{Error, Result, quote};
 use crate::ids::{Key, Kind, validate_name};
 use crate::records::{ContentSource, Enforcement, Layout, SnapshotRecord, VolumeRecord};
+use crate::rpc::validate::{PROTECTION_PARAMETER, Protection};
 use crate::rpc::{blocking, claimed, timestamp, traced, validate};
 
 /// Controller over a node's own driver.
@@ -111,8 +112,9 @@ pub fn snapshot_message(record: &SnapshotRecord) -> csi::Snapshot {
         snapshot_id: record.id.clone(),
         source_volume_id: record.source_volume_id.clone(),
         creation_time: Some(timestamp(record.created_secs, record.created_nanos)),
-        // Snapshots are complete copies before their record is written.
-        ready_to_use: true,
+        // Snapshots are complete copies before their record is written; one
+        // kept off node is ready once its other node holds its copy too.
+        ready_to_use: !record.awaiting_copy,
         // Tells the CO the snapshot goes only with its group.
         group_snapshot_id: record.group_snapshot_id.clone().unwrap_or_default(),
     }
@@ -364,7 +366,17 @@ impl Controller for ControllerService {
         traced("CreateSnapshot", &req.name.clone(), async move {
             validate_name("snapshot", &req.name)?;
             validate::required_id("source volume id", &req.source_volume_id)?;
-            validate::snapshot_parameters(&req.parameters)?;
+            if validate::snapshot_parameters(&req.parameters)? == Protection::OffNode {
+                // The other node and the copy are the controller's to arrange
+                // (Copies.CutSnapshot and CopySnapshot); a lone driver has no
+                // other node.
+                return Err(Error::FailedPrecondition(format!(
+                    "snapshot parameter {PROTECTION_PARAMETER}: {} keeps a copy on another node, which only Loam's \
+                     controller (--mode controller, with node agents) arranges; this driver serves node {} alone",
+                    Protection::OffNode.name(),
+                    driver.config().node_id
+                )));
+            }
             let key = driver.key_for(Kind::Snapshot, &req.name);
             let record = claimed(driver.claim(Kind::Snapshot, key)?, &driver, move |driver| {
                 driver.create_snapshot(key, &req.name, &req.source_volume_id)

@@ -19,16 +19,19 @@ use crate::api::copies_server::Copies;
 use crate::api::export_frame::Frame as Wire;
 use crate::api::export_header::Content;
 use crate::api::export_request::Source as WireSource;
-use crate::api::{CreateVolumeFromRequest, ExportFrame, ExportHeader, ExportRequest};
+use crate::api::{
+    CopySnapshotRequest, CreateVolumeFromRequest, CutSnapshotRequest, ExportFrame, ExportHeader, ExportRequest,
+};
 use crate::auth::RequireRole;
 use crate::csi;
 use crate::driver::transfer::{Carried, Piece};
-use crate::driver::{Driver, Export, Incoming};
+use crate::driver::{Driver, Export, Incoming, SnapshotCopy};
 use crate::error::{Error, Result};
-use crate::ids::{Kind, ObjectId};
+use crate::ids::{Kind, ObjectId, SnapshotId, validate_name, validate_node_id};
 use crate::records::ContentSource;
 use crate::routing::peer::Peers;
-use crate::rpc::controller::{new_volume, volume_message};
+use crate::rpc::controller::{new_volume, snapshot_message, volume_message};
+use crate::rpc::validate::{PROTECTION_PARAMETER, Protection};
 use crate::rpc::{blocking, claimed, traced, validate};
 use crate::tls::Role;
 
@@ -69,7 +72,7 @@ impl Copies for CopiesService {
         request: Request<CreateVolumeFromRequest>,
     ) -> Result<Response<csi::CreateVolumeResponse>, Status> {
         RequireRole(Role::Controller).check(&request)?;
-        let CreateVolumeFromRequest { request, source_address } = request.into_inner();
+        let CreateVolumeFromRequest { request, source_address, source_node } = request.into_inner();
         let request = request.unwrap_or_default();
         let (driver, peers) = (self.driver.clone(), self.peers.clone());
         traced("CreateVolumeFrom", &request.name.clone(), async move {
@@ -77,25 +80,27 @@ impl Copies for CopiesService {
             let Some(source) = new.source.clone() else {
                 return Err(Error::InvalidArgument("CreateVolumeFrom needs a content source".into()));
             };
-            let source_id = match &source {
-                ContentSource::Volume(id) | ContentSource::Snapshot(id) => id.clone(),
-            };
-            let Some(from) = ObjectId::parse(&source_id) else {
-                return Err(Error::NotFound(format!("source {source_id} does not exist (not an id Loam made)")));
-            };
+            let holders = holders_of(&source)?;
             let key = driver.key_for(Kind::Volume, &new.name);
-            if from.node == driver.config().node_id {
+            let own = &driver.config().node_id;
+            if holders.contains(own) {
                 // The source is here after all: a local copy, as CreateVolume.
                 let claim = driver.claim_create(key, new.source.as_ref())?;
                 let record = claimed(claim, &driver, move |d| d.create_volume(key, new)).await?;
                 return Ok(csi::CreateVolumeResponse { volume: Some(volume_message(&record, &driver)) });
             }
-            let addr: SocketAddr = source_address.parse().map_err(|_| {
-                Error::InvalidArgument(format!(
-                    "source address {} is not an IP address and port",
-                    crate::error::quote(&source_address)
-                ))
-            })?;
+            let from_node = match source_node {
+                named if named.is_empty() => holders[0].clone(),
+                named if holders.contains(&named) => named,
+                named => {
+                    return Err(Error::InvalidArgument(format!(
+                        "node {} does not hold the source {}",
+                        crate::error::quote(&named),
+                        source.id()
+                    )));
+                }
+            };
+            let addr = source_addr(&source_address)?;
             let claim = driver.claim(Kind::Volume, key).map_err(|busy| match driver.copy_progress(&key) {
                 Some(progress) => {
                     Error::Aborted(format!("volume {} is {}; retry later", new.name, progress.describe()))
@@ -106,32 +111,106 @@ impl Copies for CopiesService {
                 return Ok(csi::CreateVolumeResponse { volume: Some(volume_message(&record, &driver)) });
             }
             driver.check_room(&new)?;
-            let target = ObjectId { key, node: driver.config().node_id.clone() }.to_string();
+            let target = ObjectId { key, node: own.clone() }.to_string();
             let wire_source = match source {
                 ContentSource::Volume(id) => WireSource::VolumeId(id),
                 ContentSource::Snapshot(id) => WireSource::SnapshotId(id),
             };
             let ask = ExportRequest { source: Some(wire_source), target_volume_id: target };
-            let mut stream = peers.export(&from.node, addr, ask).await?;
-            let header = match stream.message().await {
-                Ok(Some(ExportFrame { frame: Some(Wire::Header(header)) })) => header,
-                Ok(_) => return Err(malformed(&from.node, "it did not start with a header")),
-                Err(status) => return Err(cut_short(&from.node, &status)),
-            };
-            let carried = match header.content() {
-                Content::Image => Carried::Image,
-                Content::Tree => Carried::Tree,
-                Content::Unspecified => return Err(malformed(&from.node, "its header names no content")),
-            };
-            let incoming = Incoming {
-                from_node: from.node.clone(),
-                carried,
-                capacity_bytes: header.capacity_bytes,
-                data_bytes: header.data_bytes,
-                pieces: receive_pieces(stream, from.node),
-            };
+            let incoming = pull(&peers, &from_node, addr, ask).await?;
             let record = claimed(claim, &driver, move |d| d.create_volume_from(key, new, incoming)).await?;
             Ok(csi::CreateVolumeResponse { volume: Some(volume_message(&record, &driver)) })
+        })
+        .await
+    }
+
+    async fn cut_snapshot(
+        &self,
+        request: Request<CutSnapshotRequest>,
+    ) -> Result<Response<csi::CreateSnapshotResponse>, Status> {
+        RequireRole(Role::Controller).check(&request)?;
+        let CutSnapshotRequest { request, copy_nodes, copy_held, gone_copy_node } = request.into_inner();
+        let req = request.unwrap_or_default();
+        let driver = self.driver.clone();
+        traced("CutSnapshot", &req.name.clone(), async move {
+            validate_name("snapshot", &req.name)?;
+            validate::required_id("source volume id", &req.source_volume_id)?;
+            if validate::snapshot_parameters(&req.parameters)? != Protection::OffNode {
+                return Err(Error::InvalidArgument(format!(
+                    "CutSnapshot makes snapshots with {PROTECTION_PARAMETER}: {}; others are CreateSnapshot's",
+                    Protection::OffNode.name()
+                )));
+            }
+            for node in copy_nodes.iter().chain(Some(&gone_copy_node).filter(|n| !n.is_empty())) {
+                validate_node_id(node)?;
+            }
+            let gone_copy_node = Some(gone_copy_node).filter(|n| !n.is_empty());
+            let key = driver.key_for(Kind::Snapshot, &req.name);
+            let record = claimed(driver.claim(Kind::Snapshot, key)?, &driver, move |d| {
+                if copy_held {
+                    d.confirm_snapshot_copy(key, &req.name, &req.source_volume_id)
+                } else {
+                    d.cut_protected_snapshot(
+                        key,
+                        &req.name,
+                        &req.source_volume_id,
+                        &copy_nodes,
+                        gone_copy_node.as_deref(),
+                    )
+                }
+            })
+            .await?;
+            Ok(csi::CreateSnapshotResponse { snapshot: Some(snapshot_message(&record)) })
+        })
+        .await
+    }
+
+    async fn copy_snapshot(
+        &self,
+        request: Request<CopySnapshotRequest>,
+    ) -> Result<Response<csi::CreateSnapshotResponse>, Status> {
+        RequireRole(Role::Controller).check(&request)?;
+        let CopySnapshotRequest { snapshot, name, source_address } = request.into_inner();
+        let snapshot = snapshot.unwrap_or_default();
+        let (driver, peers) = (self.driver.clone(), self.peers.clone());
+        traced("CopySnapshot", &snapshot.snapshot_id.clone(), async move {
+            let own = driver.config().node_id.clone();
+            let id = SnapshotId::parse(&snapshot.snapshot_id).filter(|id| id.copy.as_ref() == Some(&own)).ok_or_else(
+                || {
+                    Error::InvalidArgument(format!(
+                        "snapshot {} is not one whose copy this node ({own}) keeps",
+                        crate::error::quote(&snapshot.snapshot_id)
+                    ))
+                },
+            )?;
+            validate_name("snapshot", &name)?;
+            let key = id.key;
+            let claim = driver.claim(Kind::Snapshot, key).map_err(|busy| match driver.copy_progress(&key) {
+                Some(progress) => {
+                    Error::Aborted(format!("the copy of snapshot {id} is {}; retry later", progress.describe()))
+                }
+                None => busy,
+            })?;
+            if let Some(record) = driver.existing_snapshot_copy(&key, &snapshot.snapshot_id)? {
+                return Ok(csi::CreateSnapshotResponse { snapshot: Some(snapshot_message(&record)) });
+            }
+            let addr = source_addr(&source_address)?;
+            let ask = ExportRequest {
+                source: Some(WireSource::SnapshotId(id.to_string())),
+                target_volume_id: format!("its copy on node {own}"),
+            };
+            let incoming = pull(&peers, &id.node, addr, ask).await?;
+            let created = snapshot.creation_time.unwrap_or_default();
+            let copy = SnapshotCopy {
+                id: id.to_string(),
+                name,
+                source_volume_id: snapshot.source_volume_id,
+                size_bytes: incoming.capacity_bytes,
+                created_secs: created.seconds,
+                created_nanos: created.nanos,
+            };
+            let record = claimed(claim, &driver, move |d| d.receive_snapshot(key, copy, incoming)).await?;
+            Ok(csi::CreateSnapshotResponse { snapshot: Some(snapshot_message(&record)) })
         })
         .await
     }
@@ -182,6 +261,46 @@ impl Copies for CopiesService {
         })
         .await
     }
+}
+
+/// The nodes holding `source`: the node in a volume's or snapshot's id, and
+/// the copy's node of a snapshot kept off node.
+fn holders_of(source: &ContentSource) -> Result<Vec<String>> {
+    let holders = match source {
+        ContentSource::Volume(id) => ObjectId::parse(id).map(|id| vec![id.node]),
+        ContentSource::Snapshot(id) => SnapshotId::parse(id).map(|id| id.holders().map(str::to_owned).collect()),
+    };
+    holders.ok_or_else(|| Error::NotFound(format!("source {} does not exist (not an id Loam made)", source.id())))
+}
+
+/// The address of the agent to pull from, as the controller sent it.
+fn source_addr(text: &str) -> Result<SocketAddr> {
+    text.parse().map_err(|_| {
+        Error::InvalidArgument(format!("source address {} is not an IP address and port", crate::error::quote(text)))
+    })
+}
+
+/// Starts pulling `ask` from the agent of `node` at `addr`: the stream,
+/// once its header said what it carries.
+async fn pull(peers: &Peers, node: &str, addr: SocketAddr, ask: ExportRequest) -> Result<Incoming> {
+    let mut stream = peers.export(node, addr, ask).await?;
+    let header = match stream.message().await {
+        Ok(Some(ExportFrame { frame: Some(Wire::Header(header)) })) => header,
+        Ok(_) => return Err(malformed(node, "it did not start with a header")),
+        Err(status) => return Err(cut_short(node, &status)),
+    };
+    let carried = match header.content() {
+        Content::Image => Carried::Image,
+        Content::Tree => Carried::Tree,
+        Content::Unspecified => return Err(malformed(node, "its header names no content")),
+    };
+    Ok(Incoming {
+        from_node: node.to_owned(),
+        carried,
+        capacity_bytes: header.capacity_bytes,
+        data_bytes: header.data_bytes,
+        pieces: receive_pieces(stream, node.to_owned()),
+    })
 }
 
 /// Sends every piece of `export` into `tx` (from a blocking thread), at most

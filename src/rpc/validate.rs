@@ -196,17 +196,55 @@ pub fn group_snapshot_parameters(params: &HashMap<String, String>) -> Result<()>
     }
 }
 
-/// VolumeSnapshotClass parameters: Loam takes none, and refuses unknown keys
-/// (as it does StorageClass ones) so a typo fails loudly.
-pub fn snapshot_parameters(params: &HashMap<String, String>) -> Result<()> {
-    parameters(params)?;
-    match params.keys().find(|k| !k.starts_with(CO_PARAMETER_PREFIX)) {
-        Some(key) => Err(Error::InvalidArgument(format!(
-            "unknown snapshot parameter {}: Loam's snapshots take no parameters",
-            quote(key)
-        ))),
-        None => Ok(()),
+/// The VolumeSnapshotClass parameter that says where a snapshot is kept.
+pub const PROTECTION_PARAMETER: &str = "protection";
+
+/// Where a snapshot is kept (VolumeSnapshotClass `protection`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Protection {
+    /// On its volume's node only: it goes with the node.
+    #[default]
+    Local,
+    /// On its volume's node and, as a verified copy, on one other node, so
+    /// it outlives either ([`crate::ids::SnapshotId`] names both).
+    OffNode,
+}
+
+impl Protection {
+    const ALL: [Protection; 2] = [Protection::Local, Protection::OffNode];
+
+    /// The parameter's value for it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Protection::Local => "local",
+            Protection::OffNode => "off-node",
+        }
     }
+}
+
+/// VolumeSnapshotClass parameters: `protection` and the CO's own keys;
+/// anything else, and any other value, is refused (as StorageClass
+/// parameters are) so a typo fails loudly.
+pub fn snapshot_parameters(params: &HashMap<String, String>) -> Result<Protection> {
+    parameters(params)?;
+    let mut protection = Protection::default();
+    for (key, value) in params.iter().filter(|(k, _)| !k.starts_with(CO_PARAMETER_PREFIX)) {
+        if key != PROTECTION_PARAMETER {
+            return Err(Error::InvalidArgument(format!(
+                "unknown snapshot parameter {}: Loam's snapshots take only {PROTECTION_PARAMETER}",
+                quote(key)
+            )));
+        }
+        protection = Protection::ALL.into_iter().find(|p| p.name() == value).ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "snapshot parameter {PROTECTION_PARAMETER}={} is not one Loam has; use \"{}\" or \"{}\"",
+                quote(value),
+                Protection::Local.name(),
+                Protection::OffNode.name()
+            ))
+        })?;
+    }
+    Ok(protection)
 }
 
 /// The source a new volume starts from.
@@ -392,6 +430,27 @@ mod tests {
         assert!(group_snapshot_parameters(&params(&secret)).is_ok());
         let err = group_snapshot_parameters(&params(&[("freeze", "false")])).unwrap_err();
         assert!(err.to_string().contains("\"freeze\""), "{err}");
+    }
+
+    #[test]
+    fn snapshot_parameters_are_a_closed_list() {
+        let params = |pairs: &[(&str, &str)]| pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        assert_eq!(snapshot_parameters(&params(&[])).unwrap(), Protection::Local);
+        let secret = ("csi.storage.k8s.io/snapshotter-secret-name", "s");
+        assert_eq!(snapshot_parameters(&params(&[secret])).unwrap(), Protection::Local);
+        assert_eq!(snapshot_parameters(&params(&[("protection", "local")])).unwrap(), Protection::Local);
+        let off = params(&[("protection", "off-node"), secret]);
+        assert_eq!(snapshot_parameters(&off).unwrap(), Protection::OffNode);
+        for (bad, named) in [
+            (&[("protection", "offnode")][..], "\"offnode\""),
+            (&[("protection", "")], "protection=\"\""),
+            (&[("protection", "Off-Node")], "\"Off-Node\""),
+            (&[("protection", "off-node"), ("copies", "2")], "\"copies\""),
+        ] {
+            let err = snapshot_parameters(&params(bad)).unwrap_err();
+            assert_eq!(err.code(), tonic::Code::InvalidArgument, "{bad:?}");
+            assert!(err.to_string().contains(named), "{bad:?}: {err}");
+        }
     }
 
     #[test]
