@@ -1040,6 +1040,21 @@ EOF
         [ -n "$gone_i" ] && [ -n "$live_i" ] || fail "no replica of lost on $away: $(k get pod -l app=lost -o wide)"
         live_node=$(k get pod "lost-$live_i" -o jsonpath='{.spec.nodeName}')
         in_pod "lost-$gone_i" 'echo before-the-loss >/data/marker && sync' >/dev/null
+        # A snapshot kept off node (VolumeSnapshotClass loam-off-node): a
+        # verified copy on a second node, so it outlives $away.
+        k apply -f - >/dev/null <<EOF
+apiVersion: snapshot.storage.k8s.io/v1
+kind: VolumeSnapshot
+metadata: {name: lost-kept}
+spec:
+  volumeSnapshotClassName: loam-off-node
+  source: {persistentVolumeClaimName: data-lost-$gone_i}
+EOF
+        until_ok "$T" "lost-kept (kept off node) ready" snapshot_ready lost-kept
+        kept_handle=$(kubectl get volumesnapshotcontent "$(k get volumesnapshot lost-kept \
+            -o jsonpath='{.status.boundVolumeSnapshotContentName}')" -o jsonpath='{.status.snapshotHandle}')
+        [[ $kept_handle == *"@$away+"* ]] && ok "a snapshot of lost-$gone_i's volume kept off node: $kept_handle" ||
+            fail "lost-kept's handle '$kept_handle' does not name $away and a second node"
         live_sum=$(in_pod "lost-$live_i" 'sha256sum </data/blob')
         pv_gone=$(pvc_field "data-lost-$gone_i" '{.spec.volumeName}')
         handle_gone=$(pv_handle "data-lost-$gone_i")
@@ -1131,6 +1146,20 @@ EOF
         fi
         until_ok 180 "the old PV $pv_gone deleted by its reclaim policy" none_left kubectl get pv "$pv_gone"
         ok "the old PV $pv_gone is gone: Loam's DeleteVolume succeeded for the gone node, no finalizer removed by hand"
+        say "   the data written before the loss, restored from the snapshot kept off node"
+        pin=''
+        restored lost-restored loam lost-kept 16Mi
+        pod lost-restored 'true' lost-restored:/data
+        pin=$pin_saved
+        h=$(pv_handle lost-restored)
+        expect "lost-restored is made on a live node from the copy and holds what was written before the loss" \
+            "$([ "${h#*@}" != "$away" ] && echo live) $(in_pod lost-restored 'cat /data/marker')" "live before-the-loss"
+        delete_pod lost-restored
+        kept_pvs=$(pvc_field lost-restored '{.spec.volumeName}')
+        k delete pvc lost-restored --wait=true --timeout="${T}s" >/dev/null
+        k delete volumesnapshot lost-kept --wait=true --timeout="${T}s" >/dev/null
+        ok "the snapshot kept off node is deleted though its first node is gone"
+        until_ok "$T" "lost-restored's volume deleted" none_left kubectl get pv $kept_pvs
         k delete sts lost --wait=true --timeout="${T}s" >/dev/null
         lost_pvs=$(for i in 0 1; do pvc_field "data-lost-$i" '{.spec.volumeName} '; done)
         k delete pvc data-lost-0 data-lost-1 --wait=true --timeout="${T}s" >/dev/null
