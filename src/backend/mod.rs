@@ -98,6 +98,14 @@ impl std::fmt::Debug for Fill<'_> {
     }
 }
 
+/// The temporary sibling a volume's or snapshot's storage is built under
+/// before it is renamed to `path`: whatever a crash leaves there was never
+/// finished.
+pub(crate) fn in_the_making(path: &Path) -> PathBuf {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    path.with_file_name(format!(".{name}.tmp"))
+}
+
 /// The engines of one node's root.
 #[derive(Debug)]
 pub struct Backends {
