@@ -11,13 +11,13 @@
 //! deleted and nothing may be left: no loop device on the root's images, no
 //! mount, no file under the root, no record.
 //!
-//! Copies between nodes (issue 15) run on two `loam serve --mode node`
-//! agents, each with its own root and TLS agent endpoint, the harness calling
-//! `Copies.CreateVolumeFrom` on the target as the controller does: each kind
-//! of volume, from a volume (in use or not) and from a snapshot, the target
-//! killed at its fault point or while it receives, the source at its fault
-//! points or while it cuts or streams, then restarted. The retry must
-//! converge to the source's bytes; a killed target shows no volume of the
+//! Copies between nodes (issue 15) run on two `loam serve --mode node` agents,
+//! each with its own root and TLS agent endpoint, the harness calling
+//! `Copies.CreateVolumeFrom` on the target as the controller does: each kind of
+//! volume, from a volume (in use or not) and from a snapshot, the target killed
+//! at its fault point or while it waits for or receives the stream, the source
+//! at its fault points or while it cuts or streams, then restarted. The retry
+//! must converge to the source's bytes; a killed target shows no volume of the
 //! copy; a retry while a copy runs is ABORTED; after each copy both roots are
 //! back to empty (no receive storage, cut, note of a cut or record).
 //!
@@ -1488,6 +1488,9 @@ enum CopyKill {
     TargetAt(&'static str),
     /// The target, this many milliseconds after its receive storage appears.
     Receiving(u64),
+    /// The target, this many milliseconds after the note of the source's
+    /// cut appears: while it waits for the cut and its stream.
+    Waiting(u64),
     /// The source, armed with this fault point.
     SourceAt(&'static str),
     /// The source, this many milliseconds after the note of its cut appears:
@@ -1504,14 +1507,14 @@ impl CopyKill {
         match self {
             CopyKill::TargetAt(point) => Some((point, copy.to)),
             CopyKill::SourceAt(point) => Some((point, copy.from)),
-            CopyKill::Receiving(_) | CopyKill::Cutting(_) | CopyKill::Sending(_) => None,
+            CopyKill::Receiving(_) | CopyKill::Waiting(_) | CopyKill::Cutting(_) | CopyKill::Sending(_) => None,
         }
     }
 }
 
 /// The kills the copy run cycles through, one per copy; `None` is the copy
 /// retried while it runs.
-const COPY_KILLS: usize = 6;
+const COPY_KILLS: usize = 7;
 
 /// A new volume on node `to` filled from a volume or snapshot of node
 /// `from`: what the controller asks of `to` when the topology rules out
@@ -1535,6 +1538,8 @@ struct CopyTally {
     source_kills: u32,
     retries: u32,
     converged_after_kill: u32,
+    /// Targets killed after the copy's record, before their answer.
+    recorded_before_kill: u32,
     aborted_while_running: u32,
 }
 
@@ -1613,8 +1618,8 @@ impl Pair {
     }
 
     /// The round's kill, and whether it copies a snapshot: each kind of
-    /// kill in turn, so every run of a few rounds has them all; the source's
-    /// fault points and its cut exist only when a volume is copied.
+    /// kill in turn, so every run of a few rounds has them all; a cut, and
+    /// the source's fault points, exist only when a volume is copied.
     fn plan(&mut self, round: usize, flavor: Flavor) -> (Option<CopyKill>, bool) {
         let from_snapshot = self.rng.chance(40);
         let kill = match round % COPY_KILLS {
@@ -1634,6 +1639,7 @@ impl Pair {
                 return (Some(CopyKill::SourceAt(points[self.source_points % points.len()])), false);
             }
             4 => return (Some(CopyKill::Cutting(self.rng.next() % 100)), false),
+            5 => return (Some(CopyKill::Waiting(self.rng.next() % 100)), false),
             _ => CopyKill::Sending(self.rng.next() % 200),
         };
         (Some(kill), from_snapshot)
@@ -1713,7 +1719,13 @@ impl Pair {
                 Err(_) if died[copy.to] => {
                     killed = true;
                     self.tally.retries += 1;
-                    self.assert_unfinished(copy).await;
+                    // At a fault point the copy was verified at most, never
+                    // recorded; a timed kill may have come just after the
+                    // record, which the answer did not outlive.
+                    let recorded = fired == Some(copy.to);
+                    if self.assert_no_unfinished_volume(copy, recorded).await {
+                        self.tally.recorded_before_kill += 1;
+                    }
                 }
                 Err(status) if died[copy.from] => {
                     killed = true;
@@ -1754,10 +1766,9 @@ impl Pair {
         let exports = self.runs[copy.from].node.root().join("exports");
         let (victim, after, started): (usize, u64, Box<dyn Fn() -> bool + Send>) = match kill {
             CopyKill::Receiving(ms) => (copy.to, ms, Box::new(move || receive_storage(&receiving))),
+            CopyKill::Waiting(ms) => (copy.to, ms, Box::new(move || cut_noted(&exports))),
             CopyKill::Sending(ms) => (copy.from, ms, Box::new(move || receive_storage(&receiving))),
-            CopyKill::Cutting(ms) => {
-                (copy.from, ms, Box::new(move || fs::read_dir(&exports).is_ok_and(|mut d| d.next().is_some())))
-            }
+            CopyKill::Cutting(ms) => (copy.from, ms, Box::new(move || cut_noted(&exports))),
             CopyKill::TargetAt(_) | CopyKill::SourceAt(_) => return None,
         };
         let pid = self.runs[victim].node.pid().expect("running");
@@ -1772,20 +1783,32 @@ impl Pair {
         }))
     }
 
-    /// After the target died mid-copy and started again: neither ListVolumes
-    /// nor ControllerGetVolume (which the controller asks to find where a
-    /// retried CreateVolume's volume is) shows a volume of the copy.
-    async fn assert_unfinished(&mut self, copy: &NodeCopy) {
+    /// After the target died during `copy` and started again: neither
+    /// ListVolumes nor ControllerGetVolume (which the controller asks to find
+    /// where a retried CreateVolume's volume is) shows a volume of the copy,
+    /// unless it may have been `recorded` before the kill: then both show it,
+    /// healthy, and the retry answers it (its bytes are checked after).
+    /// Answers whether it was recorded.
+    async fn assert_no_unfinished_volume(&mut self, copy: &NodeCopy, recorded: bool) -> bool {
         let dst = &mut self.runs[copy.to];
         let id = ObjectId::for_name(Kind::Volume, &copy.name, &dst.node.id).to_string();
-        let found =
-            dst.clients.controller.controller_get_volume(csi::ControllerGetVolumeRequest { volume_id: id.clone() });
-        let status = found.await.expect_err("a copy cut short by a crash of its target is no volume");
-        assert_eq!(status.code(), Code::NotFound, "{copy:?} after its target died: {status:?}");
         let listed = dst.clients.controller.list_volumes(csi::ListVolumesRequest::default()).await.expect("listing");
-        let ids: Vec<String> =
-            listed.into_inner().entries.into_iter().filter_map(|e| e.volume.map(|v| v.volume_id)).collect();
-        assert!(!ids.contains(&id), "{copy:?} after its target died: listed as {id}");
+        let listed = listed.into_inner().entries.iter().any(|e| e.volume.as_ref().is_some_and(|v| v.volume_id == id));
+        let ask = csi::ControllerGetVolumeRequest { volume_id: id.clone() };
+        match dst.clients.controller.controller_get_volume(ask).await {
+            Err(status) if status.code() == Code::NotFound => {
+                assert!(!listed, "{copy:?} after its target died: listed as {id}, but not found");
+                false
+            }
+            Ok(found) => {
+                assert!(recorded, "{copy:?} killed before its record: found as {id}");
+                assert!(listed, "{copy:?} after its target died: found as {id}, but not listed");
+                let condition = found.into_inner().status.and_then(|s| s.volume_condition);
+                assert!(condition.as_ref().is_some_and(|c| !c.abnormal), "{copy:?} recorded as {id}: {condition:?}");
+                true
+            }
+            Err(status) => panic!("{copy:?} after its target died: {status:?}"),
+        }
     }
 
     /// Makes `copy` while the CO, its call timed out, sends the same request
@@ -1846,6 +1869,11 @@ impl Pair {
     }
 }
 
+/// Whether a cut for a copy is noted in `exports`: it is being made or sent.
+fn cut_noted(exports: &Path) -> bool {
+    fs::read_dir(exports).is_ok_and(|mut entries| entries.next().is_some())
+}
+
 /// Whether a copy is being received under `volumes`: the temporary name a
 /// volume's storage is filled under.
 fn receive_storage(volumes: &Path) -> bool {
@@ -1875,12 +1903,13 @@ async fn copies_between_nodes_killed_on_either_side_converge_verified_and_leave_
     }
     println!(
         "crash harness, copies between nodes: seed {seed}, {} copies ({} from snapshots, {} s): {} kills of the \
-         target, {} of the source; {} retries; {} copies converged after a kill, {} retries while running \
-         answered ABORTED, 0 failed; fault points hit: {hit:?}",
+         target ({} just after its record), {} of the source; {} retries; {} copies converged after a kill, {} \
+         retries while running answered ABORTED, 0 failed; fault points hit: {hit:?}",
         t.copies,
         t.from_snapshots,
         started.elapsed().as_secs(),
         t.target_kills,
+        t.recorded_before_kill,
         t.source_kills,
         t.retries,
         t.converged_after_kill,
