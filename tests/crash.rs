@@ -11,6 +11,16 @@
 //! deleted and nothing may be left: no loop device on the root's images, no
 //! mount, no file under the root, no record.
 //!
+//! Copies between nodes (issue 15) run on two `loam serve --mode node` agents,
+//! each with its own root and TLS agent endpoint, the harness calling
+//! `Copies.CreateVolumeFrom` on the target as the controller does: each kind of
+//! volume, from a volume (in use or not) and from a snapshot, the target killed
+//! at its fault point or while it waits for or receives the stream, the source
+//! at its fault points or while it cuts or streams, then restarted. The retry
+//! must converge to the source's bytes; a killed target shows no volume of the
+//! copy; a retry while a copy runs is ABORTED; after each copy both roots are
+//! back to empty (no receive storage, cut, note of a cut or record).
+//!
 //! Needs root in a private mount namespace:
 //!
 //! ```text
@@ -20,15 +30,17 @@
 //!
 //! `LOAM_CRASH_SEED` picks the seed (CI's default is fixed) and
 //! `LOAM_CRASH_POINTS` how many kills the random run makes (default 200);
-//! e.g. `LOAM_CRASH_SEED=7 LOAM_CRASH_POINTS=2000` for a longer run. The
+//! e.g. `LOAM_CRASH_SEED=7 LOAM_CRASH_POINTS=2000` for a longer run;
+//! `LOAM_CRASH_COPIES` how many copies between nodes (default 24). The
 //! targeted tests below replay the crashes fault injection found (issue 12,
 //! items 1 to 3) deterministically.
 
 mod common;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
+use std::net::SocketAddr;
 use std::os::unix::fs::FileExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -37,14 +49,20 @@ use std::time::{Duration, Instant};
 
 use common::{Access, block_capability, mount_capability};
 use hyper_util::rt::TokioIo;
+use loam::api::CreateVolumeFromRequest;
+use loam::api::copies_client::CopiesClient;
+use loam::auth::{SendToken, Token};
 use loam::csi;
 use loam::csi::controller_client::ControllerClient;
 use loam::csi::group_controller_client::GroupControllerClient;
 use loam::csi::identity_client::IdentityClient;
 use loam::csi::node_client::NodeClient;
+use loam::ids::{Kind, ObjectId};
 use loam::kernel::{blockfs, loopdev, mountinfo};
+use loam::tls::{self, Role};
 use tokio::net::UnixStream;
 use tonic::Code;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 const MIB: i64 = 1 << 20;
@@ -54,6 +72,8 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How many times one operation is retried across restarts before the run fails.
 const MAX_RETRIES: u32 = 25;
+/// Bytes written through a publication at a time by the single-node runs.
+const WRITE_BYTES: usize = 4096;
 
 /// Every fault point in the code; each must still be there (checked below).
 const FAILPOINTS: &[&str] = &[
@@ -80,15 +100,50 @@ const FAILPOINTS: &[&str] = &[
     "inline.created",
 ];
 
+/// The fault points of copies between nodes, armed by the copy run only: a
+/// driver serving everything on one socket never copies to another node.
+const COPY_FAILPOINTS: &[&str] = &["volume.received", "export.intent", "export.cut"];
+
+/// The agent token of the copy run's node agents.
+const TOKEN: &str = "crash-harness-agent-token-0123456789";
+
+/// What one export sends per second: a copy of a few MiB then lasts long
+/// enough to be killed mid-stream, and retried while it runs.
+const COPY_BANDWIDTH: &str = "32Mi";
+
 // ----- The driver process -----
 
-/// Connected CSI clients.
+/// A channel whose calls carry the agent token.
+type Authed = InterceptedService<Channel, SendToken>;
+
+/// Connected CSI clients. Controller and GroupController are on the socket of
+/// a driver that serves everything, on the agent endpoint (mutual TLS, then
+/// the token, which the socket ignores) of a node agent.
 #[derive(Clone)]
 struct Clients {
     identity: IdentityClient<Channel>,
-    controller: ControllerClient<Channel>,
-    group: GroupControllerClient<Channel>,
+    controller: ControllerClient<Authed>,
+    group: GroupControllerClient<Authed>,
     node: NodeClient<Channel>,
+    /// A node agent's endpoint, as the controller reaches it.
+    agent: Option<(SocketAddr, Channel)>,
+}
+
+impl Clients {
+    /// Copies, as the controller calls them on a node agent.
+    fn copies(&self) -> CopiesClient<Authed> {
+        let (_, channel) = self.agent.clone().expect("copies are served by node agents");
+        CopiesClient::with_interceptor(channel, send_token())
+    }
+
+    /// The node agent's endpoint address.
+    fn address(&self) -> SocketAddr {
+        self.agent.as_ref().expect("a node agent").0
+    }
+}
+
+fn send_token() -> SendToken {
+    SendToken::new(&Token::parse(TOKEN).expect("a valid token"))
 }
 
 /// How a kill is delivered.
@@ -109,18 +164,41 @@ enum NoStart {
     Failed(String),
 }
 
+/// How the driver serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Serving {
+    /// `--mode all`: everything on its socket, as on a single machine.
+    All,
+    /// `--mode node`, as deploy/ runs it: Identity and Node on the socket,
+    /// its Controller and Copies on a TCP agent endpoint holding the token.
+    Agent,
+}
+
 /// The `loam serve` process under test, in a process group of its own, and
 /// everything it works in. Dropping it kills the driver and removes every
 /// mount, loop device and file it left, whatever the test's outcome.
 struct Node {
     dir: tempfile::TempDir,
+    id: String,
+    serving: Serving,
     child: Option<Child>,
     starts: u32,
+    /// The directories of the empty root the first start made: all a root
+    /// may hold once everything is deleted.
+    skeleton: Option<BTreeSet<PathBuf>>,
 }
 
 impl Node {
     fn new() -> Node {
-        Node { dir: tempfile::tempdir().expect("tempdir"), child: None, starts: 0 }
+        Node::serving("crash-node", Serving::All)
+    }
+
+    fn serving(id: &str, serving: Serving) -> Node {
+        let dir = tempfile::tempdir().expect("tempdir");
+        if serving == Serving::Agent {
+            fs::write(dir.path().join("token"), TOKEN).expect("token file");
+        }
+        Node { dir, id: id.to_owned(), serving, child: None, starts: 0, skeleton: None }
     }
 
     fn base(&self) -> PathBuf {
@@ -150,7 +228,7 @@ impl Node {
             .arg("serve")
             .arg("--endpoint")
             .arg(format!("unix://{}", self.socket().display()))
-            .args(["--node-id", "crash-node", "--quota", "off"])
+            .args(["--node-id", &self.id, "--quota", "off"])
             .arg("--root")
             .arg(self.root())
             .env("LOAM_LOG", "warn")
@@ -159,6 +237,14 @@ impl Node {
             .stdout(Stdio::null())
             .stderr(log)
             .process_group(0);
+        if self.serving == Serving::Agent {
+            command
+                .args(["--mode", "node", "--agent-listen", "127.0.0.1:0", "--copy-bandwidth", COPY_BANDWIDTH])
+                .arg("--agent-token-file")
+                .arg(self.base().join("token"))
+                // The port the endpoint got is logged at info.
+                .env("LOAM_LOG", "warn,loam=info");
+        }
         if let Some(point) = failpoint {
             command.env("LOAM_FAILPOINT", point);
         }
@@ -174,9 +260,13 @@ impl Node {
                 }
                 return Err(NoStart::Failed(format!("the driver exited at start-up ({status}): {}", self.log_tail())));
             }
-            if let Ok(clients) = connect(&self.socket()).await {
+            if let Ok(clients) = self.connect().await {
                 let mut identity = clients.identity.clone();
                 if identity.probe(csi::ProbeRequest {}).await.is_ok() {
+                    // The root is empty at a run's first start.
+                    if self.skeleton.is_none() {
+                        self.skeleton = Some(directories(&self.root()));
+                    }
                     return Ok(clients);
                 }
             }
@@ -203,6 +293,19 @@ impl Node {
         }
     }
 
+    /// Whether the driver died, judged after giving the kernel a moment to
+    /// reap it: a dying driver's answers are transport errors, which can
+    /// come first.
+    async fn died(&mut self) -> bool {
+        for _ in 0..20 {
+            if self.dead() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        false
+    }
+
     /// Kills the driver (and its group) and reaps it.
     fn kill(&mut self, reach: Reach) {
         if let Some(mut child) = self.child.take() {
@@ -218,9 +321,46 @@ impl Node {
         self.kill(Reach::Group);
     }
 
+    fn log(&self) -> String {
+        fs::read_to_string(self.base().join(format!("driver-{}.log", self.starts))).unwrap_or_default()
+    }
+
     fn log_tail(&self) -> String {
-        let log = fs::read_to_string(self.base().join(format!("driver-{}.log", self.starts))).unwrap_or_default();
-        log.lines().rev().take(12).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
+        let log = self.log();
+        log.lines().rev().take(16).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
+    }
+
+    /// Clients of the running driver: on its socket, and on its agent
+    /// endpoint once it logged where that listens.
+    async fn connect(&self) -> Result<Clients, String> {
+        let socket = unix_channel(&self.socket()).await.map_err(|e| e.to_string())?;
+        let (control, agent) = match self.serving {
+            Serving::All => (socket.clone(), None),
+            Serving::Agent => {
+                let log = self.log();
+                let addr: SocketAddr = log
+                    .lines()
+                    .find_map(|line| line.contains("agent endpoint listening").then(|| line.split_once("addr=")))
+                    .flatten()
+                    .and_then(|(_, rest)| rest.split_whitespace().next()?.parse().ok())
+                    .ok_or("the agent endpoint is not listening yet")?;
+                let config = tls::client_config(&Token::parse(TOKEN).expect("token"), Role::Controller)
+                    .map_err(|e| e.to_string())?;
+                let channel = Endpoint::from_shared(format!("http://{addr}"))
+                    .expect("endpoint")
+                    .connect_with_connector(tls::Connector::new(config))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                (channel.clone(), Some((addr, channel)))
+            }
+        };
+        Ok(Clients {
+            identity: IdentityClient::new(socket.clone()),
+            controller: ControllerClient::with_interceptor(control.clone(), send_token()),
+            group: GroupControllerClient::with_interceptor(control, send_token()),
+            node: NodeClient::new(socket),
+            agent,
+        })
     }
 }
 
@@ -247,21 +387,15 @@ impl Drop for Node {
     }
 }
 
-async fn connect(socket: &Path) -> Result<Clients, tonic::transport::Error> {
+async fn unix_channel(socket: &Path) -> Result<Channel, tonic::transport::Error> {
     let socket = socket.to_owned();
-    let channel = Endpoint::try_from("http://[::]:50051")
+    Endpoint::try_from("http://[::]:50051")
         .expect("endpoint")
         .connect_with_connector(tower::service_fn(move |_| {
             let socket = socket.clone();
             async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(socket).await?)) }
         }))
-        .await?;
-    Ok(Clients {
-        identity: IdentityClient::new(channel.clone()),
-        controller: ControllerClient::new(channel.clone()),
-        group: GroupControllerClient::new(channel.clone()),
-        node: NodeClient::new(channel),
-    })
+        .await
 }
 
 // ----- What the harness believes exists -----
@@ -377,6 +511,25 @@ enum Made {
     Group(String),
 }
 
+/// The CreateVolume the CO sends for a new volume.
+fn create_request(name: &str, flavor: Flavor, bytes: i64, source: Option<&Source>) -> csi::CreateVolumeRequest {
+    use csi::volume_content_source::{SnapshotSource, Type, VolumeSource};
+    let source = source.map(|s| csi::VolumeContentSource {
+        r#type: Some(match s {
+            Source::Volume(id) => Type::Volume(VolumeSource { volume_id: id.clone() }),
+            Source::Snapshot(id) => Type::Snapshot(SnapshotSource { snapshot_id: id.clone() }),
+        }),
+    });
+    csi::CreateVolumeRequest {
+        name: name.to_owned(),
+        capacity_range: Some(csi::CapacityRange { required_bytes: bytes, limit_bytes: 0 }),
+        volume_capabilities: vec![flavor.capability()],
+        parameters: flavor.parameters(),
+        volume_content_source: source,
+        ..Default::default()
+    }
+}
+
 fn path_str(path: &Path) -> String {
     path.to_str().expect("utf-8 path").to_owned()
 }
@@ -389,28 +542,7 @@ impl Op {
         let target = |v: &Volume| node.co(&format!("pub-{}", v.name));
         match self {
             Op::Create { name, flavor, bytes, source, .. } => {
-                let source = source.as_ref().map(|s| csi::VolumeContentSource {
-                    r#type: Some(match s {
-                        Source::Volume(id) => {
-                            csi::volume_content_source::Type::Volume(csi::volume_content_source::VolumeSource {
-                                volume_id: id.clone(),
-                            })
-                        }
-                        Source::Snapshot(id) => {
-                            csi::volume_content_source::Type::Snapshot(csi::volume_content_source::SnapshotSource {
-                                snapshot_id: id.clone(),
-                            })
-                        }
-                    }),
-                });
-                let request = csi::CreateVolumeRequest {
-                    name: name.clone(),
-                    capacity_range: Some(csi::CapacityRange { required_bytes: *bytes, limit_bytes: 0 }),
-                    volume_capabilities: vec![flavor.capability()],
-                    parameters: flavor.parameters(),
-                    volume_content_source: source,
-                    ..Default::default()
-                };
+                let request = create_request(name, *flavor, *bytes, source.as_ref());
                 let volume = c.controller.create_volume(request).await?.into_inner().volume.expect("volume");
                 Ok(Made::Volume(volume.volume_id))
             }
@@ -724,6 +856,8 @@ struct Tally {
 struct Run {
     node: Node,
     clients: Clients,
+    /// The fault points its restarts arm at random.
+    points: &'static [&'static str],
     rng: Rng,
     model: Model,
     tally: Tally,
@@ -743,11 +877,15 @@ impl Drop for Run {
 
 impl Run {
     async fn start(seed: u64) -> Run {
-        let mut node = Node::new();
+        Run::on(Node::new(), FAILPOINTS, seed).await
+    }
+
+    /// A run of `node`, whose restarts arm `points`.
+    async fn on(mut node: Node, points: &'static [&'static str], seed: u64) -> Run {
         fs::create_dir_all(node.co("")).expect("co dir");
         let clients = node.start(None).await.expect("the driver starts on an empty root");
         let (model, tally, trail) = (Model::default(), Tally::default(), Default::default());
-        Run { node, clients, rng: Rng(seed), model, tally, armed: None, trail }
+        Run { node, clients, points, rng: Rng(seed), model, tally, armed: None, trail }
     }
 
     /// Restarts the driver after a kill, sometimes armed with a random
@@ -757,7 +895,7 @@ impl Run {
         loop {
             self.armed = None;
             if arm && self.rng.chance(60) {
-                let point = self.rng.pick(FAILPOINTS).expect("failpoints");
+                let point = self.rng.pick(self.points).expect("failpoints");
                 let hit = 1 + self.rng.below(2);
                 let group = if self.rng.chance(50) { "+group" } else { "" };
                 self.armed = Some(format!("{point}@{hit}{group}"));
@@ -807,16 +945,11 @@ impl Run {
             Ok(made) if fired.is_some() => Attempt::AnsweredThenKilled(made),
             Ok(made) => Attempt::Answered(made),
             Err(status) => {
-                // A dying driver's answers are transport errors; give the
-                // kernel a moment to reap it before judging.
-                for _ in 0..20 {
-                    if self.node.dead() {
-                        if fired.is_none() {
-                            self.count_failpoint();
-                        }
-                        return Attempt::Died;
+                if self.node.died().await {
+                    if fired.is_none() {
+                        self.count_failpoint();
                     }
-                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    return Attempt::Died;
                 }
                 Attempt::Failed(status)
             }
@@ -965,10 +1098,12 @@ impl Run {
         }
     }
 
-    /// Writes and fsyncs fresh bytes through a publication.
-    fn write(&mut self, slot: usize) {
-        let stamp = self.rng.next().to_le_bytes();
-        let data: Vec<u8> = stamp.iter().cycle().take(4096).copied().collect();
+    /// Writes and fsyncs `len` fresh bytes through a publication: a random
+    /// stamp mixed with each 8-byte word's place, so data moved within the
+    /// volume does not read back the same.
+    fn write(&mut self, slot: usize, len: usize) {
+        let stamp = self.rng.next();
+        let data: Vec<u8> = (0..len as u64 / 8).flat_map(|word| (stamp ^ word).to_le_bytes()).collect();
         let v = self.model.volumes.get_mut(&slot).expect("volume");
         let target = self.node.co(&format!("pub-{}", v.name));
         write_data(&target, v.flavor, &data).unwrap_or_else(|e| panic!("writing to {}: {e}", target.display()));
@@ -994,6 +1129,13 @@ impl Run {
     /// Removes everything through the driver, then checks nothing is left.
     async fn tear_down(&mut self) {
         self.restart(false).await;
+        self.delete_everything().await;
+        self.node.stop();
+        assert_nothing_left(&self.node);
+    }
+
+    /// Unpublishes, unstages and deletes everything the model holds.
+    async fn delete_everything(&mut self) {
         for index in (0..self.model.inline.len()).rev() {
             self.converge(&Op::InlineUnpublish { index }, None).await;
         }
@@ -1014,8 +1156,6 @@ impl Run {
             }
             self.converge(&Op::Delete { slot }, None).await;
         }
-        self.node.stop();
-        assert_nothing_left(&self.node);
     }
 }
 
@@ -1071,29 +1211,58 @@ fn read_data(target: &Path, flavor: Flavor, len: usize) -> std::io::Result<Vec<u
     fs::read(target.join("data"))
 }
 
-/// After everything was deleted: no loop device on the root's images, no
-/// mount under the test's directory, no file under the root.
-fn assert_nothing_left(node: &Node) {
+/// What is left of `node` that a deleted volume, snapshot or copy should
+/// have taken with it: loop devices on the root's images, mounts under the
+/// test's directory, and under the root every file (records, images, a
+/// copy's receive storage, an export's cut and its note) and every directory
+/// an empty root does not have, but for the containers directly under the
+/// root (some, such as ephemeral/, are made when first needed).
+fn leftovers(node: &Node) -> Vec<String> {
     let base = node.base();
-    let devices: Vec<_> =
-        loopdev::list().expect("loop devices").into_iter().filter(|d| d.backing_file.starts_with(&base)).collect();
-    assert!(devices.is_empty(), "loop devices left: {devices:?}");
-    let mounts: Vec<_> =
-        mountinfo::read().expect("mountinfo").into_iter().filter(|m| m.mount_point.starts_with(&base)).collect();
-    assert!(mounts.is_empty(), "mounts left: {:?}", mounts.iter().map(|m| &m.mount_point).collect::<Vec<_>>());
-    let mut files = Vec::new();
-    let mut dirs = vec![node.root()];
+    let mut left: Vec<String> = loopdev::list()
+        .expect("loop devices")
+        .into_iter()
+        .filter(|d| d.backing_file.starts_with(&base))
+        .map(|d| format!("loop device {} on {}", d.device.display(), d.backing_file.display()))
+        .collect();
+    let mounts = mountinfo::read().expect("mountinfo").into_iter().filter(|m| m.mount_point.starts_with(&base));
+    left.extend(mounts.map(|m| format!("mount at {}", m.mount_point.display())));
+    let skeleton = node.skeleton.as_ref().expect("the driver started once");
+    let root = node.root();
+    let mut dirs = vec![root.clone()];
     while let Some(dir) = dirs.pop() {
         for entry in fs::read_dir(&dir).expect("listing the root").flatten() {
-            let kind = entry.file_type().expect("file type");
-            if kind.is_dir() {
-                dirs.push(entry.path());
+            let path = entry.path();
+            if !entry.file_type().expect("file type").is_dir() {
+                left.push(format!("file {}", path.display()));
+            } else if skeleton.contains(&path) || dir == root {
+                dirs.push(path);
             } else {
-                files.push(entry.path());
+                left.push(format!("directory {}", path.display()));
             }
         }
     }
-    assert!(files.is_empty(), "files left under the root: {files:?}");
+    left
+}
+
+/// Every directory under `root`.
+fn directories(root: &Path) -> BTreeSet<PathBuf> {
+    let mut found = BTreeSet::new();
+    let mut dirs = vec![root.to_owned()];
+    while let Some(dir) = dirs.pop() {
+        for entry in fs::read_dir(&dir).expect("listing the root").flatten() {
+            if entry.file_type().expect("file type").is_dir() {
+                found.insert(entry.path());
+                dirs.push(entry.path());
+            }
+        }
+    }
+    found
+}
+
+fn assert_nothing_left(node: &Node) {
+    let left = leftovers(node);
+    assert!(left.is_empty(), "left on node {} after everything was deleted: {left:#?}", node.id);
 }
 
 fn env_number(name: &str, default: u64) -> u64 {
@@ -1116,7 +1285,7 @@ async fn random_operations_killed_at_random_points_converge_and_leave_nothing() 
             let published: Vec<usize> =
                 run.model.volumes.iter().filter(|(_, v)| v.published).map(|(s, _)| *s).collect();
             if let Some(slot) = run.rng.pick(&published).copied() {
-                run.write(slot);
+                run.write(slot, WRITE_BYTES);
             }
             continue;
         };
@@ -1164,11 +1333,12 @@ fn every_fault_point_the_harness_arms_is_in_the_code() {
             }
         }
     }
-    for point in FAILPOINTS {
+    let armed: BTreeSet<&str> = FAILPOINTS.iter().chain(COPY_FAILPOINTS).copied().collect();
+    for point in &armed {
         assert!(source.contains(&format!("failpoint!(\"{point}\")")), "fault point {point} is not in src/");
     }
     let placed = source.matches("crate::failpoint!(\"").count();
-    assert_eq!(placed, FAILPOINTS.len(), "src/ has fault points the harness never arms");
+    assert_eq!(placed, armed.len(), "src/ has fault points the harness never arms");
 }
 
 // ----- The crashes fault injection found, replayed -----
@@ -1195,7 +1365,7 @@ impl Run {
         }
         if published {
             self.converge(&Op::Publish { slot }, None).await;
-            self.write(slot);
+            self.write(slot, WRITE_BYTES);
         }
     }
 
@@ -1243,7 +1413,7 @@ async fn a_driver_killed_between_a_stage_mount_and_its_record_starts_and_the_ret
     run.check().await;
     run.converge(&stage, None).await;
     run.converge(&Op::Publish { slot: 0 }, None).await;
-    run.write(0);
+    run.write(0, WRITE_BYTES);
     run.check().await;
     run.tear_down().await;
 }
@@ -1266,7 +1436,7 @@ async fn a_format_cut_short_is_done_again_but_data_loam_did_not_write_is_never_f
         run.restart(false).await;
         run.converge(&stage, None).await;
         run.converge(&Op::Publish { slot }, None).await;
-        run.write(slot);
+        run.write(slot, WRITE_BYTES);
         run.check().await;
     }
 
@@ -1307,4 +1477,442 @@ async fn an_offline_resize_cut_short_is_repaired_and_growth_repeats() {
         run.check().await;
     }
     run.tear_down().await;
+}
+
+// ----- Copies between nodes -----
+
+/// A kill during a copy between nodes.
+#[derive(Debug, Clone, Copy)]
+enum CopyKill {
+    /// The target, armed with this fault point.
+    TargetAt(&'static str),
+    /// The target, this many milliseconds after its receive storage appears.
+    Receiving(u64),
+    /// The target, this many milliseconds after the note of the source's
+    /// cut appears: while it waits for the cut and its stream.
+    Waiting(u64),
+    /// The source, armed with this fault point.
+    SourceAt(&'static str),
+    /// The source, this many milliseconds after the note of its cut appears:
+    /// while the cut is made or streamed.
+    Cutting(u64),
+    /// The source, this many milliseconds after the target's receive
+    /// storage appears: while it streams.
+    Sending(u64),
+}
+
+impl CopyKill {
+    /// The fault point it arms, and on which of `copy`'s nodes.
+    fn armed(self, copy: &NodeCopy) -> Option<(&'static str, usize)> {
+        match self {
+            CopyKill::TargetAt(point) => Some((point, copy.to)),
+            CopyKill::SourceAt(point) => Some((point, copy.from)),
+            CopyKill::Receiving(_) | CopyKill::Waiting(_) | CopyKill::Cutting(_) | CopyKill::Sending(_) => None,
+        }
+    }
+}
+
+/// The kills the copy run cycles through, one per copy; `None` is the copy
+/// retried while it runs.
+const COPY_KILLS: usize = 7;
+
+/// A new volume on node `to` filled from a volume or snapshot of node
+/// `from`: what the controller asks of `to` when the topology rules out
+/// the source's node.
+#[derive(Debug, Clone)]
+struct NodeCopy {
+    name: String,
+    flavor: Flavor,
+    bytes: i64,
+    source: Source,
+    from: usize,
+    to: usize,
+}
+
+/// Counts for the copy run's summary line.
+#[derive(Debug, Default)]
+struct CopyTally {
+    copies: u32,
+    from_snapshots: u32,
+    target_kills: u32,
+    source_kills: u32,
+    retries: u32,
+    converged_after_kill: u32,
+    /// Targets killed after the copy's record, before their answer.
+    recorded_before_kill: u32,
+    aborted_while_running: u32,
+}
+
+/// Two node agents as deploy/ runs them (each its own root, socket and agent
+/// endpoint, one token), and the harness as the controller between them.
+struct Pair {
+    runs: [Run; 2],
+    rng: Rng,
+    tally: CopyTally,
+    /// How many fault-point kills of a source were planned, to take each
+    /// point in turn.
+    source_points: usize,
+}
+
+impl Pair {
+    async fn start(seed: u64) -> Pair {
+        let a = Run::on(Node::serving("copy-a", Serving::Agent), COPY_FAILPOINTS, seed).await;
+        let b = Run::on(Node::serving("copy-b", Serving::Agent), COPY_FAILPOINTS, seed.rotate_left(32)).await;
+        Pair { runs: [a, b], rng: Rng(seed.rotate_left(16)), tally: CopyTally::default(), source_points: 0 }
+    }
+
+    /// One copy: a source with data on one node, copied to the other under
+    /// the round's kill, read back byte for byte, then everything deleted
+    /// and nothing left on either node.
+    async fn round(&mut self, round: usize) {
+        let flavor = FLAVORS[round % FLAVORS.len()];
+        let from = self.rng.below(2);
+        let to = 1 - from;
+        // A volume in use is cut at one instant only where its filesystem
+        // can be frozen: on this root (no reflinks), a staged loop filesystem.
+        let in_use = flavor.loop_filesystem() && self.rng.chance(50);
+        let (kill, from_snapshot) = self.plan(round, flavor);
+        // A few MiB, so the copy lasts beyond a timed kill's aim; more for
+        // the copy retried while it runs, which the retry must not outlast.
+        let len = if kill.is_none() { 12 << 20 } else { (1 + self.rng.below(3)) << 20 };
+
+        let src = &mut self.runs[from];
+        let name = format!("source-{round}");
+        src.converge(&Op::Create { slot: 0, name, flavor, bytes: flavor.bytes(), source: None }, None).await;
+        src.converge(&Op::Stage { slot: 0 }, None).await;
+        src.converge(&Op::Publish { slot: 0 }, None).await;
+        src.write(0, len);
+        let expected = src.model.volumes[&0].data.clone().expect("written");
+        let source = if from_snapshot {
+            self.tally.from_snapshots += 1;
+            src.converge(&Op::Snapshot { name: format!("snapshot-{round}"), slot: 0 }, None).await;
+            // The copy is of the snapshot, not of what the volume holds since.
+            src.write(0, len);
+            Source::Snapshot(src.model.snapshots.last().expect("snapshot").id.clone())
+        } else {
+            Source::Volume(src.model.volumes[&0].id.clone())
+        };
+        if !in_use {
+            src.converge(&Op::Unpublish { slot: 0 }, None).await;
+            src.converge(&Op::Unstage { slot: 0 }, None).await;
+        }
+
+        let copy = NodeCopy { name: format!("copy-{round}"), flavor, bytes: flavor.bytes(), source, from, to };
+        match kill {
+            None => self.copy_retried_while_running(&copy).await,
+            Some(kill) => self.copy(&copy, kill).await,
+        }
+
+        let dst = &mut self.runs[to];
+        dst.converge(&Op::Stage { slot: 0 }, None).await;
+        dst.converge(&Op::Publish { slot: 0 }, None).await;
+        let target = dst.node.co(&format!("pub-{}", copy.name));
+        let read = read_data(&target, flavor, expected.len())
+            .unwrap_or_else(|e| panic!("{copy:?}: reading the copy at {}: {e}", target.display()));
+        assert!(read == expected, "{copy:?}: the copy does not hold what its source held");
+
+        for run in &mut self.runs {
+            run.delete_everything().await;
+        }
+        self.settle().await;
+    }
+
+    /// The round's kill, and whether it copies a snapshot: each kind of
+    /// kill in turn, so every run of a few rounds has them all; a cut, and
+    /// the source's fault points, exist only when a volume is copied.
+    fn plan(&mut self, round: usize, flavor: Flavor) -> (Option<CopyKill>, bool) {
+        let from_snapshot = self.rng.chance(40);
+        let kill = match round % COPY_KILLS {
+            0 => return (None, from_snapshot),
+            1 => CopyKill::TargetAt("volume.received"),
+            2 => CopyKill::Receiving(self.rng.next() % 200),
+            3 => {
+                // Where a loop volume's cut is made, between freeze and thaw.
+                let frozen = flavor != Flavor::Dir;
+                let points: Vec<&'static str> = COPY_FAILPOINTS
+                    .iter()
+                    .copied()
+                    .filter(|p| p.starts_with("export."))
+                    .chain(frozen.then_some("snapshot.frozen"))
+                    .collect();
+                self.source_points += 1;
+                return (Some(CopyKill::SourceAt(points[self.source_points % points.len()])), false);
+            }
+            4 => return (Some(CopyKill::Cutting(self.rng.next() % 100)), false),
+            5 => return (Some(CopyKill::Waiting(self.rng.next() % 100)), false),
+            _ => CopyKill::Sending(self.rng.next() % 200),
+        };
+        (Some(kill), from_snapshot)
+    }
+
+    /// The request the controller sends the target for `copy`, naming
+    /// where the source's agent listens now.
+    fn request(&self, copy: &NodeCopy) -> CreateVolumeFromRequest {
+        let mut request = create_request(&copy.name, copy.flavor, copy.bytes, Some(&copy.source));
+        let node = [(loam::config::TOPOLOGY_NODE_KEY.to_owned(), self.runs[copy.to].node.id.clone())].into();
+        request.accessibility_requirements =
+            Some(csi::TopologyRequirement { requisite: vec![csi::Topology { segments: node }], preferred: vec![] });
+        let source_address = self.runs[copy.from].clients.address().to_string();
+        CreateVolumeFromRequest { request: Some(request), source_address }
+    }
+
+    /// Makes `copy` as the controller does, killing a node as `kill` says,
+    /// until it converges: after a kill the node restarts (sometimes armed
+    /// again) and the same request goes out again. A kill of the source
+    /// must be answered ABORTED, which the CO retries; after a kill of the
+    /// target, nothing of the copy may look like a finished volume.
+    async fn copy(&mut self, copy: &NodeCopy, kill: CopyKill) {
+        self.tally.copies += 1;
+        let mut kill = Some(kill);
+        let mut killed = false;
+        for _ in 0..MAX_RETRIES {
+            let planned = kill.take();
+            let armed = planned.and_then(|kill| kill.armed(copy));
+            if let Some((point, side)) = armed {
+                self.runs[side].arm(point).await;
+            }
+            for run in &mut self.runs {
+                run.note(format!("{copy:?}, kill {planned:?}, armed {:?}", run.armed));
+            }
+            let killer = planned.and_then(|kill| self.killer(copy, kill));
+            let mut copies = self.runs[copy.to].clients.copies();
+            let answer = tokio::time::timeout(CALL_TIMEOUT, copies.create_volume_from(self.request(copy)))
+                .await
+                .unwrap_or_else(|_| panic!("{copy:?} hung for {CALL_TIMEOUT:?}"));
+            let fired = match killer {
+                Some(task) => {
+                    task.abort();
+                    task.await.ok()
+                }
+                None => None,
+            };
+            let died = self.deaths(copy, answer.is_err() || fired.is_some()).await;
+            for (side, run) in self.runs.iter_mut().enumerate().filter(|(side, _)| died[*side]) {
+                run.note("  -> died".to_owned());
+                if fired != Some(side) {
+                    run.count_failpoint();
+                }
+                if side == copy.to { self.tally.target_kills += 1 } else { self.tally.source_kills += 1 }
+            }
+            if let Some((point, side)) = armed {
+                // Unless the other node died first, at a point a restart
+                // armed it with.
+                assert!(
+                    died[side] || died[1 - side],
+                    "{copy:?} did not reach the fault point {point} it was armed with"
+                );
+            }
+            for side in [copy.to, copy.from] {
+                if died[side] {
+                    self.runs[side].restart(true).await;
+                    self.runs[side].check().await;
+                }
+            }
+            match answer {
+                Ok(made) => {
+                    self.made(copy, made.into_inner());
+                    if killed {
+                        self.tally.converged_after_kill += 1;
+                    }
+                    return;
+                }
+                Err(_) if died[copy.to] => {
+                    killed = true;
+                    self.tally.retries += 1;
+                    // At a fault point the copy was verified at most, never
+                    // recorded; a timed kill may have come just after the
+                    // record, which the answer did not outlive.
+                    let recorded = fired == Some(copy.to);
+                    if self.assert_no_unfinished_volume(copy, recorded).await {
+                        self.tally.recorded_before_kill += 1;
+                    }
+                }
+                Err(status) if died[copy.from] => {
+                    killed = true;
+                    self.tally.retries += 1;
+                    assert_eq!(status.code(), Code::Aborted, "{copy:?} whose source died: {status:?}");
+                }
+                Err(status) if status.code() == Code::Aborted => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(status) => panic!(
+                    "{copy:?} {}answered {:?}: {}\ntarget's log:\n{}\nsource's log:\n{}",
+                    if killed { "retried after a kill " } else { "" },
+                    status.code(),
+                    status.message(),
+                    self.runs[copy.to].node.log_tail(),
+                    self.runs[copy.from].node.log_tail()
+                ),
+            }
+        }
+        panic!("{copy:?} did not converge in {MAX_RETRIES} attempts");
+    }
+
+    /// Which of the copy's nodes died; `patient` when one may be dying.
+    async fn deaths(&mut self, copy: &NodeCopy, patient: bool) -> [bool; 2] {
+        let mut died = [false; 2];
+        for side in [copy.to, copy.from] {
+            let run = &mut self.runs[side];
+            // The other node's death is seen at once once one is known.
+            died[side] = if patient && !died.contains(&true) { run.node.died().await } else { run.node.dead() };
+        }
+        died
+    }
+
+    /// Starts the timed kill `kill` is, if it is one; the task answers the
+    /// node it killed.
+    fn killer(&self, copy: &NodeCopy, kill: CopyKill) -> Option<tokio::task::JoinHandle<usize>> {
+        let receiving = self.runs[copy.to].node.root().join("volumes");
+        let exports = self.runs[copy.from].node.root().join("exports");
+        let (victim, after, started): (usize, u64, Box<dyn Fn() -> bool + Send>) = match kill {
+            CopyKill::Receiving(ms) => (copy.to, ms, Box::new(move || receive_storage(&receiving))),
+            CopyKill::Waiting(ms) => (copy.to, ms, Box::new(move || cut_noted(&exports))),
+            CopyKill::Sending(ms) => (copy.from, ms, Box::new(move || receive_storage(&receiving))),
+            CopyKill::Cutting(ms) => (copy.from, ms, Box::new(move || cut_noted(&exports))),
+            CopyKill::TargetAt(_) | CopyKill::SourceAt(_) => return None,
+        };
+        let pid = self.runs[victim].node.pid().expect("running");
+        Some(tokio::spawn(async move {
+            while !started() {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(after)).await;
+            // SAFETY: kill has no memory-safety preconditions.
+            unsafe { libc::kill(-pid, libc::SIGKILL) };
+            victim
+        }))
+    }
+
+    /// After the target died during `copy` and started again: neither
+    /// ListVolumes nor ControllerGetVolume (which the controller asks to find
+    /// where a retried CreateVolume's volume is) shows a volume of the copy,
+    /// unless it may have been `recorded` before the kill: then both show it,
+    /// healthy, and the retry answers it (its bytes are checked after).
+    /// Answers whether it was recorded.
+    async fn assert_no_unfinished_volume(&mut self, copy: &NodeCopy, recorded: bool) -> bool {
+        let dst = &mut self.runs[copy.to];
+        let id = ObjectId::for_name(Kind::Volume, &copy.name, &dst.node.id).to_string();
+        let listed = dst.clients.controller.list_volumes(csi::ListVolumesRequest::default()).await.expect("listing");
+        let listed = listed.into_inner().entries.iter().any(|e| e.volume.as_ref().is_some_and(|v| v.volume_id == id));
+        let ask = csi::ControllerGetVolumeRequest { volume_id: id.clone() };
+        match dst.clients.controller.controller_get_volume(ask).await {
+            Err(status) if status.code() == Code::NotFound => {
+                assert!(!listed, "{copy:?} after its target died: listed as {id}, but not found");
+                false
+            }
+            Ok(found) => {
+                assert!(recorded, "{copy:?} killed before its record: found as {id}");
+                assert!(listed, "{copy:?} after its target died: found as {id}, but not listed");
+                let condition = found.into_inner().status.and_then(|s| s.volume_condition);
+                assert!(condition.as_ref().is_some_and(|c| !c.abnormal), "{copy:?} recorded as {id}: {condition:?}");
+                true
+            }
+            Err(status) => panic!("{copy:?} after its target died: {status:?}"),
+        }
+    }
+
+    /// Makes `copy` while the CO, its call timed out, sends the same request
+    /// again: the retry is ABORTED with how far the copy got, and the copy
+    /// goes on.
+    async fn copy_retried_while_running(&mut self, copy: &NodeCopy) {
+        self.tally.copies += 1;
+        // No fault point may cut this copy short.
+        for run in &mut self.runs {
+            if run.armed.is_some() {
+                run.restart(false).await;
+            }
+        }
+        let request = self.request(copy);
+        let mut first = self.runs[copy.to].clients.copies();
+        let running = tokio::spawn({
+            let request = request.clone();
+            async move { first.create_volume_from(request).await }
+        });
+        let receiving = self.runs[copy.to].node.root().join("volumes");
+        let deadline = Instant::now() + CALL_TIMEOUT;
+        while !receive_storage(&receiving) {
+            assert!(!running.is_finished(), "{copy:?} ended before it received anything: {:?}", running.await);
+            assert!(Instant::now() < deadline, "{copy:?} never started receiving");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let again = self.runs[copy.to].clients.copies().create_volume_from(request).await;
+        let status = again.expect_err("a retry while the copy runs");
+        assert_eq!(status.code(), Code::Aborted, "{status:?}");
+        assert!(status.message().contains("being copied from"), "{}", status.message());
+        self.tally.aborted_while_running += 1;
+        let made = tokio::time::timeout(CALL_TIMEOUT, running).await.expect("the copy ends").expect("joined");
+        self.made(copy, made.unwrap_or_else(|e| panic!("{copy:?}: {e:?}")).into_inner());
+    }
+
+    /// Records the volume `copy` made in its target's model.
+    fn made(&mut self, copy: &NodeCopy, made: csi::CreateVolumeResponse) {
+        let create = Op::Create {
+            slot: 0,
+            name: copy.name.clone(),
+            flavor: copy.flavor,
+            bytes: copy.bytes,
+            source: Some(copy.source.clone()),
+        };
+        create.apply(&mut self.runs[copy.to].model, Made::Volume(made.volume.expect("volume").volume_id));
+    }
+
+    /// Waits until both nodes hold nothing (a source removes its cut once
+    /// the stream ends, just after the target answered), failing after 10 s.
+    async fn settle(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for run in &self.runs {
+            while !leftovers(&run.node).is_empty() && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            assert_nothing_left(&run.node);
+        }
+    }
+}
+
+/// Whether a cut for a copy is noted in `exports`: it is being made or sent.
+fn cut_noted(exports: &Path) -> bool {
+    fs::read_dir(exports).is_ok_and(|mut entries| entries.next().is_some())
+}
+
+/// Whether a copy is being received under `volumes`: the temporary name a
+/// volume's storage is filled under.
+fn receive_storage(volumes: &Path) -> bool {
+    let Ok(entries) = fs::read_dir(volumes) else { return false };
+    entries.flatten().any(|e| e.file_name().to_str().is_some_and(|n| n.starts_with('.') && n.ends_with(".tmp")))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: the real driver making real mounts in a private mount namespace"]
+async fn copies_between_nodes_killed_on_either_side_converge_verified_and_leave_nothing() {
+    let seed = env_number("LOAM_CRASH_SEED", 12);
+    let rounds = usize::try_from(env_number("LOAM_CRASH_COPIES", 24)).expect("LOAM_CRASH_COPIES fits in usize");
+    let started = Instant::now();
+    let mut pair = Pair::start(seed).await;
+    for round in 0..rounds {
+        pair.round(round).await;
+    }
+    for run in &mut pair.runs {
+        run.tear_down().await;
+    }
+    let t = &pair.tally;
+    let mut hit = BTreeMap::<&str, u32>::new();
+    for run in &pair.runs {
+        for (point, n) in &run.tally.failpoints_hit {
+            *hit.entry(point).or_default() += n;
+        }
+    }
+    println!(
+        "crash harness, copies between nodes: seed {seed}, {} copies ({} from snapshots, {} s): {} kills of the \
+         target ({} just after its record), {} of the source; {} retries; {} copies converged after a kill, {} \
+         retries while running answered ABORTED, 0 failed; fault points hit: {hit:?}",
+        t.copies,
+        t.from_snapshots,
+        started.elapsed().as_secs(),
+        t.target_kills,
+        t.recorded_before_kill,
+        t.source_kills,
+        t.retries,
+        t.converged_after_kill,
+        t.aborted_while_running,
+    );
 }

@@ -18,7 +18,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::backend::{Condition, Fill, VolumeStats, apply_mount_group, temp_sibling};
+use crate::backend::{Condition, Fill, VolumeStats, apply_mount_group, in_the_making};
 use crate::config::QuotaMode;
 use crate::durable;
 use crate::error::{Error, IoContext, Result};
@@ -203,11 +203,12 @@ impl DirBackend {
         })
     }
 
-    /// Removes the snapshot's files, and a half-built copy a crash left
-    /// under its temporary name; a missing snapshot is already removed.
+    /// Removes the snapshot's files, and what a crash left of them half
+    /// made (an export's cut is never made again under its name to replace
+    /// it); a missing snapshot is already removed.
     pub fn delete_snapshot(&self, key: &Key) -> Result<()> {
         let path = self.snapshot_path(key);
-        self.remove_tree(&temp_sibling(&path))?;
+        self.remove_tree(&in_the_making(&path))?;
         self.remove_tree(&path)?;
         sync_parent(&path)
     }
@@ -290,7 +291,7 @@ impl DirBackend {
 
     /// Builds `path` through `build` on a temporary sibling, then renames it in.
     fn build_in_place(&self, path: &Path, build: impl FnOnce(&Path) -> io::Result<()>) -> Result<()> {
-        let tmp = temp_sibling(path);
+        let tmp = in_the_making(path);
         self.remove_tree(&tmp)?;
         self.remove_tree(path)?;
         if let Err(e) = build(&tmp) {
@@ -469,7 +470,7 @@ mod tests {
         let key = Key::for_name(Kind::Volume, "v");
         // Leftovers: a half-built temp dir and a symlink where the volume goes.
         let path = dir.volume_path(&key);
-        fs::create_dir(path.with_file_name(format!(".{key}.tmp"))).unwrap();
+        fs::create_dir(in_the_making(&path)).unwrap();
         std::os::unix::fs::symlink(outside.path(), &path).unwrap();
         let enforcement = dir.create_volume(&key, Fill::Empty, 1 << 20).unwrap();
         assert!(dir.volume_exists(&key));

@@ -13,7 +13,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::backend::{Condition, Fill, VolumeStats, apply_mount_group, temp_sibling};
+use crate::backend::{Condition, Fill, VolumeStats, apply_mount_group, in_the_making};
 use crate::durable;
 use crate::error::{Error, IoContext, Result};
 use crate::ids::Key;
@@ -189,11 +189,11 @@ impl LoopBackend {
         })
     }
 
-    /// Removes a snapshot's image, and a half-built one a crash left under
-    /// its temporary name.
+    /// Removes a snapshot's image, and what a crash left of it half made
+    /// (an export's cut is never made again under its name to replace it).
     pub fn delete_snapshot(&self, key: &Key) -> Result<()> {
         let path = self.snapshot_path(key);
-        remove_file(&temp_sibling(&path))?;
+        remove_unfinished(&path)?;
         remove_file(&path)
     }
 
@@ -623,14 +623,8 @@ fn resize(file: &File, capacity: u64, provisioning: Provisioning) -> io::Result<
 /// Builds `path` through `build` on a temporary sibling, then renames it in;
 /// on failure the temporary file is removed, so nothing is left behind.
 fn build_file(path: &Path, build: impl FnOnce(&Path) -> io::Result<()>) -> Result<()> {
-    let tmp = temp_sibling(path);
-    // A leftover of a crashed attempt: never acknowledged, so no sync needed.
-    match fs::remove_file(&tmp) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => {
-            return Err(Error::io(format!("removing {}", tmp.display()), e));
-        }
-        _ => {}
-    }
+    remove_unfinished(path)?;
+    let tmp = in_the_making(path);
     if let Err(e) = build(&tmp) {
         let _ = fs::remove_file(&tmp);
         return Err(Error::io(format!("building {}", path.display()), e));
@@ -638,6 +632,16 @@ fn build_file(path: &Path, build: impl FnOnce(&Path) -> io::Result<()>) -> Resul
     fs::rename(&tmp, path).context(|| format!("renaming into {}", path.display()))?;
     let parent = path.parent().unwrap_or(Path::new("/"));
     durable::sync_dir(parent).context(|| format!("syncing {}", parent.display()))
+}
+
+/// Removes what a crashed attempt left of `path` half built: never
+/// acknowledged, so the removal need not be durable.
+fn remove_unfinished(path: &Path) -> Result<()> {
+    let tmp = in_the_making(path);
+    match fs::remove_file(&tmp) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(Error::io(format!("removing {}", tmp.display()), e)),
+        _ => Ok(()),
+    }
 }
 
 /// Removes a file durably; a missing file is already removed.

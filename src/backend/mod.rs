@@ -98,10 +98,10 @@ impl std::fmt::Debug for Fill<'_> {
     }
 }
 
-/// Where a volume's or snapshot's storage at `path` is built before it is
-/// renamed into place: a dot-prefixed sibling, so a crash never leaves
-/// anything half made under the real name.
-fn temp_sibling(path: &Path) -> PathBuf {
+/// The temporary sibling a volume's or snapshot's storage is built under
+/// before it is renamed to `path`: whatever a crash leaves there was never
+/// finished.
+pub(crate) fn in_the_making(path: &Path) -> PathBuf {
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
     path.with_file_name(format!(".{name}.tmp"))
 }

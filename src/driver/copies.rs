@@ -8,7 +8,7 @@
 //!   in use whose cut would be a file-by-file copy, not one instant, is
 //!   refused: a copy to another node must be point in time. The cut's name is
 //!   written to `exports/` before it is made, so a crash that leaves one
-//!   behind is cleaned up at the next start.
+//!   behind, whole or half made, is cleaned up at the next start.
 //! - **Receiving** ([`Driver::create_volume_from`]): the volume is made as
 //!   CreateVolume makes one, its storage filled from the incoming pieces
 //!   under a temporary name and renamed into place only after the content
@@ -273,6 +273,9 @@ impl Driver {
         };
         tracing::info!(volume = %req.name, from = %progress.source, bytes = progress.received.load(Ordering::Relaxed), elapsed = ?progress.started.elapsed(), "copy from another node verified and complete");
         drop(running);
+        // Verified storage under the real name, no record yet: the retry
+        // must copy again over it, never take it as the volume.
+        crate::failpoint!("volume.received");
         self.record_new_volume(key, req, capacity, enforcement, None)
     }
 
@@ -431,8 +434,12 @@ impl Driver {
         let backend = volume.layout.backend();
         let intent = self.cuts_dir().join(cut.to_string());
         write_intent(&intent, backend).context(|| format!("recording the cut {}", intent.display()))?;
+        // A note whose cut was never made: the next start removes the note.
+        crate::failpoint!("export.intent");
         let cut = Cut { driver: self.clone(), key: cut, backend };
         self.backends.create_snapshot(key, volume, &cut.key, true)?;
+        // A whole cut nobody streams: the next start removes it and its note.
+        crate::failpoint!("export.cut");
         Ok(cut)
     }
 
@@ -777,6 +784,24 @@ mod tests {
         let restarted = test_driver(a.path());
         assert_eq!(fs::read_dir(a.path().join("exports")).unwrap().count(), 0);
         assert_eq!(fs::read_dir(a.path().join("snapshots")).unwrap().count(), 0);
+        assert!(restarted.volume(&key_of(&id)).is_ok(), "the source itself is untouched");
+    }
+
+    #[test]
+    fn a_cut_half_made_when_the_source_node_crashed_is_removed_at_its_next_start() {
+        let a = tempfile::tempdir().unwrap();
+        let (source, id) = source_node(a.path());
+        std::mem::forget(export_of(&source, &id));
+        drop(source);
+        // The crash came while the cut was being copied: its note, and its
+        // image under the name it is built under.
+        let snapshots = a.path().join("snapshots");
+        let cut = fs::read_dir(&snapshots).unwrap().next().unwrap().unwrap().path();
+        fs::rename(&cut, crate::backend::in_the_making(&cut)).unwrap();
+        let restarted = test_driver(a.path());
+        assert_eq!(fs::read_dir(a.path().join("exports")).unwrap().count(), 0);
+        let left: Vec<_> = fs::read_dir(&snapshots).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert!(left.is_empty(), "{left:?}");
         assert!(restarted.volume(&key_of(&id)).is_ok(), "the source itself is untouched");
     }
 

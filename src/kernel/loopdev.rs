@@ -263,6 +263,8 @@ pub fn find(image: &Path) -> io::Result<Vec<LoopDevice>> {
 /// detaching on last close; that is retried briefly (udev and blkid let go
 /// quickly) and then reported as busy.
 pub fn detach(device: &Path) -> io::Result<()> {
+    // The backing file the first attempt finds; a retry clears only that.
+    let mut ours: Option<(u64, u64)> = None;
     for attempt in 0..DETACH_ATTEMPTS {
         if attempt > 0 {
             thread::sleep(DETACH_PAUSE);
@@ -279,6 +281,14 @@ pub fn detach(device: &Path) -> io::Result<()> {
             Ok(_) => {}
             Err(Errno::ENXIO) => return Ok(()),
             Err(e) => return Err(context(e.into(), "LOOP_GET_STATUS64", device)),
+        }
+        // Ours went during the pause (a deferred clear completes on the last
+        // close) and another attach, of this process or another, got the
+        // free device: it is not ours to clear. While `file` is open, ours
+        // cannot go and be replaced before the clear below.
+        let backing = (before.lo_device, before.lo_inode);
+        if *ours.get_or_insert(backing) != backing {
+            return Ok(());
         }
         // SAFETY: LOOP_CLR_FD takes no argument.
         match unsafe { ioctl::loop_clr_fd(file.as_raw_fd()) } {
@@ -613,6 +623,57 @@ pub(crate) mod tests {
         eprintln!("{scans} scans over {cycles} attach/detach cycles");
         assert!(failure.is_none(), "a scan failed while devices came and went: {failure:?}");
         assert!(cycles > 0 && scans > 0);
+    }
+
+    /// A detach deferred because something held the device (udev, blkid)
+    /// retries after a pause; if the deferred clear completed meanwhile and
+    /// another attach got the free device, the retry must leave that one
+    /// alone (a stage in the crash harness failed "detached right after
+    /// attaching" so).
+    #[ignore = "needs root: real loop devices in a private mount namespace; scripts/test.sh runs it"]
+    #[test]
+    fn a_deferred_detach_never_clears_the_next_attach_of_its_device() {
+        let dir = scratch_dir();
+        let (first, next) = (dir.path().join("first.img"), dir.path().join("next.img"));
+        for image in [&first, &next] {
+            File::create(image).expect("create").set_len(1 << 20).expect("sparse");
+        }
+        let options = AttachOptions { read_only: false, direct_io: false };
+        let device = attach(&first, options).expect("attach");
+        let _cleanup = Attached(device.device.clone());
+        // What udev does for a moment after each change: hold the device open.
+        let holder = open_raw(&device.device).expect("hold the device open");
+        let detaching = {
+            let path = device.device.clone();
+            std::thread::spawn(move || detach(&path))
+        };
+        // The kernel deferred the clear to the last close.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while sysfs(&device, "loop/autoclear") != "1" {
+            assert!(std::time::Instant::now() < deadline, "LOOP_CLR_FD was not deferred");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        drop(holder);
+        // Within the detach's pause, the free device is taken for another image.
+        let backing = OpenOptions::new().read(true).write(true).open(&next).expect("open");
+        let fd = u32::try_from(backing.as_raw_fd()).expect("fd");
+        let config = LoopConfig { fd, block_size: 0, info: LoopInfo64::zeroed(), reserved: [0; 8] };
+        let loop_file = OpenOptions::new().read(true).write(true).open(&device.device).expect("open device");
+        loop {
+            // SAFETY: config is a valid struct loop_config that outlives the call.
+            match unsafe { ioctl::loop_configure(loop_file.as_raw_fd(), &config) } {
+                Ok(_) => break,
+                // The clear on last close may still be running.
+                Err(Errno::EBUSY) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                Err(e) => panic!("attaching the next image to {}: {e}", device.device.display()),
+            }
+        }
+        drop(loop_file);
+        detaching.join().expect("detach thread").expect("detach");
+        let now = read_sysfs(device.number).expect("sysfs").map(|d| d.backing_file);
+        assert_eq!(now, Some(next.clone()), "the next image's attach was cleared");
     }
 
     #[ignore = "needs root: real loop devices in a private mount namespace; scripts/test.sh runs it"]
