@@ -1653,7 +1653,7 @@ impl Pair {
         request.accessibility_requirements =
             Some(csi::TopologyRequirement { requisite: vec![csi::Topology { segments: node }], preferred: vec![] });
         let source_address = self.runs[copy.from].clients.address().to_string();
-        CreateVolumeFromRequest { request: Some(request), source_address }
+        CreateVolumeFromRequest { request: Some(request), source_address, source_node: String::new() }
     }
 
     /// Makes `copy` as the controller does, killing a node as `kill` says,
