@@ -20,6 +20,7 @@ use loam::routing::discovery::Resolver;
 use loam::routing::kube::KubeApi;
 use loam::routing::moves::Moves;
 use loam::routing::node_loss::NodeLoss;
+use loam::routing::router::Router;
 use loam::server::limits::{Admitted, Limits, raise_nofile_limit};
 use loam::server::{CopySettings, Services};
 use loam::tls::Role;
@@ -260,7 +261,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                     // clean up, and a move goes on from its records.
                     let sweep = NodeLoss::new(api.clone(), gone.clone(), args.driver_name.clone());
                     tokio::spawn(sweep.run(NODE_LOSS_SWEEP));
-                    let moves = Moves::new(api, agents.clone(), args.driver_name.clone());
+                    let router = Arc::new(Router::new(agents.clone(), Some(gone.clone())));
+                    let moves = Moves::new(api, router, args.driver_name.clone());
                     tokio::spawn(moves.run(MOVES_SWEEP));
                     Some(gone)
                 }

@@ -12,26 +12,22 @@
 //!    with the [`Plan`]) and sets that volume's reclaim policy to `Retain`:
 //!    from here on every step is found again from the cluster's objects, by
 //!    any controller, after any crash.
-//! 2. It deletes the claim and the pods that run with it, so the data stops
-//!    changing; the owner (a StatefulSet, a Deployment) makes the pods again,
-//!    and they wait. As soon as the claim is gone it is made again, with the
-//!    same name, labels, annotations and spec, bound in advance to a
-//!    PersistentVolume that does not exist yet, so the owner cannot make one
-//!    of its own (and if it won the race with a claim that is not bound yet,
-//!    that claim is deleted; one already bound stops the move with an event).
-//! 3. The old volume, now still, is bound to a source claim of the move's own,
-//!    and a target claim cloned from it with the scheduler's
-//!    `selected-node` annotation set to the target node: Loam copies the
-//!    volume node to node and verifies the copy end to end
-//!    ([`crate::driver::copies`]).
-//! 4. The target claim's volume becomes the new PersistentVolume under the
-//!    name the claim waits for (same CSI volume, reclaim policy and class as
-//!    before); the target claim and its PersistentVolume object are removed
-//!    without touching the volume. The claim binds, and the pods start on the
-//!    target node.
-//! 5. Only then the source claim is deleted and the old PersistentVolume gets
-//!    its reclaim policy back: with `Delete`, Kubernetes deletes the old
-//!    volume on its node.
+//! 2. It puts a finalizer of its own on the claim and deletes it, then the
+//!    pods that run with it. The claim stays, terminating: its owner (a
+//!    StatefulSet) can neither start a pod with it nor make a new claim of
+//!    that name, so the data stops changing and nothing races the move.
+//! 3. Once no pod uses the claim, the volume is copied node to node: a
+//!    CreateVolume through the controller's own router, named after the new
+//!    PersistentVolume, with the old volume as its content and the target
+//!    node as its topology ([`crate::driver::copies`]: verified end to end;
+//!    retried while it runs).
+//! 4. The new PersistentVolume is made for the copy, bound in advance to the
+//!    claim's name, and the finalizer comes off: the claim goes, and whoever
+//!    makes it again (its StatefulSet at once, or this reconciler for a claim
+//!    nobody owns, with the old claim's labels, annotations and spec) gets it
+//!    bound to the copy. The pods start on the target node.
+//! 5. Only then the old PersistentVolume gets its reclaim policy back: with
+//!    `Delete`, Kubernetes deletes the old volume on its node.
 //!
 //! Downtime: one pod restart plus the copy. A started move is not cancelled;
 //! it waits, saying why in events, until it can go on.
@@ -45,12 +41,13 @@ use std::time::Duration;
 use http::Method;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use tonic::Code;
 
 use crate::config::TOPOLOGY_NODE_KEY;
 use crate::csi;
 use crate::ids::ObjectId;
-use crate::routing::agents::Agents;
 use crate::routing::kube::{self, EventType, Involved, KubeApi};
+use crate::routing::router::Router;
 
 /// The label that asks for a claim's volume to be moved, to the node it names.
 pub const MOVE_TO_LABEL: &str = "loam.csi.dev/move-to";
@@ -60,14 +57,10 @@ pub const MOVING_LABEL: &str = "loam.csi.dev/moving";
 pub const PLAN_ANNOTATION: &str = "loam.csi.dev/move";
 /// The annotation on the new PersistentVolume naming the one it replaced.
 pub const MOVED_FROM_ANNOTATION: &str = "loam.csi.dev/moved-from";
-/// The external-provisioner's finalizer on the volumes it made.
-const PROVISIONER_FINALIZER: &str = "external-provisioner.volume.kubernetes.io/finalizer";
-/// How long step 2 watches for the deleted claim to go before it leaves it
-/// to the next sweep.
-const CLAIM_GONE_WAIT: Duration = Duration::from_secs(30);
-/// How often it looks meanwhile: the claim's owner may make a claim of its
-/// own as soon as the old one is gone, so the new one must come first.
-const CLAIM_GONE_POLL: Duration = Duration::from_millis(50);
+/// The finalizer that holds a claim, terminating, while its volume is copied.
+pub const FINALIZER: &str = "loam.csi.dev/move";
+/// Kubernetes' finalizer on a claim that a pod uses.
+const CLAIM_IN_USE: &str = "kubernetes.io/pvc-protection";
 
 /// What a move needs to go on after a crash, kept on the old volume.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -83,12 +76,12 @@ pub struct Plan {
     pub claim: String,
     /// The uid of the claim as it was before the move.
     pub claim_uid: String,
-    /// The claim as it is made again: its metadata (labels, annotations,
-    /// owners) and its spec, without the binding.
+    /// The claim as it is made again when nobody else does: its metadata
+    /// (labels, annotations, owners) and its spec, without the binding.
     pub template: Value,
     /// The old volume's reclaim policy, given back to it at the end.
     pub reclaim: String,
-    /// The name of the new PersistentVolume.
+    /// The name of the new PersistentVolume, and of the copy's CSI volume.
     pub volume: String,
 }
 
@@ -103,17 +96,19 @@ pub enum Stage {
     Done,
 }
 
-/// A boxed future, for [`Room`].
+/// A boxed future, for [`Nodes`].
 pub type Pending<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-/// How much room a node has for a volume of a class.
-pub trait Room: Send + Sync {
+/// What a move asks of the node agents.
+pub trait Nodes: Send + Sync {
     /// The bytes `node` can give a new volume with the class's `parameters`.
     fn available<'a>(&'a self, node: &'a str, parameters: BTreeMap<String, String>)
     -> Pending<'a, Result<i64, String>>;
+    /// Creates the copy `request` asks for, as the controller's CreateVolume.
+    fn copy(&self, request: csi::CreateVolumeRequest) -> Pending<'_, Result<csi::Volume, tonic::Status>>;
 }
 
-impl Room for Agents {
+impl Nodes for Router {
     fn available<'a>(
         &'a self,
         node: &'a str,
@@ -127,10 +122,14 @@ impl Room for Agents {
                 }),
                 ..Default::default()
             };
-            self.call(node, "GetCapacity", request, |mut c, r| async move { c.get_capacity(r).await })
-                .await
-                .map(|answer| answer.available_capacity)
-                .map_err(|e| e.to_string())
+            self.get_capacity(request).await.map(|answer| answer.available_capacity).map_err(|e| e.to_string())
+        })
+    }
+
+    fn copy(&self, request: csi::CreateVolumeRequest) -> Pending<'_, Result<csi::Volume, tonic::Status>> {
+        Box::pin(async move {
+            let answer = self.create_volume(request).await.map_err(tonic::Status::from)?;
+            answer.volume.ok_or_else(|| tonic::Status::internal("CreateVolume answered without a volume"))
         })
     }
 }
@@ -138,7 +137,7 @@ impl Room for Agents {
 /// The reconciler of moves.
 pub struct Moves {
     api: Arc<KubeApi>,
-    room: Arc<dyn Room>,
+    nodes: Arc<dyn Nodes>,
     driver_name: String,
     /// The last reason each blocked move (by claim) was reported with: an
     /// event per new reason, not one per sweep.
@@ -157,11 +156,17 @@ fn unexpected(what: &str, status: u16, answer: &Value) -> String {
     format!("{what}: HTTP {status} {message}")
 }
 
+mod objects;
+#[cfg(test)]
+mod tests;
+
+use objects::*;
+
 impl Moves {
     /// Moves the claims of `driver_name`'s volumes through `api`, asking
-    /// `room` whether a target node has room.
-    pub fn new(api: Arc<KubeApi>, room: Arc<dyn Room>, driver_name: String) -> Moves {
-        Moves { api, room, driver_name, blocked: Mutex::default() }
+    /// `nodes` for room and copies.
+    pub fn new(api: Arc<KubeApi>, nodes: Arc<dyn Nodes>, driver_name: String) -> Moves {
+        Moves { api, nodes, driver_name, blocked: Mutex::default() }
     }
 
     /// Sweeps every `every` until the task is dropped.
@@ -286,7 +291,7 @@ impl Moves {
                 }
                 (status, answer) => return Err(unexpected("reading the StorageClass", status, &answer)),
             };
-        let available = self.room.available(to, parameters).await.map_err(|e| format!("asking node {to}: {e}"))?;
+        let available = self.nodes.available(to, parameters).await.map_err(|e| format!("asking node {to}: {e}"))?;
         if needed.is_none_or(|needed| needed > available) {
             let message = format!(
                 "node {to} has {available} bytes free for class {class}; the volume needs {}",
@@ -344,58 +349,123 @@ impl Moves {
     /// Advances one move as far as the cluster lets it now.
     async fn advance(&self, old_pv: &Value, plan: &Plan) -> Result<Stage, String> {
         let old_name = old_pv["metadata"]["name"].as_str().unwrap_or_default();
-        // Step 2: the claim, deleted and made again bound to the new volume.
-        let claim = match self.claim_made_again(plan).await? {
-            Ok(claim) => claim,
-            Err(stage) => return Ok(stage),
-        };
-        // Step 3: the old volume bound to the source claim.
-        let source_name = source_claim(old_name);
-        let source = match self.api.call(Method::GET, &claim_path(&plan.namespace, &source_name), None).await? {
-            (200, source) => Some(source),
+        let path = claim_path(&plan.namespace, &plan.claim);
+        let claim = match self.api.call(Method::GET, &path, None).await? {
+            (200, claim) => Some(claim),
             (404, _) => None,
-            (status, answer) => return Err(unexpected("reading the source claim", status, &answer)),
+            (status, answer) => return Err(unexpected("reading the claim", status, &answer)),
         };
-        let new_pv = match self.api.call(Method::GET, &volume_path(&plan.volume), None).await? {
-            (200, pv) => Some(pv),
-            (404, _) => None,
+        match claim {
+            // Steps 2 to 4: the old claim, held while its volume is copied.
+            Some(old) if uid(&old) == plan.claim_uid => {
+                let finalizers: Vec<&str> =
+                    old["metadata"]["finalizers"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+                let terminating = !old["metadata"]["deletionTimestamp"].is_null();
+                if !finalizers.contains(&FINALIZER) {
+                    if terminating {
+                        // Deleted by someone else before the move held it:
+                        // it goes, and the move goes on from step 4 with
+                        // the volume quiet.
+                        return Ok(Stage::Waiting(format!("claim {} goes", plan.claim)));
+                    }
+                    let mut held: Vec<&str> = finalizers.clone();
+                    held.push(FINALIZER);
+                    let hold = json!({ "metadata": {
+                        "finalizers": held, "resourceVersion": old["metadata"]["resourceVersion"] } });
+                    self.patch(&path, &hold, "holding the claim").await?;
+                    return Ok(Stage::Waiting(format!("claim {} is held", plan.claim)));
+                }
+                if !terminating {
+                    self.delete(&path, &plan.claim_uid, "deleting the claim").await?;
+                }
+                self.stop_pods(plan).await?;
+                if finalizers.contains(&CLAIM_IN_USE) {
+                    return Ok(Stage::Waiting(format!("the pods of claim {} stop", plan.claim)));
+                }
+                if let Some(stage) = self.new_volume(old_pv, plan, &old).await? {
+                    return Ok(stage);
+                }
+                let released: Vec<&str> = finalizers.into_iter().filter(|f| *f != FINALIZER).collect();
+                let release = json!({ "metadata": {
+                    "finalizers": released, "resourceVersion": old["metadata"]["resourceVersion"] } });
+                self.patch(&path, &release, "letting the claim go").await?;
+                Ok(Stage::Waiting(format!("claim {} goes, to be made again bound to {}", plan.claim, plan.volume)))
+            }
+            // Step 4 for a claim nobody makes again: the move makes it.
+            None => {
+                if let Some(stage) = self.new_volume(old_pv, plan, &Value::Null).await? {
+                    return Ok(stage);
+                }
+                let made = self.create(&claim_path(&plan.namespace, ""), &claim_object(plan)).await?;
+                Ok(Stage::Waiting(format!(
+                    "claim {} was made again{}",
+                    plan.claim,
+                    if made { "" } else { " by someone else" }
+                )))
+            }
+            Some(claim) => match claim["spec"]["volumeName"].as_str() {
+                Some(volume) if volume == plan.volume && is_bound(&claim) => self.finish(old_name, plan, &claim).await,
+                Some(volume) if volume != plan.volume => {
+                    let message = format!(
+                        "claim {} was made again during the move and is bound to volume {volume}, not to the copy \
+                         {}; the old volume {old_name} is kept (reclaim policy Retain) with the data on node {}",
+                        plan.claim, plan.volume, plan.from
+                    );
+                    self.report_blocked(plan, uid(&claim), &message).await;
+                    Ok(Stage::Blocked(message))
+                }
+                _ => Ok(Stage::Waiting(format!("claim {} binds to volume {}", plan.claim, plan.volume))),
+            },
+        }
+    }
+
+    /// Step 3 and the start of 4: the copy on the target node and its
+    /// PersistentVolume; the stage while they are not there yet.
+    async fn new_volume(&self, old_pv: &Value, plan: &Plan, claim: &Value) -> Result<Option<Stage>, String> {
+        match self.api.call(Method::GET, &volume_path(&plan.volume), None).await? {
+            (200, _) => return Ok(None),
+            (404, _) => {}
             (status, answer) => return Err(unexpected("reading the new volume", status, &answer)),
-        };
-        let Some(new_pv) = new_pv else {
-            let Some(source) = source else {
-                self.create(&claim_path(&plan.namespace, ""), &source_claim_object(old_pv, plan)).await?;
-                return Ok(Stage::Waiting("the source claim was made".into()));
+        }
+        let class = old_pv["spec"]["storageClassName"].as_str().unwrap_or_default();
+        let parameters =
+            match self.api.call(Method::GET, &format!("/apis/storage.k8s.io/v1/storageclasses/{class}"), None).await? {
+                (200, class) => class["parameters"].clone(),
+                (status, answer) => return Err(unexpected("reading the StorageClass", status, &answer)),
             };
-            if old_pv["spec"]["claimRef"]["uid"].as_str() != Some(uid(&source)) {
-                let bind = json!({ "spec": { "claimRef": {
-                    "kind": "PersistentVolumeClaim", "apiVersion": "v1", "namespace": plan.namespace,
-                    "name": source_name, "uid": uid(&source), "resourceVersion": null,
-                } } });
-                self.patch(&volume_path(old_name), &bind, "binding the old volume to the source claim").await?;
-                return Ok(Stage::Waiting("the old volume binds to the source claim".into()));
-            }
-            if !is_bound(&source) {
-                return Ok(Stage::Waiting("the source claim binds".into()));
-            }
-            return self.copy(old_pv, plan, &claim).await;
+        let Some(request) = copy_request(old_pv, plan, &parameters) else {
+            let message = format!("the old volume {} has no size or handle Loam can copy", plan.volume);
+            self.report_blocked(plan, uid(claim), &message).await;
+            return Ok(Some(Stage::Blocked(message)));
         };
-        // Step 4: the target claim and its volume object go, the volume stays.
-        if let Some(stage) = self.remove_copy_objects(old_name, plan, &new_pv).await? {
-            return Ok(stage);
+        let copy = match self.nodes.copy(request).await {
+            Ok(copy) => copy,
+            Err(status) if status.code() == Code::Aborted => {
+                return Ok(Some(Stage::Waiting(format!("the copy to node {}: {}", plan.to, status.message()))));
+            }
+            Err(status) => {
+                let message = format!(
+                    "the copy to node {} failed ({:?}: {}); it is tried again every sweep",
+                    plan.to,
+                    status.code(),
+                    status.message()
+                );
+                self.report_blocked(plan, uid(claim), &message).await;
+                return Ok(Some(Stage::Blocked(message)));
+            }
+        };
+        let on = ObjectId::parse(&copy.volume_id).map(|id| id.node);
+        if on.as_deref() != Some(plan.to.as_str()) {
+            return Err(format!("the copy {} is not on node {}", copy.volume_id, plan.to));
         }
-        if !is_bound(&claim) {
-            return Ok(Stage::Waiting(format!("claim {} binds to volume {}", plan.claim, plan.volume)));
-        }
-        // Step 5: the old volume given back to its reclaim policy.
-        if let Some(source) = source {
-            self.delete(&claim_path(&plan.namespace, &source_name), uid(&source), "deleting the source claim").await?;
-            return Ok(Stage::Waiting("the source claim goes".into()));
-        }
-        let finish = json!({
-            "metadata": { "labels": { MOVING_LABEL: null }, "annotations": { PLAN_ANNOTATION: null } },
-            "spec": { "persistentVolumeReclaimPolicy": plan.reclaim },
-        });
-        self.patch(&volume_path(old_name), &finish, "giving the old volume its reclaim policy back").await?;
+        self.create("/api/v1/persistentvolumes", &new_volume_object(old_pv, plan, &copy, &self.driver_name)).await?;
+        tracing::info!(namespace = %plan.namespace, claim = %plan.claim, volume = %plan.volume, id = %copy.volume_id, "the copy of a moved claim's volume is verified; its PersistentVolume is made");
+        Ok(Some(Stage::Waiting(format!("volume {} was made from the copy", plan.volume))))
+    }
+
+    /// Step 5: the claim is bound to the copy; the old volume gets its
+    /// reclaim policy back and the move's records go.
+    async fn finish(&self, old_name: &str, plan: &Plan, claim: &Value) -> Result<Stage, String> {
         let message = format!(
             "moved from node {} to node {}: the claim is bound to volume {}, a copy verified end to end; the old \
              volume {old_name} {}",
@@ -409,83 +479,19 @@ impl Moves {
             }
         );
         tracing::info!(namespace = %plan.namespace, claim = %plan.claim, "{message}");
-        self.event(plan, uid(&claim), EventType::Normal, "Moved", &message).await;
+        // Before the patch that ends the move: with reclaim policy Delete the
+        // old volume, and with it the move's record, may go at once.
+        self.event(plan, uid(claim), EventType::Normal, "Moved", &message).await;
+        let finish = json!({
+            "metadata": { "labels": { MOVING_LABEL: null }, "annotations": { PLAN_ANNOTATION: null } },
+            "spec": { "persistentVolumeReclaimPolicy": plan.reclaim },
+        });
+        self.patch(&volume_path(old_name), &finish, "giving the old volume its reclaim policy back").await?;
         Ok(Stage::Done)
     }
 
-    /// Step 2: the claim as it is after the move (made again, bound in
-    /// advance to the new volume), or the stage that keeps it from being so.
-    async fn claim_made_again(&self, plan: &Plan) -> Result<Result<Value, Stage>, String> {
-        let path = claim_path(&plan.namespace, &plan.claim);
-        let mut claim = match self.api.call(Method::GET, &path, None).await? {
-            (200, claim) => Some(claim),
-            (404, _) => None,
-            (status, answer) => return Err(unexpected("reading the claim", status, &answer)),
-        };
-        if let Some(old) = claim.as_ref().filter(|c| uid(c) == plan.claim_uid) {
-            if old["metadata"]["deletionTimestamp"].is_null() {
-                self.delete(&path, &plan.claim_uid, "deleting the claim").await?;
-            }
-            self.stop_pods(plan).await?;
-            claim = self.wait_until_replaced(&path, &plan.claim_uid).await?;
-            if claim.as_ref().is_some_and(|c| uid(c) == plan.claim_uid) {
-                return Ok(Err(Stage::Waiting(format!("claim {} goes once its pods have stopped", plan.claim))));
-            }
-        }
-        match claim {
-            Some(claim) if claim["spec"]["volumeName"].as_str() == Some(plan.volume.as_str()) => Ok(Ok(claim)),
-            Some(other)
-                if other["spec"]["volumeName"].is_null() && other["metadata"]["deletionTimestamp"].is_null() =>
-            {
-                // The claim's owner made one first; it has no volume yet, so no data.
-                tracing::info!(namespace = %plan.namespace, claim = %plan.claim, "a claim made by its owner during the move is deleted before it gets a volume");
-                self.delete(&path, uid(&other), "deleting a claim made during the move").await?;
-                Ok(Err(Stage::Waiting("a claim made meanwhile by the claim's owner goes".into())))
-            }
-            Some(other) if !other["metadata"]["deletionTimestamp"].is_null() => {
-                Ok(Err(Stage::Waiting("a claim made meanwhile goes".into())))
-            }
-            Some(other) => {
-                let message = format!(
-                    "claim {} was made again by someone else during the move and is bound to volume {}; the moved \
-                     data is safe (still on node {}); delete claim {} and its pods to let the move go on",
-                    plan.claim,
-                    other["spec"]["volumeName"].as_str().unwrap_or("?"),
-                    plan.from,
-                    plan.claim
-                );
-                self.report_blocked(plan, uid(&other), &message).await;
-                Ok(Err(Stage::Blocked(message)))
-            }
-            None => {
-                let made = self.create(&claim_path(&plan.namespace, ""), &claim_object(plan)).await?;
-                Ok(Err(Stage::Waiting(format!(
-                    "claim {} was made again{}",
-                    plan.claim,
-                    if made { "" } else { " by someone else" }
-                ))))
-            }
-        }
-    }
-
-    /// Watches the deleted claim until it is gone, then makes the new one at
-    /// once; the claim of that name found (none if it is still not gone).
-    async fn wait_until_replaced(&self, path: &str, old_uid: &str) -> Result<Option<Value>, String> {
-        let deadline = tokio::time::Instant::now() + CLAIM_GONE_WAIT;
-        loop {
-            match self.api.call(Method::GET, path, None).await? {
-                (200, claim) if uid(&claim) == old_uid && tokio::time::Instant::now() < deadline => {
-                    tokio::time::sleep(CLAIM_GONE_POLL).await;
-                }
-                (200, claim) => return Ok(Some(claim)),
-                (404, _) => return Ok(None),
-                (status, answer) => return Err(unexpected("reading the claim", status, &answer)),
-            }
-        }
-    }
-
     /// Deletes the scheduled pods that use the claim (pods its owner made
-    /// again are not scheduled: they wait for the claim without holding it).
+    /// again are not scheduled: they wait for the claim).
     async fn stop_pods(&self, plan: &Plan) -> Result<(), String> {
         let pods =
             match self.api.call(Method::GET, &format!("/api/v1/namespaces/{}/pods", plan.namespace), None).await? {
@@ -507,111 +513,6 @@ impl Moves {
             }
         }
         Ok(())
-    }
-
-    /// Step 3 and the start of 4: the target claim cloned from the source on
-    /// the target node; once it is bound, its volume kept and the new
-    /// PersistentVolume made from it.
-    async fn copy(&self, old_pv: &Value, plan: &Plan, claim: &Value) -> Result<Stage, String> {
-        let old_name = old_pv["metadata"]["name"].as_str().unwrap_or_default();
-        let target_name = target_claim(old_name);
-        let target = match self.api.call(Method::GET, &claim_path(&plan.namespace, &target_name), None).await? {
-            (200, target) => target,
-            (404, _) => {
-                self.create(&claim_path(&plan.namespace, ""), &target_claim_object(old_pv, plan)).await?;
-                return Ok(Stage::Waiting(format!("the copy to node {} was asked for", plan.to)));
-            }
-            (status, answer) => return Err(unexpected("reading the target claim", status, &answer)),
-        };
-        let Some(copy_name) = target["spec"]["volumeName"].as_str().filter(|_| is_bound(&target)) else {
-            return Ok(Stage::Waiting(format!(
-                "the copy to node {} runs (claim {target_name}'s events and `loam ctl` ControllerGetVolume show it)",
-                plan.to
-            )));
-        };
-        let copy = match self.api.call(Method::GET, &volume_path(copy_name), None).await? {
-            (200, copy) => copy,
-            (status, answer) => return Err(unexpected("reading the copy's volume", status, &answer)),
-        };
-        let on = copy["spec"]["csi"]["volumeHandle"].as_str().and_then(ObjectId::parse).map(|id| id.node);
-        if on.as_deref() != Some(plan.to.as_str()) {
-            let message = format!(
-                "the copy {copy_name} was made on node {} instead of {}; delete claim {target_name} so the move asks again",
-                on.as_deref().unwrap_or("?"),
-                plan.to
-            );
-            self.report_blocked(plan, uid(claim), &message).await;
-            return Ok(Stage::Blocked(message));
-        }
-        // Kept before a second PersistentVolume names the same volume, so
-        // that removing this one can never delete it.
-        let keep = json!({ "spec": { "persistentVolumeReclaimPolicy": "Retain" } });
-        self.patch(&volume_path(copy_name), &keep, "keeping the copy's volume").await?;
-        let mut spec = copy["spec"].clone();
-        spec["claimRef"] = json!({
-            "kind": "PersistentVolumeClaim", "apiVersion": "v1", "namespace": plan.namespace,
-            "name": plan.claim, "uid": uid(claim),
-        });
-        spec["persistentVolumeReclaimPolicy"] = json!(plan.reclaim);
-        let volume = json!({
-            "apiVersion": "v1",
-            "kind": "PersistentVolume",
-            "metadata": {
-                "name": plan.volume,
-                "annotations": { PROVISIONED_BY: self.driver_name, MOVED_FROM_ANNOTATION: old_name },
-            },
-            "spec": spec,
-        });
-        self.create("/api/v1/persistentvolumes", &volume).await?;
-        Ok(Stage::Waiting(format!("volume {} was made from the copy", plan.volume)))
-    }
-
-    /// Removes the target claim and its PersistentVolume object once the new
-    /// PersistentVolume names their volume; the stage while they go.
-    async fn remove_copy_objects(&self, old_name: &str, plan: &Plan, new_pv: &Value) -> Result<Option<Stage>, String> {
-        let target_name = target_claim(old_name);
-        let handle = new_pv["spec"]["csi"]["volumeHandle"].as_str().unwrap_or_default();
-        if let (200, target) = self.api.call(Method::GET, &claim_path(&plan.namespace, &target_name), None).await? {
-            if let Some(copy_name) = target["spec"]["volumeName"].as_str() {
-                let copy = self.api.call(Method::GET, &volume_path(copy_name), None).await?;
-                if copy.0 == 200 && copy.1["spec"]["persistentVolumeReclaimPolicy"].as_str() != Some("Retain") {
-                    let keep = json!({ "spec": { "persistentVolumeReclaimPolicy": "Retain" } });
-                    self.patch(&volume_path(copy_name), &keep, "keeping the copy's volume").await?;
-                }
-            }
-            self.delete(&claim_path(&plan.namespace, &target_name), uid(&target), "deleting the target claim").await?;
-            return Ok(Some(Stage::Waiting("the target claim goes".into())));
-        }
-        let volumes = match self.api.call(Method::GET, "/api/v1/persistentvolumes", None).await? {
-            (200, list) => list,
-            (status, answer) => return Err(unexpected("listing volumes", status, &answer)),
-        };
-        for copy in volumes["items"].as_array().into_iter().flatten() {
-            let name = copy["metadata"]["name"].as_str().unwrap_or_default();
-            if name == plan.volume || copy["spec"]["csi"]["volumeHandle"].as_str() != Some(handle) {
-                continue;
-            }
-            if copy["spec"]["persistentVolumeReclaimPolicy"].as_str() != Some("Retain") {
-                // Never reached by the steps above; a volume named twice is
-                // never deleted through the object that goes.
-                let keep = json!({ "spec": { "persistentVolumeReclaimPolicy": "Retain" } });
-                self.patch(&volume_path(name), &keep, "keeping the copy's volume").await?;
-                return Ok(Some(Stage::Waiting("the copy's old object is kept from deleting the volume".into())));
-            }
-            // The provisioner's finalizer would wait for a deletion of the
-            // volume that must not happen.
-            let finalizers: Vec<&Value> = copy["metadata"]["finalizers"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter(|f| f.as_str() != Some(PROVISIONER_FINALIZER))
-                .collect();
-            let release = json!({ "metadata": { "finalizers": finalizers } });
-            self.patch(&volume_path(name), &release, "releasing the copy's old object").await?;
-            self.delete(&volume_path(name), uid(copy), "deleting the copy's old object").await?;
-            return Ok(Some(Stage::Waiting("the copy's old object goes".into())));
-        }
-        Ok(None)
     }
 
     /// POSTs `object` to the collection of `path`; whether this call made it
@@ -664,9 +565,3 @@ impl Moves {
         }
     }
 }
-
-mod objects;
-#[cfg(test)]
-mod tests;
-
-use objects::*;

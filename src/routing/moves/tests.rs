@@ -1,7 +1,7 @@
 //! Moves against a small model of a cluster: an API server that keeps
 //! objects, and the controllers a move relies on (the volume binder, the
-//! claim protection, the external-provisioner, a StatefulSet, the
-//! scheduler), each doing what Kubernetes does, only faster.
+//! claim protection, the external-provisioner's deletions, a StatefulSet,
+//! the scheduler), each doing what Kubernetes does, only faster.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -12,6 +12,10 @@ use super::*;
 use crate::routing::kube::fake;
 
 const KEY_A: &str = "0123456789abcdef0123456789abcdef";
+/// The annotation by which the external-provisioner knows its volumes.
+const PROVISIONED_BY: &str = "pv.kubernetes.io/provisioned-by";
+/// Its finalizer on them.
+const PROVISIONER_FINALIZER: &str = "external-provisioner.volume.kubernetes.io/finalizer";
 const GI: i64 = 1 << 30;
 
 /// How a request the model is told to fail fails.
@@ -29,8 +33,8 @@ struct Cluster {
     serial: u64,
     /// Handles of the volumes the provisioner deleted.
     deleted_volumes: Vec<String>,
-    /// (source handle, target node) of each copy the provisioner made.
-    copies: Vec<(String, String)>,
+    /// Whether the claim's StatefulSet makes it again as soon as it is gone.
+    owner_makes_claims: bool,
     /// Events' reasons and messages, in order.
     events: Vec<(String, String)>,
     /// Mutating requests so far, and which one fails how.
@@ -78,7 +82,9 @@ impl Cluster {
     fn handle(&mut self, call: &str, body: &Value) -> (u16, Value) {
         let (method, target) = call.split_once(' ').unwrap();
         let (path, query) = target.split_once('?').unwrap_or((target, ""));
-        if method != "GET" {
+        // Events are best effort (a lost one is not posted again), so they
+        // are not among the requests failed on purpose.
+        if method != "GET" && !path.ends_with("/events") {
             self.mutations += 1;
             if let Some((n, failure)) = self.fail
                 && n == self.mutations
@@ -172,7 +178,6 @@ impl Cluster {
             let before = self.objects.clone();
             self.protect_claims();
             self.bind();
-            self.provision();
             self.reclaim();
             if before == self.objects {
                 break;
@@ -180,7 +185,8 @@ impl Cluster {
         }
     }
 
-    /// A claim being deleted goes once no scheduled pod uses it.
+    /// A claim being deleted loses its protection once no scheduled pod
+    /// uses it, and goes once it has no finalizer left.
     fn protect_claims(&mut self) {
         let used: Vec<String> = self
             .objects
@@ -189,11 +195,19 @@ impl Cluster {
             .filter_map(|(_, pod)| pod["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"].as_str())
             .map(str::to_owned)
             .collect();
-        self.objects.retain(|path, claim| {
-            !(path.contains("/persistentvolumeclaims/")
-                && !claim["metadata"]["deletionTimestamp"].is_null()
-                && !used.iter().any(|u| claim["metadata"]["name"] == *u))
-        });
+        for (path, claim) in self.objects.iter_mut() {
+            if !path.contains("/persistentvolumeclaims/") || claim["metadata"]["deletionTimestamp"].is_null() {
+                continue;
+            }
+            if !used.iter().any(|u| claim["metadata"]["name"] == *u)
+                && let Some(finalizers) = claim["metadata"]["finalizers"].as_array_mut()
+            {
+                finalizers.retain(|f| f != "kubernetes.io/pvc-protection");
+            }
+            if claim["metadata"]["finalizers"].as_array().is_none_or(|f| f.is_empty()) {
+                claim["metadata"]["gone"] = json!(true);
+            }
+        }
         // A volume's protection goes with its binding.
         for (_, pv) in self.objects.iter_mut().filter(|(p, _)| p.starts_with("/api/v1/persistentvolumes/")) {
             if pv["metadata"]["deletionTimestamp"].is_null() || pv["status"]["phase"] == "Bound" {
@@ -222,6 +236,16 @@ impl Cluster {
                     && (r["uid"].is_null() || c["metadata"]["uid"] == r["uid"])
             });
             match claim {
+                // Pre-bound by name: the binder gives the volume to the claim.
+                Some((cpath, c)) if c["spec"]["volumeName"].is_null() && pv["status"]["phase"] != "Bound" => {
+                    let uid = c["metadata"]["uid"].clone();
+                    let v = self.objects.get_mut(&vpath).unwrap();
+                    v["spec"]["claimRef"]["uid"] = uid;
+                    v["status"] = json!({ "phase": "Bound" });
+                    let claim = self.objects.get_mut(cpath).unwrap();
+                    claim["spec"]["volumeName"] = pv["metadata"]["name"].clone();
+                    claim["status"] = json!({ "phase": "Bound" });
+                }
                 Some((cpath, c)) if c["spec"]["volumeName"] == pv["metadata"]["name"] => {
                     let uid = c["metadata"]["uid"].clone();
                     let v = self.objects.get_mut(&vpath).unwrap();
@@ -234,57 +258,6 @@ impl Cluster {
                 }
                 _ => {}
             }
-        }
-    }
-
-    /// The external-provisioner: a claim of class `loam` with a selected
-    /// node gets a volume there, copied from its source claim's volume.
-    fn provision(&mut self) {
-        let waiting: Vec<(String, Value)> = self
-            .claims()
-            .filter(|(_, c)| {
-                c["spec"]["volumeName"].is_null() && !c["metadata"]["annotations"][SELECTED_NODE].is_null()
-            })
-            .map(|(p, c)| (p.clone(), c.clone()))
-            .collect();
-        for (cpath, claim) in waiting {
-            let node = claim["metadata"]["annotations"][SELECTED_NODE].as_str().unwrap().to_owned();
-            let namespace = claim["metadata"]["namespace"].as_str().unwrap();
-            let source = claim["spec"]["dataSource"]["name"].as_str().map(|s| claim_path(namespace, s));
-            let source_handle = match source.and_then(|s| self.objects.get(&s).cloned()) {
-                Some(s) if s["status"]["phase"] == "Bound" => {
-                    let pv = &self.objects[&volume_path(s["spec"]["volumeName"].as_str().unwrap())];
-                    Some(pv["spec"]["csi"]["volumeHandle"].as_str().unwrap().to_owned())
-                }
-                Some(_) => continue,
-                None => None,
-            };
-            self.serial += 1;
-            let name = format!("pvc-{}", claim["metadata"]["uid"].as_str().unwrap());
-            let handle = format!("{:032x}@{node}", self.serial);
-            if let Some(source) = source_handle {
-                self.copies.push((source, node.clone()));
-            }
-            let pv = json!({
-                "metadata": { "name": name, "uid": format!("uid-{}", self.serial),
-                              "annotations": { PROVISIONED_BY: "loam.csi.dev" },
-                              "finalizers": ["kubernetes.io/pv-protection", PROVISIONER_FINALIZER] },
-                "spec": {
-                    "csi": { "driver": "loam.csi.dev", "volumeHandle": handle },
-                    "capacity": { "storage": claim["spec"]["resources"]["requests"]["storage"] },
-                    "accessModes": claim["spec"]["accessModes"],
-                    "storageClassName": claim["spec"]["storageClassName"],
-                    "volumeMode": claim["spec"]["volumeMode"],
-                    "persistentVolumeReclaimPolicy": "Delete",
-                    "nodeAffinity": { "required": { "nodeSelectorTerms": [ { "matchExpressions": [
-                        { "key": TOPOLOGY_NODE_KEY, "operator": "In", "values": [node] } ] } ] } },
-                    "claimRef": { "name": claim["metadata"]["name"], "namespace": namespace,
-                                  "uid": claim["metadata"]["uid"] },
-                },
-                "status": { "phase": "Bound" },
-            });
-            self.objects.insert(volume_path(&name), pv);
-            self.objects.get_mut(&cpath).unwrap()["spec"]["volumeName"] = json!(name);
         }
     }
 
@@ -312,6 +285,17 @@ impl Cluster {
                 "/api/v1/namespaces/db/pods/db-1".into(),
                 json!({ "metadata": { "name": "db-1", "namespace": "db", "uid": "uid-pod-again" },
                         "spec": { "volumes": [ { "persistentVolumeClaim": { "claimName": "data-db-1" } } ] } }),
+            );
+        }
+        if self.owner_makes_claims && !self.objects.contains_key(&claim_path("db", "data-db-1")) {
+            self.serial += 1;
+            self.objects.insert(
+                claim_path("db", "data-db-1"),
+                json!({ "metadata": { "name": "data-db-1", "namespace": "db", "uid": format!("uid-{}", self.serial),
+                                      "labels": { "app": "db" }, "finalizers": ["kubernetes.io/pvc-protection"] },
+                        "spec": { "accessModes": ["ReadWriteOnce"], "resources": { "requests": { "storage": "1Gi" } },
+                                  "storageClassName": "loam" },
+                        "status": { "phase": "Pending" } }),
             );
         }
         let pod = self.objects["/api/v1/namespaces/db/pods/db-1"].clone();
@@ -369,7 +353,7 @@ fn cluster_moving_to(to: &str) -> Cluster {
             "metadata": {
                 "name": "data-db-1", "namespace": "db", "uid": "uid-claim", "resourceVersion": "1",
                 "labels": { "app": "db", MOVE_TO_LABEL: to },
-                "annotations": { "pv.kubernetes.io/bind-completed": "yes", SELECTED_NODE: "node-a", "team": "data" },
+                "annotations": { "pv.kubernetes.io/bind-completed": "yes", "volume.kubernetes.io/selected-node": "node-a", "team": "data" },
                 "finalizers": ["kubernetes.io/pvc-protection"],
             },
             "spec": { "accessModes": ["ReadWriteOnce"], "resources": { "requests": { "storage": "1Gi" } },
@@ -393,23 +377,70 @@ fn cluster_moving_to(to: &str) -> Cluster {
     c
 }
 
-/// Room: 4 GiB on every node, and the parameters it was asked with.
-struct FakeRoom(i64, Mutex<Vec<BTreeMap<String, String>>>);
+/// The node agents as a move sees them: room on every node, and copies that
+/// run for a few calls (ABORTED, as CreateVolume answers while it copies)
+/// before they are done, idempotent by name.
+struct FakeNodes {
+    room: i64,
+    calls_per_copy: usize,
+    state: Mutex<NodesState>,
+}
 
-impl Room for FakeRoom {
+#[derive(Default)]
+struct NodesState {
+    /// The class parameters each room check was asked with.
+    asked: Vec<BTreeMap<String, String>>,
+    /// CreateVolume calls by name.
+    calls: BTreeMap<String, usize>,
+    /// (source, target node) of each copy made, in order.
+    copies: Vec<(String, String)>,
+    /// The requests, the last by name.
+    requests: BTreeMap<String, csi::CreateVolumeRequest>,
+}
+
+impl Nodes for FakeNodes {
     fn available<'a>(&'a self, _: &'a str, parameters: BTreeMap<String, String>) -> Pending<'a, Result<i64, String>> {
-        self.1.lock().unwrap().push(parameters);
-        Box::pin(async move { Ok(self.0) })
+        self.state.lock().unwrap().asked.push(parameters);
+        Box::pin(async move { Ok(self.room) })
+    }
+
+    fn copy(&self, request: csi::CreateVolumeRequest) -> Pending<'_, Result<csi::Volume, tonic::Status>> {
+        let mut state = self.state.lock().unwrap();
+        let calls = state.calls.entry(request.name.clone()).or_default();
+        *calls += 1;
+        let answer = if *calls < self.calls_per_copy {
+            Err(tonic::Status::aborted(format!("being copied: call {calls}")))
+        } else {
+            let Some(csi::volume_content_source::Type::Volume(source)) =
+                request.volume_content_source.as_ref().and_then(|s| s.r#type.clone())
+            else {
+                panic!("a copy without a source volume: {request:?}")
+            };
+            let node =
+                request.accessibility_requirements.as_ref().unwrap().requisite[0].segments[TOPOLOGY_NODE_KEY].clone();
+            let id = format!("{}@{node}", crate::ids::Key::for_name(crate::ids::Kind::Volume, &request.name));
+            if *calls == self.calls_per_copy {
+                state.copies.push((source.volume_id.clone(), node));
+            }
+            Ok(csi::Volume {
+                volume_id: id,
+                capacity_bytes: request.capacity_range.as_ref().unwrap().required_bytes,
+                volume_context: [("loam.csi.dev/backend".to_owned(), "loop".to_owned())].into(),
+                ..Default::default()
+            })
+        };
+        state.requests.insert(request.name.clone(), request);
+        Box::pin(async move { answer })
     }
 }
 
-async fn moves_for(cluster: &Arc<Mutex<Cluster>>, room: i64, dir: &std::path::Path) -> (Moves, Arc<FakeRoom>) {
+async fn moves_for(cluster: &Arc<Mutex<Cluster>>, room: i64, dir: &std::path::Path) -> (Moves, Arc<FakeNodes>) {
     let model = cluster.clone();
     let port =
         fake::serve_with(dir, Arc::new(move |call: &str, body: &Value| model.lock().unwrap().handle(call, body))).await;
     let api = Arc::new(KubeApi::at("127.0.0.1".into(), port, dir).unwrap());
-    let room = Arc::new(FakeRoom(room, Mutex::default()));
-    (Moves::new(api, room.clone(), "loam.csi.dev".into()), room)
+    let nodes = Arc::new(FakeNodes { room, calls_per_copy: 3, state: Mutex::default() });
+    (Moves::new(api, nodes.clone(), "loam.csi.dev".into()), nodes)
 }
 
 /// Sweeps until the move is done (at most `limit` sweeps); the stages seen.
@@ -428,11 +459,17 @@ async fn sweep_until_done(moves: &Moves, cluster: &Arc<Mutex<Cluster>>, limit: u
 }
 
 /// The state a finished move must leave, whatever happened on the way.
-fn assert_moved(c: &Cluster) {
+fn assert_moved(c: &Cluster, copies: &[(String, String)]) {
     let claim = c.get(&claim_path("db", "data-db-1")).expect("the claim keeps its name");
     assert_eq!(claim["status"]["phase"], "Bound", "{claim}");
     assert_eq!(claim["metadata"]["labels"], json!({ "app": "db" }), "labels kept, the move's label gone");
-    assert_eq!(claim["metadata"]["annotations"], json!({ "team": "data" }), "the old binding's annotations gone");
+    if !c.owner_makes_claims {
+        assert_eq!(claim["metadata"]["annotations"], json!({ "team": "data" }), "the old binding's annotations gone");
+    }
+    assert!(
+        !claim["metadata"]["finalizers"].as_array().unwrap().iter().any(|f| f == FINALIZER),
+        "the move's finalizer is not on the new claim"
+    );
     let new_name = claim["spec"]["volumeName"].as_str().unwrap();
     assert_ne!(new_name, "pv-a");
     let new_pv = c.get(&volume_path(new_name)).unwrap();
@@ -442,58 +479,102 @@ fn assert_moved(c: &Cluster) {
     assert_eq!(new_pv["spec"]["persistentVolumeReclaimPolicy"], "Delete", "the reclaim policy is the old one");
     assert_eq!(new_pv["metadata"]["annotations"][PROVISIONED_BY], "loam.csi.dev", "deleted by the provisioner later");
     assert_eq!(new_pv["metadata"]["annotations"][MOVED_FROM_ANNOTATION], "pv-a");
-    assert_eq!(c.copies, [(format!("{KEY_A}@node-a"), "node-b".to_owned())], "one copy, from the old volume");
+    assert!(new_pv["metadata"]["annotations"][PLAN_ANNOTATION].is_null());
+    assert_eq!(
+        new_pv["spec"]["nodeAffinity"]["required"]["nodeSelectorTerms"][0]["matchExpressions"][0]["values"],
+        json!(["node-b"])
+    );
+    assert_eq!(new_pv["spec"]["csi"]["volumeAttributes"]["loam.csi.dev/backend"], "loop");
+    assert_eq!(copies, [(format!("{KEY_A}@node-a"), "node-b".to_owned())], "one copy, from the old volume");
     assert_eq!(c.deleted_volumes, [format!("{KEY_A}@node-a")], "the old volume deleted, the copy never");
     assert!(c.get(&volume_path("pv-a")).is_none(), "the old PersistentVolume is gone");
     let handles: Vec<&str> = c.volumes().filter_map(|(_, v)| v["spec"]["csi"]["volumeHandle"].as_str()).collect();
     assert_eq!(handles, [handle], "one PersistentVolume names the copy");
-    let leftovers: Vec<&String> = c.claims().map(|(p, _)| p).filter(|p| p.contains("loam-move")).collect();
-    assert!(leftovers.is_empty(), "the move's own claims are gone: {leftovers:?}");
     let pod = c.get("/api/v1/namespaces/db/pods/db-1").unwrap();
     assert_eq!(pod["spec"]["nodeName"], "node-b", "the pod runs on the new node");
 }
 
 #[tokio::test]
 async fn a_claim_moves_to_another_node_keeping_its_name_and_the_old_volume_goes_last() {
+    for owner_makes_claims in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let cluster = Arc::new(Mutex::new(cluster_moving_to("node-b")));
+        cluster.lock().unwrap().owner_makes_claims = owner_makes_claims;
+        let (moves, nodes) = moves_for(&cluster, 4 * GI, dir.path()).await;
+        let stages = sweep_until_done(&moves, &cluster, 30).await;
+        assert_eq!(stages.last(), Some(&Stage::Done), "{stages:?}");
+        let c = cluster.lock().unwrap();
+        let state = nodes.state.lock().unwrap();
+        assert_moved(&c, &state.copies);
+        assert_eq!(state.asked, [BTreeMap::from([("backend".to_owned(), "loop".to_owned())])]);
+        let request = state.requests.values().next().unwrap();
+        assert_eq!(request.capacity_range.as_ref().unwrap().required_bytes, GI, "the old volume's size");
+        assert_eq!(request.parameters.get("backend").map(String::as_str), Some("loop"), "the class's parameters");
+        let reasons: Vec<&str> = c.events.iter().map(|(r, _)| r.as_str()).collect();
+        assert_eq!(reasons, ["MoveStarted", "Moved"]);
+        assert!(!stages.iter().any(|s| matches!(s, Stage::Blocked(_))), "{stages:?}");
+    }
+}
+
+#[tokio::test]
+async fn the_volume_is_copied_only_once_no_pod_uses_it() {
     let dir = tempfile::tempdir().unwrap();
     let cluster = Arc::new(Mutex::new(cluster_moving_to("node-b")));
-    let (moves, room) = moves_for(&cluster, 4 * GI, dir.path()).await;
+    cluster.lock().unwrap().owner_makes_claims = true;
+    // The pod does not stop at once: a finalizer of its own holds it.
+    cluster.lock().unwrap().objects.get_mut("/api/v1/namespaces/db/pods/db-1").unwrap()["metadata"]["finalizers"] =
+        json!(["test/slow-to-stop"]);
+    let (moves, nodes) = moves_for(&cluster, 4 * GI, dir.path()).await;
+    for _ in 0..5 {
+        moves.sweep().await;
+        cluster.lock().unwrap().settle();
+    }
+    assert!(nodes.state.lock().unwrap().calls.is_empty(), "no copy while the pod runs");
+    {
+        let c = cluster.lock().unwrap();
+        let claim = &c.objects[&claim_path("db", "data-db-1")];
+        assert_eq!(claim["metadata"]["uid"], "uid-claim", "the claim is held: its owner cannot make another");
+        assert!(!claim["metadata"]["deletionTimestamp"].is_null());
+    }
+    cluster.lock().unwrap().objects.remove("/api/v1/namespaces/db/pods/db-1");
     let stages = sweep_until_done(&moves, &cluster, 30).await;
     assert_eq!(stages.last(), Some(&Stage::Done), "{stages:?}");
-    let c = cluster.lock().unwrap();
-    assert_moved(&c);
-    assert_eq!(*room.1.lock().unwrap(), [BTreeMap::from([("backend".to_owned(), "loop".to_owned())])]);
-    let reasons: Vec<&str> = c.events.iter().map(|(r, _)| r.as_str()).collect();
-    assert_eq!(reasons, ["MoveStarted", "Moved"]);
-    assert!(!stages.iter().any(|s| matches!(s, Stage::Blocked(_))), "{stages:?}");
+    assert_moved(&cluster.lock().unwrap(), &nodes.state.lock().unwrap().copies);
 }
 
 #[tokio::test]
 async fn a_move_converges_whichever_request_fails_or_loses_its_answer() {
     // Count the requests a clean move makes, then fail each one in turn.
-    let dir = tempfile::tempdir().unwrap();
-    let clean = Arc::new(Mutex::new(cluster_moving_to("node-b")));
-    let (moves, _) = moves_for(&clean, 4 * GI, dir.path()).await;
-    sweep_until_done(&moves, &clean, 30).await;
-    let total = clean.lock().unwrap().mutations;
-    assert!(total > 10, "{total}");
-    for n in 1..=total {
-        for failure in [Failure::Refused, Failure::AnswerLost] {
-            let dir = tempfile::tempdir().unwrap();
-            let cluster = Arc::new(Mutex::new(cluster_moving_to("node-b")));
-            cluster.lock().unwrap().fail = Some((n, failure));
-            // A controller that restarts after the failure knows only the cluster.
-            let (first, _) = moves_for(&cluster, 4 * GI, dir.path()).await;
-            first.sweep().await;
-            cluster.lock().unwrap().settle();
-            let (second, _) = moves_for(&cluster, 4 * GI, dir.path()).await;
-            let stages = sweep_until_done(&second, &cluster, 40).await;
-            let c = cluster.lock().unwrap();
-            assert!(
-                stages.last() == Some(&Stage::Done) || c.get(&volume_path("pv-a")).is_none(),
-                "request {n} {failure:?}: {stages:?}"
-            );
-            assert_moved(&c);
+    for owner_makes_claims in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let clean = Arc::new(Mutex::new(cluster_moving_to("node-b")));
+        clean.lock().unwrap().owner_makes_claims = owner_makes_claims;
+        let (moves, _) = moves_for(&clean, 4 * GI, dir.path()).await;
+        sweep_until_done(&moves, &clean, 30).await;
+        let total = clean.lock().unwrap().mutations;
+        assert!(total > 8, "{total}");
+        for n in 1..=total {
+            for failure in [Failure::Refused, Failure::AnswerLost] {
+                let dir = tempfile::tempdir().unwrap();
+                let cluster = Arc::new(Mutex::new(cluster_moving_to("node-b")));
+                cluster.lock().unwrap().owner_makes_claims = owner_makes_claims;
+                cluster.lock().unwrap().fail = Some((n, failure));
+                // A controller that restarts after the failure knows only the cluster.
+                let (first, first_nodes) = moves_for(&cluster, 4 * GI, dir.path()).await;
+                first.sweep().await;
+                cluster.lock().unwrap().settle();
+                let (second, second_nodes) = moves_for(&cluster, 4 * GI, dir.path()).await;
+                let stages = sweep_until_done(&second, &cluster, 40).await;
+                let c = cluster.lock().unwrap();
+                // Done, or done with the answer of its last request lost:
+                // the old volume (and the move's record on it) went at once.
+                let finished = stages.last() == Some(&Stage::Done) || c.get(&volume_path("pv-a")).is_none();
+                assert!(finished, "request {n} {failure:?}: {stages:?}");
+                assert!(c.events.iter().any(|(reason, _)| reason == "Moved"), "request {n} {failure:?}");
+                let mut copies = first_nodes.state.lock().unwrap().copies.clone();
+                copies.extend(second_nodes.state.lock().unwrap().copies.clone());
+                assert_moved(&c, &copies);
+            }
         }
     }
 }
@@ -508,7 +589,7 @@ async fn moves_that_cannot_be_done_are_refused_with_an_event_and_change_nothing(
         let dir = tempfile::tempdir().unwrap();
         let cluster = Arc::new(Mutex::new(cluster_moving_to(to)));
         let before = cluster.lock().unwrap().objects[&volume_path("pv-a")].clone();
-        let (moves, _) = moves_for(&cluster, room, dir.path()).await;
+        let (moves, nodes) = moves_for(&cluster, room, dir.path()).await;
         let stages = moves.sweep().await;
         assert!(stages.is_empty(), "{stages:?}");
         let c = cluster.lock().unwrap();
@@ -516,46 +597,44 @@ async fn moves_that_cannot_be_done_are_refused_with_an_event_and_change_nothing(
         let claim = &c.objects[&claim_path("db", "data-db-1")];
         assert!(claim["metadata"]["labels"][MOVE_TO_LABEL].is_null(), "{to}: the label comes off");
         assert_eq!(claim["spec"]["volumeName"], "pv-a");
+        assert!(claim["metadata"]["deletionTimestamp"].is_null(), "{to}: the claim stays");
         assert_eq!(c.events.len(), 1, "{to}");
         assert_eq!(c.events[0].0, "MoveRefused");
         assert!(c.events[0].1.contains(why), "{to}: {}", c.events[0].1);
-        assert!(c.copies.is_empty() && c.deleted_volumes.is_empty());
+        assert!(nodes.state.lock().unwrap().calls.is_empty() && c.deleted_volumes.is_empty());
     }
 }
 
 #[tokio::test]
-async fn a_claim_its_owner_makes_during_the_move_is_replaced_while_empty_and_stops_the_move_once_bound() {
+async fn a_claim_bound_elsewhere_meanwhile_stops_the_move_and_keeps_the_old_volume() {
     let dir = tempfile::tempdir().unwrap();
     let cluster = Arc::new(Mutex::new(cluster_moving_to("node-b")));
     let (moves, _) = moves_for(&cluster, 4 * GI, dir.path()).await;
-    moves.sweep().await; // started
-    moves.sweep().await; // claim deleted and made again
-    let owners_claim = |volume: Value| {
-        json!({ "metadata": { "name": "data-db-1", "namespace": "db", "uid": "uid-owner",
+    // Until the claim is let go (held, deleted, the pod stopped, copied).
+    let mut stages = BTreeMap::new();
+    for _ in 0..10 {
+        stages = moves.sweep().await;
+        if cluster.lock().unwrap().get(&claim_path("db", "data-db-1")).is_none() {
+            break;
+        }
+    }
+    assert!(cluster.lock().unwrap().get(&claim_path("db", "data-db-1")).is_none(), "{stages:?}");
+    // Someone makes a claim of that name bound to a volume of its own.
+    cluster.lock().unwrap().objects.insert(
+        claim_path("db", "data-db-1"),
+        json!({ "metadata": { "name": "data-db-1", "namespace": "db", "uid": "uid-other",
                               "finalizers": ["kubernetes.io/pvc-protection"] },
-                "spec": { "accessModes": ["ReadWriteOnce"], "storageClassName": "loam", "volumeName": volume },
-                "status": { "phase": if volume.is_null() { "Pending" } else { "Bound" } } })
-    };
-    // The StatefulSet's claim came first, with no volume yet: it goes.
-    cluster.lock().unwrap().objects.insert(claim_path("db", "data-db-1"), owners_claim(Value::Null));
-    let stages = sweep_until_done(&moves, &cluster, 30).await;
-    assert_eq!(stages.last(), Some(&Stage::Done), "{stages:?}");
-    assert_moved(&cluster.lock().unwrap());
-
-    // Once bound to a volume of its own, it is not touched: the move says why.
-    let dir = tempfile::tempdir().unwrap();
-    let cluster = Arc::new(Mutex::new(cluster_moving_to("node-b")));
-    let (moves, _) = moves_for(&cluster, 4 * GI, dir.path()).await;
-    moves.sweep().await;
-    moves.sweep().await;
-    cluster.lock().unwrap().objects.insert(claim_path("db", "data-db-1"), owners_claim(json!("pv-other")));
+                "spec": { "accessModes": ["ReadWriteOnce"], "storageClassName": "loam", "volumeName": "pv-other" },
+                "status": { "phase": "Bound" } }),
+    );
     let stages = moves.sweep().await;
     let Some(Stage::Blocked(why)) = stages.get("pv-a") else { panic!("{stages:?}") };
-    assert!(why.contains("delete claim data-db-1 and its pods"), "{why}");
+    assert!(why.contains("is bound to volume pv-other"), "{why}");
     assert_eq!(moves.sweep().await.get("pv-a"), stages.get("pv-a"), "still blocked");
     let c = cluster.lock().unwrap();
-    assert_eq!(c.objects[&claim_path("db", "data-db-1")]["metadata"]["uid"], "uid-owner");
+    assert_eq!(c.objects[&claim_path("db", "data-db-1")]["metadata"]["uid"], "uid-other", "not touched");
     let blocked = c.events.iter().filter(|(reason, _)| reason == "MoveBlocked").count();
     assert_eq!(blocked, 1, "one event for a reason, not one per sweep");
     assert!(c.deleted_volumes.is_empty(), "the old volume is kept");
+    assert_eq!(c.objects[&volume_path("pv-a")]["spec"]["persistentVolumeReclaimPolicy"], "Retain");
 }
