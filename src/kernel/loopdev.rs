@@ -599,9 +599,13 @@ pub(crate) mod tests {
                 let mut cycles = 0;
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                     let options = AttachOptions { read_only: false, direct_io: false };
-                    let attached: Vec<_> = images.iter().map(|i| attach(i, options).expect("attach")).collect();
+                    // The churn is the scans' weather, not what is tested: on
+                    // a host where others use loop devices too (parallel
+                    // tests, a kind cluster's agents) an attach may lose its
+                    // device to them, and the cycle goes on without it.
+                    let attached: Vec<_> = images.iter().filter_map(|i| attach(i, options).ok()).collect();
                     for device in attached {
-                        detach(&device.device).expect("detach");
+                        let _ = detach(&device.device);
                     }
                     cycles += 1;
                 }
