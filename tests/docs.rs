@@ -107,9 +107,13 @@ fn script(serve: &[DocLine], walk: &[DocLine], inline: &[DocLine]) -> (String, u
 
     let mut s = format!(
         r#"set -euo pipefail
+# Opened before the private /tmp hides it (the checkout may live under /tmp).
+exec 3<"$LOAM_BIN"
 mount -t tmpfs -o mode=1777,size=1g loam-docs-tmp /tmp
 mkdir -p /tmp/loam-docs-cwd/target/release
-ln -s "$LOAM_BIN" /tmp/loam-docs-cwd/target/release/loam
+cat <&3 >/tmp/loam-docs-cwd/target/release/loam
+exec 3<&-
+chmod 755 /tmp/loam-docs-cwd/target/release/loam
 cd /tmp/loam-docs-cwd
 sudo() {{ "$@"; }}
 driver=
