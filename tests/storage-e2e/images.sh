@@ -99,7 +99,8 @@ storage_import() {
     if [ "$(docker image inspect -f '{{index .Config.Labels "loam-kind.stamp"}}' "$ref" 2>/dev/null)" = "$stamp" ]; then
         storage_log "$ref: cached"
     else
-        tar -C "$dir" --numeric-owner -cf - . | docker import "${changes[@]}" - "$ref" >/dev/null
+        tar -C "$dir" --numeric-owner -cf - . | docker import "${changes[@]}" - "$ref" >/dev/null ||
+            { echo "docker import of $ref failed" >&2; return 1; }
         storage_log "$ref: made"
     fi
     echo "$ref"
@@ -152,7 +153,7 @@ storage_images() {
     t=$(storage_tag Nginx)
     stamp=$(sha256sum "$storage_work/nginx.stamp" | cut -c1-16)
     storage_import "$storage_registry/$t" "$stamp" "$storage_work/nginx" \
-        'CMD ["nginx", "-g", "daemon off;"]' 'EXPOSE 80' 'STOPSIGNAL SIGQUIT'
+        'CMD ["nginx", "-g", "daemon off;"]' 'EXPOSE 80'
 
     t=$(storage_tag GlibcDnsTesting)
     stamp=$(sha256sum "$storage_work/glibc.stamp" | cut -c1-16)

@@ -142,7 +142,19 @@ trap stop INT TERM
 step "attach limit: LOAM_MAX_VOLUMES_PER_NODE=${STORAGE_E2E_LIMIT:-16} on the node agents"
 kubectl -n loam set env daemonset/loam-node -c loam "LOAM_MAX_VOLUMES_PER_NODE=${STORAGE_E2E_LIMIT:-16}"
 kubectl -n loam rollout status daemonset/loam-node --timeout=300s
-kubectl get csinode -o custom-columns='NODE:.metadata.name,LOAM:.spec.drivers[?(@.name=="loam.csi.dev")].allocatable.count'
+# The kubelet reads the limit when the new registrar registers the plugin,
+# which can follow the rollout by some seconds.
+for ((i = 0; ; i++)); do
+    limits=$(kubectl get csinode -o json | python3 -c '
+import json, sys
+for n in json.load(sys.stdin)["items"]:
+    d = [d for d in n["spec"].get("drivers") or [] if d["name"] == "loam.csi.dev"]
+    print(n["metadata"]["name"], (d[0].get("allocatable") or {}).get("count", "none") if d else "unregistered")')
+    ! grep -qv " ${STORAGE_E2E_LIMIT:-16}\$" <<<"$limits" && break
+    [ "$i" -lt 60 ] || { echo "CSINode limits after 120 s:" >&2; echo "$limits" >&2; exit 1; }
+    sleep 2
+done
+echo "$limits"
 
 rc=0
 for c in "${classes[@]}"; do
