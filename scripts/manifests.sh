@@ -2,11 +2,12 @@
 # Renders deploy/ with kustomize and the Helm chart (charts/loam) with helm,
 # and validates every object offline and strictly: deploy/, deploy/snapshot/,
 # deploy/groupsnapshot/, the kubelet directory examples (deploy/examples/k0s/,
-# deploy/examples/microk8s/), deploy/examples/, the e2e overlay
-# (tests/e2e/overlay), and the chart (after `helm lint`) with its default
-# values, with every value changed (charts/loam/ci/all-values.yaml) and with
-# metrics off. Then checks that the chart renders the same objects as deploy/
-# (so the two trees cannot drift), that it keeps the agent token across
+# deploy/examples/microk8s/), deploy/examples/, the storage suite's classes
+# (tests/storage-e2e/manifests/), the e2e overlay (tests/e2e/overlay), and
+# the chart (after `helm lint`) with its default values, with every value
+# changed (charts/loam/ci/all-values.yaml) and with metrics off. Then checks
+# that the chart renders the same objects as deploy/ (so the two trees cannot
+# drift), that it keeps the agent token across
 # upgrades, that no render for another kubelet directory names
 # /var/lib/kubelet, that the group snapshot gate is on where group snapshots
 # are only, and that the validation is strict: copies with a misspelled
@@ -44,7 +45,7 @@ chart --set metrics.enabled=false >"$work/chart-no-metrics.yaml"
 "$python" "$here/scripts/validate-manifests.py" "$version" \
     "$work/deploy.yaml" "$work/snapshot.yaml" "$work/groupsnapshot.yaml" "$work/e2e-overlay.yaml" \
     "$work/k0s.yaml" "$work/microk8s.yaml" "$work/chart-default.yaml" "$work/chart-all.yaml" "$work/chart-no-metrics.yaml" \
-    "$here"/deploy/examples/*.yaml
+    "$here"/deploy/examples/*.yaml "$here"/tests/storage-e2e/manifests/*.yaml
 
 # One source of truth: the chart with the values matching each kustomize
 # tree renders its objects (both log JSON by default).

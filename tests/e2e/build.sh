@@ -7,6 +7,9 @@
 #                         runc coredns csi-provisioner csi-attacher csi-resizer csi-snapshotter
 #                         snapshot-controller pause, and the stand-ins of
 #                         tests/e2e/standins (see there)
+#                         e2e.test, ginkgo and agnhost (target e2etest, not
+#                         built by default: Kubernetes' own storage suite,
+#                         tests/storage-e2e)
 # Each one is built through a small wrapper module under src/<name>: it requires
 # the upstream module at its release and turns every replace directive of that
 # module's go.mod into one the wrapper can use (a replace by a local directory
@@ -80,17 +83,22 @@ PY
 
 # gobuild NAME "RECIPE" PACKAGE...   (go build flags in the array gflags)
 # Builds into bin/ unless bin/NAME.recipe already says RECIPE. With gout set,
-# the single package's binary gets that name.
+# the single package's binary gets that name. With gsrc set, the wrapper is
+# src/$gsrc instead of src/NAME; with gtest set, the single package's test
+# binary is built (go test -c), as Kubernetes builds e2e.test.
 gobuild() {
     local name=$1 recipe=$2
     shift 2
-    local dir="$cache/src/$name"
+    local dir="$cache/src/${gsrc:-$name}"
     if [ "$(cat "$cache/bin/$name.recipe" 2>/dev/null)" = "$recipe" ]; then
         log "$name: cached"
         return 0
     fi
-    # Resolve and download first (network and disk only).
-    (cd "$dir" && go list -deps "${gflags[@]}" "$@" >/dev/null 2>"$cache/log/$name.list") ||
+    # Resolve and download first (network and disk only). A test binary also
+    # needs the test files' imports.
+    local list=(list -deps) build=(build)
+    [ -z "${gtest:-}" ] || { list+=(-test); build=(test -c -vet=off); }
+    (cd "$dir" && go "${list[@]}" "${gflags[@]}" "$@" >/dev/null 2>"$cache/log/$name.list") ||
         { cat "$cache/log/$name.list" >&2; return 1; }
     if [ "${LOAM_E2E_DOWNLOAD_ONLY:-}" = 1 ]; then
         log "$name: downloaded"
@@ -101,7 +109,7 @@ gobuild() {
     rm -rf "$out"
     mkdir -p "$out"
     [ -z "${gout:-}" ] || out+="$gout"
-    (cd "$dir" && "${nice[@]}" go build -trimpath "${gflags[@]}" -o "$out" "$@" \
+    (cd "$dir" && "${nice[@]}" go "${build[@]}" -trimpath "${gflags[@]}" -o "$out" "$@" \
         >"$cache/log/$name.build" 2>&1) || { tail -40 "$cache/log/$name.build" >&2; return 1; }
     mv -f "$cache/bin/$name.tmp/"* "$cache/bin/"
     rmdir "$cache/bin/$name.tmp"
@@ -123,6 +131,45 @@ build_kubernetes() {
         k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
         k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubelet k8s.io/kubernetes/cmd/kubectl \
         k8s.io/kubernetes/cmd/kubeadm k8s.io/kubernetes/cmd/kube-proxy
+}
+
+# Kubernetes' end-to-end suite, for tests/storage-e2e: e2e.test (the test
+# binary of k8s.io/kubernetes/test/e2e, as hack/lib/golang.sh makes it with
+# `go test -c`) and the ginkgo CLI at the version k8s.io/kubernetes's go.mod
+# pins (upstream builds it from its vendor directory, so from the same module
+# graph, which is what building it in this wrapper gives). Same release and
+# the same flags as the kubernetes target (CGO_ENABLED=0, -trimpath, no tags):
+# the packages both link are then compiled once, shared through GOCACHE. The
+# wrapper has its own directory, so that a kubernetes build running at the
+# same time keeps its go.mod and go.sum.
+build_e2etest() {
+    local v=$K8S_VERSION staging minor ld="-s -w" pkg ginkgo
+    staging="v0.${v#v1.}"
+    wrapper e2etest k8s.io/kubernetes "$v" "$staging"
+    minor=${v#v1.}
+    minor=${minor%%.*}
+    for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+        ld+=" -X $pkg.gitVersion=$v -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
+        ld+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
+    done
+    gflags=(-ldflags "$ld"); gout=e2e.test; gsrc=e2etest; gtest=1; CGO_ENABLED=0 \
+        gobuild e2e.test "e2e.test $v $ld" k8s.io/kubernetes/test/e2e
+    gtest=''
+    # The version the module graph selects is the one k8s.io/kubernetes's
+    # go.mod requires (it lists its whole build list).
+    ginkgo=$(cd "$cache/src/e2etest" && go list -m -f '{{.Version}}' github.com/onsi/ginkgo/v2)
+    log "ginkgo: github.com/onsi/ginkgo/v2 $ginkgo (k8s.io/kubernetes $v's go.mod)"
+    gflags=(-ldflags "-s -w"); gout=ginkgo; CGO_ENABLED=0 \
+        gobuild ginkgo "ginkgo $ginkgo of k8s $v" github.com/onsi/ginkgo/v2/ginkgo
+    # agnhost, the suite's all-purpose test image program, from the same
+    # module (test/images/agnhost), as its Makefile builds it (image-util.sh:
+    # CGO_ENABLED=0, main.Version from its VERSION file, which is the tag
+    # test/utils/image/manifest.go names).
+    local agn
+    agn=$(cat "$(modfield "k8s.io/kubernetes@$v" Dir)/test/images/agnhost/VERSION")
+    gflags=(-ldflags "-s -w -X main.Version=$agn"); gout=agnhost; CGO_ENABLED=0 \
+        gobuild agnhost "agnhost $agn of k8s $v" k8s.io/kubernetes/test/images/agnhost
+    gsrc=''
 }
 
 build_etcd() {

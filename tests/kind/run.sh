@@ -19,7 +19,10 @@
 # or Ctrl-C: the cluster (its containers and network), the loop devices and
 # mounts of the roots (only the ones this run made), dockerd if it started it.
 # KIND_HOLD=1 keeps the cluster up after the story, green or not (Ctrl-C
-# removes it).
+# removes it). KIND_STORY=0 leaves the story out (a cluster for other tests,
+# tests/storage-e2e: the story's step 12c removes a worker);
+# LOAM_KIND_ROOT_SIZES="CONTROL_PLANE WORKER WORKER2" sets the roots' sizes
+# (default "2G 3G 1500M", which the story's capacity steps expect).
 # Env: LOAM_E2E_CACHE (the build cache), LOAM_KIND_UPSTREAM_IMAGES (a directory
 # of `docker save` archives of upstream sidecar images to use instead of the
 # stand-ins), LOAM_KIND_PLAIN_RUNC=1 (see docker.sh), LOAM_KIND_RUN (the run's
@@ -163,9 +166,10 @@ root() {
     made_mounts+=("$dir")
 }
 # The story runs on loam-worker: its root takes all the story's volumes.
-root control-plane 2G
-root worker 3G
-root worker2 1500M
+read -r size_cp size_w size_w2 <<<"${LOAM_KIND_ROOT_SIZES:-2G 3G 1500M}"
+root control-plane "$size_cp"
+root worker "$size_w"
+root worker2 "$size_w2"
 cat >"$run/cluster.yaml" <<EOF
 # Loam's kind cluster (tests/kind/run.sh): three nodes of our node image, each
 # with a Loam root of its own size at /var/lib/loam.
@@ -209,7 +213,12 @@ s=$SECONDS
 step "story"
 kubectl get nodes -o wide
 story_rc=0
-E2E_DB_IMAGE=$mariadb E2E_NODE=$cluster-worker E2E_NODE_EXEC="docker exec" E2E_NODE_STOP="docker stop" in_child bash "$repo/tests/e2e/story.sh" || story_rc=$?
+if [ "${KIND_STORY:-1}" = 0 ]; then
+    echo "KIND_STORY=0: no story"
+else
+    E2E_DB_IMAGE=$mariadb E2E_NODE=$cluster-worker E2E_NODE_EXEC="docker exec" E2E_NODE_STOP="docker stop" \
+        in_child bash "$repo/tests/e2e/story.sh" || story_rc=$?
+fi
 took[story]=$((SECONDS - s))
 # Held also after a failed story: the cluster is where to look.
 if [ "${KIND_HOLD:-}" = 1 ]; then
