@@ -205,9 +205,6 @@ pub struct Capability {
     /// Mount flags asked for.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub mount_flags: Vec<String>,
-    /// Group that must own the volume root (numeric gid), when asked.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mount_group: Option<u32>,
 }
 
 /// Where a volume's initial content came from.

@@ -616,6 +616,8 @@ fn capability_rows(f: &Fixture) -> Vec<Row> {
             Some(mount_with(MountVolume { volume_mount_group: "wheel".into(), ..Default::default() })),
         ),
         ("mount group -1", Some(mount_with(MountVolume { volume_mount_group: "-1".into(), ..Default::default() }))),
+        // Numeric too: Loam does not offer VOLUME_MOUNT_GROUP (the kubelet applies fsGroup).
+        ("mount group 1000", Some(mount_with(MountVolume { volume_mount_group: "1000".into(), ..Default::default() }))),
         ("mount group 100 KB", Some(mount_with(MountVolume { volume_mount_group: big.clone(), ..Default::default() }))),
         ("mount flag x-weird", Some(flags(&["x-weird"]))),
         ("mount flag with a value", Some(flags(&["uid=0"]))),

@@ -101,14 +101,12 @@ fn capability() -> impl Strategy<Value = Capability> {
         any::<bool>(),
         "[a-z0-9]{0,8}",
         prop::collection::vec(prop::sample::select(FLAG_WORDS.to_vec()).prop_map(String::from), 0..4),
-        any::<Option<u32>>(),
     )
-        .prop_map(|(access_mode, block, fs_type, mount_flags, mount_group)| Capability {
+        .prop_map(|(access_mode, block, fs_type, mount_flags)| Capability {
             access_mode,
             block,
             fs_type,
             mount_flags,
-            mount_group,
         })
 }
 

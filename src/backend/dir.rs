@@ -18,7 +18,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::backend::{Condition, Fill, VolumeStats, apply_mount_group, in_the_making};
+use crate::backend::{Condition, Fill, VolumeStats, in_the_making};
 use crate::config::QuotaMode;
 use crate::durable;
 use crate::error::{Error, IoContext, Result};
@@ -30,7 +30,7 @@ use crate::kernel::mountinfo::MountEntry;
 use crate::kernel::nofollow::{self, Want};
 use crate::kernel::quota::{Enforcer, ProjectIds, QuotaUsage};
 use crate::kernel::usage::{TreeUsage, fs_usage, tree_usage};
-use crate::records::{Capability, Enforcement};
+use crate::records::Enforcement;
 
 /// Mode of a new, empty volume root: writable by any pod user, as hostPath
 /// and local volumes are; the CO narrows it with fsGroup when it wants to.
@@ -363,16 +363,12 @@ impl DirBackend {
     }
 
     /// Binds the volume's directory onto its staging path (an inline volume
-    /// is staged on its own data directory, with nothing to bind), giving the
-    /// directory to the capability's mount group first.
-    pub fn stage(&self, key: &Key, path: &Path, capability: &Capability) -> Result<()> {
+    /// is staged on its own data directory, with nothing to bind).
+    pub fn stage(&self, key: &Key, path: &Path) -> Result<()> {
         if !self.volume_exists(key) {
             return Err(Error::FailedPrecondition(self.missing(key)));
         }
         let data = self.volume_path(key);
-        if let Some(gid) = capability.mount_group {
-            apply_mount_group(&data, gid)?;
-        }
         if path == data {
             return Ok(());
         }

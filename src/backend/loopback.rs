@@ -13,7 +13,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::backend::{Condition, Fill, VolumeStats, apply_mount_group, in_the_making};
+use crate::backend::{Condition, Fill, VolumeStats, in_the_making};
 use crate::durable;
 use crate::error::{Error, IoContext, Result};
 use crate::ids::Key;
@@ -209,9 +209,8 @@ impl LoopBackend {
 
     /// Attaches the image (reusing an existing attachment) and, for a
     /// filesystem volume, formats it if it is empty, mounts it at `path`,
-    /// grows the filesystem to the image's size and gives its root to the
-    /// capability's mount group. A failure after a fresh attach detaches
-    /// again, so a failed stage leaves nothing behind.
+    /// grows the filesystem to the image's size. A failure after a fresh
+    /// attach detaches again, so a failed stage leaves nothing behind.
     ///
     /// `formats` says how far formatting got and records progress.
     pub fn stage(
@@ -246,11 +245,7 @@ impl LoopBackend {
         if staged.is_err() && fresh {
             let _ = self.kernel.detach(&device.device);
         }
-        staged?;
-        match (capability.mount_group, capability.block) {
-            (Some(gid), false) => apply_mount_group(path, gid),
-            _ => Ok(()),
-        }
+        staged
     }
 
     fn mount_filesystem(

@@ -13,7 +13,6 @@ mod spec;
 pub mod transfer;
 
 use std::fs;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -478,7 +477,7 @@ impl Backends {
         formats: &FormatLog<'_>,
     ) -> Result<()> {
         match layout {
-            Layout::Dir => self.dir.stage(key, path, capability),
+            Layout::Dir => self.dir.stage(key, path),
             Layout::Loop(spec) => self.loopback.stage(key, spec, path, capability, formats),
         }
     }
@@ -594,16 +593,4 @@ fn filesystem_stage(record: &VolumeRecord) -> Option<&Stage> {
         (Layout::Loop(_), Some(stage)) if !stage.capability.block => Some(stage),
         _ => None,
     }
-}
-
-/// Gives the volume root to `gid` with the setgid bit, so files created in it
-/// belong to the pod's group.
-fn apply_mount_group(data: &Path, gid: u32) -> Result<()> {
-    let meta = fs::symlink_metadata(data).context(|| format!("inspecting {}", data.display()))?;
-    if meta.gid() != gid {
-        std::os::unix::fs::lchown(data, None, Some(gid)).context(|| format!("changing group of {}", data.display()))?;
-    }
-    let mode = meta.mode() & 0o7777 | 0o2070;
-    fs::set_permissions(data, fs::Permissions::from_mode(mode))
-        .context(|| format!("setting mode of {}", data.display()))
 }

@@ -387,7 +387,6 @@ mod tests {
             block,
             fs_type: String::new(),
             mount_flags: Vec::new(),
-            mount_group: None,
         };
         let layout = match backend {
             Backend::Dir => Layout::Dir,

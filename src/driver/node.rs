@@ -356,7 +356,6 @@ mod tests {
             block: false,
             fs_type: String::new(),
             mount_flags: Vec::new(),
-            mount_group: None,
         }
     }
 

@@ -65,7 +65,6 @@ mod tests {
             block: false,
             fs_type: String::new(),
             mount_flags: Vec::new(),
-            mount_group: None,
         };
         let text = r#"{"id":"v@n","name":"v","capacity_bytes":1,"backend":"dir"}"#;
         let mut record: VolumeRecord = serde_json::from_str(text).expect("record");

@@ -60,14 +60,17 @@ impl NodeService {
     }
 }
 
-/// The capabilities the Node service advertises.
+/// The capabilities the Node service advertises. Not `VOLUME_MOUNT_GROUP`:
+/// with it the kubelet hands the pod's fsGroup to the driver instead of
+/// applying it, and ignores fsGroupChangePolicy (`Always` must regroup every
+/// file, `OnRootMismatch` only when the root differs), which a driver is never
+/// told; the kubelet does both itself under the CSIDriver's `fsGroupPolicy: File`.
 const CAPABILITIES: &[Cap] = &[
     Cap::StageUnstageVolume,
     Cap::GetVolumeStats,
     Cap::ExpandVolume,
     Cap::VolumeCondition,
     Cap::SingleNodeMultiWriter,
-    Cap::VolumeMountGroup,
 ];
 
 #[tonic::async_trait]
@@ -256,5 +259,15 @@ impl Node for NodeService {
             max_volumes_per_node: i64::from(config.max_volumes_per_node),
             accessible_topology: Some(csi::Topology { segments: topology(&config.node_id) }),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fs_group_is_left_to_the_kubelet() {
+        assert!(!CAPABILITIES.contains(&Cap::VolumeMountGroup), "the kubelet must apply fsGroup and its change policy");
     }
 }

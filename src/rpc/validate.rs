@@ -99,13 +99,9 @@ pub fn capability(cap: Option<&csi::VolumeCapability>) -> Result<Capability> {
         }
     };
     match &cap.access_type {
-        Some(AccessType::Block(_)) => Ok(Capability {
-            access_mode,
-            block: true,
-            fs_type: String::new(),
-            mount_flags: Vec::new(),
-            mount_group: None,
-        }),
+        Some(AccessType::Block(_)) => {
+            Ok(Capability { access_mode, block: true, fs_type: String::new(), mount_flags: Vec::new() })
+        }
         Some(AccessType::Mount(mount)) => {
             crate::driver::check_mount_flags(&mount.mount_flags)?;
             let fs_ok = mount.fs_type.len() <= 32
@@ -116,18 +112,22 @@ pub fn capability(cap: Option<&csi::VolumeCapability>) -> Result<Capability> {
                     quote(&mount.fs_type)
                 )));
             }
-            let mount_group = match mount.volume_mount_group.as_str() {
-                "" => None,
-                gid => Some(gid.parse::<u32>().map_err(|_| {
-                    Error::InvalidArgument(format!("volume mount group {} must be a numeric group id", quote(gid)))
-                })?),
-            };
+            // Loam does not offer VOLUME_MOUNT_GROUP: with it the kubelet
+            // hands fsGroup to the driver and skips its own ownership change,
+            // and a driver never learns the pod's fsGroupChangePolicy. The
+            // kubelet applies fsGroup itself (CSIDriver fsGroupPolicy: File).
+            if !mount.volume_mount_group.is_empty() {
+                return Err(Error::InvalidArgument(format!(
+                    "volume mount group {} given, but Loam does not offer VOLUME_MOUNT_GROUP: the CO applies fsGroup \
+                     itself (CSIDriver fsGroupPolicy: File)",
+                    quote(&mount.volume_mount_group)
+                )));
+            }
             Ok(Capability {
                 access_mode,
                 block: false,
                 fs_type: mount.fs_type.clone(),
                 mount_flags: mount.mount_flags.clone(),
-                mount_group,
             })
         }
         None => Err(Error::InvalidArgument("volume capability needs an access type (mount or block)".into())),
@@ -408,11 +408,13 @@ mod tests {
     fn mount_options_are_checked() {
         let bad_flag = MountVolume { mount_flags: vec!["x-weird".into()], ..Default::default() };
         assert!(capability(Some(&cap(Mode::SingleNodeWriter, Some(bad_flag)))).is_err());
-        let bad_group = MountVolume { volume_mount_group: "wheel".into(), ..Default::default() };
-        assert!(capability(Some(&cap(Mode::SingleNodeWriter, Some(bad_group)))).is_err());
-        let group = MountVolume { volume_mount_group: "1000".into(), ..Default::default() };
-        let c = capability(Some(&cap(Mode::SingleNodeWriter, Some(group)))).unwrap();
-        assert_eq!(c.mount_group, Some(1000));
+        // No VOLUME_MOUNT_GROUP: a group is refused, numeric or not, so a
+        // CO that sends one anyway learns that nobody applied it.
+        for gid in ["wheel", "1000"] {
+            let group = MountVolume { volume_mount_group: gid.into(), ..Default::default() };
+            let err = capability(Some(&cap(Mode::SingleNodeWriter, Some(group)))).unwrap_err();
+            assert!(matches!(&err, Error::InvalidArgument(m) if m.contains("fsGroupPolicy")), "{err:?}");
+        }
     }
 
     #[test]
@@ -481,7 +483,6 @@ mod tests {
             block: false,
             fs_type: fs.into(),
             mount_flags: vec![],
-            mount_group: None,
         };
         let kubelet = [
             (INLINE_CONTEXT_KEY, "true"),

@@ -3,7 +3,7 @@
 //! where its stats come from, without root.
 
 use std::fs;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -38,13 +38,12 @@ fn volume(name: &str) -> Key {
     Key::for_name(Kind::Volume, name)
 }
 
-fn capability(mount_group: Option<u32>) -> Capability {
+fn capability() -> Capability {
     Capability {
         access_mode: AccessMode::SingleNodeWriter,
         block: false,
         fs_type: String::new(),
         mount_flags: Vec::new(),
-        mount_group,
     }
 }
 
@@ -202,34 +201,21 @@ fn stage_binds_the_data_directory_once() {
     let key = volume("v");
     s.dir.create_volume(&key, Fill::Empty, MIB).unwrap();
     let path = staging(&s);
-    s.dir.stage(&key, &path, &capability(None)).unwrap();
+    s.dir.stage(&key, &path).unwrap();
     let mounts = s.fake.mounts().unwrap();
     let entry = mountinfo::find_mount_point(&mounts, &path).expect("staged");
     assert!(s.dir.shows_volume(entry, &key));
-    s.dir.stage(&key, &path, &capability(None)).unwrap();
+    s.dir.stage(&key, &path).unwrap();
     assert_eq!(s.fake.count("bind "), 1, "a second stage binds nothing: {:?}", s.fake.calls());
 }
 
 #[test]
 fn stage_of_a_missing_data_directory_is_a_failed_precondition() {
     let s = setup(FakeQuota::Btrfs);
-    let err = s.dir.stage(&volume("gone"), &staging(&s), &capability(None)).unwrap_err();
+    let err = s.dir.stage(&volume("gone"), &staging(&s)).unwrap_err();
     assert!(matches!(&err, Error::FailedPrecondition(m) if m.contains("missing")), "{err:?}");
     assert!(!staging(&s).exists(), "nothing made at the staging path");
     assert_eq!(s.fake.count("bind "), 0);
-}
-
-#[test]
-fn stage_gives_the_data_directory_to_the_mount_group() {
-    let s = setup(FakeQuota::None("off".into()));
-    let key = volume("v");
-    s.dir.create_volume(&key, Fill::Empty, MIB).unwrap();
-    // Our own group, which an unprivileged test may give a file too.
-    let gid = nix::unistd::getegid().as_raw();
-    s.dir.stage(&key, &staging(&s), &capability(Some(gid))).unwrap();
-    let meta = fs::metadata(s.dir.volume_path(&key)).unwrap();
-    assert_eq!(meta.gid(), gid);
-    assert_eq!(meta.mode() & 0o2070, 0o2070, "setgid and group rwx: {:o}", meta.mode());
 }
 
 #[test]
@@ -246,7 +232,7 @@ fn unstage_undoes_its_bind_and_leaves_a_strangers_mount() {
     fs::create_dir(&theirs).unwrap();
     fake.bind(&stranger, &theirs, MountFlags::default()).unwrap();
     let formats = crate::backend::loopback::FormatLog { state: None, record: &|_| Ok(()) };
-    backends.stage(&key, &layout, &ours, &capability(None), &formats).unwrap();
+    backends.stage(&key, &layout, &ours, &capability(), &formats).unwrap();
 
     // Without a record saying the path is ours, only a mount showing the volume goes.
     backends.unstage(&key, Some(&layout), &theirs, false).unwrap();

@@ -98,7 +98,6 @@ fn mount_capability() -> Capability {
         block: false,
         fs_type: String::new(),
         mount_flags: Vec::new(),
-        mount_group: None,
     }
 }
 
