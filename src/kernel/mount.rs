@@ -296,6 +296,18 @@ pub(crate) fn check_kinds(source: &Path, source_kind: Kind, target: &Path, targe
     Ok(())
 }
 
+/// Unmounts everything still stacked on its path when dropped, so a
+/// privileged test leaves no mount behind even after a failed assertion.
+#[cfg(test)]
+pub(crate) struct Unmount<'a>(pub(crate) &'a Path);
+
+#[cfg(test)]
+impl Drop for Unmount<'_> {
+    fn drop(&mut self) {
+        while matches!(unmount(self.0), Ok(true)) {}
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -333,15 +345,6 @@ mod tests {
     mod privileged {
         use super::*;
         use std::io::Write;
-
-        /// Unmounts everything still stacked on `target` when dropped, even after a failed assertion.
-        struct Unmount<'a>(&'a Path);
-
-        impl Drop for Unmount<'_> {
-            fn drop(&mut self) {
-                while matches!(unmount(self.0), Ok(true)) {}
-            }
-        }
 
         #[ignore = "needs root: real mounts in a private mount namespace; scripts/test.sh runs it"]
         #[test]

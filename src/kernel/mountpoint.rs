@@ -117,16 +117,7 @@ mod tests {
     /// Real mounts need root and a private mount namespace.
     mod privileged {
         use super::*;
-        use crate::kernel::mount::{MountFlags, bind, unmount};
-
-        /// Unmounts everything still stacked on its path when dropped, even after a failed assertion.
-        struct Unmount<'a>(&'a Path);
-
-        impl Drop for Unmount<'_> {
-            fn drop(&mut self) {
-                while matches!(unmount(self.0), Ok(true)) {}
-            }
-        }
+        use crate::kernel::mount::{MountFlags, Unmount, bind, unmount};
 
         #[ignore = "needs root: real mounts in a private mount namespace; scripts/test.sh runs it"]
         #[test]

@@ -980,7 +980,8 @@ EOF
         expect "the label is gone from the claim" "$(pvc_field data-db-1 '{.metadata.labels.loam\.csi\.dev/move-to}')" ""
         until_ok "$T" "the old volume $pv_before deleted (reclaim Delete)" none_left kubectl get pv "$pv_before"
         ok "the old volume $pv_before is deleted, after the new one is bound"
-        expect "no claim of the move is left" "$(k get pvc -o name | grep -c loam-move || true)" 0
+        expect "the claim no longer carries the move's finalizer" \
+            "$(pvc_field data-db-1 '{.metadata.finalizers}' | grep -c 'loam.csi.dev/move' || true)" 0
         db_pvs=$(for i in 0 1 2; do pvc_field "data-db-$i" '{.spec.volumeName} '; done)
         k delete sts db --wait=true --timeout="${T}s" >/dev/null
         k delete pvc data-db-0 data-db-1 data-db-2 --wait=true --timeout="${T}s" >/dev/null
