@@ -10,6 +10,12 @@ group in scripts/schemas/ (snapshot.storage.k8s.io-v1.json,
 groupsnapshot.storage.k8s.io-v1.json), transcribed from the external-snapshotter
 CRDs; so is the Helm chart's PodMonitor (monitoring.coreos.com-v1.json, the
 fields the chart renders). Any other kind fails: nothing is skipped silently.
+
+Loam's StorageClasses are also held to what csi-provisioner accepts: it reads
+any parameter named `fstype` in any case (Loam's older `fsType` too) as its
+deprecated filesystem key and refuses to provision from a class that also has
+`csi.storage.k8s.io/fstype`, which is what Kubernetes' storage suite adds; so
+the filesystem is named with the standard key only.
 """
 
 import json
@@ -29,6 +35,16 @@ CRD_GROUPS = {
 }
 
 
+def provisioner_accepts(doc: dict) -> None:
+    """Raises when csi-provisioner would read a Loam class's parameter as its deprecated `fstype` key."""
+    if doc.get("kind") != "StorageClass" or doc.get("provisioner") != "loam.csi.dev":
+        return
+    legacy = [k for k in (doc.get("parameters") or {}) if k.lower() == "fstype"]
+    if legacy:
+        raise ValueError(f"parameter {legacy[0]!r}: name the filesystem with csi.storage.k8s.io/fstype "
+                         "(csi-provisioner reads this key as its deprecated one and refuses a class with both)")
+
+
 def main() -> int:
     version, files = sys.argv[1], sys.argv[2:]
     crds = {group: json.loads((SCHEMAS / name).read_text()) for group, name in CRD_GROUPS.items()}
@@ -46,6 +62,7 @@ def main() -> int:
                     jsonschema.validate(doc, {**crds[group], "$ref": f"#/$defs/{doc['kind']}"})
                 else:
                     kubernetes_validate.validate(doc, version, strict=True)
+                provisioner_accepts(doc)
                 checked += 1
             except Exception as e:  # every failure is reported, then counted
                 failures += 1

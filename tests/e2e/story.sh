@@ -496,7 +496,7 @@ provisioner: loam.csi.dev
 reclaimPolicy: Delete
 volumeBindingMode: WaitForFirstConsumer
 allowVolumeExpansion: true
-parameters: {backend: loop, fsType: xfs, provisioning: thin}
+parameters: {backend: loop, csi.storage.k8s.io/fstype: xfs, provisioning: thin}
 EOF
 pvc grow-xfs loam-loop-xfs 320Mi
 pod grower 'head -c 1048576 /dev/urandom >/data/data' grow-xfs:/data
