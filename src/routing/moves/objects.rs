@@ -83,14 +83,15 @@ pub(super) fn kube_quantity(quantity: &Value) -> Option<i64> {
     crate::quantity::parse(text).ok().and_then(|n| i64::try_from(n).ok())
 }
 
-/// The claim made again: the template, bound in advance to the new volume.
-pub(super) fn claim_object(plan: &Plan) -> Value {
+/// The claim made again: the template, bound in advance to `volume` (the
+/// copy's, or the old one's when the move was cancelled).
+pub(super) fn claim_object(plan: &Plan, volume: &str) -> Value {
     let mut claim = plan.template.clone();
     claim["apiVersion"] = json!("v1");
     claim["kind"] = json!("PersistentVolumeClaim");
     claim["metadata"]["name"] = json!(plan.claim);
     claim["metadata"]["namespace"] = json!(plan.namespace);
-    claim["spec"]["volumeName"] = json!(plan.volume);
+    claim["spec"]["volumeName"] = json!(volume);
     claim
 }
 

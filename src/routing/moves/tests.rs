@@ -37,8 +37,10 @@ struct Cluster {
     owner_makes_claims: bool,
     /// Events' reasons and messages, in order.
     events: Vec<(String, String)>,
-    /// Mutating requests so far, and which one fails how.
+    /// Mutating requests so far ("METHOD path", in order), and which one
+    /// fails how.
     mutations: usize,
+    log: Vec<String>,
     fail: Option<(usize, Failure)>,
 }
 
@@ -86,6 +88,7 @@ impl Cluster {
         // are not among the requests failed on purpose.
         if method != "GET" && !path.ends_with("/events") {
             self.mutations += 1;
+            self.log.push(format!("{method} {path}"));
             if let Some((n, failure)) = self.fail
                 && n == self.mutations
             {
@@ -224,20 +227,37 @@ impl Cluster {
     }
 
     /// The volume binder: pre-bound pairs bind; volumes of claims gone are
-    /// released.
+    /// released. A volume bound in advance to a claim's name (no uid) while
+    /// a claim of that name is bound to it makes that claim `Lost` and the
+    /// volume `Available` for the next claim of the name, as Kubernetes'
+    /// binder does (`syncBoundClaim`, `syncVolume`).
     fn bind(&mut self) {
         let claims: Vec<(String, Value)> = self.claims().map(|(p, c)| (p.clone(), c.clone())).collect();
         let volumes: Vec<(String, Value)> = self.volumes().map(|(p, v)| (p.clone(), v.clone())).collect();
         for (vpath, pv) in volumes {
             let r = &pv["spec"]["claimRef"];
+            if r.is_null() {
+                continue;
+            }
             let claim = claims.iter().find(|(_, c)| {
                 c["metadata"]["name"] == r["name"]
                     && c["metadata"]["namespace"] == r["namespace"]
                     && (r["uid"].is_null() || c["metadata"]["uid"] == r["uid"])
             });
             match claim {
-                // Pre-bound by name: the binder gives the volume to the claim.
-                Some((cpath, c)) if c["spec"]["volumeName"].is_null() && pv["status"]["phase"] != "Bound" => {
+                Some((cpath, c)) if r["uid"].is_null() && c["status"]["phase"] == "Bound" => {
+                    if c["spec"]["volumeName"] == pv["metadata"]["name"] {
+                        self.objects.get_mut(cpath).unwrap()["status"] = json!({ "phase": "Lost" });
+                    }
+                    self.objects.get_mut(&vpath).unwrap()["status"] = json!({ "phase": "Available" });
+                }
+                // Pre-bound (by name, or a claim naming the volume): it binds.
+                // A claim once bound is never bound again (`Lost` is final).
+                Some((cpath, c))
+                    if pv["status"]["phase"] != "Bound"
+                        && c["status"]["phase"] == "Pending"
+                        && (c["spec"]["volumeName"].is_null() || c["spec"]["volumeName"] == pv["metadata"]["name"]) =>
+                {
                     let uid = c["metadata"]["uid"].clone();
                     let v = self.objects.get_mut(&vpath).unwrap();
                     v["spec"]["claimRef"]["uid"] = uid;
@@ -246,14 +266,10 @@ impl Cluster {
                     claim["spec"]["volumeName"] = pv["metadata"]["name"].clone();
                     claim["status"] = json!({ "phase": "Bound" });
                 }
-                Some((cpath, c)) if c["spec"]["volumeName"] == pv["metadata"]["name"] => {
-                    let uid = c["metadata"]["uid"].clone();
-                    let v = self.objects.get_mut(&vpath).unwrap();
-                    v["spec"]["claimRef"]["uid"] = uid;
-                    v["status"] = json!({ "phase": "Bound" });
-                    self.objects.get_mut(cpath).unwrap()["status"] = json!({ "phase": "Bound" });
+                None if r["uid"].is_null() && pv["status"]["phase"] != "Available" => {
+                    self.objects.get_mut(&vpath).unwrap()["status"] = json!({ "phase": "Available" });
                 }
-                None if !r.is_null() && pv["status"]["phase"] == "Bound" => {
+                None if pv["status"]["phase"] == "Bound" => {
                     self.objects.get_mut(&vpath).unwrap()["status"] = json!({ "phase": "Released" });
                 }
                 _ => {}
@@ -396,6 +412,17 @@ struct NodesState {
     copies: Vec<(String, String)>,
     /// The requests, the last by name.
     requests: BTreeMap<String, csi::CreateVolumeRequest>,
+    /// Ids of the volumes copies made, whole or partial, not deleted.
+    stored: std::collections::BTreeSet<String>,
+    /// Ids of the volumes deleted, in order.
+    deleted: Vec<String>,
+}
+
+impl FakeNodes {
+    /// The volume id a copy named `name` gets on `node`.
+    fn id_of(name: &str, node: &str) -> String {
+        crate::ids::ObjectId::for_name(crate::ids::Kind::Volume, name, node).to_string()
+    }
 }
 
 impl Nodes for FakeNodes {
@@ -406,6 +433,11 @@ impl Nodes for FakeNodes {
 
     fn copy(&self, request: csi::CreateVolumeRequest) -> Pending<'_, Result<csi::Volume, tonic::Status>> {
         let mut state = self.state.lock().unwrap();
+        let node =
+            request.accessibility_requirements.as_ref().unwrap().requisite[0].segments[TOPOLOGY_NODE_KEY].clone();
+        let id = FakeNodes::id_of(&request.name, &node);
+        // Partial storage from the first call on, as a receiving node has.
+        state.stored.insert(id.clone());
         let calls = state.calls.entry(request.name.clone()).or_default();
         *calls += 1;
         let answer = if *calls < self.calls_per_copy {
@@ -416,9 +448,6 @@ impl Nodes for FakeNodes {
             else {
                 panic!("a copy without a source volume: {request:?}")
             };
-            let node =
-                request.accessibility_requirements.as_ref().unwrap().requisite[0].segments[TOPOLOGY_NODE_KEY].clone();
-            let id = format!("{}@{node}", crate::ids::Key::for_name(crate::ids::Kind::Volume, &request.name));
             if *calls == self.calls_per_copy {
                 state.copies.push((source.volume_id.clone(), node));
             }
@@ -430,6 +459,30 @@ impl Nodes for FakeNodes {
             })
         };
         state.requests.insert(request.name.clone(), request);
+        Box::pin(async move { answer })
+    }
+
+    /// A copy still running holds its volume: ABORTED until it ends (each
+    /// call takes as long as a CreateVolume call does).
+    fn delete(&self, id: String) -> Pending<'_, Result<(), tonic::Status>> {
+        let mut state = self.state.lock().unwrap();
+        let name = state.requests.keys().find(|name| {
+            let node = &state.requests[*name].accessibility_requirements.as_ref().unwrap().requisite[0].segments
+                [TOPOLOGY_NODE_KEY];
+            FakeNodes::id_of(name, node) == id
+        });
+        let answer = match name.cloned() {
+            Some(name) if state.calls[&name] < self.calls_per_copy => {
+                *state.calls.get_mut(&name).unwrap() += 1;
+                Err(tonic::Status::aborted("an operation on volume is already in progress"))
+            }
+            _ => {
+                if state.stored.remove(&id) {
+                    state.deleted.push(id);
+                }
+                Ok(())
+            }
+        };
         Box::pin(async move { answer })
     }
 }
@@ -637,4 +690,224 @@ async fn a_claim_bound_elsewhere_meanwhile_stops_the_move_and_keeps_the_old_volu
     assert_eq!(blocked, 1, "one event for a reason, not one per sweep");
     assert!(c.deleted_volumes.is_empty(), "the old volume is kept");
     assert_eq!(c.objects[&volume_path("pv-a")]["spec"]["persistentVolumeReclaimPolicy"], "Retain");
+}
+
+/// How an operator takes a move back.
+#[derive(Debug, Clone, Copy)]
+enum Cancel {
+    /// `kubectl label pvc data-db-1 loam.csi.dev/move-to-`
+    Unlabel,
+    /// `kubectl label pvc data-db-1 --overwrite loam.csi.dev/move-to=node-a`
+    BackToItsNode,
+}
+
+/// Cancels the move on the claim the move started with, if it is still there.
+fn cancel(c: &mut Cluster, how: Cancel) {
+    let Some(claim) = c.objects.get_mut(&claim_path("db", "data-db-1")) else { return };
+    if claim["metadata"]["uid"] != "uid-claim" {
+        return;
+    }
+    let labels = claim["metadata"]["labels"].as_object_mut().unwrap();
+    match how {
+        Cancel::Unlabel => labels.remove(MOVE_TO_LABEL),
+        Cancel::BackToItsNode => labels.insert(MOVE_TO_LABEL.into(), json!("node-a")),
+    };
+}
+
+/// Whether the copy's PersistentVolume was made: past the point of cancelling.
+fn copy_volume_made(c: &Cluster) -> bool {
+    c.volumes().any(|(_, v)| !v["metadata"]["annotations"][MOVED_FROM_ANNOTATION].is_null())
+}
+
+/// Sweeps until the move of pv-a is over (at most `limit` sweeps), with a
+/// fresh controller after the first sweep in which the model failed a
+/// request: it knows only the cluster. Whether it is over.
+async fn sweep_until_over(
+    cluster: &Arc<Mutex<Cluster>>,
+    dir: &std::path::Path,
+    limit: usize,
+    nodes: &Arc<FakeNodes>,
+) -> bool {
+    let mut moves = moves_with(cluster, dir, nodes.clone()).await;
+    let mut fresh = false;
+    for _ in 0..limit {
+        let stages = moves.sweep().await;
+        cluster.lock().unwrap().settle();
+        let (over, failed) = {
+            let c = cluster.lock().unwrap();
+            let over = matches!(stages.get("pv-a"), Some(Stage::Cancelled))
+                || c.get(&volume_path("pv-a")).is_none_or(|pv| pv["metadata"]["labels"][MOVING_LABEL].is_null());
+            (over, c.fail.is_some_and(|(n, _)| c.mutations >= n))
+        };
+        if over {
+            return true;
+        }
+        if failed && !fresh {
+            fresh = true;
+            moves = moves_with(cluster, dir, nodes.clone()).await;
+        }
+    }
+    false
+}
+
+async fn moves_with(cluster: &Arc<Mutex<Cluster>>, dir: &std::path::Path, nodes: Arc<FakeNodes>) -> Moves {
+    let model = cluster.clone();
+    let port =
+        fake::serve_with(dir, Arc::new(move |call: &str, body: &Value| model.lock().unwrap().handle(call, body))).await;
+    let api = Arc::new(KubeApi::at("127.0.0.1".into(), port, dir).unwrap());
+    Moves::new(api, nodes, "loam.csi.dev".into())
+}
+
+fn fake_nodes() -> Arc<FakeNodes> {
+    Arc::new(FakeNodes { room: 4 * GI, calls_per_copy: 3, state: Mutex::default() })
+}
+
+/// The state a cancelled move must leave: the claim bound to its old volume,
+/// as it was, nothing of the copy left anywhere.
+fn assert_cancelled(c: &Cluster, nodes: &NodesState, what: &str) {
+    let claim = c.get(&claim_path("db", "data-db-1")).unwrap_or_else(|| panic!("{what}: the claim is there"));
+    assert_eq!(claim["status"]["phase"], "Bound", "{what}: {claim}");
+    assert_eq!(claim["spec"]["volumeName"], "pv-a", "{what}: bound to its old volume");
+    assert!(claim["metadata"]["deletionTimestamp"].is_null(), "{what}: {claim}");
+    assert_eq!(claim["metadata"]["labels"], json!({ "app": "db" }), "{what}: the move's label gone");
+    assert!(
+        !claim["metadata"]["finalizers"].as_array().unwrap().iter().any(|f| f == FINALIZER),
+        "{what}: the move's finalizer is gone"
+    );
+    let pv = c.get(&volume_path("pv-a")).unwrap_or_else(|| panic!("{what}: the old volume is kept"));
+    assert_eq!(pv["status"]["phase"], "Bound", "{what}: {pv}");
+    assert_eq!(pv["spec"]["claimRef"]["uid"], claim["metadata"]["uid"], "{what}");
+    assert_eq!(pv["spec"]["persistentVolumeReclaimPolicy"], "Delete", "{what}: its reclaim policy is back");
+    assert!(pv["metadata"]["labels"][MOVING_LABEL].is_null(), "{what}: {pv}");
+    assert!(pv["metadata"]["annotations"][PLAN_ANNOTATION].is_null(), "{what}: {pv}");
+    assert_eq!(c.volumes().count(), 1, "{what}: no PersistentVolume for the copy");
+    assert!(c.deleted_volumes.is_empty(), "{what}: the old volume is not deleted");
+    assert!(nodes.stored.is_empty(), "{what}: the copy is deleted: {:?}", nodes.stored);
+    let pod = c.get("/api/v1/namespaces/db/pods/db-1").unwrap();
+    assert_eq!(pod["spec"]["nodeName"], "node-a", "{what}: the pod runs on the old node");
+    let reasons: Vec<&str> = c.events.iter().map(|(r, _)| r.as_str()).collect();
+    if reasons.contains(&"MoveStarted") {
+        assert!(reasons.contains(&"MoveCancelled"), "{what}: {reasons:?}");
+    }
+    assert!(!reasons.contains(&"Moved"), "{what}: {reasons:?}");
+}
+
+/// How many sweeps a clean move makes before its copy's volume exists: the
+/// sweeps after which it can still be cancelled.
+async fn sweeps_before_the_copy_volume(owner_makes_claims: bool) -> usize {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Arc::new(Mutex::new(cluster_moving_to("node-b")));
+    cluster.lock().unwrap().owner_makes_claims = owner_makes_claims;
+    let moves = moves_with(&cluster, dir.path(), fake_nodes()).await;
+    let mut sweeps = 0;
+    loop {
+        moves.sweep().await;
+        cluster.lock().unwrap().settle();
+        if copy_volume_made(&cluster.lock().unwrap()) {
+            return sweeps;
+        }
+        sweeps += 1;
+    }
+}
+
+/// A move labelled, swept `before` times, then cancelled `how`; `fail` as
+/// the model's. Whether it converged, the cluster and the nodes.
+async fn cancelled_move(
+    owner_makes_claims: bool,
+    before: usize,
+    how: Cancel,
+    fail: Option<(usize, Failure)>,
+) -> (bool, Arc<Mutex<Cluster>>, Arc<FakeNodes>) {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Arc::new(Mutex::new(cluster_moving_to("node-b")));
+    cluster.lock().unwrap().owner_makes_claims = owner_makes_claims;
+    cluster.lock().unwrap().fail = fail;
+    let nodes = fake_nodes();
+    let first = moves_with(&cluster, dir.path(), nodes.clone()).await;
+    for _ in 0..before {
+        first.sweep().await;
+        cluster.lock().unwrap().settle();
+    }
+    cancel(&mut cluster.lock().unwrap(), how);
+    let over = sweep_until_over(&cluster, dir.path(), 40, &nodes).await;
+    (over, cluster, nodes)
+}
+
+#[tokio::test]
+async fn a_move_cancelled_before_its_copy_has_a_volume_gives_the_claim_its_old_volume_back() {
+    for owner_makes_claims in [false, true] {
+        let cancellable = sweeps_before_the_copy_volume(owner_makes_claims).await;
+        assert!(cancellable >= 4, "held, deleted, copying: {cancellable}");
+        for before in 1..=cancellable {
+            for how in [Cancel::Unlabel, Cancel::BackToItsNode] {
+                let what = format!("owner makes claims {owner_makes_claims}, cancelled after {before} sweeps {how:?}");
+                let (over, cluster, nodes) = cancelled_move(owner_makes_claims, before, how, None).await;
+                assert!(over, "{what}");
+                let c = cluster.lock().unwrap();
+                let state = nodes.state.lock().unwrap();
+                assert_cancelled(&c, &state, &what);
+                let reasons: Vec<&str> = c.events.iter().map(|(r, _)| r.as_str()).collect();
+                assert_eq!(reasons, ["MoveStarted", "MoveCancelled"], "{what}");
+                if before >= 4 {
+                    assert!(!state.calls.is_empty(), "{what}: the copy had started");
+                    assert_eq!(state.deleted.len(), 1, "{what}: the partial copy deleted through the router");
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_cancel_converges_whichever_request_fails_or_loses_its_answer() {
+    for owner_makes_claims in [false, true] {
+        let cancellable = sweeps_before_the_copy_volume(owner_makes_claims).await;
+        for before in 1..=cancellable {
+            let (_, clean, _) = cancelled_move(owner_makes_claims, before, Cancel::Unlabel, None).await;
+            let total = clean.lock().unwrap().mutations;
+            for n in 1..=total {
+                for failure in [Failure::Refused, Failure::AnswerLost] {
+                    let what = format!(
+                        "owner makes claims {owner_makes_claims}, cancelled after {before} sweeps, \
+                                        request {n} {failure:?}"
+                    );
+                    let (over, cluster, nodes) =
+                        cancelled_move(owner_makes_claims, before, Cancel::Unlabel, Some((n, failure))).await;
+                    assert!(over, "{what}");
+                    assert_cancelled(&cluster.lock().unwrap(), &nodes.state.lock().unwrap(), &what);
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn once_the_copy_has_its_volume_taking_the_label_off_no_longer_cancels_and_says_so() {
+    // The claim is let go in the sweep that makes the copy's volume: fail
+    // that request, so the old claim, still labelled, outlives the volume.
+    let dir = tempfile::tempdir().unwrap();
+    let clean = Arc::new(Mutex::new(cluster_moving_to("node-b")));
+    let (moves, _) = moves_for(&clean, 4 * GI, dir.path()).await;
+    sweep_until_done(&moves, &clean, 30).await;
+    let log = clean.lock().unwrap().log.clone();
+    let made = log.iter().position(|call| call == "POST /api/v1/persistentvolumes").unwrap();
+    let claim = format!("PATCH {}", claim_path("db", "data-db-1"));
+    let release = made + log[made..].iter().position(|call| *call == claim).unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Arc::new(Mutex::new(cluster_moving_to("node-b")));
+    cluster.lock().unwrap().fail = Some((release + 1, Failure::Refused));
+    let (moves, nodes) = moves_for(&cluster, 4 * GI, dir.path()).await;
+    while cluster.lock().unwrap().mutations <= release {
+        moves.sweep().await;
+        cluster.lock().unwrap().settle();
+    }
+    assert!(copy_volume_made(&cluster.lock().unwrap()));
+    cancel(&mut cluster.lock().unwrap(), Cancel::Unlabel);
+    let stages = sweep_until_done(&moves, &cluster, 30).await;
+    assert_eq!(stages.last(), Some(&Stage::Done), "{stages:?}");
+    let c = cluster.lock().unwrap();
+    assert_moved(&c, &nodes.state.lock().unwrap().copies);
+    let reasons: Vec<&str> = c.events.iter().map(|(r, _)| r.as_str()).collect();
+    assert_eq!(reasons, ["MoveStarted", "MoveNotCancelled", "Moved"]);
+    assert!(c.events[1].1.contains("can no longer be cancelled"), "{}", c.events[1].1);
 }
