@@ -18,7 +18,8 @@
 //! at its fault point or while it waits for or receives the stream, the source
 //! at its fault points or while it cuts or streams, then restarted. The retry
 //! must converge to the source's bytes; a killed target shows no volume of the
-//! copy; a retry while a copy runs is ABORTED; after each copy both roots are
+//! copy and, restarted, holds nothing of it before any retry (its start-up
+//! removes what the copy left); a retry while a copy runs is ABORTED; after each copy both roots are
 //! back to empty (no receive storage, cut, note of a cut or record).
 //!
 //! Needs root in a private mount namespace:
@@ -1725,6 +1726,10 @@ impl Pair {
                     let recorded = fired == Some(copy.to);
                     if self.assert_no_unfinished_volume(copy, recorded).await {
                         self.tally.recorded_before_kill += 1;
+                    } else {
+                        // Its restart removed what the copy left, whether the
+                        // CO retries or not: the target held nothing else.
+                        assert_nothing_left(&self.runs[copy.to].node);
                     }
                 }
                 Err(status) if died[copy.from] => {
