@@ -7,7 +7,8 @@
 //! events on the claim:
 //!
 //! 1. It checks the target node (it exists, it is not the volume's node, its
-//!    agent has room for the volume in the claim's class), then records the
+//!    agent has room for the volume in the claim's class), or, for
+//!    `move-to=any` ([`ANY_NODE`]), chooses one, then records the
 //!    move on the old PersistentVolume (a label to find it, an annotation
 //!    with the [`Plan`]) and sets that volume's reclaim policy to `Retain`:
 //!    from here on every step is found again from the cluster's objects, by
@@ -65,6 +66,11 @@ use crate::routing::router::Router;
 
 /// The label that asks for a claim's volume to be moved, to the node it names.
 pub const MOVE_TO_LABEL: &str = "loam.csi.dev/move-to";
+/// The [`MOVE_TO_LABEL`] value that lets the controller choose the node:
+/// Ready, schedulable, running a Loam agent with room for the volume, not
+/// the volume's node, the one with the most room. It always means that,
+/// even in a cluster with a node of that name.
+pub const ANY_NODE: &str = "any";
 /// The label on a PersistentVolume whose move is under way.
 pub const MOVING_LABEL: &str = "loam.csi.dev/moving";
 /// The annotation on that PersistentVolume that holds the move's [`Plan`].
@@ -272,7 +278,7 @@ impl Moves {
     async fn start(&self, claim: &Value) -> Result<(), String> {
         let namespace = claim["metadata"]["namespace"].as_str().unwrap_or_default();
         let name = claim["metadata"]["name"].as_str().unwrap_or_default();
-        let to = claim["metadata"]["labels"][MOVE_TO_LABEL].as_str().unwrap_or_default();
+        let asked = claim["metadata"]["labels"][MOVE_TO_LABEL].as_str().unwrap_or_default();
         if !claim["metadata"]["deletionTimestamp"].is_null() {
             return Ok(());
         }
@@ -295,19 +301,6 @@ impl Moves {
         let Some(id) = pv["spec"]["csi"]["volumeHandle"].as_str().and_then(ObjectId::parse) else {
             return self.refuse(claim, &format!("volume {pv_name} has a volume handle Loam did not make")).await;
         };
-        if id.node == to {
-            let message = format!("the volume of claim {name} is on node {to} already; nothing was moved");
-            return self.refuse(claim, &message).await;
-        }
-        match self.api.call(Method::GET, &format!("/api/v1/nodes/{to}"), None).await? {
-            (200, _) => {}
-            (404, _) => {
-                let message = format!("node {to} is not a node of this cluster; label the claim with a node's name");
-                return self.refuse(claim, &message).await;
-            }
-            (status, answer) => return Err(unexpected("reading the target node", status, &answer)),
-        }
-        let needed = kube_quantity(&pv["spec"]["capacity"]["storage"]);
         let class = pv["spec"]["storageClassName"].as_str().unwrap_or_default();
         let parameters =
             match self.api.call(Method::GET, &format!("/apis/storage.k8s.io/v1/storageclasses/{class}"), None).await? {
@@ -318,19 +311,53 @@ impl Moves {
                     })
                     .unwrap_or_default(),
                 (404, _) => {
-                    let message = format!("the volume's StorageClass {class:?} is gone: the copy on {to} needs it");
+                    let message = format!("the volume's StorageClass {class:?} is gone: the copy needs it");
                     return self.refuse(claim, &message).await;
                 }
                 (status, answer) => return Err(unexpected("reading the StorageClass", status, &answer)),
             };
-        let available = self.nodes.available(to, parameters).await.map_err(|e| format!("asking node {to}: {e}"))?;
-        if needed.is_none_or(|needed| needed > available) {
-            let message = format!(
-                "node {to} has {available} bytes free for class {class}; the volume needs {}",
-                pv["spec"]["capacity"]["storage"]
-            );
-            return self.refuse(claim, &message).await;
-        }
+        let needed = kube_quantity(&pv["spec"]["capacity"]["storage"]);
+        let chosen;
+        let to = if asked == ANY_NODE {
+            match self.choose_node(claim, &id.node, class, &parameters, needed).await? {
+                Ok(node) => {
+                    chosen = node;
+                    chosen.as_str()
+                }
+                Err(why) => {
+                    let message = format!("no node can take the volume of claim {name} now: {why}; tried every sweep");
+                    let involved = Involved { kind: "PersistentVolumeClaim", namespace, name, uid: uid(claim) };
+                    self.report_once_on(involved, EventType::Warning, "MoveBlocked", &message).await;
+                    return Ok(());
+                }
+            }
+        } else {
+            if id.node == asked {
+                let message = format!("the volume of claim {name} is on node {asked} already; nothing was moved");
+                return self.refuse(claim, &message).await;
+            }
+            match self.api.call(Method::GET, &format!("/api/v1/nodes/{asked}"), None).await? {
+                (200, _) => {}
+                (404, _) => {
+                    let message = format!(
+                        "node {asked} is not a node of this cluster; label the claim with a node's name, or \
+                         {MOVE_TO_LABEL}={ANY_NODE}"
+                    );
+                    return self.refuse(claim, &message).await;
+                }
+                (status, answer) => return Err(unexpected("reading the target node", status, &answer)),
+            }
+            let available =
+                self.nodes.available(asked, parameters).await.map_err(|e| format!("asking node {asked}: {e}"))?;
+            if needed.is_none_or(|needed| needed > available) {
+                let message = format!(
+                    "node {asked} has {available} bytes free for class {class}; the volume needs {}",
+                    pv["spec"]["capacity"]["storage"]
+                );
+                return self.refuse(claim, &message).await;
+            }
+            asked
+        };
         let plan = Plan {
             to: to.to_owned(),
             from: id.node.clone(),
@@ -356,9 +383,15 @@ impl Moves {
             (status, answer) => return Err(unexpected("recording the move on the volume", status, &answer)),
         }
         let message = format!(
-            "moving the volume from node {} to node {to}: the claim and its pods are deleted and the claim made again \
-             with the same name, bound to a copy on {to}; its pods start there once the copy is complete and verified",
-            id.node
+            "moving the volume from node {} to node {to}{}: the claim and its pods are deleted and the claim made \
+             again with the same name, bound to a copy on {to}; its pods start there once the copy is complete and \
+             verified",
+            id.node,
+            if asked == ANY_NODE {
+                " (chosen by the controller: the most room of the nodes that can take it)"
+            } else {
+                ""
+            }
         );
         tracing::info!(%namespace, claim = %name, volume = %pv_name, from = %id.node, %to, "{message}");
         self.event(&plan, uid(claim), EventType::Normal, "MoveStarted", &message).await;
@@ -465,7 +498,7 @@ impl Moves {
     async fn asked_to_cancel(&self, old_pv: &Value, plan: &Plan, old: &Value) -> Result<Option<Stage>, String> {
         let old_name = old_pv["metadata"]["name"].as_str().unwrap_or_default();
         let asked = old["metadata"]["labels"][MOVE_TO_LABEL].as_str();
-        if asked == Some(plan.to.as_str()) {
+        if asked == Some(plan.to.as_str()) || asked == Some(ANY_NODE) {
             return Ok(None);
         }
         if let Some(other) = asked.filter(|node| *node != plan.from) {
@@ -691,11 +724,7 @@ impl Moves {
                 (status, answer) => return Err(unexpected("listing pods", status, &answer)),
             };
         for pod in pods["items"].as_array().into_iter().flatten() {
-            let uses = pod["spec"]["volumes"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .any(|v| v["persistentVolumeClaim"]["claimName"].as_str() == Some(plan.claim.as_str()));
+            let uses = uses(pod, &plan.claim);
             let scheduled = pod["spec"]["nodeName"].as_str().is_some_and(|n| !n.is_empty());
             let Some(name) = pod["metadata"]["name"].as_str() else { continue };
             if uses && scheduled && pod["metadata"]["deletionTimestamp"].is_null() {
@@ -735,6 +764,65 @@ impl Moves {
         }
     }
 
+    /// The node a claim labelled [`ANY_NODE`] moves to: of the nodes that
+    /// are Ready, not cordoned, without a NoSchedule or NoExecute taint the
+    /// claim's pods do not tolerate, not the volume's node `from` and whose
+    /// agent answers with room for the volume (`needed` bytes in `class`),
+    /// the one with the most room (ties: the first by name). None: why
+    /// each node cannot, in words.
+    async fn choose_node(
+        &self,
+        claim: &Value,
+        from: &str,
+        class: &str,
+        parameters: &BTreeMap<String, String>,
+        needed: Option<i64>,
+    ) -> Result<Result<String, String>, String> {
+        let nodes = match self.api.call(Method::GET, "/api/v1/nodes", None).await? {
+            (200, nodes) => nodes,
+            (status, answer) => return Err(unexpected("listing nodes", status, &answer)),
+        };
+        let namespace = claim["metadata"]["namespace"].as_str().unwrap_or_default();
+        let claim_name = claim["metadata"]["name"].as_str().unwrap_or_default();
+        let pods = match self.api.call(Method::GET, &format!("/api/v1/namespaces/{namespace}/pods"), None).await? {
+            (200, pods) => pods,
+            (status, answer) => return Err(unexpected("listing pods", status, &answer)),
+        };
+        let users: Vec<&Value> =
+            pods["items"].as_array().into_iter().flatten().filter(|pod| uses(pod, claim_name)).collect();
+        let mut names: Vec<&Value> = nodes["items"].as_array().into_iter().flatten().collect();
+        names.sort_by_key(|node| node["metadata"]["name"].as_str().unwrap_or_default().to_owned());
+        let mut best: Option<(i64, String)> = None;
+        let mut why = Vec::new();
+        for node in names {
+            let name = node["metadata"]["name"].as_str().unwrap_or_default();
+            if name == from {
+                why.push(format!("{name} is the volume's node"));
+                continue;
+            }
+            if let Some(unfit) = unschedulable(node, &users) {
+                why.push(format!("{name} {unfit}"));
+                continue;
+            }
+            match self.nodes.available(name, parameters.clone()).await {
+                Err(e) => why.push(format!("{name}: no Loam agent answers ({e})")),
+                Ok(free) if needed.is_none_or(|needed| needed > free) => {
+                    why.push(format!("{name} has {free} bytes free for class {class}"));
+                }
+                Ok(free) => {
+                    if best.as_ref().is_none_or(|(most, _)| free > *most) {
+                        best = Some((free, name.to_owned()));
+                    }
+                }
+            }
+        }
+        Ok(match best {
+            Some((_, node)) => Ok(node),
+            None if why.is_empty() => Err("the cluster lists no nodes".to_owned()),
+            None => Err(format!("the volume needs {} bytes; {}", needed.unwrap_or_default(), why.join("; "))),
+        })
+    }
+
     /// A Warning event `MoveBlocked`, once per reason.
     async fn report_blocked(&self, plan: &Plan, claim_uid: &str, message: &str) {
         self.report_once(plan, claim_uid, EventType::Warning, "MoveBlocked", message).await;
@@ -742,10 +830,17 @@ impl Moves {
 
     /// An event on the claim, unless the last one reported for it said the same.
     async fn report_once(&self, plan: &Plan, claim_uid: &str, kind: EventType, reason: &str, message: &str) {
-        let claim = format!("{}/{}", plan.namespace, plan.claim);
+        let involved =
+            Involved { kind: "PersistentVolumeClaim", namespace: &plan.namespace, name: &plan.claim, uid: claim_uid };
+        self.report_once_on(involved, kind, reason, message).await;
+    }
+
+    async fn report_once_on(&self, involved: Involved<'_>, kind: EventType, reason: &str, message: &str) {
+        let claim = format!("{}/{}", involved.namespace, involved.name);
         let new = self.reported.lock().unwrap_or_else(PoisonError::into_inner).insert(claim, message.to_owned());
         if new.as_deref() != Some(message) {
-            self.event(plan, claim_uid, kind, reason, message).await;
+            let namespace = involved.namespace.to_owned();
+            self.post_event(&namespace, kube::event(involved, kind, reason, message)).await;
         }
     }
 

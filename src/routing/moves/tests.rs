@@ -398,6 +398,8 @@ fn cluster_moving_to(to: &str) -> Cluster {
 /// before they are done, idempotent by name.
 struct FakeNodes {
     room: i64,
+    /// The room of nodes that have other than `room`; none: no agent.
+    rooms: BTreeMap<String, Option<i64>>,
     calls_per_copy: usize,
     state: Mutex<NodesState>,
 }
@@ -426,9 +428,14 @@ impl FakeNodes {
 }
 
 impl Nodes for FakeNodes {
-    fn available<'a>(&'a self, _: &'a str, parameters: BTreeMap<String, String>) -> Pending<'a, Result<i64, String>> {
+    fn available<'a>(
+        &'a self,
+        node: &'a str,
+        parameters: BTreeMap<String, String>,
+    ) -> Pending<'a, Result<i64, String>> {
         self.state.lock().unwrap().asked.push(parameters);
-        Box::pin(async move { Ok(self.room) })
+        let room = self.rooms.get(node).copied().unwrap_or(Some(self.room));
+        Box::pin(async move { room.ok_or_else(|| format!("no agent on node {node}")) })
     }
 
     fn copy(&self, request: csi::CreateVolumeRequest) -> Pending<'_, Result<csi::Volume, tonic::Status>> {
@@ -492,7 +499,7 @@ async fn moves_for(cluster: &Arc<Mutex<Cluster>>, room: i64, dir: &std::path::Pa
     let port =
         fake::serve_with(dir, Arc::new(move |call: &str, body: &Value| model.lock().unwrap().handle(call, body))).await;
     let api = Arc::new(KubeApi::at("127.0.0.1".into(), port, dir).unwrap());
-    let nodes = Arc::new(FakeNodes { room, calls_per_copy: 3, state: Mutex::default() });
+    let nodes = Arc::new(FakeNodes { room, rooms: BTreeMap::new(), calls_per_copy: 3, state: Mutex::default() });
     (Moves::new(api, nodes.clone(), "loam.csi.dev".into()), nodes)
 }
 
@@ -759,7 +766,7 @@ async fn moves_with(cluster: &Arc<Mutex<Cluster>>, dir: &std::path::Path, nodes:
 }
 
 fn fake_nodes() -> Arc<FakeNodes> {
-    Arc::new(FakeNodes { room: 4 * GI, calls_per_copy: 3, state: Mutex::default() })
+    Arc::new(FakeNodes { room: 4 * GI, rooms: BTreeMap::new(), calls_per_copy: 3, state: Mutex::default() })
 }
 
 /// The state a cancelled move must leave: the claim bound to its old volume,
@@ -910,4 +917,115 @@ async fn once_the_copy_has_its_volume_taking_the_label_off_no_longer_cancels_and
     let reasons: Vec<&str> = c.events.iter().map(|(r, _)| r.as_str()).collect();
     assert_eq!(reasons, ["MoveStarted", "MoveNotCancelled", "Moved"]);
     assert!(c.events[1].1.contains("can no longer be cancelled"), "{}", c.events[1].1);
+}
+
+/// A cluster whose claim is labelled `move-to=any`, with a node of each kind
+/// a move may not choose, and two it may (node-f, with the most room, and
+/// node-b); the room each node's agent has.
+fn cluster_moving_to_any() -> (Cluster, BTreeMap<String, Option<i64>>) {
+    let mut c = cluster_moving_to(ANY_NODE);
+    let ready = json!([{ "type": "Ready", "status": "True" }]);
+    let nodes = [
+        ("node-a", json!({}), ready.clone()),
+        ("node-b", json!({}), ready.clone()),
+        ("node-c", json!({ "unschedulable": true }), ready.clone()),
+        ("node-d", json!({}), json!([{ "type": "Ready", "status": "False" }])),
+        (
+            "node-e",
+            json!({ "taints": [{ "key": "dedicated", "value": "gpu", "effect": "NoSchedule" }] }),
+            ready.clone(),
+        ),
+        (
+            "node-f",
+            json!({ "taints": [{ "key": "storage", "value": "big", "effect": "NoSchedule" },
+                                      { "key": "loud", "effect": "PreferNoSchedule" }] }),
+            ready.clone(),
+        ),
+        ("node-g", json!({}), ready.clone()),
+        ("node-h", json!({}), ready),
+    ];
+    for (name, spec, conditions) in nodes {
+        c.objects.insert(
+            format!("/api/v1/nodes/{name}"),
+            json!({ "metadata": { "name": name }, "spec": spec, "status": { "conditions": conditions } }),
+        );
+    }
+    c.objects.get_mut("/api/v1/namespaces/db/pods/db-1").unwrap()["spec"]["tolerations"] =
+        json!([{ "key": "storage", "operator": "Equal", "value": "big", "effect": "NoSchedule" }]);
+    let rooms = [
+        ("node-a", Some(20 * GI)),
+        ("node-b", Some(2 * GI)),
+        ("node-c", Some(20 * GI)),
+        ("node-d", Some(20 * GI)),
+        ("node-e", Some(20 * GI)),
+        ("node-f", Some(3 * GI)),
+        ("node-g", None),
+        ("node-h", Some(GI / 2)),
+    ];
+    (c, rooms.into_iter().map(|(n, r)| (n.to_owned(), r)).collect())
+}
+
+#[tokio::test]
+async fn a_claim_labelled_any_moves_to_the_schedulable_node_with_the_most_room() {
+    let dir = tempfile::tempdir().unwrap();
+    let (c, rooms) = cluster_moving_to_any();
+    let cluster = Arc::new(Mutex::new(c));
+    let nodes = Arc::new(FakeNodes { room: 4 * GI, rooms, calls_per_copy: 3, state: Mutex::default() });
+    let moves = moves_with(&cluster, dir.path(), nodes.clone()).await;
+    let stages = sweep_until_done(&moves, &cluster, 30).await;
+    assert_eq!(stages.last(), Some(&Stage::Done), "{stages:?}");
+    let c = cluster.lock().unwrap();
+    let claim = &c.objects[&claim_path("db", "data-db-1")];
+    let pv = &c.objects[&volume_path(claim["spec"]["volumeName"].as_str().unwrap())];
+    let handle = pv["spec"]["csi"]["volumeHandle"].as_str().unwrap();
+    assert!(handle.ends_with("@node-f"), "the tolerated node with the most room: {handle}");
+    assert_eq!(c.objects["/api/v1/namespaces/db/pods/db-1"]["spec"]["nodeName"], "node-f");
+    assert_eq!(nodes.state.lock().unwrap().copies, [(format!("{KEY_A}@node-a"), "node-f".to_owned())]);
+    let reasons: Vec<&str> = c.events.iter().map(|(r, _)| r.as_str()).collect();
+    assert_eq!(reasons, ["MoveStarted", "Moved"]);
+    assert!(c.events[0].1.contains("to node node-f (chosen by the controller"), "{}", c.events[0].1);
+}
+
+#[tokio::test]
+async fn a_claim_labelled_any_waits_with_the_reasons_while_no_node_can_take_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut c, mut rooms) = cluster_moving_to_any();
+    // node-b and node-f, the nodes that could, cannot either.
+    c.objects.get_mut("/api/v1/namespaces/db/pods/db-1").unwrap()["spec"]["tolerations"] = json!([]);
+    rooms.insert("node-b".into(), Some(GI / 4));
+    let cluster = Arc::new(Mutex::new(c));
+    let nodes = Arc::new(FakeNodes { room: 4 * GI, rooms, calls_per_copy: 3, state: Mutex::default() });
+    let moves = moves_with(&cluster, dir.path(), nodes.clone()).await;
+    for _ in 0..3 {
+        assert!(moves.sweep().await.is_empty(), "no move starts");
+        cluster.lock().unwrap().settle();
+    }
+    {
+        let c = cluster.lock().unwrap();
+        assert!(c.objects[&volume_path("pv-a")]["metadata"]["labels"][MOVING_LABEL].is_null());
+        assert_eq!(c.objects[&claim_path("db", "data-db-1")]["metadata"]["labels"][MOVE_TO_LABEL], ANY_NODE, "kept");
+        assert_eq!(c.events.len(), 1, "one event for a reason, not one per sweep: {:?}", c.events);
+        let (reason, message) = &c.events[0];
+        assert_eq!(reason, "MoveBlocked");
+        for why in [
+            "the volume needs 1073741824 bytes",
+            "node-a is the volume's node",
+            "node-b has 268435456 bytes free for class loam",
+            "node-c is cordoned",
+            "node-d is not Ready",
+            "node-e has the taint dedicated=gpu:NoSchedule, which the claim's pods do not tolerate",
+            "node-f has the taint storage=big:NoSchedule",
+            "node-g: no Loam agent answers (no agent on node node-g)",
+            "node-h has 536870912 bytes free",
+        ] {
+            assert!(message.contains(why), "{why:?} in {message}");
+        }
+        assert!(nodes.state.lock().unwrap().calls.is_empty());
+    }
+    // A node that can take it comes: the move starts.
+    cluster.lock().unwrap().objects.get_mut("/api/v1/nodes/node-c").unwrap()["spec"] = json!({});
+    let stages = sweep_until_done(&moves, &cluster, 30).await;
+    assert_eq!(stages.last(), Some(&Stage::Done), "{stages:?}");
+    let c = cluster.lock().unwrap();
+    assert_eq!(c.objects["/api/v1/namespaces/db/pods/db-1"]["spec"]["nodeName"], "node-c");
 }
