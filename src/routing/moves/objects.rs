@@ -205,7 +205,8 @@ pub(super) fn uses(pod: &Value, claim: &str) -> bool {
 }
 
 /// Why a move may not choose `node` for the claim the pods `users` mount
-/// (not Ready, cordoned, a taint they do not tolerate); none when it may.
+/// (not Ready, cordoned, a taint they do not tolerate: with no pods, none
+/// is known to tolerate one); none when it may.
 pub(super) fn unschedulable(node: &Value, users: &[&Value]) -> Option<String> {
     let ready = node["status"]["conditions"]
         .as_array()
@@ -220,7 +221,7 @@ pub(super) fn unschedulable(node: &Value, users: &[&Value]) -> Option<String> {
     }
     let repels = |taint: &&Value| matches!(taint["effect"].as_str(), Some("NoSchedule" | "NoExecute"));
     for taint in node["spec"]["taints"].as_array().into_iter().flatten().filter(repels) {
-        if !users.iter().all(|pod| tolerates(pod, taint)) {
+        if users.is_empty() || !users.iter().all(|pod| tolerates(pod, taint)) {
             let key = taint["key"].as_str().unwrap_or_default();
             let value = taint["value"].as_str().map(|v| format!("={v}")).unwrap_or_default();
             let effect = taint["effect"].as_str().unwrap_or_default();

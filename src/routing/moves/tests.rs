@@ -1029,3 +1029,37 @@ async fn a_claim_labelled_any_waits_with_the_reasons_while_no_node_can_take_it()
     let c = cluster.lock().unwrap();
     assert_eq!(c.objects["/api/v1/namespaces/db/pods/db-1"]["spec"]["nodeName"], "node-c");
 }
+
+#[test]
+fn a_taint_keeps_a_move_away_unless_every_pod_of_the_claim_tolerates_it() {
+    let node = |taints: Value| json!({ "spec": { "taints": taints }, "status": { "conditions": [{ "type": "Ready", "status": "True" }] } });
+    let pod = |tolerations: Value| json!({ "spec": { "tolerations": tolerations } });
+    let gpu = node(json!([{ "key": "gpu", "value": "a100", "effect": "NoExecute" }]));
+    let tolerating = [
+        json!([{ "operator": "Exists" }]),
+        json!([{ "key": "gpu", "operator": "Exists" }]),
+        json!([{ "key": "gpu", "value": "a100" }]),
+        json!([{ "key": "gpu", "operator": "Equal", "value": "a100", "effect": "NoExecute" }]),
+    ];
+    for tolerations in tolerating {
+        assert_eq!(unschedulable(&gpu, &[&pod(tolerations.clone())]), None, "{tolerations}");
+    }
+    let not_tolerating = [
+        json!([]),
+        json!([{ "key": "gpu", "value": "h100" }]),
+        json!([{ "key": "gpu", "operator": "Exists", "effect": "NoSchedule" }]),
+        json!([{ "key": "other", "operator": "Exists" }]),
+    ];
+    for tolerations in not_tolerating {
+        let why = unschedulable(&gpu, &[&pod(tolerations.clone())]).unwrap_or_else(|| panic!("{tolerations}"));
+        assert!(why.contains("gpu=a100:NoExecute"), "{why}");
+    }
+    let everyone = pod(json!([{ "operator": "Exists" }]));
+    let nobody = pod(json!([]));
+    assert!(unschedulable(&gpu, &[&everyone, &nobody]).is_some(), "every pod must tolerate it");
+    assert!(unschedulable(&gpu, &[]).is_some(), "no pod is known to tolerate it");
+    let soft = node(json!([{ "key": "loud", "effect": "PreferNoSchedule" }]));
+    assert_eq!(unschedulable(&soft, &[]), None, "a preference does not keep a move away");
+    let not_ready = json!({ "status": { "conditions": [{ "type": "Ready", "status": "Unknown" }] } });
+    assert_eq!(unschedulable(&not_ready, &[]).as_deref(), Some("is not Ready"));
+}
