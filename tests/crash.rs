@@ -1968,7 +1968,7 @@ enum SnapshotKill {
 }
 
 /// How many kinds of round the run cycles through (one without a kill).
-const SNAPSHOT_KILLS: usize = 6;
+const SNAPSHOT_KILLS: usize = 7;
 
 /// A snapshot kept off node: cut on node `from` of volume `volume`, its
 /// copy on node `to`.
@@ -2029,8 +2029,7 @@ impl Pair {
         let flavor = FLAVORS[round % FLAVORS.len()];
         let from = self.rng.below(2);
         let to = 1 - from;
-        let in_use = flavor.loop_filesystem() && self.rng.chance(50);
-        let kill = self.snapshot_plan(round, in_use);
+        let (kill, in_use) = self.snapshot_plan(round, flavor);
         let len = (1 + self.rng.below(3)) << 20;
 
         let src = &mut self.runs[from];
@@ -2069,22 +2068,22 @@ impl Pair {
         self.settle().await;
     }
 
-    /// The round's kill: each kind in turn.
-    fn snapshot_plan(&mut self, round: usize, in_use: bool) -> Option<SnapshotKill> {
-        match round % SNAPSHOT_KILLS {
+    /// The round's kill, each kind in turn, and whether the volume is in use
+    /// (staged) while it is cut: a staged loop filesystem is frozen around
+    /// the cut, so the kill at `snapshot.frozen` needs one.
+    fn snapshot_plan(&mut self, round: usize, flavor: Flavor) -> (Option<SnapshotKill>, bool) {
+        let in_use = flavor.loop_filesystem() && self.rng.chance(50);
+        let kill = match round % SNAPSHOT_KILLS {
             0 => None,
-            1 => {
-                // Where the cut is made (frozen for a staged loop filesystem).
-                let points: Vec<&'static str> =
-                    ["snapshot.cut"].into_iter().chain(in_use.then_some("snapshot.frozen")).collect();
-                self.source_points += 1;
-                Some(SnapshotKill::SourceAt(points[self.source_points % points.len()]))
-            }
-            2 => Some(SnapshotKill::SourceAt("snapshot.awaiting")),
-            3 => Some(SnapshotKill::CopyAt("snapshot.copy.received")),
-            4 => Some(SnapshotKill::Receiving(self.rng.next() % 100)),
+            1 => Some(SnapshotKill::SourceAt("snapshot.cut")),
+            2 if flavor.loop_filesystem() => return (Some(SnapshotKill::SourceAt("snapshot.frozen")), true),
+            2 => Some(SnapshotKill::SourceAt("snapshot.cut")),
+            3 => Some(SnapshotKill::SourceAt("snapshot.awaiting")),
+            4 => Some(SnapshotKill::CopyAt("snapshot.copy.received")),
+            5 => Some(SnapshotKill::Receiving(self.rng.next() % 100)),
             _ => Some(SnapshotKill::Sending(self.rng.next() % 100)),
-        }
+        };
+        (kill, in_use)
     }
 
     /// CreateSnapshot with `protection: off-node` as the controller makes it
