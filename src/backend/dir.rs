@@ -193,6 +193,15 @@ impl DirBackend {
         Ok(())
     }
 
+    /// Removes what a receive cut short left of a volume no record names:
+    /// its tree, whole or still under its temporary name. (A project id it
+    /// was given keeps its limit, so the next allocation skips it.)
+    pub fn remove_unrecorded(&self, key: &Key) -> Result<()> {
+        let path = self.volume_path(key);
+        self.remove_tree(&in_the_making(&path))?;
+        self.delete_volume(key, None)
+    }
+
     /// Makes the snapshot's directory from what another node sends, built
     /// under a temporary name and renamed in once it checked out.
     pub fn receive_snapshot(&self, key: &Key, receive: &mut dyn FnMut(&Path) -> io::Result<()>) -> Result<()> {

@@ -158,6 +158,13 @@ impl LoopBackend {
         remove_file(&self.image_path(key))
     }
 
+    /// Removes what a receive cut short left of a volume no record names:
+    /// its image, whole or still under its temporary name.
+    pub fn remove_unrecorded(&self, key: &Key) -> Result<()> {
+        remove_unfinished(&self.image_path(key))?;
+        self.delete_volume(key)
+    }
+
     /// Copies the image into a snapshot; a filesystem mounted at `mounted`
     /// is frozen around the copy, so the snapshot is consistent.
     pub fn create_snapshot(&self, volume: &Key, snapshot: &Key, mounted: Option<&Path>) -> Result<()> {

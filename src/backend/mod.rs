@@ -255,6 +255,19 @@ impl Backends {
         Ok(())
     }
 
+    /// Removes what a receive from another node cut short (a crash) left of
+    /// a volume no record names, in `backend` (both when unknown): its
+    /// storage under its name or under the temporary one it is built under.
+    pub fn remove_unrecorded_volume(&self, key: &Key, backend: Option<BackendKind>) -> Result<()> {
+        if backend != Some(BackendKind::Loop) {
+            self.dir.remove_unrecorded(key)?;
+        }
+        if backend != Some(BackendKind::Dir) {
+            self.loopback.remove_unrecorded(key)?;
+        }
+        Ok(())
+    }
+
     /// The bytes a volume takes on the root: an image's allocated blocks, a
     /// directory's as its quota counts them or (not enforced) as a walk of
     /// its tree finds them; `None` when its storage is missing.

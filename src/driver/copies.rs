@@ -13,8 +13,12 @@
 //!   CreateVolume makes one, its storage filled from the incoming pieces
 //!   under a temporary name and renamed into place only after the content
 //!   checked out against the sender's digest; the record is written last. A
-//!   crash or a cut connection leaves no record and no storage under the real
-//!   name, and the retry starts over. While a copy runs it holds the volume's
+//!   cut connection leaves no record and no storage, and the retry starts
+//!   over. The volume's key is written to `volume-copies/` before anything
+//!   is received, so what a crash leaves (storage half received, or whole
+//!   under the real name without its record: never reported complete) is
+//!   removed at the next start, whether the CO retries or not (it may have
+//!   given up). While a copy runs it holds the volume's
 //!   claim, so a retry is ABORTED; [`Driver::copy_progress`] says how far it
 //!   got, for that answer and for ControllerGetVolume.
 //! - **Keeping a snapshot's copy** ([`Driver::receive_snapshot`]): the
@@ -249,6 +253,9 @@ impl Driver {
         // the copy has not written yet): a create racing this one must not
         // get the same room.
         self.promise(capacity);
+        let backend = req.layout.backend();
+        let note = self.volume_copies_dir().join(key.to_string());
+        write_intent(&note, backend).context(|| format!("recording the copy {}", note.display()))?;
         tracing::info!(volume = %req.name, from = %progress.source, node = %progress.from_node, bytes = progress.data_bytes, "copy from another node started");
 
         let mut failure: Option<Error> = None;
@@ -268,15 +275,56 @@ impl Driver {
             Err(e) => {
                 let e = failure.take().unwrap_or(e);
                 tracing::warn!(volume = %req.name, from = %progress.source, "copy from another node failed: {e}");
+                // The note stays unless the storage is surely gone: the
+                // next start removes what is left.
+                match self.backends.remove_unrecorded_volume(&key, Some(backend)) {
+                    Ok(()) => {
+                        let _ = durable::remove(&note);
+                    }
+                    Err(left) => {
+                        tracing::warn!(volume = %req.name, "cannot remove what the failed copy left: {left}; the next start removes it")
+                    }
+                }
                 return Err(e);
             }
         };
         tracing::info!(volume = %req.name, from = %progress.source, bytes = progress.received.load(Ordering::Relaxed), elapsed = ?progress.started.elapsed(), "copy from another node verified and complete");
         drop(running);
         // Verified storage under the real name, no record yet: the retry
-        // must copy again over it, never take it as the volume.
+        // must copy again over it, never take it as the volume, and the
+        // next start removes it.
         crate::failpoint!("volume.received");
-        self.record_new_volume(key, req, capacity, enforcement, None)
+        let record = self.record_new_volume(key, req, capacity, enforcement, None)?;
+        durable::remove(&note).context(|| format!("removing {}", note.display()))?;
+        Ok(record)
+    }
+
+    fn volume_copies_dir(&self) -> PathBuf {
+        self.config.root.join("volume-copies")
+    }
+
+    /// Removes what a crash left of volumes being received (start-up): a
+    /// note without a record is a copy never reported complete, so its
+    /// storage, half received or whole, goes; a note beside a record is
+    /// only the note. Like the other repairs, one that fails is logged and
+    /// left for the next start.
+    pub(super) fn remove_unfinished_volume_copies(&self) -> Result<()> {
+        let dir = self.volume_copies_dir();
+        fs::create_dir_all(&dir).context(|| format!("creating {}", dir.display()))?;
+        for entry in fs::read_dir(&dir).context(|| format!("reading {}", dir.display()))? {
+            let entry = entry.context(|| format!("reading {}", dir.display()))?;
+            let Some(key) = entry.file_name().to_str().and_then(Key::parse) else { continue };
+            if self.volumes.get(&key).is_none() {
+                let backend = BackendKind::parse(fs::read_to_string(entry.path()).unwrap_or_default().trim());
+                tracing::warn!(volume = %key, "removing the unfinished copy of a volume from another node that a crash left behind");
+                if let Err(e) = self.backends.remove_unrecorded_volume(&key, backend) {
+                    tracing::warn!(volume = %key, "cannot remove the unfinished copy: {e}; the next start tries again");
+                    continue;
+                }
+            }
+            durable::remove(&entry.path()).context(|| format!("removing {}", entry.path().display()))?;
+        }
+        Ok(())
     }
 
     /// Keeps this node's copy of a snapshot kept off node, filled with what
@@ -337,6 +385,9 @@ impl Driver {
         }
         tracing::info!(snapshot = %copy.id, bytes = progress.received.load(Ordering::Relaxed), elapsed = ?progress.started.elapsed(), "copy of a snapshot from another node verified and complete");
         drop(running);
+        // Verified storage under the real name and its note, no record: the
+        // next start removes both, the retry copies again.
+        crate::failpoint!("snapshot.copy.received");
         let record = SnapshotRecord {
             schema: Schema,
             id: copy.id,
@@ -614,6 +665,100 @@ mod tests {
         assert_eq!(fs::read_dir(a.path().join("snapshots")).unwrap().count(), 0, "the cut is gone");
         assert!(target.copy_progress(&key).is_none());
         assert_eq!(target.copies.unreceived(), 0);
+    }
+
+    /// Every name in `root`'s volumes/, volume-copies/ and volume records.
+    fn volume_files(root: &std::path::Path) -> Vec<String> {
+        let mut names = Vec::new();
+        for dir in ["volumes", "volume-copies", "meta/volumes"] {
+            for entry in fs::read_dir(root.join(dir)).unwrap() {
+                names.push(format!("{dir}/{}", entry.unwrap().file_name().to_string_lossy()));
+            }
+        }
+        names.sort();
+        names
+    }
+
+    /// Receives `incoming` into `target`, whose process dies after the first
+    /// piece: a panic in the stream stands in for SIGKILL (none of the
+    /// copy's own clean-up on failure runs), then the node starts again.
+    fn die_mid_receive(root: &std::path::Path, key: Key, request: NewVolume, mut incoming: Incoming) -> Driver {
+        let target = test_driver(root);
+        let first = incoming.pieces.next().unwrap();
+        let rest = std::iter::once(()).map(|()| -> Result<Piece> { panic!("the node dies mid-copy") });
+        incoming.pieces = Box::new(std::iter::once(first).chain(rest));
+        let died = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            target.create_volume_from(key, request, incoming)
+        }));
+        assert!(died.is_err(), "the copy reached the kill");
+        drop(target);
+        test_driver(root)
+    }
+
+    #[test]
+    fn a_copy_half_received_when_its_node_died_is_removed_at_the_next_start_without_a_retry() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (source, id) = source_node(a.path());
+        let key = Key::for_name(Kind::Volume, "replica");
+        let request = || loop_request("replica", 8, Some(ContentSource::Volume(id.clone())));
+        let restarted = die_mid_receive(b.path(), key, request(), incoming(export_of(&source, &id)));
+        assert_eq!(volume_files(b.path()), Vec::<String>::new(), "nothing of the copy is left");
+        assert!(restarted.volume(&key).is_err());
+        assert_eq!(restarted.copies.unreceived(), 0);
+        // A retry, if the CO still makes one, starts over.
+        restarted.create_volume_from(key, request(), incoming(export_of(&source, &id))).unwrap();
+        assert_eq!(volume_files(b.path()), [format!("meta/volumes/{key}.json"), format!("volumes/{key}.img")]);
+    }
+
+    #[test]
+    fn a_dir_copy_half_received_when_its_node_died_is_removed_at_the_next_start() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let source = Arc::new(test_driver(a.path()));
+        let primary = Key::for_name(Kind::Volume, "primary");
+        let dir_request = |name: &str, source| NewVolume { layout: Layout::Dir, ..loop_request(name, 8, source) };
+        let id = source.create_volume(primary, dir_request("primary", None)).unwrap().id.clone();
+        for n in 0..4 {
+            fs::write(a.path().join("volumes").join(primary.to_string()).join(format!("f{n}")), [n; 5000]).unwrap();
+        }
+        let key = Key::for_name(Kind::Volume, "replica");
+        let request = dir_request("replica", Some(ContentSource::Volume(id.clone())));
+        let restarted = die_mid_receive(b.path(), key, request, incoming(export_of(&source, &id)));
+        assert_eq!(volume_files(b.path()), Vec::<String>::new(), "nothing of the copy is left");
+        assert!(restarted.volume(&key).is_err());
+    }
+
+    #[test]
+    fn a_copy_verified_but_not_recorded_when_its_node_died_is_removed_at_the_next_start() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (source, id) = source_node(a.path());
+        let key = Key::for_name(Kind::Volume, "replica");
+        let request = loop_request("replica", 8, Some(ContentSource::Volume(id.clone())));
+        let target = test_driver(b.path());
+        target.create_volume_from(key, request, incoming(export_of(&source, &id))).unwrap();
+        // What the fault point volume.received leaves: the storage under
+        // its name and the copy's note, no record (never reported complete).
+        target.volumes.remove(&key).unwrap();
+        write_intent(&b.path().join("volume-copies").join(key.to_string()), BackendKind::Loop).unwrap();
+        drop(target);
+        let restarted = test_driver(b.path());
+        assert_eq!(volume_files(b.path()), Vec::<String>::new());
+        assert!(restarted.volume(&key).is_err());
+    }
+
+    #[test]
+    fn a_recorded_copy_keeps_its_storage_at_the_next_start_and_only_its_note_goes() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (source, id) = source_node(a.path());
+        let key = Key::for_name(Kind::Volume, "replica");
+        let request = loop_request("replica", 8, Some(ContentSource::Volume(id.clone())));
+        let target = test_driver(b.path());
+        target.create_volume_from(key, request, incoming(export_of(&source, &id))).unwrap();
+        // A crash between the record and the note's removal.
+        write_intent(&b.path().join("volume-copies").join(key.to_string()), BackendKind::Loop).unwrap();
+        drop(target);
+        let restarted = test_driver(b.path());
+        assert_eq!(volume_files(b.path()), [format!("meta/volumes/{key}.json"), format!("volumes/{key}.img")]);
+        assert!(restarted.volume(&key).is_ok());
     }
 
     #[test]

@@ -54,7 +54,11 @@ impl Driver {
             return self.snapshots.put(key, SnapshotRecord { id: id.to_string(), ..(*existing).clone() });
         }
         let id = self.off_node_id(key, name, source_id, copy_nodes)?;
-        self.cut_snapshot(key, name, source_id, id.to_string(), true)
+        let record = self.cut_snapshot(key, name, source_id, id.to_string(), true)?;
+        // Recorded as awaiting its copy, not answered: the retry finds the
+        // record and the copy goes on from it.
+        crate::failpoint!("snapshot.awaiting");
+        Ok(record)
     }
 
     /// The id of snapshot `key` of this node with its copy on the first of

@@ -7,7 +7,8 @@
 //! events on the claim:
 //!
 //! 1. It checks the target node (it exists, it is not the volume's node, its
-//!    agent has room for the volume in the claim's class), then records the
+//!    agent has room for the volume in the claim's class), or, for
+//!    `move-to=any` ([`ANY_NODE`]), chooses one, then records the
 //!    move on the old PersistentVolume (a label to find it, an annotation
 //!    with the [`Plan`]) and sets that volume's reclaim policy to `Retain`:
 //!    from here on every step is found again from the cluster's objects, by
@@ -29,8 +30,20 @@
 //! 5. Only then the old PersistentVolume gets its reclaim policy back: with
 //!    `Delete`, Kubernetes deletes the old volume on its node.
 //!
-//! Downtime: one pod restart plus the copy. A started move is not cancelled;
-//! it waits, saying why in events, until it can go on.
+//! Downtime: one pod restart plus the copy.
+//!
+//! **Cancelling.** Until the new PersistentVolume is made (step 4), taking
+//! the label off the claim (or setting it to the volume's own node) cancels
+//! the move: the cancellation is recorded in the [`Plan`] first (the label
+//! goes with the claim, a crash must not forget it), then the old volume is
+//! bound in advance to the claim's name (without the old claim's uid) and
+//! the finalizer comes off, so whoever makes the claim again gets the old
+//! volume back; the copy, whole or partial, is deleted through the router,
+//! and the old volume gets its reclaim policy back (event `MoveCancelled`).
+//! Once the new PersistentVolume exists the claim is about to be bound to
+//! it: the label is no longer read, the move finishes (event
+//! `MoveNotCancelled`), and moving back is a move of its own. Otherwise a
+//! started move waits, saying why in events, until it can go on.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -45,12 +58,19 @@ use tonic::Code;
 
 use crate::config::TOPOLOGY_NODE_KEY;
 use crate::csi;
-use crate::ids::ObjectId;
+use crate::ids::{Kind, ObjectId};
+use crate::routing::agents::AgentClient;
 use crate::routing::kube::{self, EventType, Involved, KubeApi};
+use crate::routing::placement::Owner;
 use crate::routing::router::Router;
 
 /// The label that asks for a claim's volume to be moved, to the node it names.
 pub const MOVE_TO_LABEL: &str = "loam.csi.dev/move-to";
+/// The [`MOVE_TO_LABEL`] value that lets the controller choose the node:
+/// Ready, schedulable, running a Loam agent with room for the volume, not
+/// the volume's node, the one with the most room. It always means that,
+/// even in a cluster with a node of that name.
+pub const ANY_NODE: &str = "any";
 /// The label on a PersistentVolume whose move is under way.
 pub const MOVING_LABEL: &str = "loam.csi.dev/moving";
 /// The annotation on that PersistentVolume that holds the move's [`Plan`].
@@ -83,6 +103,10 @@ pub struct Plan {
     pub reclaim: String,
     /// The name of the new PersistentVolume, and of the copy's CSI volume.
     pub volume: String,
+    /// The move was cancelled before the new PersistentVolume was made: the
+    /// claim goes back to the old volume.
+    #[serde(default)]
+    pub cancelled: bool,
 }
 
 /// Where a move stands after one pass.
@@ -94,6 +118,9 @@ pub enum Stage {
     Blocked(String),
     /// It is finished.
     Done,
+    /// It was cancelled: the claim is bound to the old volume again, the
+    /// copy is deleted.
+    Cancelled,
 }
 
 /// A boxed future, for [`Nodes`].
@@ -106,6 +133,9 @@ pub trait Nodes: Send + Sync {
     -> Pending<'a, Result<i64, String>>;
     /// Creates the copy `request` asks for, as the controller's CreateVolume.
     fn copy(&self, request: csi::CreateVolumeRequest) -> Pending<'_, Result<csi::Volume, tonic::Status>>;
+    /// Deletes the volume `id`, as the controller's DeleteVolume (a volume
+    /// that does not exist is deleted already).
+    fn delete(&self, id: String) -> Pending<'_, Result<(), tonic::Status>>;
 }
 
 impl Nodes for Router {
@@ -132,6 +162,14 @@ impl Nodes for Router {
             answer.volume.ok_or_else(|| tonic::Status::internal("CreateVolume answered without a volume"))
         })
     }
+
+    fn delete(&self, id: String) -> Pending<'_, Result<(), tonic::Status>> {
+        Box::pin(async move {
+            let request = csi::DeleteVolumeRequest { volume_id: id.clone(), ..Default::default() };
+            let call = |mut client: AgentClient, r| async move { client.delete_volume(r).await };
+            self.to_owner(Owner::of(&id), "DeleteVolume", request, call).await.map(drop).map_err(tonic::Status::from)
+        })
+    }
 }
 
 /// The reconciler of moves.
@@ -139,9 +177,9 @@ pub struct Moves {
     api: Arc<KubeApi>,
     nodes: Arc<dyn Nodes>,
     driver_name: String,
-    /// The last reason each blocked move (by claim) was reported with: an
-    /// event per new reason, not one per sweep.
-    blocked: Mutex<BTreeMap<String, String>>,
+    /// The last message each move that cannot go on as asked (by claim) was
+    /// reported with: an event per new message, not one per sweep.
+    reported: Mutex<BTreeMap<String, String>>,
 }
 
 impl std::fmt::Debug for Moves {
@@ -166,7 +204,7 @@ impl Moves {
     /// Moves the claims of `driver_name`'s volumes through `api`, asking
     /// `nodes` for room and copies.
     pub fn new(api: Arc<KubeApi>, nodes: Arc<dyn Nodes>, driver_name: String) -> Moves {
-        Moves { api, nodes, driver_name, blocked: Mutex::default() }
+        Moves { api, nodes, driver_name, reported: Mutex::default() }
     }
 
     /// Sweeps every `every` until the task is dropped.
@@ -228,7 +266,7 @@ impl Moves {
             match &stage {
                 Stage::Waiting(why) => tracing::debug!(volume = %name, %why, "move waits"),
                 Stage::Blocked(why) => tracing::warn!(volume = %name, %why, "move blocked"),
-                Stage::Done => {}
+                Stage::Done | Stage::Cancelled => {}
             }
             stages.insert(name, stage);
         }
@@ -240,7 +278,7 @@ impl Moves {
     async fn start(&self, claim: &Value) -> Result<(), String> {
         let namespace = claim["metadata"]["namespace"].as_str().unwrap_or_default();
         let name = claim["metadata"]["name"].as_str().unwrap_or_default();
-        let to = claim["metadata"]["labels"][MOVE_TO_LABEL].as_str().unwrap_or_default();
+        let asked = claim["metadata"]["labels"][MOVE_TO_LABEL].as_str().unwrap_or_default();
         if !claim["metadata"]["deletionTimestamp"].is_null() {
             return Ok(());
         }
@@ -263,19 +301,6 @@ impl Moves {
         let Some(id) = pv["spec"]["csi"]["volumeHandle"].as_str().and_then(ObjectId::parse) else {
             return self.refuse(claim, &format!("volume {pv_name} has a volume handle Loam did not make")).await;
         };
-        if id.node == to {
-            let message = format!("the volume of claim {name} is on node {to} already; nothing was moved");
-            return self.refuse(claim, &message).await;
-        }
-        match self.api.call(Method::GET, &format!("/api/v1/nodes/{to}"), None).await? {
-            (200, _) => {}
-            (404, _) => {
-                let message = format!("node {to} is not a node of this cluster; label the claim with a node's name");
-                return self.refuse(claim, &message).await;
-            }
-            (status, answer) => return Err(unexpected("reading the target node", status, &answer)),
-        }
-        let needed = kube_quantity(&pv["spec"]["capacity"]["storage"]);
         let class = pv["spec"]["storageClassName"].as_str().unwrap_or_default();
         let parameters =
             match self.api.call(Method::GET, &format!("/apis/storage.k8s.io/v1/storageclasses/{class}"), None).await? {
@@ -286,19 +311,53 @@ impl Moves {
                     })
                     .unwrap_or_default(),
                 (404, _) => {
-                    let message = format!("the volume's StorageClass {class:?} is gone: the copy on {to} needs it");
+                    let message = format!("the volume's StorageClass {class:?} is gone: the copy needs it");
                     return self.refuse(claim, &message).await;
                 }
                 (status, answer) => return Err(unexpected("reading the StorageClass", status, &answer)),
             };
-        let available = self.nodes.available(to, parameters).await.map_err(|e| format!("asking node {to}: {e}"))?;
-        if needed.is_none_or(|needed| needed > available) {
-            let message = format!(
-                "node {to} has {available} bytes free for class {class}; the volume needs {}",
-                pv["spec"]["capacity"]["storage"]
-            );
-            return self.refuse(claim, &message).await;
-        }
+        let needed = kube_quantity(&pv["spec"]["capacity"]["storage"]);
+        let chosen;
+        let to = if asked == ANY_NODE {
+            match self.choose_node(claim, &id.node, class, &parameters, needed).await? {
+                Ok(node) => {
+                    chosen = node;
+                    chosen.as_str()
+                }
+                Err(why) => {
+                    let message = format!("no node can take the volume of claim {name} now: {why}; tried every sweep");
+                    let involved = Involved { kind: "PersistentVolumeClaim", namespace, name, uid: uid(claim) };
+                    self.report_once_on(involved, EventType::Warning, "MoveBlocked", &message).await;
+                    return Ok(());
+                }
+            }
+        } else {
+            if id.node == asked {
+                let message = format!("the volume of claim {name} is on node {asked} already; nothing was moved");
+                return self.refuse(claim, &message).await;
+            }
+            match self.api.call(Method::GET, &format!("/api/v1/nodes/{asked}"), None).await? {
+                (200, _) => {}
+                (404, _) => {
+                    let message = format!(
+                        "node {asked} is not a node of this cluster; label the claim with a node's name, or \
+                         {MOVE_TO_LABEL}={ANY_NODE}"
+                    );
+                    return self.refuse(claim, &message).await;
+                }
+                (status, answer) => return Err(unexpected("reading the target node", status, &answer)),
+            }
+            let available =
+                self.nodes.available(asked, parameters).await.map_err(|e| format!("asking node {asked}: {e}"))?;
+            if needed.is_none_or(|needed| needed > available) {
+                let message = format!(
+                    "node {asked} has {available} bytes free for class {class}; the volume needs {}",
+                    pv["spec"]["capacity"]["storage"]
+                );
+                return self.refuse(claim, &message).await;
+            }
+            asked
+        };
         let plan = Plan {
             to: to.to_owned(),
             from: id.node.clone(),
@@ -308,6 +367,7 @@ impl Moves {
             template: claim_template(claim),
             reclaim: pv["spec"]["persistentVolumeReclaimPolicy"].as_str().unwrap_or("Delete").to_owned(),
             volume: new_volume_name(pv_name, to, uid(claim)),
+            cancelled: false,
         };
         let record = json!({
             "metadata": {
@@ -323,9 +383,15 @@ impl Moves {
             (status, answer) => return Err(unexpected("recording the move on the volume", status, &answer)),
         }
         let message = format!(
-            "moving the volume from node {} to node {to}: the claim and its pods are deleted and the claim made again \
-             with the same name, bound to a copy on {to}; its pods start there once the copy is complete and verified",
-            id.node
+            "moving the volume from node {} to node {to}{}: the claim and its pods are deleted and the claim made \
+             again with the same name, bound to a copy on {to}; its pods start there once the copy is complete and \
+             verified",
+            id.node,
+            if asked == ANY_NODE {
+                " (chosen by the controller: the most room of the nodes that can take it)"
+            } else {
+                ""
+            }
         );
         tracing::info!(%namespace, claim = %name, volume = %pv_name, from = %id.node, %to, "{message}");
         self.event(&plan, uid(claim), EventType::Normal, "MoveStarted", &message).await;
@@ -355,9 +421,15 @@ impl Moves {
             (404, _) => None,
             (status, answer) => return Err(unexpected("reading the claim", status, &answer)),
         };
+        if plan.cancelled {
+            return self.cancel(old_pv, plan, claim).await;
+        }
         match claim {
             // Steps 2 to 4: the old claim, held while its volume is copied.
             Some(old) if uid(&old) == plan.claim_uid => {
+                if let Some(stage) = self.asked_to_cancel(old_pv, plan, &old).await? {
+                    return Ok(stage);
+                }
                 let finalizers: Vec<&str> =
                     old["metadata"]["finalizers"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
                 let terminating = !old["metadata"]["deletionTimestamp"].is_null();
@@ -396,7 +468,7 @@ impl Moves {
                 if let Some(stage) = self.new_volume(old_pv, plan, &Value::Null).await? {
                     return Ok(stage);
                 }
-                let made = self.create(&claim_path(&plan.namespace, ""), &claim_object(plan)).await?;
+                let made = self.create(&claim_path(&plan.namespace, ""), &claim_object(plan, &plan.volume)).await?;
                 Ok(Stage::Waiting(format!(
                     "claim {} was made again{}",
                     plan.claim,
@@ -417,6 +489,159 @@ impl Moves {
                 _ => Ok(Stage::Waiting(format!("claim {} binds to volume {}", plan.claim, plan.volume))),
             },
         }
+    }
+
+    /// Reads the old claim's label while the move can still be cancelled:
+    /// taken off or set to the volume's node, the cancellation is recorded
+    /// on the old volume (the stage to report then); once the new volume
+    /// exists it is too late, which an event says.
+    async fn asked_to_cancel(&self, old_pv: &Value, plan: &Plan, old: &Value) -> Result<Option<Stage>, String> {
+        let old_name = old_pv["metadata"]["name"].as_str().unwrap_or_default();
+        let asked = old["metadata"]["labels"][MOVE_TO_LABEL].as_str();
+        if asked == Some(plan.to.as_str()) || asked == Some(ANY_NODE) {
+            return Ok(None);
+        }
+        if let Some(other) = asked.filter(|node| *node != plan.from) {
+            let message = format!(
+                "the claim is labelled {MOVE_TO_LABEL}={other}, but its move to node {} goes on: a started move is \
+                 not redirected; take the label off to cancel it, then label the claim again",
+                plan.to
+            );
+            self.report_once(plan, uid(old), EventType::Warning, "MoveGoesOn", &message).await;
+            return Ok(None);
+        }
+        let made = match self.api.call(Method::GET, &volume_path(&plan.volume), None).await? {
+            (200, _) => true,
+            (404, _) => false,
+            (status, answer) => return Err(unexpected("reading the new volume", status, &answer)),
+        };
+        if made {
+            let message = format!(
+                "the {MOVE_TO_LABEL} label was taken off after the copy's volume {} was made on node {}: the move \
+                 can no longer be cancelled and finishes; to go back, label the claim {MOVE_TO_LABEL}={} once it \
+                 is done",
+                plan.volume, plan.to, plan.from
+            );
+            self.report_once(plan, uid(old), EventType::Warning, "MoveNotCancelled", &message).await;
+            return Ok(None);
+        }
+        let cancelled = Plan { cancelled: true, ..plan.clone() };
+        let record = json!({ "metadata": {
+            "annotations": { PLAN_ANNOTATION: serde_json::to_string(&cancelled).map_err(|e| e.to_string())? },
+            "resourceVersion": old_pv["metadata"]["resourceVersion"],
+        } });
+        self.patch(&volume_path(old_name), &record, "recording the move's cancellation").await?;
+        tracing::info!(namespace = %plan.namespace, claim = %plan.claim, to = %plan.to, "the move is cancelled: the claim goes back to its volume");
+        Ok(Some(Stage::Waiting(format!("the move of claim {} is cancelled", plan.claim))))
+    }
+
+    /// A cancelled move, as far as the cluster lets it go now: the claim
+    /// bound to the old volume again (made again if it was deleted), then
+    /// the copy deleted, then the old volume's reclaim policy back.
+    async fn cancel(&self, old_pv: &Value, plan: &Plan, claim: Option<Value>) -> Result<Stage, String> {
+        let old_name = old_pv["metadata"]["name"].as_str().unwrap_or_default();
+        let path = claim_path(&plan.namespace, &plan.claim);
+        let claim_uid = match claim {
+            Some(old) if uid(&old) == plan.claim_uid => {
+                let terminating = !old["metadata"]["deletionTimestamp"].is_null();
+                if terminating {
+                    self.bind_to_name(old_pv, plan).await?;
+                }
+                let finalizers: Vec<&str> =
+                    old["metadata"]["finalizers"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+                let labelled = !old["metadata"]["labels"][MOVE_TO_LABEL].is_null();
+                if finalizers.contains(&FINALIZER) || labelled {
+                    let released: Vec<&str> = finalizers.into_iter().filter(|f| *f != FINALIZER).collect();
+                    let release = json!({ "metadata": {
+                        "labels": { MOVE_TO_LABEL: null },
+                        "finalizers": released,
+                        "resourceVersion": old["metadata"]["resourceVersion"],
+                    } });
+                    self.patch(&path, &release, "letting the claim go").await?;
+                }
+                if terminating {
+                    // Deleted, it cannot come back: it goes once its pods
+                    // stop, and is made again bound to the old volume.
+                    self.stop_pods(plan).await?;
+                    return Ok(Stage::Waiting(format!(
+                        "claim {} goes, to be made again bound to {old_name}",
+                        plan.claim
+                    )));
+                }
+                // Never deleted: it is still bound to the old volume.
+                plan.claim_uid.clone()
+            }
+            None => {
+                self.bind_to_name(old_pv, plan).await?;
+                self.create(&claim_path(&plan.namespace, ""), &claim_object(plan, old_name)).await?;
+                return Ok(Stage::Waiting(format!("claim {} was made again, bound to {old_name}", plan.claim)));
+            }
+            Some(claim) => match claim["spec"]["volumeName"].as_str() {
+                Some(volume) if volume == old_name && is_bound(&claim) => uid(&claim).to_owned(),
+                Some(volume) if volume != old_name => {
+                    let message = format!(
+                        "the move was cancelled, but claim {} was made again meanwhile and is bound to volume \
+                         {volume}; the old volume {old_name} is kept (reclaim policy Retain) with the data on node {}",
+                        plan.claim, plan.from
+                    );
+                    self.report_blocked(plan, uid(&claim), &message).await;
+                    return Ok(Stage::Blocked(message));
+                }
+                _ => {
+                    self.bind_to_name(old_pv, plan).await?;
+                    return Ok(Stage::Waiting(format!("claim {} binds to volume {old_name}", plan.claim)));
+                }
+            },
+        };
+        // The copy was never handed to a PersistentVolume: nothing else
+        // deletes it. A copy still running holds it (ABORTED) until it ends.
+        let copy = ObjectId::for_name(Kind::Volume, &plan.volume, &plan.to).to_string();
+        match self.nodes.delete(copy.clone()).await {
+            Ok(()) => {}
+            Err(status) if status.code() == Code::Aborted => {
+                return Ok(Stage::Waiting(format!("the copy {copy} is deleted once it stops: {}", status.message())));
+            }
+            Err(status) => {
+                let message = format!(
+                    "the move was cancelled and the claim is bound to its volume {old_name} again, but the copy \
+                     {copy} on node {} cannot be deleted ({:?}: {}); it is tried again every sweep",
+                    plan.to,
+                    status.code(),
+                    status.message()
+                );
+                self.report_blocked(plan, &claim_uid, &message).await;
+                return Ok(Stage::Blocked(message));
+            }
+        }
+        let message = format!(
+            "the move to node {} was cancelled before the copy's volume was made: the claim is bound to its volume \
+             {old_name} on node {} again; the copy {copy} was deleted",
+            plan.to, plan.from
+        );
+        tracing::info!(namespace = %plan.namespace, claim = %plan.claim, "{message}");
+        self.event(plan, &claim_uid, EventType::Normal, "MoveCancelled", &message).await;
+        let finish = json!({
+            "metadata": { "labels": { MOVING_LABEL: null }, "annotations": { PLAN_ANNOTATION: null } },
+            "spec": { "persistentVolumeReclaimPolicy": plan.reclaim },
+        });
+        self.patch(&volume_path(old_name), &finish, "giving the old volume its reclaim policy back").await?;
+        Ok(Stage::Cancelled)
+    }
+
+    /// Binds the old volume in advance to the claim's name, without the uid
+    /// of the claim the move deleted: whoever makes the claim again (its
+    /// StatefulSet, or the cancel) gets it from the volume binder. A volume
+    /// bound to another claim of that name meanwhile is left alone.
+    async fn bind_to_name(&self, old_pv: &Value, plan: &Plan) -> Result<(), String> {
+        if old_pv["spec"]["claimRef"]["uid"].as_str() != Some(plan.claim_uid.as_str()) {
+            return Ok(());
+        }
+        let old_name = old_pv["metadata"]["name"].as_str().unwrap_or_default();
+        let unbind = json!({
+            "metadata": { "resourceVersion": old_pv["metadata"]["resourceVersion"] },
+            "spec": { "claimRef": { "uid": null, "resourceVersion": null } },
+        });
+        self.patch(&volume_path(old_name), &unbind, "binding the old volume to the claim's name").await
     }
 
     /// Step 3 and the start of 4: the copy on the target node and its
@@ -499,11 +724,7 @@ impl Moves {
                 (status, answer) => return Err(unexpected("listing pods", status, &answer)),
             };
         for pod in pods["items"].as_array().into_iter().flatten() {
-            let uses = pod["spec"]["volumes"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .any(|v| v["persistentVolumeClaim"]["claimName"].as_str() == Some(plan.claim.as_str()));
+            let uses = uses(pod, &plan.claim);
             let scheduled = pod["spec"]["nodeName"].as_str().is_some_and(|n| !n.is_empty());
             let Some(name) = pod["metadata"]["name"].as_str() else { continue };
             if uses && scheduled && pod["metadata"]["deletionTimestamp"].is_null() {
@@ -543,12 +764,83 @@ impl Moves {
         }
     }
 
+    /// The node a claim labelled [`ANY_NODE`] moves to: of the nodes that
+    /// are Ready, not cordoned, without a NoSchedule or NoExecute taint the
+    /// claim's pods do not tolerate, not the volume's node `from` and whose
+    /// agent answers with room for the volume (`needed` bytes in `class`),
+    /// the one with the most room (ties: the first by name). None: why
+    /// each node cannot, in words.
+    async fn choose_node(
+        &self,
+        claim: &Value,
+        from: &str,
+        class: &str,
+        parameters: &BTreeMap<String, String>,
+        needed: Option<i64>,
+    ) -> Result<Result<String, String>, String> {
+        let nodes = match self.api.call(Method::GET, "/api/v1/nodes", None).await? {
+            (200, nodes) => nodes,
+            (status, answer) => return Err(unexpected("listing nodes", status, &answer)),
+        };
+        let namespace = claim["metadata"]["namespace"].as_str().unwrap_or_default();
+        let claim_name = claim["metadata"]["name"].as_str().unwrap_or_default();
+        let pods = match self.api.call(Method::GET, &format!("/api/v1/namespaces/{namespace}/pods"), None).await? {
+            (200, pods) => pods,
+            (status, answer) => return Err(unexpected("listing pods", status, &answer)),
+        };
+        let users: Vec<&Value> =
+            pods["items"].as_array().into_iter().flatten().filter(|pod| uses(pod, claim_name)).collect();
+        let mut names: Vec<&Value> = nodes["items"].as_array().into_iter().flatten().collect();
+        names.sort_by_key(|node| node["metadata"]["name"].as_str().unwrap_or_default().to_owned());
+        let mut best: Option<(i64, String)> = None;
+        let mut why = Vec::new();
+        for node in names {
+            let name = node["metadata"]["name"].as_str().unwrap_or_default();
+            if name == from {
+                why.push(format!("{name} is the volume's node"));
+                continue;
+            }
+            if let Some(unfit) = unschedulable(node, &users) {
+                why.push(format!("{name} {unfit}"));
+                continue;
+            }
+            match self.nodes.available(name, parameters.clone()).await {
+                Err(e) => why.push(format!("{name}: no Loam agent answers ({e})")),
+                Ok(free) if needed.is_none_or(|needed| needed > free) => {
+                    why.push(format!("{name} has {free} bytes free for class {class}"));
+                }
+                Ok(free) => {
+                    if best.as_ref().is_none_or(|(most, _)| free > *most) {
+                        best = Some((free, name.to_owned()));
+                    }
+                }
+            }
+        }
+        Ok(match best {
+            Some((_, node)) => Ok(node),
+            None if why.is_empty() => Err("the cluster lists no nodes".to_owned()),
+            None => Err(format!("the volume needs {} bytes; {}", needed.unwrap_or_default(), why.join("; "))),
+        })
+    }
+
     /// A Warning event `MoveBlocked`, once per reason.
     async fn report_blocked(&self, plan: &Plan, claim_uid: &str, message: &str) {
-        let claim = format!("{}/{}", plan.namespace, plan.claim);
-        let new = self.blocked.lock().unwrap_or_else(PoisonError::into_inner).insert(claim, message.to_owned());
+        self.report_once(plan, claim_uid, EventType::Warning, "MoveBlocked", message).await;
+    }
+
+    /// An event on the claim, unless the last one reported for it said the same.
+    async fn report_once(&self, plan: &Plan, claim_uid: &str, kind: EventType, reason: &str, message: &str) {
+        let involved =
+            Involved { kind: "PersistentVolumeClaim", namespace: &plan.namespace, name: &plan.claim, uid: claim_uid };
+        self.report_once_on(involved, kind, reason, message).await;
+    }
+
+    async fn report_once_on(&self, involved: Involved<'_>, kind: EventType, reason: &str, message: &str) {
+        let claim = format!("{}/{}", involved.namespace, involved.name);
+        let new = self.reported.lock().unwrap_or_else(PoisonError::into_inner).insert(claim, message.to_owned());
         if new.as_deref() != Some(message) {
-            self.event(plan, claim_uid, EventType::Warning, "MoveBlocked", message).await;
+            let namespace = involved.namespace.to_owned();
+            self.post_event(&namespace, kube::event(involved, kind, reason, message)).await;
         }
     }
 

@@ -83,14 +83,15 @@ pub(super) fn kube_quantity(quantity: &Value) -> Option<i64> {
     crate::quantity::parse(text).ok().and_then(|n| i64::try_from(n).ok())
 }
 
-/// The claim made again: the template, bound in advance to the new volume.
-pub(super) fn claim_object(plan: &Plan) -> Value {
+/// The claim made again: the template, bound in advance to `volume` (the
+/// copy's, or the old one's when the move was cancelled).
+pub(super) fn claim_object(plan: &Plan, volume: &str) -> Value {
     let mut claim = plan.template.clone();
     claim["apiVersion"] = json!("v1");
     claim["kind"] = json!("PersistentVolumeClaim");
     claim["metadata"]["name"] = json!(plan.claim);
     claim["metadata"]["namespace"] = json!(plan.namespace);
-    claim["spec"]["volumeName"] = json!(plan.volume);
+    claim["spec"]["volumeName"] = json!(volume);
     claim
 }
 
@@ -195,5 +196,51 @@ pub(super) fn new_volume_object(old_pv: &Value, plan: &Plan, copy: &csi::Volume,
             "finalizers": old_pv["metadata"]["finalizers"],
         },
         "spec": spec,
+    })
+}
+
+/// Whether `pod` mounts the claim `claim`.
+pub(super) fn uses(pod: &Value, claim: &str) -> bool {
+    pod["spec"]["volumes"].as_array().into_iter().flatten().any(|v| v["persistentVolumeClaim"]["claimName"] == claim)
+}
+
+/// Why a move may not choose `node` for the claim the pods `users` mount
+/// (not Ready, cordoned, a taint they do not tolerate: with no pods, none
+/// is known to tolerate one); none when it may.
+pub(super) fn unschedulable(node: &Value, users: &[&Value]) -> Option<String> {
+    let ready = node["status"]["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|c| c["type"] == "Ready" && c["status"] == "True");
+    if !ready {
+        return Some("is not Ready".to_owned());
+    }
+    if node["spec"]["unschedulable"] == true {
+        return Some("is cordoned".to_owned());
+    }
+    let repels = |taint: &&Value| matches!(taint["effect"].as_str(), Some("NoSchedule" | "NoExecute"));
+    for taint in node["spec"]["taints"].as_array().into_iter().flatten().filter(repels) {
+        if users.is_empty() || !users.iter().all(|pod| tolerates(pod, taint)) {
+            let key = taint["key"].as_str().unwrap_or_default();
+            let value = taint["value"].as_str().map(|v| format!("={v}")).unwrap_or_default();
+            let effect = taint["effect"].as_str().unwrap_or_default();
+            return Some(format!("has the taint {key}{value}:{effect}, which the claim's pods do not tolerate"));
+        }
+    }
+    None
+}
+
+/// Whether one of `pod`'s tolerations matches `taint`, as the scheduler
+/// matches them (an empty key with `Exists` matches every taint; an empty
+/// effect every effect; `Equal`, the default, compares the values).
+fn tolerates(pod: &Value, taint: &Value) -> bool {
+    pod["spec"]["tolerations"].as_array().into_iter().flatten().any(|t| {
+        let exists = t["operator"] == "Exists";
+        let key = t["key"].as_str().unwrap_or_default();
+        let effect = t["effect"].as_str().unwrap_or_default();
+        (key.is_empty() && exists || t["key"] == taint["key"])
+            && (effect.is_empty() || t["effect"] == taint["effect"])
+            && (exists || t["value"].as_str().unwrap_or_default() == taint["value"].as_str().unwrap_or_default())
     })
 }

@@ -37,8 +37,10 @@ struct Cluster {
     owner_makes_claims: bool,
     /// Events' reasons and messages, in order.
     events: Vec<(String, String)>,
-    /// Mutating requests so far, and which one fails how.
+    /// Mutating requests so far ("METHOD path", in order), and which one
+    /// fails how.
     mutations: usize,
+    log: Vec<String>,
     fail: Option<(usize, Failure)>,
 }
 
@@ -86,6 +88,7 @@ impl Cluster {
         // are not among the requests failed on purpose.
         if method != "GET" && !path.ends_with("/events") {
             self.mutations += 1;
+            self.log.push(format!("{method} {path}"));
             if let Some((n, failure)) = self.fail
                 && n == self.mutations
             {
@@ -224,20 +227,37 @@ impl Cluster {
     }
 
     /// The volume binder: pre-bound pairs bind; volumes of claims gone are
-    /// released.
+    /// released. A volume bound in advance to a claim's name (no uid) while
+    /// a claim of that name is bound to it makes that claim `Lost` and the
+    /// volume `Available` for the next claim of the name, as Kubernetes'
+    /// binder does (`syncBoundClaim`, `syncVolume`).
     fn bind(&mut self) {
         let claims: Vec<(String, Value)> = self.claims().map(|(p, c)| (p.clone(), c.clone())).collect();
         let volumes: Vec<(String, Value)> = self.volumes().map(|(p, v)| (p.clone(), v.clone())).collect();
         for (vpath, pv) in volumes {
             let r = &pv["spec"]["claimRef"];
+            if r.is_null() {
+                continue;
+            }
             let claim = claims.iter().find(|(_, c)| {
                 c["metadata"]["name"] == r["name"]
                     && c["metadata"]["namespace"] == r["namespace"]
                     && (r["uid"].is_null() || c["metadata"]["uid"] == r["uid"])
             });
             match claim {
-                // Pre-bound by name: the binder gives the volume to the claim.
-                Some((cpath, c)) if c["spec"]["volumeName"].is_null() && pv["status"]["phase"] != "Bound" => {
+                Some((cpath, c)) if r["uid"].is_null() && c["status"]["phase"] == "Bound" => {
+                    if c["spec"]["volumeName"] == pv["metadata"]["name"] {
+                        self.objects.get_mut(cpath).unwrap()["status"] = json!({ "phase": "Lost" });
+                    }
+                    self.objects.get_mut(&vpath).unwrap()["status"] = json!({ "phase": "Available" });
+                }
+                // Pre-bound (by name, or a claim naming the volume): it binds.
+                // A claim once bound is never bound again (`Lost` is final).
+                Some((cpath, c))
+                    if pv["status"]["phase"] != "Bound"
+                        && c["status"]["phase"] == "Pending"
+                        && (c["spec"]["volumeName"].is_null() || c["spec"]["volumeName"] == pv["metadata"]["name"]) =>
+                {
                     let uid = c["metadata"]["uid"].clone();
                     let v = self.objects.get_mut(&vpath).unwrap();
                     v["spec"]["claimRef"]["uid"] = uid;
@@ -246,14 +266,10 @@ impl Cluster {
                     claim["spec"]["volumeName"] = pv["metadata"]["name"].clone();
                     claim["status"] = json!({ "phase": "Bound" });
                 }
-                Some((cpath, c)) if c["spec"]["volumeName"] == pv["metadata"]["name"] => {
-                    let uid = c["metadata"]["uid"].clone();
-                    let v = self.objects.get_mut(&vpath).unwrap();
-                    v["spec"]["claimRef"]["uid"] = uid;
-                    v["status"] = json!({ "phase": "Bound" });
-                    self.objects.get_mut(cpath).unwrap()["status"] = json!({ "phase": "Bound" });
+                None if r["uid"].is_null() && pv["status"]["phase"] != "Available" => {
+                    self.objects.get_mut(&vpath).unwrap()["status"] = json!({ "phase": "Available" });
                 }
-                None if !r.is_null() && pv["status"]["phase"] == "Bound" => {
+                None if pv["status"]["phase"] == "Bound" => {
                     self.objects.get_mut(&vpath).unwrap()["status"] = json!({ "phase": "Released" });
                 }
                 _ => {}
@@ -382,6 +398,8 @@ fn cluster_moving_to(to: &str) -> Cluster {
 /// before they are done, idempotent by name.
 struct FakeNodes {
     room: i64,
+    /// The room of nodes that have other than `room`; none: no agent.
+    rooms: BTreeMap<String, Option<i64>>,
     calls_per_copy: usize,
     state: Mutex<NodesState>,
 }
@@ -396,16 +414,37 @@ struct NodesState {
     copies: Vec<(String, String)>,
     /// The requests, the last by name.
     requests: BTreeMap<String, csi::CreateVolumeRequest>,
+    /// Ids of the volumes copies made, whole or partial, not deleted.
+    stored: std::collections::BTreeSet<String>,
+    /// Ids of the volumes deleted, in order.
+    deleted: Vec<String>,
+}
+
+impl FakeNodes {
+    /// The volume id a copy named `name` gets on `node`.
+    fn id_of(name: &str, node: &str) -> String {
+        crate::ids::ObjectId::for_name(crate::ids::Kind::Volume, name, node).to_string()
+    }
 }
 
 impl Nodes for FakeNodes {
-    fn available<'a>(&'a self, _: &'a str, parameters: BTreeMap<String, String>) -> Pending<'a, Result<i64, String>> {
+    fn available<'a>(
+        &'a self,
+        node: &'a str,
+        parameters: BTreeMap<String, String>,
+    ) -> Pending<'a, Result<i64, String>> {
         self.state.lock().unwrap().asked.push(parameters);
-        Box::pin(async move { Ok(self.room) })
+        let room = self.rooms.get(node).copied().unwrap_or(Some(self.room));
+        Box::pin(async move { room.ok_or_else(|| format!("no agent on node {node}")) })
     }
 
     fn copy(&self, request: csi::CreateVolumeRequest) -> Pending<'_, Result<csi::Volume, tonic::Status>> {
         let mut state = self.state.lock().unwrap();
+        let node =
+            request.accessibility_requirements.as_ref().unwrap().requisite[0].segments[TOPOLOGY_NODE_KEY].clone();
+        let id = FakeNodes::id_of(&request.name, &node);
+        // Partial storage from the first call on, as a receiving node has.
+        state.stored.insert(id.clone());
         let calls = state.calls.entry(request.name.clone()).or_default();
         *calls += 1;
         let answer = if *calls < self.calls_per_copy {
@@ -416,9 +455,6 @@ impl Nodes for FakeNodes {
             else {
                 panic!("a copy without a source volume: {request:?}")
             };
-            let node =
-                request.accessibility_requirements.as_ref().unwrap().requisite[0].segments[TOPOLOGY_NODE_KEY].clone();
-            let id = format!("{}@{node}", crate::ids::Key::for_name(crate::ids::Kind::Volume, &request.name));
             if *calls == self.calls_per_copy {
                 state.copies.push((source.volume_id.clone(), node));
             }
@@ -432,6 +468,30 @@ impl Nodes for FakeNodes {
         state.requests.insert(request.name.clone(), request);
         Box::pin(async move { answer })
     }
+
+    /// A copy still running holds its volume: ABORTED until it ends (each
+    /// call takes as long as a CreateVolume call does).
+    fn delete(&self, id: String) -> Pending<'_, Result<(), tonic::Status>> {
+        let mut state = self.state.lock().unwrap();
+        let name = state.requests.keys().find(|name| {
+            let node = &state.requests[*name].accessibility_requirements.as_ref().unwrap().requisite[0].segments
+                [TOPOLOGY_NODE_KEY];
+            FakeNodes::id_of(name, node) == id
+        });
+        let answer = match name.cloned() {
+            Some(name) if state.calls[&name] < self.calls_per_copy => {
+                *state.calls.get_mut(&name).unwrap() += 1;
+                Err(tonic::Status::aborted("an operation on volume is already in progress"))
+            }
+            _ => {
+                if state.stored.remove(&id) {
+                    state.deleted.push(id);
+                }
+                Ok(())
+            }
+        };
+        Box::pin(async move { answer })
+    }
 }
 
 async fn moves_for(cluster: &Arc<Mutex<Cluster>>, room: i64, dir: &std::path::Path) -> (Moves, Arc<FakeNodes>) {
@@ -439,7 +499,7 @@ async fn moves_for(cluster: &Arc<Mutex<Cluster>>, room: i64, dir: &std::path::Pa
     let port =
         fake::serve_with(dir, Arc::new(move |call: &str, body: &Value| model.lock().unwrap().handle(call, body))).await;
     let api = Arc::new(KubeApi::at("127.0.0.1".into(), port, dir).unwrap());
-    let nodes = Arc::new(FakeNodes { room, calls_per_copy: 3, state: Mutex::default() });
+    let nodes = Arc::new(FakeNodes { room, rooms: BTreeMap::new(), calls_per_copy: 3, state: Mutex::default() });
     (Moves::new(api, nodes.clone(), "loam.csi.dev".into()), nodes)
 }
 
@@ -637,4 +697,369 @@ async fn a_claim_bound_elsewhere_meanwhile_stops_the_move_and_keeps_the_old_volu
     assert_eq!(blocked, 1, "one event for a reason, not one per sweep");
     assert!(c.deleted_volumes.is_empty(), "the old volume is kept");
     assert_eq!(c.objects[&volume_path("pv-a")]["spec"]["persistentVolumeReclaimPolicy"], "Retain");
+}
+
+/// How an operator takes a move back.
+#[derive(Debug, Clone, Copy)]
+enum Cancel {
+    /// `kubectl label pvc data-db-1 loam.csi.dev/move-to-`
+    Unlabel,
+    /// `kubectl label pvc data-db-1 --overwrite loam.csi.dev/move-to=node-a`
+    BackToItsNode,
+}
+
+/// Cancels the move on the claim the move started with, if it is still there.
+fn cancel(c: &mut Cluster, how: Cancel) {
+    let Some(claim) = c.objects.get_mut(&claim_path("db", "data-db-1")) else { return };
+    if claim["metadata"]["uid"] != "uid-claim" {
+        return;
+    }
+    let labels = claim["metadata"]["labels"].as_object_mut().unwrap();
+    match how {
+        Cancel::Unlabel => labels.remove(MOVE_TO_LABEL),
+        Cancel::BackToItsNode => labels.insert(MOVE_TO_LABEL.into(), json!("node-a")),
+    };
+}
+
+/// Whether the copy's PersistentVolume was made: past the point of cancelling.
+fn copy_volume_made(c: &Cluster) -> bool {
+    c.volumes().any(|(_, v)| !v["metadata"]["annotations"][MOVED_FROM_ANNOTATION].is_null())
+}
+
+/// Sweeps until the move of pv-a is over (at most `limit` sweeps), with a
+/// fresh controller after the first sweep in which the model failed a
+/// request: it knows only the cluster. Whether it is over.
+async fn sweep_until_over(
+    cluster: &Arc<Mutex<Cluster>>,
+    dir: &std::path::Path,
+    limit: usize,
+    nodes: &Arc<FakeNodes>,
+) -> bool {
+    let mut moves = moves_with(cluster, dir, nodes.clone()).await;
+    let mut fresh = false;
+    for _ in 0..limit {
+        let stages = moves.sweep().await;
+        cluster.lock().unwrap().settle();
+        let (over, failed) = {
+            let c = cluster.lock().unwrap();
+            let over = matches!(stages.get("pv-a"), Some(Stage::Cancelled))
+                || c.get(&volume_path("pv-a")).is_none_or(|pv| pv["metadata"]["labels"][MOVING_LABEL].is_null());
+            (over, c.fail.is_some_and(|(n, _)| c.mutations >= n))
+        };
+        if over {
+            return true;
+        }
+        if failed && !fresh {
+            fresh = true;
+            moves = moves_with(cluster, dir, nodes.clone()).await;
+        }
+    }
+    false
+}
+
+async fn moves_with(cluster: &Arc<Mutex<Cluster>>, dir: &std::path::Path, nodes: Arc<FakeNodes>) -> Moves {
+    let model = cluster.clone();
+    let port =
+        fake::serve_with(dir, Arc::new(move |call: &str, body: &Value| model.lock().unwrap().handle(call, body))).await;
+    let api = Arc::new(KubeApi::at("127.0.0.1".into(), port, dir).unwrap());
+    Moves::new(api, nodes, "loam.csi.dev".into())
+}
+
+fn fake_nodes() -> Arc<FakeNodes> {
+    Arc::new(FakeNodes { room: 4 * GI, rooms: BTreeMap::new(), calls_per_copy: 3, state: Mutex::default() })
+}
+
+/// The state a cancelled move must leave: the claim bound to its old volume,
+/// as it was, nothing of the copy left anywhere.
+fn assert_cancelled(c: &Cluster, nodes: &NodesState, what: &str) {
+    let claim = c.get(&claim_path("db", "data-db-1")).unwrap_or_else(|| panic!("{what}: the claim is there"));
+    assert_eq!(claim["status"]["phase"], "Bound", "{what}: {claim}");
+    assert_eq!(claim["spec"]["volumeName"], "pv-a", "{what}: bound to its old volume");
+    assert!(claim["metadata"]["deletionTimestamp"].is_null(), "{what}: {claim}");
+    assert_eq!(claim["metadata"]["labels"], json!({ "app": "db" }), "{what}: the move's label gone");
+    assert!(
+        !claim["metadata"]["finalizers"].as_array().unwrap().iter().any(|f| f == FINALIZER),
+        "{what}: the move's finalizer is gone"
+    );
+    let pv = c.get(&volume_path("pv-a")).unwrap_or_else(|| panic!("{what}: the old volume is kept"));
+    assert_eq!(pv["status"]["phase"], "Bound", "{what}: {pv}");
+    assert_eq!(pv["spec"]["claimRef"]["uid"], claim["metadata"]["uid"], "{what}");
+    assert_eq!(pv["spec"]["persistentVolumeReclaimPolicy"], "Delete", "{what}: its reclaim policy is back");
+    assert!(pv["metadata"]["labels"][MOVING_LABEL].is_null(), "{what}: {pv}");
+    assert!(pv["metadata"]["annotations"][PLAN_ANNOTATION].is_null(), "{what}: {pv}");
+    assert_eq!(c.volumes().count(), 1, "{what}: no PersistentVolume for the copy");
+    assert!(c.deleted_volumes.is_empty(), "{what}: the old volume is not deleted");
+    assert!(nodes.stored.is_empty(), "{what}: the copy is deleted: {:?}", nodes.stored);
+    let pod = c.get("/api/v1/namespaces/db/pods/db-1").unwrap();
+    assert_eq!(pod["spec"]["nodeName"], "node-a", "{what}: the pod runs on the old node");
+    let reasons: Vec<&str> = c.events.iter().map(|(r, _)| r.as_str()).collect();
+    if reasons.contains(&"MoveStarted") {
+        assert!(reasons.contains(&"MoveCancelled"), "{what}: {reasons:?}");
+    }
+    assert!(!reasons.contains(&"Moved"), "{what}: {reasons:?}");
+}
+
+/// How many sweeps a clean move makes before its copy's volume exists: the
+/// sweeps after which it can still be cancelled.
+async fn sweeps_before_the_copy_volume(owner_makes_claims: bool) -> usize {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Arc::new(Mutex::new(cluster_moving_to("node-b")));
+    cluster.lock().unwrap().owner_makes_claims = owner_makes_claims;
+    let moves = moves_with(&cluster, dir.path(), fake_nodes()).await;
+    let mut sweeps = 0;
+    loop {
+        moves.sweep().await;
+        cluster.lock().unwrap().settle();
+        if copy_volume_made(&cluster.lock().unwrap()) {
+            return sweeps;
+        }
+        sweeps += 1;
+    }
+}
+
+/// A move labelled, swept `before` times, then cancelled `how`; `fail` as
+/// the model's. Whether it converged, the cluster and the nodes.
+async fn cancelled_move(
+    owner_makes_claims: bool,
+    before: usize,
+    how: Cancel,
+    fail: Option<(usize, Failure)>,
+) -> (bool, Arc<Mutex<Cluster>>, Arc<FakeNodes>) {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Arc::new(Mutex::new(cluster_moving_to("node-b")));
+    cluster.lock().unwrap().owner_makes_claims = owner_makes_claims;
+    cluster.lock().unwrap().fail = fail;
+    let nodes = fake_nodes();
+    let first = moves_with(&cluster, dir.path(), nodes.clone()).await;
+    for _ in 0..before {
+        first.sweep().await;
+        cluster.lock().unwrap().settle();
+    }
+    cancel(&mut cluster.lock().unwrap(), how);
+    let over = sweep_until_over(&cluster, dir.path(), 40, &nodes).await;
+    (over, cluster, nodes)
+}
+
+#[tokio::test]
+async fn a_move_cancelled_before_its_copy_has_a_volume_gives_the_claim_its_old_volume_back() {
+    for owner_makes_claims in [false, true] {
+        let cancellable = sweeps_before_the_copy_volume(owner_makes_claims).await;
+        assert!(cancellable >= 4, "held, deleted, copying: {cancellable}");
+        for before in 1..=cancellable {
+            for how in [Cancel::Unlabel, Cancel::BackToItsNode] {
+                let what = format!("owner makes claims {owner_makes_claims}, cancelled after {before} sweeps {how:?}");
+                let (over, cluster, nodes) = cancelled_move(owner_makes_claims, before, how, None).await;
+                assert!(over, "{what}");
+                let c = cluster.lock().unwrap();
+                let state = nodes.state.lock().unwrap();
+                assert_cancelled(&c, &state, &what);
+                let reasons: Vec<&str> = c.events.iter().map(|(r, _)| r.as_str()).collect();
+                assert_eq!(reasons, ["MoveStarted", "MoveCancelled"], "{what}");
+                if before >= 4 {
+                    assert!(!state.calls.is_empty(), "{what}: the copy had started");
+                    assert_eq!(state.deleted.len(), 1, "{what}: the partial copy deleted through the router");
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_cancel_converges_whichever_request_fails_or_loses_its_answer() {
+    for owner_makes_claims in [false, true] {
+        let cancellable = sweeps_before_the_copy_volume(owner_makes_claims).await;
+        for before in 1..=cancellable {
+            let (_, clean, _) = cancelled_move(owner_makes_claims, before, Cancel::Unlabel, None).await;
+            let total = clean.lock().unwrap().mutations;
+            for n in 1..=total {
+                for failure in [Failure::Refused, Failure::AnswerLost] {
+                    let what = format!(
+                        "owner makes claims {owner_makes_claims}, cancelled after {before} sweeps, \
+                                        request {n} {failure:?}"
+                    );
+                    let (over, cluster, nodes) =
+                        cancelled_move(owner_makes_claims, before, Cancel::Unlabel, Some((n, failure))).await;
+                    assert!(over, "{what}");
+                    assert_cancelled(&cluster.lock().unwrap(), &nodes.state.lock().unwrap(), &what);
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn once_the_copy_has_its_volume_taking_the_label_off_no_longer_cancels_and_says_so() {
+    // The claim is let go in the sweep that makes the copy's volume: fail
+    // that request, so the old claim, still labelled, outlives the volume.
+    let dir = tempfile::tempdir().unwrap();
+    let clean = Arc::new(Mutex::new(cluster_moving_to("node-b")));
+    let (moves, _) = moves_for(&clean, 4 * GI, dir.path()).await;
+    sweep_until_done(&moves, &clean, 30).await;
+    let log = clean.lock().unwrap().log.clone();
+    let made = log.iter().position(|call| call == "POST /api/v1/persistentvolumes").unwrap();
+    let claim = format!("PATCH {}", claim_path("db", "data-db-1"));
+    let release = made + log[made..].iter().position(|call| *call == claim).unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Arc::new(Mutex::new(cluster_moving_to("node-b")));
+    cluster.lock().unwrap().fail = Some((release + 1, Failure::Refused));
+    let (moves, nodes) = moves_for(&cluster, 4 * GI, dir.path()).await;
+    while cluster.lock().unwrap().mutations <= release {
+        moves.sweep().await;
+        cluster.lock().unwrap().settle();
+    }
+    assert!(copy_volume_made(&cluster.lock().unwrap()));
+    cancel(&mut cluster.lock().unwrap(), Cancel::Unlabel);
+    let stages = sweep_until_done(&moves, &cluster, 30).await;
+    assert_eq!(stages.last(), Some(&Stage::Done), "{stages:?}");
+    let c = cluster.lock().unwrap();
+    assert_moved(&c, &nodes.state.lock().unwrap().copies);
+    let reasons: Vec<&str> = c.events.iter().map(|(r, _)| r.as_str()).collect();
+    assert_eq!(reasons, ["MoveStarted", "MoveNotCancelled", "Moved"]);
+    assert!(c.events[1].1.contains("can no longer be cancelled"), "{}", c.events[1].1);
+}
+
+/// A cluster whose claim is labelled `move-to=any`, with a node of each kind
+/// a move may not choose, and two it may (node-f, with the most room, and
+/// node-b); the room each node's agent has.
+fn cluster_moving_to_any() -> (Cluster, BTreeMap<String, Option<i64>>) {
+    let mut c = cluster_moving_to(ANY_NODE);
+    let ready = json!([{ "type": "Ready", "status": "True" }]);
+    let nodes = [
+        ("node-a", json!({}), ready.clone()),
+        ("node-b", json!({}), ready.clone()),
+        ("node-c", json!({ "unschedulable": true }), ready.clone()),
+        ("node-d", json!({}), json!([{ "type": "Ready", "status": "False" }])),
+        (
+            "node-e",
+            json!({ "taints": [{ "key": "dedicated", "value": "gpu", "effect": "NoSchedule" }] }),
+            ready.clone(),
+        ),
+        (
+            "node-f",
+            json!({ "taints": [{ "key": "storage", "value": "big", "effect": "NoSchedule" },
+                                      { "key": "loud", "effect": "PreferNoSchedule" }] }),
+            ready.clone(),
+        ),
+        ("node-g", json!({}), ready.clone()),
+        ("node-h", json!({}), ready),
+    ];
+    for (name, spec, conditions) in nodes {
+        c.objects.insert(
+            format!("/api/v1/nodes/{name}"),
+            json!({ "metadata": { "name": name }, "spec": spec, "status": { "conditions": conditions } }),
+        );
+    }
+    c.objects.get_mut("/api/v1/namespaces/db/pods/db-1").unwrap()["spec"]["tolerations"] =
+        json!([{ "key": "storage", "operator": "Equal", "value": "big", "effect": "NoSchedule" }]);
+    let rooms = [
+        ("node-a", Some(20 * GI)),
+        ("node-b", Some(2 * GI)),
+        ("node-c", Some(20 * GI)),
+        ("node-d", Some(20 * GI)),
+        ("node-e", Some(20 * GI)),
+        ("node-f", Some(3 * GI)),
+        ("node-g", None),
+        ("node-h", Some(GI / 2)),
+    ];
+    (c, rooms.into_iter().map(|(n, r)| (n.to_owned(), r)).collect())
+}
+
+#[tokio::test]
+async fn a_claim_labelled_any_moves_to_the_schedulable_node_with_the_most_room() {
+    let dir = tempfile::tempdir().unwrap();
+    let (c, rooms) = cluster_moving_to_any();
+    let cluster = Arc::new(Mutex::new(c));
+    let nodes = Arc::new(FakeNodes { room: 4 * GI, rooms, calls_per_copy: 3, state: Mutex::default() });
+    let moves = moves_with(&cluster, dir.path(), nodes.clone()).await;
+    let stages = sweep_until_done(&moves, &cluster, 30).await;
+    assert_eq!(stages.last(), Some(&Stage::Done), "{stages:?}");
+    let c = cluster.lock().unwrap();
+    let claim = &c.objects[&claim_path("db", "data-db-1")];
+    let pv = &c.objects[&volume_path(claim["spec"]["volumeName"].as_str().unwrap())];
+    let handle = pv["spec"]["csi"]["volumeHandle"].as_str().unwrap();
+    assert!(handle.ends_with("@node-f"), "the tolerated node with the most room: {handle}");
+    assert_eq!(c.objects["/api/v1/namespaces/db/pods/db-1"]["spec"]["nodeName"], "node-f");
+    assert_eq!(nodes.state.lock().unwrap().copies, [(format!("{KEY_A}@node-a"), "node-f".to_owned())]);
+    let reasons: Vec<&str> = c.events.iter().map(|(r, _)| r.as_str()).collect();
+    assert_eq!(reasons, ["MoveStarted", "Moved"]);
+    assert!(c.events[0].1.contains("to node node-f (chosen by the controller"), "{}", c.events[0].1);
+}
+
+#[tokio::test]
+async fn a_claim_labelled_any_waits_with_the_reasons_while_no_node_can_take_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut c, mut rooms) = cluster_moving_to_any();
+    // node-b and node-f, the nodes that could, cannot either.
+    c.objects.get_mut("/api/v1/namespaces/db/pods/db-1").unwrap()["spec"]["tolerations"] = json!([]);
+    rooms.insert("node-b".into(), Some(GI / 4));
+    let cluster = Arc::new(Mutex::new(c));
+    let nodes = Arc::new(FakeNodes { room: 4 * GI, rooms, calls_per_copy: 3, state: Mutex::default() });
+    let moves = moves_with(&cluster, dir.path(), nodes.clone()).await;
+    for _ in 0..3 {
+        assert!(moves.sweep().await.is_empty(), "no move starts");
+        cluster.lock().unwrap().settle();
+    }
+    {
+        let c = cluster.lock().unwrap();
+        assert!(c.objects[&volume_path("pv-a")]["metadata"]["labels"][MOVING_LABEL].is_null());
+        assert_eq!(c.objects[&claim_path("db", "data-db-1")]["metadata"]["labels"][MOVE_TO_LABEL], ANY_NODE, "kept");
+        assert_eq!(c.events.len(), 1, "one event for a reason, not one per sweep: {:?}", c.events);
+        let (reason, message) = &c.events[0];
+        assert_eq!(reason, "MoveBlocked");
+        for why in [
+            "the volume needs 1073741824 bytes",
+            "node-a is the volume's node",
+            "node-b has 268435456 bytes free for class loam",
+            "node-c is cordoned",
+            "node-d is not Ready",
+            "node-e has the taint dedicated=gpu:NoSchedule, which the claim's pods do not tolerate",
+            "node-f has the taint storage=big:NoSchedule",
+            "node-g: no Loam agent answers (no agent on node node-g)",
+            "node-h has 536870912 bytes free",
+        ] {
+            assert!(message.contains(why), "{why:?} in {message}");
+        }
+        assert!(nodes.state.lock().unwrap().calls.is_empty());
+    }
+    // A node that can take it comes: the move starts.
+    cluster.lock().unwrap().objects.get_mut("/api/v1/nodes/node-c").unwrap()["spec"] = json!({});
+    let stages = sweep_until_done(&moves, &cluster, 30).await;
+    assert_eq!(stages.last(), Some(&Stage::Done), "{stages:?}");
+    let c = cluster.lock().unwrap();
+    assert_eq!(c.objects["/api/v1/namespaces/db/pods/db-1"]["spec"]["nodeName"], "node-c");
+}
+
+#[test]
+fn a_taint_keeps_a_move_away_unless_every_pod_of_the_claim_tolerates_it() {
+    let node = |taints: Value| json!({ "spec": { "taints": taints }, "status": { "conditions": [{ "type": "Ready", "status": "True" }] } });
+    let pod = |tolerations: Value| json!({ "spec": { "tolerations": tolerations } });
+    let gpu = node(json!([{ "key": "gpu", "value": "a100", "effect": "NoExecute" }]));
+    let tolerating = [
+        json!([{ "operator": "Exists" }]),
+        json!([{ "key": "gpu", "operator": "Exists" }]),
+        json!([{ "key": "gpu", "value": "a100" }]),
+        json!([{ "key": "gpu", "operator": "Equal", "value": "a100", "effect": "NoExecute" }]),
+    ];
+    for tolerations in tolerating {
+        assert_eq!(unschedulable(&gpu, &[&pod(tolerations.clone())]), None, "{tolerations}");
+    }
+    let not_tolerating = [
+        json!([]),
+        json!([{ "key": "gpu", "value": "h100" }]),
+        json!([{ "key": "gpu", "operator": "Exists", "effect": "NoSchedule" }]),
+        json!([{ "key": "other", "operator": "Exists" }]),
+    ];
+    for tolerations in not_tolerating {
+        let why = unschedulable(&gpu, &[&pod(tolerations.clone())]).unwrap_or_else(|| panic!("{tolerations}"));
+        assert!(why.contains("gpu=a100:NoExecute"), "{why}");
+    }
+    let everyone = pod(json!([{ "operator": "Exists" }]));
+    let nobody = pod(json!([]));
+    assert!(unschedulable(&gpu, &[&everyone, &nobody]).is_some(), "every pod must tolerate it");
+    assert!(unschedulable(&gpu, &[]).is_some(), "no pod is known to tolerate it");
+    let soft = node(json!([{ "key": "loud", "effect": "PreferNoSchedule" }]));
+    assert_eq!(unschedulable(&soft, &[]), None, "a preference does not keep a move away");
+    let not_ready = json!({ "status": { "conditions": [{ "type": "Ready", "status": "Unknown" }] } });
+    assert_eq!(unschedulable(&not_ready, &[]).as_deref(), Some("is not Ready"));
 }
