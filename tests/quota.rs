@@ -3,14 +3,16 @@
 //! because the host kernel lacks their quota code) on a loop device, used as
 //! the driver's root. Needs root in a private mount namespace
 //! (`LOAM_PRIVILEGED_TESTS=1`); the filesystem is unmounted and its loop
-//! device detached on every exit, failures included.
+//! device detached on every exit, failures included. The same filesystems,
+//! made by docs/operate.md's commands, must enforce too.
 
 mod common;
 
 use std::fs;
 use std::path::Path;
+use std::process::Command;
 
-use common::quota_fs::{fs_kind, is_over_quota, start, sync, write_unprivileged};
+use common::quota_fs::{TestFs, fs_kind, is_over_quota, start, sync, write_unprivileged};
 use common::{Access, Harness};
 use loam::config::QuotaMode;
 use loam::csi;
@@ -185,6 +187,84 @@ async fn concurrent_creates_get_distinct_limits_and_snapshots_restore_with_their
     if let Some(id) = quota.strip_prefix("project quota ") {
         let id: u32 = id.parse().unwrap();
         assert_eq!(Project::open(&root).unwrap().get(id).unwrap().bytes_limit, 0, "released ids are cleared");
+    }
+}
+
+/// The filesystems docs/operate.md prepares a root on, as its blocks' first
+/// lines name them, and this test's name for each.
+const GUIDE_FILESYSTEMS: [(&str, &str); 3] = [("btrfs", "btrfs"), ("XFS", "xfs"), ("ext4", "ext4")];
+
+/// The ```sh blocks of docs/operate.md's "Give a node a root that enforces
+/// capacity", each as its lines.
+fn guide_blocks() -> Vec<Vec<&'static str>> {
+    let doc = include_str!("../docs/operate.md");
+    let heading = "\n## Give a node a root that enforces capacity\n";
+    let section = doc.split(heading).nth(1).expect("the section in docs/operate.md");
+    let section = section.split("\n## ").next().expect("text");
+    let mut lines = section.lines();
+    let mut blocks = Vec::new();
+    while let Some(line) = lines.next() {
+        if line == "```sh" {
+            blocks.push(lines.by_ref().take_while(|l| *l != "```").collect());
+        }
+    }
+    blocks
+}
+
+/// Which filesystem a block of the guide is for (its first line, `# XFS: ...`).
+fn guide_block_fs(block: &[&str]) -> &'static str {
+    let first = block.first().copied().unwrap_or_default();
+    GUIDE_FILESYSTEMS
+        .iter()
+        .find(|(named, _)| {
+            first
+                .strip_prefix("# ")
+                .and_then(|rest| rest.strip_prefix(named))
+                .is_some_and(|rest| rest.starts_with([':', ',']))
+        })
+        .map(|(_, kind)| *kind)
+        .unwrap_or_else(|| panic!("a block of the guide names no filesystem in its first line: {block:?}"))
+}
+
+#[ignore = "needs root: mkfs and mounts in a private mount namespace; scripts/test.sh runs it"]
+#[tokio::test]
+async fn the_operate_guide_prepares_a_root_that_enforces() {
+    // Every block is for a filesystem some run of this test covers (btrfs
+    // here, XFS and ext4 in scripts/vm-quota-test.sh's VM).
+    let blocks: Vec<_> = guide_blocks().into_iter().filter(|b| guide_block_fs(b) == fs_kind()).collect();
+    assert!(!blocks.is_empty(), "docs/operate.md prepares no {} root", fs_kind());
+    for block in blocks {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().canonicalize().expect("canonical").join("root");
+        let fs = TestFs::blank(&root);
+        // A block that makes no filesystem turns one that exists into a
+        // root that enforces: the one it starts from has no quota features.
+        if !block.iter().any(|l| l.starts_with("mkfs")) {
+            let out = Command::new(format!("mkfs.{}", fs_kind())).arg("-q").arg(fs.device()).output().expect("mkfs");
+            assert!(out.status.success(), "mkfs: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        // The lines as written, but for the disk and the root's place.
+        let mut script = String::new();
+        for line in &block {
+            match line.split_once('=') {
+                Some(("dev", _)) => script += &format!("dev={}\n", fs.device()),
+                Some(("root", _)) => script += &format!("root={}\n", root.display()),
+                _ => script += &format!("{line}\n"),
+            }
+        }
+        assert_eq!(script.matches("\ndev=").count() + script.matches("\nroot=").count(), 2, "{script}");
+        let out = Command::new("bash").args(["-euxo", "pipefail", "-c", &script]).output().expect("bash");
+        eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "docs/operate.md's block {:?} failed", block[0]);
+
+        // Auto: Loam turns nothing on itself, so the block alone must do it.
+        let mut h = Harness::start_with_quota(dir, QuotaMode::Auto).await;
+        let id = h.create("pvc-guide", common::bytes(32 * MIB)).await;
+        let quota = quota_context(&mut h, &id).await;
+        assert_eq!(kernel_limit(&h.root(), &quota), 32 * MIB, "after {:?}: {quota}", block[0]);
+        h.controller.delete_volume(csi::DeleteVolumeRequest { volume_id: id, ..Default::default() }).await.unwrap();
+        // The harness stops, then the filesystem is unmounted and detached
+        // (locals drop in reverse order).
     }
 }
 

@@ -19,11 +19,37 @@ pub fn fs_kind() -> String {
     std::env::var("LOAM_QUOTA_FS").unwrap_or_else(|_| "btrfs".into())
 }
 
+/// A blank 512 MiB sparse image attached to a loop device; detached when
+/// dropped.
+struct LoopImage {
+    _image_dir: tempfile::TempDir,
+    device: String,
+}
+
+impl LoopImage {
+    fn new() -> LoopImage {
+        let image_dir = tempfile::tempdir().expect("tempdir");
+        let image = image_dir.path().join("fs.img");
+        // mkfs.xfs refuses filesystems under 300 MB; sparse, so it costs nothing.
+        File::create(&image).and_then(|f| f.set_len(512 * MIB)).expect("image");
+        let out = Command::new("losetup").args(["--find", "--show"]).arg(&image).output().expect("losetup");
+        assert!(out.status.success(), "losetup: {}", String::from_utf8_lossy(&out.stderr));
+        let device = String::from_utf8(out.stdout).expect("utf-8").trim().to_owned();
+        LoopImage { _image_dir: image_dir, device }
+    }
+}
+
+impl Drop for LoopImage {
+    fn drop(&mut self) {
+        // A device still in use is detached by the kernel once released.
+        let _ = Command::new("losetup").arg("-d").arg(&self.device).status();
+    }
+}
+
 /// A fresh filesystem on a loop device, mounted at `mount`; unmounted and
 /// detached when dropped.
 pub struct TestFs {
-    _image_dir: tempfile::TempDir,
-    device: String,
+    image: LoopImage,
     mount: PathBuf,
 }
 
@@ -31,25 +57,17 @@ impl TestFs {
     /// Makes the filesystem (`fs_kind`), attaches and mounts it at `mount`.
     pub fn new(mount: &Path) -> TestFs {
         let kind = fs_kind();
-        let image_dir = tempfile::tempdir().expect("tempdir");
-        let image = image_dir.path().join("fs.img");
-        // mkfs.xfs refuses filesystems under 300 MB; sparse, so it costs nothing.
-        File::create(&image).and_then(|f| f.set_len(512 * MIB)).expect("image");
         let (mkfs, options): (&[&str], &str) = match kind.as_str() {
             "btrfs" => (&["mkfs.btrfs", "-q", "-f"], ""),
             "xfs" => (&["mkfs.xfs", "-q", "-f"], "prjquota"),
             "ext4" => (&["mkfs.ext4", "-q", "-F", "-O", "project,quota"], "prjquota"),
             other => panic!("LOAM_QUOTA_FS={other}: use btrfs, xfs or ext4"),
         };
-        run(Command::new(mkfs[0]).args(&mkfs[1..]).arg(&image));
-        let out = Command::new("losetup").args(["--find", "--show"]).arg(&image).output().expect("losetup");
-        assert!(out.status.success(), "losetup: {}", String::from_utf8_lossy(&out.stderr));
-        let device = String::from_utf8(out.stdout).expect("utf-8").trim().to_owned();
-        // From here on, Drop detaches the device whatever happens.
-        let fs = TestFs { _image_dir: image_dir, device, mount: mount.to_owned() };
+        let fs = TestFs::blank(mount);
+        run(Command::new(mkfs[0]).args(&mkfs[1..]).arg(fs.device()));
         fs::create_dir_all(mount).expect("mount point");
         nix::mount::mount(
-            Some(fs.device.as_str()),
+            Some(fs.image.device.as_str()),
             mount,
             Some(kind.as_str()),
             nix::mount::MsFlags::empty(),
@@ -58,13 +76,24 @@ impl TestFs {
         .expect("mount test filesystem");
         fs
     }
+
+    /// A blank loop device for a filesystem to be made on it and mounted at
+    /// `mount` by someone else; from here on, Drop unmounts and detaches
+    /// whatever happens.
+    pub fn blank(mount: &Path) -> TestFs {
+        TestFs { image: LoopImage::new(), mount: mount.to_owned() }
+    }
+
+    /// The loop device, `/dev/loopN`.
+    pub fn device(&self) -> &str {
+        &self.image.device
+    }
 }
 
 impl Drop for TestFs {
     fn drop(&mut self) {
+        // The device is detached after this, when `image` drops.
         let _ = nix::mount::umount2(&self.mount, nix::mount::MntFlags::MNT_DETACH);
-        // A device still in use is detached by the kernel once released.
-        let _ = Command::new("losetup").arg("-d").arg(&self.device).status();
     }
 }
 

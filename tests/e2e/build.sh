@@ -10,6 +10,8 @@
 #                         e2e.test, ginkgo and agnhost (target e2etest, not
 #                         built by default: Kubernetes' own storage suite,
 #                         tests/storage-e2e)
+#                         prometheus and promtool (target prometheus, not
+#                         built by default: the kind story's metrics step)
 # Each one is built through a small wrapper module under src/<name>: it requires
 # the upstream module at its release and turns every replace directive of that
 # module's go.mod into one the wrapper can use (a replace by a local directory
@@ -284,6 +286,26 @@ build_localpath() {
     gflags=(-ldflags "-s -w -X main.VERSION=$LOCAL_PATH_VERSION"); gout=local-path-provisioner; CGO_ENABLED=0 \
         gobuild local-path-provisioner "local-path-provisioner $LOCAL_PATH_VERSION" \
         github.com/rancher/local-path-provisioner
+}
+
+# Prometheus and promtool (target prometheus, not built by default: the
+# metrics step of the kind story, tests/kind/prometheus-step.sh), as its
+# .promu.yml builds them but for two tags: without builtinassets the web UI
+# is not embedded, so no npm build is needed (the step uses the HTTP API
+# only), and remove_all_sd with enable_kubernetes_sd keeps the Kubernetes
+# service discovery (and file and http, always in) and no cloud ones.
+build_prometheus() {
+    local v=$PROMETHEUS_VERSION minor release ld pkg=github.com/prometheus/common/version
+    minor=${v#v0.}
+    minor=${minor%%.*}                     # v0.316.0 -> 316
+    release="3.$((10#${minor:1})).${v##*.}" # -> 3.16.0
+    wrapper prometheus github.com/prometheus/prometheus "$v" "$v"
+    # A module zip has no git history: its version stands for the revision.
+    ld="-s -w -X $pkg.Version=$release -X $pkg.Revision=$v -X $pkg.Branch=HEAD"
+    ld+=" -X $pkg.BuildUser=loam-e2e -X $pkg.BuildDate=19700101-00:00:00"
+    gflags=(-tags netgo,remove_all_sd,enable_kubernetes_sd -ldflags "$ld"); gout=''; CGO_ENABLED=0 \
+        gobuild prometheus "prometheus $release $ld netgo,remove_all_sd,enable_kubernetes_sd" \
+        github.com/prometheus/prometheus/cmd/prometheus github.com/prometheus/prometheus/cmd/promtool
 }
 
 # kind itself, as its README installs it: go install sigs.k8s.io/kind@VERSION.

@@ -21,3 +21,7 @@ KIND_VERSION=v0.33.0          # sigs.k8s.io/kind
 CRICTL_VERSION=v1.36.0        # sigs.k8s.io/cri-tools
 CNI_PLUGINS_VERSION=v1.9.1    # github.com/containernetworking/plugins
 LOCAL_PATH_VERSION=v0.0.30    # github.com/rancher/local-path-provisioner (kind's default StorageClass)
+# Prometheus for the metrics step of the kind story (tests/kind/prometheus-step.sh): the
+# module github.com/prometheus/prometheus tags Prometheus v3.X.Y as v0.3XX.Y. The same release
+# as the rule parser of scripts/rulecheck.
+PROMETHEUS_VERSION=v0.316.0   # Prometheus v3.16.0

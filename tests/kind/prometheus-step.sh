@@ -1,0 +1,327 @@
+#!/usr/bin/env bash
+# The metrics step of the kind story: a real Prometheus in the cluster scrapes
+# Loam's pods, and PromQL through its HTTP API must show what this step does.
+# Run against a cluster tests/kind/run.sh holds (KIND_HOLD=1), after its story:
+#
+#   sudo KIND_HOLD=1 bash tests/kind/run.sh      # waits at "holding the cluster"
+#   sudo env "PATH=$PATH" KUBECONFIG=/var/tmp/loam-kind/kubeconfig \
+#       DOCKER_HOST=<the DOCKER_HOST run.sh printed> bash tests/kind/prometheus-step.sh
+#
+# 1. Prometheus v3 and promtool from the Go module proxy (tests/e2e/build.sh
+#    prometheus, cached); the configuration checked by `promtool check config`.
+# 2. An image of it on the Dockerfile's slim base stand-in, loaded into the
+#    nodes (`kind load`), and Prometheus deployed in the namespace
+#    loam-prometheus: pods of namespace loam found by kubernetes_sd (role pod,
+#    with only `list` and `watch` on pods there), the containers' ports named
+#    as the chart's PodMonitor names them (metrics, prov-metrics, att-metrics,
+#    rsz-metrics, snap-metrics), every 5 s.
+# 3. Queried through the API server's service proxy (kubectl get --raw), the
+#    answers parsed with python3:
+#    - `up` is 1 for every one of those targets, and every Loam pod has its
+#      `metrics` target;
+#    - the node agent of E2E_NODE counts the dir and loop volumes a pod there
+#      gets (3 dir, 1 loop), reports the bytes the pod wrote into one of them
+#      and its capacity, and counts them out again once they are deleted;
+#    - the controller's loam_rpc_duration_seconds_count for CreateVolume is
+#      above 0 and grew by at least the 4 creates.
+# Everything it made is deleted at the end (PROM_KEEP=1 keeps Prometheus and
+# its namespace for a look: kubectl -n loam-prometheus port-forward svc/prometheus 9090).
+# Prints one line per check and 'N passed, 0 failed'; exits non-zero at the
+# first failed one.
+# Env: LOAM_E2E_CACHE (the build cache, as run.sh), E2E_NODE (default
+# loam-worker), E2E_WAIT (seconds per wait, default 180).
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+cache=${LOAM_E2E_CACHE:-$HOME/.cache/loam-e2e}
+export PATH="$cache/bin:$PATH"
+. "$repo/tests/e2e/versions.sh"
+NODE=${E2E_NODE:-loam-worker}
+T=${E2E_WAIT:-180}
+PROM_NS=loam-prometheus
+NS=loam-prom-story
+cluster=loam
+passed=0
+t0=$SECONDS
+say() { printf '[prometheus %4ds] %s\n' "$((SECONDS - t0))" "$*"; }
+fail() {
+    say "FAIL: $*"
+    {
+        kubectl -n "$PROM_NS" get pods -o wide
+        kubectl -n "$PROM_NS" logs deploy/prometheus --tail=30
+        kubectl -n "$NS" get pods,pvc -o wide
+    } 2>&1 | sed 's/^/    /'
+    echo "$passed passed, 1 failed"
+    exit 1
+}
+ok() {
+    passed=$((passed + 1))
+    say "ok $passed - $*"
+}
+expect() { [ "$2" = "$3" ] && ok "$1" || fail "$1: got '$2', want '$3'"; }
+# until_ok SECONDS WHAT COMMAND...
+until_ok() {
+    local limit=$1 what=$2 i
+    shift 2
+    for ((i = 0; i < limit; i++)); do
+        "$@" >/dev/null 2>&1 && return 0
+        sleep 1
+    done
+    fail "$what: not within ${limit}s"
+}
+work=''
+cleanup() {
+    local rc=$?
+    set +e
+    [ -z "$work" ] || rm -rf "$work"
+    kubectl delete namespace "$NS" --ignore-not-found --wait=true --timeout="${T}s" >/dev/null
+    if [ "${PROM_KEEP:-}" != 1 ]; then
+        kubectl -n loam delete rolebinding,role loam-prometheus --ignore-not-found >/dev/null
+        kubectl delete namespace "$PROM_NS" --ignore-not-found --wait=true --timeout="${T}s" >/dev/null
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+
+# promql EXPR: the instant vector's samples, one per line: the labels named in
+# LABELS (space-separated, in that order) then the value; a scalar's value alone.
+promql() {
+    local path
+    path="/api/v1/namespaces/$PROM_NS/services/prometheus:web/proxy/api/v1/query?query=$(
+        python3 -c 'import sys, urllib.parse; print(urllib.parse.quote(sys.argv[1], safe=""))' "$1")"
+    kubectl get --raw "$path" | LABELS="${LABELS:-}" python3 -c '
+import json, os, sys
+answer = json.load(sys.stdin)
+if answer.get("status") != "success":
+    sys.exit(f"query failed: {answer}")
+data = answer["data"]
+if data["resultType"] == "scalar":
+    print(data["result"][1])
+else:
+    names = os.environ["LABELS"].split()
+    for sample in sorted(data["result"], key=lambda s: [s["metric"].get(n, "") for n in names]):
+        print(" ".join([sample["metric"].get(n, "") for n in names] + [sample["value"][1]]))'
+}
+# value EXPR: the one number EXPR gives (an empty vector is 0).
+value() {
+    local out
+    out=$(promql "$1")
+    [ -n "$out" ] || out=0
+    [ "$(wc -l <<<"$out")" = 1 ] || fail "$1 gave several samples: $out"
+    python3 -c 'import sys; v = float(sys.argv[1]); print(int(v) if v.is_integer() else v)' "$out"
+}
+# equals EXPR WANTED: true when EXPR's value is WANTED (for until_ok).
+equals() { [ "$(value "$1")" = "$2" ]; }
+
+say "1. Prometheus $PROMETHEUS_VERSION and promtool, built from the Go module proxy (cached); the configuration checks"
+bash "$repo/tests/e2e/build.sh" prometheus
+work=$(mktemp -d /tmp/loam-prometheus-step.XXXXXX)
+cp "$cache/bin/prometheus" "$cache/bin/promtool" "$work/"
+# The chart's PodMonitor, written out for a Prometheus without the operator:
+# every declared container port of the pods labelled app.kubernetes.io/name=loam
+# is a target; the ports the PodMonitor names are kept.
+cat >"$work/prometheus.yml" <<'EOF'
+global:
+  scrape_interval: 5s
+  evaluation_interval: 5s
+scrape_configs:
+  - job_name: loam
+    kubernetes_sd_configs:
+      - role: pod
+        namespaces: {names: [loam]}
+    relabel_configs:
+      - source_labels: [__meta_kubernetes_pod_label_app_kubernetes_io_name]
+        regex: loam
+        action: keep
+      - source_labels: [__meta_kubernetes_pod_container_port_name]
+        regex: metrics|prov-metrics|att-metrics|rsz-metrics|snap-metrics
+        action: keep
+      - source_labels: [__meta_kubernetes_pod_name]
+        target_label: pod
+      # Not `node`: loam_agent_up and loam_forward_duration_seconds have a
+      # label of that name (the node an agent serves).
+      - source_labels: [__meta_kubernetes_pod_node_name]
+        target_label: pod_node
+      - source_labels: [__meta_kubernetes_pod_label_app_kubernetes_io_component]
+        target_label: component
+      - source_labels: [__meta_kubernetes_pod_container_port_name]
+        target_label: port
+EOF
+"$work/promtool" check config "$work/prometheus.yml" >/dev/null || fail "promtool check config"
+ok "promtool check config: the scrape configuration is valid"
+version=$("$work/prometheus" --version | head -1)
+[[ $version == "prometheus, version 3."* ]] || fail "prometheus --version: $version"
+ok "$version"
+
+say "2. Prometheus in the cluster, scraping the Loam pods"
+image=loam-kind.local/prometheus:$("$work/prometheus" --version | sed -n '1s/^prometheus, version \([^ ]*\).*/\1/p')
+cat >"$work/Dockerfile" <<EOF
+FROM loam-kind.local/debian:$DEBIAN_SUITE-slim
+COPY prometheus promtool /usr/local/bin/
+ENTRYPOINT ["/usr/local/bin/prometheus"]
+EOF
+docker build --network host --force-rm -q -t "$image" -f "$work/Dockerfile" "$work" >/dev/null
+# Into the nodes the cluster still has: the story's step 12c leaves
+# loam-worker2's container stopped, which `kind load` would try to enter.
+kind load docker-image "$image" --name "$cluster" \
+    --nodes "$(kubectl get nodes -o jsonpath='{.items[*].metadata.name}' | tr ' ' ',')" >/dev/null
+kubectl create namespace "$PROM_NS" >/dev/null
+kubectl -n "$PROM_NS" create configmap prometheus --from-file=prometheus.yml="$work/prometheus.yml" >/dev/null
+kubectl apply -f - >/dev/null <<EOF
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: prometheus, namespace: $PROM_NS}
+---
+# kubernetes_sd with role pod lists and watches the pods of namespace loam.
+apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata: {name: loam-prometheus, namespace: loam}
+rules:
+  - apiGroups: [""]
+    resources: [pods]
+    verbs: [list, watch]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {name: loam-prometheus, namespace: loam}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: Role, name: loam-prometheus}
+subjects:
+  - {kind: ServiceAccount, name: prometheus, namespace: $PROM_NS}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: prometheus, namespace: $PROM_NS}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: prometheus}}
+  template:
+    metadata: {labels: {app: prometheus}}
+    spec:
+      serviceAccountName: prometheus
+      securityContext:
+        runAsNonRoot: true
+        runAsUser: 65534
+        runAsGroup: 65534
+        fsGroup: 65534
+        seccompProfile: {type: RuntimeDefault}
+      containers:
+        - name: prometheus
+          image: $image
+          args:
+            - --config.file=/etc/prometheus/prometheus.yml
+            - --storage.tsdb.path=/prometheus
+            - --web.listen-address=:9090
+          ports:
+            - {name: web, containerPort: 9090}
+          readinessProbe:
+            httpGet: {path: /-/ready, port: web}
+            periodSeconds: 2
+          securityContext:
+            allowPrivilegeEscalation: false
+            readOnlyRootFilesystem: true
+            capabilities: {drop: [ALL]}
+          volumeMounts:
+            - {name: config, mountPath: /etc/prometheus}
+            - {name: data, mountPath: /prometheus}
+      volumes:
+        - {name: config, configMap: {name: prometheus}}
+        - {name: data, emptyDir: {}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: prometheus, namespace: $PROM_NS}
+spec:
+  selector: {app: prometheus}
+  ports:
+    - {name: web, port: 9090, targetPort: web}
+EOF
+kubectl -n "$PROM_NS" rollout status deploy/prometheus --timeout="${T}s" >/dev/null || fail "Prometheus not ready"
+ok "Prometheus is ready ($image)"
+until_ok "$T" "Prometheus answers PromQL through the API server" equals 'vector(1)' 1
+ok "PromQL answers through the API server's service proxy"
+
+say "3. up is 1 for every Loam target"
+pods=$(kubectl -n loam get pods -l app.kubernetes.io/name=loam -o jsonpath='{range .items[*]}{.metadata.name}{"\n"}{end}' |
+    LC_ALL=C sort) # the order promql sorts in
+node_pods=$(kubectl -n loam get pods -l app.kubernetes.io/component=node -o name | wc -l)
+# The node agents' metrics port, the controller's, and its four sidecars'.
+targets=$((node_pods + 5))
+until_ok "$T" "$targets targets up" equals 'sum(up{job="loam"})' "$targets"
+expect "every target of the loam job is up (count)" "$(value 'count(up{job="loam"})')" "$targets"
+expect "no target of the loam job is down" "$(value 'count(up{job="loam"} == 0) or vector(0)')" 0
+expect "every Loam pod has its metrics target, up" \
+    "$(LABELS=pod promql 'up{job="loam",port="metrics"} == 1' | cut -d' ' -f1)" "$pods"
+
+say "4. the node agent of $NODE counts the volumes a pod there gets"
+agent_volumes() { value "sum(loam_volumes{job=\"loam\",pod_node=\"$NODE\",backend=\"$1\"}) or vector(0)"; }
+creates() { value 'sum(loam_rpc_duration_seconds_count{job="loam",component="controller",method="CreateVolume"}) or vector(0)'; }
+until_ok "$T" "the agent on $NODE is scraped" equals "count(loam_root_size_bytes{job=\"loam\",pod_node=\"$NODE\"})" 1
+dir0=$(agent_volumes dir)
+loop0=$(agent_volumes loop)
+creates0=$(creates)
+ok "before: $dir0 dir and $loop0 loop volumes on $NODE, $creates0 CreateVolume calls served by the controller"
+kubectl create namespace "$NS" >/dev/null
+for c in d1:loam d2:loam d3:loam l1:loam-loop; do
+    kubectl -n "$NS" apply -f - >/dev/null <<EOF
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {name: ${c%%:*}}
+spec:
+  storageClassName: ${c#*:}
+  accessModes: [ReadWriteOnce]
+  resources: {requests: {storage: 64Mi}}
+EOF
+done
+kubectl -n "$NS" apply -f - >/dev/null <<EOF
+apiVersion: v1
+kind: Pod
+metadata: {name: writer}
+spec:
+  terminationGracePeriodSeconds: 1
+  nodeSelector: {kubernetes.io/hostname: $NODE}
+  containers:
+    - name: shell
+      image: loam:dev
+      command: ["/bin/sh", "-c", "head -c 8388608 /dev/urandom >/d1/data && sync && touch /tmp/ready && exec sleep infinity"]
+      readinessProbe: {exec: {command: [test, -f, /tmp/ready]}, periodSeconds: 1}
+      volumeMounts:
+        - {name: d1, mountPath: /d1}
+        - {name: d2, mountPath: /d2}
+        - {name: d3, mountPath: /d3}
+        - {name: l1, mountPath: /l1}
+  volumes:
+    - {name: d1, persistentVolumeClaim: {claimName: d1}}
+    - {name: d2, persistentVolumeClaim: {claimName: d2}}
+    - {name: d3, persistentVolumeClaim: {claimName: d3}}
+    - {name: l1, persistentVolumeClaim: {claimName: l1}}
+EOF
+kubectl -n "$NS" wait --for=condition=Ready pod/writer --timeout="${T}s" >/dev/null || fail "pod writer not Ready"
+ok "a pod on $NODE with 3 dir and 1 loop volumes wrote 8 MiB"
+until_ok 60 "loam_volumes on $NODE shows 3 more dir volumes" equals \
+    "sum(loam_volumes{job=\"loam\",pod_node=\"$NODE\",backend=\"dir\"})" "$((dir0 + 3))"
+ok "loam_volumes{backend=\"dir\"} on $NODE: $dir0 -> $((dir0 + 3))"
+expect "loam_volumes{backend=\"loop\"} on $NODE: $loop0 -> $((loop0 + 1))" "$(agent_volumes loop)" "$((loop0 + 1))"
+pv=$(kubectl -n "$NS" get pvc d1 -o jsonpath='{.spec.volumeName}')
+# Used bytes come from the agent's measurement every 10 s.
+until_ok 60 "loam_volume_used_bytes of d1 reaches 8 MiB" equals \
+    "loam_volume_used_bytes{job=\"loam\",volume=\"$pv\"} >= bool 8388608" 1
+ok "loam_volume_used_bytes of d1 ($pv) counts the 8 MiB written"
+expect "loam_volume_capacity_bytes of d1 is its 64 MiB" \
+    "$(value "loam_volume_capacity_bytes{job=\"loam\",volume=\"$pv\"}")" 67108864
+created=$(creates)
+python3 -c 'import sys; sys.exit(not (int(sys.argv[1]) > 0 and int(sys.argv[1]) - int(sys.argv[2]) >= 4))' \
+    "$created" "$creates0" || fail "CreateVolume calls served by the controller: $creates0 -> $created, want 4 more"
+ok "loam_rpc_duration_seconds_count{method=\"CreateVolume\"} of the controller: $creates0 -> $created"
+
+say "5. the volumes deleted, the agent counts them out"
+pvs=$(kubectl -n "$NS" get pvc -o jsonpath='{.items[*].spec.volumeName}')
+kubectl delete namespace "$NS" --wait=true --timeout="${T}s" >/dev/null
+# shellcheck disable=SC2086 # one name per PV
+until_ok "$T" "the 4 PVs deleted" sh -c "[ -z \"\$(kubectl get pv $pvs -o name --ignore-not-found)\" ]"
+until_ok 60 "loam_volumes on $NODE back to $dir0 dir volumes" equals \
+    "sum(loam_volumes{job=\"loam\",pod_node=\"$NODE\",backend=\"dir\"}) or vector(0)" "$dir0"
+ok "loam_volumes{backend=\"dir\"} on $NODE back to $dir0"
+expect "loam_volumes{backend=\"loop\"} on $NODE back to $loop0" "$(agent_volumes loop)" "$loop0"
+
+say "prometheus step done in $((SECONDS - t0)) s"
+echo "$passed passed, 0 failed"
