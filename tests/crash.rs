@@ -1572,6 +1572,17 @@ struct Pair {
 }
 
 impl Pair {
+    /// Tears both agents down; the fault points they hit, summed.
+    async fn tear_down(&mut self) -> BTreeMap<String, u32> {
+        let mut hit = BTreeMap::new();
+        for run in &mut self.runs {
+            run.tear_down().await;
+            for (point, n) in &run.tally.failpoints_hit {
+                *hit.entry(point.clone()).or_default() += n;
+            }
+        }
+        hit
+    }
     /// Two agents whose restarts arm `points` at random.
     async fn start(seed: u64, points: &'static [&'static str]) -> Pair {
         let a = Run::on(Node::serving("copy-a", Serving::Agent), points, seed).await;
@@ -1924,16 +1935,8 @@ async fn copies_between_nodes_killed_on_either_side_converge_verified_and_leave_
     for round in 0..rounds {
         pair.round(round).await;
     }
-    for run in &mut pair.runs {
-        run.tear_down().await;
-    }
+    let hit = pair.tear_down().await;
     let t = &pair.tally;
-    let mut hit = BTreeMap::<&str, u32>::new();
-    for run in &pair.runs {
-        for (point, n) in &run.tally.failpoints_hit {
-            *hit.entry(point).or_default() += n;
-        }
-    }
     println!(
         "crash harness, copies between nodes: seed {seed}, {} copies ({} from snapshots, {} s): {} kills of the \
          target ({} just after its record), {} of the source; {} retries; {} copies converged after a kill, {} \
@@ -2235,16 +2238,8 @@ async fn snapshots_kept_off_node_killed_on_either_side_converge_and_leave_nothin
     for round in 0..rounds {
         pair.snapshot_round(round).await;
     }
-    for run in &mut pair.runs {
-        run.tear_down().await;
-    }
+    let hit = pair.tear_down().await;
     let t = &pair.tally;
-    let mut hit = BTreeMap::<&str, u32>::new();
-    for run in &pair.runs {
-        for (point, n) in &run.tally.failpoints_hit {
-            *hit.entry(point).or_default() += n;
-        }
-    }
     println!(
         "crash harness, snapshots kept off node: seed {seed}, {} snapshots ({} s): {} kills of the copy's node ({} \
          just after its record), {} of the snapshot's; {} retries; {} converged after a kill, 0 failed; fault \

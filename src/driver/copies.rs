@@ -303,30 +303,6 @@ impl Driver {
         self.config.root.join("volume-copies")
     }
 
-    /// Removes what a crash left of volumes being received (start-up): a
-    /// note without a record is a copy never reported complete, so its
-    /// storage, half received or whole, goes; a note beside a record is
-    /// only the note. Like the other repairs, one that fails is logged and
-    /// left for the next start.
-    pub(super) fn remove_unfinished_volume_copies(&self) -> Result<()> {
-        let dir = self.volume_copies_dir();
-        fs::create_dir_all(&dir).context(|| format!("creating {}", dir.display()))?;
-        for entry in fs::read_dir(&dir).context(|| format!("reading {}", dir.display()))? {
-            let entry = entry.context(|| format!("reading {}", dir.display()))?;
-            let Some(key) = entry.file_name().to_str().and_then(Key::parse) else { continue };
-            if self.volumes.get(&key).is_none() {
-                let backend = BackendKind::parse(fs::read_to_string(entry.path()).unwrap_or_default().trim());
-                tracing::warn!(volume = %key, "removing the unfinished copy of a volume from another node that a crash left behind");
-                if let Err(e) = self.backends.remove_unrecorded_volume(&key, backend) {
-                    tracing::warn!(volume = %key, "cannot remove the unfinished copy: {e}; the next start tries again");
-                    continue;
-                }
-            }
-            durable::remove(&entry.path()).context(|| format!("removing {}", entry.path().display()))?;
-        }
-        Ok(())
-    }
-
     /// Keeps this node's copy of a snapshot kept off node, filled with what
     /// its source node sends (see the module's description); the caller
     /// holds the snapshot's claim. A retry finds the record and sends nothing.
@@ -422,19 +398,43 @@ impl Driver {
         self.config.root.join("snapshot-copies")
     }
 
-    /// Removes what a crash left of snapshot copies being received (start-up):
-    /// a note without a record is a copy that never finished, so its storage,
-    /// whole or half made, goes; a note beside a record is only the note.
-    pub(super) fn remove_unfinished_snapshot_copies(&self) -> Result<()> {
-        let dir = self.snapshot_copies_dir();
+    /// Removes what a crash left of copies from other nodes (start-up), of
+    /// snapshots and of volumes; see [`Self::remove_unfinished`].
+    pub(super) fn remove_unfinished_copies(&self) -> Result<()> {
+        self.remove_unfinished(Copied::Snapshot)?;
+        self.remove_unfinished(Copied::Volume)
+    }
+
+    /// Removes what a crash left of one kind of copy: a note without
+    /// a record is a copy never reported complete, so its storage, half
+    /// received or whole, goes; a note beside a record is only the note.
+    /// Like the other repairs, a removal that fails is logged and its note
+    /// kept for the next start: the driver starts anyway.
+    fn remove_unfinished(&self, copied: Copied) -> Result<()> {
+        let dir = match copied {
+            Copied::Volume => self.volume_copies_dir(),
+            Copied::Snapshot => self.snapshot_copies_dir(),
+        };
         fs::create_dir_all(&dir).context(|| format!("creating {}", dir.display()))?;
         for entry in fs::read_dir(&dir).context(|| format!("reading {}", dir.display()))? {
             let entry = entry.context(|| format!("reading {}", dir.display()))?;
             let Some(key) = entry.file_name().to_str().and_then(Key::parse) else { continue };
-            if self.snapshots.get(&key).is_none() {
+            let recorded = match copied {
+                Copied::Volume => self.volumes.get(&key).is_some(),
+                Copied::Snapshot => self.snapshots.get(&key).is_some(),
+            };
+            if !recorded {
                 let backend = BackendKind::parse(fs::read_to_string(entry.path()).unwrap_or_default().trim());
-                tracing::warn!(snapshot = %key, "removing the unfinished copy of a snapshot from another node that a crash left behind");
-                self.backends.delete_snapshot(&key, backend)?;
+                let what = copied.name();
+                tracing::warn!(%key, "removing the unfinished copy of a {what} from another node that a crash left behind");
+                let removed = match copied {
+                    Copied::Volume => self.backends.remove_unrecorded_volume(&key, backend),
+                    Copied::Snapshot => self.backends.delete_snapshot(&key, backend),
+                };
+                if let Err(e) = removed {
+                    tracing::warn!(%key, "cannot remove the unfinished copy of a {what}: {e}; the next start tries again");
+                    continue;
+                }
             }
             durable::remove(&entry.path()).context(|| format!("removing {}", entry.path().display()))?;
         }
@@ -578,6 +578,22 @@ fn receive_error(e: ReceiveError, progress: &Progress) -> Error {
             "{from} was refused: {what}; nothing was kept; if this repeats, the two nodes run Loam versions that do not agree"
         )),
         ReceiveError::Io(e) => Error::io(format!("writing {from}"), e),
+    }
+}
+
+/// What a copy from another node makes here, for the start-up repair.
+#[derive(Clone, Copy)]
+enum Copied {
+    Volume,
+    Snapshot,
+}
+
+impl Copied {
+    fn name(self) -> &'static str {
+        match self {
+            Copied::Volume => "volume",
+            Copied::Snapshot => "snapshot",
+        }
     }
 }
 

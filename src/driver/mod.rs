@@ -213,8 +213,7 @@ impl Driver {
         driver.thaw_stages();
         driver.roll_back_incomplete_groups();
         driver.remove_leftover_cuts()?;
-        driver.remove_unfinished_snapshot_copies()?;
-        driver.remove_unfinished_volume_copies()?;
+        driver.remove_unfinished_copies()?;
         driver.refresh_promises()?;
         driver.report_unpublished_inline();
         let mut attached = 0u32;
