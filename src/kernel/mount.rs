@@ -106,6 +106,41 @@ impl MountFlags {
     }
 }
 
+impl MountFlags {
+    /// The flags as mount_setattr(2) takes them: the attributes to set and
+    /// to clear. Attributes not asked for are left as the source mount has
+    /// them; an atime mode asked for replaces the source's.
+    fn mount_attr(&self) -> (u64, u64) {
+        let mut set = 0;
+        for (wanted, attr) in [
+            (self.read_only, libc::MOUNT_ATTR_RDONLY),
+            (self.nosuid, libc::MOUNT_ATTR_NOSUID),
+            (self.nodev, libc::MOUNT_ATTR_NODEV),
+            (self.noexec, libc::MOUNT_ATTR_NOEXEC),
+            (self.nodiratime, libc::MOUNT_ATTR_NODIRATIME),
+        ] {
+            if wanted {
+                set |= attr;
+            }
+        }
+        // The atime mode is one field; as mount(8) reads it, the strongest
+        // word given wins.
+        let atime = if self.strictatime {
+            Some(libc::MOUNT_ATTR_STRICTATIME)
+        } else if self.noatime {
+            Some(libc::MOUNT_ATTR_NOATIME)
+        } else if self.relatime {
+            Some(libc::MOUNT_ATTR_RELATIME)
+        } else {
+            None
+        };
+        match atime {
+            Some(mode) => (set | mode, libc::MOUNT_ATTR__ATIME),
+            None => (set, 0),
+        }
+    }
+}
+
 /// Renders the flags as a mount option string, e.g. `ro,noexec` or `rw`.
 impl fmt::Display for MountFlags {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -150,6 +185,12 @@ pub fn bind(source: &Path, target: &Path, flags: MountFlags) -> io::Result<()> {
     let target_stat = fstat(&target_fd)?;
     check_kinds(source, kind_of(source_stat.st_mode), target, kind_of(target_stat.st_mode))?;
 
+    match attach_with_flags(&source_fd, &target_fd, flags) {
+        Ok(()) => return Ok(()),
+        // Kernels before 5.12 lack mount_setattr: bind, then remount below.
+        Err(Errno::ENOSYS) => {}
+        Err(e) => return Err(with_context(e, "bind mount", target)),
+    }
     // Going through /proc/self/fd pins both ends to what we just
     // checked, so a path swapped for a symlink after the check is never
     // followed.
@@ -159,6 +200,9 @@ pub fn bind(source: &Path, target: &Path, flags: MountFlags) -> io::Result<()> {
     if flags.is_default() {
         return Ok(());
     }
+    // On such a kernel the flags reach only this mount namespace: a
+    // remount does not propagate to the namespaces that share the target's
+    // mounts (the host's, where the kubelet and the container runtime look).
     // target_fd still names the directory under the new mount; the
     // remount must hit the bind itself, so reopen the path and make sure
     // it is the bind's root (same inode as the source).
@@ -176,6 +220,57 @@ pub fn bind(source: &Path, target: &Path, flags: MountFlags) -> io::Result<()> {
         Ok(()) => Ok(()),
         Err(err) => Err(undo_bind(&mounted, err)),
     }
+}
+
+/// Clones the mount at `source` (not its submounts, as `MS_BIND`), gives the
+/// clone `flags` while it is still detached, then attaches it at `target`.
+///
+/// A mount carries its flags from the moment it appears, so the copies the
+/// kernel makes of it in every mount namespace that shares the target's
+/// mounts carry them too: Loam in a pod with `Bidirectional` propagation
+/// mounts for the host, where the kubelet and the container runtime see the
+/// copy. A bind followed by a remount sets the flags on this namespace's
+/// mount only (the kernel does not propagate a remount), so the host's copy
+/// would be writable and without nosuid, nodev or noexec. Both ends are the
+/// file descriptors checked by the caller. `ENOSYS` on kernels without
+/// mount_setattr (5.12).
+fn attach_with_flags(source: &OwnedFd, target: &OwnedFd, flags: MountFlags) -> Result<(), Errno> {
+    use rustix::mount::{MoveMountFlags, OpenTreeFlags, move_mount, open_tree};
+    let errno = |e: rustix::io::Errno| Errno::from_raw(e.raw_os_error());
+    let clone = open_tree(
+        source,
+        "",
+        OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC | OpenTreeFlags::AT_EMPTY_PATH,
+    )
+    .map_err(errno)?;
+    let (set, clear) = flags.mount_attr();
+    if set != 0 || clear != 0 {
+        let attr = libc::mount_attr { attr_set: set, attr_clr: clear, propagation: 0, userns_fd: 0 };
+        // SAFETY: mount_setattr(2) reads `size` bytes of `attr`, which lives
+        // across the call, and the empty path with AT_EMPTY_PATH names the
+        // open `clone`; it writes nothing of ours.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_mount_setattr,
+                clone.as_raw_fd(),
+                c"".as_ptr(),
+                libc::AT_EMPTY_PATH,
+                &raw const attr,
+                std::mem::size_of::<libc::mount_attr>(),
+            )
+        };
+        if rc != 0 {
+            return Err(Errno::last());
+        }
+    }
+    move_mount(
+        &clone,
+        "",
+        target,
+        "",
+        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH,
+    )
+    .map_err(errno)
 }
 
 /// Unmounts the topmost mount at `target`: `Ok(false)` if nothing was mounted there.
@@ -373,6 +468,48 @@ mod tests {
             assert!(!unmount(&dst).expect("not mounted"));
             assert!(!unmount(&dir.path().join("missing")).expect("missing"));
             assert!(!dst.join("hello").exists());
+        }
+
+        /// Loam in a pod mounts for the host through a shared mount; the
+        /// kubelet and the container runtime see the host's copy, so the
+        /// flags must be on the copy too, not only on Loam's own mount.
+        #[ignore = "needs root: real mounts in a private mount namespace; scripts/test.sh runs it"]
+        #[test]
+        fn kernel_bind_flags_reach_the_copies_in_peer_mounts() {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let (shared, peer, src) = (dir.path().join("shared"), dir.path().join("peer"), dir.path().join("src"));
+            for d in [&shared, &peer, &src] {
+                std::fs::create_dir(d).expect("mkdir");
+            }
+            let _shared_guard = Unmount(&shared);
+            mount(Some("tmpfs"), &shared, Some("tmpfs"), MsFlags::empty(), Some("size=1m")).expect("mount tmpfs");
+            mount(None::<&str>, &shared, None::<&str>, MsFlags::MS_SHARED, None::<&str>).expect("make shared");
+            std::fs::create_dir(shared.join("target")).expect("mkdir target");
+            // `peer` is a second view of `shared` in its peer group: what is
+            // mounted under one appears under the other, as a pod's mounts
+            // appear on the host with Bidirectional propagation.
+            let _peer_guard = Unmount(&peer);
+            mount(Some(&shared), &peer, None::<&str>, MsFlags::MS_BIND, None::<&str>).expect("bind peer");
+            let (target, copy) = (shared.join("target"), peer.join("target"));
+            let _copy_guard = Unmount(&copy);
+            let _guard = Unmount(&target);
+
+            let flags =
+                MountFlags { read_only: true, nosuid: true, noexec: true, noatime: true, ..MountFlags::default() };
+            bind(&src, &target, flags).expect("bind");
+            let table = mountinfo::read().expect("mounts");
+            for at in [&target, &copy] {
+                let entry = mountinfo::find_mount_point(&table, at).cloned().expect("listed");
+                for want in ["ro", "nosuid", "noexec", "noatime"] {
+                    assert!(
+                        entry.options.split(',').any(|o| o == want),
+                        "{want} missing at {}: {entry:?}",
+                        at.display()
+                    );
+                }
+            }
+            let err = std::fs::write(copy.join("new"), b"x").expect_err("the copy is read-only too");
+            assert_eq!(err.raw_os_error(), Some(libc::EROFS));
         }
 
         #[ignore = "needs root: real mounts in a private mount namespace; scripts/test.sh runs it"]
