@@ -23,7 +23,7 @@
 # Env: KUBECONFIG (default /var/tmp/loam-kind/kubeconfig, what tests/kind/run.sh
 # writes), KIND_CLUSTER (loam), DOCKER_HOST (tests/kind/docker.sh's socket),
 # STORAGE_E2E_PROCS (ginkgo's parallel processes, 4), STORAGE_E2E_KNOWN (run the
-# known failures too), STORAGE_E2E_LIMIT (the
+# known failures too), STORAGE_E2E_FOCUS (only the specs it matches), STORAGE_E2E_LIMIT (the
 # attach limit, 16), STORAGE_E2E_TIMEOUT (ginkgo's per-class timeout, 6h),
 # STORAGE_E2E_OUT (reports, /var/tmp/loam-storage-e2e/<date>), LOAM_E2E_CACHE.
 set -euo pipefail
@@ -59,6 +59,9 @@ done
 # parameter (and a StatefulSet spread over the workers, which Loam refuses
 # too: a group is cut on one node); STORAGE_E2E_KNOWN=1 runs them.
 focus_base='External.Storage.*loam.csi.dev'
+# STORAGE_E2E_FOCUS narrows every class to the specs it matches (a re-run of
+# some failures).
+focus_base+="${STORAGE_E2E_FOCUS:+.*($STORAGE_E2E_FOCUS)}"
 skip_base='\[Disruptive\]|should provision storage with any volume data source'
 [ -n "${STORAGE_E2E_KNOWN:-}" ] ||
     skip_base+='|VolumeGroupSnapshottable should create snapshots for StatefulSet volumes|should use default VolumeGroupSnapshotClass'
