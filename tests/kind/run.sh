@@ -114,7 +114,7 @@ cleanup() {
     fi
     grep -q " $run/" /proc/self/mounts || rm -rf "$run"
     local times='' s
-    for s in build docker images cluster story; do times+="$s ${took[$s]:-?} s, "; done
+    for s in build docker images cluster story prometheus; do times+="$s ${took[$s]:-?} s, "; done
     step "done: exit $rc ($times""total $((SECONDS - t0)) s)"
     exit "$rc"
 }
@@ -220,6 +220,14 @@ else
         in_child bash "$repo/tests/e2e/story.sh" || story_rc=$?
 fi
 took[story]=$((SECONDS - s))
+# The metrics step (prometheus-step.sh): a real Prometheus scraping Loam's
+# pods, asserted with PromQL, after a story that passed.
+if [ "${KIND_STORY:-1}" != 0 ] && [ "$story_rc" = 0 ]; then
+    s=$SECONDS
+    step "prometheus"
+    E2E_NODE=$cluster-worker in_child bash "$here/prometheus-step.sh" || story_rc=$?
+    took[prometheus]=$((SECONDS - s))
+fi
 # Held also after a failed story: the cluster is where to look.
 if [ "${KIND_HOLD:-}" = 1 ]; then
     step "holding the cluster (story exit $story_rc): KUBECONFIG=$run/kubeconfig DOCKER_HOST=$DOCKER_HOST; Ctrl-C ends it"
