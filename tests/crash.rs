@@ -1572,6 +1572,37 @@ struct Pair {
 }
 
 impl Pair {
+    /// After one try of `what` (whose receiving node is `to`): counts the
+    /// nodes that `died`, each killed by its armed fault point unless it was
+    /// the one `fired` at, checks that the `armed` fault point was reached
+    /// (unless the other node died first, at a point a restart armed it
+    /// with), and restarts and checks every dead node.
+    async fn bury(
+        &mut self,
+        died: [bool; 2],
+        fired: Option<usize>,
+        armed: Option<(&str, usize)>,
+        to: usize,
+        what: &str,
+    ) {
+        for (side, run) in self.runs.iter_mut().enumerate().filter(|(side, _)| died[*side]) {
+            run.note("  -> died".to_owned());
+            if fired != Some(side) {
+                run.count_failpoint();
+            }
+            if side == to { self.tally.target_kills += 1 } else { self.tally.source_kills += 1 }
+        }
+        if let Some((point, side)) = armed {
+            assert!(died[side] || died[1 - side], "{what} did not reach the fault point {point} it was armed with");
+        }
+        for side in [to, 1 - to] {
+            if died[side] {
+                self.runs[side].restart(true).await;
+                self.runs[side].check().await;
+            }
+        }
+    }
+
     /// Tears both agents down; the fault points they hit, summed.
     async fn tear_down(&mut self) -> BTreeMap<String, u32> {
         let mut hit = BTreeMap::new();
@@ -1716,27 +1747,7 @@ impl Pair {
                 None => None,
             };
             let died = self.deaths(copy, answer.is_err() || fired.is_some()).await;
-            for (side, run) in self.runs.iter_mut().enumerate().filter(|(side, _)| died[*side]) {
-                run.note("  -> died".to_owned());
-                if fired != Some(side) {
-                    run.count_failpoint();
-                }
-                if side == copy.to { self.tally.target_kills += 1 } else { self.tally.source_kills += 1 }
-            }
-            if let Some((point, side)) = armed {
-                // Unless the other node died first, at a point a restart
-                // armed it with.
-                assert!(
-                    died[side] || died[1 - side],
-                    "{copy:?} did not reach the fault point {point} it was armed with"
-                );
-            }
-            for side in [copy.to, copy.from] {
-                if died[side] {
-                    self.runs[side].restart(true).await;
-                    self.runs[side].check().await;
-                }
-            }
+            self.bury(died, fired, armed, copy.to, &format!("{copy:?}")).await;
             match answer {
                 Ok(made) => {
                     self.made(copy, made.into_inner());
@@ -2131,25 +2142,7 @@ impl Pair {
                 None => None,
             };
             let died = self.snapshot_deaths(snap, tried.answer.is_err() || fired.is_some()).await;
-            for (side, run) in self.runs.iter_mut().enumerate().filter(|(side, _)| died[*side]) {
-                run.note("  -> died".to_owned());
-                if fired != Some(side) {
-                    run.count_failpoint();
-                }
-                if side == snap.to { self.tally.target_kills += 1 } else { self.tally.source_kills += 1 }
-            }
-            if let Some((point, side)) = armed {
-                assert!(
-                    died[side] || died[1 - side],
-                    "{snap:?} did not reach the fault point {point} it was armed with"
-                );
-            }
-            for side in [snap.to, snap.from] {
-                if died[side] {
-                    self.runs[side].restart(true).await;
-                    self.runs[side].check().await;
-                }
-            }
+            self.bury(died, fired, armed, snap.to, &format!("{snap:?}")).await;
             if died[snap.to] && !tried.copied {
                 // Killed before its answer: at the fault point the copy was
                 // never recorded; a timed kill may have come just after.
