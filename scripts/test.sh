@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 
 CSI_SANITY_VERSION=v5.4.0
 KUSTOMIZE_VERSION=v5.8.2 # v5.8.3 needs Go 1.27
-HELM_VERSION=v4.3.2
+. tests/e2e/versions.sh # HELM_VERSION, which the kind run's Helm step shares
 KUBERNETES_VALIDATE_VERSION=1.37.0 # bundles the schemas of Kubernetes 1.37.0
 step() { printf '\n==> %s\n' "$*"; }
 

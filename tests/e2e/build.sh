@@ -12,6 +12,8 @@
 #                         tests/storage-e2e)
 #                         prometheus and promtool (target prometheus, not
 #                         built by default: the kind story's metrics step)
+#                         helm (target helm, not built by default: the kind
+#                         run's Helm step)
 # Each one is built through a small wrapper module under src/<name>: it requires
 # the upstream module at its release and turns every replace directive of that
 # module's go.mod into one the wrapper can use (a replace by a local directory
@@ -320,6 +322,21 @@ build_kind() {
     GOBIN="$cache/bin" GOFLAGS= CGO_ENABLED=0 "${nice[@]}" go install "sigs.k8s.io/kind@$KIND_VERSION"
     printf '%s' "$recipe" >"$cache/bin/kind.recipe"
     log "kind: built"
+}
+
+# Helm (target helm, not built by default: the kind run's Helm step), as its
+# docs install it from source: go install helm.sh/helm/v4/cmd/helm@VERSION.
+build_helm() {
+    local recipe="helm $HELM_VERSION"
+    if [ "$(cat "$cache/bin/helm.recipe" 2>/dev/null)" = "$recipe" ]; then
+        log "helm: cached"
+        return 0
+    fi
+    [ "${LOAM_E2E_DOWNLOAD_ONLY:-}" = 1 ] && return 0
+    log "helm: building"
+    GOBIN="$cache/bin" GOFLAGS= CGO_ENABLED=0 "${nice[@]}" go install "helm.sh/helm/v4/cmd/helm@$HELM_VERSION"
+    printf '%s' "$recipe" >"$cache/bin/helm.recipe"
+    log "helm: built"
 }
 
 all=(kubernetes etcd containerd runc coredns sidecars standins pause)

@@ -13,38 +13,16 @@ IMAGE=loam:dev # Debian with coreutils and util-linux: the shell of the test pod
 NODE=${E2E_NODE:-loam-e2e}
 ROOT=/var/lib/loam
 T=${E2E_WAIT:-180}
-passed=0
-t0=$SECONDS
-say() { printf '[story %4ds] %s\n' "$((SECONDS - t0))" "$*"; }
-fail() {
-    say "FAIL: $*"
-    {
-        kubectl get pods,pvc -A -o wide
-        kubectl get pv,volumesnapshot,volumesnapshotcontent,volumegroupsnapshot,volumegroupsnapshotcontent -A
-        kubectl -n "$NS" get events --sort-by=.lastTimestamp | tail -30
-        kubectl -n loam logs deploy/loam-controller --all-containers --tail=30 --prefix
-        kubectl -n loam logs ds/loam-node --all-containers --tail=30 --prefix
-    } 2>&1 | sed 's/^/    /'
-    echo "$passed passed, 1 failed"
-    exit 1
+CHECKS_LABEL=story
+. "$(dirname "$0")/checks.sh"
+diagnose() {
+    kubectl get pods,pvc -A -o wide
+    kubectl get pv,volumesnapshot,volumesnapshotcontent,volumegroupsnapshot,volumegroupsnapshotcontent -A
+    kubectl -n "$NS" get events --sort-by=.lastTimestamp | tail -30
+    kubectl -n loam logs deploy/loam-controller --all-containers --tail=30 --prefix
+    kubectl -n loam logs ds/loam-node --all-containers --tail=30 --prefix
 }
-ok() {
-    passed=$((passed + 1))
-    say "ok $passed - $*"
-}
-# expect WHAT ACTUAL WANTED
-expect() { [ "$2" = "$3" ] && ok "$1" || fail "$1: got '$2', want '$3'"; }
 k() { kubectl -n "$NS" "$@"; }
-# until_ok SECONDS WHAT COMMAND...
-until_ok() {
-    local limit=$1 what=$2 i
-    shift 2
-    for ((i = 0; i < limit; i++)); do
-        "$@" >/dev/null 2>&1 && return 0
-        sleep 1
-    done
-    fail "$what: not within ${limit}s"
-}
 in_pod() { local p=$1; shift; k exec "$p" -- sh -c "$*"; }
 # on_node NODE SCRIPT: runs SCRIPT in NODE's filesystem. On the e2e cluster the
 # one node is this namespace (E2E_NODE_EXEC unset); a cluster whose nodes are

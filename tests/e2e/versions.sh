@@ -25,3 +25,5 @@ LOCAL_PATH_VERSION=v0.0.30    # github.com/rancher/local-path-provisioner (kind'
 # module github.com/prometheus/prometheus tags Prometheus v3.X.Y as v0.3XX.Y. The same release
 # as the rule parser of scripts/rulecheck.
 PROMETHEUS_VERSION=v0.316.0   # Prometheus v3.16.0
+# Helm, for CI's chart checks (scripts/test.sh) and the kind run's Helm step (tests/kind/helm-step.sh).
+HELM_VERSION=v4.3.2           # helm.sh/helm/v4

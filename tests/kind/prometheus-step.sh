@@ -23,7 +23,11 @@
 #      gets (3 dir, 1 loop), reports the bytes the pod wrote into one of them
 #      and its capacity, and counts them out again once they are deleted;
 #    - the controller's loam_rpc_duration_seconds_count for CreateVolume is
-#      above 0 and grew by at least the 4 creates.
+#      above 0 and grew by at least the 4 creates;
+#    - with E2E_NODE's agent taken away (the DaemonSet kept off the node),
+#      the controller's loam_agent_up for it goes to 0 and the alert rule
+#      LoamAgentUnreachable (deploy/monitoring, loaded by this Prometheus) is
+#      pending; back to 1 once the agent returns.
 # Everything it made is deleted at the end (PROM_KEEP=1 keeps Prometheus and
 # its namespace for a look: kubectl -n loam-prometheus port-forward svc/prometheus 9090).
 # Prints one line per check and 'N passed, 0 failed'; exits non-zero at the
@@ -41,39 +45,26 @@ T=${E2E_WAIT:-180}
 PROM_NS=loam-prometheus
 NS=loam-prom-story
 cluster=loam
-passed=0
-t0=$SECONDS
-say() { printf '[prometheus %4ds] %s\n' "$((SECONDS - t0))" "$*"; }
-fail() {
-    say "FAIL: $*"
-    {
-        kubectl -n "$PROM_NS" get pods -o wide
-        kubectl -n "$PROM_NS" logs deploy/prometheus --tail=30
-        kubectl -n "$NS" get pods,pvc -o wide
-    } 2>&1 | sed 's/^/    /'
-    echo "$passed passed, 1 failed"
-    exit 1
-}
-ok() {
-    passed=$((passed + 1))
-    say "ok $passed - $*"
-}
-expect() { [ "$2" = "$3" ] && ok "$1" || fail "$1: got '$2', want '$3'"; }
-# until_ok SECONDS WHAT COMMAND...
-until_ok() {
-    local limit=$1 what=$2 i
-    shift 2
-    for ((i = 0; i < limit; i++)); do
-        "$@" >/dev/null 2>&1 && return 0
-        sleep 1
-    done
-    fail "$what: not within ${limit}s"
+CHECKS_LABEL=prometheus
+. "$repo/tests/e2e/checks.sh"
+diagnose() {
+    kubectl -n "$PROM_NS" get pods -o wide
+    kubectl -n "$PROM_NS" logs deploy/prometheus --tail=30
+    kubectl -n "$NS" get pods,pvc -o wide
 }
 work=''
+agent_off=''
+# agent_back: the node agents on every node again (step 6 took one away).
+agent_back() {
+    kubectl -n loam patch daemonset loam-node --type json \
+        -p '[{"op": "remove", "path": "/spec/template/spec/affinity"}]' &&
+        kubectl -n loam rollout status daemonset/loam-node --timeout="${T}s" && agent_off=''
+}
 cleanup() {
     local rc=$?
     set +e
     [ -z "$work" ] || rm -rf "$work"
+    [ -z "$agent_off" ] || agent_back >/dev/null
     kubectl delete namespace "$NS" --ignore-not-found --wait=true --timeout="${T}s" >/dev/null
     if [ "${PROM_KEEP:-}" != 1 ]; then
         kubectl -n loam delete rolebinding,role loam-prometheus --ignore-not-found >/dev/null
@@ -116,7 +107,7 @@ equals() { [ "$(value "$1")" = "$2" ]; }
 say "1. Prometheus $PROMETHEUS_VERSION and promtool, built from the Go module proxy (cached); the configuration checks"
 bash "$repo/tests/e2e/build.sh" prometheus
 work=$(mktemp -d /tmp/loam-prometheus-step.XXXXXX)
-cp "$cache/bin/prometheus" "$cache/bin/promtool" "$work/"
+cp "$cache/bin/prometheus" "$cache/bin/promtool" "$repo/deploy/monitoring/loam.rules.yaml" "$work/"
 # The chart's PodMonitor, written out for a Prometheus without the operator:
 # every declared container port of the pods labelled app.kubernetes.io/name=loam
 # is a target; the ports the PodMonitor names are kept.
@@ -124,6 +115,8 @@ cat >"$work/prometheus.yml" <<'EOF'
 global:
   scrape_interval: 5s
   evaluation_interval: 5s
+# The alert rules deploy/monitoring ships, evaluated as a user's Prometheus would.
+rule_files: [loam.rules.yaml]
 scrape_configs:
   - job_name: loam
     kubernetes_sd_configs:
@@ -148,7 +141,7 @@ scrape_configs:
         target_label: port
 EOF
 "$work/promtool" check config "$work/prometheus.yml" >/dev/null || fail "promtool check config"
-ok "promtool check config: the scrape configuration is valid"
+ok "promtool check config: the scrape configuration and deploy/monitoring's rules are valid"
 version=$("$work/prometheus" --version | head -1)
 [[ $version == "prometheus, version 3."* ]] || fail "prometheus --version: $version"
 ok "$version"
@@ -166,7 +159,8 @@ docker build --network host --force-rm -q -t "$image" -f "$work/Dockerfile" "$wo
 kind load docker-image "$image" --name "$cluster" \
     --nodes "$(kubectl get nodes -o jsonpath='{.items[*].metadata.name}' | tr ' ' ',')" >/dev/null
 kubectl create namespace "$PROM_NS" >/dev/null
-kubectl -n "$PROM_NS" create configmap prometheus --from-file=prometheus.yml="$work/prometheus.yml" >/dev/null
+kubectl -n "$PROM_NS" create configmap prometheus --from-file=prometheus.yml="$work/prometheus.yml" \
+    --from-file=loam.rules.yaml="$work/loam.rules.yaml" >/dev/null
 kubectl apply -f - >/dev/null <<EOF
 apiVersion: v1
 kind: ServiceAccount
@@ -322,6 +316,30 @@ until_ok 60 "loam_volumes on $NODE back to $dir0 dir volumes" equals \
     "sum(loam_volumes{job=\"loam\",pod_node=\"$NODE\",backend=\"dir\"}) or vector(0)" "$dir0"
 ok "loam_volumes{backend=\"dir\"} on $NODE back to $dir0"
 expect "loam_volumes{backend=\"loop\"} on $NODE back to $loop0" "$(agent_volumes loop)" "$loop0"
+
+say "6. an agent down: loam_agent_up of $NODE goes to 0 and LoamAgentUnreachable is pending; back to 1"
+agent_up_is() { equals "loam_agent_up{job=\"loam\",component=\"controller\",node=\"$NODE\"}" "$1"; }
+agent_up_is 1 || fail "loam_agent_up of $NODE is not 1 before the step"
+ok "loam_agent_up of $NODE is 1"
+# The loam-node pod of NODE goes (the DaemonSet kept off it), the others stay.
+agent_off=1
+off='{"spec": {"template": {"spec": {"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution":'
+off+=' {"nodeSelectorTerms": [{"matchExpressions": [{"key": "kubernetes.io/hostname", "operator": "NotIn", "values": ["'$NODE'"]}]}]}}}}}}}'
+kubectl -n loam patch daemonset loam-node --type merge -p "$off" >/dev/null
+kubectl -n loam rollout status daemonset/loam-node --timeout="${T}s" >/dev/null || fail "loam-node rollout without $NODE"
+no_agent_pod() { [ -z "$(kubectl -n loam get pods -l app.kubernetes.io/component=node --field-selector "spec.nodeName=$NODE" -o name)" ]; }
+until_ok "$T" "no loam-node pod on $NODE" no_agent_pod
+ok "the loam-node pod of $NODE is gone"
+# The controller learns it at its next look at the agents (on the next request
+# for a node, such as csi-provisioner's capacity polls, at most every 30 s).
+until_ok "$T" "loam_agent_up of $NODE at 0" agent_up_is 0
+ok "loam_agent_up of $NODE is 0"
+until_ok 60 "LoamAgentUnreachable pending for $NODE" equals \
+    "count(ALERTS{alertname=\"LoamAgentUnreachable\",alertstate=\"pending\",node=\"$NODE\"})" 1
+ok "the rule LoamAgentUnreachable of deploy/monitoring is pending for $NODE (it fires after 5m)"
+agent_back >/dev/null || fail "loam-node back on $NODE"
+until_ok "$T" "loam_agent_up of $NODE back at 1" agent_up_is 1
+ok "the agent of $NODE back: loam_agent_up is 1 again"
 
 say "prometheus step done in $((SECONDS - t0)) s"
 echo "$passed passed, 0 failed"

@@ -13,7 +13,10 @@
 #    this run makes), then the README's quickstart, line by line
 #    (quickstart.sh: `kind create cluster`, `docker build -t loam:dev .`,
 #    `kind load`, the snapshot CRDs and controller, deploy/, the example)
-# 6. the story (tests/e2e/story.sh, on three nodes)
+# 6. the story (tests/e2e/story.sh, on three nodes), then, after a story that
+#    passed, the metrics step (prometheus-step.sh) and the Helm step
+#    (helm-step.sh: the kustomize install replaced by `helm install` of an
+#    earlier Loam, then `helm upgrade` to this tree's, volumes kept)
 #
 # Everything it started is removed at the end, also on failure and on SIGTERM
 # or Ctrl-C: the cluster (its containers and network), the loop devices and
@@ -114,7 +117,7 @@ cleanup() {
     fi
     grep -q " $run/" /proc/self/mounts || rm -rf "$run"
     local times='' s
-    for s in build docker images cluster story prometheus; do times+="$s ${took[$s]:-?} s, "; done
+    for s in build docker images cluster story prometheus helm; do times+="$s ${took[$s]:-?} s, "; done
     step "done: exit $rc ($times""total $((SECONDS - t0)) s)"
     exit "$rc"
 }
@@ -124,10 +127,10 @@ trap 'exit 130' INT TERM
 # --- 2. build (each program is rebuilt only when its recipe changed)
 s=$SECONDS
 step "build"
-# Prometheus is for the metrics step after the story: built here, not while a
-# cluster waits.
+# Prometheus and Helm are for the steps after the story: built here, not while
+# a cluster waits.
 extra=()
-[ "${KIND_STORY:-1}" = 0 ] || extra=(prometheus)
+[ "${KIND_STORY:-1}" = 0 ] || extra=(prometheus helm)
 bash "$repo/tests/e2e/build.sh" kubernetes etcd containerd runc coredns sidecars standins pause \
     crictl cni localpath kind "${extra[@]}"
 export PATH="$cache/bin:$PATH"
@@ -231,6 +234,16 @@ if [ "${KIND_STORY:-1}" != 0 ] && [ "$story_rc" = 0 ]; then
     step "prometheus"
     E2E_NODE=$cluster-worker in_child bash "$here/prometheus-step.sh" || story_rc=$?
     took[prometheus]=$((SECONDS - s))
+fi
+# The Helm step (helm-step.sh): the kustomize install replaced by a Helm
+# install of an earlier Loam, upgraded to this tree's; last, as it takes the
+# quickstart's install away.
+if [ "${KIND_STORY:-1}" != 0 ] && [ "$story_rc" = 0 ]; then
+    s=$SECONDS
+    step "helm"
+    E2E_NODE=$cluster-worker LOAM_RUST_IMAGE=$rust_image LOAM_DEBIAN_IMAGE=$slim_image \
+        in_child bash "$here/helm-step.sh" || story_rc=$?
+    took[helm]=$((SECONDS - s))
 fi
 # Held also after a failed story: the cluster is where to look.
 if [ "${KIND_HOLD:-}" = 1 ]; then
