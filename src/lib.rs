@@ -43,7 +43,7 @@
 //! Cross-cutting: [`error`] is the one error type and its mapping to gRPC
 //! codes; [`csi`] and [`api`] the generated wire messages; [`ids`] forms and parses volume, snapshot and group snapshot ids;
 //! [`config`] holds the settings and the CSI constants; [`quantity`] is the
-//! one size grammar; [`endpoint`] the one endpoint parser; [`failpoint`]
+//! one size grammar; [`endpoint`] the one endpoint parser; [`failpoint`](mod@failpoint)
 //! marks where the crash harness kills the driver; [`metrics`] is the
 //! process's Prometheus registry, filled where things happen.
 //!

@@ -4,7 +4,7 @@
 //! Every process that holds the token derives the same certificate authority
 //! from it ([`Token::derive_key`] → an Ed25519 key), and mints its own leaf
 //! certificate signed by that authority, with a fresh key, at start-up and
-//! again before it expires ([`Leaf`]). Both ends pin that one authority and
+//! again before it expires (`Leaf`). Both ends pin that one authority and
 //! require the other's leaf: the agent serves only clients whose certificate
 //! it signed, and the controller talks only to servers whose certificate it
 //! signed, so the bearer token ([`crate::auth`]) is sent only after the
@@ -253,7 +253,7 @@ pub fn client_config(token: &Token, role: Role) -> Result<Arc<ClientConfig>> {
 }
 
 /// Turns accepted connections into TLS connections, handshaking each on its
-/// own task (a slow peer delays no one) within [`HANDSHAKE_TIMEOUT`]. Failed
+/// own task (a slow peer delays no one) within `HANDSHAKE_TIMEOUT`. Failed
 /// handshakes are logged and dropped; accept errors pass through.
 pub fn accept<S, IO>(connections: S, config: Arc<ServerConfig>) -> impl Stream<Item = io::Result<Tls<IO>>>
 where

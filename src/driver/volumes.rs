@@ -265,7 +265,7 @@ impl Driver {
 
     /// Bytes available for new volumes on this node: the root's free bytes
     /// minus what existing volumes were promised but do not use yet. The
-    /// promises are measured at start-up and then every [`PROMISES_REFRESH`]
+    /// promises are measured at start-up and then every [`PROMISES_REFRESH`](super::PROMISES_REFRESH)
     /// off the request path ([`Driver::refresh_promises`]), and what is
     /// promised in between is added at once; so a call costs the same with
     /// 10 or 10,000 volumes.

@@ -20,7 +20,7 @@
 //! 3. Once no pod uses the claim, the volume is copied node to node: a
 //!    CreateVolume through the controller's own router, named after the new
 //!    PersistentVolume, with the old volume as its content and the target
-//!    node as its topology ([`crate::driver::copies`]: verified end to end;
+//!    node as its topology (`driver::copies`: verified end to end;
 //!    retried while it runs).
 //! 4. The new PersistentVolume is made for the copy, bound in advance to the
 //!    claim's name, and the finalizer comes off: the claim goes, and whoever
@@ -67,8 +67,9 @@ use crate::routing::router::Router;
 /// The label that asks for a claim's volume to be moved, to the node it names.
 pub const MOVE_TO_LABEL: &str = "loam.csi.dev/move-to";
 /// The [`MOVE_TO_LABEL`] value that lets the controller choose the node:
-/// Ready, schedulable, running a Loam agent with room for the volume, not
-/// the volume's node, the one with the most room. It always means that,
+/// one the claim's pods could be scheduled on (module `fit`), running a Loam
+/// agent with room for the volume, not the volume's node, the one with the
+/// most room. It always means that,
 /// even in a cluster with a node of that name.
 pub const ANY_NODE: &str = "any";
 /// The label on a PersistentVolume whose move is under way.
@@ -194,10 +195,12 @@ fn unexpected(what: &str, status: u16, answer: &Value) -> String {
     format!("{what}: HTTP {status} {message}")
 }
 
+mod fit;
 mod objects;
 #[cfg(test)]
 mod tests;
 
+use fit::{Fit, uses};
 use objects::*;
 
 impl Moves {
@@ -788,8 +791,7 @@ impl Moves {
             (200, pods) => pods,
             (status, answer) => return Err(unexpected("listing pods", status, &answer)),
         };
-        let users: Vec<&Value> =
-            pods["items"].as_array().into_iter().flatten().filter(|pod| uses(pod, claim_name)).collect();
+        let fit = Fit::new(claim_name, &pods, &nodes);
         let mut names: Vec<&Value> = nodes["items"].as_array().into_iter().flatten().collect();
         names.sort_by_key(|node| node["metadata"]["name"].as_str().unwrap_or_default().to_owned());
         let mut best: Option<(i64, String)> = None;
@@ -800,7 +802,7 @@ impl Moves {
                 why.push(format!("{name} is the volume's node"));
                 continue;
             }
-            if let Some(unfit) = unschedulable(node, &users) {
+            if let Some(unfit) = fit.refusal(node) {
                 why.push(format!("{name} {unfit}"));
                 continue;
             }

@@ -4,7 +4,7 @@
 //! ([`CopiesService::export`], called by that node's agent on the source's).
 //!
 //! The wire frames are mapped to the pieces the driver reads and writes
-//! ([`crate::driver::transfer`]) in [`wire`]; the data goes node to node,
+//! ([`crate::driver::transfer`]) in `wire`; the data goes node to node,
 //! never through the controller.
 
 use std::net::SocketAddr;

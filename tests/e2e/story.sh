@@ -14,6 +14,7 @@ NODE=${E2E_NODE:-loam-e2e}
 ROOT=/var/lib/loam
 T=${E2E_WAIT:-180}
 CHECKS_LABEL=story
+# shellcheck source=tests/e2e/checks.sh
 . "$(dirname "$0")/checks.sh"
 diagnose() {
     kubectl get pods,pvc -A -o wide
@@ -838,7 +839,7 @@ EOF
     if [ -z "${E2E_DB_IMAGE:-}" ]; then
         say "12d. (not run: E2E_DB_IMAGE is unset, no database image here)"
     else
-        say "12d. the seed scenario: a MariaDB StatefulSet whose replicas are seeded by cloning, primary -> replica 1 -> replica 2, one per node; then a replica's PVC moved to another node with kubectl label"
+        say "12d. the seed scenario: a MariaDB StatefulSet whose replicas are seeded by cloning, primary -> replica 1 -> replica 2, one per node; then a replica's PVC moved to another node with kubectl label, a move cancelled, a move to any node"
         # db-N's PVC data-db-N is made before the StatefulSet scales to N+1, as
         # a clone of the replica before it; the StatefulSet takes a PVC of its
         # template's name that exists. Its pod may not share a node with another
@@ -960,6 +961,48 @@ EOF
         ok "the old volume $pv_before is deleted, after the new one is bound"
         expect "the claim no longer carries the move's finalizer" \
             "$(pvc_field data-db-1 '{.metadata.finalizers}' | grep -c 'loam.csi.dev/move' || true)" 0
+        # events_of REASON: how many events REASON data-db-1 has had (each of
+        # its claims: a move makes the claim again); more_events REASON N:
+        # more than N; last_event REASON: the latest one's message.
+        events_of() { k get events --field-selector "involvedObject.name=data-db-1,reason=$1" -o name | wc -l; }
+        more_events() { [ "$(events_of "$1")" -gt "$2" ]; }
+        last_event() {
+            k get events --field-selector "involvedObject.name=data-db-1,reason=$1" --sort-by=.lastTimestamp \
+                -o jsonpath='{.items[-1:].message}'
+        }
+
+        # A move cancelled: the label taken off as soon as the move started,
+        # before the copy has its PV; the StatefulSet's claim gets the old volume back.
+        pv_before=$(pvc_field data-db-1 '{.spec.volumeName}')
+        started=$(events_of MoveStarted) cancelled=$(events_of MoveCancelled)
+        k label pvc data-db-1 "loam.csi.dev/move-to=${db_on[1]}" >/dev/null
+        until_ok 60 "MoveStarted for the move of data-db-1 to ${db_on[1]}" more_events MoveStarted "$started"
+        k label pvc data-db-1 loam.csi.dev/move-to- >/dev/null
+        until_ok "$T" "MoveCancelled on data-db-1" more_events MoveCancelled "$cancelled"
+        ok "the label taken off after MoveStarted: MoveCancelled ($(last_event MoveCancelled | cut -c1-160))"
+        until_ok "$T" "db-1 ready after the cancelled move" db_ready 2
+        expect "data-db-1 is bound to its volume of before, reclaim policy Delete again, no move recorded" \
+            "$(pvc_field data-db-1 '{.spec.volumeName}') $(kubectl get pv "$pv_before" \
+                -o jsonpath='{.spec.persistentVolumeReclaimPolicy} {.metadata.labels.loam\.csi\.dev/moving}')" \
+            "$pv_before Delete "
+        expect "db-1 runs on $to with its rows" "$(k get pod db-1 -o jsonpath='{.spec.nodeName}') $(rows db-1)" \
+            "$to primary-1,primary-2,primary-3,replica1-4"
+
+        # move-to=any: the controller chooses. The replicas keep apart
+        # (required anti-affinity) and db-0 runs on ${db_on[0]}: of the three
+        # nodes, the one a move may choose is ${db_on[1]}, whatever the rooms.
+        moved_before=$(events_of Moved)
+        t_move=$SECONDS
+        k label pvc data-db-1 loam.csi.dev/move-to=any >/dev/null
+        until_ok 400 "the move of data-db-1 to any node" more_events Moved "$moved_before"
+        until_ok "$T" "db-1 ready after the move to any node" db_ready 2
+        started=$(last_event MoveStarted)
+        [[ $started == *"to node ${db_on[1]} (chosen by the controller"* ]] ||
+            fail "move-to=any chose another node than ${db_on[1]}, the one db-0's anti-affinity leaves: $started"
+        ok "move-to=any chose ${db_on[1]}, not db-0's node ${db_on[0]} (the replicas' anti-affinity), moved in $((SECONDS - t_move)) s"
+        expect "db-1 runs on ${db_on[1]} with its rows" "$(k get pod db-1 -o jsonpath='{.spec.nodeName}') $(rows db-1)" \
+            "${db_on[1]} primary-1,primary-2,primary-3,replica1-4"
+
         db_pvs=$(for i in 0 1 2; do pvc_field "data-db-$i" '{.spec.volumeName} '; done)
         k delete sts db --wait=true --timeout="${T}s" >/dev/null
         k delete pvc data-db-0 data-db-1 data-db-2 --wait=true --timeout="${T}s" >/dev/null

@@ -987,6 +987,37 @@ async fn a_claim_labelled_any_moves_to_the_schedulable_node_with_the_most_room()
 }
 
 #[tokio::test]
+async fn a_claim_labelled_any_is_not_moved_next_to_a_replica_its_pods_anti_affinity_avoids() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut c, rooms) = cluster_moving_to_any();
+    // The StatefulSet's other replica runs on node-f, the node with the most
+    // room; db-1 must not run beside it.
+    let apart = json!({ "podAntiAffinity": { "requiredDuringSchedulingIgnoredDuringExecution": [
+        { "topologyKey": "kubernetes.io/hostname", "labelSelector": { "matchLabels": { "app": "db" } } },
+    ] } });
+    for (path, node) in c.objects.iter_mut().filter(|(path, _)| path.starts_with("/api/v1/nodes/")) {
+        node["metadata"]["labels"] = json!({ "kubernetes.io/hostname": path.trim_start_matches("/api/v1/nodes/") });
+    }
+    let db1 = c.objects.get_mut("/api/v1/namespaces/db/pods/db-1").unwrap();
+    db1["metadata"]["labels"] = json!({ "app": "db" });
+    db1["spec"]["affinity"] = apart.clone();
+    let mut db0 = db1.clone();
+    db0["metadata"]["name"] = json!("db-0");
+    db0["metadata"]["uid"] = json!("uid-db-0");
+    db0["spec"]["nodeName"] = json!("node-f");
+    db0["spec"]["volumes"] = json!([{ "persistentVolumeClaim": { "claimName": "data-db-0" } }]);
+    c.objects.insert("/api/v1/namespaces/db/pods/db-0".into(), db0);
+    let cluster = Arc::new(Mutex::new(c));
+    let nodes = Arc::new(FakeNodes { room: 4 * GI, rooms, calls_per_copy: 3, state: Mutex::default() });
+    let moves = moves_with(&cluster, dir.path(), nodes.clone()).await;
+    let stages = sweep_until_done(&moves, &cluster, 30).await;
+    assert_eq!(stages.last(), Some(&Stage::Done), "{stages:?}");
+    let c = cluster.lock().unwrap();
+    assert_eq!(nodes.state.lock().unwrap().copies, [(format!("{KEY_A}@node-a"), "node-b".to_owned())]);
+    assert_eq!(c.objects["/api/v1/namespaces/db/pods/db-1"]["spec"]["nodeName"], "node-b", "not beside db-0");
+}
+
+#[tokio::test]
 async fn a_claim_labelled_any_waits_with_the_reasons_while_no_node_can_take_it() {
     let dir = tempfile::tempdir().unwrap();
     let (mut c, mut rooms) = cluster_moving_to_any();
@@ -1028,38 +1059,4 @@ async fn a_claim_labelled_any_waits_with_the_reasons_while_no_node_can_take_it()
     assert_eq!(stages.last(), Some(&Stage::Done), "{stages:?}");
     let c = cluster.lock().unwrap();
     assert_eq!(c.objects["/api/v1/namespaces/db/pods/db-1"]["spec"]["nodeName"], "node-c");
-}
-
-#[test]
-fn a_taint_keeps_a_move_away_unless_every_pod_of_the_claim_tolerates_it() {
-    let node = |taints: Value| json!({ "spec": { "taints": taints }, "status": { "conditions": [{ "type": "Ready", "status": "True" }] } });
-    let pod = |tolerations: Value| json!({ "spec": { "tolerations": tolerations } });
-    let gpu = node(json!([{ "key": "gpu", "value": "a100", "effect": "NoExecute" }]));
-    let tolerating = [
-        json!([{ "operator": "Exists" }]),
-        json!([{ "key": "gpu", "operator": "Exists" }]),
-        json!([{ "key": "gpu", "value": "a100" }]),
-        json!([{ "key": "gpu", "operator": "Equal", "value": "a100", "effect": "NoExecute" }]),
-    ];
-    for tolerations in tolerating {
-        assert_eq!(unschedulable(&gpu, &[&pod(tolerations.clone())]), None, "{tolerations}");
-    }
-    let not_tolerating = [
-        json!([]),
-        json!([{ "key": "gpu", "value": "h100" }]),
-        json!([{ "key": "gpu", "operator": "Exists", "effect": "NoSchedule" }]),
-        json!([{ "key": "other", "operator": "Exists" }]),
-    ];
-    for tolerations in not_tolerating {
-        let why = unschedulable(&gpu, &[&pod(tolerations.clone())]).unwrap_or_else(|| panic!("{tolerations}"));
-        assert!(why.contains("gpu=a100:NoExecute"), "{why}");
-    }
-    let everyone = pod(json!([{ "operator": "Exists" }]));
-    let nobody = pod(json!([]));
-    assert!(unschedulable(&gpu, &[&everyone, &nobody]).is_some(), "every pod must tolerate it");
-    assert!(unschedulable(&gpu, &[]).is_some(), "no pod is known to tolerate it");
-    let soft = node(json!([{ "key": "loud", "effect": "PreferNoSchedule" }]));
-    assert_eq!(unschedulable(&soft, &[]), None, "a preference does not keep a move away");
-    let not_ready = json!({ "status": { "conditions": [{ "type": "Ready", "status": "Unknown" }] } });
-    assert_eq!(unschedulable(&not_ready, &[]).as_deref(), Some("is not Ready"));
 }
