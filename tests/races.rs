@@ -1,6 +1,6 @@
 //! Operations that touch two objects claim both: a copy (clone or restore)
-//! holds its source, so deleting the source while it is copied is ABORTED
-//! instead of succeeding under the copy's feet.
+//! holds its source, and so does a snapshot, so deleting the source while it
+//! is copied is ABORTED instead of succeeding under the copy's feet.
 
 mod common;
 
@@ -79,5 +79,28 @@ async fn deleting_a_snapshot_while_it_is_restored_is_aborted() {
             .await
             .map(drop);
         check_race(round, copy.await.expect("copy task"), delete);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn deleting_a_volume_while_it_is_snapshotted_is_aborted() {
+    let mut h = Harness::start().await;
+    for round in 0..ROUNDS {
+        let source = h.create(&format!("src-{round}"), 64 * MIB).await;
+        fill(&h, &source);
+        let mut controller = h.controller.clone();
+        let request = csi::CreateSnapshotRequest {
+            source_volume_id: source.clone(),
+            name: format!("snap-{round}"),
+            ..Default::default()
+        };
+        let copy = tokio::spawn(async move { controller.create_snapshot(request).await.map(drop) });
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        let delete = h
+            .controller
+            .delete_volume(csi::DeleteVolumeRequest { volume_id: source.clone(), ..Default::default() })
+            .await
+            .map(drop);
+        check_race(round, copy.await.expect("snapshot task"), delete);
     }
 }
