@@ -124,6 +124,9 @@ impl DirBackend {
                 }
             }
             Enforcer::Project(ids) => {
+                // What an attempt that crashed left, with its project's limit.
+                self.remove_leftover(&in_the_making(&path))?;
+                self.remove_leftover(&path)?;
                 let id = ids
                     .allocate(|id| self.kernel.project_quota(&self.volumes, id))
                     .context(|| "allocating a project id".into())?;
@@ -194,12 +197,36 @@ impl DirBackend {
     }
 
     /// Removes what a receive cut short left of a volume no record names:
-    /// its tree, whole or still under its temporary name. (A project id it
-    /// was given keeps its limit, so the next allocation skips it.)
+    /// its tree, whole or still under its temporary name, and the limit of
+    /// the project it was given.
     pub fn remove_unrecorded(&self, key: &Key) -> Result<()> {
         let path = self.volume_path(key);
-        self.remove_tree(&in_the_making(&path))?;
-        self.delete_volume(key, None)
+        self.remove_leftover(&in_the_making(&path))?;
+        self.remove_leftover(&path)?;
+        sync_parent(&path)
+    }
+
+    /// Removes a volume tree that no record names (a crash or a failed
+    /// attempt left it), and with project quotas clears the limit of the
+    /// project it is tagged with: no record will ever give that id back,
+    /// and an id with a limit is never allocated again. An id some volume
+    /// or creation holds is left alone.
+    fn remove_leftover(&self, path: &Path) -> Result<()> {
+        if let Enforcer::Project(ids) = &self.enforcer {
+            let id = match self.kernel.tagged_project(path) {
+                Ok(id) => id,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
+                // Not a directory: a planted file or symlink, no project.
+                Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) || e.raw_os_error() == Some(libc::ELOOP) => 0,
+                Err(e) => return Err(Error::io(format!("reading the project of {}", path.display()), e)),
+            };
+            // Cleared first: a crash before the tree is gone leaves it
+            // tagged, and the next removal finds the id again.
+            if id != 0 && !ids.holds(id) {
+                self.release_project(ids, id).context(|| format!("clearing the limits of project {id}"))?;
+            }
+        }
+        self.remove_tree(path)
     }
 
     /// Makes the snapshot's directory from what another node sends, built

@@ -102,6 +102,8 @@ pub enum Op {
     QgroupUsage,
     /// [`Kernel::assign_project`].
     AssignProject,
+    /// [`Kernel::tagged_project`].
+    TaggedProject,
     /// [`Kernel::set_project_limit`].
     SetProjectLimit,
     /// [`Kernel::project_quota`].
@@ -818,6 +820,14 @@ impl Kernel for FakeKernel {
         }
         state.project_dirs.insert(inode(dir)?, id);
         Ok(())
+    }
+
+    fn tagged_project(&self, dir: &Path) -> io::Result<u32> {
+        let state = self.enter(Op::TaggedProject, None)?;
+        if !fs::symlink_metadata(dir)?.is_dir() {
+            return Err(errno(libc::ENOTDIR, "FS_IOC_FSGETXATTR on", dir));
+        }
+        Ok(state.project_dirs.get(&inode(dir)?).copied().unwrap_or(0))
     }
 
     fn set_project_limit(&self, _root: &Path, id: u32, bytes: u64, inodes: u64) -> io::Result<()> {

@@ -140,6 +140,10 @@ impl Kernel for HostKernel {
         Project::at(dir)?.assign(dir, id)
     }
 
+    fn tagged_project(&self, dir: &Path) -> io::Result<u32> {
+        Project::tagged(dir)
+    }
+
     fn set_project_limit(&self, root: &Path, id: u32, bytes: u64, inodes: u64) -> io::Result<()> {
         Project::at(root)?.set_limit(id, bytes, inodes)
     }

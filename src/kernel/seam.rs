@@ -135,6 +135,9 @@ pub trait Kernel: Send + Sync + fmt::Debug {
     /// Tags directory `dir` with project `id`, inherited by what is created
     /// in it.
     fn assign_project(&self, dir: &Path, id: u32) -> io::Result<()>;
+    /// The project directory `dir` is tagged with (0: none), read without
+    /// following a symlink at `dir`.
+    fn tagged_project(&self, dir: &Path) -> io::Result<u32>;
     /// Sets the hard limits of project `id` on the filesystem of `root`:
     /// bytes (kept in 512-byte units, rounded up) and inodes; 0 removes one.
     fn set_project_limit(&self, root: &Path, id: u32, bytes: u64, inodes: u64) -> io::Result<()>;

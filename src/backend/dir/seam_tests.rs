@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use super::DirBackend;
+use crate::backend::in_the_making;
 use crate::backend::{Backends, Fill, Layout, Source};
 use crate::config::QuotaMode;
 use crate::error::Error;
@@ -165,6 +166,75 @@ fn with_project_quotas_a_deleted_volume_gives_its_id_back_cleared() {
     s.dir.delete_volume(&key, Some(&enforcement)).unwrap();
     assert_eq!(s.fake.project(FIRST_PROJECT_ID).bytes_limit, 0, "the limit is cleared");
     assert_eq!(s.dir.create_volume(&volume("w"), Fill::Empty, MIB).unwrap(), Enforcement::Project(FIRST_PROJECT_ID));
+}
+
+/// What a crash in the middle of making a volume leaves with project quotas:
+/// its tree under the temporary name, tagged with a project whose limit is
+/// set. The driver that made it is gone, so no id is held in memory.
+fn crashed_build(s: &Setup, key: &Key, id: u32) -> PathBuf {
+    let tmp = in_the_making(&s.dir.volume_path(key));
+    fs::create_dir(&tmp).unwrap();
+    s.fake.assign_project(&tmp, id).unwrap();
+    s.fake.set_project_limit(s.root.path(), id, MIB, 0).unwrap();
+    fs::write(tmp.join("half"), b"received").unwrap();
+    tmp
+}
+
+#[test]
+fn with_project_quotas_what_a_cut_short_receive_left_is_removed_with_its_limit() {
+    let s = setup(FakeQuota::Project);
+    let key = volume("v");
+    let tmp = crashed_build(&s, &key, FIRST_PROJECT_ID);
+    let restarted = DirBackend::open(s.root.path(), QuotaMode::Auto, s.fake.clone()).unwrap();
+    restarted.remove_unrecorded(&key).unwrap();
+    assert!(!tmp.exists() && volume_entries(&s).is_empty(), "left behind: {:?}", volume_entries(&s));
+    assert_eq!(s.fake.project(FIRST_PROJECT_ID).bytes_limit, 0, "the limit is cleared");
+    assert_eq!(
+        restarted.create_volume(&volume("w"), Fill::Empty, MIB).unwrap(),
+        Enforcement::Project(FIRST_PROJECT_ID),
+        "the id is free again"
+    );
+}
+
+#[test]
+fn with_project_quotas_a_create_retried_after_a_crash_takes_the_leftovers_id_back() {
+    let s = setup(FakeQuota::Project);
+    let key = volume("v");
+    crashed_build(&s, &key, FIRST_PROJECT_ID);
+    let restarted = DirBackend::open(s.root.path(), QuotaMode::Auto, s.fake.clone()).unwrap();
+    let enforcement = restarted.create_volume(&key, Fill::Empty, 2 * MIB).unwrap();
+    assert_eq!(enforcement, Enforcement::Project(FIRST_PROJECT_ID), "not a new id beside a leaked one");
+    assert_eq!(s.fake.project(FIRST_PROJECT_ID).bytes_limit, 2 * MIB);
+    assert!(!restarted.volume_path(&key).join("half").exists(), "the half-made content is gone");
+}
+
+#[test]
+fn with_project_quotas_a_leftover_tagged_with_a_held_id_leaves_that_limit_alone() {
+    let s = setup(FakeQuota::Project);
+    let live = volume("live");
+    let enforcement = s.dir.create_volume(&live, Fill::Empty, 3 * MIB).unwrap();
+    // A leftover that carries the live volume's id (copied tags, a tool).
+    let key = volume("v");
+    let tmp = in_the_making(&s.dir.volume_path(&key));
+    fs::create_dir(&tmp).unwrap();
+    s.fake.assign_project(&tmp, FIRST_PROJECT_ID).unwrap();
+    s.dir.remove_unrecorded(&key).unwrap();
+    assert!(!tmp.exists());
+    assert_eq!(enforcement, Enforcement::Project(FIRST_PROJECT_ID));
+    assert_eq!(s.fake.project(FIRST_PROJECT_ID).bytes_limit, 3 * MIB, "the live volume keeps its limit");
+}
+
+#[test]
+fn with_project_quotas_a_failed_read_of_a_leftovers_project_keeps_it_for_the_next_try() {
+    let s = setup(FakeQuota::Project);
+    let key = volume("v");
+    let tmp = crashed_build(&s, &key, FIRST_PROJECT_ID);
+    s.fake.fail_next(Op::TaggedProject, std::io::ErrorKind::Other);
+    s.dir.remove_unrecorded(&key).expect_err("the project could not be read");
+    assert!(tmp.exists(), "kept, with its tag, for the next start");
+    s.dir.remove_unrecorded(&key).unwrap();
+    assert!(!tmp.exists());
+    assert_eq!(s.fake.project(FIRST_PROJECT_ID).bytes_limit, 0);
 }
 
 #[test]

@@ -5,9 +5,10 @@
 //! path, so loop devices, device-mapper and bind-mounted roots all work.
 
 use std::collections::BTreeSet;
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::{Mutex, PoisonError};
 
@@ -132,6 +133,16 @@ impl Project {
         Ok(())
     }
 
+    /// The project id the directory `dir` is tagged with (0 when none); a
+    /// symlink at `dir` is refused, never followed.
+    pub fn tagged(dir: &Path) -> io::Result<u32> {
+        let dir = OpenOptions::new().read(true).custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW).open(dir)?;
+        let mut attr = FsXattr::default();
+        // SAFETY: `attr` is a correctly sized, writable FsXattr.
+        unsafe { ioc_fsgetxattr(dir.as_raw_fd(), &mut attr) }?;
+        Ok(attr.fsx_projid)
+    }
+
     /// Sets hard limits of `id`: bytes (rounded up to basic blocks) and
     /// inodes; 0 removes a limit.
     pub fn set_limit(&self, id: u32, bytes: u64, inodes: u64) -> io::Result<()> {
@@ -202,6 +213,11 @@ impl ProjectIds {
             }
             id = id.checked_add(1).ok_or_else(|| io::Error::from_raw_os_error(libc::ENOSPC))?;
         }
+    }
+
+    /// Whether `id` is held by a volume or a creation in flight.
+    pub fn holds(&self, id: u32) -> bool {
+        self.lock().contains(&id)
     }
 
     /// Gives `id` back, once its limits are cleared.
