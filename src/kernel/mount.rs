@@ -273,18 +273,28 @@ fn attach_with_flags(source: &OwnedFd, target: &OwnedFd, flags: MountFlags) -> R
     .map_err(errno)
 }
 
-/// Unmounts the topmost mount at `target`: `Ok(false)` if nothing was mounted there.
+/// Unmounts the topmost mount at `target`: `Ok(false)` if nothing was
+/// mounted there (or the path does not exist). A symlink anywhere in the
+/// path is an `InvalidInput` error, never followed: the directories up to
+/// the target are opened without following one and the unmount goes
+/// through the opened parent; `UMOUNT_NOFOLLOW` covers the last component.
 pub fn unmount(target: &Path) -> io::Result<bool> {
+    let pinned = match nofollow::through_parent(target) {
+        Ok(pinned) => pinned,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    let path = pinned.proc_path();
     // A process closing its last file in the mount (or a child forked
     // while holding one, before its exec closes it) keeps the mount busy
     // for a moment: wait that out briefly before reporting EBUSY.
     for _ in 0..UNMOUNT_BUSY_RETRIES {
-        match umount2(target, MntFlags::UMOUNT_NOFOLLOW) {
+        match umount2(&path, MntFlags::UMOUNT_NOFOLLOW) {
             Err(Errno::EBUSY) => std::thread::sleep(UNMOUNT_BUSY_PAUSE),
             other => return unmount_outcome(other, target),
         }
     }
-    unmount_outcome(umount2(target, MntFlags::UMOUNT_NOFOLLOW), target)
+    unmount_outcome(umount2(&path, MntFlags::UMOUNT_NOFOLLOW), target)
 }
 
 fn fd_path(fd: &OwnedFd) -> PathBuf {
@@ -468,6 +478,29 @@ mod tests {
             assert!(!unmount(&dst).expect("not mounted"));
             assert!(!unmount(&dir.path().join("missing")).expect("missing"));
             assert!(!dst.join("hello").exists());
+        }
+
+        #[ignore = "needs root: real mounts in a private mount namespace; scripts/test.sh runs it"]
+        #[test]
+        fn kernel_unmount_never_follows_a_symlink_in_the_path() {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let (src, real) = (dir.path().join("src"), dir.path().join("real"));
+            std::fs::create_dir(&src).expect("mkdir src");
+            std::fs::create_dir_all(real.join("target")).expect("mkdir target");
+            std::fs::write(src.join("hello"), b"hi").expect("write");
+            let _guard = Unmount(&real.join("target"));
+            bind(&src, &real.join("target"), MountFlags::default()).expect("bind");
+            // A directory of the path swapped for a symlink to the mount's.
+            let swapped = dir.path().join("swapped");
+            std::os::unix::fs::symlink(&real, &swapped).expect("symlink");
+            let err = unmount(&swapped.join("target")).expect_err("a symlink in the path");
+            assert_eq!(err.kind(), io::ErrorKind::InvalidInput, "{err}");
+            // The last component a symlink to the mount point: not followed either.
+            std::os::unix::fs::symlink(real.join("target"), dir.path().join("link")).expect("symlink");
+            assert!(!unmount(&dir.path().join("link")).expect("a symlink is not a mount point"));
+            assert!(real.join("target/hello").exists(), "the mount is still there");
+            assert!(unmount(&real.join("target")).expect("unmount"));
+            assert!(!real.join("target/hello").exists());
         }
 
         /// Loam in a pod mounts for the host through a shared mount; the

@@ -97,6 +97,32 @@ pub fn open(path: &Path) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
+/// A caller's path reached through its parent directory, opened without
+/// following a symlink on the way: for the calls that take a path and not a
+/// handle (umount2), so that a directory swapped for a symlink cannot send
+/// them elsewhere. The last component is the caller's to refuse to follow
+/// (`UMOUNT_NOFOLLOW`).
+#[derive(Debug)]
+pub struct ThroughParent {
+    dir: OwnedFd,
+    name: std::ffi::OsString,
+}
+
+impl ThroughParent {
+    /// The path that reaches the last component inside the opened parent.
+    pub fn proc_path(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/self/fd/{}", self.dir.as_raw_fd())).join(&self.name)
+    }
+}
+
+/// Opens the directories of `path` up to its parent without following a
+/// symlink (one anywhere is an `InvalidInput` error; a missing one
+/// `NotFound`).
+pub fn through_parent(path: &Path) -> io::Result<ThroughParent> {
+    let (dir, name) = walk_to_parent(path, false)?;
+    Ok(ThroughParent { dir, name: name.to_owned() })
+}
+
 /// What [`remove_if_empty`] found at the path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Removal {
