@@ -100,36 +100,48 @@ print(f"{gate}: on csi-snapshotter in deploy/groupsnapshot/, the e2e overlay and
       " off in deploy/ and the chart's defaults")
 EOF
 
-# The controller runs without root in every render, and the check catches
-# each way of breaking that (scripts/controller-security.py says why each
-# setting is needed).
-"$python" "$here/scripts/controller-security.py" "$work/deploy.yaml" "$work/groupsnapshot.yaml" \
+# The controller runs without root and the node agents' sidecars without
+# capabilities in every render, and the check catches each way of breaking
+# that (scripts/pod-security.py says why each setting is needed).
+"$python" "$here/scripts/pod-security.py" "$work/deploy.yaml" "$work/groupsnapshot.yaml" \
     "$work/e2e-overlay.yaml" "$work/k0s.yaml" "$work/microk8s.yaml" \
     "$work/chart-default.yaml" "$work/chart-all.yaml" "$work/chart-no-metrics.yaml"
-insecure=(
-    's/runAsNonRoot: true/runAsNonRoot: false/'
-    's/runAsUser: 65532/runAsUser: 0/'
-    '/fsGroup: 65532/d'
-    's/type: RuntimeDefault/type: Unconfined/'
-    's/allowPrivilegeEscalation: false/allowPrivilegeEscalation: true/'
-    's/readOnlyRootFilesystem: true/readOnlyRootFilesystem: false/'
-    's/drop: \["ALL"\]/drop: ["NET_RAW"]/'
-    's/^\( *\)securityContext: &restricted$/&\n\1  runAsUser: 1000/'
+# loosened FILE EDIT...: each EDIT (a sed expression) of deploy/base/FILE
+# alone must fail the check.
+loosened() {
+    local file=$1 edit out
+    shift
+    for edit in "$@"; do
+        sed -e "$edit" "$here/deploy/base/$file" >"$work/insecure.yaml"
+        if cmp -s "$work/insecure.yaml" "$here/deploy/base/$file"; then
+            echo "FAIL: '$edit' changes nothing in deploy/base/$file; update this list" >&2
+            exit 1
+        fi
+        if out=$("$python" "$here/scripts/pod-security.py" "$work/insecure.yaml"); then
+            echo "FAIL: $file with '$edit' passed the check" >&2
+            exit 1
+        fi
+        echo "refused '$edit': $(grep -m1 '^FAIL ' <<<"$out" | sed 's/^FAIL [^:]*: //')"
+    done
+    echo "strict: each of the $# copies of $file with one setting loosened fails"
+}
+loosened controller.yaml \
+    's/runAsNonRoot: true/runAsNonRoot: false/' \
+    's/runAsUser: 65532/runAsUser: 0/' \
+    '/fsGroup: 65532/d' \
+    's/type: RuntimeDefault/type: Unconfined/' \
+    's/allowPrivilegeEscalation: false/allowPrivilegeEscalation: true/' \
+    's/readOnlyRootFilesystem: true/readOnlyRootFilesystem: false/' \
+    's/drop: \["ALL"\]/drop: ["NET_RAW"]/' \
+    's/^\( *\)securityContext: &restricted$/&\n\1  runAsUser: 1000/' \
     's/defaultMode: 0440/defaultMode: 0400/'
-)
-for edit in "${insecure[@]}"; do
-    sed -e "$edit" "$here/deploy/base/controller.yaml" >"$work/insecure.yaml"
-    if cmp -s "$work/insecure.yaml" "$here/deploy/base/controller.yaml"; then
-        echo "FAIL: '$edit' changes nothing in deploy/base/controller.yaml; update this list" >&2
-        exit 1
-    fi
-    if out=$("$python" "$here/scripts/controller-security.py" "$work/insecure.yaml"); then
-        echo "FAIL: the controller with '$edit' passed the check" >&2
-        exit 1
-    fi
-    echo "refused '$edit': $(grep -m1 '^FAIL ' <<<"$out" | sed 's/^FAIL [^:]*: //')"
-done
-echo "strict: each of the ${#insecure[@]} controllers with one setting loosened fails"
+loosened node.yaml \
+    's/allowPrivilegeEscalation: false/allowPrivilegeEscalation: true/' \
+    's/readOnlyRootFilesystem: true/readOnlyRootFilesystem: false/' \
+    's/drop: \["ALL"\]/drop: ["NET_RAW"]/' \
+    's/type: RuntimeDefault/type: Unconfined/' \
+    's/securityContext: \*sidecar/securityContext: {}/' \
+    's/^\( *\)securityContext: &sidecar$/&\n\1  runAsNonRoot: true/' 
 
 # Strictness: each broken copy has one misspelled or unknown field in one
 # object of the CRD kinds, or a StorageClass csi-provisioner refuses; every
