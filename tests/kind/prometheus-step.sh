@@ -33,7 +33,8 @@
 # Prints one line per check and 'N passed, 0 failed'; exits non-zero at the
 # first failed one.
 # Env: LOAM_E2E_CACHE (the build cache, as run.sh), E2E_NODE (default
-# loam-worker), E2E_WAIT (seconds per wait, default 180).
+# loam-worker), E2E_WAIT (seconds per wait, default 180), PROM_SAMPLES (where
+# step 4b writes one sample of each metric; default in the cache).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
@@ -43,6 +44,8 @@ export PATH="$cache/bin:$PATH"
 NODE=${E2E_NODE:-loam-worker}
 T=${E2E_WAIT:-180}
 PROM_NS=loam-prometheus
+# One sample of each metric the reference lists, from this run.
+SAMPLES=${PROM_SAMPLES:-$cache/kind-prometheus-samples.txt}
 NS=loam-prom-story
 cluster=loam
 CHECKS_LABEL=prometheus
@@ -92,6 +95,21 @@ else:
     names = os.environ["LABELS"].split()
     for sample in sorted(data["result"], key=lambda s: [s["metric"].get(n, "") for n in names]):
         print(" ".join([sample["metric"].get(n, "") for n in names] + [sample["value"][1]]))'
+}
+# series EXPR: EXPR's first sample as the exposition format writes one,
+# name{label="value",...} value (the target's own labels left out).
+series() {
+    local path
+    path="/api/v1/namespaces/$PROM_NS/services/prometheus:web/proxy/api/v1/query?query=$(
+        python3 -c 'import sys, urllib.parse; print(urllib.parse.quote(sys.argv[1], safe=""))' "$1")"
+    kubectl get --raw "$path" | python3 -c '
+import json, sys
+result = json.load(sys.stdin)["data"]["result"]
+scrape = {"job", "instance", "pod", "pod_node", "component", "port"}
+for sample in result[:1]:
+    metric = sample["metric"]
+    labels = ",".join(f"{k}=\"{v}\"" for k, v in sorted(metric.items()) if k != "__name__" and k not in scrape)
+    print(metric["__name__"] + ("{" + labels + "}" if labels else ""), sample["value"][1])'
 }
 # value EXPR: the one number EXPR gives (an empty vector is 0).
 value() {
@@ -306,6 +324,26 @@ created=$(creates)
 python3 -c 'import sys; sys.exit(not (int(sys.argv[1]) > 0 and int(sys.argv[1]) - int(sys.argv[2]) >= 4))' \
     "$created" "$creates0" || fail "CreateVolume calls served by the controller: $creates0 -> $created, want 4 more"
 ok "loam_rpc_duration_seconds_count{method=\"CreateVolume\"} of the controller: $creates0 -> $created"
+
+say "4b. every metric docs/metrics.md lists, as Prometheus has it now (one sample each, kept in $SAMPLES)"
+# The names the reference lists, histograms by their _count series.
+mapfile -t listed < <(python3 - "$repo/docs/metrics.md" <<'PY'
+import re, sys
+for line in open(sys.argv[1]):
+    if not line.startswith("| `loam_"):
+        continue
+    cell = line.split("|")[1]
+    for name in re.findall(r"`(loam_[a-z_]+)`", cell):
+        print(name + ("_count" if "(histogram)" in cell else ""))
+PY
+)
+: >"$SAMPLES"
+missing=()
+for name in "${listed[@]}"; do
+    sample=$(series "$name{job=\"loam\"}")
+    if [ -z "$sample" ]; then missing+=("$name"); else echo "$sample" >>"$SAMPLES"; fi
+done
+expect "every metric of docs/metrics.md is scraped (${#listed[@]} names)" "${missing[*]}" ""
 
 say "5. the volumes deleted, the agent counts them out"
 pvs=$(kubectl -n "$NS" get pvc -o jsonpath='{.items[*].spec.volumeName}')
