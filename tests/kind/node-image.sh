@@ -43,6 +43,12 @@ kindmod=$(go mod download -json "sigs.k8s.io/kind@$KIND_VERSION" |
 basefiles="$kindmod/images/base/files"
 
 have_image() { docker image inspect "$1" >/dev/null 2>&1; }
+# The node's Debian tree, and images.sh's, are debootstrap'd: installed when
+# missing (a fresh machine has none).
+if ! command -v debootstrap >/dev/null; then
+    log "installing debootstrap"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null
+fi
 
 # The Debian tree: kind's base Dockerfile's package list, read from it.
 packages=$(sed -n '/clean-install \\/,/&& find/p' "$kindmod/images/base/Dockerfile" | sed '1d;$d' | tr -d '\\' | xargs echo)
