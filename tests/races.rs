@@ -42,6 +42,19 @@ fn check_race(round: usize, copy: Result<(), tonic::Status>, delete: Result<(), 
     }
 }
 
+/// Runs `copy` in a task and `delete` a few milliseconds into it (once the
+/// copy has claimed what it copies and started), then checks the outcome.
+async fn race(
+    round: usize,
+    copy: impl Future<Output = Result<(), tonic::Status>> + Send + 'static,
+    delete: impl Future<Output = Result<(), tonic::Status>>,
+) {
+    let copy = tokio::spawn(copy);
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    let delete = delete.await;
+    check_race(round, copy.await.expect("copy task"), delete);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn deleting_a_volume_while_it_is_cloned_is_aborted() {
     let mut h = Harness::start().await;
@@ -50,15 +63,11 @@ async fn deleting_a_volume_while_it_is_cloned_is_aborted() {
         fill(&h, &source);
         let mut controller = h.controller.clone();
         let clone = clone_request(&format!("clone-{round}"), &source);
-        let copy = tokio::spawn(async move { controller.create_volume(clone).await.map(drop) });
-        // Give the copy time to claim its source and start copying.
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        let delete = h
-            .controller
-            .delete_volume(csi::DeleteVolumeRequest { volume_id: source.clone(), ..Default::default() })
-            .await
-            .map(drop);
-        check_race(round, copy.await.expect("copy task"), delete);
+        let delete = csi::DeleteVolumeRequest { volume_id: source.clone(), ..Default::default() };
+        race(round, async move { controller.create_volume(clone).await.map(drop) }, async {
+            h.controller.delete_volume(delete).await.map(drop)
+        })
+        .await;
     }
 }
 
@@ -71,14 +80,11 @@ async fn deleting_a_snapshot_while_it_is_restored_is_aborted() {
         let snapshot = h.snapshot(&source, &format!("snap-{round}")).await.expect("snapshot").snapshot_id;
         let mut controller = h.controller.clone();
         let restore = from_snapshot(create_request(&format!("restore-{round}"), 64 * MIB), &snapshot);
-        let copy = tokio::spawn(async move { controller.create_volume(restore).await.map(drop) });
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        let delete = h
-            .controller
-            .delete_snapshot(csi::DeleteSnapshotRequest { snapshot_id: snapshot.clone(), ..Default::default() })
-            .await
-            .map(drop);
-        check_race(round, copy.await.expect("copy task"), delete);
+        let delete = csi::DeleteSnapshotRequest { snapshot_id: snapshot.clone(), ..Default::default() };
+        race(round, async move { controller.create_volume(restore).await.map(drop) }, async {
+            h.controller.delete_snapshot(delete).await.map(drop)
+        })
+        .await;
     }
 }
 
@@ -89,18 +95,15 @@ async fn deleting_a_volume_while_it_is_snapshotted_is_aborted() {
         let source = h.create(&format!("src-{round}"), 64 * MIB).await;
         fill(&h, &source);
         let mut controller = h.controller.clone();
-        let request = csi::CreateSnapshotRequest {
+        let snapshot = csi::CreateSnapshotRequest {
             source_volume_id: source.clone(),
             name: format!("snap-{round}"),
             ..Default::default()
         };
-        let copy = tokio::spawn(async move { controller.create_snapshot(request).await.map(drop) });
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        let delete = h
-            .controller
-            .delete_volume(csi::DeleteVolumeRequest { volume_id: source.clone(), ..Default::default() })
-            .await
-            .map(drop);
-        check_race(round, copy.await.expect("snapshot task"), delete);
+        let delete = csi::DeleteVolumeRequest { volume_id: source.clone(), ..Default::default() };
+        race(round, async move { controller.create_snapshot(snapshot).await.map(drop) }, async {
+            h.controller.delete_volume(delete).await.map(drop)
+        })
+        .await;
     }
 }

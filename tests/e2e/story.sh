@@ -16,6 +16,8 @@ T=${E2E_WAIT:-180}
 CHECKS_LABEL=story
 # shellcheck source=tests/e2e/checks.sh
 . "$(dirname "$0")/checks.sh"
+# shellcheck source=tests/e2e/objects.sh
+. "$(dirname "$0")/objects.sh"
 diagnose() {
     kubectl get pods,pvc -A -o wide
     kubectl get pv,volumesnapshot,volumesnapshotcontent,volumegroupsnapshot,volumegroupsnapshotcontent -A
@@ -23,8 +25,6 @@ diagnose() {
     kubectl -n loam logs deploy/loam-controller --all-containers --tail=30 --prefix
     kubectl -n loam logs ds/loam-node --all-containers --tail=30 --prefix
 }
-k() { kubectl -n "$NS" "$@"; }
-in_pod() { local p=$1; shift; k exec "$p" -- sh -c "$*"; }
 # on_node NODE SCRIPT: runs SCRIPT in NODE's filesystem. On the e2e cluster the
 # one node is this namespace (E2E_NODE_EXEC unset); a cluster whose nodes are
 # containers sets E2E_NODE_EXEC to the command that enters one ("docker exec").
@@ -55,32 +55,6 @@ pvc_field() { k get pvc "$1" -o jsonpath="$2"; }
 pv_handle() { kubectl get pv "$(pvc_field "$1" '{.spec.volumeName}')" -o jsonpath='{.spec.csi.volumeHandle}'; }
 key_of() { local h; h=$(pv_handle "$1"); echo "${h%@*}"; }
 
-# pvc NAME CLASS SIZE [Block]
-pvc() {
-    k apply -f - >/dev/null <<EOF
-apiVersion: v1
-kind: PersistentVolumeClaim
-metadata: {name: $1}
-spec:
-  storageClassName: $2
-  accessModes: [ReadWriteOnce]
-  volumeMode: ${4:-Filesystem}
-  resources: {requests: {storage: $3}}
-EOF
-}
-# restored NAME CLASS SNAPSHOT SIZE: a PVC restored from a VolumeSnapshot.
-restored() {
-    k apply -f - >/dev/null <<EOF
-apiVersion: v1
-kind: PersistentVolumeClaim
-metadata: {name: $1}
-spec:
-  storageClassName: $2
-  accessModes: [ReadWriteOnce]
-  dataSource: {apiGroup: snapshot.storage.k8s.io, kind: VolumeSnapshot, name: $3}
-  resources: {requests: {storage: $4}}
-EOF
-}
 # none_left KUBECTL_GET...: true once the objects it names or lists are gone
 # (false while the API cannot say).
 none_left() { local out; out=$("$@" -o name --ignore-not-found) && [ -z "$out" ]; }
@@ -92,44 +66,6 @@ agent_on() {
     kubectl -n loam get pod -l app.kubernetes.io/component=node --field-selector "spec.nodeName=$1" \
         -o jsonpath='{.items[0].metadata.name}'
 }
-pin=''
-[ -z "${E2E_NODE:-}" ] || pin="nodeSelector: {kubernetes.io/hostname: $NODE}"
-# pod NAME SCRIPT CLAIM:PATH...   (a path under /dev means a raw block device)
-# The pod is Ready once SCRIPT has succeeded.
-pod() {
-    local name=$1 script=$2 mounts="" devices="" vols="" i=0 c
-    shift 2
-    for c in "$@"; do
-        i=$((i + 1))
-        if [[ ${c#*:} == /dev/* ]]; then
-            devices+="        - {name: v$i, devicePath: ${c#*:}}"$'\n'
-        else
-            mounts+="        - {name: v$i, mountPath: ${c#*:}}"$'\n'
-        fi
-        vols+="    - {name: v$i, persistentVolumeClaim: {claimName: ${c%%:*}}}"$'\n'
-    done
-    k apply -f - >/dev/null <<EOF
-apiVersion: v1
-kind: Pod
-metadata: {name: $name}
-spec:
-  terminationGracePeriodSeconds: 1
-  $pin
-  containers:
-    - name: shell
-      image: $IMAGE
-      command: ["/bin/sh", "-c", $(printf '%s' "($script) && touch /tmp/ready; exec sleep infinity" | python3 -c 'import json,sys; print(json.dumps(sys.stdin.read()))')]
-      readinessProbe: {exec: {command: ["test", "-f", "/tmp/ready"]}, periodSeconds: 1}
-      volumeMounts:
-${mounts:-        []}
-      volumeDevices:
-${devices:-        []}
-  volumes:
-$vols
-EOF
-    k wait --for=condition=Ready "pod/$name" --timeout="${T}s" >/dev/null || fail "pod $name not Ready"
-}
-delete_pod() { k delete pod "$1" --wait=true --timeout="${T}s" >/dev/null; }
 
 kubectl create namespace "$NS" >/dev/null
 
@@ -268,15 +204,8 @@ ${blob[$i]}"
 done
 
 say "5. a VolumeSnapshot restored into a new PVC has the same bytes"
-k apply -f - >/dev/null <<EOF
-apiVersion: snapshot.storage.k8s.io/v1
-kind: VolumeSnapshot
-metadata: {name: snap-a}
-spec:
-  volumeSnapshotClassName: loam
-  source: {persistentVolumeClaimName: dir-a}
-EOF
-until_ok "$T" "snap-a ready to use" sh -c "[ \"\$(kubectl -n $NS get volumesnapshot snap-a -o jsonpath='{.status.readyToUse}')\" = true ]"
+snapshot snap-a dir-a
+until_ok "$T" "snap-a ready to use" snapshot_ready snap-a
 ok "snap-a is ready to use"
 in_pod writer 'echo changed-after-snapshot >/dir/data' >/dev/null
 k apply -f - >/dev/null <<EOF
@@ -771,18 +700,6 @@ ${blob[$i]}"
     pod elsewhere 'echo other-node >/data/f' elsewhere:/data
     h=$(pv_handle elsewhere)
     expect "meanwhile a volume on $here_node is provisioned and attached" "${h#*@}" "$here_node"
-    # snapshot NAME CLAIM: a VolumeSnapshot of CLAIM.
-    snapshot() {
-        k apply -f - >/dev/null <<EOF
-apiVersion: snapshot.storage.k8s.io/v1
-kind: VolumeSnapshot
-metadata: {name: $1}
-spec:
-  volumeSnapshotClassName: loam
-  source: {persistentVolumeClaimName: $2}
-EOF
-    }
-    snapshot_ready() { [ "$(k get volumesnapshot "$1" -o jsonpath='{.status.readyToUse}')" = true ]; }
     snapshot snap-elsewhere elsewhere
     until_ok "$T" "snap-elsewhere ready" snapshot_ready snap-elsewhere
     ok "and snapshotted"
@@ -890,18 +807,7 @@ EOF
         sql() { local p=$1; shift; k exec "$p" -c mariadb -- mariadb --socket=/run/mysqld/mysqld.sock -N -B -e "$*"; }
         rows() { sql "$1" 'SELECT GROUP_CONCAT(v ORDER BY id) FROM seed.t'; }
         # clone_of NAME SOURCE: a PVC of the template's class and size cloned from SOURCE.
-        clone_of() {
-            k apply -f - >/dev/null <<EOF
-apiVersion: v1
-kind: PersistentVolumeClaim
-metadata: {name: $1}
-spec:
-  storageClassName: loam-loop
-  accessModes: [ReadWriteOnce]
-  resources: {requests: {storage: 256Mi}}
-  dataSource: {kind: PersistentVolumeClaim, name: $2}
-EOF
-        }
+        clone_of() { cloned "$1" loam-loop "$2" 256Mi; }
         db_sts 1
         until_ok 300 "db-0 (the primary) ready" db_ready 1
         sql db-0 "CREATE DATABASE seed; CREATE TABLE seed.t (id INT PRIMARY KEY, v VARCHAR(32)) ENGINE=InnoDB;
@@ -1064,14 +970,7 @@ EOF
         in_pod "lost-$gone_i" 'echo before-the-loss >/data/marker && sync' >/dev/null
         # A snapshot kept off node (VolumeSnapshotClass loam-off-node): a
         # verified copy on a second node, so it outlives $away.
-        k apply -f - >/dev/null <<EOF
-apiVersion: snapshot.storage.k8s.io/v1
-kind: VolumeSnapshot
-metadata: {name: lost-kept}
-spec:
-  volumeSnapshotClassName: loam-off-node
-  source: {persistentVolumeClaimName: data-lost-$gone_i}
-EOF
+        snapshot lost-kept "data-lost-$gone_i" loam-off-node
         until_ok "$T" "lost-kept (kept off node) ready" snapshot_ready lost-kept
         kept_handle=$(kubectl get volumesnapshotcontent "$(k get volumesnapshot lost-kept \
             -o jsonpath='{.status.boundVolumeSnapshotContentName}')" -o jsonpath='{.status.snapshotHandle}')

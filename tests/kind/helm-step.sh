@@ -47,8 +47,10 @@ NODE=${E2E_NODE:-loam-worker}
 T=${E2E_WAIT:-180}
 NS=loam-helm-story
 ROOT_DIR=/var/lib/loam/helm-step
+IMAGE=loam:dev # the shell of the test pods (Debian, coreutils)
 CHECKS_LABEL=helm
 . "$repo/tests/e2e/checks.sh"
+. "$repo/tests/e2e/objects.sh"
 diagnose() {
     helm -n loam history loam
     kubectl get pods,pvc -A -o wide
@@ -57,7 +59,6 @@ diagnose() {
     kubectl -n loam logs deploy/loam-controller --all-containers --tail=20 --prefix
     kubectl -n loam logs ds/loam-node --all-containers --tail=20 --prefix
 }
-k() { kubectl -n "$NS" "$@"; }
 work=$(mktemp -d /tmp/loam-helm-step.XXXXXX)
 cleanup() {
     local rc=$?
@@ -121,54 +122,13 @@ token=$(kubectl -n loam get secret loam-agent-token -o jsonpath='{.data.token}')
 
 say "3. volumes under Loam at $rev"
 kubectl create namespace "$NS" >/dev/null
-for c in d:loam l:loam-loop; do
-    k apply -f - >/dev/null <<EOF
-apiVersion: v1
-kind: PersistentVolumeClaim
-metadata: {name: ${c%%:*}}
-spec:
-  storageClassName: ${c#*:}
-  accessModes: [ReadWriteOnce]
-  resources: {requests: {storage: 64Mi}}
-EOF
-done
-# pod NAME: a pod on NODE with both volumes, ready once it could write.
-pod() {
-    k apply -f - >/dev/null <<EOF
-apiVersion: v1
-kind: Pod
-metadata: {name: $1}
-spec:
-  terminationGracePeriodSeconds: 1
-  nodeSelector: {kubernetes.io/hostname: $NODE}
-  containers:
-    - name: shell
-      image: loam:dev
-      command: ["/bin/sh", "-c", "touch /d/.probe /l/.probe && touch /tmp/ready && exec sleep infinity"]
-      readinessProbe: {exec: {command: [test, -f, /tmp/ready]}, periodSeconds: 1}
-      volumeMounts:
-        - {name: d, mountPath: /d}
-        - {name: l, mountPath: /l}
-  volumes:
-    - {name: d, persistentVolumeClaim: {claimName: d}}
-    - {name: l, persistentVolumeClaim: {claimName: l}}
-EOF
-    k wait --for=condition=Ready "pod/$1" --timeout="${T}s" >/dev/null || fail "pod $1 not Ready"
-}
-in_pod() { local p=$1; shift; k exec "$p" -- sh -c "$*"; }
-pod writer
+pvc d loam 64Mi
+pvc l loam-loop 64Mi
+pod writer true d:/d l:/l
 in_pod writer 'head -c 4194304 /dev/urandom >/d/data && head -c 4194304 /dev/urandom >/l/data && sync'
 sums=$(in_pod writer 'sha256sum /d/data /l/data')
 ok "a pod on $NODE wrote 4 MiB into a dir and a loop volume made by Loam at $rev"
-k apply -f - >/dev/null <<EOF
-apiVersion: snapshot.storage.k8s.io/v1
-kind: VolumeSnapshot
-metadata: {name: d-before}
-spec:
-  volumeSnapshotClassName: loam
-  source: {persistentVolumeClaimName: d}
-EOF
-snapshot_ready() { [ "$(k get volumesnapshot "$1" -o jsonpath='{.status.readyToUse}')" = true ]; }
+snapshot d-before d
 until_ok "$T" "snapshot d-before ready" snapshot_ready d-before
 ok "a snapshot of the dir volume, taken by Loam at $rev, is ready"
 writer_uid=$(k get pod writer -o jsonpath='{.metadata.uid}')
@@ -192,61 +152,18 @@ in_pod writer 'echo after >/d/after && echo after >/l/after && sync' || fail "th
 ok "it still writes to both volumes"
 k delete pod writer --wait=true --timeout="${T}s" >/dev/null || fail "deleting the writer (unpublish, unstage of the old Loam's mounts)"
 ok "the pod deleted: the new Loam unpublished and unstaged what the old one published"
-pod reader
+pod reader true d:/d l:/l
 expect "a new pod reads both volumes" "$(in_pod reader 'sha256sum /d/data /l/data')" "$sums"
-k apply -f - >/dev/null <<EOF
-apiVersion: v1
-kind: PersistentVolumeClaim
-metadata: {name: restored}
-spec:
-  storageClassName: loam
-  dataSource: {apiGroup: snapshot.storage.k8s.io, kind: VolumeSnapshot, name: d-before}
-  accessModes: [ReadWriteOnce]
-  resources: {requests: {storage: 64Mi}}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: restore-reader}
-spec:
-  terminationGracePeriodSeconds: 1
-  nodeSelector: {kubernetes.io/hostname: $NODE}
-  containers:
-    - name: shell
-      image: loam:dev
-      command: ["sleep", "infinity"]
-      volumeMounts: [{name: r, mountPath: /r}]
-  volumes: [{name: r, persistentVolumeClaim: {claimName: restored}}]
-EOF
-k wait --for=condition=Ready pod/restore-reader --timeout="${T}s" >/dev/null || fail "restore-reader not Ready"
+restored restored loam d-before 64Mi
+pod restore-reader true restored:/restored
 expect "the snapshot taken before the upgrade restores what was written" \
-    "$(in_pod restore-reader 'sha256sum /r/data' | cut -d' ' -f1)" "$(head -1 <<<"$sums" | cut -d' ' -f1)"
+    "$(in_pod restore-reader 'sha256sum /restored/data' | cut -d' ' -f1)" "$(head -1 <<<"$sums" | cut -d' ' -f1)"
 k patch pvc d --type merge -p '{"spec":{"resources":{"requests":{"storage":"128Mi"}}}}' >/dev/null
 capacity_is() { [ "$(k get pvc "$1" -o jsonpath='{.status.capacity.storage}')" = "$2" ]; }
 until_ok "$T" "the dir volume grown to 128Mi" capacity_is d 128Mi
 ok "the dir volume made before the upgrade grows online to 128Mi"
-k apply -f - >/dev/null <<EOF
-apiVersion: v1
-kind: PersistentVolumeClaim
-metadata: {name: new}
-spec:
-  storageClassName: loam-loop
-  accessModes: [ReadWriteOnce]
-  resources: {requests: {storage: 64Mi}}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: new-user}
-spec:
-  terminationGracePeriodSeconds: 1
-  nodeSelector: {kubernetes.io/hostname: $NODE}
-  containers:
-    - name: shell
-      image: loam:dev
-      command: ["sleep", "infinity"]
-      volumeMounts: [{name: n, mountPath: /n}]
-  volumes: [{name: n, persistentVolumeClaim: {claimName: new}}]
-EOF
-k wait --for=condition=Ready pod/new-user --timeout="${T}s" >/dev/null || fail "new-user not Ready"
+pvc new loam-loop 64Mi
+pod new-user true new:/new
 ok "a volume made after the upgrade is mounted"
 pvs=$(k get pvc -o jsonpath='{.items[*].spec.volumeName}')
 kubectl delete namespace "$NS" --wait=true --timeout="${T}s" >/dev/null || fail "deleting $NS"

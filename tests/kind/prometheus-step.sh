@@ -48,8 +48,10 @@ PROM_NS=loam-prometheus
 SAMPLES=${PROM_SAMPLES:-$cache/kind-prometheus-samples.txt}
 NS=loam-prom-story
 cluster=loam
+IMAGE=loam:dev # the shell of the test pods (Debian, coreutils)
 CHECKS_LABEL=prometheus
 . "$repo/tests/e2e/checks.sh"
+. "$repo/tests/e2e/objects.sh"
 diagnose() {
     kubectl -n "$PROM_NS" get pods -o wide
     kubectl -n "$PROM_NS" logs deploy/prometheus --tail=30
@@ -273,41 +275,8 @@ loop0=$(agent_volumes loop)
 creates0=$(creates)
 ok "before: $dir0 dir and $loop0 loop volumes on $NODE, $creates0 CreateVolume calls served by the controller"
 kubectl create namespace "$NS" >/dev/null
-for c in d1:loam d2:loam d3:loam l1:loam-loop; do
-    kubectl -n "$NS" apply -f - >/dev/null <<EOF
-apiVersion: v1
-kind: PersistentVolumeClaim
-metadata: {name: ${c%%:*}}
-spec:
-  storageClassName: ${c#*:}
-  accessModes: [ReadWriteOnce]
-  resources: {requests: {storage: 64Mi}}
-EOF
-done
-kubectl -n "$NS" apply -f - >/dev/null <<EOF
-apiVersion: v1
-kind: Pod
-metadata: {name: writer}
-spec:
-  terminationGracePeriodSeconds: 1
-  nodeSelector: {kubernetes.io/hostname: $NODE}
-  containers:
-    - name: shell
-      image: loam:dev
-      command: ["/bin/sh", "-c", "head -c 8388608 /dev/urandom >/d1/data && sync && touch /tmp/ready && exec sleep infinity"]
-      readinessProbe: {exec: {command: [test, -f, /tmp/ready]}, periodSeconds: 1}
-      volumeMounts:
-        - {name: d1, mountPath: /d1}
-        - {name: d2, mountPath: /d2}
-        - {name: d3, mountPath: /d3}
-        - {name: l1, mountPath: /l1}
-  volumes:
-    - {name: d1, persistentVolumeClaim: {claimName: d1}}
-    - {name: d2, persistentVolumeClaim: {claimName: d2}}
-    - {name: d3, persistentVolumeClaim: {claimName: d3}}
-    - {name: l1, persistentVolumeClaim: {claimName: l1}}
-EOF
-kubectl -n "$NS" wait --for=condition=Ready pod/writer --timeout="${T}s" >/dev/null || fail "pod writer not Ready"
+for c in d1:loam d2:loam d3:loam l1:loam-loop; do pvc "${c%%:*}" "${c#*:}" 64Mi; done
+pod writer 'head -c 8388608 /dev/urandom >/d1/data && sync' d1:/d1 d2:/d2 d3:/d3 l1:/l1
 ok "a pod on $NODE with 3 dir and 1 loop volumes wrote 8 MiB"
 until_ok 60 "loam_volumes on $NODE shows 3 more dir volumes" equals \
     "sum(loam_volumes{job=\"loam\",pod_node=\"$NODE\",backend=\"dir\"})" "$((dir0 + 3))"
