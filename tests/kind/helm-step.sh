@@ -101,8 +101,8 @@ if ! docker image inspect "$old_image" >/dev/null 2>&1; then
         -e "s|^ARG RUST_IMAGE=.*|ARG RUST_IMAGE=$LOAM_RUST_IMAGE|" -e "s|^ARG DEBIAN_IMAGE=.*|ARG DEBIAN_IMAGE=$LOAM_DEBIAN_IMAGE|" \
         "$work/old/Dockerfile"
     say "building $old_image from its own Dockerfile (once; kept in dockerd's data root)"
-    docker build --network host --force-rm --cpu-shares 256 -q -t "$old_image" "$work/old" >/dev/null ||
-        fail "docker build of Loam at $rev"
+    docker build --network host --force-rm --cpu-shares 256 -t "$old_image" "$work/old" >"$work/build.log" 2>&1 ||
+        { tail -20 "$work/build.log"; fail "docker build of Loam at $rev (its last lines above)"; }
 fi
 kind load docker-image "$old_image" --name loam \
     --nodes "$(kubectl get nodes -o jsonpath='{.items[*].metadata.name}' | tr ' ' ',')" >/dev/null
