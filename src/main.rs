@@ -253,6 +253,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 tls,
                 timeouts,
             ));
+            // Ends with the process; it holds nothing to clean up.
+            tokio::spawn(agents.clone().watch());
             let gone_nodes = match KubeApi::in_cluster() {
                 Ok(api) => {
                     let api = Arc::new(api);

@@ -589,6 +589,40 @@ async fn the_controller_reports_its_agents_and_forwarded_calls_as_metrics() {
     }
 }
 
+#[tokio::test]
+async fn the_controller_watches_its_agents_without_being_asked() {
+    let mut agent = Agent::start("node-watched", false).await;
+    let addresses = Arc::new(Addresses::default());
+    addresses.set(vec![agent.addr]);
+    let timeouts = Timeouts {
+        connect: Duration::from_secs(2),
+        call: Duration::from_secs(10),
+        refresh: Duration::from_millis(200),
+    };
+    let agents = Arc::new(controller_agents(addresses, TOKEN, timeouts));
+    let watching = tokio::spawn(agents.clone().watch());
+    // No request reaches the controller: only its watch can tell.
+    let up = |value: &str| {
+        let series = format!(r#"loam_agent_up{{node="node-watched"}} {value}"#);
+        loam::metrics::global().render().lines().any(|l| l == series)
+    };
+    for (what, value) in [("up", "1"), ("gone", "0")] {
+        if value == "0" {
+            agent.stop().await;
+        }
+        let mut seen = false;
+        for _ in 0..100 {
+            seen = up(value);
+            if seen {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(seen, "the agent seen {what} within 5 s");
+    }
+    watching.abort();
+}
+
 /// A `loop` volume request (thin ext4 images) for `node` only, as
 /// WaitForFirstConsumer with strict topology asks once the scheduler chose.
 fn loop_request_for(name: &str, bytes: i64, node: &str) -> csi::CreateVolumeRequest {

@@ -103,6 +103,19 @@ impl Agents {
         }
     }
 
+    /// Looks at the agents every refresh interval, requests or not, so that
+    /// `loam_agent_up` follows an agent that goes away or comes back even in
+    /// a cluster that sends the controller nothing for a while (no capacity
+    /// tracking, no volumes being made). Runs until the process ends.
+    pub async fn watch(self: Arc<Self>) {
+        let mut every = tokio::time::interval(self.timeouts.refresh);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            self.all().await;
+        }
+    }
+
     /// Every reachable agent, ordered by node id.
     pub async fn all(&self) -> Vec<Agent> {
         let (generation, stale) = self.generation();
