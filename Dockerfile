@@ -29,7 +29,8 @@ COPY bench/Cargo.toml bench/Cargo.toml
 COPY scripts/build-release.sh scripts/build-release.sh
 ARG TARGETARCH
 RUN mkdir -p src bench/src tests \
-    && echo 'fn main() {}' >src/main.rs && touch src/lib.rs bench/src/main.rs tests/crash.rs \
+    && printf '//! Stands in while the dependencies compile.\nfn main() {}\n' >src/main.rs \
+    && echo '//! Stands in while the dependencies compile.' >src/lib.rs && touch bench/src/main.rs tests/crash.rs \
     && scripts/build-release.sh "${TARGETARCH:-}" /dev/null \
     && rm -r src bench/src tests
 COPY src src
