@@ -66,8 +66,9 @@ same k0s --set kubeletDir=/var/lib/k0s/kubelet -- k0s.yaml
 same microk8s --set kubeletDir=/var/snap/microk8s/common/var/lib/kubelet -- microk8s.yaml
 
 # The agent token survives `helm upgrade`: the chart rendered by Helm's engine
-# with a fake API server behind `lookup` (scripts/chart-token).
-(cd "$here/scripts/chart-token" && go run . "$chart")
+# with a fake API server behind `lookup` (scripts/chart-upgrade), and so do
+# installed StorageClasses their immutable fields.
+(cd "$here/scripts/chart-upgrade" && go run . "$chart")
 
 # Any kubelet directory: renders for another one never name the default (as
 # a whole path: microk8s's directory ends in /var/lib/kubelet).

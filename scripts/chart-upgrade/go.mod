@@ -1,4 +1,4 @@
-module loam/scripts/chart-token
+module loam/scripts/chart-upgrade
 
 go 1.26.0
 
