@@ -213,12 +213,13 @@ impl DirBackend {
     /// or creation holds is left alone.
     fn remove_leftover(&self, path: &Path) -> Result<()> {
         if let Enforcer::Project(ids) = &self.enforcer {
-            let id = match self.kernel.tagged_project(path) {
-                Ok(id) => id,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
-                // Not a directory: a planted file or symlink, no project.
-                Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) || e.raw_os_error() == Some(libc::ELOOP) => 0,
-                Err(e) => return Err(Error::io(format!("reading the project of {}", path.display()), e)),
+            let id = match fs::symlink_metadata(path) {
+                Ok(meta) if meta.is_dir() => {
+                    self.kernel.tagged_project(path).context(|| format!("reading the project of {}", path.display()))?
+                }
+                // Missing, or a planted file or symlink: no project (and a
+                // symlink is removed itself, never followed).
+                _ => 0,
             };
             // Cleared first: a crash before the tree is gone leaves it
             // tagged, and the next removal finds the id again.

@@ -238,6 +238,19 @@ fn with_project_quotas_a_failed_read_of_a_leftovers_project_keeps_it_for_the_nex
 }
 
 #[test]
+fn with_project_quotas_a_symlink_planted_as_a_leftover_is_removed_never_followed() {
+    let s = setup(FakeQuota::Project);
+    let key = volume("v");
+    let elsewhere = tempfile::tempdir().unwrap();
+    fs::write(elsewhere.path().join("keep"), b"not Loam's").unwrap();
+    std::os::unix::fs::symlink(elsewhere.path(), in_the_making(&s.dir.volume_path(&key))).unwrap();
+    std::os::unix::fs::symlink(elsewhere.path(), s.dir.volume_path(&key)).unwrap();
+    assert_eq!(s.dir.create_volume(&key, Fill::Empty, MIB).unwrap(), Enforcement::Project(FIRST_PROJECT_ID));
+    assert!(fs::symlink_metadata(s.dir.volume_path(&key)).unwrap().is_dir(), "a directory of its own now");
+    assert!(elsewhere.path().join("keep").exists(), "the symlink's target is untouched");
+}
+
+#[test]
 fn adopting_a_volume_holds_its_project_and_puts_its_limit_back() {
     let s = setup(FakeQuota::Project);
     let key = volume("v");
