@@ -7,22 +7,20 @@
 #   bash bench/run.sh --smoke   a few operations of every scenario, results in a
 #                               temporary directory (CI runs this; numbers unused)
 #
-# Builds what it needs: loam and loam-bench (cargo, release), the hostpath plugin
-# (a wrapper Go module, cached in ~/.cache/loam-bench), fio (apt-get). Needs root:
+# Builds what it needs: loam and loam-bench (cargo, release), fio (apt-get); the
+# hostpath plugin is a binary built beforehand, named by HOSTPATH_PLUGIN. Needs root:
 # everything runs in a private mount namespace; drivers are stopped by PID and
 # every mount and loop device made here is undone on exit.
 #
 # Env: BENCH_REPS (default 3), FIO_RUNTIME seconds per job (default 10),
-#      FIO_SIZE (default 256M), HOSTPATH_VERSION (default v1.18.0),
-#      BENCH_PEER=none to skip the hostpath plugin.
+#      FIO_SIZE (default 256M), HOSTPATH_PLUGIN (the peer's binary; without
+#      it the run has no peer and says so), BENCH_PEER=none to skip the peer.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
 
 mode=full
 [ "${1:-}" = --smoke ] && mode=smoke
-HOSTPATH_VERSION=${HOSTPATH_VERSION:-v1.18.0}
-cache=${XDG_CACHE_HOME:-$HOME/.cache}/loam-bench
 step() { printf '\n==> %s\n' "$*" >&2; }
 
 # The smoke run only checks that the harness works: debug builds, which CI
@@ -76,41 +74,31 @@ fi
 mkdir -p "$results" "$work/fio-raw"
 rm -f "$results"/control-*.json
 
-# ---- the peer: hostpath plugin from the Go module proxy ------------------
-hostpath="" peer_note=""
-build_hostpath() {
-    local dir=$cache/hostpath-$HOSTPATH_VERSION mod=github.com/kubernetes-csi/csi-driver-host-path
-    [ -x "$dir/hostpathplugin" ] && { hostpath=$dir/hostpathplugin; return 0; }
-    command -v go >/dev/null || { peer_note="go is not installed"; return 1; }
-    rm -rf "$dir.tmp" && mkdir -p "$dir.tmp" && cd "$dir.tmp"
-    local gomod
-    # Its go.mod replaces k8s.io/* staging modules; a requiring module must
-    # carry the same replace directives or `go build` cannot resolve them.
-    if ! gomod=$(go mod download -json "$mod@$HOSTPATH_VERSION" 2>&1 | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p') ||
-        [ -z "$gomod" ]; then
-        peer_note="the Go module proxy refused $mod@$HOSTPATH_VERSION: $(go mod download -json "$mod@$HOSTPATH_VERSION" 2>&1 |
-            sed -n 's/.*"Error": "\(.*\)".*/\1/p' | sed 's/\\n.*//' | head -c 300)"
-        cd "$repo" && rm -rf "$dir.tmp"; return 1
-    fi
-    {
-        printf 'module loam.dev/hostpath-wrapper\n\ngo 1.22\n\nrequire %s %s\n\n' "$mod" "$HOSTPATH_VERSION"
-        awk '/^replace \(/ {inblock=1; print; next} inblock {print; if ($0 ~ /^\)/) inblock=0; next}
-             /^replace / {print}' "$gomod"
-    } >go.mod
-    if ! { go get "$mod/cmd/hostpathplugin@$HOSTPATH_VERSION" && go build -o hostpathplugin "$mod/cmd/hostpathplugin"; } \
-        >build.log 2>&1; then
-        peer_note="building $mod@$HOSTPATH_VERSION failed: $(tail -n 3 build.log | tr '\n' ' ')"
-        cd "$repo" && rm -rf "$dir.tmp"; return 1
-    fi
-    cd "$repo" && rm -rf "$dir" && mv "$dir.tmp" "$dir"
-    hostpath=$dir/hostpathplugin
-}
+# ---- the peer: a hostpath plugin built elsewhere ------------------------------
+# The Go module proxy refuses github.com/kubernetes-csi/csi-driver-host-path
+# (403 for every version), so the harness does not build it: HOSTPATH_PLUGIN
+# names a binary built from the plugin's published source (docs/testing.md,
+# Benchmarks, says how). What it is comes from the binary itself: its
+# --version line and the module and VCS stamps Go writes into every build.
+hostpath="" peer_note="" peer_build=""
 if [ "${BENCH_PEER:-hostpath}" = none ]; then
     peer_note="skipped (BENCH_PEER=none)"
+elif [ -z "${HOSTPATH_PLUGIN:-}" ]; then
+    peer_note="HOSTPATH_PLUGIN is not set (a hostpathplugin binary built from its published source)"
+elif [ ! -x "$HOSTPATH_PLUGIN" ]; then
+    echo "HOSTPATH_PLUGIN=$HOSTPATH_PLUGIN is not an executable file" >&2
+    exit 1
 else
-    step "building the hostpath plugin $HOSTPATH_VERSION (cached in $cache)"
-    build_hostpath || step "no peer this run: $peer_note"
+    hostpath=$(realpath "$HOSTPATH_PLUGIN")
+    # "path", "mod" and the vcs.* settings of `go version -m`: which source it
+    # is, at which commit, and whether that tree was modified.
+    peer_build=$("$hostpath" --version 2>/dev/null | head -n1)
+    if command -v go >/dev/null; then
+        peer_build+="; $(go version -m "$hostpath" | awk '$1 == "mod" || ($1 == "build" && $2 ~ /^(vcs\.revision|vcs\.time|vcs\.modified)=/) {print $2, $3}' | paste -sd, | sed 's/,/, /g')"
+        peer_build+="; $(go version "$hostpath" | cut -d' ' -f2-)"
+    fi
 fi
+[ -n "$peer_note" ] && step "no peer this run: $peer_note"
 if [ -n "$hostpath" ]; then "$hostpath" -help >"$results/hostpath-flags.txt" 2>&1 || true; fi
 
 # ---- control path ---------------------------------------------------------
@@ -205,7 +193,7 @@ json_str() { printf '"%s"' "$(printf '%s' "$1" | sed 's/\\/\\\\/g; s/"/\\"/g' | 
     printf '  "filesystem under the roots": %s,\n' "$(json_str "$(findmnt -no SOURCE,FSTYPE -T /var/tmp)")"
     printf '  "load average at the end": %s,\n' "$(json_str "$(cut -d' ' -f1-3 /proc/loadavg)")"
     printf '  "loam": %s,\n' "$(json_str "$(git describe --always --dirty 2>/dev/null || echo unknown) ($(rustc --version))")"
-    printf '  "peer": %s,\n' "$(json_str "${hostpath:+hostpath plugin $HOSTPATH_VERSION ($(go version))}${peer_note:+hostpath plugin $HOSTPATH_VERSION not measured: $peer_note}")"
+    printf '  "peer": %s,\n' "$(json_str "${hostpath:+hostpath plugin: $peer_build}${peer_note:+hostpath plugin not measured: $peer_note}")"
     printf '  "fio": %s,\n' "$(json_str "$(fio --version), $fio_size file, ${fio_runtime} s per job after ${fio_ramp} s ramp, libaio, iodepth 16, direct=1")"
     printf '  "scenario sizes": %s,\n' "$(json_str "Create+Delete: $cycles pairs per point over $existing existing; node: $node_volumes volumes; snapshots: $snapshots pairs; volumes of 1 MiB (dir backend)")"
     printf '  "bench wall time": %s\n' "$(json_str "$(($(date +%s) - started)) s for $reps repetitions")"

@@ -45,7 +45,8 @@
 //! [`config`] holds the settings and the CSI constants; [`quantity`] is the
 //! one size grammar; [`endpoint`] the one endpoint parser; [`failpoint`](mod@failpoint)
 //! marks where the crash harness kills the driver; [`metrics`] is the
-//! process's Prometheus registry, filled where things happen.
+//! process's Prometheus registry, filled where things happen; [`memory`]
+//! gives the heap back after a burst of calls.
 //!
 //! ## Rules
 //!
@@ -72,6 +73,7 @@ pub mod failpoint;
 pub mod guard;
 pub mod ids;
 pub mod kernel;
+pub mod memory;
 pub mod metrics;
 pub mod quantity;
 pub mod records;

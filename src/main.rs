@@ -190,6 +190,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .inspect_err(|e| tracing::warn!(error = %e, "cannot raise RLIMIT_NOFILE to its hard limit"))
         .ok();
     let socket = loam::endpoint::Endpoint::unix_socket(&args.endpoint).map_err(anyhow::Error::msg)?;
+    tokio::spawn(loam::memory::give_back_after_bursts());
     let (stop, stopped) = watch::channel(false);
     tokio::spawn(async move {
         shutdown_signal().await;

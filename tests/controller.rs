@@ -118,6 +118,60 @@ async fn listing_pages_are_stable_and_bad_tokens_abort() {
     assert_eq!(err.code(), Code::Aborted);
 }
 
+/// A listing without `max_entries` on a node with more volumes than one
+/// response carries (1,000, docs/volumes.md, Capabilities) comes in pages the
+/// caller follows by `next_token`, so no response outgrows grpc-go's 4 MiB
+/// receive limit, and following them lists every volume once.
+#[tokio::test]
+async fn a_listing_without_max_entries_comes_in_pages_of_at_most_1000() {
+    const LONGEST_PAGE: usize = 1000;
+    let h = Harness::start().await;
+    let mut made = HashSet::new();
+    let mut workers = tokio::task::JoinSet::new();
+    for w in 0..8 {
+        let mut controller = h.controller.clone();
+        workers.spawn(async move {
+            let mut ids = Vec::new();
+            for i in (w..=LONGEST_PAGE).step_by(8) {
+                let created = controller.create_volume(create_request(&format!("pvc-{i}"), MIB)).await.unwrap();
+                ids.push(created.into_inner().volume.unwrap().volume_id);
+            }
+            ids
+        });
+    }
+    while let Some(ids) = workers.join_next().await {
+        made.extend(ids.unwrap());
+    }
+    assert_eq!(made.len(), LONGEST_PAGE + 1);
+    let mut controller = h.controller.clone();
+    let (mut seen, mut token, mut pages) = (HashSet::new(), String::new(), Vec::new());
+    loop {
+        let page = controller
+            .list_volumes(csi::ListVolumesRequest { max_entries: 0, starting_token: token })
+            .await
+            .unwrap()
+            .into_inner();
+        pages.push(page.entries.len());
+        for entry in page.entries {
+            assert!(seen.insert(entry.volume.unwrap().volume_id), "listed twice");
+        }
+        if page.next_token.is_empty() {
+            break;
+        }
+        token = page.next_token;
+    }
+    assert_eq!(pages, [LONGEST_PAGE, 1]);
+    assert_eq!(seen, made);
+    // A larger max_entries is a ceiling, not a promise: still one page's worth.
+    let asked = controller
+        .list_volumes(csi::ListVolumesRequest { max_entries: 5000, starting_token: String::new() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(asked.entries.len(), LONGEST_PAGE);
+    assert!(!asked.next_token.is_empty());
+}
+
 #[tokio::test]
 async fn snapshots_restore_and_clone_copy_content_at_that_point() {
     let mut h = Harness::start().await;

@@ -8,8 +8,9 @@ use std::path::{Path, PathBuf};
 
 /// Modules every layer may use: one error type, ids, configuration, the
 /// generated CSI messages and Loam's own API, one size grammar, the crash
-/// harness's fault points, the process's metrics registry.
-const CROSS_CUTTING: &[&str] = &["error", "ids", "config", "csi", "api", "quantity", "failpoint", "metrics"];
+/// harness's fault points, the process's metrics registry, the heap's
+/// trimming after bursts of calls.
+const CROSS_CUTTING: &[&str] = &["error", "ids", "config", "csi", "api", "quantity", "failpoint", "metrics", "memory"];
 
 /// What each module may name besides itself and [`CROSS_CUTTING`].
 fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
@@ -20,6 +21,7 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
         ("quantity", &[][..]),
         ("failpoint", &[][..]),
         ("metrics", &[][..]),
+        ("memory", &[][..]),
         // The kernel seam knows nothing of Loam's volumes; it makes its own
         // intent files durable as every layer does.
         ("kernel", &["durable"][..]),

@@ -33,7 +33,9 @@ pub async fn connect(socket: &Path) -> anyhow::Result<Clients> {
         .await?;
     Ok(Clients {
         identity: IdentityClient::new(channel.clone()),
-        controller: ControllerClient::new(channel.clone()),
+        // A driver may answer a listing of every volume in one response,
+        // larger than tonic's default 4 MiB limit: the bench reads it whole.
+        controller: ControllerClient::new(channel.clone()).max_decoding_message_size(usize::MAX),
         node: NodeClient::new(channel),
     })
 }

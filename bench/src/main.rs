@@ -99,6 +99,13 @@ pub struct RunResult {
     pub idle_full: Memory,
     /// The most memory either process ever had resident, in KiB.
     pub peak_kib: u64,
+    /// The listing of every volume, at the most volumes (absent from
+    /// results written before it was measured).
+    #[serde(default)]
+    pub listing: scenarios::Listing,
+    /// Memory one second after that listing.
+    #[serde(default)]
+    pub after_listing: Memory,
     /// Seconds taken to pre-create each level of volumes (on 16 workers).
     pub precreate_s: Vec<(usize, f64)>,
     /// Every scenario measurement.
@@ -160,7 +167,20 @@ async fn run(args: RunArgs) -> anyhow::Result<RunResult> {
             measurements.push(m);
         }
     }
-    let busy_peak = driver.memory()?.peak_kib;
+    // The whole listing last, at the most volumes: what a CO's resync costs,
+    // and whether the driver gives the memory back afterwards.
+    let listing = scenarios::list_all(c).await?;
+    eprintln!(
+        "[{}] listed {} volumes in {} calls, {:.0} ms, largest response {} KiB",
+        args.driver,
+        listing.entries,
+        listing.calls,
+        listing.ms,
+        listing.largest_response_bytes / 1024
+    );
+    tokio::time::sleep(SETTLE).await;
+    let after_listing = driver.memory()?;
+    let busy_peak = after_listing.peak_kib;
     driver.stop()?;
 
     let driver = Driver::start(&args.command, &args.socket, &args.log).await?;
@@ -179,6 +199,8 @@ async fn run(args: RunArgs) -> anyhow::Result<RunResult> {
         idle,
         idle_full,
         peak_kib: busy_peak.max(idle_full.peak_kib),
+        listing,
+        after_listing,
         precreate_s,
         measurements,
     })

@@ -85,7 +85,7 @@ async fn ready(socket: &Path) -> Option<Clients> {
 }
 
 /// Resident memory of a process, in KiB.
-#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
 pub struct Memory {
     /// VmRSS: resident now.
     pub rss_kib: u64,

@@ -265,6 +265,10 @@ impl Report {
                     "idle_full_rss_kib": self.run_med(&d, |r| r.idle_full.rss_kib as f64),
                     "peak_kib_median": self.run_med(&d, |r| r.peak_kib as f64),
                     "peak_kib_max": self.reps(&d).map(|r| r.peak_kib).max(),
+                    "listing_ms": self.run_med(&d, |r| r.listing.ms),
+                    "listing_calls": self.reps(&d).map(|r| r.listing.calls).max(),
+                    "listing_largest_response_bytes": self.reps(&d).map(|r| r.listing.largest_response_bytes).max(),
+                    "after_listing_rss_kib": self.run_med(&d, |r| r.after_listing.rss_kib as f64),
                     "measurements": measurements,
                 }),
             );
@@ -351,19 +355,24 @@ impl Report {
         let _ = writeln!(
             md,
             "| Driver | Start-up to ready Probe, empty | Start-up over N volumes | N | Idle RSS | Idle RSS over N \
-             volumes | Peak RSS (VmHWM), median / max |\n|---|---:|---:|---:|---:|---:|---:|"
+             volumes | Listing N volumes: time, calls, largest response | RSS 1 s after the listing | Peak RSS \
+             (VmHWM), median / max |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|"
         );
         for d in self.drivers() {
             let s = &summary["drivers"][&d];
             let mib = |v: &Value| format!("{:.2} MiB", v.as_f64().unwrap_or(f64::NAN) / 1024.0);
             let _ = writeln!(
                 md,
-                "| {d} | {} ms | {} ms | {} | {} | {} | {} / {} |",
+                "| {d} | {} ms | {} ms | {} | {} | {} | {} ms, {}, {} KiB | {} | {} / {} |",
                 num(s["startup_ms"].as_f64().unwrap_or(f64::NAN)),
                 num(s["startup_full_ms"].as_f64().unwrap_or(f64::NAN)),
                 self.reps(&d).map(|r| r.full_volumes).max().unwrap_or(0),
                 mib(&s["idle_rss_kib"]),
                 mib(&s["idle_full_rss_kib"]),
+                num(s["listing_ms"].as_f64().unwrap_or(f64::NAN)),
+                s["listing_calls"],
+                s["listing_largest_response_bytes"].as_u64().unwrap_or(0) / 1024,
+                mib(&s["after_listing_rss_kib"]),
                 mib(&s["peak_kib_median"]),
                 mib(&s["peak_kib_max"]),
             );
@@ -441,15 +450,15 @@ impl Report {
         }
         let idle = self.run_med(OURS, |r| r.idle.rss_kib as f64) / 1024.0;
         out.push((
-            "Idle RSS ≤ 6 MiB".into(),
+            "Idle RSS ≤ 4 MiB".into(),
             format!("{idle:.2} MiB"),
-            verdict(idle <= 6.0, format!("{:.2} MiB over", idle - 6.0)),
+            verdict(idle <= 4.0, format!("{:.2} MiB over", idle - 4.0)),
         ));
         let peak = self.reps(OURS).map(|r| r.peak_kib).max().unwrap_or(0) as f64 / 1024.0;
         out.push((
-            "Peak RSS ≤ 12 MiB (worst repetition)".into(),
+            "Peak RSS ≤ 8 MiB over the whole run, the full listing included (worst repetition)".into(),
             format!("{peak:.2} MiB"),
-            verdict(peak <= 12.0, format!("{:.2} MiB over", peak - 12.0)),
+            verdict(peak <= 8.0, format!("{:.2} MiB over", peak - 8.0)),
         ));
         if !self.fio.is_empty() {
             let (job, worst) = fio::JOBS

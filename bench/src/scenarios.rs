@@ -280,6 +280,41 @@ pub async fn snapshot(clients: &Clients, spec: &VolumeSpec, tag: &str, cycles: u
     Ok(measurement("snapshot", 0, 1, cycles, rec, wall))
 }
 
+/// What listing every volume took.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub struct Listing {
+    /// Volumes listed.
+    pub entries: usize,
+    /// ListVolumes calls made: 1 for a driver that answers in one response.
+    pub calls: usize,
+    /// Wall time of the whole listing, in milliseconds.
+    pub ms: f64,
+    /// Bytes of the largest response, as encoded on the wire.
+    pub largest_response_bytes: usize,
+}
+
+/// Lists every volume as a CO does: ListVolumes without `max_entries`,
+/// following `next_token` for as long as the driver hands one out.
+pub async fn list_all(clients: &Clients) -> anyhow::Result<Listing> {
+    use prost::Message;
+    let mut c = clients.controller.clone();
+    let (mut entries, mut calls, mut largest) = (0, 0, 0);
+    let mut token = String::new();
+    let started = Instant::now();
+    loop {
+        let req = ListVolumesRequest { max_entries: 0, starting_token: token };
+        let page = c.list_volumes(request(req)).await.context("ListVolumes")?.into_inner();
+        calls += 1;
+        entries += page.entries.len();
+        largest = largest.max(page.encoded_len());
+        if page.next_token.is_empty() {
+            break;
+        }
+        token = page.next_token;
+    }
+    Ok(Listing { entries, calls, ms: started.elapsed().as_secs_f64() * 1e3, largest_response_bytes: largest })
+}
+
 /// Worker `w`'s share of `total` items split over `workers`.
 fn share(total: usize, workers: usize, w: usize) -> usize {
     total / workers + usize::from(w < total % workers)

@@ -139,8 +139,20 @@ fn page_token(token: &str) -> Result<Option<Key>> {
         .ok_or_else(|| Error::Aborted(format!("starting token {} is not valid; restart the listing", quote(token))))
 }
 
-fn max_entries(max: i32) -> Result<usize> {
-    usize::try_from(max).map_err(|_| Error::InvalidArgument("max_entries must not be negative".into()))
+/// The most entries one ListVolumes or ListSnapshots response carries, also
+/// when the caller sets no `max_entries`: a page of 1,000 volumes is about
+/// 0.37 MiB on the wire, so a node of 11,000 or more never answers past
+/// grpc-go's default 4 MiB receive limit (which fails the call), and no node
+/// holds its whole listing in memory at once. The spec has the caller follow `next_token`
+/// whenever it is set, as Kubernetes' sidecars and csi-sanity do.
+pub(crate) const LONGEST_PAGE: usize = 1000;
+
+/// How many entries a listing returns: what the caller asked, at most
+/// [`LONGEST_PAGE`] (0 asks for no limit).
+fn page_size(max_entries: i32) -> Result<usize> {
+    let max =
+        usize::try_from(max_entries).map_err(|_| Error::InvalidArgument("max_entries must not be negative".into()))?;
+    Ok(if max == 0 { LONGEST_PAGE } else { max.min(LONGEST_PAGE) })
 }
 
 /// Validates a CreateVolume request into what the driver makes.
@@ -296,7 +308,7 @@ impl Controller for ControllerService {
         let driver = self.driver.clone();
         traced("ListVolumes", "", async move {
             let after = page_token(&req.starting_token)?;
-            let max = max_entries(req.max_entries)?;
+            let max = page_size(req.max_entries)?;
             // Conditions look at the filesystem (and sysfs for loop volumes).
             blocking(move || {
                 let page = driver.list_volumes(after, max);
@@ -412,7 +424,7 @@ impl Controller for ControllerService {
         let driver = self.driver.clone();
         traced("ListSnapshots", "", async move {
             let after = page_token(&req.starting_token)?;
-            let max = max_entries(req.max_entries)?;
+            let max = page_size(req.max_entries)?;
             let entry =
                 |s: &SnapshotRecord| csi::list_snapshots_response::Entry { snapshot: Some(snapshot_message(s)) };
             if !req.snapshot_id.is_empty() {

@@ -38,6 +38,7 @@ pub(crate) async fn traced<T>(
     call.finished = true;
     let code = outcome.as_ref().map_or_else(Error::code, |_| tonic::Code::Ok);
     crate::metrics::global().rpc(method, code, call.started.elapsed());
+    crate::memory::call_finished();
     let micros = call.micros();
     call.span.in_scope(|| match &outcome {
         Ok(_) => tracing::info!(micros, "ok"),
@@ -66,6 +67,7 @@ impl Drop for Call {
     fn drop(&mut self) {
         if !self.finished {
             crate::metrics::global().rpc(self.method, tonic::Code::Cancelled, self.started.elapsed());
+            crate::memory::call_finished();
             let micros = self.micros();
             self.span.in_scope(|| tracing::warn!(micros, outcome = "cancelled", "cancelled by the caller"));
         }

@@ -183,17 +183,34 @@ pub fn source_volume_ids(ids: &[String]) -> Result<Vec<String>> {
     Ok(ids.to_vec())
 }
 
-/// VolumeGroupSnapshotClass parameters: Loam takes none, and refuses unknown
-/// keys (as it does StorageClass ones) so a typo fails loudly.
+/// The one VolumeGroupSnapshotClass parameter Loam accepts, and only with a
+/// class's own `deletionPolicy` values. It changes nothing: Kubernetes' own
+/// storage suite (`GenerateVolumeGroupSnapshotClassSpec`, e2e v1.37) copies
+/// the class's deletion policy into its parameters, which csi-snapshotter
+/// passes on, and the class's own field is what decides.
+pub const GROUP_DELETION_POLICY_PARAMETER: &str = "deletionPolicy";
+
+/// VolumeGroupSnapshotClass parameters: Loam takes none but the CO's own keys
+/// and an inert [`GROUP_DELETION_POLICY_PARAMETER`], and refuses anything
+/// else (as it does StorageClass keys) so a typo fails loudly.
 pub fn group_snapshot_parameters(params: &HashMap<String, String>) -> Result<()> {
     parameters(params)?;
-    match params.keys().find(|k| !k.starts_with(CO_PARAMETER_PREFIX)) {
-        Some(key) => Err(Error::InvalidArgument(format!(
-            "unknown group snapshot parameter {}: Loam's group snapshots take no parameters",
-            quote(key)
-        ))),
-        None => Ok(()),
+    for (key, value) in params.iter().filter(|(k, _)| !k.starts_with(CO_PARAMETER_PREFIX)) {
+        if key != GROUP_DELETION_POLICY_PARAMETER {
+            return Err(Error::InvalidArgument(format!(
+                "unknown group snapshot parameter {}: Loam's group snapshots take no parameters",
+                quote(key)
+            )));
+        }
+        if !matches!(value.as_str(), "Delete" | "Retain") {
+            return Err(Error::InvalidArgument(format!(
+                "group snapshot parameter {GROUP_DELETION_POLICY_PARAMETER}={} is not a deletion policy; use \"Delete\" \
+                 or \"Retain\" (or leave it out: the class's own deletionPolicy decides)",
+                quote(value)
+            )));
+        }
     }
+    Ok(())
 }
 
 /// The VolumeSnapshotClass parameter that says where a snapshot is kept.
@@ -432,6 +449,14 @@ mod tests {
         assert!(group_snapshot_parameters(&params(&secret)).is_ok());
         let err = group_snapshot_parameters(&params(&[("freeze", "false")])).unwrap_err();
         assert!(err.to_string().contains("\"freeze\""), "{err}");
+        // What Kubernetes' storage suite puts in every class it makes.
+        for policy in ["Delete", "Retain"] {
+            assert!(group_snapshot_parameters(&params(&[("deletionPolicy", policy)])).is_ok(), "{policy}");
+        }
+        for bad in ["delete", "", "Recycle"] {
+            let err = group_snapshot_parameters(&params(&[("deletionPolicy", bad)])).unwrap_err();
+            assert_eq!(err.code(), tonic::Code::InvalidArgument, "{bad:?}");
+        }
     }
 
     #[test]
