@@ -92,8 +92,9 @@ for n in nodes:
 print(room)'
 }
 
-# manifest NS CLASS N: N claims and N pods, pod i mounting claim i. The pods
-# exit at once on SIGTERM, so deletion measures the volumes, not a grace period.
+# manifest NS CLASS N: N claims and N pods, pod i mounting claim i, spread
+# evenly over the schedulable nodes. The pods exit at once on SIGTERM, so
+# deletion measures the volumes, not a grace period.
 manifest() {
     local ns=$1 class=$2 n=$3 i
     for ((i = 0; i < n; i++)); do
@@ -112,6 +113,13 @@ kind: Pod
 metadata: {name: app-$i, namespace: $ns, labels: {app: kube-scale}}
 spec:
   terminationGracePeriodSeconds: 5
+  # Spread over the nodes, as the comparison asks: with WaitForFirstConsumer
+  # and CSIStorageCapacity the scheduler's storage capacity scoring packs a
+  # capacity-tracking driver's pods onto the node it used last.
+  topologySpreadConstraints:
+    # (nodeTaintsPolicy: a tainted control-plane node is no domain to fill.)
+    - {maxSkew: 1, topologyKey: kubernetes.io/hostname, whenUnsatisfiable: DoNotSchedule, nodeTaintsPolicy: Honor,
+       labelSelector: {matchLabels: {app: kube-scale}}}
   containers:
     - name: app
       image: $image
