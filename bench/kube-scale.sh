@@ -143,6 +143,31 @@ spread() {
         awk '{printf "%s%s=%s", (NR > 1 ? "," : ""), $2, $1}'
 }
 
+# phases NS START: when the last claim's volume was provisioned (its PV
+# made), the last pod scheduled, and the last pod's containers started,
+# in seconds after START (the API server's timestamps, whole seconds): where
+# the time to Running went.
+phases() {
+    local ns=$1 start=$2
+    python3 -c '
+import datetime, json, subprocess, sys
+ns, start = sys.argv[1], float(sys.argv[2])
+get = lambda *args: json.loads(subprocess.run(["kubectl", *args, "-o", "json"], check=True, capture_output=True).stdout)
+docs = [get("get", "pv"), get("-n", ns, "get", "pods")]
+def at(ts):
+    return datetime.datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp() - start
+pvs = [at(pv["metadata"]["creationTimestamp"]) for pv in docs[0]["items"]
+       if pv["spec"].get("claimRef", {}).get("namespace") == ns]
+def cond(pod, kind):
+    return next((at(c["lastTransitionTime"]) for c in pod["status"].get("conditions", []) if c["type"] == kind), None)
+pods = docs[1]["items"]
+scheduled = [t for t in (cond(p, "PodScheduled") for p in pods) if t is not None]
+started = [t for t in (cond(p, "ContainersReady") for p in pods) if t is not None]
+last = lambda xs: round(max(xs), 1) if xs else None
+print(json.dumps({"provisioned_last_s": last(pvs), "scheduled_last_s": last(scheduled),
+                  "started_last_s": last(started)}))' "$ns" "$start"
+}
+
 mkdir -p "$(dirname "$out")"
 lines=$(mktemp)
 trap 'cleanup; rm -f "$lines"' EXIT
@@ -172,6 +197,7 @@ for n in "${sizes[@]}"; do
             done
             up=$(date +%s.%N)
             where=$(spread "$ns")
+            phases=$(phases "$ns" "$start")
             kubectl delete namespace "$ns" --wait=false >/dev/null
             for ((i = 0; ; i++)); do
                 [ "$(pods_left "$ns")" = 0 ] && [ "$(pvs_left "$ns")" = 0 ] && break
@@ -180,12 +206,12 @@ for n in "${sizes[@]}"; do
                 sleep 1
             done
             down=$(date +%s.%N)
-            python3 - "$class" "$n" "$rep" "$start" "$created" "$up" "$down" "$where" >>"$lines" <<'EOF'
+            python3 - "$class" "$n" "$rep" "$start" "$created" "$up" "$down" "$where" "$phases" >>"$lines" <<'EOF'
 import json, sys
-c, n, rep, start, created, up, down, where = sys.argv[1:]
+c, n, rep, start, created, up, down, where, phases = sys.argv[1:]
 print(json.dumps({"class": c, "n": int(n), "rep": int(rep), "create_s": round(float(created) - float(start), 1),
                   "running_s": round(float(up) - float(start), 1), "gone_s": round(float(down) - float(up), 1),
-                  "nodes": where}))
+                  "nodes": where, **json.loads(phases)}))
 EOF
             say "$(tail -n1 "$lines")"
             # The namespace object itself may linger a moment; wait it out so

@@ -559,9 +559,20 @@ fn format(
     spec: &LoopSpec,
     formats: &FormatLog<'_>,
 ) -> Result<()> {
+    let options = crate::backend::filesystem_of(spec)?.1;
+    // A volume made for raw block access may be smaller than any filesystem
+    // (BLOCK_MIN_BYTES): say so instead of letting mkfs fail on it.
+    let size = kernel.device_size(&device.device).context(|| format!("sizing {}", device.device.display()))?;
+    if size < options.min_bytes() {
+        return Err(Error::FailedPrecondition(format!(
+            "the volume is {size} bytes, under the {} bytes a {} filesystem needs (it was made for raw block \
+             access); expand it first or use it as a block device",
+            options.min_bytes(),
+            fs.name()
+        )));
+    }
     (formats.record)(Formatting::Started)?;
     crate::failpoint!("loop.mkfs.started");
-    let options = crate::backend::filesystem_of(spec)?.1;
     kernel
         .mkfs(&device.device, fs, spec.provisioning == Provisioning::Thick, &options)
         .context(|| format!("formatting {} as {}", device.device.display(), fs.name()))?;

@@ -31,6 +31,10 @@ use dir::DirBackend;
 use loopback::{FormatLog, LoopBackend, Orphan};
 use transfer::Carried;
 
+/// The least capacity of a `loop` volume used only as a raw block device:
+/// one 4 KiB block, the largest logical block a loop device is given.
+pub const BLOCK_MIN_BYTES: u64 = 4096;
+
 /// A volume's usage as NodeGetVolumeStats reports it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct VolumeStats {
@@ -185,10 +189,15 @@ impl Backends {
         }
     }
 
-    /// The least capacity a volume with `layout` can have.
-    pub fn min_capacity(layout: &Layout) -> Result<u64> {
+    /// The least capacity a volume with `layout` can have, asked for with
+    /// `capabilities`: a `loop` volume only ever used as a raw block device
+    /// is never formatted, so its filesystem's minimum does not apply (a
+    /// 1 MiB block claim gets a 1 MiB device, and a restore of its snapshot
+    /// into another 1 MiB claim fits).
+    pub fn min_capacity(layout: &Layout, capabilities: &[Capability]) -> Result<u64> {
         match layout {
             Layout::Dir => Ok(0),
+            Layout::Loop(_) if !capabilities.is_empty() && capabilities.iter().all(|c| c.block) => Ok(BLOCK_MIN_BYTES),
             Layout::Loop(spec) => min_capacity(spec),
         }
     }

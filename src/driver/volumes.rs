@@ -83,7 +83,7 @@ impl Driver {
     /// needs), once the node is known to have room for it.
     pub(super) fn room_for(&self, req: &NewVolume, floor: u64) -> Result<u64> {
         self.backends.check_enforceable(&req.layout, self.config.quota)?;
-        let capacity = req.capacity.choose(floor.max(Backends::min_capacity(&req.layout)?))?;
+        let capacity = req.capacity.choose(floor.max(Backends::min_capacity(&req.layout, &req.capabilities)?))?;
         let free = self.capacity()?;
         if capacity > free {
             return Err(Error::ResourceExhausted(format!(

@@ -20,7 +20,7 @@ use crate::kernel::blockfs::FsType;
 use crate::kernel::fake::{FakeKernel, Op};
 use crate::kernel::loopdev::AttachOptions;
 use crate::kernel::mount::MountFlags;
-use crate::records::{AccessMode, Capability, Formatting, LoopSpec, Provisioning};
+use crate::records::{AccessMode, Capability, Formatting, Layout, LoopSpec, Provisioning};
 
 const MIB: u64 = 1 << 20;
 
@@ -42,10 +42,11 @@ impl Setup {
         Setup { root, fake, loopback, key: Key::for_name(Kind::Volume, "v") }
     }
 
-    /// A fresh Setup with an empty 4 MiB volume of `fs`.
+    /// A fresh Setup with an empty volume of `fs`, of the least size that
+    /// filesystem takes (4 MiB for ext4, 300 MiB for xfs: sparse).
     fn with_volume(fs: FsType) -> Setup {
         let s = Setup::new();
-        s.loopback.create_volume(&s.key, 4 * MIB, &spec(fs), Fill::Empty).unwrap();
+        s.loopback.create_volume(&s.key, least(fs), &spec(fs), Fill::Empty).unwrap();
         s
     }
 
@@ -88,6 +89,10 @@ impl Setup {
     }
 }
 
+fn least(fs: FsType) -> u64 {
+    crate::backend::min_capacity(&spec(fs)).unwrap()
+}
+
 fn spec(fs: FsType) -> LoopSpec {
     LoopSpec { fs, provisioning: Provisioning::Thin, mkfs_options: Vec::new() }
 }
@@ -126,6 +131,24 @@ fn a_blank_image_is_formatted_then_mounted() {
     let calls = s.fake.calls();
     let order: Vec<&str> = calls.iter().map(|c| c.split(' ').next().unwrap_or_default()).collect();
     assert_eq!(order, ["attach", "mkfs", "mount"], "{calls:?}");
+}
+
+#[test]
+fn a_volume_made_for_raw_block_is_too_small_to_format_and_says_so() {
+    let s = Setup::new();
+    let least = crate::backend::Backends::min_capacity(&Layout::Loop(spec(FsType::Ext4)), &[block_capability()]);
+    assert_eq!(least.unwrap(), crate::backend::BLOCK_MIN_BYTES, "a block-only volume is not held to ext4's minimum");
+    let filesystem = crate::backend::Backends::min_capacity(&Layout::Loop(spec(FsType::Ext4)), &[mount_capability()]);
+    assert!(filesystem.unwrap() > MIB, "a filesystem volume is");
+    s.loopback.create_volume(&s.key, MIB, &spec(FsType::Ext4), Fill::Empty).unwrap();
+    let (result, recorded) = s.stage_from(FsType::Ext4, &mount_capability(), None);
+    let err = result.unwrap_err();
+    assert!(matches!(err, Error::FailedPrecondition(_)), "{err}");
+    assert!(err.to_string().contains("raw block"), "{err}");
+    assert!(recorded.is_empty(), "no format was started");
+    assert_eq!(s.filesystem(), None);
+    assert!(s.fake.attached().is_empty(), "the fresh device is detached again");
+    s.stage_from(FsType::Ext4, &block_capability(), None).0.expect("as a block device it stages");
 }
 
 #[test]
@@ -189,7 +212,7 @@ fn a_mkfs_cut_short_is_done_again_by_the_retry() {
     let (result, recorded) = s.stage_from(FsType::Xfs, &mount_capability(), Some(Formatting::Started));
     result.unwrap();
     assert_eq!(recorded, [Formatting::Started, Formatting::Done]);
-    assert_eq!(s.filesystem(), Some(("xfs".into(), 4 * MIB)));
+    assert_eq!(s.filesystem(), Some(("xfs".into(), least(FsType::Xfs))));
 }
 
 #[test]
@@ -399,10 +422,10 @@ fn xfs_grown_while_unstaged_grows_after_mounting() {
     let s = Setup::with_volume(FsType::Xfs);
     s.stage(FsType::Xfs).unwrap();
     s.loopback.unstage(&s.key, &s.staging()).unwrap();
-    s.grow_image(8 * MIB, FsType::Xfs);
+    s.grow_image(least(FsType::Xfs) + 4 * MIB, FsType::Xfs);
     s.stage(FsType::Xfs).unwrap();
     assert_eq!(s.fake.count("resize2fs "), 0, "xfs never grows offline");
-    assert_eq!(s.filesystem(), Some(("xfs".into(), 8 * MIB)));
+    assert_eq!(s.filesystem(), Some(("xfs".into(), least(FsType::Xfs) + 4 * MIB)));
 }
 
 // ----- Block publications -----
