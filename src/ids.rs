@@ -248,6 +248,16 @@ pub fn validate_name(what: &str, name: &str) -> Result<()> {
     Ok(())
 }
 
+/// Whether `asked` names the same ids as `recorded`, in any order.
+pub fn same_ids(asked: &[String], recorded: &[String]) -> bool {
+    let sorted = |ids: &[String]| {
+        let mut ids = ids.to_vec();
+        ids.sort();
+        ids
+    };
+    sorted(asked) == sorted(recorded)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -267,6 +277,15 @@ mod tests {
         assert_ne!(v, Key::for_name(Kind::Snapshot, "a"));
         assert_ne!(v, Key::for_name(Kind::Volume, "b"));
         assert_eq!(v, Key::for_name(Kind::Volume, "a"));
+    }
+
+    #[test]
+    fn membership_ignores_order_but_not_content() {
+        let ids = |s: &[&str]| s.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(same_ids(&ids(&["b", "a"]), &ids(&["a", "b"])));
+        assert!(!same_ids(&ids(&["a"]), &ids(&["a", "b"])));
+        assert!(!same_ids(&ids(&["a", "a"]), &ids(&["a", "b"])));
+        assert!(!same_ids(&ids(&["a", "c"]), &ids(&["a", "b"])));
     }
 
     #[test]

@@ -46,7 +46,9 @@
 //! one size grammar; [`endpoint`] the one endpoint parser; [`failpoint`](mod@failpoint)
 //! marks where the crash harness kills the driver; [`metrics`] is the
 //! process's Prometheus registry, filled where things happen; [`memory`]
-//! gives the heap back after a burst of calls.
+//! gives the heap back after a burst of calls; [`write_order`] is the rule of
+//! which volumes a group snapshot can cut at one point in time, on one node or
+//! across several.
 //!
 //! ## Rules
 //!
@@ -82,6 +84,7 @@ pub mod rpc;
 pub mod server;
 pub mod store;
 pub mod tls;
+pub mod write_order;
 
 /// The CSI v1.12 messages and services, generated from `proto/csi.proto`.
 #[allow(clippy::all, missing_docs)]

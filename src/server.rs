@@ -21,6 +21,7 @@ use tonic::service::InterceptorLayer;
 use tonic::transport::Server;
 
 use crate::api::copies_server::CopiesServer;
+use crate::api::groups_server::GroupsServer;
 use crate::auth::{RequireRole, RequireToken, Token};
 use crate::csi::controller_server::ControllerServer;
 use crate::csi::group_controller_server::GroupControllerServer;
@@ -34,6 +35,7 @@ use crate::rpc::controller::ControllerService;
 use crate::rpc::copies::CopiesService;
 pub use crate::rpc::copies::CopySettings;
 use crate::rpc::group::GroupControllerService;
+use crate::rpc::group_parts::GroupPartsService;
 use crate::rpc::identity::IdentityService;
 use crate::rpc::node::NodeService;
 use crate::rpc::routed::RoutedController;
@@ -163,8 +165,9 @@ async fn refresh_promises(driver: Arc<Driver>) {
 
 /// Serves a node agent's endpoint on `incoming` (a TCP listener within
 /// [`limits::Limits`]): Identity and the node-local Controller and
-/// GroupController for the routing controller, and Loam's Copies for it and
-/// for other agents, never Node, over TLS with `tls`
+/// GroupController for the routing controller, Loam's Groups (parts of group
+/// snapshots across nodes) for it, and Loam's Copies for it and for other
+/// agents, never Node, over TLS with `tls`
 /// ([`crate::tls::server_config`]: only clients with a controller or peer
 /// certificate complete the handshake), and only to callers that present
 /// `token`. Copies from other nodes are pulled over TLS with `peer_tls`
@@ -185,6 +188,7 @@ pub async fn run_agent(
         .add_service(IdentityServer::new(IdentityService::new(driver.clone())))
         .add_service(ControllerServer::with_interceptor(ControllerService::new(driver.clone()), controller))
         .add_service(GroupControllerServer::with_interceptor(GroupControllerService::new(driver.clone()), controller))
+        .add_service(GroupsServer::with_interceptor(GroupPartsService::new(driver.clone()), controller))
         .add_service(CopiesServer::new(CopiesService::new(driver, peers, copies)))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await

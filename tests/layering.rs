@@ -9,8 +9,9 @@ use std::path::{Path, PathBuf};
 /// Modules every layer may use: one error type, ids, configuration, the
 /// generated CSI messages and Loam's own API, one size grammar, the crash
 /// harness's fault points, the process's metrics registry, the heap's
-/// trimming after bursts of calls.
-const CROSS_CUTTING: &[&str] = &["error", "ids", "config", "csi", "api", "quantity", "failpoint", "metrics", "memory"];
+/// trimming after bursts of calls, the group snapshots' write-order rule.
+const CROSS_CUTTING: &[&str] =
+    &["error", "ids", "config", "csi", "api", "quantity", "failpoint", "metrics", "memory", "write_order"];
 
 /// What each module may name besides itself and [`CROSS_CUTTING`].
 fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
@@ -22,6 +23,7 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
         ("failpoint", &[][..]),
         ("metrics", &[][..]),
         ("memory", &[][..]),
+        ("write_order", &[][..]),
         // The kernel seam knows nothing of Loam's volumes; it makes its own
         // intent files durable as every layer does.
         ("kernel", &["durable"][..]),

@@ -10,6 +10,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{connect, create_request, mount_capability};
+use loam::api::cut_step::Step;
+use loam::api::groups_client::GroupsClient;
+use loam::api::{CutNow, CutStep, PrepareStep, RecordNow};
 use loam::auth::{SendToken, Token};
 use loam::config::{Config, QuotaMode, TOPOLOGY_NODE_KEY};
 use loam::csi;
@@ -18,6 +21,7 @@ use loam::csi::group_controller_client::GroupControllerClient;
 use loam::csi::identity_client::IdentityClient;
 use loam::csi::node_client::NodeClient;
 use loam::driver::Driver;
+use loam::ids::{Key, Kind};
 use loam::kernel::FakeKernel;
 use loam::routing::agents::{Agents, Timeouts};
 use loam::routing::cluster::{GoneNodes, NodeRegistry};
@@ -354,13 +358,12 @@ async fn volumes_land_where_asked_and_calls_reach_their_owner() {
 }
 
 #[tokio::test]
-async fn group_snapshots_are_cut_on_the_node_of_their_volumes() {
+async fn group_snapshots_of_one_node_are_cut_there() {
     let mut s = Split::start().await;
     let mut on_a = Vec::new();
     for name in ["pvc-a1", "pvc-a2"] {
         on_a.push(s.create_on(name, "node-a").await.unwrap().volume_id);
     }
-    let b = s.create_on("pvc-b1", "node-b").await.unwrap().volume_id;
     let create = |name: &str, sources: &[&String]| csi::CreateVolumeGroupSnapshotRequest {
         name: name.into(),
         source_volume_ids: sources.iter().map(|s| s.to_string()).collect(),
@@ -373,11 +376,6 @@ async fn group_snapshots_are_cut_on_the_node_of_their_volumes() {
     assert!(group.ready_to_use);
     let members: Vec<String> = group.snapshots.iter().map(|m| m.snapshot_id.clone()).collect();
     assert!(members.iter().all(|id| id.ends_with("@node-a")), "{members:?}");
-
-    // Volumes of two nodes cannot be cut at one instant.
-    let err = s.group.create_volume_group_snapshot(create("group-ab", &[&on_a[0], &b])).await.unwrap_err();
-    assert_eq!(err.code(), Code::FailedPrecondition);
-    assert!(err.message().contains("volumes on nodes node-a and node-b"), "{}", err.message());
 
     // Existing groups are reached through their id; the agent's answers come back unchanged.
     let get = |snapshot_ids: Vec<String>| csi::GetVolumeGroupSnapshotRequest {
@@ -405,6 +403,140 @@ async fn group_snapshots_are_cut_on_the_node_of_their_volumes() {
     assert_eq!(s.group.get_volume_group_snapshot(fake).await.unwrap_err().code(), Code::NotFound);
     let nameless = s.group.create_volume_group_snapshot(create("", &[])).await.unwrap_err();
     assert_eq!(nameless.code(), Code::InvalidArgument);
+}
+
+fn group_request(name: &str, sources: &[&String]) -> csi::CreateVolumeGroupSnapshotRequest {
+    csi::CreateVolumeGroupSnapshotRequest {
+        name: name.into(),
+        source_volume_ids: sources.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+fn group_id(id: &str) -> csi::GetVolumeGroupSnapshotRequest {
+    csi::GetVolumeGroupSnapshotRequest { group_snapshot_id: id.into(), ..Default::default() }
+}
+
+async fn snapshot_ids(s: &mut Split) -> Vec<String> {
+    let listed = s.controller.list_snapshots(csi::ListSnapshotsRequest::default()).await.unwrap().into_inner();
+    listed.entries.into_iter().map(|e| e.snapshot.unwrap().snapshot_id).collect()
+}
+
+#[tokio::test]
+async fn a_group_of_volumes_on_two_nodes_is_cut_on_both_and_is_one_group() {
+    let mut s = Split::start().await;
+    let b = s.create_on("pvc-b", "node-b").await.unwrap().volume_id;
+    let a = s.create_on("pvc-a", "node-a").await.unwrap().volume_id;
+    let made = s.group.create_volume_group_snapshot(group_request("group-ab", &[&b, &a])).await.unwrap();
+    let group = made.into_inner().group_snapshot.unwrap();
+    assert!(group.group_snapshot_id.ends_with("@node-a"), "the first node coordinates: {}", group.group_snapshot_id);
+    assert!(group.ready_to_use);
+    let members: Vec<String> = group.snapshots.iter().map(|m| m.snapshot_id.clone()).collect();
+    assert!(members[0].ends_with("@node-b") && members[1].ends_with("@node-a"), "in request order: {members:?}");
+    assert_eq!(group.snapshots[0].source_volume_id, b);
+    assert!(group.snapshots.iter().all(|m| m.group_snapshot_id == group.group_snapshot_id && m.ready_to_use));
+
+    // A retry gets the same group; the name of other volumes is taken.
+    let again = s.group.create_volume_group_snapshot(group_request("group-ab", &[&a, &b])).await.unwrap();
+    let again = again.into_inner().group_snapshot.unwrap();
+    assert_eq!((again.group_snapshot_id.as_str(), again.ready_to_use), (group.group_snapshot_id.as_str(), true));
+    let mut again_members: Vec<String> = again.snapshots.iter().map(|m| m.snapshot_id.clone()).collect();
+    again_members.sort();
+    let mut sorted = members.clone();
+    sorted.sort();
+    assert_eq!(again_members, sorted);
+    let c = s.create_on("pvc-c", "node-b").await.unwrap().volume_id;
+    let taken = s.group.create_volume_group_snapshot(group_request("group-ab", &[&a, &c])).await.unwrap_err();
+    assert_eq!(taken.code(), Code::AlreadyExists, "{}", taken.message());
+
+    // Read through the coordinator, with every node's members.
+    let got = s.group.get_volume_group_snapshot(group_id(&group.group_snapshot_id)).await.unwrap().into_inner();
+    let got = got.group_snapshot.unwrap();
+    assert!(got.ready_to_use);
+    assert_eq!(got.snapshots.iter().map(|m| m.snapshot_id.clone()).collect::<Vec<_>>(), members);
+    let mut wrong = group_id(&group.group_snapshot_id);
+    wrong.snapshot_ids = vec![members[0].clone()];
+    assert_eq!(s.group.get_volume_group_snapshot(wrong).await.unwrap_err().code(), Code::InvalidArgument);
+
+    // Each member restores on its own node, and goes only with the group.
+    let restore = common::from_snapshot(create_request("pvc-restored", MIB), &members[0]);
+    let restored = s.controller.create_volume(restore).await.unwrap().into_inner().volume.unwrap();
+    assert!(restored.volume_id.ends_with("@node-b"), "{}", restored.volume_id);
+    let alone = csi::DeleteSnapshotRequest { snapshot_id: members[0].clone(), ..Default::default() };
+    assert_eq!(s.controller.delete_snapshot(alone).await.unwrap_err().code(), Code::InvalidArgument);
+
+    let delete = csi::DeleteVolumeGroupSnapshotRequest {
+        group_snapshot_id: group.group_snapshot_id.clone(),
+        ..Default::default()
+    };
+    s.group.delete_volume_group_snapshot(delete.clone()).await.unwrap();
+    s.group.delete_volume_group_snapshot(delete).await.unwrap();
+    let gone = s.group.get_volume_group_snapshot(group_id(&group.group_snapshot_id)).await.unwrap_err();
+    assert_eq!(gone.code(), Code::NotFound);
+    assert!(snapshot_ids(&mut s).await.is_empty(), "no member is left on either node");
+}
+
+/// Steps node-b's part of a cut as the controller would, then leaves.
+async fn step_part_then_leave(s: &Split, prepare: PrepareStep, steps: &[CutStep]) {
+    let addr = s.agents[1].addr;
+    let mut client =
+        GroupsClient::with_interceptor(agent_client(addr).await, SendToken::new(&Token::parse(TOKEN).unwrap()));
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(CutStep { step: Some(Step::Prepare(prepare)) }).await.unwrap();
+    let mut progress = client.cut(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+    assert!(progress.message().await.unwrap().is_some(), "prepared");
+    for step in steps {
+        tx.send(step.clone()).await.unwrap();
+        assert!(progress.message().await.unwrap().is_some(), "{step:?} answered");
+    }
+    drop(tx);
+    // The part ends when it reads the end of the steps.
+    assert!(progress.message().await.map_or(true, |m| m.is_none()));
+}
+
+#[tokio::test]
+async fn a_controller_gone_mid_cut_leaves_no_part_and_one_gone_after_the_record_is_settled_by_delete() {
+    let mut s = Split::start().await;
+    let b = s.create_on("pvc-b", "node-b").await.unwrap().volume_id;
+    let a = s.create_on("pvc-a", "node-a").await.unwrap().volume_id;
+    let id = format!("{}@node-a", Key::for_name(Kind::GroupSnapshot, "group-ab"));
+    let prepare = PrepareStep {
+        name: "group-ab".into(),
+        source_volume_ids: vec![a.clone(), b.clone()],
+        group_snapshot_id: id.clone(),
+        ..Default::default()
+    };
+    let cut = CutStep { step: Some(Step::Cut(CutNow {})) };
+    let record = CutStep { step: Some(Step::Record(RecordNow {})) };
+
+    // Gone after the cut: node-b undoes its part by itself.
+    step_part_then_leave(&s, prepare.clone(), std::slice::from_ref(&cut)).await;
+    assert!(snapshot_ids(&mut s).await.is_empty());
+
+    // Gone after the record: the part stays, in doubt, under the group's id,
+    // while the coordinator holds nothing: the group does not exist, and
+    // deleting it removes the part.
+    step_part_then_leave(&s, prepare.clone(), &[cut, record]).await;
+    let listed = snapshot_ids(&mut s).await;
+    assert_eq!(listed.len(), 1);
+    assert!(listed[0].ends_with("@node-b"));
+    assert_eq!(s.group.get_volume_group_snapshot(group_id(&id)).await.unwrap_err().code(), Code::NotFound);
+    let delete = csi::DeleteVolumeGroupSnapshotRequest { group_snapshot_id: id.clone(), ..Default::default() };
+    s.group.delete_volume_group_snapshot(delete).await.unwrap();
+    assert!(snapshot_ids(&mut s).await.is_empty());
+
+    // Or a retry of the same request rolls it back and cuts anew.
+    step_part_then_leave(
+        &s,
+        prepare,
+        &[CutStep { step: Some(Step::Cut(CutNow {})) }, CutStep { step: Some(Step::Record(RecordNow {})) }],
+    )
+    .await;
+    let made = s.group.create_volume_group_snapshot(group_request("group-ab", &[&a, &b])).await.unwrap();
+    let group = made.into_inner().group_snapshot.unwrap();
+    assert!(group.ready_to_use);
+    assert_eq!(group.group_snapshot_id, id);
+    assert_eq!(snapshot_ids(&mut s).await.len(), 2);
 }
 
 #[tokio::test]

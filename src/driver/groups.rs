@@ -3,9 +3,8 @@
 //!
 //! # Write-order consistency
 //!
-//! The spec asks a group snapshot to be write-order consistent or to fail:
-//! every member as of one instant of the stream of writes to all of them.
-//! Before cutting, each source volume is classified ([`Stillness`]):
+//! Before cutting, each source volume is classified ([`Stillness`]), and the
+//! group is cut only if [`crate::write_order`] allows it:
 //!
 //! - **quiet**: neither staged (or its stage did not survive a reboot) nor
 //!   published, so nothing writes it through Loam;
@@ -19,12 +18,8 @@
 //!   filesystem without reflinks), which is not point in time even alone.
 //!
 //! Every freezable member is frozen, then every member is cut, then all are
-//! thawed. At most one member may be live: while its point-in-time snapshot
-//! is taken every other member is frozen or quiet, so the set is consistent.
-//! Two live members would be cut at two instants, and a copied member is not
-//! cut at any one instant, so either is refused with FAILED_PRECONDITION
-//! naming the volumes. A group of one copied volume is allowed: it promises
-//! what CreateSnapshot of that volume does.
+//! thawed. A group whose volumes live on several nodes is cut the same way,
+//! each node's part in step with the others ([`super::group_parts`]).
 //!
 //! # Crashes
 //!
@@ -41,9 +36,10 @@ use super::{Driver, timestamp};
 use crate::backend::Backends;
 use crate::error::{Error, IoContext, Result};
 use crate::guard::Guard;
-use crate::ids::{Key, Kind, ObjectId};
-use crate::kernel::Frozen;
+use crate::ids::{Key, Kind, ObjectId, same_ids};
+use crate::kernel::{Frozen, Kernel};
 use crate::records::{GroupSnapshotRecord, Schema, SnapshotRecord, VolumeRecord};
+use crate::write_order::{self, Hold};
 
 /// How a source volume is held still while its group is cut.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,44 +69,34 @@ impl Stillness {
             None => Ok(Stillness::Copied),
         }
     }
+
+    /// How the write-order rule sees it.
+    pub fn hold(&self) -> Hold {
+        match self {
+            Stillness::Quiet => Hold::Quiet,
+            Stillness::Freezable(_) => Hold::Frozen,
+            Stillness::Live => Hold::Live,
+            Stillness::Copied => Hold::Copied,
+        }
+    }
 }
 
-/// Refuses a group that cannot be cut write-order consistent (see the
-/// module's rule); `members` are (volume id, its stillness).
-pub fn check_consistency(members: &[(&str, &Stillness)]) -> Result<()> {
-    let named = |keep: fn(&Stillness) -> bool| -> Vec<&str> {
-        members.iter().filter(|(_, s)| keep(s)).map(|(id, _)| *id).collect()
-    };
-    let live = named(|s| matches!(s, Stillness::Live | Stillness::Copied));
-    if live.len() > 1 {
-        return Err(Error::FailedPrecondition(format!(
-            "volumes {} are in use and cannot be frozen, so they cannot be snapshotted at one point in time; loop \
-             volumes staged as a filesystem are frozen for the cut, while dir and raw block volumes cannot be: \
-             stop writing all but one of them (unpublish and unstage), or use loop filesystem volumes",
-            live.join(", ")
-        )));
-    }
-    let copied = named(|s| *s == Stillness::Copied);
-    if members.len() > 1
-        && let Some(id) = copied.first()
-    {
-        return Err(Error::FailedPrecondition(format!(
-            "volume {id} is in use and its snapshot is a file-by-file copy (a dir volume on a root that is not \
-             btrfs, or a raw block image on a filesystem without reflinks), which is not point in time; stop \
-             writing it (unpublish and unstage) to snapshot it with others"
-        )));
-    }
-    Ok(())
+/// Filesystems frozen for a cut, thawed when dropped.
+pub(super) type FrozenSet = Vec<Frozen<Arc<dyn Kernel>>>;
+
+/// How each member is held, as the write-order rule reads them.
+pub(super) fn holds(members: &[Member]) -> Vec<(&str, Hold)> {
+    members.iter().map(|m| (m.volume.id.as_str(), m.stillness.hold())).collect()
 }
 
-/// Whether `asked` names the same snapshots as `recorded`, in any order.
-pub fn same_members(asked: &[String], recorded: &[String]) -> bool {
-    let sorted = |ids: &[String]| {
-        let mut ids = ids.to_vec();
-        ids.sort();
-        ids
-    };
-    sorted(asked) == sorted(recorded)
+/// Thaws what was frozen for `group`'s cut; a filesystem that does not thaw
+/// is logged (writes to it hang; start-up thaws it too).
+pub(super) fn thaw(group: &GroupSnapshotRecord, frozen: FrozenSet) {
+    for guard in frozen {
+        if let Err(e) = guard.thaw() {
+            tracing::error!(group = %group.id, error = %e, "a frozen member did not thaw; writes to it hang");
+        }
+    }
 }
 
 /// A group snapshot's record and the records of its members that exist.
@@ -130,11 +116,12 @@ impl GroupSnapshot {
 }
 
 /// One source volume of a group being cut.
-struct Member {
-    key: Key,
-    volume: Arc<VolumeRecord>,
-    snapshot: Key,
-    stillness: Stillness,
+#[derive(Debug)]
+pub(super) struct Member {
+    pub(super) key: Key,
+    pub(super) volume: Arc<VolumeRecord>,
+    pub(super) snapshot: Key,
+    pub(super) stillness: Stillness,
 }
 
 impl Driver {
@@ -167,7 +154,7 @@ impl Driver {
     pub fn create_group_snapshot(&self, key: Key, name: &str, sources: &[String]) -> Result<GroupSnapshot> {
         if let Some(existing) = self.groups.get(&key) {
             if existing.complete {
-                if existing.name == name && same_members(sources, &existing.source_volume_ids) {
+                if existing.name == name && same_ids(sources, &existing.source_volume_ids) {
                     return Ok(self.with_members(existing));
                 }
                 return Err(Error::AlreadyExists(format!(
@@ -178,15 +165,9 @@ impl Driver {
             tracing::warn!(group = %existing.id, "rolling back an incomplete group snapshot before making it anew");
             self.roll_back(&key, &existing)?;
         }
-        let mut members = Vec::with_capacity(sources.len());
-        for id in sources {
-            let volume_key = self.group_source_key(id)?;
-            let volume = self.volume(&volume_key)?;
-            let stillness = self.stillness(&volume_key, &volume)?;
-            members.push(Member { key: volume_key, volume, snapshot: Key::group_member(&key, &volume_key), stillness });
-        }
-        let classes: Vec<(&str, &Stillness)> = members.iter().map(|m| (m.volume.id.as_str(), &m.stillness)).collect();
-        check_consistency(&classes)?;
+        let members =
+            sources.iter().map(|id| self.member(&key, self.group_source_key(id)?)).collect::<Result<Vec<_>>>()?;
+        write_order::check(&holds(&members))?;
         let node = &self.config.node_id;
         let (created_secs, created_nanos) = timestamp();
         let mut record = GroupSnapshotRecord {
@@ -226,6 +207,13 @@ impl Driver {
         }
     }
 
+    /// The source volume `volume` of group `group`, classified for the cut.
+    pub(super) fn member(&self, group: &Key, volume: Key) -> Result<Member> {
+        let record = self.volume(&volume)?;
+        let stillness = self.stillness(&volume, &record)?;
+        Ok(Member { key: volume, volume: record, snapshot: Key::group_member(group, &volume), stillness })
+    }
+
     /// How `volume` can be held still for the cut.
     pub(super) fn stillness(&self, key: &Key, volume: &VolumeRecord) -> Result<Stillness> {
         let stage_live = match &volume.stage {
@@ -238,30 +226,49 @@ impl Driver {
     /// Freezes the freezable members, cuts every member, thaws, then records
     /// the members; returns the instant of the cut.
     fn cut(&self, group: &GroupSnapshotRecord, members: &[Member]) -> Result<(i64, i32)> {
+        let frozen = self.freeze(members)?;
+        crate::failpoint!("group.frozen");
+        let cut_at = self.cut_members(group, members)?;
+        crate::failpoint!("group.cut");
+        // Records wait until after the thaw: their fsyncs need no frozen pod.
+        thaw(group, frozen);
+        self.record_members(group, members, cut_at)?;
+        Ok(cut_at)
+    }
+
+    /// Freezes every freezable member; dropping the set thaws them.
+    pub(super) fn freeze(&self, members: &[Member]) -> Result<FrozenSet> {
         let mut frozen = Vec::new();
         for member in members {
             if let Stillness::Freezable(path) = &member.stillness {
-                frozen.push(Frozen::new(&*self.kernel, path).context(|| format!("freezing {}", path.display()))?);
+                frozen.push(Frozen::new(self.kernel.clone(), path).context(|| format!("freezing {}", path.display()))?);
             }
         }
-        crate::failpoint!("group.frozen");
+        Ok(frozen)
+    }
+
+    /// Cuts every member (frozen or quiet already, or live with a
+    /// point-in-time snapshot: never frozen a second time here); returns the
+    /// instant of the cut.
+    pub(super) fn cut_members(&self, group: &GroupSnapshotRecord, members: &[Member]) -> Result<(i64, i32)> {
         let started = std::time::Instant::now();
-        let (secs, nanos) = timestamp();
+        let cut_at = timestamp();
         for member in members {
-            // Frozen or quiet already, or live with a point-in-time snapshot:
-            // never frozen a second time here.
             self.backends.create_snapshot(&member.key, &member.volume, &member.snapshot, false)?;
         }
-        crate::failpoint!("group.cut");
-        // Records wait until after the thaw: their fsyncs need no frozen pod.
-        let thawed = frozen.len();
-        for guard in frozen {
-            if let Err(e) = guard.thaw() {
-                tracing::error!(group = %group.id, error = %e, "a frozen member did not thaw; writes to it hang");
-            }
-        }
         let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-        tracing::info!(group = %group.id, members = members.len(), thawed, micros, "group snapshot cut");
+        tracing::info!(group = %group.id, members = members.len(), micros, "group snapshot cut");
+        Ok(cut_at)
+    }
+
+    /// Records every member as a snapshot of group `group` cut at `cut_at`.
+    pub(super) fn record_members(
+        &self,
+        group: &GroupSnapshotRecord,
+        members: &[Member],
+        (secs, nanos): (i64, i32),
+    ) -> Result<Vec<Arc<SnapshotRecord>>> {
+        let mut recorded = Vec::with_capacity(members.len());
         for member in members {
             let record = SnapshotRecord {
                 schema: Schema,
@@ -275,9 +282,9 @@ impl Driver {
                 group_snapshot_id: Some(group.id.clone()),
                 awaiting_copy: false,
             };
-            self.snapshots.put(member.snapshot, record)?;
+            recorded.push(self.snapshots.put(member.snapshot, record)?);
         }
-        Ok((secs, nanos))
+        Ok(recorded)
     }
 
     /// Deletes a group snapshot and its members; deleting one that does not
@@ -314,7 +321,13 @@ impl Driver {
         Ok(self.with_members(record))
     }
 
-    fn with_members(&self, record: Arc<GroupSnapshotRecord>) -> GroupSnapshot {
+    /// Whether this node coordinates `record`'s group (its id names this
+    /// node): true of every group cut on one node.
+    pub(super) fn coordinates(&self, record: &GroupSnapshotRecord) -> bool {
+        ObjectId::parse(&record.id).is_some_and(|id| id.node == self.config.node_id)
+    }
+
+    pub(super) fn with_members(&self, record: Arc<GroupSnapshotRecord>) -> GroupSnapshot {
         let members = record
             .snapshot_ids
             .iter()
@@ -323,11 +336,12 @@ impl Driver {
         GroupSnapshot { record, members }
     }
 
-    /// Removes every member (data, then record), then the group's record: so
-    /// a crash part-way leaves a record naming what is left to remove.
-    fn roll_back(&self, key: &Key, record: &GroupSnapshotRecord) -> Result<()> {
+    /// Removes every member this node holds (data, then record), then the
+    /// group's record: so a crash part-way leaves a record naming what is
+    /// left to remove. Members of other nodes are theirs to remove.
+    pub(super) fn roll_back(&self, key: &Key, record: &GroupSnapshotRecord) -> Result<()> {
         for id in &record.snapshot_ids {
-            if let Some(parsed) = ObjectId::parse(id) {
+            if let Some(parsed) = ObjectId::parse(id).filter(|p| p.node == self.config.node_id) {
                 self.remove_snapshot(parsed.key)?;
             }
         }
@@ -344,6 +358,17 @@ impl Driver {
             }
         });
         for (key, record) in incomplete {
+            if !self.coordinates(&record) {
+                // Its coordinator may have made the group complete: only the
+                // controller, which reads that node's record, settles it.
+                tracing::warn!(
+                    group = %record.id,
+                    name = %record.name,
+                    "this node's part of a group snapshot across nodes is in doubt; the next CreateVolumeGroupSnapshot, \
+                     GetVolumeGroupSnapshot or DeleteVolumeGroupSnapshot naming it settles it"
+                );
+                continue;
+            }
             tracing::warn!(group = %record.id, name = %record.name, "rolling back a group snapshot a crash left incomplete");
             if let Err(e) = self.roll_back(&key, &record) {
                 tracing::error!(group = %record.id, error = %e, "cannot roll back an incomplete group snapshot");
@@ -354,7 +379,7 @@ impl Driver {
 
 /// Refuses a `snapshot_ids` list that is given and is not the group's members.
 fn check_listed(record: &GroupSnapshotRecord, snapshot_ids: &[String]) -> Result<()> {
-    if snapshot_ids.is_empty() || same_members(snapshot_ids, &record.snapshot_ids) {
+    if snapshot_ids.is_empty() || same_ids(snapshot_ids, &record.snapshot_ids) {
         return Ok(());
     }
     Err(Error::InvalidArgument(format!(
@@ -435,29 +460,6 @@ mod tests {
         assert_eq!(classify(&volume(Dir, Some(false), false), true, false), Stillness::Copied);
         // Published though the stage is gone: in use, and nothing to freeze.
         assert_eq!(classify(&volume(Loop, Some(false), true), false, true), Stillness::Live);
-    }
-
-    #[test]
-    fn at_most_one_member_may_be_live_and_a_copy_only_alone() {
-        let frozen = Stillness::Freezable("/s".into());
-        let ok = |members: &[(&str, &Stillness)]| check_consistency(members).is_ok();
-        assert!(ok(&[("a", &Stillness::Live), ("b", &frozen), ("c", &Stillness::Quiet)]));
-        assert!(ok(&[("a", &Stillness::Copied)]));
-        assert!(!ok(&[("a", &Stillness::Copied), ("b", &Stillness::Quiet)]));
-        let err = check_consistency(&[("a", &Stillness::Live), ("b", &frozen), ("c", &Stillness::Live)]).unwrap_err();
-        assert_eq!(err.code(), tonic::Code::FailedPrecondition);
-        assert!(err.to_string().contains("volumes a, c are in use"), "{err}");
-        let err = check_consistency(&[("a", &Stillness::Copied), ("b", &frozen)]).unwrap_err();
-        assert!(err.to_string().contains("volume a is in use and its snapshot is a file-by-file copy"), "{err}");
-    }
-
-    #[test]
-    fn membership_ignores_order_but_not_content() {
-        let ids = |s: &[&str]| s.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        assert!(same_members(&ids(&["b", "a"]), &ids(&["a", "b"])));
-        assert!(!same_members(&ids(&["a"]), &ids(&["a", "b"])));
-        assert!(!same_members(&ids(&["a", "a"]), &ids(&["a", "b"])));
-        assert!(!same_members(&ids(&["a", "c"]), &ids(&["a", "b"])));
     }
 
     fn new_volume(driver: &Driver, name: &str) -> String {

@@ -27,6 +27,7 @@ use crate::store::Table;
 
 mod copies;
 mod figures;
+mod group_parts;
 mod groups;
 mod inline;
 mod node;
@@ -36,6 +37,7 @@ mod volumes;
 
 pub use copies::{Export, Incoming, Progress, SnapshotCopy};
 pub use figures::NodeMetrics;
+pub use group_parts::{HeldPart, PartPlan, Prepared};
 pub use groups::{GroupSnapshot, Stillness};
 // What the backends report about a volume, part of the driver's answers.
 pub use crate::backend::{Condition, VolumeStats, parse_layout, transfer};

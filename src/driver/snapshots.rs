@@ -158,7 +158,10 @@ impl Driver {
         if let Some(snapshot) = self.snapshots.get(&key)
             && let Some(group) = &snapshot.group_snapshot_id
         {
-            let recorded = self.group_snapshot_key(group).is_ok_and(|g| self.groups.get(&g).is_some());
+            // This node's record of the group: the group's own on its
+            // coordinator, this node's part of it elsewhere.
+            let recorded =
+                ObjectId::parse(group).and_then(|g| self.groups.get(&g.key)).is_some_and(|record| record.id == *group);
             if recorded {
                 return Err(Error::InvalidArgument(format!(
                     "snapshot {} is part of group snapshot {group} and cannot be deleted alone; delete the group \

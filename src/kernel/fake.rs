@@ -848,7 +848,7 @@ impl Kernel for FakeKernel {
 mod tests {
     use super::*;
     use crate::kernel::mountinfo;
-    use crate::kernel::seam::Frozen;
+    use crate::kernel::seam::{Frozen, Kernel};
     use std::os::unix::fs::symlink;
 
     fn rw() -> AttachOptions {
@@ -991,7 +991,7 @@ mod tests {
         assert_eq!(err.kind(), io::ErrorKind::InvalidInput, "not a mount root: {err}");
         fake.bind(dir.path(), dir.path(), MountFlags::default()).unwrap();
         {
-            let _frozen = Frozen::new(&fake, dir.path()).unwrap();
+            let _frozen = Frozen::new(&fake as &dyn Kernel, dir.path()).unwrap();
             assert!(fake.is_frozen(dir.path()));
             assert_eq!(fake.freeze(dir.path()).unwrap_err().kind(), io::ErrorKind::ResourceBusy);
         }

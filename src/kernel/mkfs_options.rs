@@ -16,6 +16,10 @@ use super::blockfs::FsType;
 /// Smallest ext4 filesystem Loam makes: mke2fs needs a few hundred KiB for
 /// its metadata and journal, so smaller volumes are rounded up to this.
 pub const EXT4_MIN_BYTES: u64 = 4 << 20;
+
+/// The fewest inodes mke2fs formats with (the reserved ones and the root's).
+const EXT4_LEAST_INODES: u64 = 16;
+
 /// Smallest filesystem mkfs.xfs accepts; xfs volumes are rounded up to it.
 pub const XFS_MIN_BYTES: u64 = 300 << 20;
 
@@ -332,7 +336,13 @@ impl MkfsOptions {
                     Ext4Option::Inodes(n) => Some(u64::from(*n) * inode_size * 2),
                     _ => None,
                 });
-                EXT4_MIN_BYTES + tables.unwrap_or(0)
+                // mke2fs needs room for 16 inodes at `-i` bytes each (fewer
+                // cannot hold the reserved ones: "Illegal inode number").
+                let sixteen_inodes = list.iter().find_map(|o| match o {
+                    Ext4Option::BytesPerInode(n) => Some(u64::from(*n) * EXT4_LEAST_INODES),
+                    _ => None,
+                });
+                (EXT4_MIN_BYTES + tables.unwrap_or(0)).max(sixteen_inodes.unwrap_or(0))
             }
             MkfsOptions::Xfs(_) => XFS_MIN_BYTES,
         }
@@ -466,7 +476,7 @@ impl Ext4Option {
             }
             "-N" => Ext4Option::Inodes(number(flag, value, 16, 1 << 24)?),
             "-m" => Ext4Option::ReservedPercent(percent(flag, value, 0, 50)?),
-            "-O" => Ext4Option::Features(list(flag, value, parse_ext4_feature)?),
+            "-O" => Ext4Option::Features(ext4_features(list(flag, value, parse_ext4_feature)?)?),
             "-E" => Ext4Option::Extended(list(flag, value, parse_ext4_extended)?),
             "-L" => Ext4Option::Label(Label::parse(value, 16)?),
             "-U" => Ext4Option::Uuid(Uuid::parse(value)?),
@@ -526,6 +536,16 @@ fn parse_ext4_feature(item: &str) -> Result<(Ext4Feature, bool), String> {
         return Err("-O ^64bit would cap the filesystem at 16 TiB; leave 64bit on".into());
     }
     Ok((feature, on))
+}
+
+/// A feature list mke2fs takes: `metadata_csum_seed` is stored in the
+/// checksums that `^metadata_csum` turns off, and mke2fs refuses the pair.
+fn ext4_features(features: Vec<(Ext4Feature, bool)>) -> Result<Vec<(Ext4Feature, bool)>, String> {
+    let has = |feature, on| features.contains(&(feature, on));
+    if has(Ext4Feature::MetadataCsumSeed, true) && has(Ext4Feature::MetadataCsum, false) {
+        return Err("-O metadata_csum_seed needs metadata_csum, which ^metadata_csum turns off; drop one of them".into());
+    }
+    Ok(features)
 }
 
 fn parse_ext4_extended(item: &str) -> Result<Ext4Extended, String> {
@@ -801,6 +821,7 @@ mod tests {
             (FsType::Ext4, "-O ^64bit", "16 TiB"),
             (FsType::Ext4, "-O casefold", "not a feature"),
             (FsType::Ext4, "-O metadata_csum,^metadata_csum", "twice"),
+            (FsType::Ext4, "-O ^metadata_csum,metadata_csum_seed", "needs metadata_csum"),
             (FsType::Ext4, "-O ", "needs a value"),
             (FsType::Ext4, "-E stride=0", "from 1"),
             (FsType::Ext4, "-E root_owner=0", "uid:gid"),
@@ -844,6 +865,8 @@ mod tests {
         assert_eq!(xfs("").unwrap().min_bytes(), XFS_MIN_BYTES);
         assert_eq!(ext4("-N 100000").unwrap().min_bytes(), EXT4_MIN_BYTES + 100_000 * 256 * 2);
         assert_eq!(ext4("-N 1000 -I 1024").unwrap().min_bytes(), EXT4_MIN_BYTES + 1000 * 1024 * 2);
+        // Room for 16 inodes at 1 MiB each.
+        assert_eq!(ext4("-i 1048576").unwrap().min_bytes(), 16 << 20);
     }
 
     /// Option texts from the closed set, valid ones and near misses alike.

@@ -9,6 +9,7 @@
 
 use std::fmt;
 use std::io;
+use std::ops::Deref;
 use std::path::{Path, PathBuf};
 
 use super::blockfs::{Content, FsType};
@@ -146,19 +147,19 @@ pub trait Kernel: Send + Sync + fmt::Debug {
     fn project_quota(&self, root: &Path, id: u32) -> io::Result<ProjectQuota>;
 }
 
-/// A frozen filesystem, thawed through its kernel when dropped (or by
-/// [`Frozen::thaw`]), so a failed snapshot never leaves a volume's pods
-/// hanging on writes.
+/// A frozen filesystem, thawed through its kernel `K` (borrowed, or shared
+/// by a hold that outlives one call) when dropped (or by [`Frozen::thaw`]), so
+/// a failed snapshot never leaves a volume's pods hanging on writes.
 #[derive(Debug)]
-pub struct Frozen<'k> {
-    kernel: &'k dyn Kernel,
+pub struct Frozen<K: Deref<Target = dyn Kernel>> {
+    kernel: K,
     /// `None` once thawed.
     mount_point: Option<PathBuf>,
 }
 
-impl<'k> Frozen<'k> {
+impl<K: Deref<Target = dyn Kernel>> Frozen<K> {
     /// Freezes the filesystem whose mount root is `mount_point`.
-    pub fn new(kernel: &'k dyn Kernel, mount_point: &Path) -> io::Result<Frozen<'k>> {
+    pub fn new(kernel: K, mount_point: &Path) -> io::Result<Frozen<K>> {
         kernel.freeze(mount_point)?;
         Ok(Frozen { kernel, mount_point: Some(mount_point.to_owned()) })
     }
@@ -172,7 +173,7 @@ impl<'k> Frozen<'k> {
     }
 }
 
-impl Drop for Frozen<'_> {
+impl<K: Deref<Target = dyn Kernel>> Drop for Frozen<K> {
     fn drop(&mut self) {
         // Nothing to report to from a destructor; start-up thaws what a
         // failed thaw (or a kill) leaves.

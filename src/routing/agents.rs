@@ -20,6 +20,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::api::copies_client::CopiesClient;
+use crate::api::groups_client::GroupsClient;
 use crate::auth::{SendToken, Token};
 use crate::csi;
 use crate::csi::controller_client::ControllerClient;
@@ -41,6 +42,9 @@ pub type AgentGroupClient = GroupControllerClient<AgentChannel>;
 
 /// A Copies client for one agent, sending the agent token.
 pub type AgentCopiesClient = CopiesClient<AgentChannel>;
+
+/// A Groups client for one agent, sending the agent token.
+pub type AgentGroupsClient = GroupsClient<AgentChannel>;
 
 /// How long the controller waits for agents.
 #[derive(Debug, Clone, Copy)]
@@ -170,6 +174,23 @@ impl Agents {
         Fut: Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>> + Send,
     {
         self.forward(node, method, request, CopiesClient::new, call).await
+    }
+
+    /// [`Agents::call`] for the agent's Groups.
+    pub async fn call_groups<R, T, F, Fut>(&self, node: &str, method: &'static str, request: R, call: F) -> Result<T>
+    where
+        R: Clone + Send,
+        F: Fn(AgentGroupsClient, R) -> Fut + Send + Sync,
+        Fut: Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>> + Send,
+    {
+        self.forward(node, method, request, GroupsClient::new, call).await
+    }
+
+    /// A Groups client for `node`'s agent, for a call that streams both ways
+    /// and bounds its own steps' time.
+    pub async fn groups_client(&self, node: &str) -> Result<AgentGroupsClient> {
+        let agent = self.agent(node).await?;
+        Ok(GroupsClient::new(InterceptedService::new(agent.channel.clone(), self.token.clone())))
     }
 
     /// Calls `node`'s agent with the client `client` makes of its channel.

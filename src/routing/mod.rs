@@ -10,6 +10,7 @@
 pub mod agents;
 pub mod cluster;
 pub mod discovery;
+pub mod groups;
 pub mod kube;
 pub mod listing;
 pub mod moves;

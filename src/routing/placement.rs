@@ -5,7 +5,6 @@ use std::collections::BTreeSet;
 
 use crate::config::TOPOLOGY_NODE_KEY;
 use crate::csi;
-use crate::error::{Error, Result};
 use crate::ids::{ObjectId, SnapshotId};
 
 /// Who owns the object a request names.
@@ -31,25 +30,25 @@ pub fn snapshot_holders(id: &str) -> Vec<String> {
     SnapshotId::parse(id).map(|id| id.holders().map(str::to_owned).collect()).unwrap_or_default()
 }
 
-/// The owner of a group snapshot's source volumes: the one node they all
-/// live on (ids Loam did not make name none; their agent refuses them).
-/// FAILED_PRECONDITION when they live on several nodes, since a group is cut
-/// at one instant on one node.
-pub fn group_owner(source_volume_ids: &[String]) -> Result<Owner> {
+/// Where a group snapshot is cut.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GroupPlace {
+    /// On the one node its source volumes live on (ids Loam did not make
+    /// name none; their agent refuses them).
+    One(Owner),
+    /// Across these nodes, in order; the first coordinates.
+    Across(Vec<String>),
+}
+
+/// Where a group snapshot of `source_volume_ids` is cut.
+pub fn group_place(source_volume_ids: &[String]) -> GroupPlace {
     let nodes: BTreeSet<String> =
         source_volume_ids.iter().filter_map(|id| ObjectId::parse(id)).map(|id| id.node).collect();
     let mut nodes: Vec<String> = nodes.into_iter().collect();
     match nodes.len() {
-        0 => Ok(Owner::Any),
-        1 => Ok(Owner::Node(nodes.remove(0))),
-        _ => {
-            let last = nodes.pop().unwrap_or_default();
-            Err(Error::FailedPrecondition(format!(
-                "volumes on nodes {} and {last} cannot be snapshotted together: a group snapshot is cut on one node; \
-                 group volumes of one node only",
-                nodes.join(", ")
-            )))
-        }
+        0 => GroupPlace::One(Owner::Any),
+        1 => GroupPlace::One(Owner::Node(nodes.remove(0))),
+        _ => GroupPlace::Across(nodes),
     }
 }
 
@@ -163,16 +162,15 @@ mod tests {
     }
 
     #[test]
-    fn a_group_belongs_to_the_one_node_of_its_sources() {
+    fn a_group_is_cut_on_the_one_node_of_its_sources_or_across_them_all() {
         let ids = |nodes: &[&str]| -> Vec<String> {
             nodes.iter().map(|n| if n.is_empty() { "fake".into() } else { format!("{}@{n}", "0".repeat(32)) }).collect()
         };
-        assert_eq!(group_owner(&ids(&["a", "a", ""])).unwrap(), Owner::Node("a".into()));
-        assert_eq!(group_owner(&ids(&[""])).unwrap(), Owner::Any);
-        assert_eq!(group_owner(&[]).unwrap(), Owner::Any);
-        let err = group_owner(&ids(&["c", "a", "b", "a"])).unwrap_err();
-        assert_eq!(err.code(), tonic::Code::FailedPrecondition);
-        assert!(err.to_string().starts_with("volumes on nodes a, b and c cannot be snapshotted together"), "{err}");
+        assert_eq!(group_place(&ids(&["a", "a", ""])), GroupPlace::One(Owner::Node("a".into())));
+        assert_eq!(group_place(&ids(&[""])), GroupPlace::One(Owner::Any));
+        assert_eq!(group_place(&[]), GroupPlace::One(Owner::Any));
+        let across = vec!["a".to_owned(), "b".to_owned(), "c".to_owned()];
+        assert_eq!(group_place(&ids(&["c", "a", "b", "a"])), GroupPlace::Across(across));
     }
 
     #[test]

@@ -63,7 +63,7 @@ const RECHOOSE_ROUNDS: u32 = 3;
 /// and passes the request on.
 #[derive(Debug, Clone)]
 pub struct Router {
-    agents: Arc<Agents>,
+    pub(super) agents: Arc<Agents>,
     gone_nodes: Option<Arc<GoneNodes>>,
 }
 
@@ -76,7 +76,7 @@ impl Router {
     /// What an unreachable `node` means for `method`: success when the node
     /// is gone for good and the call only takes away what was on it; the
     /// agent's unavailability otherwise, with how long until that changes.
-    async fn unreachable<T: Default>(&self, node: &str, method: &str, unavailable: Error) -> Result<T> {
+    pub(super) async fn unreachable<T: Default>(&self, node: &str, method: &str, unavailable: Error) -> Result<T> {
         let Some(gone_nodes) = self.gone_nodes.as_ref().filter(|_| GONE_WITH_THE_NODE.contains(&method)) else {
             return Err(unavailable);
         };

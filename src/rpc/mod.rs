@@ -10,6 +10,7 @@
 pub mod controller;
 pub mod copies;
 pub mod group;
+pub mod group_parts;
 pub mod identity;
 pub mod node;
 pub mod routed;

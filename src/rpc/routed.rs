@@ -18,7 +18,7 @@ use crate::csi::{self, controller_server::Controller, group_controller_server::G
 use crate::ids::validate_name;
 use crate::routing::agents::{AgentClient, AgentGroupClient, Agents};
 use crate::routing::cluster::GoneNodes;
-use crate::routing::placement::{Owner, group_owner};
+use crate::routing::placement::{GroupPlace, Owner, group_place};
 use crate::routing::router::Router;
 use crate::rpc::controller::capabilities;
 use crate::rpc::validate::{self, Protection};
@@ -167,12 +167,7 @@ routed_service! {
 
 routed_service! {
     impl GroupController via group_to_owner(AgentGroupClient) {
-        forward {
-            delete_volume_group_snapshot(DeleteVolumeGroupSnapshotRequest) -> DeleteVolumeGroupSnapshotResponse,
-                "DeleteVolumeGroupSnapshot", id group_snapshot_id;
-            get_volume_group_snapshot(GetVolumeGroupSnapshotRequest) -> GetVolumeGroupSnapshotResponse,
-                "GetVolumeGroupSnapshot", id group_snapshot_id;
-        }
+        forward {}
         own {
             async fn group_controller_get_capabilities(
                 &self,
@@ -187,13 +182,33 @@ routed_service! {
             ) -> Result<Response<csi::CreateVolumeGroupSnapshotResponse>, Status> {
                 let req = request.into_inner();
                 traced("CreateVolumeGroupSnapshot", &req.name.clone(), async move {
-                    let owner = group_owner(&req.source_volume_ids)?;
-                    let call = |mut client: AgentGroupClient, r| async move {
-                        client.create_volume_group_snapshot(r).await
-                    };
-                    self.router.group_to_owner(owner, "CreateVolumeGroupSnapshot", req, call).await
+                    match group_place(&req.source_volume_ids) {
+                        GroupPlace::One(owner) => {
+                            let call = |mut client: AgentGroupClient, r| async move {
+                                client.create_volume_group_snapshot(r).await
+                            };
+                            self.router.group_to_owner(owner, "CreateVolumeGroupSnapshot", req, call).await
+                        }
+                        GroupPlace::Across(nodes) => self.router.create_group_across(req, nodes).await,
+                    }
                 })
                 .await
+            }
+
+            async fn delete_volume_group_snapshot(
+                &self,
+                request: Request<csi::DeleteVolumeGroupSnapshotRequest>,
+            ) -> Result<Response<csi::DeleteVolumeGroupSnapshotResponse>, Status> {
+                let req = request.into_inner();
+                traced("DeleteVolumeGroupSnapshot", &req.group_snapshot_id.clone(), self.router.delete_group(req)).await
+            }
+
+            async fn get_volume_group_snapshot(
+                &self,
+                request: Request<csi::GetVolumeGroupSnapshotRequest>,
+            ) -> Result<Response<csi::GetVolumeGroupSnapshotResponse>, Status> {
+                let req = request.into_inner();
+                traced("GetVolumeGroupSnapshot", &req.group_snapshot_id.clone(), self.router.get_group(req)).await
             }
         }
     }

@@ -22,8 +22,8 @@
 #
 # Env: KUBECONFIG (default /var/tmp/loam-kind/kubeconfig, what tests/kind/run.sh
 # writes), KIND_CLUSTER (loam), DOCKER_HOST (tests/kind/docker.sh's socket),
-# STORAGE_E2E_PROCS (ginkgo's parallel processes, 4), STORAGE_E2E_KNOWN (run the
-# known failures too), STORAGE_E2E_FOCUS (only the specs it matches), STORAGE_E2E_LIMIT (the
+# STORAGE_E2E_PROCS (ginkgo's parallel processes, 4), STORAGE_E2E_FOCUS (only
+# the specs it matches), STORAGE_E2E_LIMIT (the
 # attach limit, 16), STORAGE_E2E_TIMEOUT (ginkgo's per-class timeout, 6h),
 # STORAGE_E2E_OUT (reports, /var/tmp/loam-storage-e2e/<date>), LOAM_E2E_CACHE.
 set -euo pipefail
@@ -51,20 +51,13 @@ done
 # Not run (README, "What is not run"): [Disruptive] specs reach the nodes over
 # SSH, which kind nodes do not serve; "any volume data source" needs the
 # hello-populator and volume-data-source-validator images, whose modules the
-# Go module proxy refuses (403), so they cannot be built here. Left out as
-# known failures (README, "Known failures"), each waiting 50 minutes
-# (SnapshotCreate x 10, in a sleep loop an interrupt does not end) before it
-# fails: the group snapshot of a StatefulSet whose replicas the scheduler
-# spreads over both workers, which Loam refuses (a group is cut on one node);
-# STORAGE_E2E_KNOWN=1 runs them.
+# Go module proxy refuses (403), so they cannot be built here.
 focus_base='External.Storage.*loam.csi.dev'
 # STORAGE_E2E_FOCUS narrows every class to the specs it matches (a re-run of
 # some failures). A spec's text is "External Storage [Driver: ...]
 # [Testpattern: ...] <suite> <spec>", so it goes after the pattern.
 narrow="${STORAGE_E2E_FOCUS:+.*($STORAGE_E2E_FOCUS)}"
 skip_base='\[Disruptive\]|should provision storage with any volume data source'
-[ -n "${STORAGE_E2E_KNOWN:-}" ] ||
-    skip_base+='|VolumeGroupSnapshottable should create snapshots for StatefulSet volumes'
 declare -A focus_of=([loam-loop-block]="$focus_base.*block volmode$narrow")
 focus_base+=$narrow
 declare -A skip_of=([loam-loop-xfs]="$skip_base|block volmode")
