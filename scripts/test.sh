@@ -76,7 +76,7 @@ cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
 step "cargo test (privileged, in a private mount namespace)"
 LOAM_PRIVILEGED_TESTS=1 unshare --mount --propagation private -- cargo test --locked --workspace -- --include-ignored
 
-step "crash-point harness (the driver killed at fault points and at random, seed 12, 200 kill points; 24 copies between two agents, either killed; 12 snapshots kept off node, either node killed)"
+step "crash-point harness (the driver killed at fault points and at random, seed 12, 200 kill points; 24 copies between two agents, either killed; 12 snapshots kept off node, either node killed; 10 group snapshots across two agents, either killed)"
 LOAM_PRIVILEGED_TESTS=1 unshare --mount --propagation private -- \
     cargo test --locked -p loam --features failpoints --test crash -- --include-ignored --nocapture
 

@@ -38,7 +38,10 @@
 //! (Loam's own Copies service, [`api`], served by [`rpc::copies`]), which
 //! pulls a point-in-time copy from the source's agent over the same channel
 //! with a peer's certificate ([`routing::peer`]); [`driver`] cuts, sends,
-//! receives and verifies it ([`backend::transfer`]).
+//! receives and verifies it ([`backend::transfer`]). A group snapshot of
+//! volumes on several nodes is cut by the controller ([`routing::groups`])
+//! stepping each node's part in turn (Loam's Groups service,
+//! [`rpc::group_parts`], over [`driver::HeldPart`]).
 //!
 //! Cross-cutting: [`error`] is the one error type and its mapping to gRPC
 //! codes; [`csi`] and [`api`] the generated wire messages; [`ids`] forms and parses volume, snapshot and group snapshot ids;

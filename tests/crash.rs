@@ -49,12 +49,15 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{self, File, OpenOptions};
+use std::future::Future;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::os::unix::fs::FileExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{Access, block_capability, mount_capability};
@@ -69,6 +72,9 @@ use loam::csi::identity_client::IdentityClient;
 use loam::csi::node_client::NodeClient;
 use loam::ids::{Kind, ObjectId, SnapshotId};
 use loam::kernel::{blockfs, loopdev, mountinfo};
+use loam::routing::agents::{Agents, Timeouts};
+use loam::routing::discovery::Discovery;
+use loam::routing::router::Router;
 use loam::tls::{self, Role};
 use tokio::net::UnixStream;
 use tonic::Code;
@@ -1349,8 +1355,13 @@ fn every_fault_point_the_harness_arms_is_in_the_code() {
             }
         }
     }
-    let armed: BTreeSet<&str> =
-        FAILPOINTS.iter().chain(COPY_FAILPOINTS).chain(SNAPSHOT_COPY_FAILPOINTS).copied().collect();
+    let armed: BTreeSet<&str> = FAILPOINTS
+        .iter()
+        .chain(COPY_FAILPOINTS)
+        .chain(SNAPSHOT_COPY_FAILPOINTS)
+        .chain(GROUP_FAILPOINTS)
+        .copied()
+        .collect();
     for point in &armed {
         assert!(source.contains(&format!("failpoint!(\"{point}\")")), "fault point {point} is not in src/");
     }
@@ -2242,6 +2253,210 @@ async fn snapshots_kept_off_node_killed_on_either_side_converge_and_leave_nothin
         t.target_kills,
         t.recorded_before_kill,
         t.source_kills,
+        t.retries,
+        t.converged_after_kill,
+    );
+}
+
+// ----- Group snapshots across nodes -----
+
+/// The fault points of a group snapshot cut across nodes (each node's part
+/// of it), armed by the group run only.
+const GROUP_FAILPOINTS: &[&str] = &["group.part.frozen", "group.part.intent", "group.part.cut", "group.part.recorded"];
+
+/// The agents' endpoints as the harness's controller finds them, set again
+/// after every restart (a restarted agent listens on a new port).
+#[derive(Debug, Default)]
+struct Endpoints(std::sync::Mutex<Vec<SocketAddr>>);
+
+impl Discovery for Endpoints {
+    fn addresses(&self) -> Pin<Box<dyn Future<Output = Vec<SocketAddr>> + Send + '_>> {
+        let addresses = self.0.lock().expect("endpoints").clone();
+        Box::pin(async move { addresses })
+    }
+}
+
+/// The controller's code, in the harness, over the pair's agents.
+struct Coordinator {
+    router: Router,
+    endpoints: Arc<Endpoints>,
+}
+
+impl Coordinator {
+    fn new() -> Coordinator {
+        let endpoints = Arc::new(Endpoints::default());
+        let token = Token::parse(TOKEN).expect("a valid token");
+        let tls = tls::client_config(&token, Role::Controller).expect("the controller's certificate");
+        let timeouts =
+            Timeouts { connect: Duration::from_secs(5), call: CALL_TIMEOUT, refresh: Duration::from_secs(3600) };
+        let agents = Agents::new("loam.csi.dev".into(), endpoints.clone(), &token, tls, timeouts);
+        Coordinator { router: Router::new(Arc::new(agents), None), endpoints }
+    }
+
+    fn find(&self, runs: &[Run; 2]) {
+        *self.endpoints.0.lock().expect("endpoints") = runs.iter().map(|r| r.clients.address()).collect();
+    }
+}
+
+impl Pair {
+    /// One group snapshot of a volume on each node, cut by the controller's
+    /// code under the round's kill and retried until it is made; each member
+    /// restored on its node and read back, then the group and everything
+    /// else deleted and nothing left on either node.
+    async fn group_round(&mut self, round: usize, coordinator: &Coordinator) {
+        let flavor = FLAVORS[round % FLAVORS.len()];
+        // Staged loop filesystems are frozen for the cut; other volumes in
+        // use are cut as copies on this root, which a group refuses.
+        let in_use = flavor.loop_filesystem() && self.rng.chance(50);
+        let len = (1 + self.rng.below(2)) << 20;
+        let mut sources = Vec::new();
+        let mut expected = Vec::new();
+        for run in &mut self.runs {
+            let name = format!("member-{round}");
+            run.converge(&Op::Create { slot: 0, name, flavor, bytes: flavor.bytes(), source: None }, None).await;
+            run.converge(&Op::Stage { slot: 0 }, None).await;
+            run.converge(&Op::Publish { slot: 0 }, None).await;
+            run.write(0, len);
+            if !in_use {
+                run.converge(&Op::Unpublish { slot: 0 }, None).await;
+                run.converge(&Op::Unstage { slot: 0 }, None).await;
+            }
+            sources.push(run.model.volumes[&0].id.clone());
+            expected.push(run.model.volumes[&0].data.clone().expect("written"));
+        }
+        let kill = match round % (GROUP_FAILPOINTS.len() + 1) {
+            0 => None,
+            i => Some((GROUP_FAILPOINTS[i - 1], self.rng.below(2))),
+        };
+        let name = format!("group-{round}");
+        let group = self.cut_group(coordinator, &name, &sources, kill, in_use).await;
+
+        assert!(group.ready_to_use, "{name}: {group:?}");
+        assert!(group.group_snapshot_id.ends_with(&format!("@{}", self.runs[0].node.id)), "{group:?}");
+        assert_eq!(group.snapshots.len(), 2, "{name}: {group:?}");
+        for (side, member) in group.snapshots.iter().enumerate() {
+            let run = &mut self.runs[side];
+            assert!(member.snapshot_id.ends_with(&format!("@{}", run.node.id)), "{name}: {member:?}");
+            let restore = Op::Create {
+                slot: 1,
+                name: format!("restored-{round}"),
+                flavor,
+                bytes: flavor.bytes(),
+                source: Some(Source::Snapshot(member.snapshot_id.clone())),
+            };
+            run.converge(&restore, None).await;
+            run.converge(&Op::Stage { slot: 1 }, None).await;
+            run.converge(&Op::Publish { slot: 1 }, None).await;
+            let target = run.node.co(&format!("pub-restored-{round}"));
+            let read = read_data(&target, flavor, expected[side].len())
+                .unwrap_or_else(|e| panic!("{name}: reading member {side} at {}: {e}", target.display()));
+            assert!(read == expected[side], "{name}: member {side} does not hold what its volume held at the cut");
+        }
+
+        coordinator.find(&self.runs);
+        let delete = csi::DeleteVolumeGroupSnapshotRequest {
+            group_snapshot_id: group.group_snapshot_id.clone(),
+            ..Default::default()
+        };
+        coordinator.router.delete_group(delete).await.unwrap_or_else(|e| panic!("{name}: deleting: {e}"));
+        for run in &mut self.runs {
+            run.delete_everything().await;
+        }
+        self.settle().await;
+    }
+
+    /// CreateVolumeGroupSnapshot through the controller's code, a node
+    /// killed at `kill`'s fault point on the first try, retried until the
+    /// group is made. After every failed try nothing stays frozen on either
+    /// node, and a restarted node repairs what its kill left.
+    async fn cut_group(
+        &mut self,
+        coordinator: &Coordinator,
+        name: &str,
+        sources: &[String],
+        kill: Option<(&'static str, usize)>,
+        in_use: bool,
+    ) -> csi::VolumeGroupSnapshot {
+        self.tally.copies += 1;
+        let mut kill = kill;
+        let mut killed = false;
+        let nodes: Vec<String> = self.runs.iter().map(|r| r.node.id.clone()).collect();
+        for _ in 0..MAX_RETRIES {
+            let armed = kill.take();
+            if let Some((point, side)) = armed {
+                self.runs[side].arm(point).await;
+            }
+            for run in &mut self.runs {
+                run.note(format!("{name} of {sources:?} (in use {in_use}), armed {:?}", run.armed));
+            }
+            coordinator.find(&self.runs);
+            let request = csi::CreateVolumeGroupSnapshotRequest {
+                name: name.to_owned(),
+                source_volume_ids: sources.to_vec(),
+                ..Default::default()
+            };
+            let tried =
+                tokio::time::timeout(CALL_TIMEOUT * 3, coordinator.router.create_group_across(request, nodes.clone()))
+                    .await
+                    .unwrap_or_else(|_| panic!("{name} hung"));
+            let mut died = [false; 2];
+            for side in 0..2 {
+                let run = &mut self.runs[side];
+                died[side] =
+                    if tried.is_err() && !died.contains(&true) { run.node.died().await } else { run.node.dead() };
+            }
+            self.bury(died, None, armed, 1, name).await;
+            // The node that lived thawed when the cut ended.
+            for run in &mut self.runs {
+                run.check().await;
+            }
+            match tried {
+                Ok(made) => {
+                    if killed {
+                        self.tally.converged_after_kill += 1;
+                    }
+                    return made.group_snapshot.expect("a group snapshot");
+                }
+                Err(_) if died.contains(&true) => {
+                    killed = true;
+                    self.tally.retries += 1;
+                }
+                Err(e) if e.code() == Code::Aborted || e.code() == Code::Unavailable => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!(
+                    "{name} {}answered {:?}: {e}\ncoordinator's log:\n{}\nother node's log:\n{}",
+                    if killed { "retried after a kill " } else { "" },
+                    e.code(),
+                    self.runs[0].node.log_tail(),
+                    self.runs[1].node.log_tail()
+                ),
+            }
+        }
+        panic!("{name} did not converge in {MAX_RETRIES} attempts");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: the real driver making real mounts in a private mount namespace"]
+async fn group_snapshots_across_nodes_killed_on_either_node_converge_restore_and_leave_nothing() {
+    let seed = env_number("LOAM_CRASH_SEED", 12);
+    let rounds = usize::try_from(env_number("LOAM_CRASH_GROUPS", 10)).expect("fits in usize");
+    let started = Instant::now();
+    let mut pair = Pair::start(seed, GROUP_FAILPOINTS).await;
+    let coordinator = Coordinator::new();
+    for round in 0..rounds {
+        pair.group_round(round, &coordinator).await;
+    }
+    let hit = pair.tear_down().await;
+    let t = &pair.tally;
+    println!(
+        "crash harness, group snapshots across nodes: seed {seed}, {} groups ({} s): {} kills of the coordinator, {} \
+         of the other node; {} retries; {} converged after a kill, 0 failed; fault points hit: {hit:?}",
+        t.copies,
+        started.elapsed().as_secs(),
+        t.source_kills,
+        t.target_kills,
         t.retries,
         t.converged_after_kill,
     );

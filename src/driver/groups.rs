@@ -128,10 +128,13 @@ impl Driver {
     // ----- Group snapshots -----
 
     /// Reads a source volume id of a group snapshot: INVALID_ARGUMENT when it
-    /// is not one of this node's, since a group is cut on one node.
+    /// is not one of this node's, since each node cuts its own volumes (the
+    /// controller steps the nodes of a group across nodes).
     pub fn group_source_key(&self, id: &str) -> Result<Key> {
         self.volume_key(id).map_err(|e| match e {
-            Error::NotFound(why) => Error::InvalidArgument(format!("{why}; a group snapshot is cut on one node")),
+            Error::NotFound(why) => Error::InvalidArgument(format!(
+                "{why}; a node cuts group snapshots of its own volumes, and the controller those of several nodes'"
+            )),
             other => other,
         })
     }

@@ -543,7 +543,9 @@ fn parse_ext4_feature(item: &str) -> Result<(Ext4Feature, bool), String> {
 fn ext4_features(features: Vec<(Ext4Feature, bool)>) -> Result<Vec<(Ext4Feature, bool)>, String> {
     let has = |feature, on| features.contains(&(feature, on));
     if has(Ext4Feature::MetadataCsumSeed, true) && has(Ext4Feature::MetadataCsum, false) {
-        return Err("-O metadata_csum_seed needs metadata_csum, which ^metadata_csum turns off; drop one of them".into());
+        return Err(
+            "-O metadata_csum_seed needs metadata_csum, which ^metadata_csum turns off; drop one of them".into()
+        );
     }
     Ok(features)
 }

@@ -186,13 +186,6 @@ impl Agents {
         self.forward(node, method, request, GroupsClient::new, call).await
     }
 
-    /// A Groups client for `node`'s agent, for a call that streams both ways
-    /// and bounds its own steps' time.
-    pub async fn groups_client(&self, node: &str) -> Result<AgentGroupsClient> {
-        let agent = self.agent(node).await?;
-        Ok(GroupsClient::new(InterceptedService::new(agent.channel.clone(), self.token.clone())))
-    }
-
     /// Calls `node`'s agent with the client `client` makes of its channel.
     async fn forward<C, R, T, F, Fut>(
         &self,

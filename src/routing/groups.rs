@@ -313,15 +313,15 @@ struct Session {
 }
 
 impl Session {
+    /// Opens `node`'s session (found again if its agent moved, as every
+    /// call to an agent is).
     async fn open(agents: &Agents, node: &str) -> Result<Session> {
-        let mut client = agents.groups_client(node).await?;
-        let (steps, outgoing) = mpsc::channel(1);
-        let opened = tokio::time::timeout(STEP_ANSWER_TIMEOUT, client.cut(ReceiverStream::new(outgoing))).await;
-        let progress = match opened {
-            Ok(Ok(response)) => response.into_inner(),
-            Ok(Err(status)) => return Err(Error::Forwarded { status }),
-            Err(_) => return Err(too_late(node, "opening the cut")),
+        let call = |mut client: AgentGroupsClient, ()| async move {
+            let (steps, outgoing) = mpsc::channel(1);
+            let opened = client.cut(ReceiverStream::new(outgoing)).await?;
+            Ok(opened.map(|progress| (steps, progress)))
         };
+        let (steps, progress) = agents.call_groups(node, "GroupCut", (), call).await?;
         Ok(Session { node: node.to_owned(), steps, progress })
     }
 
