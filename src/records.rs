@@ -309,6 +309,11 @@ pub struct VolumeRecord {
     pub name: String,
     /// Its capacity in bytes.
     pub capacity_bytes: u64,
+    /// The capacity CreateVolume asked for, when the volume got more (rounded
+    /// up to its filesystem's least): what a claim of the same size asks, and
+    /// so what its snapshots tell a restore to ask for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested_bytes: Option<u64>,
     /// The backend holding it and how.
     #[serde(flatten)]
     pub layout: Layout,
@@ -347,6 +352,14 @@ pub struct VolumeRecord {
     pub inline: Option<InlineOrigin>,
 }
 
+impl VolumeRecord {
+    /// What a snapshot of it tells a restore to ask for, when less than its
+    /// capacity: the capacity it was asked for, before rounding up.
+    pub fn restore_bytes(&self) -> Option<u64> {
+        self.requested_bytes.filter(|asked| *asked < self.capacity_bytes)
+    }
+}
+
 /// Everything Loam remembers about one snapshot.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotRecord {
@@ -364,6 +377,11 @@ pub struct SnapshotRecord {
     pub backend: BackendKind,
     /// The capacity of that volume when the snapshot was taken.
     pub size_bytes: u64,
+    /// The least capacity a restore must ask for, when less than `size_bytes`:
+    /// its volume's requested capacity (the volume was rounded up, and so is
+    /// every restore of it), reported as the snapshot's size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore_bytes: Option<u64>,
     /// When it was taken: seconds since the Unix epoch.
     pub created_secs: i64,
     /// When it was taken: nanoseconds within that second.
@@ -377,6 +395,13 @@ pub struct SnapshotRecord {
     /// other node holds its verified copy: until then it is not ready to use.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub awaiting_copy: bool,
+}
+
+impl SnapshotRecord {
+    /// The size CSI reports: the least capacity a restore must ask for.
+    pub fn reported_bytes(&self) -> u64 {
+        self.restore_bytes.unwrap_or(self.size_bytes)
+    }
 }
 
 /// Everything Loam remembers about one volume group snapshot.

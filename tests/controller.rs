@@ -224,6 +224,47 @@ async fn snapshots_restore_and_clone_copy_content_at_that_point() {
     assert_eq!(h.controller.create_volume(missing).await.unwrap_err().code(), Code::NotFound);
 }
 
+/// A volume rounded up to its filesystem's least (a 1 MiB claim of an ext4
+/// class gets 4 MiB) has snapshots that say 1 MiB, so a claim of the size
+/// its source's asked (a StatefulSet's template, restored) restores them; the
+/// restore is rounded up as its source was. Grown, it says its new size.
+#[tokio::test]
+async fn a_snapshot_of_a_rounded_up_volume_restores_into_a_claim_of_its_sources_size() {
+    let mut h = Harness::start().await;
+    let as_loop = |mut request: csi::CreateVolumeRequest| {
+        request.parameters = [("backend".to_owned(), "loop".to_owned())].into();
+        request
+    };
+    let source = h.controller.create_volume(as_loop(create_request("pvc-small", MIB))).await.unwrap();
+    let source = source.into_inner().volume.unwrap();
+    assert_eq!(source.capacity_bytes, 4 * MIB, "ext4's least");
+    let snap = h.snapshot(&source.volume_id, "snap-small").await.unwrap();
+    assert_eq!(snap.size_bytes, MIB, "what the source's claim asked");
+
+    let restore = as_loop(common::from_snapshot(create_request("pvc-restored", MIB), &snap.snapshot_id));
+    let restored = h.controller.create_volume(restore).await.unwrap().into_inner().volume.unwrap();
+    assert_eq!(restored.capacity_bytes, 4 * MIB, "rounded up as its source was: it holds the whole image");
+    let listed = h
+        .controller
+        .list_snapshots(csi::ListSnapshotsRequest { snapshot_id: snap.snapshot_id.clone(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.entries[0].snapshot.as_ref().unwrap().size_bytes, MIB);
+
+    let grow = csi::ControllerExpandVolumeRequest {
+        volume_id: source.volume_id.clone(),
+        capacity_range: Some(csi::CapacityRange { required_bytes: 8 * MIB, limit_bytes: 0 }),
+        ..Default::default()
+    };
+    h.controller.controller_expand_volume(grow).await.unwrap();
+    let grown = h.snapshot(&source.volume_id, "snap-grown").await.unwrap();
+    assert_eq!(grown.size_bytes, 8 * MIB);
+    let too_small = as_loop(common::from_snapshot(create_request("pvc-too-small", 4 * MIB), &grown.snapshot_id));
+    let made = h.controller.create_volume(too_small).await.unwrap().into_inner().volume.unwrap();
+    assert_eq!(made.capacity_bytes, 8 * MIB, "a restore is never smaller than its snapshot's image");
+}
+
 #[tokio::test]
 async fn concurrent_creates_of_one_name_make_one_volume_and_of_many_names_make_many() {
     let h = Harness::start().await;

@@ -148,6 +148,8 @@ fn volume_record() -> impl Strategy<Value = VolumeRecord> {
                     id,
                     name,
                     capacity_bytes,
+                    // Present or not, tied to another drawn value.
+                    requested_bytes: thick.then_some(capacity_bytes / 2),
                     layout: if is_loop {
                         Layout::Loop(LoopSpec { fs, provisioning, mkfs_options })
                     } else {

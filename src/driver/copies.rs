@@ -86,6 +86,8 @@ pub struct SnapshotCopy {
     pub source_volume_id: String,
     /// The capacity of that volume then.
     pub size_bytes: u64,
+    /// What the snapshot tells a restore to ask for, when less.
+    pub restore_bytes: Option<u64>,
     /// When it was taken: seconds since the Unix epoch.
     pub created_secs: i64,
     /// When it was taken: nanoseconds within that second.
@@ -371,6 +373,7 @@ impl Driver {
             source_volume_id: copy.source_volume_id,
             backend,
             size_bytes: copy.size_bytes,
+            restore_bytes: copy.restore_bytes,
             created_secs: copy.created_secs,
             created_nanos: copy.created_nanos,
             group_snapshot_id: None,
@@ -841,6 +844,7 @@ mod tests {
             name: record.name.clone(),
             source_volume_id: record.source_volume_id.clone(),
             size_bytes: record.size_bytes,
+            restore_bytes: record.restore_bytes,
             created_secs: record.created_secs,
             created_nanos: record.created_nanos,
         };

@@ -143,6 +143,7 @@ impl Driver {
             source_volume_id: volume.id.clone(),
             backend: volume.layout.backend(),
             size_bytes: volume.capacity_bytes,
+            restore_bytes: volume.restore_bytes(),
             created_secs,
             created_nanos,
             group_snapshot_id: None,

@@ -108,6 +108,7 @@ impl Driver {
         let record = VolumeRecord {
             schema: Schema,
             id: ObjectId { key, node: self.config.node_id.clone() }.to_string(),
+            requested_bytes: Some(req.capacity.required).filter(|asked| *asked > 0 && *asked < capacity),
             name: req.name,
             capacity_bytes: capacity,
             layout: req.layout,
@@ -386,6 +387,8 @@ impl Driver {
         crate::failpoint!("volume.expanded");
         let mut grown = (*record).clone();
         grown.capacity_bytes = capacity;
+        // Grown to what was asked: a restore asks the new size.
+        grown.requested_bytes = None;
         self.put_volume(key, grown)?;
         self.promise(self.unwritten(&record, growth));
         Ok(capacity)

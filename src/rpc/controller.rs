@@ -108,7 +108,7 @@ fn quota_context(enforcement: Option<&Enforcement>, root_reason: Option<&str>) -
 /// The CSI message for a snapshot record.
 pub fn snapshot_message(record: &SnapshotRecord) -> csi::Snapshot {
     csi::Snapshot {
-        size_bytes: to_i64(record.size_bytes),
+        size_bytes: to_i64(record.reported_bytes()),
         snapshot_id: record.id.clone(),
         source_volume_id: record.source_volume_id.clone(),
         creation_time: Some(timestamp(record.created_secs, record.created_nanos)),

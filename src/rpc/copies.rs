@@ -206,6 +206,10 @@ impl Copies for CopiesService {
                 name,
                 source_volume_id: snapshot.source_volume_id,
                 size_bytes: incoming.capacity_bytes,
+                // The origin reports the restore size, at most the capacity.
+                restore_bytes: u64::try_from(snapshot.size_bytes)
+                    .ok()
+                    .filter(|asked| *asked > 0 && *asked < incoming.capacity_bytes),
                 created_secs: created.seconds,
                 created_nanos: created.nanos,
             };
