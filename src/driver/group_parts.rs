@@ -304,11 +304,8 @@ impl Driver {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
     use super::*;
-    use crate::driver::{CapacityRange, NewVolume, test_driver_on};
-    use crate::records::Layout;
+    use crate::driver::{test_dir_volume, test_driver_on};
 
     /// Two nodes' drivers, each with one volume; the group's plan names
     /// both, coordinated by `a`.
@@ -319,25 +316,11 @@ mod tests {
         plan: PartPlan,
     }
 
-    fn volume(driver: &Driver, name: &str) -> String {
-        let request = NewVolume {
-            name: name.into(),
-            capacity: CapacityRange { required: 1 << 20, limit: 0 },
-            capabilities: Vec::new(),
-            parameters: BTreeMap::new(),
-            mutable_parameters: BTreeMap::new(),
-            layout: Layout::Dir,
-            source: None,
-            allowed_nodes: None,
-        };
-        driver.create_volume(Key::for_name(Kind::Volume, name), request).unwrap().id.clone()
-    }
-
     fn two_nodes() -> TwoNodes {
         let roots = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let a = Arc::new(test_driver_on(roots.0.path(), "a"));
         let b = Arc::new(test_driver_on(roots.1.path(), "b"));
-        let sources = vec![volume(&b, "on-b"), volume(&a, "on-a")];
+        let sources = vec![test_dir_volume(&b, "on-b"), test_dir_volume(&a, "on-a")];
         let group = ObjectId::for_name(Kind::GroupSnapshot, "g", "a");
         TwoNodes { _roots: roots, a, b, plan: PartPlan { group, name: "g".into(), sources } }
     }

@@ -399,8 +399,7 @@ mod tests {
     use std::fs;
 
     use super::*;
-    use crate::driver::test_driver;
-    use crate::driver::{CapacityRange, NewVolume};
+    use crate::driver::{test_dir_volume, test_driver};
     use crate::kernel::blockfs::FsType;
     use crate::records::{AccessMode, Capability, Layout, LoopSpec, Provisioning, Publication, Stage, VolumeRecord};
 
@@ -467,25 +466,11 @@ mod tests {
         assert_eq!(classify(&volume(Loop, Some(false), true), false, true), Stillness::Live);
     }
 
-    fn new_volume(driver: &Driver, name: &str) -> String {
-        let request = NewVolume {
-            name: name.into(),
-            capacity: CapacityRange { required: 1 << 20, limit: 0 },
-            capabilities: Vec::new(),
-            parameters: BTreeMap::new(),
-            mutable_parameters: BTreeMap::new(),
-            layout: Layout::Dir,
-            source: None,
-            allowed_nodes: None,
-        };
-        driver.create_volume(Key::for_name(Kind::Volume, name), request).unwrap().id.clone()
-    }
-
     #[test]
     fn an_incomplete_group_is_rolled_back_by_a_retry_and_by_a_restart() {
         let root = tempfile::tempdir().unwrap();
         let driver = test_driver(root.path());
-        let sources = vec![new_volume(&driver, "a"), new_volume(&driver, "b")];
+        let sources = vec![test_dir_volume(&driver, "a"), test_dir_volume(&driver, "b")];
         let key = Key::for_name(Kind::GroupSnapshot, "g");
         let made = driver.create_group_snapshot(key, "g", &sources).unwrap();
         assert!(made.ready());

@@ -389,6 +389,22 @@ fn test_driver_on(root: &std::path::Path, node: &str) -> Driver {
     Driver::open(config, Arc::new(crate::kernel::FakeKernel::new())).unwrap()
 }
 
+/// A new 1 MiB `dir` volume called `name` on `driver`; its id.
+#[cfg(test)]
+fn test_dir_volume(driver: &Driver, name: &str) -> String {
+    let request = NewVolume {
+        name: name.into(),
+        capacity: CapacityRange { required: 1 << 20, limit: 0 },
+        capabilities: Vec::new(),
+        parameters: BTreeMap::new(),
+        mutable_parameters: BTreeMap::new(),
+        layout: crate::records::Layout::Dir,
+        source: None,
+        allowed_nodes: None,
+    };
+    driver.create_volume(Key::for_name(Kind::Volume, name), request).unwrap().id.clone()
+}
+
 /// The topology segment of this node.
 pub fn topology(node_id: &str) -> std::collections::HashMap<String, String> {
     [(TOPOLOGY_NODE_KEY.to_owned(), node_id.to_owned())].into()

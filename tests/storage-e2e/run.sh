@@ -51,7 +51,11 @@ done
 # Not run (README, "What is not run"): [Disruptive] specs reach the nodes over
 # SSH, which kind nodes do not serve; "any volume data source" needs the
 # hello-populator and volume-data-source-validator images, whose modules the
-# Go module proxy refuses (403), so they cannot be built here.
+# Go module proxy refuses (403), so they cannot be built here. loam-dir
+# leaves out the group snapshot of a running StatefulSet: its three volumes are
+# in use and a directory cannot be frozen, so Loam refuses to cut them at one
+# instant (FAILED_PRECONDITION, README "What is not run"), and the spec waits
+# 50 minutes before it fails.
 focus_base='External.Storage.*loam.csi.dev'
 # STORAGE_E2E_FOCUS narrows every class to the specs it matches (a re-run of
 # some failures). A spec's text is "External Storage [Driver: ...]
@@ -60,7 +64,10 @@ narrow="${STORAGE_E2E_FOCUS:+.*($STORAGE_E2E_FOCUS)}"
 skip_base='\[Disruptive\]|should provision storage with any volume data source'
 declare -A focus_of=([loam-loop-block]="$focus_base.*block volmode$narrow")
 focus_base+=$narrow
-declare -A skip_of=([loam-loop-xfs]="$skip_base|block volmode")
+declare -A skip_of=(
+    [loam-loop-xfs]="$skip_base|block volmode"
+    [loam-dir]="$skip_base|VolumeGroupSnapshottable should create snapshots for StatefulSet volumes"
+)
 
 t0=$SECONDS
 step() { printf '\n=== [storage-e2e %4ds] %s\n' "$((SECONDS - t0))" "$*"; }
