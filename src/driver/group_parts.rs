@@ -23,7 +23,7 @@
 
 use std::sync::Arc;
 
-use super::groups::{FrozenSet, GroupSnapshot, Member, holds, thaw};
+use super::groups::{Cut, FrozenSet, GroupSnapshot, Member, holds, thaw};
 use super::{Driver, timestamp};
 use crate::error::{Error, Result};
 use crate::guard::Guard;
@@ -74,7 +74,7 @@ pub struct HeldPart {
     members: Vec<Member>,
     frozen: FrozenSet,
     record: GroupSnapshotRecord,
-    cut_at: (i64, i32),
+    cut: Cut,
     phase: Phase,
     _claims: Vec<Guard>,
 }
@@ -136,7 +136,7 @@ impl HeldPart {
             members,
             frozen,
             record,
-            cut_at: (0, 0),
+            cut: Cut::default(),
             phase: Phase::Held,
             _claims: claims,
         })))
@@ -154,7 +154,7 @@ impl HeldPart {
         self.driver.groups.put(key, self.record.clone())?;
         self.phase = Phase::Cut;
         crate::failpoint!("group.part.intent");
-        self.cut_at = self.driver.cut_members(&self.record, &self.members)?;
+        self.cut = self.driver.cut_members(&self.members)?;
         crate::failpoint!("group.part.cut");
         Ok(())
     }
@@ -162,8 +162,9 @@ impl HeldPart {
     /// Step 3: thaws, then records the members.
     pub fn record(&mut self) -> Result<Vec<Arc<SnapshotRecord>>> {
         self.expect(Phase::Cut, "record")?;
-        thaw(&self.record, std::mem::take(&mut self.frozen));
-        let recorded = self.driver.record_members(&self.record, &self.members, self.cut_at)?;
+        let thawed = thaw(&self.record, std::mem::take(&mut self.frozen));
+        self.cut.log(&self.record, self.members.len(), thawed);
+        let recorded = self.driver.record_members(&self.record, &self.members, self.cut.at)?;
         self.phase = Phase::Recorded;
         crate::failpoint!("group.part.recorded");
         Ok(recorded)
@@ -173,7 +174,7 @@ impl HeldPart {
     /// group.
     pub fn commit(&mut self) -> Result<()> {
         self.expect(Phase::Recorded, "commit")?;
-        (self.record.created_secs, self.record.created_nanos) = self.cut_at;
+        (self.record.created_secs, self.record.created_nanos) = self.cut.at;
         self.record.complete = true;
         self.driver.groups.put(self.plan.group.key, self.record.clone())?;
         self.phase = Phase::Committed;

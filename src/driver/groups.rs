@@ -90,12 +90,30 @@ pub(super) fn holds(members: &[Member]) -> Vec<(&str, Hold)> {
 }
 
 /// Thaws what was frozen for `group`'s cut; a filesystem that does not thaw
-/// is logged (writes to it hang; start-up thaws it too).
-pub(super) fn thaw(group: &GroupSnapshotRecord, frozen: FrozenSet) {
+/// is logged (writes to it hang; start-up thaws it too). Returns how many
+/// were frozen.
+pub(super) fn thaw(group: &GroupSnapshotRecord, frozen: FrozenSet) -> usize {
+    let count = frozen.len();
     for guard in frozen {
         if let Err(e) = guard.thaw() {
             tracing::error!(group = %group.id, error = %e, "a frozen member did not thaw; writes to it hang");
         }
+    }
+    count
+}
+
+/// A cut made: its instant, and how long cutting every member took.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Cut {
+    pub(super) at: (i64, i32),
+    micros: u64,
+}
+
+impl Cut {
+    /// Logs the cut of `members` members of `group`, `thawed` of them frozen
+    /// for it and thawed since.
+    pub(super) fn log(&self, group: &GroupSnapshotRecord, members: usize, thawed: usize) {
+        tracing::info!(group = %group.id, members, thawed, micros = self.micros, "group snapshot cut");
     }
 }
 
@@ -231,12 +249,13 @@ impl Driver {
     fn cut(&self, group: &GroupSnapshotRecord, members: &[Member]) -> Result<(i64, i32)> {
         let frozen = self.freeze(members)?;
         crate::failpoint!("group.frozen");
-        let cut_at = self.cut_members(group, members)?;
+        let cut = self.cut_members(members)?;
         crate::failpoint!("group.cut");
         // Records wait until after the thaw: their fsyncs need no frozen pod.
-        thaw(group, frozen);
-        self.record_members(group, members, cut_at)?;
-        Ok(cut_at)
+        let thawed = thaw(group, frozen);
+        cut.log(group, members.len(), thawed);
+        self.record_members(group, members, cut.at)?;
+        Ok(cut.at)
     }
 
     /// Freezes every freezable member; dropping the set thaws them.
@@ -251,17 +270,14 @@ impl Driver {
     }
 
     /// Cuts every member (frozen or quiet already, or live with a
-    /// point-in-time snapshot: never frozen a second time here); returns the
-    /// instant of the cut.
-    pub(super) fn cut_members(&self, group: &GroupSnapshotRecord, members: &[Member]) -> Result<(i64, i32)> {
+    /// point-in-time snapshot: never frozen a second time here).
+    pub(super) fn cut_members(&self, members: &[Member]) -> Result<Cut> {
         let started = std::time::Instant::now();
-        let cut_at = timestamp();
+        let at = timestamp();
         for member in members {
             self.backends.create_snapshot(&member.key, &member.volume, &member.snapshot, false)?;
         }
-        let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-        tracing::info!(group = %group.id, members = members.len(), micros, "group snapshot cut");
-        Ok(cut_at)
+        Ok(Cut { at, micros: u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX) })
     }
 
     /// Records every member as a snapshot of group `group` cut at `cut_at`.
