@@ -403,6 +403,10 @@ async fn group_snapshots_of_one_node_are_cut_there() {
     assert_eq!(s.group.get_volume_group_snapshot(fake).await.unwrap_err().code(), Code::NotFound);
     let nameless = s.group.create_volume_group_snapshot(create("", &[])).await.unwrap_err();
     assert_eq!(nameless.code(), Code::InvalidArgument);
+    // An id is required, as csi-sanity checks.
+    assert_eq!(s.group.get_volume_group_snapshot(group_id("")).await.unwrap_err().code(), Code::InvalidArgument);
+    let idless = csi::DeleteVolumeGroupSnapshotRequest::default();
+    assert_eq!(s.group.delete_volume_group_snapshot(idless).await.unwrap_err().code(), Code::InvalidArgument);
 }
 
 fn group_request(name: &str, sources: &[&String]) -> csi::CreateVolumeGroupSnapshotRequest {

@@ -157,9 +157,6 @@ impl Router {
         &self,
         req: csi::DeleteVolumeGroupSnapshotRequest,
     ) -> Result<csi::DeleteVolumeGroupSnapshotResponse> {
-        if req.group_snapshot_id.is_empty() {
-            return Err(Error::InvalidArgument("group snapshot id is required".into()));
-        }
         // An id Loam never made names nothing to delete.
         let Some(id) = ObjectId::parse(&req.group_snapshot_id) else {
             return Ok(csi::DeleteVolumeGroupSnapshotResponse {});

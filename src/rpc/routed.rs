@@ -200,7 +200,11 @@ routed_service! {
                 request: Request<csi::DeleteVolumeGroupSnapshotRequest>,
             ) -> Result<Response<csi::DeleteVolumeGroupSnapshotResponse>, Status> {
                 let req = request.into_inner();
-                traced("DeleteVolumeGroupSnapshot", &req.group_snapshot_id.clone(), self.router.delete_group(req)).await
+                traced("DeleteVolumeGroupSnapshot", &req.group_snapshot_id.clone(), async move {
+                    validate::required_id("group snapshot id", &req.group_snapshot_id)?;
+                    self.router.delete_group(req).await
+                })
+                .await
             }
 
             async fn get_volume_group_snapshot(
@@ -208,7 +212,11 @@ routed_service! {
                 request: Request<csi::GetVolumeGroupSnapshotRequest>,
             ) -> Result<Response<csi::GetVolumeGroupSnapshotResponse>, Status> {
                 let req = request.into_inner();
-                traced("GetVolumeGroupSnapshot", &req.group_snapshot_id.clone(), self.router.get_group(req)).await
+                traced("GetVolumeGroupSnapshot", &req.group_snapshot_id.clone(), async move {
+                    validate::required_id("group snapshot id", &req.group_snapshot_id)?;
+                    self.router.get_group(req).await
+                })
+                .await
             }
         }
     }
