@@ -995,6 +995,15 @@ async fn each_caller_of_an_agent_makes_only_its_own_calls() {
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
     let err = peer_copies.copy_snapshot(CopySnapshotRequest::default()).await.unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    // Nor step, read or remove a node's part of a group snapshot.
+    use loam::api::GroupPartRequest;
+    let mut peer_groups = GroupsClient::with_interceptor(as_peer.clone(), right.clone());
+    let part = || GroupPartRequest { group_snapshot_id: format!("{}@node-a", "0".repeat(32)) };
+    assert_eq!(peer_groups.get_part(part()).await.unwrap_err().code(), Code::PermissionDenied);
+    assert_eq!(peer_groups.settle_part(part()).await.unwrap_err().code(), Code::PermissionDenied);
+    assert_eq!(peer_groups.delete_part(part()).await.unwrap_err().code(), Code::PermissionDenied);
+    let steps = tokio_stream::iter(Vec::<CutStep>::new());
+    assert_eq!(peer_groups.cut(steps).await.unwrap_err().code(), Code::PermissionDenied);
     // And the controller cannot export: only an agent pulling a copy may.
     let mut controller_copies = CopiesClient::with_interceptor(as_controller, right);
     assert_eq!(controller_copies.export(export()).await.unwrap_err().code(), Code::PermissionDenied);
